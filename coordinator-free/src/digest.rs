@@ -1,0 +1,103 @@
+//! Content addresses: every module, input and output is named by the BLAKE3 hash of its bytes.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The BLAKE3 hash of a blob's bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// Hashes `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// Lowercase hexadecimal, 64 characters.
+    pub fn to_hex(&self) -> String {
+        let mut out = String::with_capacity(64);
+        for byte in self.0 {
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+        out
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", &self.to_hex()[..16])
+    }
+}
+
+/// A digest that is not 64 hexadecimal characters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a digest is 64 hexadecimal characters")]
+pub struct ParseDigestError;
+
+impl FromStr for Digest {
+    type Err = ParseDigestError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = s.as_bytes();
+        if bytes.len() != 64 {
+            return Err(ParseDigestError);
+        }
+        let mut out = [0u8; 32];
+        for (slot, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+            let hi = hex_value(pair[0]).ok_or(ParseDigestError)?;
+            let lo = hex_value(pair[1]).ok_or(ParseDigestError)?;
+            *slot = (hi << 4) | lo;
+        }
+        Ok(Self(out))
+    }
+}
+
+fn hex_value(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips() {
+        let d = Digest::of(b"coordinator-free");
+        let text = d.to_string();
+        assert_eq!(text.len(), 64);
+        assert_eq!(text.parse::<Digest>(), Ok(d));
+        assert_eq!(text.to_uppercase().parse::<Digest>(), Ok(d));
+    }
+
+    #[test]
+    fn known_vector() {
+        // BLAKE3 of the empty input, from the BLAKE3 specification's test vectors.
+        assert_eq!(
+            Digest::of(b"").to_hex(),
+            "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+        );
+    }
+
+    #[test]
+    fn rejects_bad_text() {
+        assert_eq!("".parse::<Digest>(), Err(ParseDigestError));
+        assert_eq!("zz".repeat(32).parse::<Digest>(), Err(ParseDigestError));
+        assert_eq!("ab".repeat(33).parse::<Digest>(), Err(ParseDigestError));
+    }
+}

@@ -1,0 +1,6 @@
+//! coordinator-free: volunteer computing without a coordinator. Peers connect directly, run
+//! WebAssembly work units in a deterministic sandbox, and validate results by redundant
+//! execution.
+
+pub mod digest;
+pub mod sandbox;

@@ -1,0 +1,258 @@
+//! `worker exec`: one unit, locally, in the sandbox.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use clap::Args;
+use coordinator_free::sandbox::{
+    self, Executor, Limits, LogLine, Metering, OutcomeClass, Sandbox, SandboxConfig, UnitObserver,
+    UnitRequest,
+};
+
+use crate::{Failure, exit};
+
+#[derive(Args)]
+pub struct ExecArgs {
+    /// The module: WebAssembly binary (.wasm) or text (.wat).
+    module: PathBuf,
+    /// The unit's input: a file, or `-` for standard input. Empty when not given.
+    #[arg(long, value_name = "FILE|-")]
+    input: Option<PathBuf>,
+    /// Wall-clock limit in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    timeout: f64,
+    /// Linear memory cap in MiB (at most 4096).
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    memory_mb: u64,
+    /// Deterministic fuel budget; without it only the wall clock bounds the unit.
+    #[arg(long, value_name = "N")]
+    fuel: Option<u64>,
+    /// Resume from this checkpoint file if it exists, and keep the unit's latest checkpoint in it.
+    #[arg(long, value_name = "FILE")]
+    checkpoint: Option<PathBuf>,
+    /// The peer's data directory (compiled-module cache).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Do not read or write the compiled-module cache on disk.
+    #[arg(long)]
+    no_cache: bool,
+}
+
+pub fn run(args: ExecArgs) -> Result<ExitCode, Failure> {
+    let limits = limits(&args).map_err(Failure::usage)?;
+    let module_file = std::fs::read(&args.module)
+        .with_context(|| format!("cannot read the module {}", args.module.display()))
+        .map_err(Failure::usage)?;
+    let input = read_input(args.input.as_deref(), limits.input_bytes).map_err(Failure::usage)?;
+    let checkpoint = match &args.checkpoint {
+        Some(path) => read_checkpoint(path, limits.checkpoint_bytes).map_err(Failure::usage)?,
+        None => None,
+    };
+
+    let cache_dir = if args.no_cache {
+        None
+    } else {
+        crate::data_dir(args.data_dir.clone()).map(|d| d.join("modules"))
+    };
+    let sandbox = Sandbox::new(SandboxConfig {
+        cache_dir,
+        max_concurrent_units: 1,
+        ..SandboxConfig::default()
+    })
+    .or_else(|e| {
+        // An unusable cache directory only costs compile time.
+        tracing::warn!("{e}; running without the on-disk module cache");
+        Sandbox::new(SandboxConfig {
+            max_concurrent_units: 1,
+            ..SandboxConfig::default()
+        })
+    })
+    .map_err(|e| Failure {
+        error: e.into(),
+        code: exit::HOST_FAILURE,
+    })?;
+
+    let metering = if limits.fuel.is_some() {
+        Metering::Fuel
+    } else {
+        Metering::Off
+    };
+    let refused = |e: sandbox::UnitError| Failure {
+        error: anyhow!(e),
+        code: exit::MODULE_REFUSED,
+    };
+    let wasm = sandbox::module_from_file_bytes(&module_file).map_err(refused)?;
+    let module = sandbox.prepare(&wasm, metering).map_err(refused)?;
+
+    let executor = Executor::new(sandbox, 1, 1).map_err(|e| Failure {
+        error: e.into(),
+        code: exit::HOST_FAILURE,
+    })?;
+    let observer = Arc::new(Console::new(args.checkpoint.clone()));
+    let request = UnitRequest {
+        input: input.into(),
+        checkpoint,
+        limits,
+        observer: Some(observer.clone()),
+    };
+    let report = executor.run(module, request);
+    observer.finish_progress();
+    if report.logs_dropped > 0 {
+        eprintln!(
+            "worker: {} further log lines were dropped (log volume cap)",
+            report.logs_dropped
+        );
+    }
+    tracing::info!(
+        elapsed = ?report.elapsed,
+        fuel = ?report.fuel_consumed,
+        profile = report.profile,
+        "unit finished"
+    );
+    match report.result {
+        Ok(output) => {
+            let mut stdout = std::io::stdout().lock();
+            match stdout.write_all(&output).and_then(|()| stdout.flush()) {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                // A closed pipe (`| head`) is the reader's choice, not a failure.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+                Err(e) => Err(Failure::usage(
+                    anyhow!(e).context("cannot write the output"),
+                )),
+            }
+        }
+        Err(error) => {
+            let (code, class) = match error.class() {
+                OutcomeClass::Deterministic => (exit::UNIT_FAILED, "deterministic"),
+                OutcomeClass::HostFailure => (exit::HOST_FAILURE, "host failure"),
+            };
+            Err(Failure {
+                error: anyhow!("{error} [{class}]"),
+                code,
+            })
+        }
+    }
+}
+
+fn limits(args: &ExecArgs) -> anyhow::Result<Limits> {
+    if !(args.timeout.is_finite() && args.timeout > 0.0 && args.timeout <= 7.0 * 86_400.0) {
+        return Err(anyhow!(
+            "--timeout must be a number of seconds above 0 and at most a week"
+        ));
+    }
+    if args.memory_mb == 0 || args.memory_mb > 4096 {
+        return Err(anyhow!("--memory-mb must be between 1 and 4096"));
+    }
+    if args.fuel == Some(0) {
+        return Err(anyhow!("--fuel must be above 0"));
+    }
+    Ok(Limits {
+        memory_bytes: args.memory_mb << 20,
+        timeout: Duration::from_secs_f64(args.timeout),
+        fuel: args.fuel,
+        ..Limits::default()
+    })
+}
+
+fn read_capped(reader: impl Read, cap: u64, what: &str) -> anyhow::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    reader
+        .take(cap + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read the {what}"))?;
+    if bytes.len() as u64 > cap {
+        return Err(anyhow!("the {what} is larger than the cap of {cap} bytes"));
+    }
+    Ok(bytes)
+}
+
+fn read_input(path: Option<&Path>, cap: u64) -> anyhow::Result<Vec<u8>> {
+    match path {
+        None => Ok(Vec::new()),
+        Some(p) if p == Path::new("-") => read_capped(std::io::stdin().lock(), cap, "input"),
+        Some(p) => {
+            let file = std::fs::File::open(p)
+                .with_context(|| format!("cannot open the input {}", p.display()))?;
+            read_capped(file, cap, "input")
+        }
+    }
+}
+
+fn read_checkpoint(path: &Path, cap: u64) -> anyhow::Result<Option<Vec<u8>>> {
+    match std::fs::File::open(path) {
+        Ok(file) => read_capped(file, cap, "checkpoint").map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow!(e).context(format!("cannot open {}", path.display()))),
+    }
+}
+
+/// Shows the unit's logs on stderr as they come, a progress line on a terminal, and keeps the
+/// checkpoint file up to date.
+struct Console {
+    checkpoint: Option<PathBuf>,
+    terminal: bool,
+    progress: Mutex<(Instant, bool)>,
+}
+
+impl Console {
+    fn new(checkpoint: Option<PathBuf>) -> Self {
+        Self {
+            checkpoint,
+            terminal: std::io::stderr().is_terminal(),
+            progress: Mutex::new((Instant::now(), false)),
+        }
+    }
+
+    fn finish_progress(&self) {
+        let shown = self.progress.lock().map(|p| p.1).unwrap_or(false);
+        if shown {
+            eprintln!();
+        }
+    }
+}
+
+impl UnitObserver for Console {
+    fn log(&self, line: &LogLine) {
+        self.finish_progress();
+        if let Ok(mut p) = self.progress.lock() {
+            p.1 = false;
+        }
+        eprintln!("[unit {}] {}", line.level.name(), line.text);
+    }
+
+    fn progress(&self, done: u64, total: u64) {
+        if !self.terminal {
+            return;
+        }
+        let Ok(mut p) = self.progress.lock() else {
+            return;
+        };
+        if p.0.elapsed() >= Duration::from_millis(200) {
+            p.0 = Instant::now();
+            p.1 = true;
+            let percent = if total == 0 {
+                0.0
+            } else {
+                100.0 * done as f64 / total as f64
+            };
+            eprint!("\r[unit] {done}/{total} ({percent:.1} %)");
+        }
+    }
+
+    fn checkpoint(&self, bytes: &[u8]) {
+        let Some(path) = &self.checkpoint else {
+            return;
+        };
+        // Write then rename, so a crash leaves the previous checkpoint or the new one.
+        let tmp = path.with_extension("tmp");
+        let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            tracing::warn!("cannot save the checkpoint to {}: {e}", path.display());
+        }
+    }
+}

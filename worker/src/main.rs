@@ -1,0 +1,125 @@
+//! `worker`: the one binary of coordinator-free. It parses the command line, sets up logging and
+//! calls into the library.
+
+mod demo;
+mod exec;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "worker",
+    version,
+    about = "Donate idle CPU to science: run sandboxed WebAssembly work units, validated by redundant execution among peers."
+)]
+struct Cli {
+    /// More log output on stderr (repeat for more).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one work unit locally in the sandbox and print its output bytes on stdout.
+    Exec(exec::ExecArgs),
+    /// Run the example units on this machine, each twice, and show that the results agree.
+    Demo(demo::DemoArgs),
+}
+
+/// Exit codes, documented in the README.
+pub(crate) mod exit {
+    /// The command line or a file could not be used.
+    pub const USAGE: u8 = 2;
+    /// The module was refused (bad module, forbidden import, too large).
+    pub const MODULE_REFUSED: u8 = 3;
+    /// The unit ended in a deterministic failure (trap, guest failure, limit).
+    pub const UNIT_FAILED: u8 = 4;
+    /// The machine could not finish the unit (timeout, stack overflow, out of memory).
+    pub const HOST_FAILURE: u8 = 5;
+    /// A bug in the worker itself.
+    pub const INTERNAL: i32 = 70;
+}
+
+fn main() -> ExitCode {
+    // Whatever happens, the user sees one line, never a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let location = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("worker: internal error: {message}{location}");
+        std::process::exit(exit::INTERNAL);
+    }));
+
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Exec(args) => exec::run(args),
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(failure) => {
+            eprintln!("worker: {:#}", failure.error);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+/// An error for the user and the exit code that goes with it.
+pub(crate) struct Failure {
+    pub error: anyhow::Error,
+    pub code: u8,
+}
+
+impl Failure {
+    pub fn usage(error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            error: error.into(),
+            code: exit::USAGE,
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WORKER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// The peer's data directory: `--data-dir`, else `$XDG_DATA_HOME/coordinator-free`, else
+/// `~/.local/share/coordinator-free`.
+pub(crate) fn data_dir(explicit: Option<PathBuf>) -> Option<PathBuf> {
+    explicit.or_else(|| {
+        std::env::var_os("XDG_DATA_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .filter(|v| !v.is_empty())
+                    .map(|h| PathBuf::from(h).join(".local/share"))
+            })
+            .map(|d| d.join("coordinator-free"))
+    })
+}

@@ -1,0 +1,211 @@
+//! `worker exec` and `worker demo` as a user runs them: real processes, exact stdout bytes, one
+//! line on stderr for any failure, and the documented exit codes.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn worker(data_dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("WORKER_LOG")
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("worker starts");
+    let mut pipe = child.stdin.take().expect("stdin is piped");
+    if let Some(bytes) = stdin {
+        pipe.write_all(bytes).expect("stdin takes the input");
+    }
+    drop(pipe);
+    child.wait_with_output().expect("worker finishes")
+}
+
+fn stderr_lines(output: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A failure: the expected exit code and exactly one stderr line that contains `needle`.
+fn fails_with(output: &Output, code: i32, needle: &str) {
+    let lines = stderr_lines(output);
+    assert_eq!(output.status.code(), Some(code), "stderr: {lines:?}");
+    assert_eq!(lines.len(), 1, "exactly one line: {lines:?}");
+    assert!(
+        lines[0].contains(needle),
+        "{:?} should name {needle}",
+        lines[0]
+    );
+    assert!(!lines[0].contains("stack backtrace"));
+    assert!(output.stdout.is_empty());
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn stdout_carries_exactly_the_output_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write(dir.path(), "in.bin", b"\x00\x01binary\xffinput");
+    let out = worker(
+        dir.path(),
+        &["exec", example_artifacts::REVERSE_WAT, "--input", &input],
+        None,
+    );
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
+    assert_eq!(out.stdout, b"tupni\xffyranib\x01\x00");
+
+    let out = worker(
+        dir.path(),
+        &["exec", example_artifacts::PI, "--input", "-"],
+        Some(br#"{"samples":100000,"seed":1}"#),
+    );
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
+    let expected = serde_json::to_vec(&example_pi::compute(&example_pi::Input {
+        samples: 100_000,
+        seed: 1,
+    }))
+    .unwrap();
+    assert_eq!(out.stdout, expected);
+}
+
+#[test]
+fn every_failure_is_one_line_and_a_documented_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = example_artifacts::FAULTS;
+    let panic = worker(
+        dir.path(),
+        &["exec", faults, "--input", "-"],
+        Some(br#"{"panic":"bad parameters"}"#),
+    );
+    fails_with(&panic, 4, "bad parameters");
+
+    let spin = worker(
+        dir.path(),
+        &["exec", faults, "--input", "-", "--timeout", "0.2"],
+        Some(br#"{"spin":true}"#),
+    );
+    fails_with(&spin, 5, "timeout");
+
+    let memory = worker(
+        dir.path(),
+        &["exec", faults, "--input", "-", "--memory-mb", "32"],
+        Some(br#"{"alloc_mb":100}"#),
+    );
+    fails_with(&memory, 4, "memory limit");
+
+    let fuel = worker(
+        dir.path(),
+        &["exec", faults, "--input", "-", "--fuel", "1000"],
+        Some(br#"{"spin":true}"#),
+    );
+    fails_with(&fuel, 4, "out of fuel");
+
+    let wasi = write(
+        dir.path(),
+        "wasi.wat",
+        br#"(module (import "wasi_snapshot_preview1" "proc_exit" (func (param i32)))
+              (memory (export "memory") 1) (func (export "run") (result i32) i32.const 0))"#,
+    );
+    fails_with(
+        &worker(dir.path(), &["exec", &wasi], None),
+        3,
+        "forbidden import",
+    );
+
+    let garbage = write(
+        dir.path(),
+        "garbage.wasm",
+        b"\0asm\x01\0\0\0\xde\xad\xbe\xef",
+    );
+    fails_with(
+        &worker(dir.path(), &["exec", &garbage], None),
+        3,
+        "bad module",
+    );
+    let empty = write(dir.path(), "empty.wasm", b"");
+    fails_with(&worker(dir.path(), &["exec", &empty], None), 3, "empty");
+
+    let missing = dir.path().join("missing.wasm").display().to_string();
+    fails_with(
+        &worker(dir.path(), &["exec", &missing], None),
+        2,
+        "cannot read",
+    );
+    fails_with(
+        &worker(dir.path(), &["exec", faults, "--memory-mb", "999999"], None),
+        2,
+        "--memory-mb",
+    );
+    fails_with(
+        &worker(dir.path(), &["exec", faults, "--timeout", "NaN"], None),
+        2,
+        "--timeout",
+    );
+}
+
+#[test]
+fn checkpoint_file_lets_an_interrupted_unit_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let primes = example_artifacts::PRIMES;
+    let input = write(dir.path(), "range.json", br#"{"start":0,"end":40000000}"#);
+    let checkpoint = dir.path().join("primes.ckpt").display().to_string();
+
+    let straight = worker(dir.path(), &["exec", primes, "--input", &input], None);
+    assert!(straight.status.success());
+
+    // A budget that ends the run after its first checkpointed batch.
+    let interrupted = worker(
+        dir.path(),
+        &[
+            "exec",
+            primes,
+            "--input",
+            &input,
+            "--fuel",
+            "500000000",
+            "--checkpoint",
+            &checkpoint,
+        ],
+        None,
+    );
+    fails_with(&interrupted, 4, "out of fuel");
+    assert!(Path::new(&checkpoint).is_file(), "the checkpoint was kept");
+
+    let resumed = worker(
+        dir.path(),
+        &[
+            "exec",
+            primes,
+            "--input",
+            &input,
+            "--checkpoint",
+            &checkpoint,
+        ],
+        None,
+    );
+    assert!(resumed.status.success(), "{:?}", stderr_lines(&resumed));
+    assert_eq!(resumed.stdout, straight.stdout);
+}
+
+#[test]
+fn demo_accepts_every_unit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .arg("demo")
+        .current_dir(dir.path())
+        .output()
+        .expect("demo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("16/16 units accepted"), "{stdout}");
+}
