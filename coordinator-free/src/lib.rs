@@ -3,4 +3,7 @@
 //! execution.
 
 pub mod digest;
+pub mod membership;
+pub mod peer_id;
+pub mod rng;
 pub mod sandbox;

@@ -219,7 +219,11 @@ mod tests {
         // RFC 4648 test vector "foobar" -> "mzxw6ytboi", extended with zero bytes.
         let mut bytes = [0u8; 32];
         bytes[..6].copy_from_slice(b"foobar");
-        assert!(PeerId::from_bytes(bytes).to_string().starts_with("mzxw6ytboi"));
+        assert!(
+            PeerId::from_bytes(bytes)
+                .to_string()
+                .starts_with("mzxw6ytboi")
+        );
     }
 
     #[test]

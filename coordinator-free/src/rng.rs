@@ -78,7 +78,10 @@ impl Rng {
 
     /// A uniform duration in `low..high` at nanosecond resolution (`low` if the range is empty).
     pub fn duration_between(&mut self, low: Duration, high: Duration) -> Duration {
-        let span = high.saturating_sub(low).as_nanos().min(u128::from(u64::MAX)) as u64;
+        let span = high
+            .saturating_sub(low)
+            .as_nanos()
+            .min(u128::from(u64::MAX)) as u64;
         low + Duration::from_nanos(self.below(span))
     }
 

@@ -3,7 +3,8 @@
 ;; reports progress, and fails with code 7 ("empty input") when the input is empty.
 (module
   (import "cf1" "input_len" (func $input_len (result i32)))
-  (import "cf1" "input_read" (func $input_read (param $dst i32) (param $offset i32) (param $len i32) (result i32)))
+  (import "cf1" "input_read"
+    (func $input_read (param $dst i32) (param $offset i32) (param $len i32) (result i32)))
   (import "cf1" "output_write" (func $output_write (param $src i32) (param $len i32)))
   (import "cf1" "log" (func $log (param $level i32) (param $src i32) (param $len i32)))
   (import "cf1" "progress" (func $progress (param $done i64) (param $total i64)))
@@ -40,7 +41,9 @@
     (if (i64.gt_u (local.get $pages) (i64.extend_i32_u (memory.size)))
       (then
         (if (i32.eq
-              (memory.grow (i32.wrap_i64 (i64.sub (local.get $pages) (i64.extend_i32_u (memory.size)))))
+              (memory.grow
+                (i32.wrap_i64
+                  (i64.sub (local.get $pages) (i64.extend_i32_u (memory.size)))))
               (i32.const -1))
           (then
             (call $fail (i32.const 8) (i32.const 32) (i32.const 15))

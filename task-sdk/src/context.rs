@@ -2,6 +2,7 @@
 //! harness.
 
 use std::cell::OnceCell;
+use std::fmt;
 use std::rc::Rc;
 
 use serde::Serialize;
@@ -41,11 +42,20 @@ impl Level {
 ///
 /// Inside wasm every call goes to the host's `cf1` imports; in a native build the same calls are
 /// recorded in memory for [`crate::native::Harness`].
-#[derive(Debug)]
 pub struct Context {
     input: Rc<Vec<u8>>,
     seed: OnceCell<u64>,
     host: Host,
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The input can be megabytes; its length is what helps when debugging.
+        f.debug_struct("Context")
+            .field("input_len", &self.input.len())
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Context {

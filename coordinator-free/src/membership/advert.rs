@@ -126,7 +126,9 @@ impl SignedAdvert {
     pub fn sign(advert: Advert, auth: &impl AdvertAuth) -> Result<Self, AdvertError> {
         advert.check()?;
         let mut buf = [0u8; MAX_ADVERT_BYTES];
-        let bytes = advert.signing_bytes(&mut buf).ok_or(AdvertError::Encoding)?;
+        let bytes = advert
+            .signing_bytes(&mut buf)
+            .ok_or(AdvertError::Encoding)?;
         let signature = auth.sign(bytes);
         Ok(Self { advert, signature })
     }
@@ -168,9 +170,13 @@ pub(crate) mod test_auth {
 
     pub fn fake_signature(peer: &PeerId, bytes: &[u8]) -> Vec<u8> {
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ 0x5eed;
-        for &b in peer.as_bytes().iter().chain(bytes) {
-            hash ^= u64::from(b);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        // Two plain loops: a chained iterator is several times slower in debug builds, and
+        // simulations verify millions of these.
+        for &b in peer.as_bytes() {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        for &b in bytes {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
         hash.to_le_bytes().to_vec()
     }
@@ -253,7 +259,12 @@ mod tests {
     fn largest_valid_advert_fits_the_buffer() {
         let mut a = advert();
         a.addrs = vec![
-            SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from([0xff; 16]), u16::MAX, 0, 0));
+            SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from([0xff; 16]),
+                u16::MAX,
+                0,
+                0
+            ));
             MAX_ADVERT_ADDRS
         ];
         a.cores_donated = MAX_CORES;

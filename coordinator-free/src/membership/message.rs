@@ -238,10 +238,7 @@ mod tests {
                 },
             ],
         });
-        assert!(matches!(
-            unsorted.validate(),
-            Err(MessageError::BadDigest)
-        ));
+        assert!(matches!(unsorted.validate(), Err(MessageError::BadDigest)));
         let outside = MembershipMessage::Digest(Digest {
             start: Some(id(5)),
             end: None,

@@ -34,7 +34,6 @@ mod message;
 mod sim;
 
 use std::cmp::Ordering;
-use std::collections::btree_map::Entry as MapEntry;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
@@ -96,7 +95,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             gossip_interval: Duration::from_millis(500),
-            gossip_fanout: 1,
+            gossip_fanout: 2,
             heartbeat_interval: Duration::from_secs(2),
             dead_after: Duration::from_secs(6),
             tombstone_ttl: Duration::from_secs(60),
@@ -174,10 +173,7 @@ pub enum Command {
     /// `Disconnected` needs to be reported back for it.
     Disconnect { peer: PeerId },
     /// Send a message to a connected peer; dropped if the connection is gone.
-    Send {
-        to: PeerId,
-        msg: MembershipMessage,
-    },
+    Send { to: PeerId, msg: MembershipMessage },
     /// A peer entered the table.
     PeerUp(Advert),
     /// A peer left the table (its heartbeats stopped).
@@ -527,8 +523,7 @@ impl<A: AdvertAuth> Membership<A> {
     }
 
     fn tombstone(&mut self, peer: PeerId, seq: u64, now: Instant) {
-        if self.tombstones.len() >= self.config.max_peers && !self.tombstones.contains_key(&peer)
-        {
+        if self.tombstones.len() >= self.config.max_peers && !self.tombstones.contains_key(&peer) {
             let oldest = self
                 .tombstones
                 .iter()
@@ -613,7 +608,9 @@ impl<A: AdvertAuth> Membership<A> {
             return;
         }
         let mut targets: Vec<PeerId> = self.links.keys().copied().collect();
-        let targets = self.sample(&mut targets, self.config.gossip_fanout).to_vec();
+        let targets = self
+            .sample(&mut targets, self.config.gossip_fanout)
+            .to_vec();
         let chunks = self.digest_chunks();
         if let Some((&last, rest)) = targets.split_last() {
             for &to in rest {
@@ -676,12 +673,15 @@ impl<A: AdvertAuth> Membership<A> {
         }
         tracing::debug!(?peer, %addr, inbound, "membership link up");
         self.links.insert(peer, Link { addr, inbound });
-        // Sync at once instead of waiting for the next round: a joiner learns the table within
-        // one round trip.
+        // Sync at once instead of waiting for the next round, so a joiner learns the table
+        // within one round trip. One digest syncs both ways (the answer pushes and pulls), so
+        // only the accepting side sends one.
         let own = self.gossiped(&self.me, now).into_iter().collect();
         self.send(peer, MembershipMessage::Adverts(own));
-        for chunk in self.digest_chunks() {
-            self.send(peer, MembershipMessage::Digest(chunk));
+        if inbound {
+            for chunk in self.digest_chunks() {
+                self.send(peer, MembershipMessage::Digest(chunk));
+            }
         }
     }
 
@@ -739,21 +739,35 @@ impl<A: AdvertAuth> Membership<A> {
         let mut ours = self
             .table
             .range((lower, upper))
-            .map(|(p, e)| DigestEntry {
-                peer: *p,
-                seq: e.signed.advert.seq,
+            .map(|(p, e)| {
+                let entry = DigestEntry {
+                    peer: *p,
+                    seq: e.signed.advert.seq,
+                };
+                (entry, Some(e))
             })
             .peekable();
-        let mut me_entry = digest.covers(&self.me).then(|| self.local_entry());
+        let mut me_entry = digest.covers(&self.me).then(|| (self.local_entry(), None));
         let mut theirs = digest.entries.iter().copied().peekable();
-        let mut push: Vec<PeerId> = Vec::new();
+        let mut push: Vec<GossipedAdvert> = Vec::new();
         let mut want: Vec<PeerId> = Vec::new();
+        let advert_of = |entry: Option<&Entry>| match entry {
+            Some(e) => GossipedAdvert {
+                signed: e.signed.clone(),
+                age_ms: age_ms(now, e.last_advanced),
+            },
+            None => GossipedAdvert {
+                signed: self.local.clone(),
+                age_ms: 0,
+            },
+        };
         while push.len() < MAX_REPLY_ADVERTS || want.len() < MAX_REQUEST_IDS {
-            let o = match (ours.peek(), me_entry) {
-                (Some(o), Some(m)) => Some(if m.peer < o.peer { m } else { *o }),
+            let next_ours = match (ours.peek(), me_entry) {
+                (Some(o), Some(m)) => Some(if m.0.peer < o.0.peer { m } else { *o }),
                 (Some(o), None) => Some(*o),
                 (None, m) => m,
             };
+            let o = next_ours.map(|(entry, _)| entry);
             let t = theirs.peek().copied();
             let order = match (t, o) {
                 (None, None) => break,
@@ -765,7 +779,7 @@ impl<A: AdvertAuth> Membership<A> {
             match (order, t, o) {
                 (Ordering::Equal, Some(t), Some(o)) => {
                     if o.seq > t.seq {
-                        push.push(o.peer);
+                        push.push(advert_of(next_ours.and_then(|(_, e)| e)));
                     } else if t.seq > o.seq {
                         want.push(t.peer);
                     }
@@ -781,8 +795,8 @@ impl<A: AdvertAuth> Membership<A> {
                     }
                     take_theirs = true;
                 }
-                (_, _, Some(o)) => {
-                    push.push(o.peer);
+                (_, _, Some(_)) => {
+                    push.push(advert_of(next_ours.and_then(|(_, e)| e)));
                     take_ours = true;
                 }
                 _ => break,
@@ -791,7 +805,7 @@ impl<A: AdvertAuth> Membership<A> {
                 theirs.next();
             }
             if take_ours {
-                if me_entry.is_some_and(|m| o.is_some_and(|o| o.peer == m.peer)) {
+                if me_entry.is_some_and(|m| o.is_some_and(|o| o.peer == m.0.peer)) {
                     me_entry = None;
                 } else {
                     ours.next();
@@ -800,9 +814,7 @@ impl<A: AdvertAuth> Membership<A> {
         }
         push.truncate(MAX_REPLY_ADVERTS);
         want.truncate(MAX_REQUEST_IDS);
-        let adverts: Vec<GossipedAdvert> =
-            push.iter().filter_map(|p| self.gossiped(p, now)).collect();
-        self.send_adverts(from, adverts);
+        self.send_adverts(from, push);
         if !want.is_empty() {
             self.send(from, MembershipMessage::Request(want));
         }
@@ -843,19 +855,29 @@ impl<A: AdvertAuth> Membership<A> {
             self.stats.adverts_stale += 1;
             return;
         }
-        match self.table.get(&peer) {
-            Some(entry) if seq <= entry.signed.advert.seq => return,
-            Some(_) => {}
-            None => {
-                if self.tombstones.get(&peer).is_some_and(|t| t.seq >= seq) {
-                    self.stats.adverts_stale += 1;
-                    return;
-                }
-                if self.table.len() >= self.config.max_peers {
-                    self.stats.adverts_table_full += 1;
-                    return;
-                }
+        let issued = now.checked_sub(age).unwrap_or(now);
+        // One lookup on the hot path (a newer heartbeat of a known peer).
+        if let Some(entry) = self.table.get_mut(&peer) {
+            if seq <= entry.signed.advert.seq {
+                return;
             }
+            if let Err(err) = signed.verify(&self.auth) {
+                self.stats.adverts_invalid += 1;
+                tracing::debug!(?peer, %err, "advert rejected");
+                return;
+            }
+            self.stats.adverts_accepted += 1;
+            entry.last_advanced = entry.last_advanced.max(issued);
+            entry.signed = signed;
+            return;
+        }
+        if self.tombstones.get(&peer).is_some_and(|t| t.seq >= seq) {
+            self.stats.adverts_stale += 1;
+            return;
+        }
+        if self.table.len() >= self.config.max_peers {
+            self.stats.adverts_table_full += 1;
+            return;
         }
         if let Err(err) = signed.verify(&self.auth) {
             self.stats.adverts_invalid += 1;
@@ -863,26 +885,18 @@ impl<A: AdvertAuth> Membership<A> {
             return;
         }
         self.stats.adverts_accepted += 1;
-        let issued = now.checked_sub(age).unwrap_or(now);
-        match self.table.entry(peer) {
-            MapEntry::Occupied(mut slot) => {
-                let entry = slot.get_mut();
-                entry.last_advanced = entry.last_advanced.max(issued);
-                entry.signed = signed;
-            }
-            MapEntry::Vacant(slot) => {
-                tracing::debug!(?peer, seq, "peer learned");
-                self.tombstones.remove(&peer);
-                self.out.push_back(Command::PeerUp(signed.advert.clone()));
-                slot.insert(Entry {
-                    signed,
-                    last_advanced: issued,
-                });
-            }
-        }
+        tracing::debug!(?peer, seq, "peer learned");
+        self.tombstones.remove(&peer);
+        self.out.push_back(Command::PeerUp(signed.advert.clone()));
+        self.table.insert(
+            peer,
+            Entry {
+                signed,
+                last_advanced: issued,
+            },
+        );
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -946,7 +960,13 @@ mod tests {
 
     fn feed(m: &mut Membership<FakeAuth>, from: u16, adverts: Vec<GossipedAdvert>, now: Instant) {
         let msg = MembershipMessage::Adverts(adverts);
-        m.handle(Event::Message { from: id(from), msg }, now);
+        m.handle(
+            Event::Message {
+                from: id(from),
+                msg,
+            },
+            now,
+        );
     }
 
     fn drain(m: &mut Membership<FakeAuth>) -> Vec<Command> {
@@ -1056,12 +1076,20 @@ mod tests {
         wrong_key.signed.signature = fake_signature(&id(5), b"anything");
         let mut absurd = gossiped(6, 5);
         absurd.signed.advert.cores_free = 9;
-        absurd.signed.signature = fake_signature(&id(6), &postcard::to_allocvec(&absurd.signed.advert).unwrap());
+        absurd.signed.signature = fake_signature(
+            &id(6),
+            &postcard::to_allocvec(&absurd.signed.advert).unwrap(),
+        );
         let mut too_many = gossiped(7, 5);
         too_many.signed.advert.addrs = vec![addr(7); MAX_ADVERT_ADDRS + 1];
         let mut long_sig = gossiped(8, 5);
         long_sig.signed.signature = vec![0; MAX_SIGNATURE_LEN + 1];
-        feed(&mut m, 2, vec![forged, wrong_key, absurd, too_many, long_sig], t0);
+        feed(
+            &mut m,
+            2,
+            vec![forged, wrong_key, absurd, too_many, long_sig],
+            t0,
+        );
         assert_eq!(m.peer_count(), 0);
         assert_eq!(m.stats().adverts_invalid, 5);
         // An advert claiming to be us is never put in the table.
@@ -1106,7 +1134,10 @@ mod tests {
             now,
         );
         let advert = &m.local_advert().advert;
-        assert_eq!((advert.seq, advert.cores_free, advert.profile), (seq0 + 3, 4, 2));
+        assert_eq!(
+            (advert.seq, advert.cores_free, advert.profile),
+            (seq0 + 3, 4, 2)
+        );
     }
 
     #[test]
@@ -1129,8 +1160,16 @@ mod tests {
             ..Config::default()
         };
         let mut m = node_with(config.clone(), 1, t0);
-        for chunk in (100..400u16).collect::<Vec<_>>().chunks(MAX_ADVERTS_PER_MESSAGE) {
-            feed(&mut m, 2, chunk.iter().map(|&n| gossiped(n, 1)).collect(), t0);
+        for chunk in (100..400u16)
+            .collect::<Vec<_>>()
+            .chunks(MAX_ADVERTS_PER_MESSAGE)
+        {
+            feed(
+                &mut m,
+                2,
+                chunk.iter().map(|&n| gossiped(n, 1)).collect(),
+                t0,
+            );
         }
         assert_eq!(m.peer_count(), 16);
         assert_eq!(m.stats().adverts_table_full, 300 - 16);
@@ -1139,7 +1178,9 @@ mod tests {
         for round in 0..20u16 {
             now += config.dead_after + Duration::from_secs(1);
             m.handle_timeout(now);
-            let fresh = (0..16).map(|n| gossiped(1000 + round * 16 + n, 1)).collect();
+            let fresh = (0..16)
+                .map(|n| gossiped(1000 + round * 16 + n, 1))
+                .collect();
             feed(&mut m, 2, fresh, now);
             assert!(m.peer_count() <= 16);
             assert!(m.tombstone_count() <= 16);
@@ -1150,17 +1191,34 @@ mod tests {
     fn digest_gets_push_and_pull_answers() {
         let t0 = Instant::now();
         let mut m = node(10, t0);
-        feed(&mut m, 2, vec![gossiped(3, 5), gossiped(4, 5), gossiped(5, 5)], t0);
+        feed(
+            &mut m,
+            2,
+            vec![gossiped(3, 5), gossiped(4, 5), gossiped(5, 5)],
+            t0,
+        );
         connect(&mut m, 2, t0);
         drain(&mut m);
         let digest = Digest {
             start: None,
             end: None,
             entries: vec![
-                DigestEntry { peer: id(2), seq: 1 },
-                DigestEntry { peer: id(3), seq: 9 },
-                DigestEntry { peer: id(4), seq: 2 },
-                DigestEntry { peer: id(7), seq: 1 },
+                DigestEntry {
+                    peer: id(2),
+                    seq: 1,
+                },
+                DigestEntry {
+                    peer: id(3),
+                    seq: 9,
+                },
+                DigestEntry {
+                    peer: id(4),
+                    seq: 2,
+                },
+                DigestEntry {
+                    peer: id(7),
+                    seq: 1,
+                },
             ],
         };
         let msg = MembershipMessage::Digest(digest);
@@ -1169,16 +1227,26 @@ mod tests {
         let mut wanted = Vec::new();
         for command in drain(&mut m) {
             match command {
-                Command::Send { to, msg: MembershipMessage::Adverts(a) } => {
+                Command::Send {
+                    to,
+                    msg: MembershipMessage::Adverts(a),
+                } => {
                     assert_eq!(to, id(2));
                     pushed.extend(a.into_iter().map(|g| g.signed.advert.peer));
                 }
-                Command::Send { msg: MembershipMessage::Request(ids), .. } => wanted.extend(ids),
+                Command::Send {
+                    msg: MembershipMessage::Request(ids),
+                    ..
+                } => wanted.extend(ids),
                 other => panic!("unexpected {other:?}"),
             }
         }
         pushed.sort();
-        assert_eq!(pushed, vec![id(4), id(5), id(10)], "older or missing in the digest");
+        assert_eq!(
+            pushed,
+            vec![id(4), id(5), id(10)],
+            "older or missing in the digest"
+        );
         assert_eq!(wanted, vec![id(2), id(3), id(7)], "newer or unknown to us");
     }
 
@@ -1199,7 +1267,10 @@ mod tests {
         let pushed: Vec<PeerId> = drain(&mut m)
             .into_iter()
             .flat_map(|c| match c {
-                Command::Send { msg: MembershipMessage::Adverts(a), .. } => a,
+                Command::Send {
+                    msg: MembershipMessage::Adverts(a),
+                    ..
+                } => a,
                 _ => Vec::new(),
             })
             .map(|g| g.signed.advert.peer)
@@ -1211,8 +1282,16 @@ mod tests {
     fn large_tables_gossip_in_chunks_within_caps() {
         let t0 = Instant::now();
         let mut m = node(1, t0);
-        for chunk in (100..700u16).collect::<Vec<_>>().chunks(MAX_ADVERTS_PER_MESSAGE) {
-            feed(&mut m, 2, chunk.iter().map(|&n| gossiped(n, 1)).collect(), t0);
+        for chunk in (100..700u16)
+            .collect::<Vec<_>>()
+            .chunks(MAX_ADVERTS_PER_MESSAGE)
+        {
+            feed(
+                &mut m,
+                2,
+                chunk.iter().map(|&n| gossiped(n, 1)).collect(),
+                t0,
+            );
         }
         connect(&mut m, 2, t0);
         let mut covered = 0;
@@ -1260,23 +1339,51 @@ mod tests {
         let t0 = Instant::now();
         let mut m = node(1, t0);
         let boot = addr(2);
-        m.handle(Event::Discovered { addr: boot, peer: None }, t0);
-        assert_eq!(drain(&mut m), vec![Command::Dial { addr: boot, peer: None }]);
-        m.handle(Event::Connected { peer: id(2), addr: boot, inbound: false }, t0);
+        m.handle(
+            Event::Discovered {
+                addr: boot,
+                peer: None,
+            },
+            t0,
+        );
+        assert_eq!(
+            drain(&mut m),
+            vec![Command::Dial {
+                addr: boot,
+                peer: None
+            }]
+        );
+        m.handle(
+            Event::Connected {
+                peer: id(2),
+                addr: boot,
+                inbound: false,
+            },
+            t0,
+        );
         let sent = drain(&mut m);
-        assert!(matches!(&sent[0], Command::Send { msg: MembershipMessage::Adverts(a), .. } if a[0].signed.advert.peer == id(1)));
-        assert!(matches!(&sent[1], Command::Send { msg: MembershipMessage::Digest(_), .. }));
+        assert!(
+            matches!(&sent[0], Command::Send { msg: MembershipMessage::Adverts(a), .. } if a[0].signed.advert.peer == id(1))
+        );
+        assert_eq!(sent.len(), 1, "the accepting side sends the digest");
         feed(&mut m, 2, (3..20).map(|n| gossiped(n, 1)).collect(), t0);
         drain(&mut m);
         m.handle_timeout(t0 + Duration::from_millis(600));
         let dials: Vec<_> = drain(&mut m)
             .into_iter()
             .filter_map(|c| match c {
-                Command::Dial { peer: Some(p), addr } => Some((p, addr)),
+                Command::Dial {
+                    peer: Some(p),
+                    addr,
+                } => Some((p, addr)),
                 _ => None,
             })
             .collect();
-        assert_eq!(dials.len(), 3, "up to min_connections with the bootstrap link");
+        assert_eq!(
+            dials.len(),
+            3,
+            "up to min_connections with the bootstrap link"
+        );
         for (p, a) in dials {
             assert_eq!(m.peer(&p).unwrap().addrs[0], a);
         }
@@ -1287,7 +1394,13 @@ mod tests {
         let t0 = Instant::now();
         let mut m = node(1, t0);
         let boot = addr(2);
-        m.handle(Event::Discovered { addr: boot, peer: None }, t0);
+        m.handle(
+            Event::Discovered {
+                addr: boot,
+                peer: None,
+            },
+            t0,
+        );
         m.handle(Event::DialFailed { addr: boot }, t0);
         drain(&mut m);
         let mut dials = 0;
@@ -1310,8 +1423,126 @@ mod tests {
     fn dialing_ourselves_is_dropped() {
         let t0 = Instant::now();
         let mut m = node(1, t0);
-        m.handle(Event::Connected { peer: id(1), addr: addr(1), inbound: false }, t0);
+        m.handle(
+            Event::Connected {
+                peer: id(1),
+                addr: addr(1),
+                inbound: false,
+            },
+            t0,
+        );
         assert_eq!(drain(&mut m), vec![Command::Disconnect { peer: id(1) }]);
         assert_eq!(m.connection_count(), 0);
+    }
+
+    /// Arbitrary bytes and structurally valid but hostile messages (forged, replayed, stale,
+    /// claiming to be us, from unconnected peers, with absurd ages and seqs) must never panic
+    /// a peer or grow it past its caps.
+    #[test]
+    fn hostile_input_never_panics_or_grows_state() {
+        let mut rng = Rng::seed_from_u64(0xbad);
+        let t0 = Instant::now();
+        let config = Config {
+            max_peers: 64,
+            ..Config::default()
+        };
+        let mut m = node_with(config.clone(), 1, t0);
+        for n in 2..6 {
+            connect(&mut m, n, t0);
+        }
+        let mut now = t0;
+        let mut decoded = 0;
+        for round in 0..3000u32 {
+            now += Duration::from_millis(rng.below(400));
+            let len = rng.index(200);
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            if rng.chance(0.3) {
+                // Start from a real message and corrupt a byte, to get past the first tag.
+                let real = MembershipMessage::Adverts(vec![gossiped(rng.below(500) as u16, 3)]);
+                bytes = real.encode().unwrap();
+                let at = rng.index(bytes.len());
+                bytes[at] = rng.next_u64() as u8;
+            }
+            if let Ok(msg) = MembershipMessage::decode(&bytes) {
+                decoded += 1;
+                m.handle(Event::Message { from: id(2), msg }, now);
+            }
+            let from = id(rng.below(8) as u16);
+            let msg = match rng.below(4) {
+                0 => {
+                    let mut adverts = Vec::new();
+                    for _ in 0..rng.below(MAX_ADVERTS_PER_MESSAGE as u64 + 1) {
+                        let peer = rng.below(400) as u16;
+                        let mut g = gossiped(peer, rng.below(1 << 20));
+                        g.age_ms = rng.below(10_000) as u32;
+                        if rng.chance(0.2) {
+                            g.signed.signature[0] ^= 1;
+                        }
+                        if rng.chance(0.1) {
+                            g.signed.advert.seq = u64::MAX;
+                        }
+                        adverts.push(g);
+                    }
+                    MembershipMessage::Adverts(adverts)
+                }
+                1 => {
+                    let mut entries: Vec<DigestEntry> = (0..rng.below(300))
+                        .map(|_| DigestEntry {
+                            peer: id(rng.below(1000) as u16),
+                            seq: rng.next_u64(),
+                        })
+                        .collect();
+                    if rng.chance(0.8) {
+                        entries.sort_by_key(|e| e.peer);
+                        entries.dedup_by_key(|e| e.peer);
+                    }
+                    let start = rng.chance(0.3).then(|| id(rng.below(1000) as u16));
+                    let end = rng.chance(0.3).then(|| id(rng.below(1000) as u16));
+                    MembershipMessage::Digest(Digest {
+                        start,
+                        end,
+                        entries,
+                    })
+                }
+                2 => MembershipMessage::Request(
+                    (0..rng.below(300))
+                        .map(|_| id(rng.below(400) as u16))
+                        .collect(),
+                ),
+                _ => MembershipMessage::Adverts(vec![gossiped(1, rng.next_u64())]),
+            };
+            m.handle(Event::Message { from, msg }, now);
+            if round % 7 == 0 {
+                m.handle_timeout(now);
+            }
+            if round % 11 == 0 {
+                let peer = id(rng.below(20) as u16);
+                let event = match rng.below(4) {
+                    0 => Event::Disconnected { peer },
+                    1 => Event::Connected {
+                        peer,
+                        addr: addr(9),
+                        inbound: rng.chance(0.5),
+                    },
+                    2 => Event::DialFailed { addr: addr(9) },
+                    _ => Event::Discovered {
+                        addr: addr(rng.below(200) as u16),
+                        peer: rng.chance(0.5).then_some(peer),
+                    },
+                };
+                m.handle(event, now);
+            }
+            for command in std::iter::from_fn(|| m.poll_command()) {
+                if let Command::Send { msg, .. } = command {
+                    msg.validate().unwrap();
+                    assert!(msg.encode().is_ok(), "our own messages fit the frame cap");
+                }
+            }
+            assert!(m.peer_count() <= config.max_peers);
+            assert!(m.tombstone_count() <= config.max_peers);
+            assert!(m.connection_count() <= config.max_connections);
+        }
+        assert!(decoded > 0, "some corrupted messages still decode");
+        assert!(m.stats().adverts_invalid > 0 && m.stats().messages_rejected > 0);
     }
 }

@@ -90,7 +90,6 @@ struct Sim {
     order: u64,
     queue: BinaryHeap<Reverse<Scheduled>>,
     nodes: Vec<SimNode>,
-    by_id: BTreeMap<PeerId, usize>,
     by_addr: BTreeMap<SocketAddr, usize>,
     links: BTreeSet<(usize, usize)>,
     degree: Vec<usize>,
@@ -108,9 +107,6 @@ struct Sim {
     flaps: u64,
     sent: u64,
     trace: u64,
-    dbg_adverts: u64,
-    dbg_digest: u64,
-    dbg_req: u64,
 }
 
 fn trace_mix(trace: u64, value: u64) -> u64 {
@@ -128,7 +124,6 @@ impl Sim {
             order: 0,
             queue: BinaryHeap::new(),
             nodes: Vec::new(),
-            by_id: BTreeMap::new(),
             by_addr: BTreeMap::new(),
             links: BTreeSet::new(),
             degree: Vec::new(),
@@ -141,9 +136,6 @@ impl Sim {
             flaps: 0,
             sent: 0,
             trace: 0xcbf2_9ce4_8422_2325,
-            dbg_adverts: 0,
-            dbg_digest: 0,
-            dbg_req: 0,
         }
     }
 
@@ -165,6 +157,13 @@ impl Sim {
             .duration_between(self.net.min_delay, self.net.max_delay)
     }
 
+    fn index_of(&self, id: &PeerId) -> Option<usize> {
+        let mut index = [0u8; 8];
+        index.copy_from_slice(&id.as_bytes()[24..]);
+        let n = usize::try_from(u64::from_be_bytes(index)).ok()?;
+        (self.nodes.get(n)?.id == *id).then_some(n)
+    }
+
     fn link_key(a: usize, b: usize) -> (usize, usize) {
         (a.min(b), a.max(b))
     }
@@ -183,10 +182,13 @@ impl Sim {
     /// Adds a peer that knows only `bootstrap`'s address.
     fn add_node(&mut self, bootstrap: Option<usize>) -> usize {
         let n = self.nodes.len();
+        // Random ids (so table order is unrelated to join order) that carry their index in the
+        // last bytes, so the simulator finds a peer without a map lookup per message.
         let mut bytes = [0u8; 32];
-        for chunk in bytes.chunks_mut(8) {
+        for chunk in bytes[..24].chunks_mut(8) {
             chunk.copy_from_slice(&self.rng.next_u64().to_le_bytes());
         }
+        bytes[24..].copy_from_slice(&(n as u64).to_be_bytes());
         let id = PeerId::from_bytes(bytes);
         let addr = SocketAddr::from((Ipv4Addr::from(0x0a00_0000 + n as u32), 7000));
         let local = LocalPeer {
@@ -212,7 +214,6 @@ impl Sim {
             known: BTreeSet::new(),
             crashed_at: None,
         });
-        self.by_id.insert(id, n);
         self.by_addr.insert(addr, n);
         self.degree.push(0);
         self.holders.push(0);
@@ -266,10 +267,13 @@ impl Sim {
             self.degree[b] -= 1;
             let other = if a == n { b } else { a };
             let after = self.delay();
-            self.schedule(after, SimEvent::Disconnected {
-                node: other,
-                peer: n,
-            });
+            self.schedule(
+                after,
+                SimEvent::Disconnected {
+                    node: other,
+                    peer: n,
+                },
+            );
         }
     }
 
@@ -279,15 +283,18 @@ impl Sim {
                 Command::Dial { addr, peer } => {
                     let to = self.by_addr.get(&addr).copied();
                     let after = self.delay() + self.delay();
-                    self.schedule(after, SimEvent::Establish {
-                        from: n,
-                        to,
-                        addr,
-                        expect: peer,
-                    });
+                    self.schedule(
+                        after,
+                        SimEvent::Establish {
+                            from: n,
+                            to,
+                            addr,
+                            expect: peer,
+                        },
+                    );
                 }
                 Command::Disconnect { peer } => {
-                    let Some(&p) = self.by_id.get(&peer) else {
+                    let Some(p) = self.index_of(&peer) else {
                         continue;
                     };
                     if p != n && self.links.remove(&Self::link_key(n, p)) {
@@ -298,30 +305,28 @@ impl Sim {
                     }
                 }
                 Command::Send { to, msg } => {
-                    let Some(&p) = self.by_id.get(&to) else {
+                    let Some(p) = self.index_of(&to) else {
                         continue;
                     };
                     if !self.links.contains(&Self::link_key(n, p)) {
                         continue;
                     }
                     self.sent += 1;
-                    match &msg {
-                        MembershipMessage::Adverts(a) => self.dbg_adverts += a.len() as u64,
-                        MembershipMessage::Digest(d) => self.dbg_digest += d.entries.len() as u64,
-                        MembershipMessage::Request(r) => self.dbg_req += r.len() as u64,
-                    }
                     if self.rng.chance(self.net.loss) {
                         continue;
                     }
                     let after = self.delay();
-                    self.schedule(after, SimEvent::Deliver {
-                        to: p,
-                        from: n,
-                        msg,
-                    });
+                    self.schedule(
+                        after,
+                        SimEvent::Deliver {
+                            to: p,
+                            from: n,
+                            msg,
+                        },
+                    );
                 }
                 Command::PeerUp(advert) => {
-                    let Some(&p) = self.by_id.get(&advert.peer) else {
+                    let Some(p) = self.index_of(&advert.peer) else {
                         panic!("unknown peer learned: {:?}", advert.peer);
                     };
                     assert!(self.nodes[n].known.insert(p), "PeerUp twice");
@@ -334,7 +339,7 @@ impl Sim {
                     }
                 }
                 Command::PeerDown(peer) => {
-                    let p = self.by_id[&peer];
+                    let p = self.index_of(&peer).expect("known peer");
                     assert!(self.nodes[n].known.remove(&p), "PeerDown of unknown");
                     self.holders[p] -= 1;
                     if self.nodes[p].alive {
@@ -430,8 +435,11 @@ impl Sim {
         self.links.insert(Self::link_key(from, to));
         self.degree[from] += 1;
         self.degree[to] += 1;
-        let (from_id, to_id, from_addr) =
-            (self.nodes[from].id, self.nodes[to].id, self.nodes[from].addr);
+        let (from_id, to_id, from_addr) = (
+            self.nodes[from].id,
+            self.nodes[to].id,
+            self.nodes[from].addr,
+        );
         self.nodes[from].m.handle(
             Event::Connected {
                 peer: to_id,
@@ -483,7 +491,7 @@ impl Sim {
             let table: BTreeSet<usize> = self.nodes[n]
                 .m
                 .peers()
-                .map(|a| self.by_id[&a.peer])
+                .map(|a| self.index_of(&a.peer).expect("known peer"))
                 .collect();
             assert_eq!(table, self.nodes[n].known, "peer {n}");
             let mut others = live.clone();
@@ -554,7 +562,7 @@ fn run(scenario: &Scenario) -> Report {
     sim.check_tables();
 
     // Let the overlay settle before the crashes.
-    let crash_start = sim.now + Duration::from_secs(1);
+    let crash_start = sim.now + Duration::from_millis(500);
     sim.run_until(crash_start);
     let crashes = (scenario.peers as f64 * scenario.crash_fraction).round() as usize;
     let events = crashes + scenario.late_joins;
@@ -603,8 +611,6 @@ fn run(scenario: &Scenario) -> Report {
         scenario.seed
     );
     assert!(sim.max_degree <= config.max_connections);
-    let accepted: u64 = sim.nodes.iter().map(|n| n.m.stats().adverts_accepted).sum();
-    eprintln!("DBG now {:?} adverts {} digest {} req {} accepted {accepted}", sim.now, sim.dbg_adverts, sim.dbg_digest, sim.dbg_req);
     Report {
         join_converged_after,
         removal_max,
@@ -672,6 +678,7 @@ fn hundred_fifty_peers_several_seeds() {
         let r = run(&scenario);
         print("hundred_fifty_peers_several_seeds", &scenario, &r);
         assert!(r.join_converged_after <= Duration::from_secs(10));
+        assert_eq!(r.flaps, 0, "a live peer was dropped somewhere");
     }
 }
 
@@ -680,29 +687,19 @@ fn five_hundred_peers_with_loss_joins_and_crashes() {
     let scenario = Scenario {
         seed: 500,
         peers: 500,
-        join_over: Duration::from_secs(4),
+        join_over: Duration::from_secs(2),
         crash_fraction: 0.1,
         late_joins: 25,
         net: lossy_net(0.05),
     };
     let r = run(&scenario);
-    print("five_hundred_peers_with_loss_joins_and_crashes", &scenario, &r);
+    print(
+        "five_hundred_peers_with_loss_joins_and_crashes",
+        &scenario,
+        &r,
+    );
     assert!(r.join_converged_after <= Duration::from_secs(10));
-}
-
-#[test]
-#[ignore = "slow in debug builds; run with --release --ignored"]
-fn two_thousand_peers_with_loss_joins_and_crashes() {
-    let scenario = Scenario {
-        seed: 2000,
-        peers: 2000,
-        join_over: Duration::from_secs(20),
-        crash_fraction: 0.1,
-        late_joins: 50,
-        net: lossy_net(0.05),
-    };
-    let r = run(&scenario);
-    print("two_thousand_peers_with_loss_joins_and_crashes", &scenario, &r);
+    assert_eq!(r.flaps, 0, "a live peer was dropped somewhere");
 }
 
 #[test]

@@ -42,6 +42,10 @@ pub use outcome::{OutcomeClass, TrapKind, UnitError};
 /// (fuel costs, for one, differ between versions).
 pub const PROFILE: &str = "cf-wasm-1/wasmtime-48.0.8";
 
+/// The profile name of a sandbox built with NaN canonicalisation off, which only exists to
+/// measure what canonicalisation costs: its float results are not comparable across machines.
+pub const PROFILE_UNCANONICAL_NANS: &str = "cf-wasm-1-uncanonical-nans/wasmtime-48.0.8";
+
 /// Version number of [`PROFILE`], advertised by peers.
 pub const PROFILE_VERSION: u32 = 1;
 
@@ -244,6 +248,9 @@ pub struct SandboxConfig {
     pub memory_cache_entries: usize,
     /// Largest table a module may have, in elements.
     pub max_table_elements: usize,
+    /// NaN canonicalisation, on in [`PROFILE`]. Turning it off is only for measuring its cost:
+    /// results then carry [`PROFILE_UNCANONICAL_NANS`] and may differ between machines.
+    pub canonicalize_nans: bool,
 }
 
 impl Default for SandboxConfig {
@@ -254,6 +261,7 @@ impl Default for SandboxConfig {
             max_module_bytes: 16 << 20,
             memory_cache_entries: 64,
             max_table_elements: 100_000,
+            canonicalize_nans: true,
         }
     }
 }
@@ -369,7 +377,7 @@ impl Drop for Inner {
 fn engine_config(config: &SandboxConfig, metering: Metering) -> Config {
     let mut c = Config::new();
     // Determinism: every NaN is the canonical NaN; no relaxed SIMD, no threads.
-    c.cranelift_nan_canonicalization(true)
+    c.cranelift_nan_canonicalization(config.canonicalize_nans)
         .relaxed_simd_deterministic(true);
     // What Rust, C and hand-written modules need, and nothing else.
     let accepted = WasmFeatures::MUTABLE_GLOBAL
@@ -419,12 +427,17 @@ impl Sandbox {
     /// Sets up the engines, the caches and the deadline clock.
     pub fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
         let flavor = |metering: Metering, tag: &str| -> Result<Flavor, SandboxError> {
+            let tag = if config.canonicalize_nans {
+                tag.to_owned()
+            } else {
+                format!("{tag}-uncanonical")
+            };
             let engine = Engine::new(&engine_config(&config, metering))
                 .map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
             let mut linker = Linker::new(&engine);
             abi::define(&mut linker).map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
             let disk = match &config.cache_dir {
-                Some(dir) => Some(DiskCache::open(dir, &engine, tag).map_err(|source| {
+                Some(dir) => Some(DiskCache::open(dir, &engine, &tag).map_err(|source| {
                     SandboxError::CacheDir {
                         path: dir.clone(),
                         source,
@@ -459,6 +472,15 @@ impl Sandbox {
     /// The configuration it was built with.
     pub fn config(&self) -> &SandboxConfig {
         &self.inner.config
+    }
+
+    /// The engine profile units run under.
+    pub fn profile(&self) -> &'static str {
+        if self.inner.config.canonicalize_nans {
+            PROFILE
+        } else {
+            PROFILE_UNCANONICAL_NANS
+        }
     }
 
     /// Cache counters so far.
@@ -645,7 +667,7 @@ impl Sandbox {
             checkpoint: state.checkpoint.filter(|_| state.checkpoint_saved),
             fuel_consumed,
             elapsed,
-            profile: PROFILE,
+            profile: self.profile(),
         }
     }
 }

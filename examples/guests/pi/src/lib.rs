@@ -92,7 +92,7 @@ pub fn unit(input: Input, ctx: &mut Context) -> Result<Output, Error> {
         state.done += n;
         ctx.progress(state.done, state.samples);
         batches += 1;
-        if batches % BATCHES_PER_CHECKPOINT == 0 && state.done < state.samples {
+        if batches.is_multiple_of(BATCHES_PER_CHECKPOINT) && state.done < state.samples {
             ctx.save_checkpoint(&state)?;
         }
     }

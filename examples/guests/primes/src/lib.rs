@@ -102,7 +102,7 @@ impl Sieve {
             }
             // The first odd multiple of p that is at least max(first, p²).
             let mut m = first.div_ceil(p) * p;
-            if m % 2 == 0 {
+            if m.is_multiple_of(2) {
                 m += p;
             }
             m = m.max(p * p);
@@ -208,7 +208,7 @@ mod tests {
         }
         let mut d = 2;
         while d * d <= n {
-            if n % d == 0 {
+            if n.is_multiple_of(d) {
                 return false;
             }
             d += 1;
@@ -240,20 +240,28 @@ mod tests {
     }
 
     #[test]
-    fn range_above_a_billion_matches_trial_division() {
+    fn range_above_a_billion_matches_plain_sieves() {
         let (start, end): (u64, u64) = (1_000_000_000, 1_000_000_000 + 1_000_000);
-        // Trial division by the primes below √end is an independent second method.
-        let divisors = base_primes(end.isqrt());
-        let expected = (start..end)
-            .filter(|&n| {
-                divisors
-                    .iter()
-                    .take_while(|&&p| p * p <= n)
-                    .all(|&p| n % p != 0)
-            })
-            .count() as u64;
+        // A second method: one flat array for the whole window, every number (not only the
+        // odd ones), struck out by every base prime.
+        let mut is_prime = vec![true; (end - start) as usize];
+        for p in base_primes(end.isqrt()) {
+            let mut m = start.div_ceil(p) * p;
+            while m < end {
+                is_prime[(m - start) as usize] = false;
+                m += p;
+            }
+        }
+        let expected = is_prime.iter().filter(|&&b| b).count() as u64;
         assert_eq!(expected, 48_155);
         assert_eq!(count(start, end), expected);
+
+        // And trial division on a slice of it.
+        let slice_end = start + 20_000;
+        let by_division = (start..slice_end)
+            .filter(|&n| is_prime_by_division(n))
+            .count();
+        assert_eq!(count(start, slice_end), by_division as u64);
     }
 
     #[test]

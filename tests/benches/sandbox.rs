@@ -1,0 +1,223 @@
+//! Sandbox benchmark: each example unit in the sandbox against the same Rust code compiled
+//! natively, on one core, and the fixed cost of a no-op unit with a warm cache.
+//!
+//! `cargo bench -p integration-tests --bench sandbox` (add `-- --quick` for fewer repetitions).
+//! Prints medians; ratios are native time / sandbox time, so 1.00 means native speed.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coordinator_free::sandbox::{
+    Executor, Limits, Metering, PreparedModule, Sandbox, SandboxConfig, UnitRequest,
+};
+use example_artifacts as artifacts;
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn time(reps: usize, mut f: impl FnMut()) -> Duration {
+    f(); // warm-up
+    median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect(),
+    )
+}
+
+/// The native build of a kernel: JSON input bytes to JSON output bytes, as the unit does.
+type NativeKernel = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+
+struct Kernel {
+    name: &'static str,
+    kind: &'static str,
+    wasm: &'static [u8],
+    input: String,
+    native: NativeKernel,
+}
+
+fn native<I: serde::de::DeserializeOwned + 'static, O: serde::Serialize + 'static>(
+    f: fn(&I) -> O,
+) -> NativeKernel {
+    Box::new(move |bytes| {
+        let input: I = serde_json::from_slice(bytes).expect("benchmark input decodes");
+        serde_json::to_vec(&f(&input)).expect("output encodes")
+    })
+}
+
+fn sandbox(canonicalize_nans: bool) -> Sandbox {
+    Sandbox::new(SandboxConfig {
+        max_concurrent_units: 2,
+        canonicalize_nans,
+        ..SandboxConfig::default()
+    })
+    .expect("sandbox starts")
+}
+
+fn run_unit(
+    sandbox: &Sandbox,
+    module: &PreparedModule,
+    input: &[u8],
+    fuel: Option<u64>,
+) -> Vec<u8> {
+    let mut request = UnitRequest::new(input.to_vec());
+    request.limits = Limits {
+        timeout: Duration::from_secs(600),
+        fuel,
+        ..Limits::default()
+    };
+    match sandbox.run(module, request).result {
+        Ok(out) => out,
+        Err(e) => panic!("benchmark unit failed: {e}"),
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let reps = if quick { 3 } else { 9 };
+    // The main thread's stack (8 MiB) has room for the wasm stack and host frames.
+    let kernels = vec![
+        Kernel {
+            name: "pi",
+            kind: "integer",
+            wasm: artifacts::PI_BYTES,
+            input: r#"{"samples":20000000,"seed":42}"#.into(),
+            native: native(example_pi::compute),
+        },
+        Kernel {
+            name: "primes",
+            kind: "integer",
+            wasm: artifacts::PRIMES_BYTES,
+            input: r#"{"start":1000000000,"end":1150000000}"#.into(),
+            native: native(example_primes::compute),
+        },
+        Kernel {
+            name: "mandelbrot",
+            kind: "float",
+            wasm: artifacts::MANDELBROT_BYTES,
+            input: r#"{"x0":-2.0,"y0":-1.25,"x1":0.5,"y1":1.25,"width":400,"height":400,"max_iter":1000}"#.into(),
+            native: native(example_mandelbrot::compute),
+        },
+        Kernel {
+            name: "sir",
+            kind: "float",
+            wasm: artifacts::SIR_BYTES,
+            input: r#"{"beta":0.3,"gamma":0.1,"population":1000000.0,"initial_infected":10.0,"days":3650,"steps_per_day":500}"#.into(),
+            native: native(example_sir::compute),
+        },
+    ];
+
+    let canonical = sandbox(true);
+    let uncanonical = sandbox(false);
+    println!("# sandbox vs native, one core, median of {reps} runs");
+    println!(
+        "{:<11} {:<8} {:>10} {:>10} {:>8} {:>12} {:>8} {:>13} {:>8}",
+        "kernel", "kind", "native", "sandbox", "ratio", "fuel on", "ratio", "no NaN canon", "ratio"
+    );
+    for k in &kernels {
+        let input = k.input.as_bytes();
+        let expected = (k.native)(input);
+        let plain = canonical.prepare(k.wasm, Metering::Off).expect("prepares");
+        let fueled = canonical.prepare(k.wasm, Metering::Fuel).expect("prepares");
+        let raw = uncanonical
+            .prepare(k.wasm, Metering::Off)
+            .expect("prepares");
+        assert_eq!(
+            run_unit(&canonical, &plain, input, None),
+            expected,
+            "{}",
+            k.name
+        );
+
+        let t_native = time(reps, || {
+            black_box((k.native)(black_box(input)));
+        });
+        let t_sandbox = time(reps, || {
+            black_box(run_unit(&canonical, &plain, input, None));
+        });
+        let t_fuel = time(reps, || {
+            black_box(run_unit(&canonical, &fueled, input, Some(u64::MAX / 2)));
+        });
+        let t_raw = time(reps, || {
+            black_box(run_unit(&uncanonical, &raw, input, None));
+        });
+        let ratio = |t: Duration| t_native.as_secs_f64() / t.as_secs_f64();
+        println!(
+            "{:<11} {:<8} {:>8.1}ms {:>8.1}ms {:>7.2}x {:>10.1}ms {:>7.2}x {:>11.1}ms {:>7.2}x",
+            k.name,
+            k.kind,
+            t_native.as_secs_f64() * 1e3,
+            t_sandbox.as_secs_f64() * 1e3,
+            ratio(t_sandbox),
+            t_fuel.as_secs_f64() * 1e3,
+            ratio(t_fuel),
+            t_raw.as_secs_f64() * 1e3,
+            ratio(t_raw),
+        );
+    }
+
+    println!();
+    println!(
+        "# fixed cost per unit with a warm cache (instantiate, run, collect), median of batches"
+    );
+    let noop_wasm = coordinator_free::sandbox::module_from_file_bytes(artifacts::NOOP_WAT_BYTES)
+        .expect("no-op converts")
+        .into_owned();
+    let batch = if quick { 2_000 } else { 10_000 };
+    let batches = if quick { 3 } else { 9 };
+    let per_unit = |f: &mut dyn FnMut()| {
+        let total = time(batches, || {
+            for _ in 0..batch {
+                f();
+            }
+        });
+        total.as_secs_f64() * 1e6 / batch as f64
+    };
+    let noop = canonical
+        .prepare(&noop_wasm, Metering::Off)
+        .expect("prepares");
+    let echo = canonical
+        .prepare(artifacts::ECHO_BYTES, Metering::Off)
+        .expect("prepares");
+    let input: Arc<[u8]> = Arc::from(&b"{}"[..]);
+    let request = |input: &Arc<[u8]>| UnitRequest::new(input.clone());
+    let t_prepare = per_unit(&mut || {
+        black_box(
+            canonical
+                .prepare(&noop_wasm, Metering::Off)
+                .expect("cached"),
+        );
+    });
+    let t_noop = per_unit(&mut || {
+        black_box(canonical.run(&noop, request(&input)));
+    });
+    let t_echo = per_unit(&mut || {
+        black_box(canonical.run(&echo, request(&input)));
+    });
+    let executor = Executor::new(canonical.clone(), 1, 4).expect("executor starts");
+    let t_executor = per_unit(&mut || {
+        black_box(executor.run(noop.clone(), request(&input)));
+    });
+    println!(
+        "{:<52} {:>8.2} us",
+        "cache lookup (hash + map) of the no-op module", t_prepare
+    );
+    println!(
+        "{:<52} {:>8.2} us",
+        "no-op unit (WAT, no imports), calling thread", t_noop
+    );
+    println!(
+        "{:<52} {:>8.2} us",
+        "echo unit (task-sdk, JSON-free bytes), calling thread", t_echo
+    );
+    println!(
+        "{:<52} {:>8.2} us",
+        "no-op unit through the executor (thread hand-off)", t_executor
+    );
+}
