@@ -51,10 +51,12 @@ fn native<I: serde::de::DeserializeOwned + 'static, O: serde::Serialize + 'stati
     })
 }
 
-fn sandbox(canonicalize_nans: bool) -> Sandbox {
+fn sandbox(canonicalize_nans: bool, epoch_deadlines: bool, keep_resident_bytes: usize) -> Sandbox {
     Sandbox::new(SandboxConfig {
         max_concurrent_units: 2,
         canonicalize_nans,
+        epoch_deadlines,
+        keep_resident_bytes,
         ..SandboxConfig::default()
     })
     .expect("sandbox starts")
@@ -113,23 +115,43 @@ fn main() {
         },
     ];
 
-    let canonical = sandbox(true);
-    let uncanonical = sandbox(false);
-    println!("# sandbox vs native, one core, median of {reps} runs");
+    let resident = SandboxConfig::default().keep_resident_bytes;
+    // The profile as shipped: canonical NaNs and epoch deadline checks.
+    let canonical = sandbox(true, true, resident);
+    // Without the deadline checks (what a unit host process killed on timeout can run).
+    let unchecked = sandbox(true, false, resident);
+    // Without deadline checks and without NaN canonicalisation: the engine's raw speed.
+    let raw_engine = sandbox(false, false, resident);
+    println!("# sandbox vs native, one core, median of {reps} runs; ratio = native time / time");
     println!(
-        "{:<11} {:<8} {:>10} {:>10} {:>8} {:>12} {:>8} {:>13} {:>8}",
-        "kernel", "kind", "native", "sandbox", "ratio", "fuel on", "ratio", "no NaN canon", "ratio"
+        "{:<11} {:<8} {:>9} | {:>9} {:>6} | {:>9} {:>6} | {:>9} {:>6} | {:>9} {:>6}",
+        "kernel",
+        "kind",
+        "native",
+        "profile",
+        "ratio",
+        "+fuel",
+        "ratio",
+        "no epoch",
+        "ratio",
+        "raw",
+        "ratio"
     );
     for k in &kernels {
         let input = k.input.as_bytes();
         let expected = (k.native)(input);
         let plain = canonical.prepare(k.wasm, Metering::Off).expect("prepares");
         let fueled = canonical.prepare(k.wasm, Metering::Fuel).expect("prepares");
-        let raw = uncanonical
-            .prepare(k.wasm, Metering::Off)
-            .expect("prepares");
+        let no_epoch = unchecked.prepare(k.wasm, Metering::Off).expect("prepares");
+        let raw = raw_engine.prepare(k.wasm, Metering::Off).expect("prepares");
         assert_eq!(
             run_unit(&canonical, &plain, input, None),
+            expected,
+            "{}",
+            k.name
+        );
+        assert_eq!(
+            run_unit(&unchecked, &no_epoch, input, None),
             expected,
             "{}",
             k.name
@@ -138,26 +160,32 @@ fn main() {
         let t_native = time(reps, || {
             black_box((k.native)(black_box(input)));
         });
-        let t_sandbox = time(reps, || {
+        let t_profile = time(reps, || {
             black_box(run_unit(&canonical, &plain, input, None));
         });
         let t_fuel = time(reps, || {
             black_box(run_unit(&canonical, &fueled, input, Some(u64::MAX / 2)));
         });
-        let t_raw = time(reps, || {
-            black_box(run_unit(&uncanonical, &raw, input, None));
+        let t_no_epoch = time(reps, || {
+            black_box(run_unit(&unchecked, &no_epoch, input, None));
         });
+        let t_raw = time(reps, || {
+            black_box(run_unit(&raw_engine, &raw, input, None));
+        });
+        let ms = |t: Duration| t.as_secs_f64() * 1e3;
         let ratio = |t: Duration| t_native.as_secs_f64() / t.as_secs_f64();
         println!(
-            "{:<11} {:<8} {:>8.1}ms {:>8.1}ms {:>7.2}x {:>10.1}ms {:>7.2}x {:>11.1}ms {:>7.2}x",
+            "{:<11} {:<8} {:>7.1}ms | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x",
             k.name,
             k.kind,
-            t_native.as_secs_f64() * 1e3,
-            t_sandbox.as_secs_f64() * 1e3,
-            ratio(t_sandbox),
-            t_fuel.as_secs_f64() * 1e3,
+            ms(t_native),
+            ms(t_profile),
+            ratio(t_profile),
+            ms(t_fuel),
             ratio(t_fuel),
-            t_raw.as_secs_f64() * 1e3,
+            ms(t_no_epoch),
+            ratio(t_no_epoch),
+            ms(t_raw),
             ratio(t_raw),
         );
     }
@@ -185,6 +213,10 @@ fn main() {
     let echo = canonical
         .prepare(artifacts::ECHO_BYTES, Metering::Off)
         .expect("prepares");
+    let unmapping = sandbox(true, true, 0);
+    let echo_unmapping = unmapping
+        .prepare(artifacts::ECHO_BYTES, Metering::Off)
+        .expect("prepares");
     let input: Arc<[u8]> = Arc::from(&b"{}"[..]);
     let request = |input: &Arc<[u8]>| UnitRequest::new(input.clone());
     let t_prepare = per_unit(&mut || {
@@ -200,24 +232,23 @@ fn main() {
     let t_echo = per_unit(&mut || {
         black_box(canonical.run(&echo, request(&input)));
     });
+    let t_echo_unmapping = per_unit(&mut || {
+        black_box(unmapping.run(&echo_unmapping, request(&input)));
+    });
     let executor = Executor::new(canonical.clone(), 1, 4).expect("executor starts");
     let t_executor = per_unit(&mut || {
         black_box(executor.run(noop.clone(), request(&input)));
     });
-    println!(
-        "{:<52} {:>8.2} us",
-        "cache lookup (hash + map) of the no-op module", t_prepare
+    let line = |what: &str, us: f64| println!("{what:<56} {us:>8.2} us");
+    line("cache lookup (hash + map) of the no-op module", t_prepare);
+    line("no-op unit (WAT, no imports), calling thread", t_noop);
+    line("echo unit (task-sdk bytes unit), calling thread", t_echo);
+    line(
+        "echo unit, linear memory unmapped between units",
+        t_echo_unmapping,
     );
-    println!(
-        "{:<52} {:>8.2} us",
-        "no-op unit (WAT, no imports), calling thread", t_noop
-    );
-    println!(
-        "{:<52} {:>8.2} us",
-        "echo unit (task-sdk, JSON-free bytes), calling thread", t_echo
-    );
-    println!(
-        "{:<52} {:>8.2} us",
-        "no-op unit through the executor (thread hand-off)", t_executor
+    line(
+        "no-op unit through the executor (thread hand-off)",
+        t_executor,
     );
 }

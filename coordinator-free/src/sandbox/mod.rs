@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use wasmtime::wasmparser::WasmFeatures;
 use wasmtime::{
-    Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Module, OptLevel,
-    PoolingAllocationConfig, Store, ValType,
+    Config, Enabled, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    OptLevel, PoolingAllocationConfig, Store, ValType,
 };
 
 use crate::digest::Digest;
@@ -251,6 +251,14 @@ pub struct SandboxConfig {
     /// NaN canonicalisation, on in [`PROFILE`]. Turning it off is only for measuring its cost:
     /// results then carry [`PROFILE_UNCANONICAL_NANS`] and may differ between machines.
     pub canonicalize_nans: bool,
+    /// Wall-clock deadlines checked by the compiled code (epoch interruption), on by default.
+    /// The checks cost time in every loop; turn them off only where something outside the
+    /// sandbox bounds a unit's time (a supervisor that kills the process running it), or to
+    /// measure their cost. Off, [`Limits::timeout`] is not enforced.
+    pub epoch_deadlines: bool,
+    /// Bytes of each instance slot's linear memory kept resident between units and reset
+    /// instead of unmapped: small units then pay no page faults for their stack and heap.
+    pub keep_resident_bytes: usize,
 }
 
 impl Default for SandboxConfig {
@@ -262,6 +270,8 @@ impl Default for SandboxConfig {
             memory_cache_entries: 64,
             max_table_elements: 100_000,
             canonicalize_nans: true,
+            epoch_deadlines: true,
+            keep_resident_bytes: 2 << 20,
         }
     }
 }
@@ -407,7 +417,7 @@ fn engine_config(config: &SandboxConfig, metering: Metering) -> Config {
         .wasm_features(refused, false);
     c.cranelift_opt_level(OptLevel::Speed)
         .max_wasm_stack(MAX_WASM_STACK)
-        .epoch_interruption(true)
+        .epoch_interruption(config.epoch_deadlines)
         .consume_fuel(metering == Metering::Fuel);
 
     let slots = config.max_concurrent_units.max(1);
@@ -418,7 +428,11 @@ fn engine_config(config: &SandboxConfig, metering: Metering) -> Config {
         .max_memories_per_module(1)
         .max_tables_per_module(4)
         .table_elements(config.max_table_elements)
-        .max_memory_size(MAX_MEMORY_BYTES as usize);
+        .max_memory_size(MAX_MEMORY_BYTES as usize)
+        .linear_memory_keep_resident(config.keep_resident_bytes)
+        .table_keep_resident(64 << 10)
+        // Resets only the pages a unit dirtied, where the kernel can tell (Linux 6.7+).
+        .pagemap_scan(Enabled::Auto);
     c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     c
 }
@@ -613,9 +627,13 @@ impl Sandbox {
         let mut store = Store::new(module.pre.module().engine(), state);
         store.limiter(|state| &mut state.limiter);
         let ticks = timeout.as_nanos().div_ceil(TICK.as_nanos()) + 1;
-        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
-        store.epoch_deadline_trap();
-        let _ticking = self.inner.clock.running();
+        let _ticking = if self.inner.config.epoch_deadlines {
+            store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
+            store.epoch_deadline_trap();
+            Some(self.inner.clock.running())
+        } else {
+            None
+        };
 
         let result = (|| {
             if let Some(budget) = budget {

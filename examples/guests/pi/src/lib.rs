@@ -27,9 +27,12 @@ pub struct Output {
 fn count_inside(rng: &mut Rng, n: u64) -> u64 {
     let mut inside = 0;
     for _ in 0..n {
-        let x = u128::from(rng.next_u32());
-        let y = u128::from(rng.next_u32());
-        inside += u64::from(x * x + y * y < 1u128 << 64);
+        let x = u64::from(rng.next_u32());
+        let y = u64::from(rng.next_u32());
+        // Each square fits in 64 bits; their sum is below 2^64 exactly when adding them does not
+        // overflow. This keeps the kernel in 64-bit integers, which wasm32 has natively (128-bit
+        // products would be library calls there).
+        inside += u64::from((x * x).checked_add(y * y).is_some());
     }
     inside
 }
