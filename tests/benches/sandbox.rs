@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coordinator_free::sandbox::{
-    Executor, Limits, Metering, PreparedModule, Sandbox, SandboxConfig, UnitRequest,
+    Executor, HostedModule, Limits, Metering, PreparedModule, Sandbox, SandboxConfig, UnitHost,
+    UnitHostCommand, UnitRequest,
 };
 use example_artifacts as artifacts;
 
@@ -81,6 +82,15 @@ fn run_unit(
 }
 
 fn main() {
+    // The benchmark is its own unit host: started again with this flag, it serves units.
+    if std::env::args().any(|a| a == "--unit-host") {
+        coordinator_free::sandbox::serve_unit_host(SandboxConfig::default()).expect("unit host");
+        return;
+    }
+    let mut host = UnitHost::new(UnitHostCommand {
+        program: std::env::current_exe().expect("own path"),
+        args: vec!["--unit-host".into()],
+    });
     let quick = std::env::args().any(|a| a == "--quick");
     let reps = if quick { 3 } else { 9 };
     // The main thread's stack (8 MiB) has room for the wasm stack and host frames.
@@ -124,7 +134,7 @@ fn main() {
     let raw_engine = sandbox(false, false, resident);
     println!("# sandbox vs native, one core, median of {reps} runs; ratio = native time / time");
     println!(
-        "{:<11} {:<8} {:>9} | {:>9} {:>6} | {:>9} {:>6} | {:>9} {:>6} | {:>9} {:>6}",
+        "{:<11} {:<8} {:>9} | {:>9} {:>6} | {:>9} {:>6} | {:>9} {:>6} | {:>9} {:>6} | {:>9} {:>6}",
         "kernel",
         "kind",
         "native",
@@ -135,6 +145,8 @@ fn main() {
         "no epoch",
         "ratio",
         "raw",
+        "ratio",
+        "unit host",
         "ratio"
     );
     for k in &kernels {
@@ -172,10 +184,23 @@ fn main() {
         let t_raw = time(reps, || {
             black_box(run_unit(&raw_engine, &raw, input, None));
         });
+        let hosted = HostedModule::new(k.wasm.to_vec(), Metering::Off);
+        let host_request = || {
+            let mut r = UnitRequest::new(input.to_vec());
+            r.limits.timeout = Duration::from_secs(600);
+            r
+        };
+        assert_eq!(
+            host.run(&hosted, host_request()).result,
+            Ok(expected.clone())
+        );
+        let t_host = time(reps, || {
+            black_box(host.run(&hosted, host_request()));
+        });
         let ms = |t: Duration| t.as_secs_f64() * 1e3;
         let ratio = |t: Duration| t_native.as_secs_f64() / t.as_secs_f64();
         println!(
-            "{:<11} {:<8} {:>7.1}ms | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x",
+            "{:<11} {:<8} {:>7.1}ms | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x",
             k.name,
             k.kind,
             ms(t_native),
@@ -187,6 +212,8 @@ fn main() {
             ratio(t_no_epoch),
             ms(t_raw),
             ratio(t_raw),
+            ms(t_host),
+            ratio(t_host),
         );
     }
 
@@ -239,6 +266,10 @@ fn main() {
     let t_executor = per_unit(&mut || {
         black_box(executor.run(noop.clone(), request(&input)));
     });
+    let hosted_noop = HostedModule::new(noop_wasm.clone(), Metering::Off);
+    let t_host = per_unit(&mut || {
+        black_box(host.run(&hosted_noop, request(&input)));
+    });
     let line = |what: &str, us: f64| println!("{what:<56} {us:>8.2} us");
     line("cache lookup (hash + map) of the no-op module", t_prepare);
     line("no-op unit (WAT, no imports), calling thread", t_noop);
@@ -250,5 +281,9 @@ fn main() {
     line(
         "no-op unit through the executor (thread hand-off)",
         t_executor,
+    );
+    line(
+        "no-op unit in a unit host process (pipe round trip)",
+        t_host,
     );
 }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use clap::Args;
 use coordinator_free::sandbox::{
-    self, Executor, Limits, LogLine, Metering, OutcomeClass, Sandbox, SandboxConfig, UnitObserver,
-    UnitRequest,
+    self, Executor, HostedModule, Limits, LogLine, Metering, OutcomeClass, Sandbox, SandboxConfig,
+    UnitHost, UnitHostCommand, UnitObserver, UnitReport, UnitRequest,
 };
 
 use crate::{Failure, exit};
@@ -41,6 +41,53 @@ pub struct ExecArgs {
     /// Do not read or write the compiled-module cache on disk.
     #[arg(long)]
     no_cache: bool,
+    /// Run the unit inside this process, with deadline checks compiled into the module, instead
+    /// of in a separate unit host process that is killed at the deadline (slower on tight
+    /// loops; for debugging).
+    #[arg(long)]
+    in_process: bool,
+}
+
+#[derive(Args)]
+pub struct UnitHostArgs {
+    /// The peer's data directory (compiled-module cache).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Do not read or write the compiled-module cache on disk.
+    #[arg(long)]
+    no_cache: bool,
+}
+
+/// `worker unit-host`: the child side of [`UnitHost`].
+pub fn unit_host(args: UnitHostArgs) -> Result<ExitCode, Failure> {
+    let mut config = SandboxConfig {
+        cache_dir: cache_dir(args.data_dir, args.no_cache),
+        ..SandboxConfig::default()
+    };
+    // An unusable cache directory only costs compile time.
+    if let Some(dir) = &config.cache_dir
+        && let Err(e) = std::fs::create_dir_all(dir)
+    {
+        tracing::warn!(
+            "cannot use {}: {e}; running without the on-disk module cache",
+            dir.display()
+        );
+        config.cache_dir = None;
+    }
+    sandbox::serve_unit_host(config)
+        .map(|()| ExitCode::SUCCESS)
+        .map_err(|e| Failure {
+            error: e.into(),
+            code: exit::HOST_FAILURE,
+        })
+}
+
+fn cache_dir(data_dir: Option<PathBuf>, no_cache: bool) -> Option<PathBuf> {
+    if no_cache {
+        None
+    } else {
+        crate::data_dir(data_dir).map(|d| d.join("modules"))
+    }
 }
 
 pub fn run(args: ExecArgs) -> Result<ExitCode, Failure> {
@@ -54,11 +101,72 @@ pub fn run(args: ExecArgs) -> Result<ExitCode, Failure> {
         None => None,
     };
 
-    let cache_dir = if args.no_cache {
-        None
-    } else {
-        crate::data_dir(args.data_dir.clone()).map(|d| d.join("modules"))
+    let cache_dir = cache_dir(args.data_dir.clone(), args.no_cache);
+    let wasm = sandbox::module_from_file_bytes(&module_file).map_err(|e| Failure {
+        error: anyhow!(e),
+        code: exit::MODULE_REFUSED,
+    })?;
+    let observer = Arc::new(Console::new(args.checkpoint.clone()));
+    let request = UnitRequest {
+        input: input.into(),
+        checkpoint,
+        limits,
+        observer: Some(observer.clone()),
     };
+    let report = if args.in_process {
+        run_in_process(cache_dir, &wasm, request)?
+    } else {
+        run_in_unit_host(&args, &wasm, request)?
+    };
+    observer.finish_progress();
+    finish(report)
+}
+
+/// Runs the unit in a child `worker unit-host` process.
+fn run_in_unit_host(
+    args: &ExecArgs,
+    wasm: &[u8],
+    request: UnitRequest,
+) -> Result<UnitReport, Failure> {
+    let program = std::env::current_exe().map_err(|e| Failure {
+        error: anyhow!(e).context("cannot find the worker binary to start a unit host"),
+        code: exit::HOST_FAILURE,
+    })?;
+    let mut host_args: Vec<std::ffi::OsString> = vec!["unit-host".into()];
+    if args.no_cache {
+        host_args.push("--no-cache".into());
+    }
+    if let Some(dir) = &args.data_dir {
+        host_args.push("--data-dir".into());
+        host_args.push(dir.into());
+    }
+    let metering = if request.limits.fuel.is_some() {
+        Metering::Fuel
+    } else {
+        Metering::Off
+    };
+    let mut host = UnitHost::new(UnitHostCommand {
+        program,
+        args: host_args,
+    });
+    let report = host.run(&HostedModule::new(wasm.to_vec(), metering), request);
+    if let Err(error) = &report.result
+        && error.is_module_refused()
+    {
+        return Err(Failure {
+            error: anyhow!(error.clone()),
+            code: exit::MODULE_REFUSED,
+        });
+    }
+    Ok(report)
+}
+
+/// Runs the unit on a thread of this process, bounded by compiled-in deadline checks.
+fn run_in_process(
+    cache_dir: Option<PathBuf>,
+    wasm: &[u8],
+    request: UnitRequest,
+) -> Result<UnitReport, Failure> {
     let sandbox = Sandbox::new(SandboxConfig {
         cache_dir,
         max_concurrent_units: 1,
@@ -77,31 +185,24 @@ pub fn run(args: ExecArgs) -> Result<ExitCode, Failure> {
         code: exit::HOST_FAILURE,
     })?;
 
-    let metering = if limits.fuel.is_some() {
+    let metering = if request.limits.fuel.is_some() {
         Metering::Fuel
     } else {
         Metering::Off
     };
-    let refused = |e: sandbox::UnitError| Failure {
+    let module = sandbox.prepare(wasm, metering).map_err(|e| Failure {
         error: anyhow!(e),
         code: exit::MODULE_REFUSED,
-    };
-    let wasm = sandbox::module_from_file_bytes(&module_file).map_err(refused)?;
-    let module = sandbox.prepare(&wasm, metering).map_err(refused)?;
-
+    })?;
     let executor = Executor::new(sandbox, 1, 1).map_err(|e| Failure {
         error: e.into(),
         code: exit::HOST_FAILURE,
     })?;
-    let observer = Arc::new(Console::new(args.checkpoint.clone()));
-    let request = UnitRequest {
-        input: input.into(),
-        checkpoint,
-        limits,
-        observer: Some(observer.clone()),
-    };
-    let report = executor.run(module, request);
-    observer.finish_progress();
+    Ok(executor.run(module, request))
+}
+
+/// Prints the output, or the one line naming why there is none.
+fn finish(report: UnitReport) -> Result<ExitCode, Failure> {
     if report.logs_dropped > 0 {
         eprintln!(
             "worker: {} further log lines were dropped (log volume cap)",

@@ -29,6 +29,9 @@ enum Command {
     Exec(exec::ExecArgs),
     /// Run the example units on this machine, each twice, and show that the results agree.
     Demo(demo::DemoArgs),
+    /// Serve units to a parent process over stdin and stdout (started by the worker itself).
+    #[command(hide = true)]
+    UnitHost(exec::UnitHostArgs),
 }
 
 /// Exit codes, documented in the README.
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Exec(args) => exec::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::UnitHost(args) => exec::unit_host(args),
     };
     match result {
         Ok(code) => code,

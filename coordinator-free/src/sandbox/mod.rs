@@ -15,6 +15,7 @@
 mod abi;
 mod cache;
 mod executor;
+mod host;
 mod outcome;
 
 use std::path::PathBuf;
@@ -35,6 +36,7 @@ use cache::{DiskCache, MemoryCache};
 
 pub use abi::{ENTRY, IMPORT_MODULE, MEMORY, check_imports};
 pub use executor::{Executor, ExecutorBusy};
+pub use host::{HostedModule, UnitHost, UnitHostCommand, serve_unit_host};
 pub use outcome::{OutcomeClass, TrapKind, UnitError};
 
 /// The engine profile every result is produced under. Peers only compare results of the same
