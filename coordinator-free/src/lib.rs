@@ -2,8 +2,15 @@
 //! WebAssembly work units in a deterministic sandbox, and validate results by redundant
 //! execution.
 
+#[cfg(unix)]
+pub mod control;
 pub mod digest;
+pub mod identity;
 pub mod membership;
+pub mod net;
+#[cfg(unix)]
+pub mod node;
 pub mod peer_id;
 pub mod rng;
 pub mod sandbox;
+pub mod wire;

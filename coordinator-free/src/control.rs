@@ -1,0 +1,221 @@
+//! The control endpoint: how `worker status` asks the running peer of a data directory.
+//!
+//! A Unix socket inside the data directory, mode 0600 in a 0700 directory, so only the user
+//! who runs the peer (and root) can reach it; nothing is exposed on the network. The protocol
+//! is one request line (`status`) answered by one JSON document, then the server closes.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use crate::peer_id::PeerId;
+
+/// The socket file inside the data directory.
+pub const SOCKET_FILE: &str = "control.sock";
+/// Longest request line.
+const MAX_REQUEST: u64 = 256;
+/// Longest reply read by the client: a full table of 4096 peers is about 1.5 MB.
+const MAX_REPLY: u64 = 16 * 1024 * 1024;
+/// Clients served at once; more wait in the listen backlog.
+const MAX_CLIENTS: usize = 8;
+/// A client that has not finished in this time is dropped, so it cannot hold a slot.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a running peer says about itself and its view of the network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub id: PeerId,
+    /// Socket the QUIC endpoint is bound to.
+    pub listen: SocketAddr,
+    /// Addresses in this peer's advert: where others dial it.
+    pub addrs: Vec<SocketAddr>,
+    pub cores_donated: u16,
+    pub cores_free: u16,
+    pub memory_mb: u32,
+    pub profile: u32,
+    pub seq: u64,
+    pub connections: usize,
+    /// Every known live peer, self excluded, ordered by id.
+    pub peers: Vec<PeerStatus>,
+}
+
+/// One known peer, from its latest advert.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub id: PeerId,
+    pub addrs: Vec<SocketAddr>,
+    pub cores_donated: u16,
+    pub cores_free: u16,
+    pub memory_mb: u32,
+    pub profile: u32,
+    pub seq: u64,
+    /// Whether this peer holds a connection to it right now (gossip reaches the rest).
+    pub connected: bool,
+}
+
+/// Why the control endpoint could not be served or asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no peer is running with data directory {dir} (no control socket answers)")]
+    NotRunning { dir: PathBuf },
+    #[error("another peer is already running with control socket {path}")]
+    AlreadyRunning { path: PathBuf },
+    #[error("cannot open control socket {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot reach control socket {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("control request failed")]
+    Io(#[from] io::Error),
+    #[error("the peer did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the peer's answer is not a status report")]
+    BadReply(#[source] serde_json::Error),
+    #[error("the peer refused the request: {0}")]
+    Refused(String),
+}
+
+/// A request from a control client to the node that owns the state.
+#[derive(Debug)]
+pub(crate) enum ControlRequest {
+    Status(oneshot::Sender<StatusReport>),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ErrorReply {
+    error: String,
+}
+
+/// Binds the socket, refusing to take over one a live peer still answers on.
+pub(crate) async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(ControlError::AlreadyRunning {
+                path: path.to_owned(),
+            });
+        }
+        // Left behind by a peer that did not shut down cleanly.
+        let _ = std::fs::remove_file(path);
+    }
+    let bind_err = |source| ControlError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    }
+    Ok(listener)
+}
+
+/// Serves control clients until the task is aborted.
+pub(crate) async fn serve(listener: UnixListener, requests: mpsc::Sender<ControlRequest>) {
+    let permits = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let mut clients = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    // Waiting for a permit here lets the backlog, not our memory, hold the rest.
+                    let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                        return;
+                    };
+                    let requests = requests.clone();
+                    clients.spawn(async move {
+                        let _permit = permit;
+                        match tokio::time::timeout(CLIENT_TIMEOUT, answer(stream, requests)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(err)) => tracing::debug!(%err, "control client failed"),
+                            Err(_) => tracing::debug!("control client timed out"),
+                        }
+                    });
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = clients.join_next(), if !clients.is_empty() => {}
+        }
+    }
+}
+
+async fn answer(
+    stream: UnixStream,
+    requests: mpsc::Sender<ControlRequest>,
+) -> Result<(), ControlError> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read.take(MAX_REQUEST))
+        .read_line(&mut line)
+        .await?;
+    let reply = match line.trim() {
+        "status" => {
+            let (tx, rx) = oneshot::channel();
+            let report = match requests.send(ControlRequest::Status(tx)).await {
+                Ok(()) => rx.await.ok(),
+                Err(_) => None,
+            };
+            match report {
+                Some(report) => serde_json::to_vec(&report),
+                None => serde_json::to_vec(&ErrorReply {
+                    error: "the peer is shutting down".into(),
+                }),
+            }
+        }
+        other => serde_json::to_vec(&ErrorReply {
+            error: format!("unknown request {:?}", other.chars().take(32).collect::<String>()),
+        }),
+    }
+    .map_err(|err| ControlError::Io(io::Error::other(err)))?;
+    write.write_all(&reply).await?;
+    write.shutdown().await?;
+    Ok(())
+}
+
+/// Asks the peer running with data directory `dir` for its status.
+pub async fn status(dir: &Path) -> Result<StatusReport, ControlError> {
+    let path = dir.join(SOCKET_FILE);
+    tokio::time::timeout(CLIENT_TIMEOUT, async {
+        let mut stream = UnixStream::connect(&path).await.map_err(|source| {
+            match source.kind() {
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                    ControlError::NotRunning { dir: dir.to_owned() }
+                }
+                _ => ControlError::Connect {
+                    path: path.clone(),
+                    source,
+                },
+            }
+        })?;
+        stream.write_all(b"status\n").await?;
+        let mut reply = Vec::new();
+        stream.take(MAX_REPLY).read_to_end(&mut reply).await?;
+        match serde_json::from_slice::<StatusReport>(&reply) {
+            Ok(report) => Ok(report),
+            Err(err) => match serde_json::from_slice::<ErrorReply>(&reply) {
+                Ok(refusal) => Err(ControlError::Refused(refusal.error)),
+                Err(_) => Err(ControlError::BadReply(err)),
+            },
+        }
+    })
+    .await
+    .map_err(|_| ControlError::Timeout(CLIENT_TIMEOUT))?
+}

@@ -1,0 +1,738 @@
+//! A running peer: the async driver around the membership state machine.
+//!
+//! One task (the actor) owns the [`Membership`] and every connection's outbox. It `select!`s
+//! over requests from the [`Node`] handle and the control socket, inputs from the connection
+//! tasks (new links, frames, closures, dial failures, mDNS answers) and the state machine's
+//! timer, feeds them in, and carries out the commands that come out. Every other task only
+//! moves bytes: one reader and one writer per connection, one task per dial or handshake, the
+//! accept loop, the mDNS browser. All of them live in the actor's `JoinSet`, so stopping the
+//! actor stops them, and every channel between them is bounded.
+
+mod mdns;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use quinn::VarInt;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::Instrument;
+
+use crate::control::{self, ControlError, ControlRequest, PeerStatus, StatusReport};
+use crate::identity::{AllowList, Identity};
+use crate::membership::{
+    self, Capacity, Command, Event, LocalPeer, MAX_ADVERT_ADDRS, Membership, MembershipMessage,
+};
+use crate::net::{self, NetConfig, NetError, PeerLink, close};
+use crate::peer_id::{ParsePeerIdError, PeerId};
+use crate::wire::{self, Frame, WireError};
+
+/// Inputs queued for the actor from all connection tasks together.
+const INPUT_QUEUE: usize = 1024;
+/// Frames queued for one connection's writer. When full, gossip to that peer is dropped
+/// (the next round repeats it) rather than blocking the actor on a slow peer.
+const OUTBOX: usize = 64;
+/// How long a closing link waits for the remote to acknowledge what was sent last.
+const LINGER: Duration = Duration::from_secs(1);
+/// How long shutdown waits for goodbyes to be delivered.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// A bootstrap address, optionally pinned to the peer id expected there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bootstrap {
+    pub addr: SocketAddr,
+    pub peer: Option<PeerId>,
+}
+
+/// Why a bootstrap argument is not `ADDR` or `ID@ADDR`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("{text:?} is not IP:PORT (or ID@IP:PORT)")]
+    Addr { text: String },
+    #[error("bad peer id before '@'")]
+    Peer(#[from] ParsePeerIdError),
+}
+
+impl FromStr for Bootstrap {
+    type Err = BootstrapError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (peer, addr) = match s.split_once('@') {
+            Some((id, addr)) => (Some(id.trim().parse()?), addr),
+            None => (None, s),
+        };
+        let addr = addr.trim().parse().map_err(|_| BootstrapError::Addr {
+            text: addr.to_owned(),
+        })?;
+        Ok(Self { addr, peer })
+    }
+}
+
+impl fmt::Display for Bootstrap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.peer {
+            Some(peer) => write!(f, "{peer}@{}", self.addr),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}
+
+/// Everything a node needs besides its identity.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub listen: SocketAddr,
+    pub bootstrap: Vec<Bootstrap>,
+    pub capacity: Capacity,
+    /// Announce and browse on the LAN with mDNS.
+    pub mdns: bool,
+    /// Lab mode: only these peers may connect or be dialed.
+    pub allow: Option<AllowList>,
+    /// Where to serve the control socket, if anywhere.
+    pub control_socket: Option<PathBuf>,
+    pub membership: membership::Config,
+    pub net: NetConfig,
+}
+
+impl NodeConfig {
+    /// Defaults: listen on `listen`, mDNS on, no control socket, the whole machine's cores.
+    pub fn new(listen: SocketAddr) -> Self {
+        let cores = std::thread::available_parallelism()
+            .map_or(1, |n| u16::try_from(n.get()).unwrap_or(u16::MAX));
+        Self {
+            listen,
+            bootstrap: Vec::new(),
+            capacity: Capacity {
+                cores_donated: cores,
+                cores_free: cores,
+                memory_mb: 512 * u32::from(cores),
+                profile: crate::sandbox::PROFILE_VERSION,
+            },
+            mdns: true,
+            allow: None,
+            control_socket: None,
+            membership: membership::Config::default(),
+            net: NetConfig::default(),
+        }
+    }
+}
+
+/// Why a node could not start or answer.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("cannot read the endpoint's local address")]
+    LocalAddr(#[source] std::io::Error),
+    #[error("the node has stopped")]
+    Stopped,
+}
+
+/// Handle to a running node. Dropping it stops the node at once, without goodbyes, as a crash
+/// would; [`Node::shutdown`] closes connections first.
+#[derive(Debug)]
+pub struct Node {
+    id: PeerId,
+    local_addr: SocketAddr,
+    requests: mpsc::Sender<Request>,
+    task: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+enum Request {
+    Control(ControlRequest),
+    Shutdown(oneshot::Sender<()>),
+}
+
+impl Node {
+    /// Binds the endpoint, starts the actor and returns once the node is listening.
+    pub async fn start(identity: Identity, config: NodeConfig) -> Result<Self, NodeError> {
+        let id = identity.id();
+        let identity = Arc::new(identity);
+        let allow = config.allow.map(Arc::new);
+        let endpoint = net::endpoint(&identity, allow.clone(), config.listen, &config.net)?;
+        let local_addr = endpoint.local_addr().map_err(NodeError::LocalAddr)?;
+        let addrs = advertised_addrs(local_addr);
+
+        let now = Instant::now();
+        let mut membership = Membership::new(
+            config.membership,
+            LocalPeer {
+                id,
+                addrs: addrs.clone(),
+                capacity: config.capacity,
+                initial_seq: wall_clock_ms(),
+            },
+            identity.advert_auth(),
+            random_seed(),
+            now,
+        );
+        for b in &config.bootstrap {
+            membership.handle(
+                Event::Discovered {
+                    addr: b.addr,
+                    peer: b.peer,
+                },
+                now,
+            );
+        }
+
+        let (inputs_tx, inputs_rx) = mpsc::channel(INPUT_QUEUE);
+        let (requests_tx, requests_rx) = mpsc::channel(16);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(
+            accept_loop(endpoint.clone(), config.net.clone(), inputs_tx.clone())
+                .instrument(tracing::debug_span!("accept")),
+        );
+
+        let mut control_path = None;
+        if let Some(path) = config.control_socket {
+            let listener = control::bind(&path).await?;
+            let (control_tx, mut control_rx) = mpsc::channel(16);
+            tasks.spawn(control::serve(listener, control_tx));
+            // Forward control requests into the actor's one request queue.
+            let forward = requests_tx.clone();
+            tasks.spawn(async move {
+                while let Some(req) = control_rx.recv().await {
+                    if forward.send(Request::Control(req)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            control_path = Some(path);
+        }
+
+        let mdns = if config.mdns {
+            match mdns::start(id, local_addr.port(), &addrs, inputs_tx.clone(), &mut tasks) {
+                Ok(daemon) => Some(daemon),
+                Err(err) => {
+                    tracing::warn!(%err, "mDNS discovery unavailable; relying on bootstrap addresses");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
+        let actor = Actor {
+            me: id,
+            membership,
+            identity,
+            allow,
+            endpoint,
+            net: config.net,
+            local_addr,
+            conns: HashMap::new(),
+            next_conn: 0,
+            inputs_tx,
+            tasks,
+            mdns,
+            control_path,
+        };
+        let task = tokio::spawn(
+            actor
+                .run(requests_rx, inputs_rx)
+                .instrument(tracing::info_span!("node", peer = %id)),
+        );
+        tracing::info!(peer = %id, %local_addr, ?addrs, "node started");
+        Ok(Self {
+            id,
+            local_addr,
+            requests: requests_tx,
+            task: Some(task),
+        })
+    }
+
+    pub fn id(&self) -> PeerId {
+        self.id
+    }
+
+    /// The socket the QUIC endpoint is bound to (with the real port if 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub async fn status(&self) -> Result<StatusReport, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Control(ControlRequest::Status(tx)))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Closes every connection with a goodbye and stops all tasks.
+    pub async fn shutdown(mut self) {
+        let (tx, rx) = oneshot::channel();
+        if self.requests.send(Request::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// What the connection tasks tell the actor.
+#[derive(Debug)]
+enum Input {
+    Established(PeerLink),
+    DialFailed {
+        addr: SocketAddr,
+    },
+    Message {
+        peer: PeerId,
+        msg: MembershipMessage,
+    },
+    Closed {
+        conn: u64,
+        peer: PeerId,
+    },
+    Discovered {
+        addr: SocketAddr,
+        peer: Option<PeerId>,
+    },
+}
+
+/// The actor's side of one open connection. Dropping it makes the writer flush and close.
+#[derive(Debug)]
+struct Conn {
+    id: u64,
+    inbound: bool,
+    conn: quinn::Connection,
+    outbox: mpsc::Sender<Frame>,
+}
+
+struct Actor {
+    me: PeerId,
+    membership: Membership<crate::identity::KeyAuth>,
+    identity: Arc<Identity>,
+    allow: Option<Arc<AllowList>>,
+    endpoint: quinn::Endpoint,
+    net: NetConfig,
+    local_addr: SocketAddr,
+    conns: HashMap<PeerId, Conn>,
+    next_conn: u64,
+    inputs_tx: mpsc::Sender<Input>,
+    tasks: JoinSet<()>,
+    mdns: Option<mdns_sd::ServiceDaemon>,
+    control_path: Option<PathBuf>,
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Request>,
+        mut inputs: mpsc::Receiver<Input>,
+    ) {
+        self.flush();
+        loop {
+            let wake = self
+                .membership
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(60));
+            tokio::select! {
+                request = requests.recv() => match request {
+                    Some(Request::Control(ControlRequest::Status(reply))) => {
+                        let _ = reply.send(self.status());
+                    }
+                    Some(Request::Shutdown(done)) => {
+                        self.shutdown().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    None => {
+                        self.shutdown().await;
+                        return;
+                    }
+                },
+                Some(input) = inputs.recv() => self.on_input(input),
+                () = tokio::time::sleep_until(wake) => {
+                    self.membership.handle_timeout(Instant::now());
+                }
+                Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    if let Err(err) = joined
+                        && err.is_panic()
+                    {
+                        tracing::error!(%err, "a node task panicked");
+                    }
+                }
+            }
+            self.flush();
+        }
+    }
+
+    fn on_input(&mut self, input: Input) {
+        let now = Instant::now();
+        match input {
+            Input::Established(link) => self.on_established(link, now),
+            Input::DialFailed { addr } => self.membership.handle(Event::DialFailed { addr }, now),
+            Input::Message { peer, msg } => {
+                self.membership
+                    .handle(Event::Message { from: peer, msg }, now);
+            }
+            Input::Closed { conn, peer } => {
+                if self.conns.get(&peer).is_some_and(|c| c.id == conn) {
+                    self.conns.remove(&peer);
+                    self.membership.handle(Event::Disconnected { peer }, now);
+                }
+            }
+            Input::Discovered { addr, peer } => {
+                self.membership.handle(Event::Discovered { addr, peer }, now);
+            }
+        }
+    }
+
+    /// Installs a new link, keeping at most one connection per peer. When both peers dialed
+    /// each other at once, both keep the connection dialed by the smaller id, so they agree
+    /// without a round trip.
+    fn on_established(&mut self, link: PeerLink, now: Instant) {
+        let peer = link.peer;
+        let event = Event::Connected {
+            peer,
+            addr: link.addr,
+            inbound: link.inbound,
+        };
+        if let Some(existing) = self.conns.get(&peer) {
+            let dialer = |inbound: bool| if inbound { peer } else { self.me };
+            let (new, old) = (dialer(link.inbound), dialer(existing.inbound));
+            if new >= old {
+                tracing::debug!(%peer, inbound = link.inbound, "duplicate connection closed");
+                link.conn
+                    .close(VarInt::from_u32(close::DUPLICATE), b"duplicate");
+                // Still reported: it settles the state machine's pending dial.
+                self.membership.handle(event, now);
+                return;
+            }
+            tracing::debug!(%peer, "duplicate connection replaces the existing one");
+            self.conns.remove(&peer);
+        }
+        let id = self.next_conn;
+        self.next_conn += 1;
+        let span = tracing::info_span!("conn", %peer, conn = id, inbound = link.inbound, addr = %link.addr);
+        span.in_scope(|| tracing::debug!("link up"));
+        let (outbox, rx) = mpsc::channel(OUTBOX);
+        self.tasks.spawn(
+            write_loop(link.conn.clone(), link.send, rx).instrument(span.clone()),
+        );
+        self.tasks.spawn(
+            read_loop(id, peer, link.conn.clone(), link.recv, self.inputs_tx.clone())
+                .instrument(span),
+        );
+        self.conns.insert(
+            peer,
+            Conn {
+                id,
+                inbound: link.inbound,
+                conn: link.conn,
+                outbox,
+            },
+        );
+        self.membership.handle(event, now);
+    }
+
+    /// Carries out every command the state machine has queued.
+    fn flush(&mut self) {
+        while let Some(command) = self.membership.poll_command() {
+            match command {
+                Command::Dial { addr, peer } => self.dial(addr, peer),
+                Command::Disconnect { peer } => {
+                    // Dropping the entry closes the outbox: the writer sends what is queued,
+                    // then closes.
+                    self.conns.remove(&peer);
+                }
+                Command::Send { to, msg } => {
+                    if let Some(conn) = self.conns.get(&to) {
+                        match conn.outbox.try_send(Frame::Membership(msg)) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                tracing::debug!(peer = %to, "outbox full; message dropped");
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => {}
+                        }
+                    }
+                }
+                Command::PeerUp(advert) => tracing::info!(
+                    peer = %advert.peer,
+                    cores_free = advert.cores_free,
+                    cores_donated = advert.cores_donated,
+                    "peer up"
+                ),
+                Command::PeerDown(peer) => tracing::info!(%peer, "peer down"),
+            }
+        }
+    }
+
+    fn dial(&mut self, addr: SocketAddr, peer: Option<PeerId>) {
+        if let (Some(allow), Some(p)) = (&self.allow, peer)
+            && !allow.contains(&p)
+        {
+            tracing::debug!(%addr, peer = %p, "not dialing a peer off the allow-list");
+            self.membership
+                .handle(Event::DialFailed { addr }, Instant::now());
+            return;
+        }
+        let endpoint = self.endpoint.clone();
+        let identity = Arc::clone(&self.identity);
+        let allow = self.allow.clone();
+        let net = self.net.clone();
+        let inputs = self.inputs_tx.clone();
+        let span = tracing::debug_span!("dial", %addr, peer = ?peer);
+        self.tasks.spawn(
+            async move {
+                let input = match net::dial(&endpoint, &identity, allow, addr, peer, &net).await {
+                    Ok(link) => Input::Established(link),
+                    Err(err) => {
+                        tracing::debug!(err = %error_chain(&err), "dial failed");
+                        Input::DialFailed { addr }
+                    }
+                };
+                let _ = inputs.send(input).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    fn status(&self) -> StatusReport {
+        let local = &self.membership.local_advert().advert;
+        StatusReport {
+            id: self.me,
+            listen: self.local_addr,
+            addrs: local.addrs.clone(),
+            cores_donated: local.cores_donated,
+            cores_free: local.cores_free,
+            memory_mb: local.memory_mb,
+            profile: local.profile,
+            seq: local.seq,
+            connections: self.conns.len(),
+            peers: self
+                .membership
+                .peers()
+                .map(|a| PeerStatus {
+                    id: a.peer,
+                    addrs: a.addrs.clone(),
+                    cores_donated: a.cores_donated,
+                    cores_free: a.cores_free,
+                    memory_mb: a.memory_mb,
+                    profile: a.profile,
+                    seq: a.seq,
+                    connected: self.conns.contains_key(&a.peer),
+                })
+                .collect(),
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        tracing::info!("shutting down");
+        for (_, conn) in self.conns.drain() {
+            conn.conn
+                .close(VarInt::from_u32(close::NORMAL), b"shutdown");
+        }
+        self.endpoint
+            .close(VarInt::from_u32(close::NORMAL), b"shutdown");
+        if let Some(daemon) = self.mdns.take() {
+            // Unregisters our service (a goodbye packet) and stops the daemon thread.
+            let _ = daemon.shutdown();
+        }
+        self.tasks.shutdown().await;
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.endpoint.wait_idle()).await;
+        if let Some(path) = self.control_path.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, net: NetConfig, inputs: mpsc::Sender<Input>) {
+    let permits = Arc::new(Semaphore::new(net.max_handshakes));
+    let mut handshakes = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { return };
+                let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                    tracing::debug!(remote = %incoming.remote_address(), "too many handshakes; refused");
+                    incoming.refuse();
+                    continue;
+                };
+                let net = net.clone();
+                let inputs = inputs.clone();
+                let span = tracing::debug_span!("accept", remote = %incoming.remote_address());
+                handshakes.spawn(async move {
+                    let _permit = permit;
+                    match net::accept(incoming, &net).await {
+                        Ok(link) => {
+                            let _ = inputs.send(Input::Established(link)).await;
+                        }
+                        Err(err) => tracing::debug!(err = %error_chain(&err), "incoming connection failed"),
+                    }
+                }.instrument(span));
+            }
+            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
+        }
+    }
+}
+
+/// Sends the actor's frames in order. When the actor drops the outbox, flushes, finishes the
+/// stream, waits briefly for the remote to acknowledge it, and closes.
+async fn write_loop(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut outbox: mpsc::Receiver<Frame>,
+) {
+    while let Some(frame) = outbox.recv().await {
+        let bytes = match wire::Message::encode_frame(&frame) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                tracing::warn!(%err, "local message not sent");
+                continue;
+            }
+        };
+        if let Err(err) = send.write_all(&bytes).await {
+            tracing::debug!(%err, "write failed");
+            return;
+        }
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(LINGER, send.stopped()).await;
+    conn.close(VarInt::from_u32(close::NORMAL), b"bye");
+}
+
+/// Reads the remote's frames until its stream ends or breaks. A protocol violation closes the
+/// whole connection: a peer that sends garbage once is not worth resynchronising with.
+async fn read_loop(
+    conn_id: u64,
+    peer: PeerId,
+    conn: quinn::Connection,
+    mut recv: quinn::RecvStream,
+    inputs: mpsc::Sender<Input>,
+) {
+    loop {
+        match wire::read::<Frame, _>(&mut recv).await {
+            Ok(Some(Frame::Membership(msg))) => {
+                // Awaiting here is the backpressure: a full actor queue stops our reads and
+                // QUIC flow control then stops the remote.
+                if inputs.send(Input::Message { peer, msg }).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Some(Frame::Hello(_))) => {
+                tracing::warn!("peer sent a second hello; closing");
+                conn.close(VarInt::from_u32(close::PROTOCOL), b"unexpected hello");
+                break;
+            }
+            Ok(None) => {
+                tracing::debug!("peer finished its stream");
+                break;
+            }
+            Err(WireError::Io(err)) => {
+                tracing::debug!(%err, "connection lost");
+                break;
+            }
+            Err(err) => {
+                tracing::warn!(err = %error_chain(&err), "malformed input from peer; closing");
+                conn.close(VarInt::from_u32(close::PROTOCOL), b"malformed frame");
+                break;
+            }
+        }
+    }
+    let _ = inputs.send(Input::Closed { conn: conn_id, peer }).await;
+}
+
+/// An error and its sources on one line, for logs.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The addresses to advertise for an endpoint bound to `local`: itself if it is a concrete
+/// address; otherwise this machine's interface addresses, routable ones first (peers dial the
+/// first one).
+fn advertised_addrs(local: SocketAddr) -> Vec<SocketAddr> {
+    if !local.ip().is_unspecified() {
+        return vec![local];
+    }
+    let interfaces = match if_addrs::get_if_addrs() {
+        Ok(interfaces) => interfaces,
+        Err(err) => {
+            tracing::warn!(%err, "cannot list network interfaces; advertising no address");
+            return Vec::new();
+        }
+    };
+    let mut ips: Vec<IpAddr> = interfaces
+        .iter()
+        .map(|i| i.ip())
+        .filter(|ip| local.is_ipv6() || ip.is_ipv4())
+        .filter(|ip| match ip {
+            // Link-local IPv6 needs a scope id that an advert cannot carry.
+            IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+            IpAddr::V4(_) => true,
+        })
+        .collect();
+    ips.sort_by_key(|ip| (ip.is_loopback(), ip.is_ipv6()));
+    ips.dedup();
+    ips.into_iter()
+        .take(MAX_ADVERT_ADDRS)
+        .map(|ip| SocketAddr::new(ip, local.port()))
+        .collect()
+}
+
+fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn random_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    // Only spreads gossip timing and targets; a clock-derived fallback is good enough.
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        return wall_clock_ms();
+    }
+    u64::from_le_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_parses_both_forms() {
+        let id = Identity::generate().expect("identity").id();
+        let plain: Bootstrap = "127.0.0.1:7401".parse().expect("plain");
+        assert_eq!(plain.peer, None);
+        let pinned: Bootstrap = format!("{id}@[::1]:9").parse().expect("pinned");
+        assert_eq!(pinned.peer, Some(id));
+        assert_eq!(pinned.to_string(), format!("{id}@[::1]:9"));
+        assert!("nonsense".parse::<Bootstrap>().is_err());
+        assert!("abc@127.0.0.1:1".parse::<Bootstrap>().is_err());
+    }
+
+    #[test]
+    fn unspecified_listen_addresses_advertise_concrete_ones() {
+        let addrs = advertised_addrs("0.0.0.0:4000".parse().expect("addr"));
+        assert!(addrs.iter().all(|a| !a.ip().is_unspecified() && a.port() == 4000));
+        let concrete: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+        assert_eq!(advertised_addrs(concrete), vec![concrete]);
+    }
+}
