@@ -6,6 +6,7 @@
 pub mod control;
 pub mod digest;
 pub mod identity;
+pub mod job;
 pub mod membership;
 pub mod net;
 #[cfg(unix)]

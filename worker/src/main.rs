@@ -3,6 +3,9 @@
 
 mod demo;
 mod exec;
+mod id;
+mod run;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +32,12 @@ enum Command {
     Exec(exec::ExecArgs),
     /// Run the example units on this machine, each twice, and show that the results agree.
     Demo(demo::DemoArgs),
+    /// Join the network and donate this machine's spare cores until stopped.
+    Run(run::RunArgs),
+    /// Ask the running peer for its identity, addresses and known peers.
+    Status(status::StatusArgs),
+    /// Print this peer's id (creates the identity key on first use).
+    Id(id::IdArgs),
     /// Serve units to a parent process over stdin and stdout (started by the worker itself).
     #[command(hide = true)]
     UnitHost(exec::UnitHostArgs),
@@ -71,6 +80,9 @@ fn main() -> ExitCode {
         Command::Exec(args) => exec::run(args),
         Command::Demo(args) => demo::run(args),
         Command::UnitHost(args) => exec::unit_host(args),
+        Command::Run(args) => run::run(args),
+        Command::Status(args) => status::run(args),
+        Command::Id(args) => id::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,122 @@
+//! `worker run`: join the network and stay up until Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, anyhow};
+use clap::Args;
+use coordinator_free::control::SOCKET_FILE;
+use coordinator_free::identity::{AllowList, Identity};
+use coordinator_free::membership::{MAX_CORES, MAX_MEMORY_MB};
+use coordinator_free::node::{Bootstrap, Node, NodeConfig};
+
+use crate::{Failure, exit};
+
+/// The port peers listen on unless told otherwise, so a bare `IP` bootstrap is easy to guess.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7401";
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Address to accept peers on (`IP:PORT`; port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// A peer to join through: `IP:PORT`, or `ID@IP:PORT` to also check its identity.
+    /// Repeatable.
+    #[arg(long, value_name = "[ID@]ADDR")]
+    bootstrap: Vec<Bootstrap>,
+    /// Where the identity key and caches live (default: ~/.local/share/coordinator-free).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Cores to donate (default: all of this machine's).
+    #[arg(long, value_name = "N")]
+    cpus: Option<u16>,
+    /// Memory to offer, in MiB (default: 512 per donated core).
+    #[arg(long, value_name = "N")]
+    memory_mb: Option<u32>,
+    /// Do not announce or look for peers on the local network.
+    #[arg(long)]
+    no_mdns: bool,
+    /// Lab mode: a file of peer ids (one per line); only they may connect.
+    #[arg(long, value_name = "FILE")]
+    allow: Option<PathBuf>,
+}
+
+pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
+    let dir = crate::data_dir(args.data_dir)
+        .ok_or_else(|| Failure::usage(anyhow!("no data directory: pass --data-dir DIR")))?;
+    let identity = Identity::load_or_create(&dir).map_err(Failure::usage)?;
+    let allow = args
+        .allow
+        .as_deref()
+        .map(AllowList::load)
+        .transpose()
+        .map_err(Failure::usage)?;
+
+    let mut config = NodeConfig::new(args.listen);
+    config.bootstrap = args.bootstrap;
+    config.mdns = !args.no_mdns;
+    config.allow = allow;
+    config.control_socket = Some(dir.join(SOCKET_FILE));
+    if let Some(cpus) = args.cpus {
+        if cpus == 0 || cpus > MAX_CORES {
+            return Err(Failure::usage(anyhow!(
+                "--cpus must be between 1 and {MAX_CORES}"
+            )));
+        }
+        config.capacity.cores_donated = cpus;
+        config.capacity.cores_free = cpus;
+        config.capacity.memory_mb = 512 * u32::from(cpus);
+    }
+    if let Some(memory_mb) = args.memory_mb {
+        if memory_mb > MAX_MEMORY_MB {
+            return Err(Failure::usage(anyhow!(
+                "--memory-mb must be at most {MAX_MEMORY_MB}"
+            )));
+        }
+        config.capacity.memory_mb = memory_mb;
+    }
+
+    // Two threads carry a peer's networking comfortably; unit threads are separate.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .map_err(internal)?;
+    runtime.block_on(async move {
+        let node = Node::start(identity, config)
+            .await
+            .map_err(Failure::usage)?;
+        println!("peer {} listening on {}", node.id(), node.local_addr());
+        wait_for_stop().await.map_err(internal)?;
+        tracing::info!("stopping");
+        node.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn internal(error: anyhow::Error) -> Failure {
+    Failure {
+        error,
+        code: exit::INTERNAL as u8,
+    }
+}
+
+/// Returns on Ctrl-C or SIGTERM (what `kill` and service managers send).
+async fn wait_for_stop() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result.context("cannot watch Ctrl-C")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot watch Ctrl-C")?;
+    Ok(())
+}
