@@ -181,7 +181,10 @@ async fn answer(
             }
         }
         other => serde_json::to_vec(&ErrorReply {
-            error: format!("unknown request {:?}", other.chars().take(32).collect::<String>()),
+            error: format!(
+                "unknown request {:?}",
+                other.chars().take(32).collect::<String>()
+            ),
         }),
     }
     .map_err(|err| ControlError::Io(io::Error::other(err)))?;
@@ -194,17 +197,20 @@ async fn answer(
 pub async fn status(dir: &Path) -> Result<StatusReport, ControlError> {
     let path = dir.join(SOCKET_FILE);
     tokio::time::timeout(CLIENT_TIMEOUT, async {
-        let mut stream = UnixStream::connect(&path).await.map_err(|source| {
-            match source.kind() {
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-                    ControlError::NotRunning { dir: dir.to_owned() }
-                }
-                _ => ControlError::Connect {
-                    path: path.clone(),
-                    source,
-                },
-            }
-        })?;
+        let mut stream =
+            UnixStream::connect(&path)
+                .await
+                .map_err(|source| match source.kind() {
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                        ControlError::NotRunning {
+                            dir: dir.to_owned(),
+                        }
+                    }
+                    _ => ControlError::Connect {
+                        path: path.clone(),
+                        source,
+                    },
+                })?;
         stream.write_all(b"status\n").await?;
         let mut reply = Vec::new();
         stream.take(MAX_REPLY).read_to_end(&mut reply).await?;

@@ -501,10 +501,12 @@ impl PeerVerifier {
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
     ) -> Result<(), rustls::Error> {
-        self.check(end_entity, intermediates).map(|_| ()).map_err(|err| {
-            tracing::info!(%err, "peer certificate refused");
-            err.into()
-        })
+        self.check(end_entity, intermediates)
+            .map(|_| ())
+            .map_err(|err| {
+                tracing::info!(%err, "peer certificate refused");
+                err.into()
+            })
     }
 }
 
@@ -716,7 +718,9 @@ mod der {
             }
             let (bytes, after) = rest.split_at_checked(n).ok_or(CertError::Malformed)?;
             rest = after;
-            let len = bytes.iter().fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+            let len = bytes
+                .iter()
+                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
             if len < 0x80 || (n == 2 && len < 0x100) {
                 return Err(CertError::Malformed);
             }

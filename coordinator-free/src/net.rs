@@ -208,7 +208,10 @@ async fn greet(conn: Connection, inbound: bool) -> Result<PeerLink, NetError> {
     }
     .await;
     if let Err(err) = &result {
-        conn.close(VarInt::from_u32(close::PROTOCOL), err.to_string().as_bytes());
+        conn.close(
+            VarInt::from_u32(close::PROTOCOL),
+            err.to_string().as_bytes(),
+        );
     }
     result
 }

@@ -393,7 +393,8 @@ impl Actor {
                 }
             }
             Input::Discovered { addr, peer } => {
-                self.membership.handle(Event::Discovered { addr, peer }, now);
+                self.membership
+                    .handle(Event::Discovered { addr, peer }, now);
             }
         }
     }
@@ -427,12 +428,17 @@ impl Actor {
         let span = tracing::info_span!("conn", %peer, conn = id, inbound = link.inbound, addr = %link.addr);
         span.in_scope(|| tracing::debug!("link up"));
         let (outbox, rx) = mpsc::channel(OUTBOX);
+        self.tasks
+            .spawn(write_loop(link.conn.clone(), link.send, rx).instrument(span.clone()));
         self.tasks.spawn(
-            write_loop(link.conn.clone(), link.send, rx).instrument(span.clone()),
-        );
-        self.tasks.spawn(
-            read_loop(id, peer, link.conn.clone(), link.recv, self.inputs_tx.clone())
-                .instrument(span),
+            read_loop(
+                id,
+                peer,
+                link.conn.clone(),
+                link.recv,
+                self.inputs_tx.clone(),
+            )
+            .instrument(span),
         );
         self.conns.insert(
             peer,
@@ -650,7 +656,12 @@ async fn read_loop(
             }
         }
     }
-    let _ = inputs.send(Input::Closed { conn: conn_id, peer }).await;
+    let _ = inputs
+        .send(Input::Closed {
+            conn: conn_id,
+            peer,
+        })
+        .await;
 }
 
 /// An error and its sources on one line, for logs.
@@ -731,7 +742,11 @@ mod tests {
     #[test]
     fn unspecified_listen_addresses_advertise_concrete_ones() {
         let addrs = advertised_addrs("0.0.0.0:4000".parse().expect("addr"));
-        assert!(addrs.iter().all(|a| !a.ip().is_unspecified() && a.port() == 4000));
+        assert!(
+            addrs
+                .iter()
+                .all(|a| !a.ip().is_unspecified() && a.port() == 4000)
+        );
         let concrete: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
         assert_eq!(advertised_addrs(concrete), vec![concrete]);
     }

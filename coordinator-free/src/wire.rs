@@ -117,7 +117,9 @@ pub fn decode_exact<'a, T: Deserialize<'a>>(kind: u8, payload: &'a [u8]) -> Resu
 }
 
 /// Reads one frame. `Ok(None)` means the stream ended cleanly between frames.
-pub async fn read<M: Message, R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<M>, WireError> {
+pub async fn read<M: Message, R: AsyncRead + Unpin>(
+    reader: &mut R,
+) -> Result<Option<M>, WireError> {
     let mut header = [0u8; HEADER_LEN];
     // Read the first byte alone so a clean end of stream is told apart from a cut frame.
     if reader.read(&mut header[..1]).await? == 0 {
@@ -239,23 +241,25 @@ mod tests {
             proptest::collection::vec(any::<u8>(), 64),
             any::<u32>(),
         )
-            .prop_map(|(peer, addrs, (donated, free, mem, profile, seq), signature, age_ms)| {
-                GossipedAdvert {
-                    signed: SignedAdvert {
-                        advert: Advert {
-                            peer,
-                            addrs,
-                            cores_donated: donated,
-                            cores_free: free,
-                            memory_mb: mem,
-                            profile,
-                            seq,
+            .prop_map(
+                |(peer, addrs, (donated, free, mem, profile, seq), signature, age_ms)| {
+                    GossipedAdvert {
+                        signed: SignedAdvert {
+                            advert: Advert {
+                                peer,
+                                addrs,
+                                cores_donated: donated,
+                                cores_free: free,
+                                memory_mb: mem,
+                                profile,
+                                seq,
+                            },
+                            signature,
                         },
-                        signature,
-                    },
-                    age_ms,
-                }
-            })
+                        age_ms,
+                    }
+                },
+            )
     }
 
     fn membership() -> impl Strategy<Value = MembershipMessage> {
@@ -342,7 +346,9 @@ mod tests {
             Frame::decode_frame(&[9, 0, 0, 0, 0]),
             Err(WireError::UnknownKind { kind: 9 })
         ));
-        let mut frame = Frame::Hello(Hello::current()).encode_frame().expect("encode");
+        let mut frame = Frame::Hello(Hello::current())
+            .encode_frame()
+            .expect("encode");
         frame.push(0);
         frame[4] += 1;
         assert!(matches!(
@@ -353,7 +359,9 @@ mod tests {
 
     #[tokio::test]
     async fn clean_end_of_stream_is_none_and_a_cut_frame_is_an_error() {
-        let frame = Frame::Hello(Hello::current()).encode_frame().expect("encode");
+        let frame = Frame::Hello(Hello::current())
+            .encode_frame()
+            .expect("encode");
         let mut whole = &frame[..];
         assert!(matches!(read::<Frame, _>(&mut whole).await, Ok(Some(_))));
         assert!(matches!(read::<Frame, _>(&mut whole).await, Ok(None)));

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Limits, LogLine, Metering, PROFILE, PreparedModule, Sandbox, SandboxConfig, SandboxError,
-    UnitError, UnitObserver, UnitReport, UnitRequest,
+    Limits, LogLine, Metering, PreparedModule, Sandbox, SandboxConfig, SandboxError, UnitError,
+    UnitObserver, UnitReport, UnitRequest,
 };
 use crate::digest::Digest;
 
@@ -354,16 +354,8 @@ impl UnitHost {
             limits,
             observer,
         } = request;
-        let mut report = UnitReport {
-            result: Ok(Vec::new()),
-            logs: Vec::new(),
-            logs_dropped: 0,
-            progress: None,
-            checkpoint: None,
-            fuel_consumed: None,
-            elapsed: Duration::ZERO,
-            profile: PROFILE,
-        };
+        // Filled in as the host's events arrive; the result is always set before returning.
+        let mut report = UnitReport::refused(host_failure("the unit host sent no result"));
         let timeout = limits.timeout;
         let started = Instant::now();
         let mut message = ToHost::Run {

@@ -223,7 +223,8 @@ pub struct UnitReport {
 }
 
 impl UnitReport {
-    fn refused(error: UnitError) -> Self {
+    /// A report with no run behind it: the unit was refused before it started.
+    pub(crate) fn refused(error: UnitError) -> Self {
         Self {
             result: Err(error),
             logs: Vec::new(),

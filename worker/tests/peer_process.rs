@@ -1,0 +1,141 @@
+//! `worker run`, `worker status` and `worker id` as real processes on loopback, mDNS off.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_worker");
+
+/// Kills the child when the test ends, however it ends.
+struct Peer(Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_peer(dir: &Path, extra: &[&str]) -> Peer {
+    let child = Command::new(WORKER)
+        .args(["run", "--listen", "127.0.0.1:0", "--no-mdns", "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn worker run");
+    Peer(child)
+}
+
+fn worker(args: &[&str], dir: &Path) -> Output {
+    Command::new(WORKER)
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .expect("run worker")
+}
+
+fn status_json(dir: &Path) -> Option<Value> {
+    let out = worker(&["status", "--json"], dir);
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Polls `worker status --json` until `check` accepts it or 15 s pass.
+fn wait_for_status(dir: &Path, check: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    let mut last = None;
+    while start.elapsed() < Duration::from_secs(15) {
+        if let Some(status) = status_json(dir) {
+            if check(&status) {
+                return status;
+            }
+            last = Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("status never satisfied the check; last: {last:?}");
+}
+
+#[test]
+fn run_status_and_id_as_processes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
+
+    // Before any peer runs: status is one clear line and a failure exit, not a panic.
+    let out = worker(&["status"], &dir_a);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no peer is running"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let mut a = spawn_peer(&dir_a, &["--cpus", "3", "--memory-mb", "1000"]);
+    let status_a = wait_for_status(&dir_a, |_| true);
+    let listen = status_a["listen"].as_str().expect("listen").to_owned();
+    let id_a = status_a["id"].as_str().expect("id").to_owned();
+
+    // `worker id` reads the same key the running peer uses.
+    let out = worker(&["id"], &dir_a);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id_a);
+
+    let pinned = format!("{id_a}@{listen}");
+    let _b = spawn_peer(&dir_b, &["--cpus", "2", "--bootstrap", &pinned]);
+    let id_b = String::from_utf8(worker(&["id"], &dir_b).stdout).expect("utf-8");
+    let id_b = id_b.trim().to_owned();
+
+    let seen = wait_for_status(&dir_a, |s| {
+        s["peers"].as_array().is_some_and(|p| p.len() == 1)
+    });
+    let peer = &seen["peers"][0];
+    assert_eq!(peer["id"].as_str(), Some(id_b.as_str()));
+    assert_eq!(peer["cores_free"].as_u64(), Some(2));
+    assert_eq!(seen["cores_donated"].as_u64(), Some(3));
+    assert_eq!(seen["memory_mb"].as_u64(), Some(1000));
+    let seen_b = wait_for_status(&dir_b, |s| {
+        s["peers"].as_array().is_some_and(|p| p.len() == 1)
+    });
+    assert_eq!(seen_b["peers"][0]["id"].as_str(), Some(id_a.as_str()));
+
+    // A second peer on the same data directory is refused with one line.
+    let out = Command::new(WORKER)
+        .args(["run", "--listen", "127.0.0.1:0", "--no-mdns", "--data-dir"])
+        .arg(&dir_a)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already running"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // SIGTERM stops a peer cleanly: exit status 0, control socket removed.
+    let pid = a.0.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let start = Instant::now();
+    let exit = loop {
+        if let Some(exit) = a.0.try_wait().expect("wait") {
+            break exit;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "worker ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit:?}");
+    assert!(!dir_a.join("control.sock").exists());
+    let _ = &mut a;
+}
