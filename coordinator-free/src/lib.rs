@@ -14,4 +14,5 @@ pub mod node;
 pub mod peer_id;
 pub mod rng;
 pub mod sandbox;
+pub mod store;
 pub mod wire;

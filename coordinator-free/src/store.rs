@@ -1,0 +1,387 @@
+//! The submitter's durable state: jobs, per-unit results, peer reputations and content-addressed
+//! blobs in one embedded, crash-safe database (redb: copy-on-write B-trees, a commit is durable
+//! once it returns). A submitter killed at any moment reopens the file with every committed
+//! record intact and none half-written.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::peer_id::PeerId;
+
+/// Job id → [`JobRecord`] (postcard).
+const JOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("jobs");
+/// Job id ++ unit index (big-endian) → the caller's unit record.
+const UNITS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("units");
+/// Peer id → [`Reputation`] (postcard).
+const REPUTATION: TableDefinition<&[u8], &[u8]> = TableDefinition::new("reputation");
+/// Digest → bytes.
+const BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blobs");
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database file could not be opened or is damaged.
+    #[error("cannot open the job store {path}: {detail}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// What the database reported.
+        detail: String,
+    },
+    /// A read or write failed.
+    #[error("job store: {0}")]
+    Database(String),
+    /// A stored record does not decode (a damaged file or another version's format).
+    #[error("job store: a stored {what} does not decode: {detail}")]
+    Corrupt {
+        /// Which kind of record.
+        what: &'static str,
+        /// The decoder's message.
+        detail: String,
+    },
+}
+
+fn db_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+/// What the store keeps about a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The manifest's name.
+    pub name: String,
+    /// The module's digest.
+    pub module: Digest,
+    /// How many units the job has.
+    pub units: u64,
+    /// Copies started per unit.
+    pub replicas: u32,
+    /// Identical results needed.
+    pub quorum: u32,
+    /// Most executions per unit.
+    pub max_attempts: u32,
+    /// The engine profile the job's results are produced under.
+    pub profile: String,
+}
+
+/// A peer's record with this submitter: consecutive agreeing results, and totals.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reputation {
+    /// Results in a row that agreed with the accepted quorum; a disagreement resets it.
+    pub consecutive_agreements: u64,
+    /// All results that agreed.
+    pub agreements: u64,
+    /// All results that disagreed with an accepted quorum.
+    pub disagreements: u64,
+}
+
+/// The durable store of one peer.
+#[derive(Debug)]
+pub struct JobStore {
+    db: Database,
+}
+
+fn unit_key(job: &Digest, index: u64) -> [u8; 40] {
+    let mut key = [0u8; 40];
+    key[..32].copy_from_slice(&job.0);
+    key[32..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(value).map_err(db_error)
+}
+
+impl JobStore {
+    /// Opens the store at `path`, creating it (and its directory) if needed.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_error = |detail: String| StoreError::Open {
+            path: path.to_owned(),
+            detail,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| open_error(e.to_string()))?;
+        }
+        let db = Database::create(path).map_err(|e| open_error(e.to_string()))?;
+        // Create every table once, so readers never meet a missing one.
+        let txn = db.begin_write().map_err(db_error)?;
+        for table in [JOBS, UNITS, REPUTATION, BLOBS] {
+            txn.open_table(table).map_err(db_error)?;
+        }
+        txn.commit().map_err(db_error)?;
+        Ok(Self { db })
+    }
+
+    fn put(
+        &self,
+        table: TableDefinition<&[u8], &[u8]>,
+        entries: &[(&[u8], &[u8])],
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut t = txn.open_table(table).map_err(db_error)?;
+            for (key, value) in entries {
+                t.insert(*key, *value).map_err(db_error)?;
+            }
+        }
+        txn.commit().map_err(db_error)
+    }
+
+    fn get(
+        &self,
+        table: TableDefinition<&[u8], &[u8]>,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let t = txn.open_table(table).map_err(db_error)?;
+        Ok(t.get(key).map_err(db_error)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Records a job (replacing an earlier record of the same id).
+    pub fn put_job(&self, id: &Digest, job: &JobRecord) -> Result<(), StoreError> {
+        self.put(JOBS, &[(&id.0, &encode(job)?)])
+    }
+
+    /// The job with this id.
+    pub fn job(&self, id: &Digest) -> Result<Option<JobRecord>, StoreError> {
+        self.get(JOBS, &id.0)?
+            .map(|bytes| decode("job", &bytes))
+            .transpose()
+    }
+
+    /// Records finished units of a job in one durable transaction: after this returns, all of
+    /// them survive a crash; if the process dies before, none of them is stored.
+    pub fn put_units(&self, job: &Digest, units: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        let keys: Vec<[u8; 40]> = units.iter().map(|(i, _)| unit_key(job, *i)).collect();
+        let entries: Vec<(&[u8], &[u8])> = keys
+            .iter()
+            .zip(units)
+            .map(|(k, (_, v))| (k.as_slice(), v.as_slice()))
+            .collect();
+        self.put(UNITS, &entries)
+    }
+
+    /// The record of one unit, if it finished.
+    pub fn unit(&self, job: &Digest, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get(UNITS, &unit_key(job, index))
+    }
+
+    /// Every finished unit of a job, by index.
+    pub fn units(&self, job: &Digest) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let t = txn.open_table(UNITS).map_err(db_error)?;
+        let start = unit_key(job, 0);
+        let end = unit_key(job, u64::MAX);
+        let mut out = Vec::new();
+        for entry in t
+            .range(start.as_slice()..=end.as_slice())
+            .map_err(db_error)?
+        {
+            let (key, value) = entry.map_err(db_error)?;
+            let key = key.value();
+            let index = key
+                .get(32..40)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or(StoreError::Corrupt {
+                    what: "unit key",
+                    detail: format!("{} bytes", key.len()),
+                })?;
+            out.push((index, value.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Records a peer's reputation.
+    pub fn put_reputation(&self, peer: &PeerId, reputation: &Reputation) -> Result<(), StoreError> {
+        self.put(REPUTATION, &[(peer.as_bytes(), &encode(reputation)?)])
+    }
+
+    /// A peer's reputation (zero for a peer never seen).
+    pub fn reputation(&self, peer: &PeerId) -> Result<Reputation, StoreError> {
+        Ok(self
+            .get(REPUTATION, peer.as_bytes())?
+            .map(|bytes| decode("reputation", &bytes))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    /// Stores a blob under its digest.
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<Digest, StoreError> {
+        let digest = Digest::of(bytes);
+        self.put(BLOBS, &[(&digest.0, bytes)])?;
+        Ok(digest)
+    }
+
+    /// The blob with this digest, checked against it (a damaged one is an error, not data).
+    pub fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.get(BLOBS, &digest.0)? {
+            Some(bytes) if Digest::of(&bytes) != *digest => Err(StoreError::Corrupt {
+                what: "blob",
+                detail: format!("{digest} does not match its contents"),
+            }),
+            other => Ok(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    fn record(index: u64) -> Vec<u8> {
+        format!(
+            "unit {index} accepted with digest {}",
+            Digest::of(&index.to_le_bytes())
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn records_round_trip_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.redb");
+        let job = Digest::of(b"job");
+        let other = Digest::of(b"other job");
+        let peer = PeerId::from_bytes([7; 32]);
+        {
+            let store = JobStore::open(&path).unwrap();
+            let rec = JobRecord {
+                name: "sweep".into(),
+                module: Digest::of(b"module"),
+                units: 3,
+                replicas: 2,
+                quorum: 2,
+                max_attempts: 4,
+                profile: "p".into(),
+            };
+            store.put_job(&job, &rec).unwrap();
+            store
+                .put_units(&job, &[(2, record(2)), (0, record(0))])
+                .unwrap();
+            store.put_units(&other, &[(1, b"x".to_vec())]).unwrap();
+            let rep = Reputation {
+                consecutive_agreements: 5,
+                agreements: 9,
+                disagreements: 1,
+            };
+            store.put_reputation(&peer, &rep).unwrap();
+            let blob = store.put_blob(b"module bytes").unwrap();
+            assert_eq!(
+                store.blob(&blob).unwrap().as_deref(),
+                Some(&b"module bytes"[..])
+            );
+        }
+        let store = JobStore::open(&path).unwrap();
+        assert_eq!(store.job(&job).unwrap().unwrap().units, 3);
+        assert_eq!(store.job(&Digest::of(b"none")).unwrap(), None);
+        assert_eq!(
+            store.units(&job).unwrap(),
+            vec![(0, record(0)), (2, record(2))],
+            "only this job's units, by index"
+        );
+        assert_eq!(store.unit(&job, 1).unwrap(), None);
+        assert_eq!(store.reputation(&peer).unwrap().consecutive_agreements, 5);
+        assert_eq!(
+            store.reputation(&PeerId::from_bytes([1; 32])).unwrap(),
+            Reputation::default()
+        );
+    }
+
+    #[test]
+    fn a_damaged_file_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.redb");
+        std::fs::write(&path, vec![0xA5; 10_000]).unwrap();
+        assert!(matches!(
+            JobStore::open(&path),
+            Err(StoreError::Open { .. })
+        ));
+    }
+
+    const CHILD: &str = "CF_STORE_CRASH_WRITER";
+    const BATCH: u64 = 7;
+
+    /// The writer half of the crash test: commits batches of units forever (bounded), saying
+    /// how many are committed after each commit, until it is killed.
+    fn crash_writer(path: &Path) {
+        let store = JobStore::open(path).unwrap();
+        let job = Digest::of(b"crash");
+        for batch in 0..100_000u64 {
+            let units: Vec<(u64, Vec<u8>)> = (batch * BATCH..(batch + 1) * BATCH)
+                .map(|i| (i, record(i)))
+                .collect();
+            store.put_units(&job, &units).unwrap();
+            println!("committed {}", (batch + 1) * BATCH);
+        }
+    }
+
+    #[test]
+    fn a_writer_killed_mid_job_loses_no_committed_unit() {
+        if let Some(path) = std::env::var_os(CHILD) {
+            crash_writer(Path::new(&path));
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.redb");
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "store::tests::a_writer_killed_mid_job_loses_no_committed_unit",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, &path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let started = Instant::now();
+        let mut committed = 0;
+        while committed < 200 && started.elapsed() < Duration::from_secs(60) {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(n) = line.strip_prefix("committed ") {
+                        committed = n.trim().parse().unwrap();
+                    }
+                }
+                _ => break,
+            }
+        }
+        // SIGKILL: no destructor, no flush, possibly in the middle of a commit.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(committed >= 200, "the writer committed {committed} units");
+
+        let store = JobStore::open(&path).unwrap();
+        let units = store.units(&Digest::of(b"crash")).unwrap();
+        assert!(
+            units.len() as u64 >= committed,
+            "{} of {committed} committed units survived",
+            units.len()
+        );
+        assert_eq!(
+            units.len() as u64 % BATCH,
+            0,
+            "a batch is all there or not at all"
+        );
+        for (i, (index, bytes)) in units.iter().enumerate() {
+            assert_eq!(*index, i as u64);
+            assert_eq!(bytes, &record(*index));
+        }
+    }
+}

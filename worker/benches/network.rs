@@ -1,0 +1,248 @@
+//! Network benchmark: real `worker run` processes on loopback (mDNS off).
+//!
+//! ```sh
+//! cargo bench -p worker --bench network                 # N = 10 and 50
+//! cargo bench -p worker --bench network -- 10 20 100    # other sizes
+//! ```
+//!
+//! Prints, for each N: the time from spawning N peers (all bootstrapping through the first) until
+//! every peer's table holds the other N − 1; then the resident memory of the idle peers; then
+//! the QUIC + TLS 1.3 + hello set-up time of one connection to a running peer.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use coordinator_free::control;
+use coordinator_free::identity::Identity;
+use coordinator_free::net::{self, NetConfig};
+use coordinator_free::peer_id::PeerId;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_worker");
+/// Longest a run may take to converge before it is reported as a failure.
+const CONVERGE_LIMIT: Duration = Duration::from_secs(120);
+const SETUP_SAMPLES: usize = 50;
+
+struct Peer {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn worker_id(dir: &Path) -> PeerId {
+    let out = Command::new(WORKER)
+        .args(["id", "--data-dir"])
+        .arg(dir)
+        .output()
+        .expect("worker id");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a peer id")
+}
+
+fn free_port() -> u16 {
+    // Bind, read the port, release it: the first peer then listens there. A race with another
+    // program is possible but harmless for a benchmark run.
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn spawn(dir: &Path, listen: SocketAddr, bootstrap: Option<&str>) -> Peer {
+    let mut cmd = Command::new(WORKER);
+    cmd.args(["run", "--no-mdns", "--cpus", "1", "--listen"])
+        .arg(listen.to_string())
+        .arg("--data-dir")
+        .arg(dir);
+    if let Some(b) = bootstrap {
+        cmd.args(["--bootstrap", b]);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn worker run");
+    Peer {
+        child,
+        dir: dir.to_owned(),
+    }
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn percentile(values: &mut [f64], p: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let i = ((values.len() as f64 - 1.0) * p).round() as usize;
+    values.get(i).copied().unwrap_or(f64::NAN)
+}
+
+/// How many peers each of `peers` knows; `None` where the control socket is not up yet.
+async fn table_sizes(peers: &[Peer]) -> Vec<Option<usize>> {
+    let mut sizes = Vec::with_capacity(peers.len());
+    for peer in peers {
+        sizes.push(control::status(&peer.dir).await.ok().map(|s| s.peers.len()));
+    }
+    sizes
+}
+
+struct Run {
+    n: usize,
+    converged: Option<Duration>,
+    all_up: Duration,
+    rss_kib: Vec<f64>,
+}
+
+async fn converge(n: usize) -> (Run, Vec<Peer>, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dirs: Vec<PathBuf> = (0..n).map(|i| tmp.path().join(format!("p{i}"))).collect();
+    // Keys are made before timing: a first run's key generation is not membership's cost.
+    let first_id = worker_id(&dirs[0]);
+    for dir in &dirs[1..] {
+        let _ = worker_id(dir);
+    }
+    let first_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let bootstrap = format!("{first_id}@{first_addr}");
+
+    let start = Instant::now();
+    let mut peers = vec![spawn(&dirs[0], first_addr, None)];
+    for dir in &dirs[1..] {
+        peers.push(spawn(
+            dir,
+            "127.0.0.1:0".parse().expect("addr"),
+            Some(&bootstrap),
+        ));
+    }
+    let mut all_up = None;
+    let mut converged = None;
+    while start.elapsed() < CONVERGE_LIMIT {
+        let sizes = table_sizes(&peers).await;
+        if all_up.is_none() && sizes.iter().all(Option::is_some) {
+            all_up = Some(start.elapsed());
+        }
+        if sizes.iter().all(|s| *s == Some(n - 1)) {
+            converged = Some(start.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let the peers settle into their idle state before measuring memory.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_kib = peers
+        .iter()
+        .filter_map(|p| rss_kib(p.child.id()))
+        .map(|k| k as f64)
+        .collect();
+    (
+        Run {
+            n,
+            converged,
+            all_up: all_up.unwrap_or(CONVERGE_LIMIT),
+            rss_kib,
+        },
+        peers,
+        tmp,
+    )
+}
+
+async fn setup_times(target: &Peer) -> Vec<f64> {
+    let status = control::status(&target.dir).await.expect("status");
+    let identity = Identity::generate().expect("identity");
+    let config = NetConfig::default();
+    let endpoint = net::endpoint(
+        &identity,
+        None,
+        "127.0.0.1:0".parse().expect("addr"),
+        &config,
+    )
+    .expect("endpoint");
+    let mut times = Vec::with_capacity(SETUP_SAMPLES);
+    for _ in 0..SETUP_SAMPLES {
+        let start = Instant::now();
+        let link = net::dial(
+            &endpoint,
+            &identity,
+            None,
+            status.listen,
+            Some(status.id),
+            &config,
+        )
+        .await
+        .expect("dial");
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+        link.conn.close(0u32.into(), b"bench");
+        // Let the peer retire the connection so samples do not pile up.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    endpoint.close(0u32.into(), b"bench");
+    times
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .filter(|&n| n >= 2)
+        .collect();
+    let sizes = if sizes.is_empty() { vec![10, 50] } else { sizes };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        println!("worker binary: {WORKER}");
+        println!();
+        println!("| peers | all control sockets up | converged (every table N-1) | idle RSS median | idle RSS max |");
+        println!("|---|---|---|---|---|");
+        let mut last = None;
+        for &n in &sizes {
+            let (mut run, peers, tmp) = converge(n).await;
+            let converged = run
+                .converged
+                .map_or("did not converge".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()));
+            let rss_median = median(&mut run.rss_kib) / 1024.0;
+            let rss_max = run.rss_kib.iter().copied().fold(0.0, f64::max) / 1024.0;
+            println!(
+                "| {} | {:.2} s | {} | {:.1} MiB | {:.1} MiB |",
+                run.n,
+                run.all_up.as_secs_f64(),
+                converged,
+                rss_median,
+                rss_max
+            );
+            last = Some((peers, tmp));
+        }
+        if let Some((peers, _tmp)) = last.as_ref() {
+            let mut times = setup_times(&peers[0]).await;
+            println!();
+            println!(
+                "connection set-up (QUIC + TLS 1.3 mutual auth + hello, loopback, {} samples): median {:.2} ms, p90 {:.2} ms, min {:.2} ms",
+                times.len(),
+                median(&mut times),
+                percentile(&mut times, 0.9),
+                times.iter().copied().fold(f64::INFINITY, f64::min)
+            );
+        }
+    });
+}
