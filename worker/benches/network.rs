@@ -204,7 +204,11 @@ fn main() {
         .filter_map(|a| a.parse().ok())
         .filter(|&n| n >= 2)
         .collect();
-    let sizes = if sizes.is_empty() { vec![10, 50] } else { sizes };
+    let sizes = if sizes.is_empty() {
+        vec![10, 50]
+    } else {
+        sizes
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

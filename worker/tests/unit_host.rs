@@ -123,3 +123,55 @@ fn results_match_the_in_process_sandbox_across_modules() {
     );
     assert!(matches!(refused.result, Err(UnitError::BadModule { .. })));
 }
+
+#[test]
+fn a_pool_of_unit_hosts_runs_units_in_parallel_and_survives_timeouts() {
+    let command = UnitHostCommand {
+        program: env!("CARGO_BIN_EXE_worker").into(),
+        args: vec!["unit-host".into(), "--no-cache".into()],
+    };
+    let pool = coordinator_free::sandbox::Executor::unit_hosts(&command, 2, 16).unwrap();
+    let echo = std::sync::Arc::new(HostedModule::new(
+        example_artifacts::ECHO_BYTES.to_vec(),
+        Metering::Off,
+    ));
+    let faults = std::sync::Arc::new(HostedModule::new(
+        example_artifacts::FAULTS_BYTES.to_vec(),
+        Metering::Off,
+    ));
+    let (send, receive) = std::sync::mpsc::channel();
+    for i in 0..12u32 {
+        let send = send.clone();
+        let (module, input, timeout) = if i % 4 == 3 {
+            (
+                faults.clone(),
+                br#"{"spin":true}"#.to_vec(),
+                Duration::from_millis(200),
+            )
+        } else {
+            (
+                echo.clone(),
+                i.to_le_bytes().to_vec(),
+                Duration::from_secs(30),
+            )
+        };
+        pool.try_submit(module, request(&input, timeout), move |report| {
+            let _ = send.send((i, report));
+        })
+        .expect("the queue has room for all twelve");
+    }
+    drop(send);
+    let mut seen = 0;
+    while let Ok((i, report)) = receive.recv_timeout(Duration::from_secs(60)) {
+        seen += 1;
+        if i % 4 == 3 {
+            assert!(
+                matches!(report.result, Err(UnitError::Timeout { .. })),
+                "{i}"
+            );
+        } else {
+            assert_eq!(report.result, Ok(i.to_le_bytes().to_vec()), "{i}");
+        }
+    }
+    assert_eq!(seen, 12);
+}

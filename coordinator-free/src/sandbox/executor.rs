@@ -2,6 +2,7 @@
 //!
 //! WebAssembly runs synchronously; giving it its own threads keeps it away from the async
 //! runtime and lets each thread have the stack headroom host frames need beyond the wasm stack.
+//! Each thread owns one [`UnitRunner`]: the in-process [`Sandbox`] or a [`UnitHost`] process.
 //! The queue in front of the threads is bounded: a full queue is reported, never grown.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -9,15 +10,40 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use super::host::{HostedModule, UnitHost, UnitHostCommand};
 use super::{PreparedModule, Sandbox, SandboxError, UnitError, UnitReport, UnitRequest};
 
 /// Stack of a unit thread: the 512 KiB wasm stack plus generous room for host frames.
 const THREAD_STACK: usize = 8 << 20;
 
+/// Something a unit thread runs units with.
+pub trait UnitRunner: Send + 'static {
+    /// The module form this runner takes.
+    type Module: Send + 'static;
+    /// Runs one unit to its end.
+    fn run_unit(&mut self, module: &Self::Module, request: UnitRequest) -> UnitReport;
+}
+
+impl UnitRunner for Sandbox {
+    type Module = Arc<PreparedModule>;
+
+    fn run_unit(&mut self, module: &Self::Module, request: UnitRequest) -> UnitReport {
+        self.run(module, request)
+    }
+}
+
+impl UnitRunner for UnitHost {
+    type Module = Arc<HostedModule>;
+
+    fn run_unit(&mut self, module: &Self::Module, request: UnitRequest) -> UnitReport {
+        self.run(module, request)
+    }
+}
+
 type Reply = Box<dyn FnOnce(UnitReport) + Send>;
 
-struct Task {
-    module: Arc<PreparedModule>,
+struct Task<M> {
+    module: M,
     request: UnitRequest,
     reply: Reply,
 }
@@ -27,29 +53,59 @@ struct Task {
 #[error("all unit threads are busy and the queue is full")]
 pub struct ExecutorBusy;
 
-/// A bounded pool of unit threads in front of a [`Sandbox`].
-#[derive(Debug)]
-pub struct Executor {
-    queue: Option<SyncSender<Task>>,
+/// A bounded pool of unit threads, each with its own runner.
+pub struct Executor<R: UnitRunner = Sandbox> {
+    queue: Option<SyncSender<Task<R::Module>>>,
     threads: Vec<JoinHandle<()>>,
 }
 
-impl Executor {
-    /// Starts `threads` unit threads (at least one, at most the sandbox's concurrent-unit slots)
-    /// with room for `queue_depth` waiting units.
+impl<R: UnitRunner> std::fmt::Debug for Executor<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("threads", &self.threads.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Executor<Sandbox> {
+    /// Starts `threads` in-process unit threads (at least one, at most the sandbox's
+    /// concurrent-unit slots) with room for `queue_depth` waiting units.
     pub fn new(sandbox: Sandbox, threads: usize, queue_depth: usize) -> Result<Self, SandboxError> {
         let slots = sandbox.config().max_concurrent_units.max(1) as usize;
-        let threads = threads.clamp(1, slots);
-        let (queue, receiver) = sync_channel::<Task>(queue_depth);
+        let runners = (0..threads.clamp(1, slots))
+            .map(|_| sandbox.clone())
+            .collect();
+        Self::with_runners(runners, queue_depth)
+    }
+}
+
+impl Executor<UnitHost> {
+    /// Starts `threads` unit threads (at least one), each driving its own unit host process
+    /// started from `command` on first use.
+    pub fn unit_hosts(
+        command: &UnitHostCommand,
+        threads: usize,
+        queue_depth: usize,
+    ) -> Result<Self, SandboxError> {
+        let runners = (0..threads.max(1))
+            .map(|_| UnitHost::new(command.clone()))
+            .collect();
+        Self::with_runners(runners, queue_depth)
+    }
+}
+
+impl<R: UnitRunner> Executor<R> {
+    /// One unit thread per runner.
+    pub fn with_runners(runners: Vec<R>, queue_depth: usize) -> Result<Self, SandboxError> {
+        let (queue, receiver) = sync_channel::<Task<R::Module>>(queue_depth);
         let receiver = Arc::new(Mutex::new(receiver));
-        let mut handles = Vec::with_capacity(threads);
-        for index in 0..threads {
-            let sandbox = sandbox.clone();
+        let mut handles = Vec::with_capacity(runners.len());
+        for (index, runner) in runners.into_iter().enumerate() {
             let receiver = receiver.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("cf-unit-{index}"))
                 .stack_size(THREAD_STACK)
-                .spawn(move || serve(&sandbox, &receiver))
+                .spawn(move || serve(runner, &receiver))
                 .map_err(SandboxError::Thread)?;
             handles.push(handle);
         }
@@ -62,7 +118,7 @@ impl Executor {
     /// Queues a unit; `reply` is called on a unit thread with its report.
     pub fn try_submit(
         &self,
-        module: Arc<PreparedModule>,
+        module: R::Module,
         request: UnitRequest,
         reply: impl FnOnce(UnitReport) + Send + 'static,
     ) -> Result<(), ExecutorBusy> {
@@ -81,7 +137,7 @@ impl Executor {
     }
 
     /// Runs a unit on a unit thread and waits for its report.
-    pub fn run(&self, module: Arc<PreparedModule>, request: UnitRequest) -> UnitReport {
+    pub fn run(&self, module: R::Module, request: UnitRequest) -> UnitReport {
         let (send, receive) = sync_channel(1);
         let task = Task {
             module,
@@ -105,7 +161,7 @@ impl Executor {
     }
 }
 
-impl Drop for Executor {
+impl<R: UnitRunner> Drop for Executor<R> {
     fn drop(&mut self) {
         // Closing the queue lets every thread finish its unit and exit.
         self.queue = None;
@@ -115,7 +171,7 @@ impl Drop for Executor {
     }
 }
 
-fn serve(sandbox: &Sandbox, receiver: &Mutex<Receiver<Task>>) {
+fn serve<R: UnitRunner>(mut runner: R, receiver: &Mutex<Receiver<Task<R::Module>>>) {
     loop {
         let task = {
             let receiver = receiver.lock().unwrap_or_else(|p| p.into_inner());
@@ -130,7 +186,7 @@ fn serve(sandbox: &Sandbox, receiver: &Mutex<Receiver<Task>>) {
             reply,
         } = task;
         // A bug in host code must cost one unit, not the thread.
-        let report = catch_unwind(AssertUnwindSafe(|| sandbox.run(&module, request)))
+        let report = catch_unwind(AssertUnwindSafe(|| runner.run_unit(&module, request)))
             .unwrap_or_else(|panic| {
                 let detail = panic
                     .downcast_ref::<&str>()

@@ -35,7 +35,7 @@ use abi::{HostState, MemoryLimiter, Stop};
 use cache::{DiskCache, MemoryCache};
 
 pub use abi::{ENTRY, IMPORT_MODULE, MEMORY, check_imports};
-pub use executor::{Executor, ExecutorBusy};
+pub use executor::{Executor, ExecutorBusy, UnitRunner};
 pub use host::{HostedModule, UnitHost, UnitHostCommand, serve_unit_host};
 pub use outcome::{OutcomeClass, TrapKind, UnitError};
 

@@ -1,0 +1,672 @@
+//! Handing a job's units to peers: a sans-IO scheduler on the submitting peer, and the worker's
+//! [`Intake`] that shares its cores among submitters.
+//!
+//! The [`Scheduler`] owns one job of `units` units, each validated by its own
+//! [`Tally`](crate::validate::Tally). It learns which peers have room
+//! ([`Event::Available`]), leaves ([`Event::PeerGone`]) and answers ([`Event::Results`]),
+//! and asks the driver to send batched [`Lease`]s ([`Command::Offer`]), to revoke leases of
+//! decided units, and reports each unit's [`Verdict`] and the end of the job.
+//!
+//! Rules it keeps:
+//!
+//! * a unit never runs twice on one peer (BOINC's `one_result_per_host_per_wu`), counting
+//!   every peer that ever held a lease on it, answered or not;
+//! * a peer holds at most `max_leases_per_peer` leases, and one offer carries at most
+//!   `max_batch`, so tiny units share a round trip without one peer hoarding the job;
+//! * a lease unanswered at its deadline, or held by a peer that left, counts as a host failure
+//!   and its unit is offered elsewhere; an answer that comes after the deadline still votes
+//!   while the unit is open and is dropped otherwise;
+//! * each peer is given units drawn at random from a window at the front of the queue, so
+//!   peers that ask at the same moment (or pick their ids to sort together) do not receive
+//!   the same units;
+//! * every answer that matches no lease of its sender is dropped and counted in [`Stats`].
+//!
+//! The submitter runs units for its own job like any other peer: it sends `Available` for
+//! itself and carries out offers addressed to itself locally.
+
+mod intake;
+#[cfg(test)]
+mod sim;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+pub use intake::{Intake, IntakeCommand, IntakeConfig, IntakeEvent, IntakeStats, Task};
+
+use crate::digest::Digest;
+use crate::peer_id::PeerId;
+use crate::rng::Rng;
+use crate::validate::{Outcome, Policy, Tally, ValidateError, Verdict};
+
+/// Names one lease of one job; unique within the job's scheduler and never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LeaseId(pub u64);
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "lease-{}", self.0)
+    }
+}
+
+/// The right to run one execution of one unit until a deadline.
+///
+/// `deadline` is in the holder's clock: the wire carries the time left and the receiving
+/// driver turns it back into an `Instant`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub id: LeaseId,
+    pub unit: u32,
+    /// 1 for the unit's first execution, 2 for the second, and so on.
+    pub attempt: u32,
+    pub deadline: Instant,
+}
+
+/// One answered lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseResult {
+    pub lease: LeaseId,
+    pub outcome: Outcome,
+}
+
+/// Timers and limits of a scheduler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// How long a peer has to answer a lease. Set it from the job's per-unit timeout plus
+    /// the time to fetch the inputs. Default 60 s.
+    pub lease_timeout: Duration,
+    /// Most leases one peer holds at once. Default 32.
+    pub max_leases_per_peer: u32,
+    /// Most leases in one offer. Default 64.
+    pub max_batch: usize,
+    /// How many ready units a peer's units are drawn from, as a multiple of what it takes.
+    /// Default 4.
+    pub spread: usize,
+    /// Most expired leases remembered so that their late answers still vote. Default 4096.
+    pub max_expired: usize,
+    /// Most peers tracked. Default 4096.
+    pub max_peers: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            lease_timeout: Duration::from_secs(60),
+            max_leases_per_peer: 32,
+            max_batch: 64,
+            spread: 4,
+            max_expired: 4096,
+            max_peers: 4096,
+        }
+    }
+}
+
+/// What the driver tells the scheduler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// `peer` will take up to `slots` more leases of this job now (its advert or its request
+    /// for work). Replaces what it said before.
+    Available { peer: PeerId, slots: u32 },
+    /// `peer` left the network; its leases are given up.
+    PeerGone { peer: PeerId },
+    /// A batch of answers from `from`.
+    Results {
+        from: PeerId,
+        results: Vec<LeaseResult>,
+    },
+    /// `from` refused leases it was offered (its queue was full); they were never run.
+    Declined { from: PeerId, leases: Vec<LeaseId> },
+    /// The submitter gave the job up: every open unit fails as abandoned.
+    Cancel,
+}
+
+/// What the scheduler asks of the driver, plus notifications for the store and the UI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Send these leases to `to` in one message.
+    Offer {
+        to: PeerId,
+        job: Digest,
+        leases: Vec<Lease>,
+    },
+    /// Tell `to` that these leases are no longer wanted (their units are decided).
+    Revoke {
+        to: PeerId,
+        job: Digest,
+        leases: Vec<LeaseId>,
+    },
+    /// A unit is decided. Journal it, and feed it to the submitter's
+    /// [`Reputation`](crate::validate::Reputation).
+    Decided { unit: u32, verdict: Verdict },
+    /// Every unit is decided; sent once.
+    Finished { accepted: u32, failed: u32 },
+}
+
+/// Counters of what happened to leases and answers, for status output and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub leases_issued: u64,
+    pub leases_expired: u64,
+    /// Given up because their peer left.
+    pub leases_lost: u64,
+    pub leases_declined: u64,
+    pub leases_revoked: u64,
+    /// Answers counted by the unit's tally (votes and host failures).
+    pub results_counted: u64,
+    /// Answers after the deadline that still voted.
+    pub results_late: u64,
+    /// Answers for units already decided.
+    pub results_closed: u64,
+    /// Answers naming a lease this scheduler never issued or has forgotten.
+    pub results_unknown: u64,
+    /// Answers for a lease held by another peer.
+    pub results_wrong_peer: u64,
+    /// Second answers from one peer for one unit.
+    pub results_duplicate: u64,
+    /// `Available` from new peers while the peer table was full.
+    pub peers_refused: u64,
+}
+
+/// How far the job has come.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub units: u32,
+    pub accepted: u32,
+    pub failed: u32,
+    /// Leases out now.
+    pub running: u32,
+    /// Peers that hold a lease now.
+    pub peers: u32,
+}
+
+/// A call the scheduler refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("no unit {unit}: the job has {units} units")]
+    NoSuchUnit { unit: u32, units: u32 },
+    #[error("unit {unit}: {source}")]
+    Validate {
+        unit: u32,
+        #[source]
+        source: ValidateError,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct UnitState {
+    tally: Tally,
+    /// Every peer that ever held a lease on this unit.
+    tried: Vec<PeerId>,
+    /// Leases out now.
+    active: Vec<LeaseId>,
+    issued: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Active {
+    peer: PeerId,
+    unit: u32,
+    deadline: Instant,
+}
+
+#[derive(Debug, Clone, Default)]
+struct PeerState {
+    free: u32,
+    leases: BTreeSet<LeaseId>,
+}
+
+/// The scheduler of one job on its submitting peer.
+pub struct Scheduler {
+    config: Config,
+    job: Digest,
+    rng: Rng,
+    units: Vec<UnitState>,
+    /// Open units that want more executions, in unit order.
+    ready: BTreeSet<u32>,
+    leases: BTreeMap<LeaseId, Active>,
+    deadlines: BTreeSet<(Instant, LeaseId)>,
+    expired: BTreeMap<LeaseId, (PeerId, u32)>,
+    expired_order: VecDeque<LeaseId>,
+    peers: BTreeMap<PeerId, PeerState>,
+    next_lease: u64,
+    accepted: u32,
+    failed: u32,
+    finished: bool,
+    out: VecDeque<Command>,
+    stats: Stats,
+}
+
+impl fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("job", &self.job)
+            .field("progress", &self.progress())
+            .field("ready", &self.ready.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Scheduler {
+    /// A scheduler for `units` units of `job`, each validated under `policy`. `seed` feeds the
+    /// draw of units per peer.
+    pub fn new(job: Digest, units: u32, policy: Policy, config: Config, seed: u64) -> Self {
+        let tally = Tally::new(policy);
+        let mut this = Self {
+            job,
+            rng: Rng::seed_from_u64(seed),
+            units: (0..units)
+                .map(|_| UnitState {
+                    tally: tally.clone(),
+                    tried: Vec::new(),
+                    active: Vec::new(),
+                    issued: 0,
+                })
+                .collect(),
+            ready: (0..units).collect(),
+            leases: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            expired: BTreeMap::new(),
+            expired_order: VecDeque::new(),
+            peers: BTreeMap::new(),
+            next_lease: 0,
+            accepted: 0,
+            failed: 0,
+            finished: false,
+            out: VecDeque::new(),
+            stats: Stats::default(),
+            config,
+        };
+        this.check_finished();
+        this
+    }
+
+    /// Restores a decided unit from the journal before the job resumes.
+    pub fn restore(&mut self, unit: u32, verdict: Verdict) -> Result<(), ScheduleError> {
+        let units = self.unit_count();
+        let state = self
+            .units
+            .get_mut(unit as usize)
+            .ok_or(ScheduleError::NoSuchUnit { unit, units })?;
+        if !state.tally.is_open() {
+            return Err(ScheduleError::Validate {
+                unit,
+                source: ValidateError::Closed,
+            });
+        }
+        if verdict.is_accepted() {
+            self.accepted += 1;
+        } else {
+            self.failed += 1;
+        }
+        // A journaled verdict is final: close the tally without replaying its votes.
+        state.tally.restore(verdict);
+        self.ready.remove(&unit);
+        self.check_finished();
+        Ok(())
+    }
+
+    pub fn job(&self) -> Digest {
+        self.job
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn unit_count(&self) -> u32 {
+        u32::try_from(self.units.len()).unwrap_or(u32::MAX)
+    }
+
+    /// The tally of one unit.
+    pub fn unit(&self, unit: u32) -> Option<&Tally> {
+        self.units.get(unit as usize).map(|u| &u.tally)
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn progress(&self) -> Progress {
+        Progress {
+            units: self.unit_count(),
+            accepted: self.accepted,
+            failed: self.failed,
+            running: u32::try_from(self.leases.len()).unwrap_or(u32::MAX),
+            peers: u32::try_from(self.peers.values().filter(|p| !p.leases.is_empty()).count())
+                .unwrap_or(u32::MAX),
+        }
+    }
+
+    /// The next instant at which [`Self::handle_timeout`] must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadlines.first().map(|(at, _)| *at)
+    }
+
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.out.pop_front()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(at, id)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            let Some(active) = self.leases.get(&id).copied() else {
+                continue;
+            };
+            tracing::debug!(job = %self.job, unit = active.unit, lease = %id, peer = ?active.peer, "lease expired");
+            self.stats.leases_expired += 1;
+            self.give_up(id, active);
+            self.remember_expired(id, active);
+        }
+        self.dispatch(now);
+    }
+
+    pub fn handle(&mut self, event: Event, now: Instant) {
+        match event {
+            Event::Available { peer, slots } => {
+                if !self.peers.contains_key(&peer) && self.peers.len() >= self.config.max_peers {
+                    self.stats.peers_refused += 1;
+                } else {
+                    self.peers.entry(peer).or_default().free = slots;
+                }
+            }
+            Event::PeerGone { peer } => {
+                if let Some(state) = self.peers.remove(&peer) {
+                    for id in state.leases {
+                        if let Some(active) = self.leases.get(&id).copied() {
+                            self.stats.leases_lost += 1;
+                            self.give_up(id, active);
+                            self.remember_expired(id, active);
+                        }
+                    }
+                }
+            }
+            Event::Results { from, results } => {
+                for result in results {
+                    self.on_result(from, result);
+                }
+            }
+            Event::Declined { from, leases } => {
+                for id in leases {
+                    match self.leases.get(&id).copied() {
+                        Some(active) if active.peer == from => {
+                            self.stats.leases_declined += 1;
+                            self.forget_lease(id, active);
+                            let unit = active.unit;
+                            if let Some(state) = self.units.get_mut(unit as usize) {
+                                // Never run there, so the peer may take the unit again later,
+                                // and the tally takes the start back as a free host failure.
+                                state.tried.retain(|p| *p != from);
+                                state.issued = state.issued.saturating_sub(1);
+                                state.tally.withdraw();
+                            }
+                            self.refresh(unit);
+                        }
+                        Some(_) => self.stats.results_wrong_peer += 1,
+                        None => self.stats.results_unknown += 1,
+                    }
+                }
+            }
+            Event::Cancel => self.cancel(),
+        }
+        self.dispatch(now);
+    }
+
+    fn on_result(&mut self, from: PeerId, result: LeaseResult) {
+        if let Some(active) = self.leases.get(&result.lease).copied() {
+            if active.peer != from {
+                self.stats.results_wrong_peer += 1;
+                return;
+            }
+            self.forget_lease(result.lease, active);
+            let Some(state) = self.units.get_mut(active.unit as usize) else {
+                return;
+            };
+            let recorded = state.tally.record(from, result.outcome);
+            self.after_record(active.unit, recorded, false);
+        } else if let Some(&(peer, unit)) = self.expired.get(&result.lease) {
+            if peer != from {
+                self.stats.results_wrong_peer += 1;
+                return;
+            }
+            // One late answer per lease.
+            self.expired.remove(&result.lease);
+            let Some(state) = self.units.get_mut(unit as usize) else {
+                return;
+            };
+            let recorded = state.tally.record_late(from, result.outcome);
+            self.after_record(unit, recorded, true);
+        } else {
+            self.stats.results_unknown += 1;
+        }
+    }
+
+    fn after_record(
+        &mut self,
+        unit: u32,
+        recorded: Result<Option<Verdict>, ValidateError>,
+        late: bool,
+    ) {
+        match recorded {
+            Ok(verdict) => {
+                self.stats.results_counted += 1;
+                if late {
+                    self.stats.results_late += 1;
+                }
+                match verdict {
+                    Some(verdict) => self.decide(unit, verdict),
+                    None => self.refresh(unit),
+                }
+            }
+            Err(ValidateError::DuplicateVote { .. }) => {
+                self.stats.results_duplicate += 1;
+                self.refresh(unit);
+            }
+            Err(_) => self.stats.results_closed += 1,
+        }
+    }
+
+    /// A lease ends unanswered: its execution is a host failure.
+    fn give_up(&mut self, id: LeaseId, active: Active) {
+        self.forget_lease(id, active);
+        let Some(state) = self.units.get_mut(active.unit as usize) else {
+            return;
+        };
+        match state.tally.record(active.peer, Outcome::HostFailure) {
+            Ok(Some(verdict)) => self.decide(active.unit, verdict),
+            Ok(None) => self.refresh(active.unit),
+            Err(_) => {}
+        }
+    }
+
+    fn remember_expired(&mut self, id: LeaseId, active: Active) {
+        if self.config.max_expired == 0 {
+            return;
+        }
+        while self.expired_order.len() >= self.config.max_expired {
+            if let Some(old) = self.expired_order.pop_front() {
+                self.expired.remove(&old);
+            }
+        }
+        self.expired.insert(id, (active.peer, active.unit));
+        self.expired_order.push_back(id);
+    }
+
+    fn forget_lease(&mut self, id: LeaseId, active: Active) {
+        self.leases.remove(&id);
+        self.deadlines.remove(&(active.deadline, id));
+        if let Some(peer) = self.peers.get_mut(&active.peer) {
+            peer.leases.remove(&id);
+        }
+        if let Some(state) = self.units.get_mut(active.unit as usize) {
+            state.active.retain(|l| *l != id);
+        }
+    }
+
+    fn refresh(&mut self, unit: u32) {
+        let wants = self
+            .units
+            .get(unit as usize)
+            .is_some_and(|u| u.tally.wanted() > 0);
+        if wants {
+            self.ready.insert(unit);
+        } else {
+            self.ready.remove(&unit);
+        }
+    }
+
+    fn decide(&mut self, unit: u32, verdict: Verdict) {
+        self.ready.remove(&unit);
+        let active = self
+            .units
+            .get_mut(unit as usize)
+            .map(|u| std::mem::take(&mut u.active))
+            .unwrap_or_default();
+        let mut revoked: BTreeMap<PeerId, Vec<LeaseId>> = BTreeMap::new();
+        for id in active {
+            if let Some(lease) = self.leases.get(&id).copied() {
+                self.forget_lease(id, lease);
+                self.stats.leases_revoked += 1;
+                revoked.entry(lease.peer).or_default().push(id);
+            }
+        }
+        for (to, leases) in revoked {
+            self.out.push_back(Command::Revoke {
+                to,
+                job: self.job,
+                leases,
+            });
+        }
+        if verdict.is_accepted() {
+            self.accepted += 1;
+        } else {
+            self.failed += 1;
+        }
+        tracing::debug!(job = %self.job, unit, accepted = verdict.is_accepted(), "unit decided");
+        self.out.push_back(Command::Decided { unit, verdict });
+        self.check_finished();
+    }
+
+    fn check_finished(&mut self) {
+        if !self.finished && self.accepted.saturating_add(self.failed) >= self.unit_count() {
+            self.finished = true;
+            self.out.push_back(Command::Finished {
+                accepted: self.accepted,
+                failed: self.failed,
+            });
+        }
+    }
+
+    fn cancel(&mut self) {
+        for unit in 0..self.unit_count() {
+            let verdict = self
+                .units
+                .get_mut(unit as usize)
+                .and_then(|u| u.tally.abandon());
+            if let Some(verdict) = verdict {
+                self.decide(unit, verdict);
+            }
+        }
+    }
+
+    /// Hands ready units to peers with room, in a random peer order.
+    fn dispatch(&mut self, now: Instant) {
+        if self.ready.is_empty() {
+            return;
+        }
+        let cap = self.config.max_leases_per_peer as usize;
+        let mut candidates: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.free > 0 && p.leases.len() < cap)
+            .map(|(id, _)| *id)
+            .collect();
+        self.rng.shuffle(&mut candidates);
+        for peer in candidates {
+            if self.ready.is_empty() {
+                break;
+            }
+            let Some(state) = self.peers.get(&peer) else {
+                continue;
+            };
+            let room = (state.free as usize)
+                .min(cap.saturating_sub(state.leases.len()))
+                .min(self.config.max_batch);
+            if room == 0 {
+                continue;
+            }
+            let window = room.saturating_mul(self.config.spread.max(1));
+            let mut pool: Vec<u32> = self
+                .ready
+                .iter()
+                .copied()
+                .filter(|u| {
+                    self.units
+                        .get(*u as usize)
+                        .is_some_and(|s| !s.tried.contains(&peer))
+                })
+                .take(window)
+                .collect();
+            let take = room.min(pool.len());
+            for i in 0..take {
+                let j = i + self.rng.index(pool.len() - i);
+                pool.swap(i, j);
+            }
+            pool.truncate(take);
+            pool.sort_unstable();
+            let mut leases = Vec::with_capacity(take);
+            for unit in pool {
+                if let Some(lease) = self.issue(peer, unit, now) {
+                    leases.push(lease);
+                }
+            }
+            if !leases.is_empty() {
+                self.out.push_back(Command::Offer {
+                    to: peer,
+                    job: self.job,
+                    leases,
+                });
+            }
+        }
+    }
+
+    fn issue(&mut self, peer: PeerId, unit: u32, now: Instant) -> Option<Lease> {
+        let state = self.units.get_mut(unit as usize)?;
+        state.tally.start().ok()?;
+        let id = LeaseId(self.next_lease);
+        self.next_lease += 1;
+        state.tried.push(peer);
+        state.active.push(id);
+        state.issued += 1;
+        let lease = Lease {
+            id,
+            unit,
+            attempt: state.issued,
+            deadline: now + self.config.lease_timeout,
+        };
+        self.leases.insert(
+            id,
+            Active {
+                peer,
+                unit,
+                deadline: lease.deadline,
+            },
+        );
+        self.deadlines.insert((lease.deadline, id));
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.free = p.free.saturating_sub(1);
+            p.leases.insert(id);
+        }
+        self.stats.leases_issued += 1;
+        self.refresh(unit);
+        Some(lease)
+    }
+}

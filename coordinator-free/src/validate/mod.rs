@@ -296,6 +296,17 @@ impl Tally {
         }
     }
 
+    /// Takes back a started execution that never ran (its peer declined the lease).
+    pub fn withdraw(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
+    /// Closes the unit with a verdict reached earlier (read back from a journal).
+    pub fn restore(&mut self, verdict: Verdict) {
+        self.in_flight = 0;
+        self.state = State::Closed(verdict);
+    }
+
     /// Gives the unit up whatever its votes say.
     pub fn abandon(&mut self) -> Option<Verdict> {
         if !self.is_open() {
