@@ -74,6 +74,8 @@ pub enum IdentityError {
     },
     #[error("key file {path} is not an Ed25519 PKCS#8 key")]
     BadKey { path: PathBuf },
+    #[error("not an Ed25519 PKCS#8 key")]
+    BadKeyBytes,
     #[error("key file {path} is larger than any key ({len} bytes)")]
     KeyFileTooLarge { path: PathBuf, len: u64 },
     #[error("cannot generate a key: {0}")]
@@ -139,11 +141,13 @@ impl Identity {
 
     /// An identity from a PKCS#8 document, as stored in the key file.
     pub fn from_pkcs8(pkcs8: Vec<u8>) -> Result<Self, IdentityError> {
-        let bad = || IdentityError::BadKey {
-            path: PathBuf::from("<memory>"),
-        };
-        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&pkcs8).map_err(|_| bad())?;
-        let public: [u8; PEER_ID_LEN] = key.public_key().as_ref().try_into().map_err(|_| bad())?;
+        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&pkcs8)
+            .map_err(|_| IdentityError::BadKeyBytes)?;
+        let public: [u8; PEER_ID_LEN] = key
+            .public_key()
+            .as_ref()
+            .try_into()
+            .map_err(|_| IdentityError::BadKeyBytes)?;
         let id = PeerId::from_bytes(public);
         let cert = self_signed_cert(&pkcs8, &id)?;
         Ok(Self {

@@ -50,6 +50,10 @@ pub struct ExecArgs {
 
 #[derive(Args)]
 pub struct UnitHostArgs {
+    /// Lower this process's CPU priority by this niceness (0–19) before serving units, so donated
+    /// work yields to the volunteer's own programs.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
+    nice: Option<i32>,
     /// The peer's data directory (compiled-module cache).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -60,6 +64,12 @@ pub struct UnitHostArgs {
 
 /// `worker unit-host`: the child side of [`UnitHost`].
 pub fn unit_host(args: UnitHostArgs) -> Result<ExitCode, Failure> {
+    if let Some(nice) = args.nice {
+        lower_priority(nice).map_err(|e| Failure {
+            error: anyhow!(e).context("cannot lower the unit host's priority"),
+            code: exit::HOST_FAILURE,
+        })?;
+    }
     let mut config = SandboxConfig {
         cache_dir: cache_dir(args.data_dir, args.no_cache),
         ..SandboxConfig::default()
@@ -80,6 +90,23 @@ pub fn unit_host(args: UnitHostArgs) -> Result<ExitCode, Failure> {
             error: e.into(),
             code: exit::HOST_FAILURE,
         })
+}
+
+/// Raises this process's niceness to `nice` (only ever lowers its priority).
+fn lower_priority(nice: i32) -> std::io::Result<()> {
+    // SAFETY: setpriority takes plain integers; `who = 0` is this process.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    // Refused only when this process is already nicer than asked (raising priority back needs
+    // privileges): yielding is the point, so that is fine.
+    if matches!(error.raw_os_error(), Some(libc::EACCES | libc::EPERM)) {
+        tracing::info!("keeping the current, lower priority: {error}");
+        return Ok(());
+    }
+    Err(error)
 }
 
 fn cache_dir(data_dir: Option<PathBuf>, no_cache: bool) -> Option<PathBuf> {

@@ -175,3 +175,27 @@ fn a_pool_of_unit_hosts_runs_units_in_parallel_and_survives_timeouts() {
     }
     assert_eq!(seen, 12);
 }
+
+#[test]
+fn a_unit_host_can_yield_the_cpu_to_the_volunteer() {
+    let mut host = UnitHost::new(UnitHostCommand {
+        program: env!("CARGO_BIN_EXE_worker").into(),
+        args: vec![
+            "unit-host".into(),
+            "--no-cache".into(),
+            "--nice".into(),
+            "15".into(),
+        ],
+    });
+    let echo = HostedModule::new(example_artifacts::ECHO_BYTES.to_vec(), Metering::Off);
+    assert_eq!(
+        host.run(&echo, request(b"x", Duration::from_secs(30)))
+            .result,
+        Ok(b"x".to_vec())
+    );
+    let pid = host.pid().expect("a host runs");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Field 19 of /proc/PID/stat is the niceness; the command name (field 2) has no spaces here.
+    let nice: i32 = stat.split_whitespace().nth(18).unwrap().parse().unwrap();
+    assert_eq!(nice, 15);
+}

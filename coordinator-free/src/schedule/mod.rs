@@ -670,3 +670,312 @@ impl Scheduler {
         Some(lease)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(n: u8) -> PeerId {
+        PeerId::from_bytes([n; 32])
+    }
+
+    fn job() -> Digest {
+        Digest::of(b"job")
+    }
+
+    fn drain(s: &mut Scheduler) -> Vec<Command> {
+        std::iter::from_fn(|| s.poll_command()).collect()
+    }
+
+    fn offers(cmds: &[Command]) -> BTreeMap<PeerId, Vec<Lease>> {
+        let mut out: BTreeMap<PeerId, Vec<Lease>> = BTreeMap::new();
+        for c in cmds {
+            if let Command::Offer { to, leases, .. } = c {
+                out.entry(*to).or_default().extend(leases.iter().copied());
+            }
+        }
+        out
+    }
+
+    fn answer(s: &mut Scheduler, from: PeerId, leases: &[Lease], d: &[u8], now: Instant) {
+        let results = leases
+            .iter()
+            .map(|l| LeaseResult {
+                lease: l.id,
+                outcome: Outcome::Output(Digest::of(d)),
+            })
+            .collect();
+        s.handle(Event::Results { from, results }, now);
+    }
+
+    #[test]
+    fn leases_are_batched_capped_and_distinct() {
+        let now = Instant::now();
+        let config = Config {
+            max_leases_per_peer: 32,
+            max_batch: 20,
+            ..Config::default()
+        };
+        let mut s = Scheduler::new(job(), 100, Policy::new(2, 2, 4), config, 1);
+        s.handle(
+            Event::Available {
+                peer: peer(1),
+                slots: 50,
+            },
+            now,
+        );
+        let cmds = drain(&mut s);
+        assert_eq!(cmds.len(), 1, "one offer per dispatch: {cmds:?}");
+        let o = offers(&cmds);
+        let leases = &o[&peer(1)];
+        assert_eq!(leases.len(), 20);
+        let units: BTreeSet<u32> = leases.iter().map(|l| l.unit).collect();
+        assert_eq!(units.len(), 20);
+        assert!(leases.iter().all(|l| l.attempt == 1));
+        // The next request tops the peer up to its cap, never past it.
+        s.handle(
+            Event::Available {
+                peer: peer(1),
+                slots: 50,
+            },
+            now,
+        );
+        let more = offers(&drain(&mut s));
+        assert_eq!(more[&peer(1)].len(), 12);
+        assert_eq!(s.progress().running, 32);
+    }
+
+    #[test]
+    fn a_unit_never_runs_twice_on_one_peer() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(job(), 10, Policy::new(2, 2, 4), Config::default(), 2);
+        let alone = peer(1);
+        s.handle(
+            Event::Available {
+                peer: alone,
+                slots: 100,
+            },
+            now,
+        );
+        let first = offers(&drain(&mut s)).remove(&alone).unwrap_or_default();
+        assert_eq!(first.len(), 10);
+        answer(&mut s, alone, &first, b"x", now);
+        s.handle(
+            Event::Available {
+                peer: alone,
+                slots: 100,
+            },
+            now,
+        );
+        assert!(offers(&drain(&mut s)).is_empty());
+        s.handle(
+            Event::Available {
+                peer: peer(2),
+                slots: 100,
+            },
+            now,
+        );
+        let second = offers(&drain(&mut s)).remove(&peer(2)).unwrap_or_default();
+        assert_eq!(second.len(), 10);
+        assert!(second.iter().all(|l| l.attempt == 2));
+        answer(&mut s, peer(2), &second, b"x", now);
+        let cmds = drain(&mut s);
+        assert!(cmds.contains(&Command::Finished {
+            accepted: 10,
+            failed: 0
+        }));
+    }
+
+    #[test]
+    fn expired_lease_is_reissued_and_its_late_answer_still_votes() {
+        let now = Instant::now();
+        let config = Config::default();
+        let timeout = config.lease_timeout;
+        let mut s = Scheduler::new(job(), 1, Policy::new(2, 2, 4), config, 3);
+        for n in [1, 2] {
+            s.handle(
+                Event::Available {
+                    peer: peer(n),
+                    slots: 1,
+                },
+                now,
+            );
+        }
+        let o = offers(&drain(&mut s));
+        assert_eq!(o.len(), 2);
+        answer(&mut s, peer(2), &o[&peer(2)], b"x", now);
+        assert_eq!(s.poll_timeout(), Some(now + timeout));
+        s.handle(
+            Event::Available {
+                peer: peer(3),
+                slots: 1,
+            },
+            now,
+        );
+        assert!(drain(&mut s).is_empty(), "nothing to do before the deadline");
+        let later = now + timeout;
+        s.handle_timeout(later);
+        let o3 = offers(&drain(&mut s));
+        assert_eq!(o3[&peer(3)].len(), 1, "re-issued elsewhere");
+        assert_eq!(s.stats().leases_expired, 1);
+        // The slow peer answers after all: its vote completes the quorum and peer 3's lease
+        // is revoked.
+        answer(&mut s, peer(1), &o[&peer(1)], b"x", later);
+        let cmds = drain(&mut s);
+        assert!(cmds.iter().any(|c| matches!(
+            c,
+            Command::Decided { unit: 0, verdict: Verdict::Accepted { agreeing, .. } }
+                if *agreeing == vec![peer(2), peer(1)]
+        )));
+        assert!(cmds.iter().any(|c| matches!(c, Command::Revoke { to, .. } if *to == peer(3))));
+        assert_eq!(s.stats().results_late, 1);
+        // Peer 3's answer for its revoked lease is ignored.
+        answer(&mut s, peer(3), &o3[&peer(3)], b"x", later);
+        assert_eq!(s.stats().results_unknown, 1);
+        assert!(s.is_finished());
+    }
+
+    #[test]
+    fn a_lost_peer_leases_go_elsewhere() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(job(), 4, Policy::new(1, 1, 2), Config::default(), 4);
+        s.handle(
+            Event::Available {
+                peer: peer(1),
+                slots: 4,
+            },
+            now,
+        );
+        assert_eq!(offers(&drain(&mut s))[&peer(1)].len(), 4);
+        s.handle(
+            Event::Available {
+                peer: peer(2),
+                slots: 4,
+            },
+            now,
+        );
+        assert!(drain(&mut s).is_empty());
+        s.handle(Event::PeerGone { peer: peer(1) }, now);
+        let o = offers(&drain(&mut s));
+        assert_eq!(o[&peer(2)].len(), 4);
+        assert_eq!(s.stats().leases_lost, 4);
+    }
+
+    #[test]
+    fn junk_answers_are_ignored_and_counted() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(job(), 2, Policy::new(2, 2, 4), Config::default(), 5);
+        s.handle(
+            Event::Available {
+                peer: peer(1),
+                slots: 2,
+            },
+            now,
+        );
+        let mine = offers(&drain(&mut s)).remove(&peer(1)).unwrap_or_default();
+        let result = |lease| LeaseResult {
+            lease,
+            outcome: Outcome::Output(Digest::of(b"x")),
+        };
+        // A stranger answers peer 1's lease, and a lease nobody issued.
+        s.handle(
+            Event::Results {
+                from: peer(9),
+                results: vec![result(mine[0].id), result(LeaseId(1_000))],
+            },
+            now,
+        );
+        // Peer 1 answers twice.
+        s.handle(
+            Event::Results {
+                from: peer(1),
+                results: vec![result(mine[0].id), result(mine[0].id)],
+            },
+            now,
+        );
+        s.handle(
+            Event::Declined {
+                from: peer(9),
+                leases: vec![mine[1].id, LeaseId(7)],
+            },
+            now,
+        );
+        let st = s.stats();
+        assert_eq!(st.results_wrong_peer, 2);
+        assert_eq!(st.results_unknown, 2);
+        assert_eq!(st.results_counted, 1);
+        assert_eq!(s.progress().running, 1);
+        assert!(s.unit(99).is_none());
+    }
+
+    #[test]
+    fn declined_leases_may_return_to_the_same_peer() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(job(), 1, Policy::new(1, 1, 1), Config::default(), 6);
+        s.handle(
+            Event::Available {
+                peer: peer(1),
+                slots: 1,
+            },
+            now,
+        );
+        let l = offers(&drain(&mut s)).remove(&peer(1)).unwrap_or_default();
+        s.handle(
+            Event::Declined {
+                from: peer(1),
+                leases: vec![l[0].id],
+            },
+            now,
+        );
+        assert!(drain(&mut s).is_empty());
+        s.handle(
+            Event::Available {
+                peer: peer(1),
+                slots: 1,
+            },
+            now,
+        );
+        let again = offers(&drain(&mut s)).remove(&peer(1)).unwrap_or_default();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].attempt, 1);
+    }
+
+    #[test]
+    fn cancel_fails_every_open_unit_and_finishes() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(job(), 3, Policy::new(1, 1, 1), Config::default(), 7);
+        s.restore(
+            1,
+            Verdict::Accepted {
+                digest: Digest::of(b"x"),
+                agreeing: vec![peer(1)],
+                dissenters: Vec::new(),
+                host_failed: Vec::new(),
+            },
+        )
+        .expect("unit 1 is open");
+        assert!(s.restore(1, Verdict::Failed {
+            reason: crate::validate::FailReason::Abandoned,
+            evidence: Vec::new(),
+            host_failed: Vec::new(),
+        })
+        .is_err());
+        s.handle(Event::Cancel, now);
+        let cmds = drain(&mut s);
+        assert_eq!(
+            cmds.iter()
+                .filter(|c| matches!(c, Command::Decided { .. }))
+                .count(),
+            2
+        );
+        assert_eq!(
+            cmds.last(),
+            Some(&Command::Finished {
+                accepted: 1,
+                failed: 2
+            })
+        );
+        let empty = Scheduler::new(job(), 0, Policy::default(), Config::default(), 8);
+        assert!(empty.is_finished());
+    }
+}
