@@ -902,7 +902,9 @@ mod tests {
         );
         let st = s.stats();
         assert_eq!(st.results_wrong_peer, 2);
-        assert_eq!(st.results_unknown, 2);
+        // The unissued lease, peer 1's second answer (its lease is spent) and the unissued
+        // decline.
+        assert_eq!(st.results_unknown, 3);
         assert_eq!(st.results_counted, 1);
         assert_eq!(s.progress().running, 1);
         assert!(s.unit(99).is_none());
