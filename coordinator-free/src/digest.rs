@@ -3,11 +3,53 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::de::{self, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// The BLAKE3 hash of a blob's bytes.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// The BLAKE3 hash of a blob's bytes. Binary formats carry the 32 bytes; human-readable ones
+/// (JSON results) the 64-character hex text.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest(pub [u8; 32]);
+
+impl Serialize for Digest {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.collect_str(self)
+        } else {
+            serializer.serialize_bytes(&self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            deserializer.deserialize_str(DigestVisitor)
+        } else {
+            deserializer.deserialize_bytes(DigestVisitor)
+        }
+    }
+}
+
+struct DigestVisitor;
+
+impl<'de> Visitor<'de> for DigestVisitor {
+    type Value = Digest;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("32 bytes or 64 hexadecimal characters")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Digest, E> {
+        v.parse().map_err(E::custom)
+    }
+
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Digest, E> {
+        <[u8; 32]>::try_from(v)
+            .map(Digest)
+            .map_err(|_| E::invalid_length(v.len(), &self))
+    }
+}
 
 impl Digest {
     /// Hashes `bytes`.
@@ -92,6 +134,18 @@ mod tests {
             Digest::of(b"").to_hex(),
             "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
         );
+    }
+
+    #[test]
+    fn serde_is_hex_in_json_and_bytes_in_postcard() {
+        let d = Digest::of(b"x");
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(json, format!("\"{d}\""));
+        assert_eq!(serde_json::from_str::<Digest>(&json).unwrap(), d);
+        let bin = postcard::to_stdvec(&d).unwrap();
+        assert_eq!(bin.len(), 33, "a length byte and the 32 bytes");
+        assert_eq!(postcard::from_bytes::<Digest>(&bin).unwrap(), d);
+        assert!(postcard::from_bytes::<Digest>(&[3, 1, 2, 3]).is_err());
     }
 
     #[test]
