@@ -14,5 +14,7 @@ pub mod node;
 pub mod peer_id;
 pub mod rng;
 pub mod sandbox;
+pub mod schedule;
 pub mod store;
+pub mod validate;
 pub mod wire;

@@ -90,6 +90,18 @@ pub enum NetError {
     StreamClosed(#[from] quinn::ClosedStream),
 }
 
+impl NetError {
+    /// Whether the remote sent something our protocol forbids (as opposed to a network or
+    /// handshake failure), which deserves a louder log.
+    pub fn is_protocol_violation(&self) -> bool {
+        match self {
+            NetError::NoHello | NetError::Version { .. } => true,
+            NetError::Wire(err) => !matches!(err, WireError::Io(_)),
+            _ => false,
+        }
+    }
+}
+
 /// An authenticated, greeted connection: the remote's id, and the one stream each way.
 #[derive(Debug)]
 pub struct PeerLink {

@@ -156,7 +156,21 @@ impl Node {
         let id = identity.id();
         let identity = Arc::new(identity);
         let allow = config.allow.map(Arc::new);
-        let endpoint = net::endpoint(&identity, allow.clone(), config.listen, &config.net)?;
+        // The control socket first: a second peer on the same data directory is then refused
+        // with that reason, not with whatever binding the same port would say.
+        let control = match &config.control_socket {
+            Some(path) => Some((control::bind(path).await?, path.clone())),
+            None => None,
+        };
+        let endpoint = match net::endpoint(&identity, allow.clone(), config.listen, &config.net) {
+            Ok(endpoint) => endpoint,
+            Err(err) => {
+                if let Some((_, path)) = &control {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(err.into());
+            }
+        };
         let local_addr = endpoint.local_addr().map_err(NodeError::LocalAddr)?;
         let addrs = advertised_addrs(local_addr);
 
@@ -192,8 +206,7 @@ impl Node {
         );
 
         let mut control_path = None;
-        if let Some(path) = config.control_socket {
-            let listener = control::bind(&path).await?;
+        if let Some((listener, path)) = control {
             let (control_tx, mut control_rx) = mpsc::channel(16);
             tasks.spawn(control::serve(listener, control_tx));
             // Forward control requests into the actor's one request queue.
@@ -583,6 +596,9 @@ async fn accept_loop(endpoint: quinn::Endpoint, net: NetConfig, inputs: mpsc::Se
                     match net::accept(incoming, &net).await {
                         Ok(link) => {
                             let _ = inputs.send(Input::Established(link)).await;
+                        }
+                        Err(err) if err.is_protocol_violation() => {
+                            tracing::warn!(err = %error_chain(&err), "incoming connection broke the protocol; closed");
                         }
                         Err(err) => tracing::debug!(err = %error_chain(&err), "incoming connection failed"),
                     }

@@ -332,3 +332,26 @@ async fn malformed_frames_do_not_take_a_node_down() {
         node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_protocol_version_fails_the_handshake() {
+    let node = start(&[]).await;
+    let identity = Identity::generate().expect("identity");
+    let mut tls = identity.client_config(None, None).expect("tls");
+    tls.alpn_protocols = vec![b"cf/2".to_vec()];
+    let crypto = QuicClientConfig::try_from(Arc::new(tls)).expect("quic tls");
+    let endpoint = client_endpoint();
+    let connecting = endpoint
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(crypto)),
+            node.local_addr(),
+            SERVER_NAME,
+        )
+        .expect("connect");
+    let result = tokio::time::timeout(Duration::from_secs(5), connecting)
+        .await
+        .expect("the handshake ends");
+    assert!(result.is_err(), "a cf/2 client was accepted");
+    assert!(known(&node).await.is_empty());
+    node.shutdown().await;
+}

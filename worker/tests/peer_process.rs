@@ -87,7 +87,7 @@ fn run_status_and_id_as_processes() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id_a);
 
     let pinned = format!("{id_a}@{listen}");
-    let _b = spawn_peer(&dir_b, &["--cpus", "2", "--bootstrap", &pinned]);
+    let mut b = spawn_peer(&dir_b, &["--cpus", "2", "--bootstrap", &pinned]);
     let id_b = String::from_utf8(worker(&["id"], &dir_b).stdout).expect("utf-8");
     let id_b = id_b.trim().to_owned();
 
@@ -116,6 +116,16 @@ fn run_status_and_id_as_processes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // A crashed peer (SIGKILL: no goodbye) leaves the survivor's table within 10 s.
+    b.0.kill().expect("kill b");
+    let _ = b.0.wait();
+    let crashed = Instant::now();
+    wait_for_status(&dir_a, |s| {
+        s["peers"].as_array().is_some_and(|p| p.is_empty())
+    });
+    let took = crashed.elapsed();
+    assert!(took <= Duration::from_secs(10), "removal took {took:?}");
 
     // SIGTERM stops a peer cleanly: exit status 0, control socket removed.
     let pid = a.0.id().to_string();

@@ -98,6 +98,12 @@ pub struct Redundancy {
     pub max_attempts: u32,
 }
 
+impl From<Redundancy> for crate::validate::Policy {
+    fn from(r: Redundancy) -> Self {
+        Self::new(r.replicas, r.quorum, r.max_attempts)
+    }
+}
+
 /// Limits every replica of every unit runs under.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct JobLimits {

@@ -176,8 +176,7 @@ impl Intake {
     /// `prefetch` queued for it.
     pub fn want(&self, submitter: &PeerId) -> u32 {
         let queued = self.queues.get(submitter).map_or(0, |q| q.tasks.len());
-        if !self.queues.contains_key(submitter) && self.queues.len() >= self.config.max_submitters
-        {
+        if !self.queues.contains_key(submitter) && self.queues.len() >= self.config.max_submitters {
             return 0;
         }
         let limit = self
@@ -247,7 +246,7 @@ impl Intake {
                     {
                         self.flush(submitter, job);
                     } else if self.flush_at.is_none() {
-                        self.flush_at = Some(now + self.config.flush_delay);
+                        self.flush_at = Some(super::later(now, self.config.flush_delay));
                     }
                     self.tidy(submitter);
                 }
@@ -355,7 +354,8 @@ impl Intake {
             }
             if let Some(task) = next {
                 queue.running += 1;
-                self.running.insert((task.submitter, task.job, task.lease.id));
+                self.running
+                    .insert((task.submitter, task.job, task.lease.id));
                 self.stats.started += 1;
                 self.out.push_back(IntakeCommand::Run(task));
             } else {
@@ -624,5 +624,49 @@ mod tests {
         );
         assert_eq!(intake.stats().expired, 2);
         assert_eq!(intake.running(), 0);
+    }
+
+    #[test]
+    fn a_departed_submitter_leaves_nothing_behind() {
+        let now = Instant::now();
+        let deadline = now + Duration::from_secs(60);
+        let job = Digest::of(b"job");
+        let mut intake = Intake::new(IntakeConfig {
+            slots: 2,
+            max_submitters: 1,
+            ..IntakeConfig::default()
+        });
+        intake.handle(
+            IntakeEvent::Offer {
+                from: peer(1),
+                job,
+                leases: leases(0, 5, deadline),
+            },
+            now,
+        );
+        // A second submitter does not fit.
+        assert_eq!(intake.want(&peer(2)), 0);
+        intake.handle(
+            IntakeEvent::Offer {
+                from: peer(2),
+                job,
+                leases: leases(0, 2, deadline),
+            },
+            now,
+        );
+        let cmds = drain(&mut intake);
+        assert!(cmds.contains(&IntakeCommand::Decline {
+            to: peer(2),
+            job,
+            leases: vec![LeaseId(0), LeaseId(1)],
+        }));
+        intake.handle(IntakeEvent::SubmitterGone { peer: peer(1) }, now);
+        let aborts = drain(&mut intake)
+            .into_iter()
+            .filter(|c| matches!(c, IntakeCommand::Abort { .. }))
+            .count();
+        assert_eq!(aborts, 2);
+        assert_eq!((intake.running(), intake.queued()), (0, 0));
+        assert_eq!(intake.want(&peer(2)), 8);
     }
 }

@@ -74,14 +74,32 @@ impl Default for Policy {
 
 /// What one execution of a unit ended in, as far as voting is concerned.
 ///
-/// The sandbox's `UnitError` maps onto it by its class: a deterministic error becomes
-/// `Output(Digest::of(canonical encoding of the error))`, a host failure becomes `HostFailure`.
+/// A successful run is `Output(Digest::of(output bytes))`. The sandbox's `UnitError` maps
+/// onto it by its class: a deterministic error becomes
+/// [`Outcome::deterministic_error`]`(canonical encoding of the error)`, a host failure
+/// becomes `HostFailure`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Outcome {
     /// The digest of the output bytes, or of a deterministic failure's canonical encoding.
     Output(Digest),
     /// Timeout, stack overflow, host out of memory, crash, lost peer: retry elsewhere.
     HostFailure,
+}
+
+/// Prefix of the bytes hashed for a deterministic error, so that no output can share its
+/// digest with an error whose encoding happens to equal that output.
+const ERROR_DOMAIN: &[u8] = b"coordinator-free/unit-error/v1\0";
+
+impl Outcome {
+    /// The vote for a deterministic guest error, from a canonical encoding of it (the
+    /// postcard bytes of the sandbox's `UnitError`, say). Every honest peer encodes the same
+    /// error to the same bytes, so errors reach quorum like outputs.
+    pub fn deterministic_error(encoded: &[u8]) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(ERROR_DOMAIN);
+        hasher.update(encoded);
+        Self::Output(Digest(*hasher.finalize().as_bytes()))
+    }
 }
 
 /// One peer's vote.
@@ -266,11 +284,12 @@ impl Tally {
                 ValidateError::Closed
             });
         }
+        // The execution is over whatever its answer is worth: a refused vote frees its
+        // place for another execution.
+        self.in_flight -= 1;
         if let Outcome::Output(_) = outcome {
             self.check_vote(peer)?;
-        }
-        self.in_flight -= 1;
-        if !self.is_open() {
+        } else if !self.is_open() {
             return Err(ValidateError::Closed);
         }
         Ok(self.count(peer, outcome))
@@ -698,6 +717,19 @@ mod tests {
     }
 
     #[test]
+    fn errors_never_share_a_digest_with_outputs() {
+        let bytes = b"trap: unreachable";
+        assert_ne!(
+            Outcome::deterministic_error(bytes),
+            Outcome::Output(Digest::of(bytes))
+        );
+        assert_eq!(
+            Outcome::deterministic_error(bytes),
+            Outcome::deterministic_error(bytes)
+        );
+    }
+
+    #[test]
     fn policy_is_repaired() {
         let p = Policy::new(1, 0, 0);
         assert_eq!((p.replicas, p.quorum, p.max_attempts), (1, 1, 1));
@@ -724,7 +756,11 @@ mod tests {
     fn wanted_never_exceeds_attempts_whatever_the_order() {
         // Every interleaving of a small alphabet of inputs keeps the invariants.
         let inputs = ["s", "va", "vb", "hc", "la"];
-        for policy in [Policy::new(2, 2, 3), Policy::new(3, 2, 5), Policy::new(1, 1, 1)] {
+        for policy in [
+            Policy::new(2, 2, 3),
+            Policy::new(3, 2, 5),
+            Policy::new(1, 1, 1),
+        ] {
             for code in 0..5u32.pow(6) {
                 let mut t = Tally::new(policy);
                 let mut n = code;
