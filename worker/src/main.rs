@@ -6,6 +6,7 @@ mod exec;
 mod id;
 mod run;
 mod status;
+mod submit;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +35,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Join the network and donate this machine's spare cores until stopped.
     Run(run::RunArgs),
+    /// Run a job on this machine: every unit, redundantly, with results in results.jsonl.
+    Submit(submit::SubmitArgs),
     /// Ask the running peer for its identity, addresses and known peers.
     Status(status::StatusArgs),
     /// Print this peer's id (creates the identity key on first use).
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         Command::UnitHost(args) => exec::unit_host(args),
         Command::Run(args) => run::run(args),
         Command::Status(args) => status::run(args),
+        Command::Submit(args) => submit::run(args),
         Command::Id(args) => id::run(args),
     };
     match result {

@@ -683,7 +683,7 @@ fn parameter(
                             if integers {
                                 serde_json::Value::from(v as i64)
                             } else {
-                                serde_json::Value::from(v)
+                                serde_json::Value::from(tidy(v))
                             }
                         })
                         .collect())
@@ -706,7 +706,7 @@ fn parameter(
                             } else {
                                 start + (stop - start) * i as f64 / (count - 1) as f64
                             };
-                            serde_json::Value::from(v)
+                            serde_json::Value::from(tidy(v))
                         })
                         .collect())
                 }
@@ -714,6 +714,13 @@ fn parameter(
         }
         other => Ok(vec![scalar(check, field, other)?]),
     }
+}
+
+/// Rounds a computed grid value to 15 significant digits, so that `0.1 + 2 × 0.1` is the `0.3`
+/// a scientist wrote rather than `0.30000000000000004`. Formatting and parsing are exact and
+/// identical everywhere, so every peer derives the same value.
+fn tidy(v: f64) -> f64 {
+    format!("{v:.14e}").parse().unwrap_or(v)
 }
 
 fn sweep_from(check: &Check<'_>, table: &toml::Table) -> Result<Sweep, ManifestError> {
@@ -794,11 +801,9 @@ mod tests {
             String::from_utf8(sweep.input(1).unwrap()).unwrap(),
             r#"{"beta":0.1,"days":365,"gamma":0.2}"#
         );
-        // 0.1 + 4 × 0.1 computed from the start, not accumulated.
-        assert_eq!(
-            sweep.point(9).unwrap()["beta"],
-            serde_json::json!(0.1 + 4.0 * 0.1)
-        );
+        // 0.1 + k × 0.1 computed from the start and tidied: the values a person wrote.
+        assert_eq!(sweep.point(9).unwrap()["beta"], serde_json::json!(0.5));
+        assert_eq!(sweep.point(4).unwrap()["beta"], serde_json::json!(0.3));
         assert_eq!(sweep.input(10), None);
         let units = m.units(Path::new("job.toml")).unwrap();
         assert_eq!(units.len(), 10);

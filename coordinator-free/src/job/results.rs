@@ -40,6 +40,9 @@ pub struct ResultLine {
     /// For a failed unit: each peer's result digest, the evidence of the disagreement.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub evidence: Vec<(PeerId, Digest)>,
+    /// For a failed unit: the error its executions reported, when they reported one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A unit's output bytes for the results file: the JSON value itself when the bytes are JSON,
@@ -118,6 +121,7 @@ mod tests {
             dissented: Vec::new(),
             attempts: 2,
             evidence: Vec::new(),
+            error: None,
         };
         let text = serde_json::to_string(&line).unwrap();
         assert!(text.contains(&format!("\"{peer}\"")), "{text}");

@@ -83,7 +83,10 @@ impl DiskCache {
         };
         let mac = self.mac(digest, &artifact);
         let path = self.path(digest);
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        // Unique per writer: threads of one process share the pid.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
         let written = (|| {
             let mut file = fs::File::create(&tmp)?;
             file.write_all(MAGIC)?;
@@ -111,7 +114,11 @@ fn load_or_create_key(path: &Path) -> std::io::Result<[u8; 32]> {
     }
     let mut key = [0u8; 32];
     fill_random(&mut key)?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Unique per attempt (threads of one process share the pid).
+    let nonce = u64::from_le_bytes([
+        key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7],
+    ]);
+    let tmp = path.with_extension(format!("tmp{}-{nonce:016x}", std::process::id()));
     {
         let mut options = fs::OpenOptions::new();
         options.write(true).create(true).truncate(true);
@@ -121,11 +128,20 @@ fn load_or_create_key(path: &Path) -> std::io::Result<[u8; 32]> {
         file.write_all(&key)?;
         file.sync_all()?;
     }
-    fs::rename(&tmp, path)?;
-    // Another process may have won the race; everyone uses the key that ended up on disk.
-    let bytes = fs::read(path)?;
-    <[u8; 32]>::try_from(bytes.as_slice())
-        .map_err(|_| std::io::Error::other("the artifact key file is damaged"))
+    // A hard link never replaces an existing file: when several unit hosts start at once, the
+    // first key linked wins and every process then reads that one. (A rename would let a later
+    // process replace a key that others already use, and their artifacts would stop verifying.)
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(key),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let bytes = fs::read(path)?;
+            <[u8; 32]>::try_from(bytes.as_slice())
+                .map_err(|_| std::io::Error::other("the artifact key file is damaged"))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
@@ -236,6 +252,23 @@ mod tests {
             fs::write(cache.path(&digest), vec![0xAB; len]).unwrap();
             assert!(cache.load(&engine, &digest).is_none());
         }
+    }
+
+    #[test]
+    fn racing_processes_agree_on_one_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(KEY_FILE);
+        let keys: Vec<[u8; 32]> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| load_or_create_key(&path).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let on_disk = load_or_create_key(&path).unwrap();
+        assert!(
+            keys.iter().all(|k| *k == on_disk),
+            "every caller uses the key on disk"
+        );
     }
 
     #[test]

@@ -113,24 +113,44 @@ pub fn serve_unit_host(mut config: SandboxConfig) -> Result<(), SandboxError> {
     let out = Arc::new(Mutex::new(BufWriter::new(std::io::stdout())));
     let mut input = BufReader::new(std::io::stdin().lock());
     let io_error = |e: std::io::Error| SandboxError::Engine(format!("unit host i/o: {e}"));
-    let send = |message: &FromHost| -> std::io::Result<()> {
-        let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
-        write_frame(&mut *out, message)
+    // The parent going away (it was killed, or it killed us mid-write) ends the host quietly:
+    // there is nobody left to report to.
+    let parent_gone = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::UnexpectedEof
+        )
     };
-    while let Some(ToHost::Run {
-        digest,
-        module,
-        metering,
-        input: unit_input,
-        checkpoint,
-        limits,
-    }) = read_frame(&mut input).map_err(io_error)?
-    {
+    let send = |message: &FromHost| -> Result<bool, SandboxError> {
+        let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
+        match write_frame(&mut *out, message) {
+            Ok(()) => Ok(true),
+            Err(e) if parent_gone(&e) => Ok(false),
+            Err(e) => Err(io_error(e)),
+        }
+    };
+    loop {
+        let request = match read_frame(&mut input) {
+            Ok(Some(request)) => request,
+            Ok(None) => return Ok(()),
+            Err(e) if parent_gone(&e) => return Ok(()),
+            Err(e) => return Err(io_error(e)),
+        };
+        let ToHost::Run {
+            digest,
+            module,
+            metering,
+            input: unit_input,
+            checkpoint,
+            limits,
+        } = request;
         let key = (digest, metering);
         let prepared = match (modules.get(&key), module) {
             (Some(prepared), _) => Ok(prepared.clone()),
             (None, None) => {
-                send(&FromHost::NeedModule).map_err(io_error)?;
+                if !send(&FromHost::NeedModule)? {
+                    return Ok(());
+                }
                 continue;
             }
             (None, Some(bytes)) => sandbox.prepare(&bytes, metering).inspect(|prepared| {
@@ -151,7 +171,9 @@ pub fn serve_unit_host(mut config: SandboxConfig) -> Result<(), SandboxError> {
                 elapsed: Duration::ZERO,
             },
             Ok(prepared) => {
-                send(&FromHost::Started).map_err(io_error)?;
+                if !send(&FromHost::Started)? {
+                    return Ok(());
+                }
                 let observer = Arc::new(Forward { out: out.clone() });
                 let report = sandbox.run(
                     &prepared,
@@ -170,9 +192,10 @@ pub fn serve_unit_host(mut config: SandboxConfig) -> Result<(), SandboxError> {
                 }
             }
         };
-        send(&FromHost::Done(Box::new(finished))).map_err(io_error)?;
+        if !send(&FromHost::Done(Box::new(finished)))? {
+            return Ok(());
+        }
     }
-    Ok(())
 }
 
 /// Streams a running unit's logs, progress and checkpoints to the parent.

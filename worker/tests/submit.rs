@@ -1,0 +1,278 @@
+//! `worker submit` on this machine alone: real processes, real unit hosts, results checked
+//! against the native kernels, and a submitter killed with SIGKILL that resumes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// What a finished `worker submit` left behind.
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn spawn(dir: &Path, manifest: &Path, tag: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_worker"))
+        .arg("submit")
+        .arg(manifest)
+        .arg("--out")
+        .arg(dir.join("out"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--cpus", "2"])
+        .env_remove("WORKER_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join(format!("{tag}.stdout"))).unwrap())
+        .stderr(std::fs::File::create(dir.join(format!("{tag}.stderr"))).unwrap())
+        .spawn()
+        .expect("worker starts")
+}
+
+/// Waits for `child` at most `limit`, killing it past that.
+fn finish(mut child: Child, dir: &Path, tag: &str, limit: Duration) -> Run {
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "worker submit did not finish within {limit:?}; stderr: {}",
+                std::fs::read_to_string(dir.join(format!("{tag}.stderr"))).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        code: status.code(),
+        stdout: std::fs::read_to_string(dir.join(format!("{tag}.stdout"))).unwrap(),
+        stderr: std::fs::read_to_string(dir.join(format!("{tag}.stderr"))).unwrap(),
+    }
+}
+
+fn submit(dir: &Path, manifest: &Path, tag: &str) -> Run {
+    finish(spawn(dir, manifest, tag), dir, tag, Duration::from_secs(30))
+}
+
+fn write_manifest(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("job.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn results(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("out/results.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect()
+}
+
+/// The number after `label` in the summary, e.g. "12 units run this time".
+fn summary_count(stdout: &str, label: &str) -> u64 {
+    let at = stdout
+        .find(label)
+        .unwrap_or_else(|| panic!("{label:?} in {stdout}"));
+    stdout[..at]
+        .split_whitespace()
+        .last()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("a count before {label:?} in {stdout}"))
+}
+
+#[test]
+fn a_sweep_completes_with_the_native_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        &format!(
+            r#"
+name = "sir-small"
+module = {:?}
+[inputs.sweep]
+beta = [0.1, 0.2, 0.3]
+gamma = [0.05, 0.1, 0.2, 0.25]
+population = 100000.0
+initial_infected = 10.0
+days = 120
+steps_per_day = 4
+[redundancy]
+replicas = 2
+"#,
+            example_artifacts::SIR
+        ),
+    );
+    let run = submit(dir.path(), &manifest, "run");
+    assert_eq!(
+        run.code,
+        Some(0),
+        "stdout {}\nstderr {}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.stdout.contains("12 accepted, 0 failed, of 12"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("not independent peers"),
+        "{}",
+        run.stdout
+    );
+    let lines = results(dir.path());
+    assert_eq!(lines.len(), 12);
+    let mut seen: Vec<u64> = Vec::new();
+    for line in &lines {
+        assert_eq!(line["status"], "accepted", "{line}");
+        let input: example_sir::Input =
+            serde_json::from_value(line["input"]["params"].clone()).unwrap();
+        let expected = serde_json::to_value(example_sir::compute(&input)).unwrap();
+        assert_eq!(line["output"], expected, "{line}");
+        let agreed = line["agreed"].as_array().unwrap();
+        assert_eq!(agreed.len(), 2, "{line}");
+        assert_ne!(agreed[0], agreed[1], "distinct simulated peers");
+        seen.push(line["index"].as_u64().unwrap());
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..12).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_panicking_unit_fails_with_evidence_and_a_nonzero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("inputs.jsonl"),
+        "{\"ok\": true}\n{\"panic\": \"boom\"}\n",
+    )
+    .unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        &format!(
+            "name = \"faults\"\nmodule = {:?}\n[inputs]\njsonl = \"inputs.jsonl\"\n",
+            example_artifacts::FAULTS
+        ),
+    );
+    let run = submit(dir.path(), &manifest, "run");
+    assert_ne!(run.code, Some(0), "stdout {}", run.stdout);
+    assert!(
+        run.stdout.contains("1 accepted, 1 failed, of 2"),
+        "{}",
+        run.stdout
+    );
+    let lines = results(dir.path());
+    assert_eq!(lines.len(), 2);
+    let failed = lines.iter().find(|l| l["index"] == 1).unwrap();
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("boom"),
+        "{failed}"
+    );
+    assert_eq!(failed["evidence"].as_array().unwrap().len(), 2, "{failed}");
+    let ok = lines.iter().find(|l| l["index"] == 0).unwrap();
+    assert_eq!(ok["status"], "accepted", "{ok}");
+    assert_eq!(ok["output"]["ok"], true, "{ok}");
+}
+
+#[test]
+fn a_bad_manifest_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        &format!(
+            "name = \"bad\"\nmodule = {:?}\n[inputs.sweep]\nseed = [1, 2]\n[redundancy]\nreplicas = 2\nquorum = 3\n",
+            example_artifacts::PI
+        ),
+    );
+    let run = submit(dir.path(), &manifest, "run");
+    assert_eq!(run.code, Some(2), "stderr {}", run.stderr);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {lines:?}");
+    assert!(lines[0].contains("redundancy.quorum"), "{lines:?}");
+    assert!(!dir.path().join("out").exists(), "nothing ran");
+}
+
+#[test]
+fn a_killed_submit_resumes_without_rerunning_accepted_units() {
+    const UNITS: u64 = 40;
+    const SAMPLES: u64 = 6_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        &format!(
+            "name = \"pi\"\nmodule = {:?}\n[inputs.sweep]\nseed = {{ start = 1, stop = {UNITS}, step = 1 }}\nsamples = {SAMPLES}\n[redundancy]\nreplicas = 2\n",
+            example_artifacts::PI
+        ),
+    );
+
+    let mut child = spawn(dir.path(), &manifest, "first");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let done = results(dir.path()).len();
+        if done >= 6 {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the first run ended before it could be killed: {status}");
+        }
+        assert!(Instant::now() < deadline, "no results within 30 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before = results(dir.path()).len() as u64;
+    assert!(before < UNITS, "killed mid-job, {before} units done");
+
+    let run = submit(dir.path(), &manifest, "second");
+    assert_eq!(
+        run.code,
+        Some(0),
+        "stdout {}\nstderr {}",
+        run.stdout,
+        run.stderr
+    );
+    let restored = summary_count(&run.stdout, "restored");
+    let ran = summary_count(&run.stdout, "units run this time");
+    assert!(
+        restored >= before,
+        "{restored} restored, {before} seen: {}",
+        run.stdout
+    );
+    assert_eq!(ran + restored, UNITS, "{}", run.stdout);
+    assert!(
+        ran < UNITS,
+        "the second run re-ran accepted units: {}",
+        run.stdout
+    );
+
+    let lines = results(dir.path());
+    assert_eq!(
+        lines.len() as u64,
+        UNITS,
+        "one line per unit after resuming"
+    );
+    let mut seen: Vec<u64> = lines
+        .iter()
+        .map(|line| {
+            assert_eq!(line["status"], "accepted", "{line}");
+            let seed = line["input"]["params"]["seed"].as_u64().unwrap();
+            let expected = example_pi::compute(&example_pi::Input {
+                samples: SAMPLES,
+                seed,
+            });
+            assert_eq!(
+                line["output"],
+                serde_json::to_value(expected).unwrap(),
+                "{line}"
+            );
+            line["index"].as_u64().unwrap()
+        })
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..UNITS).collect::<Vec<_>>());
+}
