@@ -1,0 +1,181 @@
+//! Jobs on one machine: `worker submit` against the same work done natively and by GNU parallel.
+//!
+//! ```sh
+//! apt-get install parallel                  # optional: the GNU parallel column
+//! cargo bench -p worker --bench jobs
+//! ```
+//!
+//! Prints (1) the useful-work fraction of a 200-unit Monte Carlo sweep of ~50 ms units — the
+//! native single-core time of all units ÷ cores ÷ wall time — for `worker submit` at replicas 1
+//! and 2 and for GNU parallel running the natively compiled kernel; (2) end-to-end throughput of
+//! 10,000 tiny units through `worker submit` at replicas 1 and 2. Each figure is the median of
+//! a few whole runs, each in a fresh data directory (so nothing is resumed).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const WORKER: &str = env!("CARGO_BIN_EXE_worker");
+const RUNS: usize = 3;
+const PI_UNITS: u64 = 200;
+const TINY_UNITS: u64 = 10_000;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn pi(seed: u64, samples: u64) -> example_pi::Output {
+    example_pi::compute(&example_pi::Input { samples, seed })
+}
+
+/// Samples per unit so one unit takes about `target` natively.
+fn calibrate(target: Duration) -> u64 {
+    let probe = 2_000_000;
+    let t = Instant::now();
+    std::hint::black_box(pi(1, probe));
+    let per_sample = t.elapsed().as_secs_f64() / probe as f64;
+    ((target.as_secs_f64() / per_sample) as u64).max(1)
+}
+
+/// Runs `worker submit` on a manifest in a fresh data directory; returns its wall time.
+fn submit(dir: &Path, name: &str, manifest: &str) -> Duration {
+    let job = dir.join(format!("{name}.toml"));
+    std::fs::write(&job, manifest).expect("manifest written");
+    let data = tempfile::tempdir().expect("data dir");
+    let out = tempfile::tempdir().expect("out dir");
+    let started = Instant::now();
+    let status = Command::new(WORKER)
+        .arg("submit")
+        .arg(&job)
+        .arg("--data-dir")
+        .arg(data.path())
+        .arg("--out")
+        .arg(out.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("worker submit runs");
+    let wall = started.elapsed();
+    assert!(status.success(), "worker submit failed on {name}");
+    let lines = std::fs::read_to_string(out.path().join("results.jsonl"))
+        .expect("results written")
+        .lines()
+        .count();
+    assert!(lines > 0, "no results for {name}");
+    wall
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // GNU parallel runs this same program as the native kernel: `jobs --pi SEED SAMPLES`.
+    if args.get(1).map(String::as_str) == Some("--pi") {
+        let seed = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);
+        let samples = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
+        println!(
+            "{}",
+            serde_json::to_string(&pi(seed, samples)).expect("encodes")
+        );
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("pi.wasm"), example_artifacts::PI_BYTES).expect("module");
+    std::fs::write(dir.path().join("echo.wasm"), example_artifacts::ECHO_BYTES).expect("module");
+
+    let samples = calibrate(Duration::from_millis(50));
+    let native_total = {
+        let t = Instant::now();
+        for seed in 1..=PI_UNITS {
+            std::hint::black_box(pi(seed, samples));
+        }
+        t.elapsed()
+    };
+    println!(
+        "# {PI_UNITS} Monte Carlo units of {samples} samples ({:.1} ms each natively), {cores} cores",
+        native_total.as_secs_f64() * 1e3 / PI_UNITS as f64
+    );
+    println!(
+        "# useful-work fraction = native single-core total / cores / wall; median of {RUNS} runs"
+    );
+    println!("{:<44} {:>10} {:>10}", "runner", "wall", "useful");
+    let useful = |wall: Duration| native_total.as_secs_f64() / cores as f64 / wall.as_secs_f64();
+    let row = |name: &str, wall: Duration| {
+        println!(
+            "{name:<44} {:>8.2} s {:>9.1} %",
+            wall.as_secs_f64(),
+            100.0 * useful(wall)
+        );
+    };
+    row("native, one core, sequential (reference)", native_total);
+
+    for replicas in [1, 2] {
+        let manifest = format!(
+            "name = \"pi\"\nmodule = \"pi.wasm\"\n[inputs.sweep]\nseed = {{ start = 1, stop = {PI_UNITS}, step = 1 }}\nsamples = {samples}\n[redundancy]\nreplicas = {replicas}\nquorum = {replicas}\n[limits]\ntimeout_secs = 120\n"
+        );
+        let wall = median(
+            (0..RUNS)
+                .map(|_| submit(dir.path(), "pi", &manifest))
+                .collect(),
+        );
+        row(&format!("worker submit, replicas = {replicas}"), wall);
+    }
+
+    let parallel_available = Command::new("parallel")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if parallel_available {
+        let me = std::env::current_exe().expect("own path");
+        let wall = median(
+            (0..RUNS)
+                .map(|_| {
+                    let started = Instant::now();
+                    let status = Command::new("parallel")
+                        .arg("-j")
+                        .arg(cores.to_string())
+                        .arg(&me)
+                        .args(["--pi", "{}"])
+                        .arg(samples.to_string())
+                        .arg(":::")
+                        .args((1..=PI_UNITS).map(|s| s.to_string()))
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .expect("parallel runs");
+                    assert!(status.success(), "GNU parallel failed");
+                    started.elapsed()
+                })
+                .collect(),
+        );
+        row(&format!("GNU parallel -j {cores}, native kernel"), wall);
+    } else {
+        println!(
+            "{:<44} (not installed: apt-get install parallel)",
+            "GNU parallel"
+        );
+    }
+
+    println!();
+    println!(
+        "# {TINY_UNITS} tiny units (echo module, a few bytes each), end to end: process start, journal, results; median of {RUNS} runs"
+    );
+    for replicas in [1, 2] {
+        let manifest = format!(
+            "name = \"tiny\"\nmodule = \"echo.wasm\"\n[inputs.sweep]\nx = {{ start = 1, stop = {TINY_UNITS}, step = 1 }}\n[redundancy]\nreplicas = {replicas}\nquorum = {replicas}\n"
+        );
+        let wall = median(
+            (0..RUNS)
+                .map(|_| submit(dir.path(), "tiny", &manifest))
+                .collect(),
+        );
+        println!(
+            "{:<44} {:>8.2} s {:>9.0} units/s",
+            format!("worker submit, replicas = {replicas}"),
+            wall.as_secs_f64(),
+            TINY_UNITS as f64 / wall.as_secs_f64()
+        );
+    }
+}
