@@ -10,8 +10,10 @@ use serde::Deserialize;
 
 use crate::sandbox::{Limits, MAX_MEMORY_BYTES};
 
-/// Most units one job may have.
-pub const MAX_UNITS: u64 = 10_000_000;
+/// Most units one job may have. A job's inputs and per-unit scheduling state are held in memory
+/// by the submitter, so this bounds its memory to a few hundred MiB; lazily generated inputs
+/// would let sweeps go further.
+pub const MAX_UNITS: u64 = 1_000_000;
 /// Most values one sweep parameter may take.
 pub const MAX_POINTS_PER_PARAMETER: u64 = 1_000_000;
 /// Largest manifest file.
