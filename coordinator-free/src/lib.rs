@@ -15,6 +15,8 @@ pub mod peer_id;
 pub mod rng;
 pub mod sandbox;
 pub mod schedule;
+#[cfg(test)]
+mod sim_queue;
 pub mod store;
 pub mod validate;
 pub mod wire;

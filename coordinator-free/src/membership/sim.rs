@@ -8,7 +8,9 @@
 //! Convergence is tracked incrementally from the `PeerUp`/`PeerDown` notifications rather than
 //! by scanning every table after every event, which keeps 500-peer runs fast in debug builds.
 
-use std::cmp::{Ordering, Reverse};
+use std::cmp::Reverse;
+
+use crate::sim_queue::Scheduled;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -46,30 +48,6 @@ enum SimEvent {
 }
 
 #[derive(Debug)]
-struct Scheduled {
-    at: Duration,
-    order: u64,
-    event: SimEvent,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.order) == (other.at, other.order)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scheduled {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (self.at, self.order).cmp(&(other.at, other.order))
-    }
-}
-
-#[derive(Debug)]
 struct SimNode {
     m: Membership<FakeAuth>,
     id: PeerId,
@@ -88,7 +66,7 @@ struct Sim {
     base: Instant,
     now: Duration,
     order: u64,
-    queue: BinaryHeap<Reverse<Scheduled>>,
+    queue: BinaryHeap<Reverse<Scheduled<SimEvent>>>,
     nodes: Vec<SimNode>,
     by_addr: BTreeMap<SocketAddr, usize>,
     links: BTreeSet<(usize, usize)>,

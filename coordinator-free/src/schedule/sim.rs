@@ -8,7 +8,9 @@
 //! one, and also send answers for leases they never held. Every draw comes from one seeded
 //! [`Rng`], so a failing seed replays exactly.
 
-use std::cmp::{Ordering, Reverse};
+use std::cmp::Reverse;
+
+use crate::sim_queue::Scheduled;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::time::{Duration, Instant};
 
@@ -128,30 +130,6 @@ enum SimEvent {
 }
 
 #[derive(Debug)]
-struct Scheduled {
-    at: Duration,
-    order: u64,
-    event: SimEvent,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.order) == (other.at, other.order)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scheduled {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (self.at, self.order).cmp(&(other.at, other.order))
-    }
-}
-
-#[derive(Debug)]
 struct Node {
     id: PeerId,
     intake: Intake,
@@ -219,7 +197,7 @@ struct Sim {
     now: Duration,
     order: u64,
     step: u64,
-    queue: BinaryHeap<Reverse<Scheduled>>,
+    queue: BinaryHeap<Reverse<Scheduled<SimEvent>>>,
     nodes: Vec<Node>,
     jobs: Vec<Job>,
     by_digest: BTreeMap<Digest, usize>,
