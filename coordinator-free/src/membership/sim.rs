@@ -8,10 +8,8 @@
 //! Convergence is tracked incrementally from the `PeerUp`/`PeerDown` notifications rather than
 //! by scanning every table after every event, which keeps 500-peer runs fast in debug builds.
 
-use std::cmp::Reverse;
-
-use crate::sim_queue::Scheduled;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use crate::sim_queue::{EventQueue, Scheduled};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -65,8 +63,7 @@ struct Sim {
     rng: Rng,
     base: Instant,
     now: Duration,
-    order: u64,
-    queue: BinaryHeap<Reverse<Scheduled<SimEvent>>>,
+    queue: EventQueue<SimEvent>,
     nodes: Vec<SimNode>,
     by_addr: BTreeMap<SocketAddr, usize>,
     links: BTreeSet<(usize, usize)>,
@@ -99,8 +96,7 @@ impl Sim {
             rng: Rng::seed_from_u64(seed),
             base: Instant::now(),
             now: Duration::ZERO,
-            order: 0,
-            queue: BinaryHeap::new(),
+            queue: EventQueue::new(),
             nodes: Vec::new(),
             by_addr: BTreeMap::new(),
             links: BTreeSet::new(),
@@ -122,12 +118,7 @@ impl Sim {
     }
 
     fn schedule(&mut self, after: Duration, event: SimEvent) {
-        self.order += 1;
-        self.queue.push(Reverse(Scheduled {
-            at: self.now + after,
-            order: self.order,
-            event,
-        }));
+        self.queue.push(self.now + after, event);
     }
 
     fn delay(&mut self) -> Duration {
@@ -345,11 +336,11 @@ impl Sim {
 
     /// Processes the next event if it is due by `deadline`.
     fn step(&mut self, deadline: Duration) -> bool {
-        match self.queue.peek() {
-            Some(Reverse(next)) if next.at <= deadline => {}
+        match self.queue.next_at() {
+            Some(at) if at <= deadline => {}
             _ => return false,
         }
-        let Some(Reverse(Scheduled { at, order, event })) = self.queue.pop() else {
+        let Some(Scheduled { at, order, event }) = self.queue.pop() else {
             return false;
         };
         self.now = at;

@@ -8,10 +8,8 @@
 //! one, and also send answers for leases they never held. Every draw comes from one seeded
 //! [`Rng`], so a failing seed replays exactly.
 
-use std::cmp::Reverse;
-
-use crate::sim_queue::Scheduled;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use crate::sim_queue::EventQueue;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use super::*;
@@ -195,9 +193,8 @@ struct Sim {
     rng: Rng,
     base: Instant,
     now: Duration,
-    order: u64,
     step: u64,
-    queue: BinaryHeap<Reverse<Scheduled<SimEvent>>>,
+    queue: EventQueue<SimEvent>,
     nodes: Vec<Node>,
     jobs: Vec<Job>,
     by_digest: BTreeMap<Digest, usize>,
@@ -275,9 +272,8 @@ impl Sim {
             rng,
             base,
             now: Duration::ZERO,
-            order: 0,
             step: 0,
-            queue: BinaryHeap::new(),
+            queue: EventQueue::new(),
             nodes,
             jobs,
             by_digest,
@@ -308,12 +304,7 @@ impl Sim {
     }
 
     fn schedule(&mut self, after: Duration, event: SimEvent) {
-        self.order += 1;
-        self.queue.push(Reverse(Scheduled {
-            at: self.now + after,
-            order: self.order,
-            event,
-        }));
+        self.queue.push(self.now + after, event);
     }
 
     /// A message between two peers: delayed, and lost at random unless it stays on one peer.
@@ -349,7 +340,7 @@ impl Sim {
     fn run(&mut self) -> Outcomes {
         let limit = self.config.time_limit;
         let mut events = 0u64;
-        while let Some(Reverse(next)) = self.queue.pop() {
+        while let Some(next) = self.queue.pop() {
             if next.at > limit || self.jobs.iter().all(|j| j.finished_at.is_some()) {
                 break;
             }
