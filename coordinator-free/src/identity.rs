@@ -34,6 +34,9 @@ use crate::peer_id::{PEER_ID_LEN, PeerId};
 /// ALPN protocol id: the wire protocol's major version. A peer speaking another version fails
 /// the handshake instead of sending bytes we would misread.
 pub const ALPN: &[u8] = b"cf/1";
+/// ALPN protocol id of job links: connections that carry one job's leases, results and blobs,
+/// apart from the membership connection.
+pub const JOB_ALPN: &[u8] = b"cf-job/1";
 /// The name every dial presents as SNI. Identity comes from the certificate key, never from a
 /// name, so this is a constant.
 pub const SERVER_NAME: &str = "coordinator-free";
@@ -232,7 +235,7 @@ impl Identity {
             .with_client_cert_verifier(verifier)
             .with_single_cert(vec![self.cert.clone()], self.private_key())
             .map_err(IdentityError::Tls)?;
-        config.alpn_protocols = vec![ALPN.to_vec()];
+        config.alpn_protocols = vec![ALPN.to_vec(), JOB_ALPN.to_vec()];
         Ok(config)
     }
 
@@ -243,6 +246,16 @@ impl Identity {
         expected: Option<PeerId>,
         allow: Option<Arc<AllowList>>,
     ) -> Result<rustls::ClientConfig, IdentityError> {
+        self.client_config_for(expected, allow, ALPN)
+    }
+
+    /// [`Self::client_config`] for the protocol `alpn` ([`ALPN`] or [`JOB_ALPN`]).
+    pub fn client_config_for(
+        &self,
+        expected: Option<PeerId>,
+        allow: Option<Arc<AllowList>>,
+        alpn: &[u8],
+    ) -> Result<rustls::ClientConfig, IdentityError> {
         let verifier = Arc::new(PeerVerifier { expected, allow });
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -251,7 +264,7 @@ impl Identity {
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(vec![self.cert.clone()], self.private_key())
             .map_err(IdentityError::Tls)?;
-        config.alpn_protocols = vec![ALPN.to_vec()];
+        config.alpn_protocols = vec![alpn.to_vec()];
         Ok(config)
     }
 }

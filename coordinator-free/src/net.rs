@@ -12,7 +12,9 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, RecvStream, SendStream, TransportConfig, VarInt};
 
-use crate::identity::{AllowList, Identity, IdentityError, SERVER_NAME, connection_peer_id};
+use crate::identity::{
+    ALPN, AllowList, Identity, IdentityError, JOB_ALPN, SERVER_NAME, connection_peer_id,
+};
 use crate::membership::MAX_MESSAGE_BYTES;
 use crate::peer_id::PeerId;
 use crate::wire::{self, Frame, Hello, PROTOCOL_VERSION, WireError};
@@ -102,6 +104,24 @@ impl NetError {
     }
 }
 
+/// What a connection is for, from the ALPN protocol its dialer chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    /// Membership gossip, managed by the membership state machine.
+    Membership,
+    /// One submitter's job traffic with one worker.
+    Job,
+}
+
+impl LinkKind {
+    fn alpn(self) -> &'static [u8] {
+        match self {
+            LinkKind::Membership => ALPN,
+            LinkKind::Job => JOB_ALPN,
+        }
+    }
+}
+
 /// An authenticated, greeted connection: the remote's id, and the one stream each way.
 #[derive(Debug)]
 pub struct PeerLink {
@@ -109,6 +129,7 @@ pub struct PeerLink {
     pub peer: PeerId,
     pub addr: SocketAddr,
     pub inbound: bool,
+    pub kind: LinkKind,
     pub send: SendStream,
     pub recv: RecvStream,
 }
@@ -165,7 +186,29 @@ pub async fn dial(
     expected: Option<PeerId>,
     config: &NetConfig,
 ) -> Result<PeerLink, NetError> {
-    let tls = identity.client_config(expected, allow)?;
+    dial_for(
+        endpoint,
+        identity,
+        allow,
+        addr,
+        expected,
+        config,
+        LinkKind::Membership,
+    )
+    .await
+}
+
+/// [`dial`] for a link of `kind`.
+pub async fn dial_for(
+    endpoint: &quinn::Endpoint,
+    identity: &Identity,
+    allow: Option<Arc<AllowList>>,
+    addr: SocketAddr,
+    expected: Option<PeerId>,
+    config: &NetConfig,
+    kind: LinkKind,
+) -> Result<PeerLink, NetError> {
+    let tls = identity.client_config_for(expected, allow, kind.alpn())?;
     let crypto = QuicClientConfig::try_from(Arc::new(tls)).map_err(NetError::QuicTls)?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(transport(config)?);
@@ -197,6 +240,14 @@ pub async fn accept(incoming: quinn::Incoming, config: &NetConfig) -> Result<Pee
 async fn greet(conn: Connection, inbound: bool) -> Result<PeerLink, NetError> {
     let result = async {
         let peer = connection_peer_id(&conn).ok_or(NetError::NoPeerId)?;
+        let kind = match conn
+            .handshake_data()
+            .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|h| h.protocol)
+        {
+            Some(p) if p == JOB_ALPN => LinkKind::Job,
+            _ => LinkKind::Membership,
+        };
         let mut send = conn.open_uni().await?;
         wire::write(&mut send, &Frame::Hello(Hello::current())).await?;
         let mut recv = conn.accept_uni().await?;
@@ -214,6 +265,7 @@ async fn greet(conn: Connection, inbound: bool) -> Result<PeerLink, NetError> {
             conn: conn.clone(),
             peer,
             inbound,
+            kind,
             send,
             recv,
         })

@@ -9,6 +9,8 @@
 //! actor stops them, and every channel between them is bounded.
 
 mod mdns;
+mod submit;
+mod work;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -28,9 +30,13 @@ use crate::identity::{AllowList, Identity};
 use crate::membership::{
     self, Capacity, Command, Event, LocalPeer, MAX_ADVERT_ADDRS, Membership, MembershipMessage,
 };
-use crate::net::{self, NetConfig, NetError, PeerLink, close};
+use crate::net::{self, LinkKind, NetConfig, NetError, PeerLink, close};
 use crate::peer_id::{ParsePeerIdError, PeerId};
+use crate::sandbox::SandboxError;
 use crate::wire::{self, Frame, WireError};
+
+pub use submit::{JobDialer, NET_LEASE_MARGIN, NetWorkers, net_schedule_config};
+pub use work::{WorkConfig, WorkRunner};
 
 /// Inputs queued for the actor from all connection tasks together.
 const INPUT_QUEUE: usize = 1024;
@@ -96,6 +102,8 @@ pub struct NodeConfig {
     pub control_socket: Option<PathBuf>,
     pub membership: membership::Config,
     pub net: NetConfig,
+    /// Run other peers' units here; `None` for a peer that only submits or only gossips.
+    pub work: Option<WorkConfig>,
 }
 
 impl NodeConfig {
@@ -117,6 +125,7 @@ impl NodeConfig {
             control_socket: None,
             membership: membership::Config::default(),
             net: NetConfig::default(),
+            work: None,
         }
     }
 }
@@ -132,6 +141,8 @@ pub enum NodeError {
     LocalAddr(#[source] std::io::Error),
     #[error("the node has stopped")]
     Stopped,
+    #[error("cannot start the unit threads")]
+    Work(#[from] SandboxError),
 }
 
 /// Handle to a running node. Dropping it stops the node at once, without goodbyes, as a crash
@@ -140,6 +151,7 @@ pub enum NodeError {
 pub struct Node {
     id: PeerId,
     local_addr: SocketAddr,
+    dialer: JobDialer,
     requests: mpsc::Sender<Request>,
     task: Option<JoinHandle<()>>,
 }
@@ -200,6 +212,10 @@ impl Node {
         let (inputs_tx, inputs_rx) = mpsc::channel(INPUT_QUEUE);
         let (requests_tx, requests_rx) = mpsc::channel(16);
         let mut tasks = JoinSet::new();
+        let work = match config.work {
+            Some(work) => Some(work::spawn(work, &mut tasks)?),
+            None => None,
+        };
         tasks.spawn(
             accept_loop(endpoint.clone(), config.net.clone(), inputs_tx.clone())
                 .instrument(tracing::debug_span!("accept")),
@@ -233,7 +249,17 @@ impl Node {
             None
         };
 
+        let dialer = JobDialer {
+            me: id,
+            endpoint: endpoint.clone(),
+            identity: Arc::clone(&identity),
+            allow: allow.clone(),
+            net: config.net.clone(),
+            requests: requests_tx.clone(),
+            local_addr,
+        };
         let actor = Actor {
+            work,
             me: id,
             membership,
             identity,
@@ -257,6 +283,7 @@ impl Node {
         Ok(Self {
             id,
             local_addr,
+            dialer,
             requests: requests_tx,
             task: Some(task),
         })
@@ -269,6 +296,11 @@ impl Node {
     /// The socket the QUIC endpoint is bound to (with the real port if 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// What a submitter on this node needs to open job links to workers.
+    pub fn job_dialer(&self) -> JobDialer {
+        self.dialer.clone()
     }
 
     pub async fn status(&self) -> Result<StatusReport, NodeError> {
@@ -331,6 +363,8 @@ struct Conn {
 }
 
 struct Actor {
+    /// The work task, when this peer runs other peers' units.
+    work: Option<mpsc::Sender<work::WorkInput>>,
     me: PeerId,
     membership: Membership<crate::identity::KeyAuth>,
     identity: Arc<Identity>,
@@ -416,6 +450,22 @@ impl Actor {
     /// each other at once, both keep the connection dialed by the smaller id, so they agree
     /// without a round trip.
     fn on_established(&mut self, link: PeerLink, now: Instant) {
+        if link.kind == LinkKind::Job {
+            // Job links bypass membership: they belong to the work task.
+            match (&self.work, link.inbound) {
+                (Some(work), true) => {
+                    if let Err(err) = work.try_send(work::WorkInput::Link(link))
+                        && let work::WorkInput::Link(link) = err.into_inner()
+                    {
+                        link.conn.close(VarInt::from_u32(close::NORMAL), b"busy");
+                    }
+                }
+                _ => link
+                    .conn
+                    .close(VarInt::from_u32(close::NORMAL), b"not a worker"),
+            }
+            return;
+        }
         let peer = link.peer;
         let event = Event::Connected {
             peer,
@@ -611,10 +661,10 @@ async fn accept_loop(endpoint: quinn::Endpoint, net: NetConfig, inputs: mpsc::Se
 
 /// Sends the actor's frames in order. When the actor drops the outbox, flushes, finishes the
 /// stream, waits briefly for the remote to acknowledge it, and closes.
-async fn write_loop(
+async fn write_loop<M: wire::Message>(
     conn: quinn::Connection,
     mut send: quinn::SendStream,
-    mut outbox: mpsc::Receiver<Frame>,
+    mut outbox: mpsc::Receiver<M>,
 ) {
     while let Some(frame) = outbox.recv().await {
         let bytes = match wire::Message::encode_frame(&frame) {

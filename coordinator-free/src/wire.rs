@@ -36,6 +36,8 @@ pub enum WireError {
     },
     #[error("frame of kind {kind} has {trailing} trailing bytes")]
     Trailing { kind: u8, trailing: usize },
+    #[error("invalid message of kind {kind}: {reason}")]
+    Invalid { kind: u8, reason: &'static str },
     #[error("invalid membership message")]
     Membership(#[source] MessageError),
     #[error("stream ended inside a frame")]

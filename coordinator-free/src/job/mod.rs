@@ -1,10 +1,13 @@
 //! Jobs: a module and many inputs, described by a manifest.
 
+pub mod driver;
 pub mod local;
 pub mod manifest;
+pub mod proto;
 pub mod results;
 
-pub use local::{LocalJob, LocalJobError, LocalProgress, LocalSummary, UnitRecord};
+pub use driver::{JobData, JobError, JobProgress, JobSummary, UnitRecord, WorkerEvent, Workers};
+pub use local::{LocalJob, LocalJobError, LocalProgress, LocalSummary};
 pub use manifest::{
     InputSpec, JobLimits, JobManifest, ManifestError, Redundancy, Sweep, UnitInput,
 };

@@ -352,6 +352,20 @@ impl Scheduler {
         self.units.get(unit as usize).map(|u| &u.tally)
     }
 
+    /// The unit of a lease `peer` holds now, or held until it expired (and whose late answer
+    /// may still vote); `None` for any other lease.
+    pub fn lease_unit(&self, lease: LeaseId, peer: &PeerId) -> Option<u32> {
+        match self.leases.get(&lease) {
+            Some(active) if active.peer == *peer => Some(active.unit),
+            Some(_) => None,
+            None => self
+                .expired
+                .get(&lease)
+                .filter(|(holder, _)| holder == peer)
+                .map(|(_, unit)| *unit),
+        }
+    }
+
     pub fn is_finished(&self) -> bool {
         self.finished
     }

@@ -1,0 +1,682 @@
+//! The submitter's job loop, shared by every way of running a job's executions.
+//!
+//! [`run_job`] owns the sans-IO [`Scheduler`], the journal and the results file. Where the
+//! executions happen is the [`Workers`] behind it: unit host processes on this machine
+//! ([`super::local`]) or peers over the network ([`crate::node`]). Workers hand the scheduler
+//! their capacity, carry out its offers and revocations, and report answers, declines and lost
+//! peers as [`WorkerEvent`]s.
+//!
+//! Every decided unit is journaled in the [`JobStore`] (batched: one transaction per
+//! [`COMMIT_BATCH`] units or [`COMMIT_INTERVAL`]) before its line is appended to
+//! `results.jsonl`, so the results file never names a unit the journal lacks. On start the
+//! journal's units are restored into the scheduler and never run again, and `results.jsonl` is
+//! rewritten from the journal. Real peers' reputations are updated in the store as units are
+//! decided.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::job::manifest::{JobManifest, UnitInput};
+use crate::job::results::{ResultLine, Status, output_value};
+use crate::peer_id::PeerId;
+use crate::sandbox::{Limits, OutcomeClass, PROFILE, UnitError};
+use crate::schedule::{Command, Config, Event, Lease, LeaseId, LeaseResult, Scheduler};
+use crate::store::{JobRecord, JobStore, Reputation, StoreError};
+use crate::validate::{Outcome, Policy, Verdict, Vote};
+
+/// Most decided units journaled in one transaction.
+pub const COMMIT_BATCH: usize = 64;
+/// Longest a decided unit waits for its transaction.
+pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the progress callback is called while the job runs.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
+/// Distinct error messages kept per unit as evidence.
+const MAX_ERRORS_PER_UNIT: usize = 8;
+
+/// Why a job could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The job has more units than the scheduler indexes.
+    #[error("the job has {0} units, more than a job can index")]
+    TooManyUnits(usize),
+    /// The journal failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A journaled unit does not belong to this job as loaded now.
+    #[error("the journal holds unit {index}, which this job does not have")]
+    Journal {
+        /// The unit's index.
+        index: u64,
+    },
+    /// The results file could not be written.
+    #[error("cannot write {path}: {source}")]
+    Results {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The unit threads could not take work.
+    #[error("the executor stopped taking units")]
+    Executor,
+    /// The network side of the job stopped.
+    #[error("the peer running the job stopped")]
+    NodeStopped,
+    /// Open units remain but none can be handed out and none is running: a bug, reported
+    /// rather than waited on forever.
+    #[error("the job stalled with {open} units open and nothing running")]
+    Stalled {
+        /// Units neither accepted nor failed.
+        open: u32,
+    },
+}
+
+/// How a decided unit is journaled: its verdict and, when the accepted digest is known here,
+/// what it stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitRecord {
+    /// The validator's verdict.
+    pub verdict: Verdict,
+    /// The accepted output bytes, or the message of the deterministic error a quorum agreed on.
+    pub result: Option<Result<Vec<u8>, String>>,
+    /// Error messages seen among the executions, for the evidence of a failed unit.
+    pub errors: Vec<String>,
+}
+
+impl UnitRecord {
+    /// Whether the unit produced an accepted output (not an agreed error, not a failure).
+    pub fn succeeded(&self) -> bool {
+        self.verdict.is_accepted() && matches!(self.result, Some(Ok(_)))
+    }
+}
+
+/// Where a job stands, for progress display.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobProgress {
+    /// Units in the job.
+    pub units: u32,
+    /// Units with an accepted output (restored ones included).
+    pub accepted: u32,
+    /// Units that failed (restored ones included).
+    pub failed: u32,
+    /// Executions under way now.
+    pub running: u32,
+    /// Peers holding leases now.
+    pub peers: u32,
+    /// Units decided in this run.
+    pub decided_now: u32,
+    /// Units taken from the journal.
+    pub restored: u32,
+    /// Time since this run started.
+    pub elapsed: Duration,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSummary {
+    /// The job id (content address of the module, inputs, limits and redundancy).
+    pub job: Digest,
+    /// Units in the job.
+    pub units: u32,
+    /// Units with an accepted output.
+    pub accepted: u32,
+    /// Units that failed, including those whose executions agreed on an error.
+    pub failed: u32,
+    /// Units taken from the journal and not run again.
+    pub restored: u32,
+    /// Distinct units executed at least once in this run.
+    pub units_run: u32,
+    /// Executions answered in this run (replicas and retries included).
+    pub executions: u64,
+    /// Executions whose result disagreed with the accepted one.
+    pub dissents: u64,
+    /// Executions that ended in a host failure (timeout, crash, lost peer).
+    pub host_failures: u64,
+    /// Answers per peer in this run, the submitter's own executions included.
+    pub peers: BTreeMap<PeerId, u64>,
+    /// Peers that returned a result other than an accepted quorum's, with how often.
+    pub dissenters: BTreeMap<PeerId, u64>,
+    /// Whether the peers are simulated ids of local execution slots rather than real peers.
+    pub simulated_peers: bool,
+    /// The results file.
+    pub results: PathBuf,
+    /// Wall-clock time of this run.
+    pub elapsed: Duration,
+}
+
+impl JobSummary {
+    /// Whether every unit was accepted.
+    pub fn succeeded(&self) -> bool {
+        self.failed == 0 && self.accepted == self.units
+    }
+}
+
+/// The parts of a job its workers need: the id, the module, the inputs and the limits.
+#[derive(Debug)]
+pub struct JobData {
+    /// The job id.
+    pub id: Digest,
+    /// The module's digest.
+    pub module: Digest,
+    /// Every unit's input, by unit index.
+    pub units: Vec<UnitInput>,
+    /// Every unit's limits.
+    pub limits: Limits,
+}
+
+/// What workers report to the job loop.
+#[derive(Debug)]
+pub enum WorkerEvent {
+    /// An execution ended. `result` is the output or the error the executing peer reported.
+    Answer {
+        peer: PeerId,
+        lease: LeaseId,
+        result: Result<Vec<u8>, UnitError>,
+    },
+    /// `peer` takes up to `slots` more leases now.
+    Available { peer: PeerId, slots: u32 },
+    /// `peer` refused leases without running them.
+    Declined { peer: PeerId, leases: Vec<LeaseId> },
+    /// `peer` is gone; its leases are lost.
+    Gone { peer: PeerId },
+}
+
+/// Where a job's executions run.
+pub trait Workers {
+    /// Gives the scheduler the capacity free now and carries out the offers it makes; passes
+    /// every other command to `other`. Called once per turn of the loop.
+    fn refill(
+        &mut self,
+        scheduler: &mut Scheduler,
+        job: &JobData,
+        now: Instant,
+        other: &mut dyn FnMut(Command),
+    ) -> Result<(), JobError>;
+    /// Starts `leases` on `to`.
+    fn offer(&mut self, to: PeerId, leases: Vec<Lease>, job: &JobData) -> Result<(), JobError>;
+    /// Tells `to` these leases are no longer wanted.
+    fn revoke(&mut self, to: PeerId, leases: Vec<LeaseId>, job: &JobData);
+    /// Waits until `until` or until something happened, and returns what happened.
+    fn wait(&mut self, until: Instant) -> Result<Vec<WorkerEvent>, JobError>;
+    /// Executions handed out and not yet answered.
+    fn running(&self) -> u32;
+    /// Whether a job with open units and nothing running can still make progress (peers may
+    /// still arrive), or has stalled.
+    fn may_progress(&self) -> bool;
+    /// Whether peer ids are simulated local slots (no reputation is kept for them).
+    fn simulated(&self) -> bool;
+}
+
+/// What an execution said, kept until its unit is decided.
+enum Said {
+    Output(Vec<u8>),
+    Error(String),
+}
+
+/// The scheduler configuration and seed of a job.
+pub fn scheduler_for(job: &JobData, policy: Policy, config: Config, count: u32) -> Scheduler {
+    let seed = u64::from_le_bytes(job.id.0[..8].try_into().unwrap_or([0; 8]));
+    Scheduler::new(job.id, count, policy, config, seed)
+}
+
+/// Runs the job to its end, resuming from the journal; `progress` is called a few times a
+/// second and once at the end.
+pub fn run_job<W: Workers>(
+    manifest: &JobManifest,
+    job: &JobData,
+    config: Config,
+    workers: &mut W,
+    store: &JobStore,
+    out_dir: &std::path::Path,
+    mut progress: impl FnMut(&JobProgress),
+) -> Result<JobSummary, JobError> {
+    let started = Instant::now();
+    let count =
+        u32::try_from(job.units.len()).map_err(|_| JobError::TooManyUnits(job.units.len()))?;
+    let policy = Policy::from(manifest.redundancy);
+    store.put_job(
+        &job.id,
+        &JobRecord {
+            name: manifest.name.clone(),
+            module: job.module,
+            units: u64::from(count),
+            replicas: policy.replicas,
+            quorum: policy.quorum,
+            max_attempts: policy.max_attempts,
+            profile: PROFILE.to_owned(),
+        },
+    )?;
+    let mut scheduler = scheduler_for(job, policy, config, count);
+
+    // Resume: restore every journaled unit and rewrite the results file from the journal.
+    let results_path = out_dir.join("results.jsonl");
+    let results_err = |source| JobError::Results {
+        path: results_path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(out_dir).map_err(results_err)?;
+    let mut state = State::default();
+    let journal = store.units(&job.id)?;
+    let restored = u32::try_from(journal.len()).unwrap_or(u32::MAX);
+    let tmp = out_dir.join("results.jsonl.tmp");
+    {
+        let mut file = BufWriter::new(File::create(&tmp).map_err(results_err)?);
+        for (index, bytes) in &journal {
+            let record: UnitRecord =
+                postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+                    what: "unit record",
+                    detail: e.to_string(),
+                })?;
+            let unit = u32::try_from(*index)
+                .ok()
+                .filter(|u| *u < count)
+                .ok_or(JobError::Journal { index: *index })?;
+            scheduler
+                .restore(unit, record.verdict.clone())
+                .map_err(|_| JobError::Journal { index: *index })?;
+            if record.succeeded() {
+                state.accepted += 1;
+            } else {
+                state.failed += 1;
+            }
+            write_line(&mut file, &job.units[unit as usize], &record).map_err(results_err)?;
+        }
+        file.flush().map_err(results_err)?;
+        file.get_ref().sync_all().map_err(results_err)?;
+    }
+    std::fs::rename(&tmp, &results_path).map_err(results_err)?;
+    let mut results = BufWriter::new(
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&results_path)
+            .map_err(results_err)?,
+    );
+
+    let mut ran = vec![false; job.units.len()];
+    let mut last_progress = Instant::now();
+    state.finished = scheduler.is_finished();
+    let snapshot = |state: &State, scheduler: &Scheduler, workers: &W| JobProgress {
+        units: count,
+        accepted: state.accepted,
+        failed: state.failed,
+        running: workers.running(),
+        peers: scheduler.progress().peers,
+        decided_now: state.decided_now,
+        restored,
+        elapsed: started.elapsed(),
+    };
+    progress(&snapshot(&state, &scheduler, workers));
+
+    while !state.finished || !state.pending.is_empty() {
+        if !state.finished {
+            let mut deferred = Vec::new();
+            workers.refill(&mut scheduler, job, Instant::now(), &mut |c| {
+                deferred.push(c)
+            })?;
+            for command in deferred {
+                state.on_command(command, workers, job)?;
+            }
+        }
+
+        if workers.running() == 0 && !state.finished && !workers.may_progress() {
+            let p = scheduler.progress();
+            return Err(JobError::Stalled {
+                open: p.units.saturating_sub(p.accepted + p.failed),
+            });
+        }
+
+        // Journal, then append: the results file never runs ahead of the journal.
+        let due = state
+            .pending_since
+            .is_some_and(|t| t.elapsed() >= COMMIT_INTERVAL);
+        if state.pending.len() >= COMMIT_BATCH
+            || (due || state.finished) && !state.pending.is_empty()
+        {
+            state.commit(store, job, &mut results, workers.simulated(), &results_path)?;
+            results.flush().map_err(results_err)?;
+        }
+        if state.finished && state.pending.is_empty() {
+            break;
+        }
+
+        if last_progress.elapsed() >= PROGRESS_INTERVAL {
+            last_progress = Instant::now();
+            progress(&snapshot(&state, &scheduler, workers));
+        }
+
+        // Wait for an answer, the next lease deadline, the commit interval or the next
+        // progress report, whichever comes first.
+        let mut wake = Instant::now() + PROGRESS_INTERVAL;
+        if let Some(at) = scheduler.poll_timeout() {
+            wake = wake.min(at);
+        }
+        if let Some(since) = state.pending_since {
+            wake = wake.min(since + COMMIT_INTERVAL);
+        }
+        let events = workers.wait(wake)?;
+        let now = Instant::now();
+        let mut by_peer: BTreeMap<PeerId, Vec<LeaseResult>> = BTreeMap::new();
+        for event in events {
+            match event {
+                WorkerEvent::Answer {
+                    peer,
+                    lease,
+                    result,
+                } => {
+                    let unit = scheduler.lease_unit(lease, &peer);
+                    if let Some(unit) = unit {
+                        ran[unit as usize] = true;
+                    }
+                    let outcome = state.answer(&scheduler, peer, unit, result);
+                    by_peer
+                        .entry(peer)
+                        .or_default()
+                        .push(LeaseResult { lease, outcome });
+                }
+                WorkerEvent::Available { peer, slots } => {
+                    scheduler.handle(Event::Available { peer, slots }, now);
+                }
+                WorkerEvent::Declined { peer, leases } => {
+                    scheduler.handle(Event::Declined { from: peer, leases }, now);
+                }
+                WorkerEvent::Gone { peer } => scheduler.handle(Event::PeerGone { peer }, now),
+            }
+            // Route whatever the event asked for at once: offers and revocations go out, and
+            // decided units join the journal's next batch.
+            while let Some(command) = scheduler.poll_command() {
+                state.on_command(command, workers, job)?;
+            }
+        }
+        for (from, results) in by_peer {
+            scheduler.handle(Event::Results { from, results }, now);
+            while let Some(command) = scheduler.poll_command() {
+                state.on_command(command, workers, job)?;
+            }
+        }
+        scheduler.handle_timeout(now);
+        while let Some(command) = scheduler.poll_command() {
+            state.on_command(command, workers, job)?;
+        }
+    }
+    results.flush().map_err(results_err)?;
+    results.get_ref().sync_all().map_err(results_err)?;
+    progress(&snapshot(&state, &scheduler, workers));
+    Ok(JobSummary {
+        job: job.id,
+        units: count,
+        accepted: state.accepted,
+        failed: state.failed,
+        restored,
+        units_run: u32::try_from(ran.iter().filter(|r| **r).count()).unwrap_or(u32::MAX),
+        executions: state.executions,
+        dissents: state.dissenters.values().sum(),
+        host_failures: state.host_failures,
+        peers: state.answers,
+        dissenters: state.dissenters,
+        simulated_peers: workers.simulated(),
+        results: results_path,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// The job loop's bookkeeping between scheduler, journal and results file.
+#[derive(Default)]
+struct State {
+    said: BTreeMap<u32, BTreeMap<Digest, Said>>,
+    errors: BTreeMap<u32, Vec<String>>,
+    pending: Vec<(u64, UnitRecord)>,
+    pending_since: Option<Instant>,
+    finished: bool,
+    accepted: u32,
+    failed: u32,
+    decided_now: u32,
+    executions: u64,
+    host_failures: u64,
+    answers: BTreeMap<PeerId, u64>,
+    dissenters: BTreeMap<PeerId, u64>,
+    /// Reputations changed since the last commit.
+    reputations: BTreeMap<PeerId, Reputation>,
+}
+
+impl State {
+    /// Turns one execution's answer into its vote, keeping what it said while its unit is open.
+    fn answer(
+        &mut self,
+        scheduler: &Scheduler,
+        peer: PeerId,
+        unit: Option<u32>,
+        result: Result<Vec<u8>, UnitError>,
+    ) -> Outcome {
+        self.executions += 1;
+        *self.answers.entry(peer).or_default() += 1;
+        // Answers for decided or unknown units keep nothing; the scheduler counts them.
+        let open = unit.filter(|u| scheduler.unit(*u).is_some_and(|t| t.is_open()));
+        match result {
+            Ok(bytes) => {
+                let digest = Digest::of(&bytes);
+                if let Some(unit) = open {
+                    self.said
+                        .entry(unit)
+                        .or_default()
+                        .insert(digest, Said::Output(bytes));
+                }
+                Outcome::Output(digest)
+            }
+            Err(error) => {
+                let message = error.to_string();
+                if let Some(unit) = open {
+                    let entry = self.errors.entry(unit).or_default();
+                    if !entry.contains(&message) && entry.len() < MAX_ERRORS_PER_UNIT {
+                        entry.push(message.clone());
+                    }
+                }
+                match error.class() {
+                    OutcomeClass::Deterministic => {
+                        let encoded = postcard::to_stdvec(&error).unwrap_or_default();
+                        let outcome = Outcome::deterministic_error(&encoded);
+                        if let (Some(unit), Outcome::Output(digest)) = (open, outcome) {
+                            self.said
+                                .entry(unit)
+                                .or_default()
+                                .insert(digest, Said::Error(message));
+                        }
+                        outcome
+                    }
+                    OutcomeClass::HostFailure => {
+                        self.host_failures += 1;
+                        Outcome::HostFailure
+                    }
+                }
+            }
+        }
+    }
+
+    /// Carries out a scheduler command.
+    fn on_command<W: Workers>(
+        &mut self,
+        command: Command,
+        workers: &mut W,
+        job: &JobData,
+    ) -> Result<(), JobError> {
+        match command {
+            Command::Offer { to, leases, .. } => workers.offer(to, leases, job)?,
+            Command::Revoke { to, leases, .. } => workers.revoke(to, leases, job),
+            Command::Decided { unit, verdict } => self.decided(unit, verdict),
+            Command::Finished { .. } => self.finished = true,
+        }
+        Ok(())
+    }
+
+    fn decided(&mut self, unit: u32, verdict: Verdict) {
+        let mut seen = self.said.remove(&unit).unwrap_or_default();
+        let errors = self.errors.remove(&unit).unwrap_or_default();
+        let result = verdict
+            .digest()
+            .and_then(|d| seen.remove(&d))
+            .map(|s| match s {
+                Said::Output(bytes) => Ok(bytes),
+                Said::Error(message) => Err(message),
+            });
+        if let Verdict::Accepted {
+            agreeing,
+            dissenters,
+            ..
+        } = &verdict
+        {
+            for peer in agreeing {
+                let r = self.reputations.entry(*peer).or_default();
+                r.agreements += 1;
+                r.consecutive_agreements += 1;
+            }
+            for vote in dissenters {
+                *self.dissenters.entry(vote.peer).or_default() += 1;
+                let r = self.reputations.entry(vote.peer).or_default();
+                r.disagreements += 1;
+                r.consecutive_agreements = 0;
+            }
+        }
+        self.pending.push((
+            u64::from(unit),
+            UnitRecord {
+                verdict,
+                result,
+                errors,
+            },
+        ));
+        self.pending_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Journals the pending units, then appends their lines; updates real peers'
+    /// reputations.
+    fn commit(
+        &mut self,
+        store: &JobStore,
+        job: &JobData,
+        results: &mut impl Write,
+        simulated: bool,
+        results_path: &std::path::Path,
+    ) -> Result<(), JobError> {
+        let batch: Vec<(u64, Vec<u8>)> = self
+            .pending
+            .iter()
+            .map(|(i, rec)| {
+                postcard::to_stdvec(rec)
+                    .map(|b| (*i, b))
+                    .map_err(|e| StoreError::Database(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        store.put_units(&job.id, &batch)?;
+        for (index, record) in self.pending.drain(..) {
+            if record.succeeded() {
+                self.accepted += 1;
+            } else {
+                self.failed += 1;
+            }
+            self.decided_now += 1;
+            write_line(results, &job.units[index as usize], &record).map_err(|source| {
+                JobError::Results {
+                    path: results_path.to_owned(),
+                    source,
+                }
+            })?;
+        }
+        self.pending_since = None;
+        let changed = std::mem::take(&mut self.reputations);
+        if !simulated {
+            // Reputation is advisory: it is merged into the stored record after the units'
+            // transaction, and a crash between the two loses only these increments.
+            for (peer, delta) in changed {
+                let mut r = store.reputation(&peer)?;
+                r.agreements += delta.agreements;
+                r.disagreements += delta.disagreements;
+                r.consecutive_agreements = if delta.disagreements > 0 {
+                    delta.consecutive_agreements
+                } else {
+                    r.consecutive_agreements + delta.consecutive_agreements
+                };
+                store.put_reputation(&peer, &r)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends one unit's line to the results file.
+fn write_line(out: &mut impl Write, unit: &UnitInput, record: &UnitRecord) -> std::io::Result<()> {
+    let line = result_line(unit, record);
+    let mut text = serde_json::to_string(&line).map_err(std::io::Error::other)?;
+    text.push('\n');
+    out.write_all(text.as_bytes())
+}
+
+/// The results line of a decided unit.
+pub fn result_line(unit: &UnitInput, record: &UnitRecord) -> ResultLine {
+    let votes = |v: &[Vote]| v.iter().map(|v| (v.peer, v.digest)).collect::<Vec<_>>();
+    match &record.verdict {
+        Verdict::Accepted {
+            digest,
+            agreeing,
+            dissenters,
+            host_failed,
+        } => {
+            let attempts = (agreeing.len() + dissenters.len() + host_failed.len()) as u32;
+            let (status, output, error) = match &record.result {
+                Some(Ok(bytes)) => (Status::Accepted, Some(output_value(bytes)), None),
+                Some(Err(message)) => (Status::Failed, None, Some(message.clone())),
+                // Accepted without its bytes here: only possible if the bytes were lost, and
+                // reported as failed rather than as an empty output.
+                None => (
+                    Status::Failed,
+                    None,
+                    Some("the accepted output was not kept".to_owned()),
+                ),
+            };
+            let mut evidence = Vec::new();
+            if status == Status::Failed {
+                evidence.extend(agreeing.iter().map(|p| (*p, *digest)));
+                evidence.extend(votes(dissenters));
+            }
+            ResultLine {
+                index: unit.index,
+                status,
+                input: unit.origin.clone(),
+                output,
+                digest: Some(*digest),
+                agreed: agreeing.clone(),
+                dissented: dissenters.iter().map(|v| v.peer).collect(),
+                attempts,
+                evidence,
+                error: error.or_else(|| {
+                    (status == Status::Failed)
+                        .then(|| record.errors.first().cloned())
+                        .flatten()
+                }),
+            }
+        }
+        Verdict::Failed {
+            reason,
+            evidence,
+            host_failed,
+        } => ResultLine {
+            index: unit.index,
+            status: Status::Failed,
+            input: unit.origin.clone(),
+            output: None,
+            digest: None,
+            agreed: Vec::new(),
+            dissented: Vec::new(),
+            attempts: (evidence.len() + host_failed.len()) as u32,
+            evidence: votes(evidence),
+            error: Some(match record.errors.first() {
+                Some(e) => format!("{reason:?}: {e}"),
+                None => format!("{reason:?}"),
+            }),
+        },
+    }
+}

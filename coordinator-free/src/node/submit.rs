@@ -1,0 +1,572 @@
+//! The submitter side of jobs: the job loop's [`Workers`] over real peers.
+//!
+//! [`NetWorkers`] reads the membership table for peers that advertise free cores under our
+//! engine profile, opens a job link to each (this peer included, when it donates cores), and
+//! turns the job loop's offers and revocations into frames. Each link's reader task turns the
+//! worker's reports, declines and blob requests into events for the job loop, and serves
+//! blobs (the module, large inputs) from memory itself, so a worker's fetch never waits for
+//! the job loop.
+//!
+//! The job loop runs on a thread of its own; it reaches the async side through a runtime
+//! handle and one bounded event channel, whose senders wait when it is full: a worker's
+//! reports then stay in QUIC's flow control rather than in memory.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::VarInt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use super::{NodeError, Request, error_chain, work::send_blob, write_loop};
+use crate::control::{ControlRequest, StatusReport};
+use crate::digest::Digest;
+use crate::identity::{AllowList, Identity};
+use crate::job::driver::{JobData, JobError, WorkerEvent, Workers};
+use crate::job::proto::{InputRef, JobFrame, JobSpec, MAX_INLINE_INPUT, Offer, WireLease};
+use crate::net::{self, LinkKind, NetConfig, close};
+use crate::peer_id::PeerId;
+use crate::sandbox::PROFILE_VERSION;
+use crate::schedule::{Command, Lease, LeaseId, Scheduler};
+use crate::wire::{self, WireError};
+
+/// Events queued from all job links together.
+const EVENT_QUEUE: usize = 4096;
+/// Frames queued for one job link's writer.
+const OUTBOX: usize = 256;
+/// How often the membership table is read for new workers.
+const SCAN_EVERY: Duration = Duration::from_millis(500);
+/// How long a peer that could not be dialed is left alone.
+const REDIAL_AFTER: Duration = Duration::from_secs(5);
+/// Leases offered to a newly linked worker per advertised free core, before its reports say
+/// how many it wants.
+const FIRST_OFFER_PER_CORE: u32 = 16;
+
+/// Added to the unit timeout to form a lease's deadline: fetching the module and the inputs
+/// and compiling the module are not the unit's time. A worker that vanishes is noticed sooner,
+/// when its job link closes.
+pub const NET_LEASE_MARGIN: Duration = Duration::from_secs(60);
+
+/// Scheduler settings for a job spread over the network: long batches so tiny units share a
+/// round trip, and a lease deadline from the unit's timeout.
+pub fn net_schedule_config(limits: &crate::sandbox::Limits) -> crate::schedule::Config {
+    crate::schedule::Config {
+        lease_timeout: limits.timeout.saturating_add(NET_LEASE_MARGIN),
+        max_leases_per_peer: 512,
+        max_batch: crate::job::proto::MAX_LEASES_PER_OFFER,
+        ..crate::schedule::Config::default()
+    }
+}
+
+/// What a submitter needs from its node to reach workers: the endpoint, identity and the
+/// membership table.
+#[derive(Debug, Clone)]
+pub struct JobDialer {
+    pub(super) me: PeerId,
+    pub(super) endpoint: quinn::Endpoint,
+    pub(super) identity: Arc<Identity>,
+    pub(super) allow: Option<Arc<AllowList>>,
+    pub(super) net: NetConfig,
+    pub(super) requests: mpsc::Sender<Request>,
+    pub(super) local_addr: SocketAddr,
+}
+
+impl JobDialer {
+    /// This peer's id.
+    pub fn id(&self) -> PeerId {
+        self.me
+    }
+
+    async fn status(&self) -> Result<StatusReport, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Control(ControlRequest::Status(tx)))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// The address to dial this peer itself at.
+    fn self_addr(&self) -> SocketAddr {
+        let ip = match self.local_addr.ip() {
+            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        SocketAddr::new(ip, self.local_addr.port())
+    }
+}
+
+/// What link tasks tell the job loop.
+enum NetEvent {
+    Linked {
+        peer: PeerId,
+        conn: u64,
+        quic: quinn::Connection,
+        outbox: mpsc::Sender<JobFrame>,
+        cores: u32,
+    },
+    DialFailed {
+        peer: PeerId,
+    },
+    Report {
+        peer: PeerId,
+        conn: u64,
+        results: Vec<(LeaseId, Result<Vec<u8>, crate::sandbox::UnitError>)>,
+        want: u32,
+    },
+    Declined {
+        peer: PeerId,
+        leases: Vec<LeaseId>,
+    },
+    Closed {
+        peer: PeerId,
+        conn: u64,
+    },
+}
+
+struct Link {
+    conn: u64,
+    quic: quinn::Connection,
+    outbox: mpsc::Sender<JobFrame>,
+}
+
+/// The blobs a job serves to its workers.
+#[derive(Debug, Default)]
+struct Blobs {
+    map: HashMap<Digest, Arc<[u8]>>,
+}
+
+/// The job loop's workers: every peer in the network with free cores.
+pub struct NetWorkers {
+    dialer: JobDialer,
+    runtime: tokio::runtime::Handle,
+    job: Digest,
+    spec: JobSpec,
+    blobs: Arc<Blobs>,
+    links: HashMap<PeerId, Link>,
+    dialing: HashSet<PeerId>,
+    failed: HashMap<PeerId, Instant>,
+    outstanding: HashMap<LeaseId, PeerId>,
+    events_tx: mpsc::Sender<NetEvent>,
+    events_rx: mpsc::Receiver<NetEvent>,
+    local: Vec<WorkerEvent>,
+    next_conn: u64,
+    next_scan: Instant,
+    tasks: Vec<JoinHandle<()>>,
+    /// Peers ever linked, for the summary.
+    seen: HashSet<PeerId>,
+}
+
+impl std::fmt::Debug for NetWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetWorkers")
+            .field("job", &self.job)
+            .field("links", &self.links.len())
+            .field("outstanding", &self.outstanding.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NetWorkers {
+    /// Workers for `job`, reached through `dialer` on `runtime`. `module` is the module's bytes.
+    pub fn new(
+        dialer: JobDialer,
+        runtime: tokio::runtime::Handle,
+        job: &JobData,
+        module: Arc<[u8]>,
+    ) -> Self {
+        let mut map = HashMap::new();
+        for unit in &job.units {
+            if unit.bytes.len() > MAX_INLINE_INPUT {
+                map.entry(Digest::of(&unit.bytes))
+                    .or_insert_with(|| Arc::from(unit.bytes.as_slice()));
+            }
+        }
+        let spec = JobSpec::new(job.module, module.len() as u64, &job.limits);
+        map.insert(job.module, module);
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        Self {
+            dialer,
+            runtime,
+            job: job.id,
+            spec,
+            blobs: Arc::new(Blobs { map }),
+            links: HashMap::new(),
+            dialing: HashSet::new(),
+            failed: HashMap::new(),
+            outstanding: HashMap::new(),
+            events_tx,
+            events_rx,
+            local: Vec::new(),
+            next_conn: 0,
+            next_scan: Instant::now(),
+            tasks: Vec::new(),
+            seen: HashSet::new(),
+        }
+    }
+
+    /// The limits every replica runs under (the job's, with the output cap a report carries).
+    pub fn spec(&self) -> &JobSpec {
+        &self.spec
+    }
+
+    /// Peers linked at some point of this run.
+    pub fn peers_seen(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Reads the membership table and dials workers not linked yet.
+    fn scan(&mut self, now: Instant) -> Result<(), JobError> {
+        self.next_scan = now + SCAN_EVERY;
+        let dialer = self.dialer.clone();
+        let status = self
+            .runtime
+            .block_on(async move { dialer.status().await })
+            .map_err(|_| JobError::NodeStopped)?;
+        let mut candidates = Vec::new();
+        if status.cores_donated > 0 {
+            candidates.push((
+                self.dialer.me,
+                self.dialer.self_addr(),
+                status.cores_donated,
+            ));
+        }
+        for p in &status.peers {
+            if p.cores_donated == 0 || p.profile != PROFILE_VERSION {
+                continue;
+            }
+            if let Some(addr) = p.addrs.first() {
+                candidates.push((p.id, *addr, p.cores_donated.max(p.cores_free)));
+            }
+        }
+        for (peer, addr, cores) in candidates {
+            if self.links.contains_key(&peer)
+                || self.dialing.contains(&peer)
+                || self
+                    .failed
+                    .get(&peer)
+                    .is_some_and(|at| now.duration_since(*at) < REDIAL_AFTER)
+            {
+                continue;
+            }
+            self.dial(peer, addr, u32::from(cores));
+        }
+        Ok(())
+    }
+
+    fn dial(&mut self, peer: PeerId, addr: SocketAddr, cores: u32) {
+        self.dialing.insert(peer);
+        let conn_id = self.next_conn;
+        self.next_conn += 1;
+        let d = self.dialer.clone();
+        let events = self.events_tx.clone();
+        let blobs = Arc::clone(&self.blobs);
+        let job = self.job;
+        let span = tracing::debug_span!("job-link", %peer, conn = conn_id);
+        let task = self.runtime.spawn(
+            async move {
+                let link = match net::dial_for(
+                    &d.endpoint,
+                    &d.identity,
+                    d.allow.clone(),
+                    addr,
+                    Some(peer),
+                    &d.net,
+                    LinkKind::Job,
+                )
+                .await
+                {
+                    Ok(link) => link,
+                    Err(err) => {
+                        tracing::debug!(err = %error_chain(&err), "job link dial failed");
+                        let _ = events.send(NetEvent::DialFailed { peer }).await;
+                        return;
+                    }
+                };
+                let (outbox, rx) = mpsc::channel(OUTBOX);
+                let writer =
+                    tokio::spawn(write_loop(link.conn.clone(), link.send, rx).in_current_span());
+                if events
+                    .send(NetEvent::Linked {
+                        peer,
+                        conn: conn_id,
+                        quic: link.conn.clone(),
+                        outbox: outbox.clone(),
+                        cores,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                read_reports(
+                    peer, conn_id, job, link.conn, link.recv, outbox, blobs, &events,
+                )
+                .await;
+                let _ = events
+                    .send(NetEvent::Closed {
+                        peer,
+                        conn: conn_id,
+                    })
+                    .await;
+                let _ = writer.await;
+            }
+            .instrument(span),
+        );
+        self.tasks.push(task);
+        self.tasks.retain(|t| !t.is_finished());
+    }
+
+    fn on_event(&mut self, event: NetEvent, out: &mut Vec<WorkerEvent>) {
+        match event {
+            NetEvent::Linked {
+                peer,
+                conn,
+                quic,
+                outbox,
+                cores,
+            } => {
+                self.dialing.remove(&peer);
+                self.seen.insert(peer);
+                tracing::info!(%peer, "job link up");
+                self.links.insert(peer, Link { conn, quic, outbox });
+                out.push(WorkerEvent::Available {
+                    peer,
+                    slots: cores.max(1) * FIRST_OFFER_PER_CORE,
+                });
+            }
+            NetEvent::DialFailed { peer } => {
+                self.dialing.remove(&peer);
+                self.failed.insert(peer, Instant::now());
+            }
+            NetEvent::Report {
+                peer,
+                conn,
+                results,
+                want,
+            } => {
+                if self.links.get(&peer).is_none_or(|l| l.conn != conn) {
+                    return;
+                }
+                for (lease, result) in results {
+                    self.outstanding.remove(&lease);
+                    out.push(WorkerEvent::Answer {
+                        peer,
+                        lease,
+                        result,
+                    });
+                }
+                out.push(WorkerEvent::Available { peer, slots: want });
+            }
+            NetEvent::Declined { peer, leases } => {
+                for lease in &leases {
+                    self.outstanding.remove(lease);
+                }
+                out.push(WorkerEvent::Declined { peer, leases });
+            }
+            NetEvent::Closed { peer, conn } => {
+                if self.links.get(&peer).is_some_and(|l| l.conn == conn) {
+                    self.links.remove(&peer);
+                    self.outstanding.retain(|_, p| *p != peer);
+                    self.failed.insert(peer, Instant::now());
+                    tracing::info!(%peer, "job link closed");
+                    out.push(WorkerEvent::Gone { peer });
+                }
+            }
+        }
+    }
+}
+
+impl Drop for NetWorkers {
+    fn drop(&mut self) {
+        for (_, link) in self.links.drain() {
+            link.quic
+                .close(VarInt::from_u32(close::NORMAL), b"job over");
+        }
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Reads a worker's frames on a job link until it closes.
+#[allow(clippy::too_many_arguments)]
+async fn read_reports(
+    peer: PeerId,
+    conn: u64,
+    job: Digest,
+    quic: quinn::Connection,
+    mut recv: quinn::RecvStream,
+    outbox: mpsc::Sender<JobFrame>,
+    blobs: Arc<Blobs>,
+    events: &mpsc::Sender<NetEvent>,
+) {
+    loop {
+        let event = match wire::read::<JobFrame, _>(&mut recv).await {
+            Ok(Some(JobFrame::Report {
+                job: j,
+                results,
+                want,
+            })) if j == job => NetEvent::Report {
+                peer,
+                conn,
+                results: results.into_iter().map(|r| (r.lease, r.result)).collect(),
+                want,
+            },
+            Ok(Some(JobFrame::Decline { job: j, leases })) if j == job => {
+                NetEvent::Declined { peer, leases }
+            }
+            Ok(Some(JobFrame::BlobGet { digest })) => {
+                let bytes = blobs.map.get(&digest).cloned();
+                if !send_blob(&outbox, digest, bytes.as_deref()).await {
+                    break;
+                }
+                continue;
+            }
+            Ok(Some(_)) => {
+                tracing::warn!("worker sent a frame that has no place on this link; closing");
+                quic.close(VarInt::from_u32(close::PROTOCOL), b"unexpected frame");
+                break;
+            }
+            Ok(None) => break,
+            Err(WireError::Io(err)) => {
+                tracing::debug!(%err, "job link lost");
+                break;
+            }
+            Err(err) => {
+                tracing::warn!(err = %error_chain(&err), "malformed frame from a worker; closing");
+                quic.close(VarInt::from_u32(close::PROTOCOL), b"malformed frame");
+                break;
+            }
+        };
+        if events.send(event).await.is_err() {
+            break;
+        }
+    }
+}
+
+impl Workers for NetWorkers {
+    fn refill(
+        &mut self,
+        scheduler: &mut Scheduler,
+        job: &JobData,
+        now: Instant,
+        other: &mut dyn FnMut(Command),
+    ) -> Result<(), JobError> {
+        if now >= self.next_scan {
+            self.scan(now)?;
+        }
+        while let Some(command) = scheduler.poll_command() {
+            match command {
+                Command::Offer { to, leases, .. } => self.offer(to, leases, job)?,
+                c => other(c),
+            }
+        }
+        Ok(())
+    }
+
+    fn offer(&mut self, to: PeerId, leases: Vec<Lease>, job: &JobData) -> Result<(), JobError> {
+        let now = Instant::now();
+        let ids: Vec<LeaseId> = leases.iter().map(|l| l.id).collect();
+        let Some(link) = self.links.get(&to) else {
+            self.local.push(WorkerEvent::Declined {
+                peer: to,
+                leases: ids,
+            });
+            return Ok(());
+        };
+        let wire: Vec<WireLease> = leases
+            .iter()
+            .map(|l| {
+                let bytes = &job.units[l.unit as usize].bytes;
+                let input = if bytes.len() <= MAX_INLINE_INPUT {
+                    InputRef::Inline(bytes.clone())
+                } else {
+                    InputRef::Blob {
+                        digest: Digest::of(bytes),
+                        len: bytes.len() as u64,
+                    }
+                };
+                WireLease {
+                    id: l.id,
+                    unit: l.unit,
+                    attempt: l.attempt,
+                    ttl_ms: u64::try_from(l.deadline.saturating_duration_since(now).as_millis())
+                        .unwrap_or(u64::MAX),
+                    input,
+                }
+            })
+            .collect();
+        let frame = JobFrame::Offer(Offer {
+            job: self.job,
+            spec: self.spec.clone(),
+            leases: wire,
+        });
+        match link.outbox.try_send(frame) {
+            Ok(()) => {
+                for id in ids {
+                    self.outstanding.insert(id, to);
+                }
+            }
+            Err(_) => {
+                // A full outbox is a worker that does not keep up: give the leases back.
+                self.local.push(WorkerEvent::Declined {
+                    peer: to,
+                    leases: ids,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn revoke(&mut self, to: PeerId, leases: Vec<LeaseId>, _job: &JobData) {
+        for lease in &leases {
+            self.outstanding.remove(lease);
+        }
+        if let Some(link) = self.links.get(&to) {
+            let _ = link.outbox.try_send(JobFrame::Revoke {
+                job: self.job,
+                leases,
+            });
+        }
+    }
+
+    fn wait(&mut self, until: Instant) -> Result<Vec<WorkerEvent>, JobError> {
+        let mut out = std::mem::take(&mut self.local);
+        let mut events = Vec::new();
+        if out.is_empty() {
+            let deadline =
+                tokio::time::Instant::from_std(until.min(self.next_scan.max(Instant::now())));
+            let rx = &mut self.events_rx;
+            if let Ok(Some(event)) = self
+                .runtime
+                .block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await })
+            {
+                events.push(event);
+            }
+        }
+        while let Ok(event) = self.events_rx.try_recv() {
+            events.push(event);
+        }
+        for event in events {
+            self.on_event(event, &mut out);
+        }
+        Ok(out)
+    }
+
+    fn running(&self) -> u32 {
+        u32::try_from(self.outstanding.len()).unwrap_or(u32::MAX)
+    }
+
+    fn may_progress(&self) -> bool {
+        true
+    }
+
+    fn simulated(&self) -> bool {
+        false
+    }
+}

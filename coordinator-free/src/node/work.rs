@@ -1,0 +1,873 @@
+//! The worker side of jobs: leases from submitters run here.
+//!
+//! One task owns the [`Intake`] (which shares this peer's slots among submitters), the job
+//! links submitters opened to this peer, the blobs being fetched and the executor's answers.
+//! An offer's leases wait until the job's module and every input they name are here (fetched
+//! from the submitter in chunks and checked against their digests), then join the intake; what
+//! the intake starts runs on the executor's unit threads, and answers go back to the submitter
+//! in batched reports that carry the output bytes.
+//!
+//! Everything a submitter sends is bounded: jobs per peer, leases waiting for blobs, blobs in
+//! flight and blob bytes cached, results waiting for their report. What does not fit is
+//! declined, never queued without bound.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::VarInt;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::error_chain;
+use crate::digest::Digest;
+use crate::job::proto::{InputRef, JobFrame, JobSpec, MAX_CHUNK, WireLease, WireResult};
+use crate::net::{PeerLink, close};
+use crate::peer_id::PeerId;
+use crate::sandbox::{
+    Executor, HostedModule, Metering, OutcomeClass, PROFILE, PreparedModule, Sandbox,
+    SandboxConfig, SandboxError, UnitError, UnitHost, UnitHostCommand, UnitRequest,
+};
+use crate::schedule::{Intake, IntakeCommand, IntakeConfig, IntakeEvent, Lease, LeaseId};
+use crate::validate::Outcome;
+use crate::wire::{self, WireError};
+
+/// Inputs queued for the work task from all job links and unit threads together.
+const INPUT_QUEUE: usize = 1024;
+/// Frames queued for one job link's writer.
+const OUTBOX: usize = 256;
+/// Most jobs known at once (across submitters).
+const MAX_JOBS: usize = 64;
+/// Most leases of one job waiting for blobs.
+const MAX_WAITING_PER_JOB: usize = 1024;
+/// Most blobs fetched at once.
+const MAX_FETCHES: usize = 8;
+/// Input blob bytes kept after use.
+const BLOB_CACHE_BYTES: usize = 256 << 20;
+/// Modules kept ready.
+const MODULE_CACHE: usize = 16;
+/// How long a finished execution's answer waits for its report before it is dropped.
+const ANSWER_TTL: Duration = Duration::from_secs(120);
+/// How often stale state is swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// Report frames carry at most this many output bytes; larger reports are split.
+const REPORT_BYTES: usize = 6 << 20;
+
+/// How this peer runs units.
+#[derive(Debug, Clone)]
+pub enum WorkRunner {
+    /// Unit host processes (the production path), one per slot.
+    UnitHosts(UnitHostCommand),
+    /// Threads in this process with epoch deadlines (tests and embedded use).
+    InProcess(SandboxConfig),
+}
+
+/// A peer's offer to run other peers' units.
+#[derive(Debug, Clone)]
+pub struct WorkConfig {
+    pub runner: WorkRunner,
+    /// Units run at once: the cores donated.
+    pub slots: u32,
+    /// Leases queued per submitter beyond the running ones, so tiny units are not starved by
+    /// round trips.
+    pub prefetch: u32,
+    /// Test hook: every output this peer reports is altered, as a lying peer would.
+    #[doc(hidden)]
+    pub tamper: bool,
+}
+
+impl WorkConfig {
+    /// `slots` unit hosts started by `command`, with a prefetch of a few batches.
+    pub fn new(runner: WorkRunner, slots: u32) -> Self {
+        let slots = slots.max(1);
+        Self {
+            runner,
+            slots,
+            prefetch: 64 * slots,
+            tamper: false,
+        }
+    }
+}
+
+/// What the node's other tasks tell the work task.
+#[derive(Debug)]
+pub(super) enum WorkInput {
+    /// A submitter opened a job link to us.
+    Link(PeerLink),
+    Frame {
+        conn: u64,
+        peer: PeerId,
+        frame: JobFrame,
+    },
+    Closed {
+        conn: u64,
+        peer: PeerId,
+    },
+    Done(Done),
+}
+
+#[derive(Debug)]
+pub(super) struct Done {
+    submitter: PeerId,
+    job: Digest,
+    lease: LeaseId,
+    result: Result<Vec<u8>, UnitError>,
+}
+
+#[derive(Clone)]
+enum Module {
+    Hosted(Arc<HostedModule>),
+    Prepared(Arc<PreparedModule>),
+    /// The module was refused; every unit of it ends with this error.
+    Refused(UnitError),
+}
+
+enum Exec {
+    Hosts(Executor<UnitHost>),
+    InProcess(Executor<Sandbox>, Sandbox),
+}
+
+impl Exec {
+    fn start(config: &WorkConfig) -> Result<Self, SandboxError> {
+        let depth = config.slots as usize + 2;
+        Ok(match &config.runner {
+            WorkRunner::UnitHosts(command) => {
+                Exec::Hosts(Executor::unit_hosts(command, config.slots as usize, depth)?)
+            }
+            WorkRunner::InProcess(sandbox) => {
+                let mut sandbox_config = sandbox.clone();
+                sandbox_config.max_concurrent_units =
+                    sandbox_config.max_concurrent_units.max(config.slots);
+                let sandbox = Sandbox::new(sandbox_config)?;
+                Exec::InProcess(
+                    Executor::new(sandbox.clone(), config.slots as usize, depth)?,
+                    sandbox,
+                )
+            }
+        })
+    }
+
+    fn module(&self, bytes: Arc<[u8]>, metering: Metering) -> Module {
+        match self {
+            Exec::Hosts(_) => Module::Hosted(Arc::new(HostedModule::new(bytes, metering))),
+            Exec::InProcess(_, sandbox) => match sandbox.prepare(&bytes, metering) {
+                Ok(prepared) => Module::Prepared(prepared),
+                Err(err) => Module::Refused(err),
+            },
+        }
+    }
+
+    fn submit(
+        &self,
+        module: &Module,
+        request: UnitRequest,
+        reply: impl FnOnce(Result<Vec<u8>, UnitError>) + Send + 'static,
+    ) -> Result<(), UnitError> {
+        let busy = |_| UnitError::Host {
+            detail: "the unit threads are busy".into(),
+        };
+        match (self, module) {
+            (_, Module::Refused(err)) => {
+                reply(Err(err.clone()));
+                Ok(())
+            }
+            (Exec::Hosts(e), Module::Hosted(m)) => e
+                .try_submit(m.clone(), request, move |r| reply(r.result))
+                .map_err(busy),
+            (Exec::InProcess(e, _), Module::Prepared(m)) => e
+                .try_submit(m.clone(), request, move |r| reply(r.result))
+                .map_err(busy),
+            _ => Err(UnitError::Host {
+                detail: "module prepared for another runner".into(),
+            }),
+        }
+    }
+}
+
+type Key = (PeerId, Digest);
+/// A lease of a job of a submitter.
+type LeaseKey = (PeerId, Digest, LeaseId);
+/// An execution's answer and when it ended.
+type Answer = (Result<Vec<u8>, UnitError>, Instant);
+
+struct JobState {
+    spec: JobSpec,
+    /// Leases waiting for the module or their input, in arrival order.
+    waiting: VecDeque<WireLease>,
+    /// When the leases waiting were received, to turn time left into deadlines.
+    received: VecDeque<Instant>,
+}
+
+struct Fetch {
+    from: PeerId,
+    total: u64,
+    bytes: Vec<u8>,
+}
+
+struct Link {
+    conn: u64,
+    quic: quinn::Connection,
+    outbox: mpsc::Sender<JobFrame>,
+}
+
+/// Inputs of leases handed to the intake, until they start.
+struct Ready {
+    input: Arc<[u8]>,
+    deadline: Instant,
+}
+
+struct Work {
+    tamper: bool,
+    intake: Intake,
+    exec: Option<Exec>,
+    links: HashMap<PeerId, Link>,
+    next_conn: u64,
+    jobs: HashMap<Key, JobState>,
+    modules: HashMap<Digest, Module>,
+    module_order: VecDeque<Digest>,
+    blobs: HashMap<Digest, Arc<[u8]>>,
+    blob_order: VecDeque<Digest>,
+    blob_bytes: usize,
+    fetches: HashMap<Digest, Fetch>,
+    ready: HashMap<LeaseKey, Ready>,
+    answers: HashMap<LeaseKey, Answer>,
+    inputs_tx: mpsc::Sender<WorkInput>,
+    tasks: JoinSet<()>,
+    next_sweep: Instant,
+}
+
+/// Starts the work task in `tasks`; returns the sender job links are handed to.
+pub(super) fn spawn(
+    config: WorkConfig,
+    tasks: &mut JoinSet<()>,
+) -> Result<mpsc::Sender<WorkInput>, SandboxError> {
+    let exec = Exec::start(&config)?;
+    let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+    let intake = Intake::new(IntakeConfig {
+        slots: config.slots,
+        prefetch: config.prefetch.max(1),
+        max_queued_per_submitter: (config.prefetch as usize).max(64),
+        ..IntakeConfig::default()
+    });
+    let work = Work {
+        tamper: config.tamper,
+        intake,
+        exec: Some(exec),
+        links: HashMap::new(),
+        next_conn: 0,
+        jobs: HashMap::new(),
+        modules: HashMap::new(),
+        module_order: VecDeque::new(),
+        blobs: HashMap::new(),
+        blob_order: VecDeque::new(),
+        blob_bytes: 0,
+        fetches: HashMap::new(),
+        ready: HashMap::new(),
+        answers: HashMap::new(),
+        inputs_tx: tx.clone(),
+        tasks: JoinSet::new(),
+        next_sweep: Instant::now() + SWEEP_EVERY,
+    };
+    tasks.spawn(work.run(rx).instrument(tracing::debug_span!("work")));
+    Ok(tx)
+}
+
+impl Work {
+    async fn run(mut self, mut inputs: mpsc::Receiver<WorkInput>) {
+        loop {
+            let mut wake = self.next_sweep;
+            if let Some(at) = self.intake.poll_timeout() {
+                wake = wake.min(at);
+            }
+            tokio::select! {
+                input = inputs.recv() => match input {
+                    Some(input) => self.on_input(input),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
+                    let now = Instant::now();
+                    self.intake.handle_timeout(now);
+                    if now >= self.next_sweep {
+                        self.sweep(now);
+                    }
+                }
+                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
+            }
+            self.flush();
+        }
+        self.stop();
+    }
+
+    /// Stops the unit threads off the async runtime: a running unit may take a while.
+    fn stop(&mut self) {
+        if let Some(exec) = self.exec.take() {
+            let _ = std::thread::Builder::new()
+                .name("cf-work-stop".into())
+                .spawn(move || drop(exec));
+        }
+    }
+
+    fn on_input(&mut self, input: WorkInput) {
+        let now = Instant::now();
+        match input {
+            WorkInput::Link(link) => self.on_link(link),
+            WorkInput::Frame { conn, peer, frame } => {
+                if self.links.get(&peer).is_some_and(|l| l.conn == conn) {
+                    self.on_frame(peer, frame, now);
+                }
+            }
+            WorkInput::Closed { conn, peer } => {
+                if self.links.get(&peer).is_some_and(|l| l.conn == conn) {
+                    self.links.remove(&peer);
+                    self.submitter_gone(peer, now);
+                }
+            }
+            WorkInput::Done(done) => self.on_done(done, now),
+        }
+    }
+
+    fn on_link(&mut self, link: PeerLink) {
+        let peer = link.peer;
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        if let Some(old) = self.links.remove(&peer) {
+            // A submitter that reconnects replaces its old link; its leases stay queued.
+            old.quic
+                .close(VarInt::from_u32(close::DUPLICATE), b"replaced");
+        }
+        let span = tracing::debug_span!("job-link", %peer, conn);
+        let (outbox, rx) = mpsc::channel(OUTBOX);
+        self.tasks
+            .spawn(super::write_loop(link.conn.clone(), link.send, rx).instrument(span.clone()));
+        let inputs = self.inputs_tx.clone();
+        let quic = link.conn.clone();
+        let mut recv = link.recv;
+        self.tasks.spawn(
+            async move {
+                loop {
+                    match wire::read::<JobFrame, _>(&mut recv).await {
+                        Ok(Some(frame)) => {
+                            if inputs
+                                .send(WorkInput::Frame { conn, peer, frame })
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(WireError::Io(err)) => {
+                            tracing::debug!(%err, "job link lost");
+                            break;
+                        }
+                        Err(err) => {
+                            tracing::warn!(err = %error_chain(&err), "malformed job frame; closing");
+                            quic.close(VarInt::from_u32(close::PROTOCOL), b"malformed frame");
+                            break;
+                        }
+                    }
+                }
+                let _ = inputs.send(WorkInput::Closed { conn, peer }).await;
+            }
+            .instrument(span),
+        );
+        self.links.insert(
+            peer,
+            Link {
+                conn,
+                quic: link.conn,
+                outbox,
+            },
+        );
+    }
+
+    fn send(&self, to: &PeerId, frame: JobFrame) {
+        if let Some(link) = self.links.get(to)
+            && let Err(mpsc::error::TrySendError::Full(_)) = link.outbox.try_send(frame)
+        {
+            // The submitter re-issues what it does not hear about when the lease expires.
+            tracing::debug!(peer = %to, "job link outbox full; frame dropped");
+        }
+    }
+
+    fn on_frame(&mut self, from: PeerId, frame: JobFrame, now: Instant) {
+        match frame {
+            JobFrame::Offer(offer) => self.on_offer(from, offer.job, offer.spec, offer.leases, now),
+            JobFrame::Revoke { job, leases } => {
+                for id in &leases {
+                    self.ready.remove(&(from, job, *id));
+                }
+                if let Some(state) = self.jobs.get_mut(&(from, job)) {
+                    state.waiting.retain(|l| !leases.contains(&l.id));
+                    state.received.truncate(state.waiting.len());
+                }
+                self.intake
+                    .handle(IntakeEvent::Revoke { from, job, leases }, now);
+            }
+            JobFrame::BlobChunk {
+                digest,
+                total,
+                offset,
+                bytes,
+            } => self.on_chunk(from, digest, total, offset, bytes, now),
+            JobFrame::BlobMissing { digest } => {
+                if self.fetches.get(&digest).is_some_and(|f| f.from == from) {
+                    self.fetches.remove(&digest);
+                    self.blob_failed(from, digest, now);
+                }
+            }
+            JobFrame::Report { .. } | JobFrame::Decline { .. } | JobFrame::BlobGet { .. } => {
+                tracing::debug!(peer = %from, "submitter-bound frame on an inbound job link; ignored");
+            }
+        }
+    }
+
+    fn on_offer(
+        &mut self,
+        from: PeerId,
+        job: Digest,
+        spec: JobSpec,
+        leases: Vec<WireLease>,
+        now: Instant,
+    ) {
+        let key = (from, job);
+        if spec.profile != PROFILE {
+            tracing::info!(peer = %from, profile = %spec.profile, "job for another engine profile declined");
+            self.decline(from, job, leases.iter().map(|l| l.id).collect());
+            return;
+        }
+        if !self.jobs.contains_key(&key) {
+            if self.jobs.len() >= MAX_JOBS {
+                self.decline(from, job, leases.iter().map(|l| l.id).collect());
+                return;
+            }
+            self.jobs.insert(
+                key,
+                JobState {
+                    spec: spec.clone(),
+                    waiting: VecDeque::new(),
+                    received: VecDeque::new(),
+                },
+            );
+        }
+        let Some(state) = self.jobs.get_mut(&key) else {
+            return;
+        };
+        if state.spec != spec {
+            // One job, one spec: a submitter changing it mid-job is refused.
+            self.decline(from, job, leases.iter().map(|l| l.id).collect());
+            return;
+        }
+        let mut declined = Vec::new();
+        for lease in leases {
+            if state.waiting.len() >= MAX_WAITING_PER_JOB {
+                declined.push(lease.id);
+            } else {
+                state.waiting.push_back(lease);
+                state.received.push_back(now);
+            }
+        }
+        self.decline(from, job, declined);
+        self.advance(key, now);
+    }
+
+    fn decline(&mut self, to: PeerId, job: Digest, leases: Vec<LeaseId>) {
+        if !leases.is_empty() {
+            self.send(&to, JobFrame::Decline { job, leases });
+        }
+    }
+
+    /// Moves the leases of a job whose blobs are here into the intake, and asks for missing
+    /// blobs.
+    fn advance(&mut self, key: (PeerId, Digest), now: Instant) {
+        let (from, job) = key;
+        let Some(state) = self.jobs.get_mut(&key) else {
+            return;
+        };
+        let module = state.spec.module;
+        let mut wanted = Vec::new();
+        if !self.modules.contains_key(&module) {
+            wanted.push((module, state.spec.module_len));
+        }
+        let mut ready = Vec::new();
+        if wanted.is_empty() {
+            let mut keep = VecDeque::new();
+            let mut keep_at = VecDeque::new();
+            while let (Some(lease), Some(at)) =
+                (state.waiting.pop_front(), state.received.pop_front())
+            {
+                let input = match &lease.input {
+                    InputRef::Inline(bytes) => Some(Arc::<[u8]>::from(bytes.as_slice())),
+                    InputRef::Blob { digest, len } => {
+                        let found = self.blobs.get(digest).cloned();
+                        if found.is_none() && !wanted.iter().any(|(d, _)| d == digest) {
+                            wanted.push((*digest, *len));
+                        }
+                        found
+                    }
+                };
+                match input {
+                    Some(input) => {
+                        let deadline = at + Duration::from_millis(lease.ttl_ms);
+                        ready.push((lease, input, deadline));
+                    }
+                    None => {
+                        keep.push_back(lease);
+                        keep_at.push_back(at);
+                    }
+                }
+            }
+            state.waiting = keep;
+            state.received = keep_at;
+        }
+        for (digest, len) in wanted {
+            self.fetch(from, digest, len);
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let mut leases = Vec::with_capacity(ready.len());
+        for (lease, input, deadline) in ready {
+            self.ready
+                .insert((from, job, lease.id), Ready { input, deadline });
+            leases.push(Lease {
+                id: lease.id,
+                unit: lease.unit,
+                attempt: lease.attempt,
+                deadline,
+            });
+        }
+        self.intake
+            .handle(IntakeEvent::Offer { from, job, leases }, now);
+    }
+
+    fn fetch(&mut self, from: PeerId, digest: Digest, len: u64) {
+        if self.fetches.contains_key(&digest) || self.fetches.len() >= MAX_FETCHES {
+            // Already on its way, or asked for again when a fetch slot frees up.
+            return;
+        }
+        self.fetches.insert(
+            digest,
+            Fetch {
+                from,
+                total: len,
+                bytes: Vec::new(),
+            },
+        );
+        self.send(&from, JobFrame::BlobGet { digest });
+    }
+
+    fn on_chunk(
+        &mut self,
+        from: PeerId,
+        digest: Digest,
+        total: u64,
+        offset: u64,
+        bytes: Vec<u8>,
+        now: Instant,
+    ) {
+        let Some(fetch) = self.fetches.get_mut(&digest) else {
+            return;
+        };
+        if fetch.from != from {
+            return;
+        }
+        if total != fetch.total || offset != fetch.bytes.len() as u64 {
+            tracing::warn!(peer = %from, %digest, "blob chunk out of order or of the wrong size");
+            self.fetches.remove(&digest);
+            self.blob_failed(from, digest, now);
+            return;
+        }
+        fetch.bytes.extend_from_slice(&bytes);
+        if (fetch.bytes.len() as u64) < fetch.total {
+            return;
+        }
+        let Some(fetch) = self.fetches.remove(&digest) else {
+            return;
+        };
+        if Digest::of(&fetch.bytes) != digest {
+            tracing::warn!(peer = %from, %digest, "blob does not match its digest");
+            self.blob_failed(from, digest, now);
+            return;
+        }
+        let bytes: Arc<[u8]> = fetch.bytes.into();
+        let is_module = self.jobs.values().any(|j| j.spec.module == digest);
+        if is_module {
+            let metering =
+                self.jobs
+                    .values()
+                    .find(|j| j.spec.module == digest)
+                    .map_or(Metering::Off, |j| {
+                        if j.spec.fuel.is_some() {
+                            Metering::Fuel
+                        } else {
+                            Metering::Off
+                        }
+                    });
+            let module = match &self.exec {
+                Some(exec) => exec.module(bytes.clone(), metering),
+                None => return,
+            };
+            self.insert_module(digest, module);
+        }
+        if self.jobs.values().any(|j| {
+            j.waiting
+                .iter()
+                .any(|l| matches!(&l.input, InputRef::Blob { digest: d, .. } if *d == digest))
+        }) {
+            self.insert_blob(digest, bytes);
+        }
+        self.advance_all(now);
+    }
+
+    fn insert_module(&mut self, digest: Digest, module: Module) {
+        while self.module_order.len() >= MODULE_CACHE {
+            if let Some(old) = self.module_order.pop_front() {
+                self.modules.remove(&old);
+            }
+        }
+        self.modules.insert(digest, module);
+        self.module_order.push_back(digest);
+    }
+
+    fn insert_blob(&mut self, digest: Digest, bytes: Arc<[u8]>) {
+        while self.blob_bytes + bytes.len() > BLOB_CACHE_BYTES {
+            let Some(old) = self.blob_order.pop_front() else {
+                break;
+            };
+            if let Some(b) = self.blobs.remove(&old) {
+                self.blob_bytes -= b.len();
+            }
+        }
+        self.blob_bytes += bytes.len();
+        self.blobs.insert(digest, bytes);
+        self.blob_order.push_back(digest);
+    }
+
+    /// A blob could not be had from `from`: every lease waiting for it is declined, so the
+    /// submitter offers it elsewhere.
+    fn blob_failed(&mut self, from: PeerId, digest: Digest, now: Instant) {
+        let keys: Vec<Key> = self.jobs.keys().filter(|k| k.0 == from).copied().collect();
+        for key in keys {
+            let Some(state) = self.jobs.get_mut(&key) else {
+                continue;
+            };
+            let needs = |l: &WireLease| {
+                state.spec.module == digest
+                    || matches!(&l.input, InputRef::Blob { digest: d, .. } if *d == digest)
+            };
+            let (drop, keep): (Vec<WireLease>, Vec<WireLease>) =
+                state.waiting.drain(..).partition(|l| needs(l));
+            state.received = std::iter::repeat_n(now, keep.len()).collect();
+            state.waiting = keep.into();
+            let ids = drop.iter().map(|l| l.id).collect();
+            self.decline(key.0, key.1, ids);
+        }
+        self.advance_all(now);
+    }
+
+    fn advance_all(&mut self, now: Instant) {
+        let keys: Vec<Key> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| !j.waiting.is_empty())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            self.advance(key, now);
+        }
+    }
+
+    fn on_done(&mut self, done: Done, now: Instant) {
+        let Done {
+            submitter,
+            job,
+            lease,
+            mut result,
+        } = done;
+        if self.tamper
+            && let Ok(bytes) = &mut result
+        {
+            bytes.extend_from_slice(b" (altered)");
+        }
+        let outcome = match &result {
+            Ok(bytes) => Outcome::Output(Digest::of(bytes)),
+            Err(e) if e.class() == OutcomeClass::HostFailure => Outcome::HostFailure,
+            Err(e) => Outcome::deterministic_error(&postcard::to_stdvec(e).unwrap_or_default()),
+        };
+        self.answers.insert((submitter, job, lease), (result, now));
+        self.intake.handle(
+            IntakeEvent::Done {
+                submitter,
+                job,
+                lease,
+                outcome,
+            },
+            now,
+        );
+    }
+
+    fn submitter_gone(&mut self, peer: PeerId, now: Instant) {
+        self.intake.handle(IntakeEvent::SubmitterGone { peer }, now);
+        self.jobs.retain(|k, _| k.0 != peer);
+        self.ready.retain(|k, _| k.0 != peer);
+        self.answers.retain(|k, _| k.0 != peer);
+        self.fetches.retain(|_, f| f.from != peer);
+    }
+
+    /// Drops what outlived its purpose: inputs of leases past their deadline that never
+    /// started, answers whose report never came, jobs with nothing left.
+    fn sweep(&mut self, now: Instant) {
+        self.next_sweep = now + SWEEP_EVERY;
+        self.ready.retain(|_, r| r.deadline > now);
+        self.answers
+            .retain(|_, (_, at)| now.duration_since(*at) < ANSWER_TTL);
+        let live: Vec<Key> = self.ready.keys().map(|k| (k.0, k.1)).collect();
+        self.jobs.retain(|k, j| {
+            !j.waiting.is_empty() || live.contains(k) || self.links.contains_key(&k.0)
+        });
+    }
+
+    /// Carries out what the intake asks.
+    fn flush(&mut self) {
+        while let Some(command) = self.intake.poll_command() {
+            match command {
+                IntakeCommand::Run(task) => self.start(task),
+                IntakeCommand::Abort { .. } => {
+                    // A started unit cannot be stopped early; its answer is dropped as unknown.
+                }
+                IntakeCommand::Report {
+                    to,
+                    job,
+                    results,
+                    want,
+                } => self.report(to, job, results, want),
+                IntakeCommand::Decline { to, job, leases } => {
+                    for id in &leases {
+                        self.ready.remove(&(to, job, *id));
+                    }
+                    self.decline(to, job, leases);
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, task: crate::schedule::Task) {
+        let key = (task.submitter, task.job, task.lease.id);
+        let ready = self.ready.remove(&key);
+        let module = self
+            .jobs
+            .get(&(task.submitter, task.job))
+            .and_then(|state| Some((state.spec.limits(), self.modules.get(&state.spec.module)?)));
+        let (Some(ready), Some((limits, module)), Some(exec)) = (ready, module, self.exec.as_ref())
+        else {
+            self.fail_now(key, "the lease's input or module is gone".into());
+            return;
+        };
+        let mut request = UnitRequest::new(ready.input);
+        request.limits = limits;
+        let tx = self.inputs_tx.clone();
+        let (submitter, job, lease) = key;
+        let submitted = exec.submit(module, request, move |result| {
+            // On a unit thread: waiting for room is the backpressure on the unit threads.
+            let _ = tx.blocking_send(WorkInput::Done(Done {
+                submitter,
+                job,
+                lease,
+                result,
+            }));
+        });
+        if let Err(err) = submitted {
+            self.fail_now(key, err.to_string());
+        }
+    }
+
+    /// Ends a lease that could not start as a host failure.
+    fn fail_now(&mut self, key: LeaseKey, detail: String) {
+        let now = Instant::now();
+        self.answers
+            .insert(key, (Err(UnitError::Host { detail }), now));
+        let (submitter, job, lease) = key;
+        self.intake.handle(
+            IntakeEvent::Done {
+                submitter,
+                job,
+                lease,
+                outcome: Outcome::HostFailure,
+            },
+            now,
+        );
+    }
+
+    fn report(
+        &mut self,
+        to: PeerId,
+        job: Digest,
+        results: Vec<crate::schedule::LeaseResult>,
+        want: u32,
+    ) {
+        let mut frame = Vec::new();
+        let mut bytes = 0usize;
+        for r in results {
+            let Some((result, _)) = self.answers.remove(&(to, job, r.lease)) else {
+                continue;
+            };
+            let size = result.as_ref().map_or(256, Vec::len);
+            if !frame.is_empty() && bytes + size > REPORT_BYTES {
+                let results = std::mem::take(&mut frame);
+                self.send(
+                    &to,
+                    JobFrame::Report {
+                        job,
+                        results,
+                        want: 0,
+                    },
+                );
+                bytes = 0;
+            }
+            bytes += size;
+            frame.push(WireResult {
+                lease: r.lease,
+                result,
+            });
+        }
+        self.send(
+            &to,
+            JobFrame::Report {
+                job,
+                results: frame,
+                want,
+            },
+        );
+    }
+}
+
+/// Serves a blob to a worker in chunks on `outbox`; `None` bytes answer that it is missing.
+pub(crate) async fn send_blob(
+    outbox: &mpsc::Sender<JobFrame>,
+    digest: Digest,
+    bytes: Option<&[u8]>,
+) -> bool {
+    let Some(bytes) = bytes else {
+        return outbox.send(JobFrame::BlobMissing { digest }).await.is_ok();
+    };
+    let total = bytes.len() as u64;
+    let mut offset = 0usize;
+    loop {
+        let end = (offset + MAX_CHUNK).min(bytes.len());
+        let chunk = JobFrame::BlobChunk {
+            digest,
+            total,
+            offset: offset as u64,
+            bytes: bytes[offset..end].to_vec(),
+        };
+        if outbox.send(chunk).await.is_err() {
+            return false;
+        }
+        offset = end;
+        if offset >= bytes.len() {
+            return true;
+        }
+    }
+}
