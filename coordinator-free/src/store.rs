@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
@@ -214,6 +214,25 @@ impl JobStore {
             .map(|bytes| decode("reputation", &bytes))
             .transpose()?
             .unwrap_or_default())
+    }
+
+    /// Every peer's reputation, by peer id.
+    pub fn reputations(&self) -> Result<Vec<(PeerId, Reputation)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let t = txn.open_table(REPUTATION).map_err(db_error)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(db_error)? {
+            let (key, value) = entry.map_err(db_error)?;
+            let bytes: [u8; 32] = key.value().try_into().map_err(|_| StoreError::Corrupt {
+                what: "reputation key",
+                detail: format!("{} bytes", key.value().len()),
+            })?;
+            out.push((
+                PeerId::from_bytes(bytes),
+                decode("reputation", value.value())?,
+            ));
+        }
+        Ok(out)
     }
 
     /// Stores a blob under its digest.

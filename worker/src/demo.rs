@@ -1,136 +1,259 @@
-//! `worker demo`: the example units on this machine. Every unit runs twice, on separate unit
-//! threads, and is accepted only when both runs return identical bytes — the validation rule of
-//! the network, shown locally.
+//! `worker demo`: a small network inside this process. Three peers on loopback join through
+//! the first, each donating one core to unit host processes; the first submits an example SIR
+//! sweep with two replicas per unit, which spreads over all three, and every unit is accepted
+//! only when two distinct peers returned identical bytes. With `--liar`, a fourth peer alters
+//! every output it returns, and validation outvotes and names it.
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::mpsc::sync_channel;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::anyhow;
+use anyhow::{Context, anyhow};
 use clap::Args;
 use coordinator_free::digest::Digest;
-use coordinator_free::sandbox::{
-    Executor, Metering, PreparedModule, Sandbox, SandboxConfig, UnitRequest,
+use coordinator_free::identity::Identity;
+use coordinator_free::job::JobManifest;
+use coordinator_free::job::driver::{JobData, run_job};
+use coordinator_free::job::local::job_id;
+use coordinator_free::node::{
+    Bootstrap, NetWorkers, Node, NodeConfig, WorkConfig, WorkRunner, net_schedule_config,
 };
+use coordinator_free::peer_id::PeerId;
+use coordinator_free::store::JobStore;
 
 use crate::{Failure, exit};
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Unit threads to use (default: the machine's cores).
-    #[arg(long, value_name = "N")]
-    cpus: Option<usize>,
+    /// Peers in the demo network.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=16))]
+    peers: u32,
+    /// Add a peer that alters every output it returns, to watch validation catch it.
+    #[arg(long)]
+    liar: bool,
 }
 
-const REPLICAS: usize = 2;
+/// The example sweep: an SIR epidemic over 4 infection rates × 4 recovery rates.
+const MANIFEST: &str = r#"
+name = "demo-sir-sweep"
+module = "sir.wasm"
 
-struct Unit {
-    label: String,
-    module: Arc<PreparedModule>,
-    input: Vec<u8>,
-}
+[inputs.sweep]
+beta = [0.2, 0.3, 0.4, 0.5]
+gamma = [0.1, 0.15, 0.2, 0.25]
+population = 1000000.0
+initial_infected = 10.0
+days = 365
+steps_per_day = 24
+
+[redundancy]
+replicas = 2
+quorum = 2
+max_attempts = 4
+"#;
+
+/// Longest wait for the peers to find each other.
+const CONVERGE_LIMIT: Duration = Duration::from_secs(20);
 
 pub fn run(args: DemoArgs) -> Result<ExitCode, Failure> {
-    let cpus = args
-        .cpus
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .clamp(1, 64);
     let host = |e: anyhow::Error| Failure {
         error: e,
         code: exit::HOST_FAILURE,
     };
-    let sandbox = Sandbox::new(SandboxConfig {
-        max_concurrent_units: cpus as u32,
-        ..SandboxConfig::default()
-    })
-    .map_err(|e| host(e.into()))?;
-    let prepare = |bytes: &[u8]| {
-        sandbox
-            .prepare(bytes, Metering::Off)
-            .map_err(|e| host(anyhow!("example module refused: {e}")))
+    let scratch =
+        std::env::temp_dir().join(format!("coordinator-free-demo-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(scratch.clone());
+    std::fs::create_dir_all(&scratch)
+        .with_context(|| format!("cannot create {}", scratch.display()))
+        .map_err(host)?;
+    let manifest = JobManifest::parse(MANIFEST, &scratch.join("demo.toml"), &scratch)
+        .map_err(|e| host(e.into()))?;
+    let units = manifest
+        .units(&scratch.join("demo.toml"))
+        .map_err(|e| host(e.into()))?;
+    let module: Arc<[u8]> = Arc::from(example_artifacts::SIR_BYTES);
+    let module_digest = Digest::of(&module);
+    let job = JobData {
+        id: job_id(&module_digest, &manifest, &units),
+        module: module_digest,
+        units,
+        limits: manifest.limits.to_limits(),
     };
-    let sir = prepare(example_artifacts::SIR_BYTES)?;
-    let pi = prepare(example_artifacts::PI_BYTES)?;
+    let store = JobStore::open(&scratch.join("submit.redb")).map_err(|e| host(e.into()))?;
+    let command = crate::unit_host_command(&scratch.join("cache")).map_err(host)?;
 
-    let mut units = Vec::new();
-    for beta in [0.2, 0.3, 0.4, 0.5] {
-        for gamma in [0.1, 0.15, 0.25] {
-            units.push(Unit {
-                label: format!("sir beta={beta:<4} gamma={gamma:<4}"),
-                module: sir.clone(),
-                input: format!(
-                    r#"{{"beta":{beta},"gamma":{gamma},"population":1000000.0,"initial_infected":10.0,"days":365,"steps_per_day":24}}"#
-                )
-                .into_bytes(),
-            });
-        }
-    }
-    for seed in 1..=4u64 {
-        units.push(Unit {
-            label: format!("pi  seed={seed}"),
-            module: pi.clone(),
-            input: format!(r#"{{"samples":2000000,"seed":{seed}}}"#).into_bytes(),
-        });
-    }
-
-    println!(
-        "coordinator-free demo: {} units x {REPLICAS} replicas on {cpus} unit threads",
-        units.len()
-    );
-    let executor =
-        Executor::new(sandbox, cpus, units.len() * REPLICAS).map_err(|e| host(e.into()))?;
-    let started = Instant::now();
-    let (send, receive) = sync_channel(units.len() * REPLICAS);
-    for (index, unit) in units.iter().enumerate() {
-        for _ in 0..REPLICAS {
-            let send = send.clone();
-            executor
-                .try_submit(
-                    unit.module.clone(),
-                    UnitRequest::new(unit.input.clone()),
-                    move |report| {
-                        let _ = send.send((index, report));
-                    },
-                )
-                .map_err(|e| host(e.into()))?;
-        }
-    }
-    drop(send);
-    let mut results: Vec<Vec<Result<Vec<u8>, String>>> = vec![Vec::new(); units.len()];
-    for (index, report) in receive.iter() {
-        results[index].push(report.result.map_err(|e| e.to_string()));
-    }
-    let wall = started.elapsed();
-
-    let mut accepted = 0;
-    for (unit, replicas) in units.iter().zip(&results) {
-        let agree = replicas.len() == REPLICAS && replicas.windows(2).all(|w| w[0] == w[1]);
-        match (&replicas[0], agree) {
-            (Ok(bytes), true) => {
-                accepted += 1;
-                println!(
-                    "  {}  accepted  {}  {}",
-                    unit.label,
-                    &Digest::of(bytes).to_hex()[..12],
-                    String::from_utf8_lossy(bytes)
-                );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .map_err(host)?;
+    let total = args.peers + u32::from(args.liar);
+    let nodes = runtime
+        .block_on(async {
+            let mut nodes: Vec<Node> = Vec::new();
+            for i in 0..total {
+                let mut config = NodeConfig::new("127.0.0.1:0".parse()?);
+                config.mdns = false;
+                if let Some(first) = nodes.first() {
+                    config.bootstrap = vec![Bootstrap {
+                        addr: first.local_addr(),
+                        peer: Some(first.id()),
+                    }];
+                }
+                config.capacity.cores_donated = 1;
+                config.capacity.cores_free = 1;
+                config.capacity.memory_mb = 512;
+                let mut work = WorkConfig::new(WorkRunner::UnitHosts(command.clone()), 1);
+                work.tamper = args.liar && i == total - 1;
+                config.work = Some(work);
+                nodes.push(Node::start(Identity::generate()?, config).await?);
             }
-            (Err(e), true) => println!("  {}  failed    {e}", unit.label),
-            (_, false) => println!("  {}  DISAGREE  {replicas:?}", unit.label),
-        }
-    }
+            let started = Instant::now();
+            loop {
+                let mut known = 0;
+                for node in &nodes {
+                    known += node.status().await?.peers.len();
+                }
+                if known == nodes.len() * (nodes.len() - 1) {
+                    break;
+                }
+                if started.elapsed() > CONVERGE_LIMIT {
+                    return Err(anyhow!("the demo peers did not find each other"));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            anyhow::Ok(nodes)
+        })
+        .map_err(host)?;
+    let liar = args.liar.then(|| nodes[nodes.len() - 1].id());
+    let names: Vec<(PeerId, String)> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let role = match (i, Some(n.id()) == liar) {
+                (0, _) => " (submitter)",
+                (_, true) => " (alters its outputs)",
+                _ => "",
+            };
+            (n.id(), format!("peer {}{role}", i + 1))
+        })
+        .collect();
     println!(
-        "{accepted}/{} units accepted: every replica returned identical bytes ({:.2} s)",
-        units.len(),
-        wall.as_secs_f64()
+        "coordinator-free demo: {} peers on loopback, job {} of {} units, {} replicas each",
+        nodes.len(),
+        manifest.name,
+        job.units.len(),
+        manifest.redundancy.replicas
     );
-    if accepted == units.len() {
+    for (id, name) in &names {
+        println!("  {name:<28} {id}");
+    }
+
+    let mut workers = NetWorkers::new(
+        nodes[0].job_dialer(),
+        runtime.handle().clone(),
+        &job,
+        module,
+    );
+    let config = net_schedule_config(&workers.spec().limits());
+    let out = scratch.join("out");
+    let summary = run_job(&manifest, &job, config, &mut workers, &store, &out, |_| {})
+        .map_err(|e| host(e.into()))?;
+    drop(workers);
+    runtime.block_on(async {
+        for node in nodes {
+            node.shutdown().await;
+        }
+    });
+
+    let short = |peer: &str| {
+        names
+            .iter()
+            .find(|(id, _)| id.to_string() == peer)
+            .map_or_else(|| peer.chars().take(8).collect(), |(_, n)| n.clone())
+    };
+    let text = std::fs::read_to_string(&summary.results)
+        .context("cannot read the results")
+        .map_err(host)?;
+    let mut lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    lines.sort_by_key(|l| l["index"].as_u64());
+    println!();
+    println!(
+        "  {:<20} {:>9} {:>12}  {:<8}  agreed by",
+        "unit", "peak day", "peak infect", "status"
+    );
+    for line in &lines {
+        let params = &line["input"]["params"];
+        let agreed: Vec<String> = line["agreed"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|p| p.as_str()).map(short).collect())
+            .unwrap_or_default();
+        let mut extra = String::new();
+        if let Some(d) = line["dissented"].as_array().filter(|d| !d.is_empty()) {
+            let names: Vec<String> = d.iter().filter_map(|p| p.as_str()).map(short).collect();
+            extra = format!("; outvoted: {}", names.join(", "));
+        }
+        println!(
+            "  beta={:<4} gamma={:<5} {:>9} {:>12.0}  {:<8}  {}{extra}",
+            params["beta"].to_string(),
+            params["gamma"].to_string(),
+            line["output"]["peak_day"].to_string(),
+            line["output"]["peak_infected"].as_f64().unwrap_or(f64::NAN),
+            line["status"].as_str().unwrap_or("?"),
+            agreed.join(" + "),
+        );
+    }
+    println!();
+    println!(
+        "{}/{} units accepted, {} failed: {} executions on {} peers, {} host failures, {:.2} s",
+        summary.accepted,
+        summary.units,
+        summary.failed,
+        summary.executions,
+        summary.peers.len(),
+        summary.host_failures,
+        summary.elapsed.as_secs_f64()
+    );
+    println!(
+        "validation: a unit is accepted when {} distinct peers return byte-identical output",
+        manifest.redundancy.quorum
+    );
+    for (peer, times) in &summary.dissenters {
+        println!(
+            "dissent: {} returned a different result {times} times and was outvoted",
+            short(&peer.to_string())
+        );
+    }
+    // A liar that ran nothing had nothing to catch.
+    let caught =
+        liar.is_none_or(|l| !summary.peers.contains_key(&l) || summary.dissenters.contains_key(&l));
+    if summary.succeeded() && caught {
         Ok(ExitCode::SUCCESS)
     } else {
         Err(Failure {
-            error: anyhow!("{} units were not accepted", units.len() - accepted),
+            error: anyhow!(
+                "{} units were not accepted{}",
+                summary.units - summary.accepted,
+                if caught {
+                    ""
+                } else {
+                    "; the altering peer was not caught"
+                }
+            ),
             code: exit::UNIT_FAILED,
         })
+    }
+}
+
+/// Removes the demo's scratch directory however the demo ends.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

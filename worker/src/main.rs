@@ -31,11 +31,13 @@ struct Cli {
 enum Command {
     /// Run one work unit locally in the sandbox and print its output bytes on stdout.
     Exec(exec::ExecArgs),
-    /// Run the example units on this machine, each twice, and show that the results agree.
+    /// A small network on this machine runs an example sweep, each unit on two peers, and
+    /// shows the validated results.
     Demo(demo::DemoArgs),
     /// Join the network and donate this machine's spare cores until stopped.
     Run(run::RunArgs),
-    /// Run a job on this machine: every unit, redundantly, with results in results.jsonl.
+    /// Run a job across the network (or on this machine alone), redundantly validated, with
+    /// results in results.jsonl.
     Submit(submit::SubmitArgs),
     /// Ask the running peer for its identity, addresses and known peers.
     Status(status::StatusArgs),
@@ -126,6 +128,28 @@ fn init_logging(verbose: u8) {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+}
+
+/// Niceness of unit hosts, so donated work yields to the user's interactive programs.
+const UNIT_HOST_NICE: &str = "10";
+
+/// How this binary starts its own unit host processes, lowered in priority and sharing the
+/// compiled-module cache in `data_dir`.
+pub(crate) fn unit_host_command(
+    data_dir: &std::path::Path,
+) -> anyhow::Result<coordinator_free::sandbox::UnitHostCommand> {
+    use anyhow::Context as _;
+    let program = std::env::current_exe().context("cannot find the worker binary")?;
+    Ok(coordinator_free::sandbox::UnitHostCommand {
+        program,
+        args: vec![
+            "unit-host".into(),
+            "--nice".into(),
+            UNIT_HOST_NICE.into(),
+            "--data-dir".into(),
+            data_dir.as_os_str().to_owned(),
+        ],
+    })
 }
 
 /// The peer's data directory: `--data-dir`, else `$XDG_DATA_HOME/coordinator-free`, else

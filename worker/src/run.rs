@@ -1,4 +1,5 @@
-//! `worker run`: join the network and stay up until Ctrl-C or SIGTERM.
+//! `worker run`: join the network, run other peers' units on the donated cores, and stay up
+//! until Ctrl-C or SIGTERM.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,7 +10,7 @@ use clap::Args;
 use coordinator_free::control::SOCKET_FILE;
 use coordinator_free::identity::{AllowList, Identity};
 use coordinator_free::membership::{MAX_CORES, MAX_MEMORY_MB};
-use coordinator_free::node::{Bootstrap, Node, NodeConfig};
+use coordinator_free::node::{Bootstrap, Node, NodeConfig, WorkConfig, WorkRunner};
 
 use crate::{Failure, exit};
 
@@ -76,6 +77,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         }
         config.capacity.memory_mb = memory_mb;
     }
+
+    let command = crate::unit_host_command(&dir).map_err(internal)?;
+    config.work = Some(WorkConfig::new(
+        WorkRunner::UnitHosts(command),
+        u32::from(config.capacity.cores_donated),
+    ));
 
     // Two threads carry a peer's networking comfortably; unit threads are separate.
     let runtime = tokio::runtime::Builder::new_multi_thread()

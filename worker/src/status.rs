@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use anyhow::{Context, anyhow};
 use clap::Args;
 use coordinator_free::control::{self, StatusReport};
+use coordinator_free::peer_id::PeerId;
+use coordinator_free::store::{JobStore, Reputation};
 
 use crate::Failure;
 
@@ -28,21 +30,85 @@ pub fn run(args: StatusArgs) -> Result<ExitCode, Failure> {
         .build()
         .context("cannot start the async runtime")
         .map_err(Failure::usage)?;
-    let report = runtime
-        .block_on(control::status(&dir))
-        .map_err(|err| Failure {
+    let report = runtime.block_on(control::status(&dir));
+    let record = submitter_record(&dir);
+    if args.json {
+        let mut value = match &report {
+            Ok(report) => serde_json::to_value(report)
+                .context("cannot format the status")
+                .map_err(Failure::usage)?,
+            Err(_) => serde_json::json!({}),
+        };
+        if let (Some(map), Some(record)) = (value.as_object_mut(), &record) {
+            let peers: Vec<serde_json::Value> = record
+                .iter()
+                .map(|(peer, r)| {
+                    serde_json::json!({
+                        "peer": peer.to_string(),
+                        "agreements": r.agreements,
+                        "disagreements": r.disagreements,
+                        "consecutive_agreements": r.consecutive_agreements,
+                    })
+                })
+                .collect();
+            map.insert("reputation".into(), peers.into());
+        }
+        if report.is_ok() || record.is_some() {
+            println!("{value}");
+        }
+    } else {
+        if let Ok(report) = &report {
+            print!("{}", table(report));
+        }
+        if let Some(record) = &record {
+            print!("{}", reputation_table(record));
+        }
+    }
+    match report {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(err) => Err(Failure {
             error: err.into(),
             code: 1,
-        })?;
-    if args.json {
-        let text = serde_json::to_string(&report)
-            .context("cannot format the status")
-            .map_err(Failure::usage)?;
-        println!("{text}");
-    } else {
-        print!("{}", table(&report));
+        }),
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// What this data directory's submitter recorded about the peers that ran its units, if it
+/// ever submitted a job and the record can be read now (a running submit holds it).
+fn submitter_record(dir: &std::path::Path) -> Option<Vec<(PeerId, Reputation)>> {
+    let path = dir.join("submit.redb");
+    if !path.exists() {
+        return None;
+    }
+    let store = JobStore::open(&path).ok()?;
+    let mut peers = store.reputations().ok()?;
+    // Those who disagreed first, then by the results they returned.
+    peers.sort_by_key(|(_, r)| {
+        (
+            std::cmp::Reverse(r.disagreements),
+            std::cmp::Reverse(r.agreements),
+        )
+    });
+    Some(peers)
+}
+
+fn reputation_table(record: &[(PeerId, Reputation)]) -> String {
+    let mut out = String::new();
+    let dissenters: Vec<_> = record.iter().filter(|(_, r)| r.disagreements > 0).collect();
+    let _ = writeln!(
+        out,
+        "\nsubmitted jobs: {} peers returned results, {} of them disagreed with an accepted quorum",
+        record.len(),
+        dissenters.len()
+    );
+    for (peer, r) in dissenters {
+        let _ = writeln!(
+            out,
+            "  {peer}  disagreed {} times, agreed {} times",
+            r.disagreements, r.agreements
+        );
+    }
+    out
 }
 
 fn table(report: &StatusReport) -> String {

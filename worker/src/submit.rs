@@ -1,11 +1,16 @@
-//! `worker submit`: run a job on this machine, with this peer as its only worker.
+//! `worker submit`: run a job across the network, or on this machine alone.
 //!
-//! Replicas run as redundant executions in local unit host processes, each under its own
-//! simulated peer id; they guard against nondeterminism and host failures, not against a lying
-//! peer. The job is journaled in the data directory, so running the same command again resumes
-//! it without re-running accepted units.
+//! With `--bootstrap`, or when a `worker run` peer is running on the data directory, the
+//! submitter starts a peer of its own (with its own identity, so it never impersonates the
+//! running one), joins the network through them, and spreads the job's units over every peer
+//! that advertises free cores, itself included. Without either, replicas run as redundant
+//! executions in local unit host processes, each under its own simulated peer id; they guard
+//! against nondeterminism and host failures, not against a lying peer, and the summary says so.
+//! Either way the job is journaled in the data directory, so running the same command again
+//! resumes it without re-running accepted units.
 
 use std::io::{IsTerminal, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,15 +19,18 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use clap::Args;
 use coordinator_free::digest::Digest;
-use coordinator_free::job::JobManifest;
-use coordinator_free::job::local::{LocalJob, LocalProgress, LocalSummary, default_out_dir};
-use coordinator_free::sandbox::{self, Executor, HostedModule, Metering, UnitHostCommand};
+use coordinator_free::identity::Identity;
+use coordinator_free::job::driver::{JobData, JobProgress, JobSummary, run_job};
+use coordinator_free::job::local::{LocalJob, default_out_dir, job_id};
+use coordinator_free::job::{JobManifest, UnitInput};
+use coordinator_free::node::{
+    Bootstrap, NetWorkers, Node, NodeConfig, WorkConfig, WorkRunner, net_schedule_config,
+};
+use coordinator_free::sandbox::{self, Executor, HostedModule, Metering};
 use coordinator_free::store::JobStore;
 
 use crate::{Failure, exit};
 
-/// Niceness of the unit hosts, so the job yields to the user's interactive programs.
-const UNIT_HOST_NICE: &str = "10";
 /// How often progress is printed as a plain line when stderr is not a terminal.
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -36,9 +44,20 @@ pub struct SubmitArgs {
     /// The peer's data directory (job journal and compiled-module cache).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// Cores to run units on [default: all].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    /// Cores to run units on [default: all]; 0 runs none here (network jobs only).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1024))]
     cpus: Option<u32>,
+    /// Run the job across the network, joining through this peer: `IP:PORT` or `ID@IP:PORT`.
+    /// Repeatable. Without it, a peer running on the data directory is joined if there is one;
+    /// otherwise the job runs on this machine alone.
+    #[arg(long, value_name = "[ID@]ADDR")]
+    bootstrap: Vec<Bootstrap>,
+    /// Address the submitting peer listens on (network jobs).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]
+    listen: SocketAddr,
+    /// Do not look for peers on the local network (network jobs).
+    #[arg(long)]
+    no_mdns: bool,
 }
 
 pub fn run(args: SubmitArgs) -> Result<ExitCode, Failure> {
@@ -63,10 +82,6 @@ pub fn run(args: SubmitArgs) -> Result<ExitCode, Failure> {
         error: e.into(),
         code: exit::USAGE,
     })?;
-    let internal = |e: anyhow::Error| Failure {
-        error: e,
-        code: exit::HOST_FAILURE,
-    };
     let module_digest = Digest::of(&wasm);
     if store
         .blob(&module_digest)
@@ -80,52 +95,176 @@ pub fn run(args: SubmitArgs) -> Result<ExitCode, Failure> {
     } else {
         Metering::Off
     };
-    let module = Arc::new(HostedModule::new(wasm.to_vec(), metering));
-    let program = std::env::current_exe()
-        .map_err(|e| internal(anyhow!(e).context("cannot find the worker binary")))?;
-    let command = UnitHostCommand {
-        program,
-        args: vec![
-            "unit-host".into(),
-            "--nice".into(),
-            UNIT_HOST_NICE.into(),
-            "--data-dir".into(),
-            data_dir.clone().into(),
-        ],
+    let bootstrap = if args.bootstrap.is_empty() {
+        running_peer(&data_dir)
+    } else {
+        args.bootstrap.clone()
     };
-    // The queue holds every execution the job keeps in flight, so handing out a burst of leases
-    // never meets a full queue before the unit threads pick them up.
-    let threads = cpus as usize;
-    let in_flight = cpus.saturating_mul(2);
-    let executor = Executor::unit_hosts(&command, threads, in_flight as usize)
-        .map_err(|e| internal(anyhow!(e)))?;
-    let job = LocalJob::new(
-        &manifest,
-        units,
-        module_digest,
-        module,
-        executor,
-        in_flight,
-        &store,
-        out_dir,
-    );
-    eprintln!(
-        "job {} ({}), {} cores on this machine",
-        manifest.name,
-        job.id(),
-        cpus
-    );
-    let mut display = Display::new();
-    let summary = job
-        .run(|p| display.show(p))
-        .map_err(|e| internal(anyhow!(e)))?;
-    display.finish();
-    print_summary(&manifest, &summary);
+    let (summary, simulated) = if bootstrap.is_empty() {
+        if cpus == 0 {
+            return Err(Failure::usage(anyhow!(
+                "--cpus 0 leaves no core to run a job on this machine; pass --bootstrap to use the network"
+            )));
+        }
+        let module = Arc::new(HostedModule::new(wasm.to_vec(), metering));
+        let command = crate::unit_host_command(&data_dir).map_err(internal)?;
+        // The queue holds every execution the job keeps in flight, so handing out a burst of
+        // leases never meets a full queue before the unit threads pick them up.
+        let threads = cpus as usize;
+        let in_flight = cpus.saturating_mul(2);
+        let executor = Executor::unit_hosts(&command, threads, in_flight as usize)
+            .map_err(|e| internal(anyhow!(e)))?;
+        let job = LocalJob::new(
+            &manifest,
+            units,
+            module_digest,
+            module,
+            executor,
+            in_flight,
+            &store,
+            out_dir,
+        );
+        eprintln!(
+            "job {} ({}), {} cores on this machine",
+            manifest.name,
+            job.id(),
+            cpus
+        );
+        let mut display = Display::new();
+        let summary = job
+            .run(|p| display.show(p))
+            .map_err(|e| internal(anyhow!(e)))?;
+        display.finish();
+        (summary, true)
+    } else {
+        let network = Network {
+            bootstrap,
+            listen: args.listen,
+            mdns: !args.no_mdns,
+            cpus,
+            data_dir: &data_dir,
+        };
+        let summary = run_on_network(
+            &manifest,
+            units,
+            wasm.to_vec().into(),
+            module_digest,
+            &network,
+            &store,
+            &out_dir,
+        )?;
+        (summary, false)
+    };
+    print_summary(&manifest, &summary, simulated);
     Ok(if summary.succeeded() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(exit::UNIT_FAILED)
     })
+}
+
+fn internal(error: anyhow::Error) -> Failure {
+    Failure {
+        error,
+        code: exit::HOST_FAILURE,
+    }
+}
+
+/// How a network job joins the network.
+struct Network<'a> {
+    bootstrap: Vec<Bootstrap>,
+    listen: SocketAddr,
+    mdns: bool,
+    cpus: u32,
+    data_dir: &'a Path,
+}
+
+/// The peer running on `data_dir`, as a bootstrap address, if one answers.
+fn running_peer(data_dir: &Path) -> Vec<Bootstrap> {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return Vec::new();
+    };
+    let Ok(report) = runtime.block_on(coordinator_free::control::status(data_dir)) else {
+        return Vec::new();
+    };
+    let ip = match report.listen.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    vec![Bootstrap {
+        addr: SocketAddr::new(ip, report.listen.port()),
+        peer: Some(report.id),
+    }]
+}
+
+/// Starts a peer of the submitter's own, joins the network and runs the job over it.
+fn run_on_network(
+    manifest: &JobManifest,
+    units: Vec<UnitInput>,
+    module: Arc<[u8]>,
+    module_digest: Digest,
+    network: &Network<'_>,
+    store: &JobStore,
+    out_dir: &Path,
+) -> Result<JobSummary, Failure> {
+    // Its own identity: a `worker run` peer may be using the data directory's.
+    let identity = Identity::load_or_create(&network.data_dir.join("submitter"))
+        .map_err(|e| internal(anyhow!(e)))?;
+    let mut config = NodeConfig::new(network.listen);
+    config.bootstrap = network.bootstrap.clone();
+    config.mdns = network.mdns;
+    let cores = u16::try_from(network.cpus).unwrap_or(u16::MAX);
+    config.capacity.cores_donated = cores;
+    config.capacity.cores_free = cores;
+    config.capacity.memory_mb = 512 * u32::from(cores);
+    if network.cpus > 0 {
+        let command = crate::unit_host_command(network.data_dir).map_err(internal)?;
+        config.work = Some(WorkConfig::new(
+            WorkRunner::UnitHosts(command),
+            network.cpus,
+        ));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .map_err(internal)?;
+    let node = runtime
+        .block_on(Node::start(identity, config))
+        .map_err(Failure::usage)?;
+    let job = JobData {
+        id: job_id(&module_digest, manifest, &units),
+        module: module_digest,
+        units,
+        limits: manifest.limits.to_limits(),
+    };
+    eprintln!(
+        "job {} ({}) from peer {}, joining through {}",
+        manifest.name,
+        job.id,
+        node.id(),
+        network
+            .bootstrap
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut workers = NetWorkers::new(node.job_dialer(), runtime.handle().clone(), &job, module);
+    let config = net_schedule_config(&workers.spec().limits());
+    let mut display = Display::new();
+    let summary = run_job(manifest, &job, config, &mut workers, store, out_dir, |p| {
+        display.show(p)
+    });
+    display.finish();
+    drop(workers);
+    runtime.block_on(node.shutdown());
+    summary.map_err(|e| internal(anyhow!(e)))
 }
 
 /// Progress on stderr: one line rewritten in place on a terminal, a plain line now and then
@@ -148,7 +287,7 @@ impl Display {
         }
     }
 
-    fn show(&mut self, p: &LocalProgress) {
+    fn show(&mut self, p: &JobProgress) {
         let line = progress_line(p);
         let mut err = std::io::stderr().lock();
         if self.terminal {
@@ -176,7 +315,7 @@ impl Display {
     }
 }
 
-fn progress_line(p: &LocalProgress) -> String {
+fn progress_line(p: &JobProgress) -> String {
     let done = p.accepted + p.failed;
     let secs = p.elapsed.as_secs_f64();
     let rate = if secs > 0.0 {
@@ -193,12 +332,12 @@ fn progress_line(p: &LocalProgress) -> String {
         "?".to_owned()
     };
     format!(
-        "{done}/{} units: {} accepted, {} running, {} failed, {rate:.1} units/s, ETA {eta}",
-        p.units, p.accepted, p.running, p.failed
+        "{done}/{} units: {} accepted, {} running, {} failed, {} peers, {rate:.1} units/s, ETA {eta}",
+        p.units, p.accepted, p.running, p.failed, p.peers
     )
 }
 
-fn print_summary(manifest: &JobManifest, s: &LocalSummary) {
+fn print_summary(manifest: &JobManifest, s: &JobSummary, simulated: bool) {
     let r = manifest.redundancy;
     println!("job {} ({})", manifest.name, s.job);
     println!(
@@ -214,10 +353,26 @@ fn print_summary(manifest: &JobManifest, s: &LocalSummary) {
         s.dissents,
         s.elapsed.as_secs_f64()
     );
-    println!(
-        "validation: replicas {}, quorum {}, max attempts {}; replicas ran as redundant executions on this machine (simulated peer ids, not independent peers)",
-        r.replicas, r.quorum, r.max_attempts
-    );
+    if simulated {
+        println!(
+            "validation: replicas {}, quorum {}, max attempts {}; replicas ran as redundant executions on this machine (simulated peer ids, not independent peers)",
+            r.replicas, r.quorum, r.max_attempts
+        );
+    } else {
+        println!(
+            "validation: replicas {}, quorum {}, max attempts {}; {} peers took part",
+            r.replicas,
+            r.quorum,
+            r.max_attempts,
+            s.peers.len()
+        );
+        for (peer, answers) in &s.peers {
+            println!("  peer {peer}: {answers} executions");
+        }
+        for (peer, times) in &s.dissenters {
+            println!("  peer {peer} disagreed with an accepted result {times} times");
+        }
+    }
     println!("results: {}", display_path(&s.results));
 }
 

@@ -208,4 +208,28 @@ fn demo_accepts_every_unit() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("16/16 units accepted"), "{stdout}");
+    assert!(stdout.contains("on 3 peers"), "{stdout}");
+}
+
+#[test]
+fn demo_outvotes_and_names_a_lying_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["demo", "--liar"])
+        .current_dir(dir.path())
+        .output()
+        .expect("demo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("16/16 units accepted"), "{stdout}");
+    assert!(
+        stdout.contains("dissent: peer 4 (alters its outputs)"),
+        "{stdout}"
+    );
+    // No unit is accepted on the altered bytes: the liar never appears among those who agreed.
+    for line in stdout.lines().filter(|l| l.contains("accepted  ")) {
+        let agreed = line.split("accepted  ").nth(1).unwrap_or("");
+        let agreed = agreed.split("; outvoted").next().unwrap_or("");
+        assert!(!agreed.contains("peer 4"), "{line}");
+    }
 }

@@ -107,7 +107,7 @@ pub struct JobProgress {
     pub failed: u32,
     /// Executions under way now.
     pub running: u32,
-    /// Peers holding leases now.
+    /// Peers that answered at least one execution in this run.
     pub peers: u32,
     /// Units decided in this run.
     pub decided_now: u32,
@@ -301,17 +301,17 @@ pub fn run_job<W: Workers>(
     let mut ran = vec![false; job.units.len()];
     let mut last_progress = Instant::now();
     state.finished = scheduler.is_finished();
-    let snapshot = |state: &State, scheduler: &Scheduler, workers: &W| JobProgress {
+    let snapshot = |state: &State, workers: &W| JobProgress {
         units: count,
         accepted: state.accepted,
         failed: state.failed,
         running: workers.running(),
-        peers: scheduler.progress().peers,
+        peers: u32::try_from(state.answers.len()).unwrap_or(u32::MAX),
         decided_now: state.decided_now,
         restored,
         elapsed: started.elapsed(),
     };
-    progress(&snapshot(&state, &scheduler, workers));
+    progress(&snapshot(&state, workers));
 
     while !state.finished || !state.pending.is_empty() {
         if !state.finished {
@@ -347,7 +347,7 @@ pub fn run_job<W: Workers>(
 
         if last_progress.elapsed() >= PROGRESS_INTERVAL {
             last_progress = Instant::now();
-            progress(&snapshot(&state, &scheduler, workers));
+            progress(&snapshot(&state, workers));
         }
 
         // Wait for an answer, the next lease deadline, the commit interval or the next
@@ -406,7 +406,7 @@ pub fn run_job<W: Workers>(
     }
     results.flush().map_err(results_err)?;
     results.get_ref().sync_all().map_err(results_err)?;
-    progress(&snapshot(&state, &scheduler, workers));
+    progress(&snapshot(&state, workers));
     Ok(JobSummary {
         job: job.id,
         units: count,

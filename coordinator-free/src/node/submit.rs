@@ -41,9 +41,9 @@ const OUTBOX: usize = 256;
 const SCAN_EVERY: Duration = Duration::from_millis(500);
 /// How long a peer that could not be dialed is left alone.
 const REDIAL_AFTER: Duration = Duration::from_secs(5);
-/// Leases offered to a newly linked worker per advertised free core, before its reports say
-/// how many it wants.
-const FIRST_OFFER_PER_CORE: u32 = 16;
+/// Leases offered to a newly linked worker per advertised core, before its reports say how
+/// many it wants.
+const FIRST_OFFER_PER_CORE: u32 = 2;
 
 /// Added to the unit timeout to form a lease's deadline: fetching the module and the inputs
 /// and compiling the module are not the unit's time. A worker that vanishes is noticed sooner,

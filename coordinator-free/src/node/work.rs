@@ -49,10 +49,20 @@ const BLOB_CACHE_BYTES: usize = 256 << 20;
 const MODULE_CACHE: usize = 16;
 /// How long a finished execution's answer waits for its report before it is dropped.
 const ANSWER_TTL: Duration = Duration::from_secs(120);
+/// Longest a unit may run (the longest timeout a job may ask for).
+const MAX_UNIT_TIME: Duration = Duration::from_millis(crate::job::proto::MAX_TIMEOUT_MS);
 /// How often stale state is swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// Report frames carry at most this many output bytes; larger reports are split.
 const REPORT_BYTES: usize = 6 << 20;
+/// Work queued per slot that the prefetch aims at: enough to cover a round trip to the
+/// submitter many times over, little enough that a slow peer does not sit on units others
+/// could run.
+const QUEUE_TARGET: Duration = Duration::from_millis(50);
+/// Most leases queued per slot and submitter (units of a few microseconds).
+const MAX_PREFETCH_PER_SLOT: u32 = 256;
+/// Leases queued per slot before any unit's running time is known.
+const FIRST_PREFETCH_PER_SLOT: u32 = 2;
 
 /// How this peer runs units.
 #[derive(Debug, Clone)]
@@ -69,8 +79,9 @@ pub struct WorkConfig {
     pub runner: WorkRunner,
     /// Units run at once: the cores donated.
     pub slots: u32,
-    /// Leases queued per submitter beyond the running ones, so tiny units are not starved by
-    /// round trips.
+    /// Most leases queued per submitter beyond the running ones. The queue asked for is sized
+    /// from the units' running time up to this cap, so tiny units are not starved by round
+    /// trips.
     pub prefetch: u32,
     /// Test hook: every output this peer reports is altered, as a lying peer would.
     #[doc(hidden)]
@@ -84,7 +95,7 @@ impl WorkConfig {
         Self {
             runner,
             slots,
-            prefetch: 64 * slots,
+            prefetch: MAX_PREFETCH_PER_SLOT * slots,
             tamper: false,
         }
     }
@@ -219,6 +230,11 @@ struct Ready {
 
 struct Work {
     tamper: bool,
+    slots: u32,
+    max_prefetch: u32,
+    /// Running time of recent units (moving average), which sizes the prefetch.
+    unit_time: Option<Duration>,
+    started: HashMap<LeaseKey, Instant>,
     intake: Intake,
     exec: Option<Exec>,
     links: HashMap<PeerId, Link>,
@@ -246,12 +262,16 @@ pub(super) fn spawn(
     let (tx, rx) = mpsc::channel(INPUT_QUEUE);
     let intake = Intake::new(IntakeConfig {
         slots: config.slots,
-        prefetch: config.prefetch.max(1),
+        prefetch: (FIRST_PREFETCH_PER_SLOT * config.slots).min(config.prefetch.max(1)),
         max_queued_per_submitter: (config.prefetch as usize).max(64),
         ..IntakeConfig::default()
     });
     let work = Work {
         tamper: config.tamper,
+        slots: config.slots,
+        max_prefetch: config.prefetch.max(1),
+        unit_time: None,
+        started: HashMap::new(),
         intake,
         exec: Some(exec),
         links: HashMap::new(),
@@ -686,6 +706,15 @@ impl Work {
             lease,
             mut result,
         } = done;
+        if let Some(at) = self.started.remove(&(submitter, job, lease)) {
+            let took = now.saturating_duration_since(at);
+            let avg = self.unit_time.map_or(took, |avg| (avg * 7 + took) / 8);
+            self.unit_time = Some(avg);
+            let per_slot = (QUEUE_TARGET.as_nanos() / avg.as_nanos().max(1))
+                .clamp(1, u128::from(MAX_PREFETCH_PER_SLOT)) as u32;
+            self.intake
+                .set_prefetch((per_slot * self.slots).min(self.max_prefetch));
+        }
         if self.tamper
             && let Ok(bytes) = &mut result
         {
@@ -713,6 +742,7 @@ impl Work {
         self.jobs.retain(|k, _| k.0 != peer);
         self.ready.retain(|k, _| k.0 != peer);
         self.answers.retain(|k, _| k.0 != peer);
+        self.started.retain(|k, _| k.0 != peer);
         self.fetches.retain(|_, f| f.from != peer);
     }
 
@@ -723,7 +753,9 @@ impl Work {
         self.ready.retain(|_, r| r.deadline > now);
         self.answers
             .retain(|_, (_, at)| now.duration_since(*at) < ANSWER_TTL);
-        let live: Vec<Key> = self.ready.keys().map(|k| (k.0, k.1)).collect();
+        self.started
+            .retain(|_, at| now.duration_since(*at) < ANSWER_TTL + MAX_UNIT_TIME);
+        let live: std::collections::HashSet<Key> = self.ready.keys().map(|k| (k.0, k.1)).collect();
         self.jobs.retain(|k, j| {
             !j.waiting.is_empty() || live.contains(k) || self.links.contains_key(&k.0)
         });
@@ -767,6 +799,7 @@ impl Work {
         };
         let mut request = UnitRequest::new(ready.input);
         request.limits = limits;
+        self.started.insert(key, Instant::now());
         let tx = self.inputs_tx.clone();
         let (submitter, job, lease) = key;
         let submitted = exec.submit(module, request, move |result| {

@@ -168,6 +168,13 @@ impl Intake {
         self.running.len()
     }
 
+    /// Changes how many queued leases per submitter the intake asks for: the driver sizes it
+    /// to the units' running time, so short units keep the slots busy between round trips
+    /// and long ones are not hoarded by one peer.
+    pub fn set_prefetch(&mut self, prefetch: u32) {
+        self.config.prefetch = prefetch;
+    }
+
     pub fn queued(&self) -> usize {
         self.queues.values().map(|q| q.tasks.len()).sum()
     }

@@ -1,0 +1,302 @@
+//! Jobs across real processes on loopback: four `worker run` peers, a lying peer made by the
+//! test, and `worker submit --bootstrap`. One worker is killed with SIGKILL mid-job, the liar
+//! is outvoted and named (in the results, the summary and `worker status`), and a submitter
+//! killed with SIGKILL resumes from its journal. Every wait is bounded.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use coordinator_free::identity::Identity;
+use coordinator_free::node::{Bootstrap, Node, NodeConfig, WorkConfig, WorkRunner};
+use coordinator_free::sandbox::SandboxConfig;
+use serde_json::Value;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_worker");
+const SAMPLES: u64 = 3_000_000;
+
+/// A `worker run` process, killed when dropped.
+struct Peer {
+    child: Child,
+    id: String,
+    addr: String,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Peer {
+    fn bootstrap(&self) -> String {
+        format!("{}@{}", self.id, self.addr)
+    }
+}
+
+fn start_peer(root: &Path, name: &str, bootstrap: Option<&Peer>) -> Peer {
+    let mut command = Command::new(WORKER);
+    command
+        .args(["run", "--listen", "127.0.0.1:0", "--no-mdns", "--cpus", "1"])
+        .arg("--data-dir")
+        .arg(root.join(name))
+        .env_remove("WORKER_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(root.join(format!("{name}.stderr"))).unwrap());
+    if let Some(b) = bootstrap {
+        command.args(["--bootstrap", &b.bootstrap()]);
+    }
+    let mut child = command.spawn().expect("worker run starts");
+    // "peer ID listening on ADDR", read on a thread so a silent peer cannot hang the test.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("worker run prints its address");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(words.get(2), Some(&"listening"), "{line}");
+    Peer {
+        child,
+        id: words[1].to_owned(),
+        addr: words[4].to_owned(),
+    }
+}
+
+fn status(dir: &Path) -> Value {
+    let out = Command::new(WORKER)
+        .args(["status", "--json", "--data-dir"])
+        .arg(dir)
+        .output()
+        .expect("worker status runs");
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn manifest(dir: &Path, name: &str, seeds: (u64, u64)) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "name = {name:?}\nmodule = {:?}\n[inputs.sweep]\nseed = {{ start = {}, stop = {}, step = 1 }}\nsamples = {SAMPLES}\n[redundancy]\nreplicas = 2\n",
+            example_artifacts::PI,
+            seeds.0,
+            seeds.1
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn spawn_submit(root: &Path, manifest: &Path, via: &Peer, tag: &str) -> Child {
+    Command::new(WORKER)
+        .arg("submit")
+        .arg(manifest)
+        .arg("--out")
+        .arg(root.join(format!(
+            "out-{}",
+            manifest.file_stem().unwrap().to_string_lossy()
+        )))
+        .arg("--data-dir")
+        .arg(root.join("submitter"))
+        .args(["--bootstrap", &via.bootstrap(), "--cpus", "0", "--no-mdns"])
+        .env_remove("WORKER_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(root.join(format!("{tag}.stdout"))).unwrap())
+        .stderr(std::fs::File::create(root.join(format!("{tag}.stderr"))).unwrap())
+        .spawn()
+        .expect("worker submit starts")
+}
+
+/// Waits for a submit at most `limit`; returns its exit code and stdout.
+fn finish(mut child: Child, root: &Path, tag: &str, limit: Duration) -> (Option<i32>, String) {
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "worker submit did not finish within {limit:?}; stderr: {}",
+                std::fs::read_to_string(root.join(format!("{tag}.stderr"))).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = std::fs::read_to_string(root.join(format!("{tag}.stdout"))).unwrap();
+    (status.code(), stdout)
+}
+
+fn results(root: &Path, job: &str) -> Vec<Value> {
+    std::fs::read_to_string(root.join(format!("out-{job}/results.jsonl")))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect()
+}
+
+/// Every line accepted with the native kernel's answer, one per unit, agreed by two distinct
+/// peers of which none is `liar`.
+fn check_results(lines: &[Value], seeds: (u64, u64), liar: &str) {
+    let units = seeds.1 - seeds.0 + 1;
+    assert_eq!(lines.len() as u64, units);
+    let mut seen: Vec<u64> = Vec::new();
+    for line in lines {
+        assert_eq!(line["status"], "accepted", "{line}");
+        let seed = line["input"]["params"]["seed"].as_u64().unwrap();
+        let expected = example_pi::compute(&example_pi::Input {
+            samples: SAMPLES,
+            seed,
+        });
+        assert_eq!(
+            line["output"],
+            serde_json::to_value(expected).unwrap(),
+            "{line}"
+        );
+        let agreed = line["agreed"].as_array().unwrap();
+        assert_eq!(agreed.len(), 2, "{line}");
+        assert_ne!(agreed[0], agreed[1], "{line}");
+        assert!(agreed.iter().all(|p| p != liar), "{line}");
+        seen.push(line["index"].as_u64().unwrap());
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..units).collect::<Vec<_>>());
+}
+
+/// The number before `label` in a summary, e.g. "12 units run this time".
+fn count_before(stdout: &str, label: &str) -> u64 {
+    let at = stdout
+        .find(label)
+        .unwrap_or_else(|| panic!("{label:?} in {stdout}"));
+    stdout[..at]
+        .split_whitespace()
+        .last()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("a count before {label:?} in {stdout}"))
+}
+
+#[test]
+fn jobs_survive_a_killed_worker_a_liar_and_a_killed_submitter() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let first = start_peer(root, "p1", None);
+    let mut peers = vec![
+        start_peer(root, "p2", Some(&first)),
+        start_peer(root, "p3", Some(&first)),
+        start_peer(root, "p4", Some(&first)),
+    ];
+
+    // The lying peer: a node in this process whose every output is altered.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut config = NodeConfig::new("127.0.0.1:0".parse().unwrap());
+    config.mdns = false;
+    config.bootstrap = vec![first.bootstrap().parse::<Bootstrap>().unwrap()];
+    config.capacity.cores_donated = 1;
+    config.capacity.cores_free = 1;
+    let mut work = WorkConfig::new(WorkRunner::InProcess(SandboxConfig::default()), 1);
+    work.tamper = true;
+    config.work = Some(work);
+    let liar = runtime
+        .block_on(Node::start(Identity::generate().unwrap(), config))
+        .expect("the lying peer starts");
+    let liar_id = liar.id().to_string();
+
+    wait_for(
+        Duration::from_secs(30),
+        "five peers know each other",
+        || {
+            status(&root.join("p1"))["peers"]
+                .as_array()
+                .is_some_and(|p| p.len() >= 4)
+        },
+    );
+
+    // Phase 1: a job runs across the peers; one worker is killed mid-job.
+    let seeds = (1, 40);
+    let job = manifest(root, "pi-a", seeds);
+    let child = spawn_submit(root, &job, &first, "a");
+    wait_for(Duration::from_secs(60), "a few units accepted", || {
+        results(root, "pi-a").len() >= 4
+    });
+    let killed = peers.remove(0);
+    drop(killed); // SIGKILL
+    let (code, stdout) = finish(child, root, "a", Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.contains("40 accepted, 0 failed, of 40"), "{stdout}");
+    check_results(&results(root, "pi-a"), seeds, &liar_id);
+
+    // The liar took part, was outvoted every time, and is named.
+    assert!(
+        stdout.contains(&format!("peer {liar_id}: ")),
+        "the liar ran units: {stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("peer {liar_id} disagreed")),
+        "{stdout}"
+    );
+    let named = results(root, "pi-a")
+        .iter()
+        .filter(|l| {
+            l["dissented"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|p| p == liar_id.as_str()))
+        })
+        .count();
+    assert!(named > 0, "the liar is named in the results");
+    let report = Command::new(WORKER)
+        .args(["status", "--data-dir"])
+        .arg(root.join("submitter"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&report.stdout);
+    assert!(
+        text.contains(&liar_id) && text.contains("disagreed"),
+        "worker status names the liar: {text}"
+    );
+
+    // Phase 2: the submitter itself is killed mid-job and started again.
+    let seeds = (101, 140);
+    let job = manifest(root, "pi-b", seeds);
+    let mut child = spawn_submit(root, &job, &first, "b1");
+    wait_for(Duration::from_secs(60), "a few units accepted", || {
+        results(root, "pi-b").len() >= 4
+    });
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before = results(root, "pi-b").len() as u64;
+    assert!(before < 40, "killed mid-job, {before} units done");
+    let child = spawn_submit(root, &job, &first, "b2");
+    let (code, stdout) = finish(child, root, "b2", Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{stdout}");
+    let restored = count_before(&stdout, "restored");
+    let ran = count_before(&stdout, "units run this time");
+    assert!(
+        restored >= before,
+        "{restored} restored of {before}: {stdout}"
+    );
+    assert_eq!(ran + restored, 40, "{stdout}");
+    check_results(&results(root, "pi-b"), seeds, &liar_id);
+
+    runtime.block_on(liar.shutdown());
+}
