@@ -80,7 +80,8 @@ fn job_files(dir: &Path, units: u32, replicas: u32) -> JobManifest {
     JobManifest::load(&path).expect("manifest parses")
 }
 
-/// Runs the job in `dir` from `node` on a thread of its own, as `worker submit` does.
+/// Runs the job of `dir/job.toml` from `node` on a thread of its own, as `worker submit`
+/// does; results go to `dir/out`.
 async fn submit(
     node: &Node,
     dir: &Path,
@@ -88,9 +89,7 @@ async fn submit(
     store: Arc<JobStore>,
 ) -> JobSummary {
     let units = manifest.units(&dir.join("job.toml")).expect("units");
-    let module: Arc<[u8]> = std::fs::read(dir.join("reverse.wasm"))
-        .expect("read")
-        .into();
+    let module: Arc<[u8]> = std::fs::read(&manifest.module).expect("read").into();
     let module_digest = Digest::of(&module);
     let job = JobData {
         id: job_id(&module_digest, &manifest, &units),
@@ -216,4 +215,271 @@ async fn a_lying_peer_is_outvoted_and_named() {
     let reputation = store.reputation(&liar.id()).expect("reputation");
     assert_eq!(reputation.disagreements, named);
     assert_eq!(reputation.agreements, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_inputs_travel_as_checked_blobs() {
+    let a = start(None, false).await;
+    let b = start(Some(&a), false).await;
+    let c = start(Some(&a), false).await;
+    converge(&[&a, &b, &c], 3).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("reverse.wasm"), reverse_module()).expect("module");
+    // Inline, one chunk, two chunks (over the 1 MiB chunk size).
+    let sizes = [100usize, 40 << 10, (3 << 20) / 2];
+    let mut names = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let bytes: Vec<u8> = (0..*size).map(|j| (j * 7 + i) as u8).collect();
+        let name = format!("input-{i}.bin");
+        std::fs::write(dir.path().join(&name), &bytes).expect("input");
+        names.push(format!("{name:?}"));
+    }
+    let text = format!(
+        "name = \"blobs\"\nmodule = \"reverse.wasm\"\n[inputs]\nfiles = [{}]\n[redundancy]\nreplicas = 2\n",
+        names.join(", ")
+    );
+    std::fs::write(dir.path().join("job.toml"), text).expect("manifest");
+    let manifest = JobManifest::load(&dir.path().join("job.toml")).expect("manifest");
+    let store = Arc::new(JobStore::open(&dir.path().join("submit.redb")).expect("store"));
+    let summary = submit(&a, dir.path(), manifest, store).await;
+    assert!(summary.succeeded(), "{summary:?}");
+    let lines = results(dir.path());
+    assert_eq!(lines.len(), sizes.len());
+    for line in &lines {
+        let index = line["index"].as_u64().expect("index") as usize;
+        let input = std::fs::read(dir.path().join(format!("input-{index}.bin"))).expect("input");
+        let expected: Vec<u8> = input.iter().rev().copied().collect();
+        let output = line["output"]["base64"].as_str().expect("base64 output");
+        assert!(base64_decode(output) == expected, "unit {index} reversed");
+        assert_eq!(line["agreed"].as_array().expect("agreed").len(), 2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_submitters_share_the_workers_at_once() {
+    let a = start(None, false).await;
+    let b = start(Some(&a), false).await;
+    let c = start(Some(&a), false).await;
+    let d = start(Some(&a), false).await;
+    converge(&[&a, &b, &c, &d], 4).await;
+
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let job_a = job_files(dir_a.path(), 60, 2);
+    let job_b = job_files(dir_b.path(), 60, 2);
+    let store_a = Arc::new(JobStore::open(&dir_a.path().join("s.redb")).expect("store"));
+    let store_b = Arc::new(JobStore::open(&dir_b.path().join("s.redb")).expect("store"));
+    let (sa, sb) = tokio::join!(
+        submit(&a, dir_a.path(), job_a, store_a),
+        submit(&b, dir_b.path(), job_b, store_b)
+    );
+    for (summary, dir) in [(&sa, &dir_a), (&sb, &dir_b)] {
+        assert!(summary.succeeded(), "{summary:?}");
+        assert!(
+            summary.peers.len() >= 3,
+            "each job spread over the network: {summary:?}"
+        );
+        check_reversed(&results(dir.path()), 60, 2);
+    }
+    // The workers served both submitters: c and d each ran units of both jobs.
+    for worker in [c.id(), d.id()] {
+        assert!(
+            sa.peers.contains_key(&worker) && sb.peers.contains_key(&worker),
+            "{worker} ran units of both jobs: {sa:?} {sb:?}"
+        );
+    }
+}
+
+mod hostile {
+    use super::*;
+    use coordinator_free::job::proto::{
+        InputRef, JobFrame, JobSpec, MAX_LEASES_PER_OFFER, Offer, WireLease,
+    };
+    use coordinator_free::net::{self, LinkKind, NetConfig, PeerLink};
+    use coordinator_free::sandbox::Limits;
+    use coordinator_free::schedule::LeaseId;
+    use coordinator_free::wire::{self, Message};
+
+    /// A hand-made submitter: a job link to `worker` from an identity of our own.
+    async fn link_to(worker: &Node) -> PeerLink {
+        let identity = Identity::generate().expect("identity");
+        let endpoint = net::endpoint(
+            &identity,
+            None,
+            "127.0.0.1:0".parse().expect("addr"),
+            &NetConfig::default(),
+        )
+        .expect("endpoint");
+        net::dial_for(
+            &endpoint,
+            &identity,
+            None,
+            worker.local_addr(),
+            Some(worker.id()),
+            &NetConfig::default(),
+            LinkKind::Job,
+        )
+        .await
+        .expect("job link")
+    }
+
+    fn offer(module: &[u8], leases: usize) -> JobFrame {
+        JobFrame::Offer(Offer {
+            job: Digest::of(b"a hostile job"),
+            spec: JobSpec::new(Digest::of(module), module.len() as u64, &Limits::default()),
+            leases: (0..leases)
+                .map(|i| WireLease {
+                    id: LeaseId(i as u64),
+                    unit: i as u32,
+                    attempt: 1,
+                    ttl_ms: 30_000,
+                    input: InputRef::Inline(format!("input {i}").into_bytes()),
+                })
+                .collect(),
+        })
+    }
+
+    /// Reads frames until one matches `pick`, or the link ends, or 10 s pass.
+    async fn next<T>(
+        link: &mut PeerLink,
+        mut pick: impl FnMut(JobFrame) -> Option<T>,
+    ) -> Option<T> {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match wire::read::<JobFrame, _>(&mut link.recv).await {
+                    Ok(Some(frame)) => {
+                        if let Some(found) = pick(frame) {
+                            return Some(found);
+                        }
+                    }
+                    _ => return None,
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    async fn send(link: &mut PeerLink, frame: &JobFrame) {
+        wire::write(&mut link.send, frame).await.expect("send");
+    }
+
+    /// Serves the module when asked; returns the outputs reported for `leases` leases.
+    async fn serve_and_collect(link: &mut PeerLink, module: &[u8], leases: usize) -> Vec<Vec<u8>> {
+        let mut outputs = Vec::new();
+        while outputs.len() < leases {
+            let got = next(link, |f| Some(f)).await.expect("the worker answers");
+            match got {
+                JobFrame::BlobGet { digest } => {
+                    assert_eq!(digest, Digest::of(module));
+                    let chunk = JobFrame::BlobChunk {
+                        digest,
+                        total: module.len() as u64,
+                        offset: 0,
+                        bytes: module.to_vec(),
+                    };
+                    send(link, &chunk).await;
+                }
+                JobFrame::Report { results, .. } => {
+                    for r in results {
+                        outputs.push(r.result.expect("the unit ran"));
+                    }
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        outputs
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_survives_hostile_submitters() {
+        let worker = start(None, false).await;
+        let module = reverse_module();
+
+        // A module the submitter cannot serve: the leases are declined, not kept.
+        let mut link = link_to(&worker).await;
+        send(&mut link, &offer(&module, 3)).await;
+        let digest = next(&mut link, |f| match f {
+            JobFrame::BlobGet { digest } => Some(digest),
+            _ => None,
+        })
+        .await
+        .expect("the worker asks for the module");
+        send(&mut link, &JobFrame::BlobMissing { digest }).await;
+        let declined = next(&mut link, |f| match f {
+            JobFrame::Decline { leases, .. } => Some(leases),
+            _ => None,
+        })
+        .await
+        .expect("declined");
+        assert_eq!(declined.len(), 3);
+
+        // Bytes that do not match the module's digest: refused, leases declined.
+        let mut link = link_to(&worker).await;
+        let mut forged = module.clone();
+        forged.extend_from_slice(b"tampered");
+        let mut bad_offer = offer(&module, 2);
+        if let JobFrame::Offer(o) = &mut bad_offer {
+            o.spec.module_len = forged.len() as u64;
+        }
+        send(&mut link, &bad_offer).await;
+        let digest = next(&mut link, |f| match f {
+            JobFrame::BlobGet { digest } => Some(digest),
+            _ => None,
+        })
+        .await
+        .expect("asks for the module");
+        let chunk = JobFrame::BlobChunk {
+            digest,
+            total: forged.len() as u64,
+            offset: 0,
+            bytes: forged,
+        };
+        send(&mut link, &chunk).await;
+        let declined = next(&mut link, |f| match f {
+            JobFrame::Decline { leases, .. } => Some(leases),
+            _ => None,
+        })
+        .await
+        .expect("declined after a digest mismatch");
+        assert_eq!(declined.len(), 2);
+
+        // Garbage: an unknown frame kind and an oversized length end the link, nothing more.
+        for garbage in [vec![99u8, 0, 0, 0, 1, 0], {
+            let mut g = vec![JobFrame::KIND_OFFER];
+            g.extend_from_slice(&u32::MAX.to_be_bytes());
+            g
+        }] {
+            let mut link = link_to(&worker).await;
+            tokio::io::AsyncWriteExt::write_all(&mut link.send, &garbage)
+                .await
+                .expect("send garbage");
+            assert!(next(&mut link, |f| Some(f)).await.is_none(), "link closed");
+        }
+
+        // Too many leases in one offer: refused when decoded, link closed.
+        let mut link = link_to(&worker).await;
+        let frame = offer(&module, MAX_LEASES_PER_OFFER + 1);
+        let (kind, payload) = frame.encode_payload().expect("encode");
+        let mut bytes = vec![kind];
+        bytes.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(&payload);
+        tokio::io::AsyncWriteExt::write_all(&mut link.send, &bytes)
+            .await
+            .expect("send");
+        assert!(next(&mut link, |f| Some(f)).await.is_none(), "link closed");
+
+        // After all that, an honest submitter is served correctly.
+        let mut link = link_to(&worker).await;
+        send(&mut link, &offer(&module, 4)).await;
+        let mut outputs = serve_and_collect(&mut link, &module, 4).await;
+        outputs.sort();
+        let mut expected: Vec<Vec<u8>> = (0..4)
+            .map(|i| format!("input {i}").bytes().rev().collect())
+            .collect();
+        expected.sort();
+        assert_eq!(outputs, expected);
+    }
 }

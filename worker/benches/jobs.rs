@@ -1,4 +1,5 @@
-//! Jobs on one machine: `worker submit` against the same work done natively and by GNU parallel.
+//! Jobs: `worker submit` over three `worker run` peers on loopback and on this machine alone,
+//! against the same work done natively and by GNU parallel.
 //!
 //! ```sh
 //! apt-get install parallel                  # optional: the GNU parallel column
@@ -7,12 +8,14 @@
 //!
 //! Prints (1) the useful-work fraction of a 200-unit Monte Carlo sweep of ~50 ms units — the
 //! native single-core time of all units ÷ cores ÷ wall time — for `worker submit` at replicas 1
-//! and 2 and for GNU parallel running the natively compiled kernel; (2) end-to-end throughput of
-//! 10,000 tiny units through `worker submit` at replicas 1 and 2. Each figure is the median of
-//! a few whole runs, each in a fresh data directory (so nothing is resumed).
+//! and 2, over the network and locally, and for GNU parallel running the natively compiled
+//! kernel; (2) throughput of 10,000 tiny units at replicas 1 and 2. Each figure is the median
+//! of a few whole runs, each in a fresh data directory (so nothing is resumed). Wall times are
+//! of the whole `worker submit` process: start, joining the network, journal and results.
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_worker");
@@ -38,8 +41,80 @@ fn calibrate(target: Duration) -> u64 {
     ((target.as_secs_f64() / per_sample) as u64).max(1)
 }
 
+/// Three `worker run` peers on loopback, one core each; stopped when dropped.
+struct Network {
+    peers: Vec<Child>,
+    bootstrap: String,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        for p in &mut self.peers {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+}
+
+fn network(count: usize) -> Network {
+    let mut peers = Vec::new();
+    let mut dirs = Vec::new();
+    let mut bootstrap = String::new();
+    for i in 0..count {
+        let dir = tempfile::tempdir().expect("data dir");
+        let mut command = Command::new(WORKER);
+        command
+            .args(["run", "--listen", "127.0.0.1:0", "--no-mdns", "--cpus", "1"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if i > 0 {
+            command.args(["--bootstrap", &bootstrap]);
+        }
+        let mut child = command.spawn().expect("worker run starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("address line");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if i == 0 {
+            bootstrap = format!("{}@{}", words[1], words[4]);
+        }
+        peers.push(child);
+        dirs.push(dir);
+    }
+    // Let membership settle so every job starts with the whole network known.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let out = Command::new(WORKER)
+            .args(["status", "--json", "--data-dir"])
+            .arg(dirs[0].path())
+            .output()
+            .expect("status");
+        let known = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v["peers"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        if known + 1 >= count {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Network {
+        peers,
+        bootstrap,
+        _dirs: dirs,
+    }
+}
+
 /// Runs `worker submit` on a manifest in a fresh data directory; returns its wall time.
 fn submit(dir: &Path, name: &str, manifest: &str) -> Duration {
+    submit_with(dir, name, manifest, &[])
+}
+
+fn submit_with(dir: &Path, name: &str, manifest: &str, extra: &[&str]) -> Duration {
     let job = dir.join(format!("{name}.toml"));
     std::fs::write(&job, manifest).expect("manifest written");
     let data = tempfile::tempdir().expect("data dir");
@@ -52,6 +127,7 @@ fn submit(dir: &Path, name: &str, manifest: &str) -> Duration {
         .arg(data.path())
         .arg("--out")
         .arg(out.path())
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -109,6 +185,29 @@ fn main() {
     };
     row("native, one core, sequential (reference)", native_total);
 
+    let net = network(3);
+    let via = [
+        "--bootstrap",
+        net.bootstrap.as_str(),
+        "--cpus",
+        "0",
+        "--no-mdns",
+    ];
+    for replicas in [1, 2] {
+        let manifest = format!(
+            "name = \"pi\"\nmodule = \"pi.wasm\"\n[inputs.sweep]\nseed = {{ start = 1, stop = {PI_UNITS}, step = 1 }}\nsamples = {samples}\n[redundancy]\nreplicas = {replicas}\nquorum = {replicas}\n[limits]\ntimeout_secs = 120\n"
+        );
+        let wall = median(
+            (0..RUNS)
+                .map(|_| submit_with(dir.path(), "pi", &manifest, &via))
+                .collect(),
+        );
+        row(
+            &format!("worker submit, 3 peers, replicas = {replicas}"),
+            wall,
+        );
+    }
+
     for replicas in [1, 2] {
         let manifest = format!(
             "name = \"pi\"\nmodule = \"pi.wasm\"\n[inputs.sweep]\nseed = {{ start = 1, stop = {PI_UNITS}, step = 1 }}\nsamples = {samples}\n[redundancy]\nreplicas = {replicas}\nquorum = {replicas}\n[limits]\ntimeout_secs = 120\n"
@@ -118,7 +217,10 @@ fn main() {
                 .map(|_| submit(dir.path(), "pi", &manifest))
                 .collect(),
         );
-        row(&format!("worker submit, replicas = {replicas}"), wall);
+        row(
+            &format!("worker submit, this machine, replicas = {replicas}"),
+            wall,
+        );
     }
 
     let parallel_available = Command::new("parallel")
@@ -162,20 +264,22 @@ fn main() {
     println!(
         "# {TINY_UNITS} tiny units (echo module, a few bytes each), end to end: process start, journal, results; median of {RUNS} runs"
     );
-    for replicas in [1, 2] {
-        let manifest = format!(
-            "name = \"tiny\"\nmodule = \"echo.wasm\"\n[inputs.sweep]\nx = {{ start = 1, stop = {TINY_UNITS}, step = 1 }}\n[redundancy]\nreplicas = {replicas}\nquorum = {replicas}\n"
-        );
-        let wall = median(
-            (0..RUNS)
-                .map(|_| submit(dir.path(), "tiny", &manifest))
-                .collect(),
-        );
-        println!(
-            "{:<44} {:>8.2} s {:>9.0} units/s",
-            format!("worker submit, replicas = {replicas}"),
-            wall.as_secs_f64(),
-            TINY_UNITS as f64 / wall.as_secs_f64()
-        );
+    for (label, extra) in [("3 peers", &via[..]), ("this machine", &[][..])] {
+        for replicas in [1, 2] {
+            let manifest = format!(
+                "name = \"tiny\"\nmodule = \"echo.wasm\"\n[inputs.sweep]\nx = {{ start = 1, stop = {TINY_UNITS}, step = 1 }}\n[redundancy]\nreplicas = {replicas}\nquorum = {replicas}\n"
+            );
+            let wall = median(
+                (0..RUNS)
+                    .map(|_| submit_with(dir.path(), "tiny", &manifest, extra))
+                    .collect(),
+            );
+            println!(
+                "{:<44} {:>8.2} s {:>9.0} units/s",
+                format!("worker submit, {label}, replicas = {replicas}"),
+                wall.as_secs_f64(),
+                TINY_UNITS as f64 / wall.as_secs_f64()
+            );
+        }
     }
 }

@@ -31,6 +31,8 @@ use coordinator_free::store::JobStore;
 
 use crate::{Failure, exit};
 
+/// How long the submitting peer spends saying goodbye once its job is over.
+const SHUTDOWN_LIMIT: Duration = Duration::from_millis(300);
 /// How often progress is printed as a plain line when stderr is not a terminal.
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -263,7 +265,10 @@ fn run_on_network(
     });
     display.finish();
     drop(workers);
-    runtime.block_on(node.shutdown());
+    // The results are durable; goodbyes to the peers get a moment, not the full drain.
+    runtime.block_on(async {
+        let _ = tokio::time::timeout(SHUTDOWN_LIMIT, node.shutdown()).await;
+    });
     summary.map_err(|e| internal(anyhow!(e)))
 }
 

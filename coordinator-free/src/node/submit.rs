@@ -38,7 +38,7 @@ const EVENT_QUEUE: usize = 4096;
 /// Frames queued for one job link's writer.
 const OUTBOX: usize = 256;
 /// How often the membership table is read for new workers.
-const SCAN_EVERY: Duration = Duration::from_millis(500);
+const SCAN_EVERY: Duration = Duration::from_millis(100);
 /// How long a peer that could not be dialed is left alone.
 const REDIAL_AFTER: Duration = Duration::from_secs(5);
 /// Leases offered to a newly linked worker per advertised core, before its reports say how
