@@ -370,7 +370,7 @@ mod hostile {
     async fn serve_and_collect(link: &mut PeerLink, module: &[u8], leases: usize) -> Vec<Vec<u8>> {
         let mut outputs = Vec::new();
         while outputs.len() < leases {
-            let got = next(link, |f| Some(f)).await.expect("the worker answers");
+            let got = next(link, Some).await.expect("the worker answers");
             match got {
                 JobFrame::BlobGet { digest } => {
                     assert_eq!(digest, Digest::of(module));
@@ -456,7 +456,7 @@ mod hostile {
             tokio::io::AsyncWriteExt::write_all(&mut link.send, &garbage)
                 .await
                 .expect("send garbage");
-            assert!(next(&mut link, |f| Some(f)).await.is_none(), "link closed");
+            assert!(next(&mut link, Some).await.is_none(), "link closed");
         }
 
         // Too many leases in one offer: refused when decoded, link closed.
@@ -469,7 +469,7 @@ mod hostile {
         tokio::io::AsyncWriteExt::write_all(&mut link.send, &bytes)
             .await
             .expect("send");
-        assert!(next(&mut link, |f| Some(f)).await.is_none(), "link closed");
+        assert!(next(&mut link, Some).await.is_none(), "link closed");
 
         // After all that, an honest submitter is served correctly.
         let mut link = link_to(&worker).await;
