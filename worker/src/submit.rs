@@ -32,7 +32,9 @@ use coordinator_free::store::JobStore;
 use crate::{Failure, exit};
 
 /// How long the submitting peer spends saying goodbye once its job is over.
-const SHUTDOWN_LIMIT: Duration = Duration::from_millis(300);
+const SHUTDOWN_LIMIT: Duration = Duration::from_millis(50);
+/// How long the job waits for the first peers before it starts anyway (and keeps looking).
+const JOIN_WAIT: Duration = Duration::from_secs(3);
 /// How often progress is printed as a plain line when stderr is not a terminal.
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -239,6 +241,17 @@ fn run_on_network(
     let node = runtime
         .block_on(Node::start(identity, config))
         .map_err(Failure::usage)?;
+    // Joining takes a round trip or two; starting the job once the first adverts are in means
+    // its first offers already reach every peer the bootstrap knows.
+    runtime.block_on(async {
+        let deadline = tokio::time::Instant::now() + JOIN_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            if node.status().await.is_ok_and(|s| !s.peers.is_empty()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
     let job = JobData {
         id: job_id(&module_digest, manifest, &units),
         module: module_digest,

@@ -31,7 +31,7 @@ use crate::store::{JobRecord, JobStore, Reputation, StoreError};
 use crate::validate::{Outcome, Policy, Verdict, Vote};
 
 /// Most decided units journaled in one transaction.
-pub const COMMIT_BATCH: usize = 64;
+pub const COMMIT_BATCH: usize = 1024;
 /// Longest a decided unit waits for its transaction.
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the progress callback is called while the job runs.
