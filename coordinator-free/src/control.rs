@@ -45,6 +45,26 @@ pub struct StatusReport {
     pub connections: usize,
     /// Every known live peer, self excluded, ordered by id.
     pub peers: Vec<PeerStatus>,
+    /// The units this peer runs for others, when it donates cores.
+    #[serde(default)]
+    pub work: Option<WorkStatus>,
+}
+
+/// What a peer's donated cores are doing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkStatus {
+    /// Units run at once.
+    pub slots: u32,
+    /// Units running now.
+    pub running: u32,
+    /// Leases queued for a free slot.
+    pub queued: u32,
+    /// Units run to the end since this peer started.
+    pub completed: u64,
+    /// Submitters with a job link to this peer now.
+    pub submitters: u32,
+    /// Jobs this peer holds leases or state for.
+    pub jobs: u32,
 }
 
 /// One known peer, from its latest advert.

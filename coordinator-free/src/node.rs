@@ -45,6 +45,8 @@ const INPUT_QUEUE: usize = 1024;
 const OUTBOX: usize = 64;
 /// How long a closing link waits for the remote to acknowledge what was sent last.
 const LINGER: Duration = Duration::from_secs(1);
+/// How long a status request waits for the work task's part.
+const STATUS_WAIT: Duration = Duration::from_secs(1);
 /// How long shutdown waits for goodbyes to be delivered.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
@@ -396,7 +398,27 @@ impl Actor {
             tokio::select! {
                 request = requests.recv() => match request {
                     Some(Request::Control(ControlRequest::Status(reply))) => {
-                        let _ = reply.send(self.status());
+                        let mut report = self.status();
+                        match &self.work {
+                            // The work task answers on its own time; the actor does not wait.
+                            Some(work) => {
+                                let (tx, rx) = oneshot::channel();
+                                if work.try_send(work::WorkInput::Status(tx)).is_ok() {
+                                    self.tasks.spawn(async move {
+                                        report.work = tokio::time::timeout(STATUS_WAIT, rx)
+                                            .await
+                                            .ok()
+                                            .and_then(Result::ok);
+                                        let _ = reply.send(report);
+                                    });
+                                } else {
+                                    let _ = reply.send(report);
+                                }
+                            }
+                            None => {
+                                let _ = reply.send(report);
+                            }
+                        }
                     }
                     Some(Request::Shutdown(done)) => {
                         self.shutdown().await;
@@ -589,6 +611,7 @@ impl Actor {
             profile: local.profile,
             seq: local.seq,
             connections: self.conns.len(),
+            work: None,
             peers: self
                 .membership
                 .peers()

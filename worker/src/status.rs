@@ -128,6 +128,13 @@ fn table(report: &StatusReport) -> String {
         "capacity   {}/{} cores free, {} MiB, engine profile {}",
         report.cores_free, report.cores_donated, report.memory_mb, report.profile
     );
+    if let Some(w) = &report.work {
+        let _ = writeln!(
+            out,
+            "work       {}/{} slots busy, {} queued, {} units done, {} jobs from {} submitters",
+            w.running, w.slots, w.queued, w.completed, w.jobs, w.submitters
+        );
+    }
     let _ = writeln!(
         out,
         "network    {} peers known, {} connected",

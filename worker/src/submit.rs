@@ -243,15 +243,21 @@ fn run_on_network(
         .map_err(Failure::usage)?;
     // Joining takes a round trip or two; starting the job once the first adverts are in means
     // its first offers already reach every peer the bootstrap knows.
-    runtime.block_on(async {
+    let joined = runtime.block_on(async {
         let deadline = tokio::time::Instant::now() + JOIN_WAIT;
         while tokio::time::Instant::now() < deadline {
             if node.status().await.is_ok_and(|s| !s.peers.is_empty()) {
-                break;
+                return true;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        false
     });
+    if !joined {
+        eprintln!(
+            "no peer answered yet; the job waits for peers (Ctrl-C stops it, and the same command resumes it)"
+        );
+    }
     let job = JobData {
         id: job_id(&module_digest, manifest, &units),
         module: module_digest,

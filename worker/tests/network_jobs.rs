@@ -246,6 +246,11 @@ fn jobs_survive_a_killed_worker_a_liar_and_a_killed_submitter() {
     assert!(stdout.contains("40 accepted, 0 failed, of 40"), "{stdout}");
     check_results(&results(root, "pi-a"), seeds, &liar_id);
 
+    // The workers say what their donated cores did.
+    let p1 = status(&root.join("p1"));
+    assert_eq!(p1["work"]["slots"], 1, "{p1}");
+    assert!(p1["work"]["completed"].as_u64().unwrap_or(0) > 0, "{p1}");
+
     // The liar took part, was outvoted every time, and is named.
     assert!(
         stdout.contains(&format!("peer {liar_id}: ")),

@@ -116,6 +116,8 @@ pub(super) enum WorkInput {
         peer: PeerId,
     },
     Done(Done),
+    /// Asks what the donated cores are doing.
+    Status(tokio::sync::oneshot::Sender<crate::control::WorkStatus>),
 }
 
 #[derive(Debug)]
@@ -230,6 +232,7 @@ struct Ready {
 
 struct Work {
     tamper: bool,
+    completed: u64,
     slots: u32,
     max_prefetch: u32,
     /// Running time of recent units (moving average), which sizes the prefetch.
@@ -268,6 +271,7 @@ pub(super) fn spawn(
     });
     let work = Work {
         tamper: config.tamper,
+        completed: 0,
         slots: config.slots,
         max_prefetch: config.prefetch.max(1),
         unit_time: None,
@@ -344,6 +348,16 @@ impl Work {
                 }
             }
             WorkInput::Done(done) => self.on_done(done, now),
+            WorkInput::Status(reply) => {
+                let _ = reply.send(crate::control::WorkStatus {
+                    slots: self.slots,
+                    running: u32::try_from(self.intake.running()).unwrap_or(u32::MAX),
+                    queued: u32::try_from(self.intake.queued()).unwrap_or(u32::MAX),
+                    completed: self.completed,
+                    submitters: u32::try_from(self.links.len()).unwrap_or(u32::MAX),
+                    jobs: u32::try_from(self.jobs.len()).unwrap_or(u32::MAX),
+                });
+            }
         }
     }
 
@@ -706,6 +720,7 @@ impl Work {
             lease,
             mut result,
         } = done;
+        self.completed += 1;
         if let Some(at) = self.started.remove(&(submitter, job, lease)) {
             let took = now.saturating_duration_since(at);
             let avg = self.unit_time.map_or(took, |avg| (avg * 7 + took) / 8);
