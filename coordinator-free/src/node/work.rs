@@ -39,8 +39,16 @@ const INPUT_QUEUE: usize = 1024;
 const OUTBOX: usize = 256;
 /// Most jobs known at once (across submitters).
 const MAX_JOBS: usize = 64;
+/// Most jobs one submitter may have here at once.
+const MAX_JOBS_PER_SUBMITTER: usize = 8;
 /// Most leases of one job waiting for blobs.
 const MAX_WAITING_PER_JOB: usize = 1024;
+/// Most leases held here at once, waiting for blobs or queued for a slot. With inline inputs
+/// of at most 16 KiB this bounds the memory submitters can make a worker hold.
+const MAX_HELD_LEASES: usize = 8192;
+/// A blob fetch that has not completed in this time is given up, so a submitter that never
+/// answers cannot hold a fetch slot forever.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most blobs fetched at once.
 const MAX_FETCHES: usize = 8;
 /// Input blob bytes kept after use.
@@ -214,6 +222,7 @@ struct JobState {
 
 struct Fetch {
     from: PeerId,
+    since: Instant,
     total: u64,
     bytes: Vec<u8>,
 }
@@ -472,7 +481,8 @@ impl Work {
             return;
         }
         if !self.jobs.contains_key(&key) {
-            if self.jobs.len() >= MAX_JOBS {
+            let theirs = self.jobs.keys().filter(|k| k.0 == from).count();
+            if self.jobs.len() >= MAX_JOBS || theirs >= MAX_JOBS_PER_SUBMITTER {
                 self.decline(from, job, leases.iter().map(|l| l.id).collect());
                 return;
             }
@@ -485,6 +495,8 @@ impl Work {
                 },
             );
         }
+        let held = self.ready.len() + self.jobs.values().map(|j| j.waiting.len()).sum::<usize>();
+        let room = MAX_HELD_LEASES.saturating_sub(held);
         let Some(state) = self.jobs.get_mut(&key) else {
             return;
         };
@@ -494,8 +506,8 @@ impl Work {
             return;
         }
         let mut declined = Vec::new();
-        for lease in leases {
-            if state.waiting.len() >= MAX_WAITING_PER_JOB {
+        for (i, lease) in leases.into_iter().enumerate() {
+            if state.waiting.len() >= MAX_WAITING_PER_JOB || i >= room {
                 declined.push(lease.id);
             } else {
                 state.waiting.push_back(lease);
@@ -585,6 +597,7 @@ impl Work {
             digest,
             Fetch {
                 from,
+                since: Instant::now(),
                 total: len,
                 bytes: Vec::new(),
             },
@@ -766,6 +779,17 @@ impl Work {
     fn sweep(&mut self, now: Instant) {
         self.next_sweep = now + SWEEP_EVERY;
         self.ready.retain(|_, r| r.deadline > now);
+        let stale: Vec<(Digest, PeerId)> = self
+            .fetches
+            .iter()
+            .filter(|(_, f)| now.duration_since(f.since) >= FETCH_TIMEOUT)
+            .map(|(d, f)| (*d, f.from))
+            .collect();
+        for (digest, from) in stale {
+            tracing::info!(peer = %from, %digest, "blob fetch timed out");
+            self.fetches.remove(&digest);
+            self.blob_failed(from, digest, now);
+        }
         self.answers
             .retain(|_, (_, at)| now.duration_since(*at) < ANSWER_TTL);
         self.started
