@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coordinator_free::sandbox::{
-    Executor, HostedModule, Limits, Metering, PreparedModule, Sandbox, SandboxConfig, UnitHost,
-    UnitHostCommand, UnitRequest,
+    Executor, ExecutorBusy, HostedModule, Limits, Metering, PreparedModule, Sandbox, SandboxConfig,
+    UnitHost, UnitHostCommand, UnitRequest,
 };
 use example_artifacts as artifacts;
 
@@ -87,10 +87,11 @@ fn main() {
         coordinator_free::sandbox::serve_unit_host(SandboxConfig::default()).expect("unit host");
         return;
     }
-    let mut host = UnitHost::new(UnitHostCommand {
+    let host_command = UnitHostCommand {
         program: std::env::current_exe().expect("own path"),
         args: vec!["--unit-host".into()],
-    });
+    };
+    let mut host = UnitHost::new(host_command.clone());
     let quick = std::env::args().any(|a| a == "--quick");
     let reps = if quick { 3 } else { 9 };
     // The main thread's stack (8 MiB) has room for the wasm stack and host frames.
@@ -266,10 +267,43 @@ fn main() {
     let t_executor = per_unit(&mut || {
         black_box(executor.run(noop.clone(), request(&input)));
     });
-    let hosted_noop = HostedModule::new(noop_wasm.clone(), Metering::Off);
+    let hosted_noop = Arc::new(HostedModule::new(noop_wasm.clone(), Metering::Off));
     let t_host = per_unit(&mut || {
         black_box(host.run(&hosted_noop, request(&input)));
     });
+    // Through the executor and a unit host, as jobs run units: one at a time (every unit
+    // waits for the one before), then with the queue kept full, where a unit thread hands its
+    // host the queued units in batches.
+    let queue_depth = 256;
+    let pool = Executor::unit_hosts(&host_command, 1, queue_depth).expect("unit hosts start");
+    let t_pool_one = per_unit(&mut || {
+        black_box(pool.run(hosted_noop.clone(), request(&input)));
+    });
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<bool>();
+    let t_pool_queued = {
+        let mut flood = || {
+            let (mut submitted, mut done) = (0, 0);
+            while done < batch {
+                while submitted < batch {
+                    let done_tx = done_tx.clone();
+                    let reply = move |r: coordinator_free::sandbox::UnitReport| {
+                        let _ = done_tx.send(r.result.is_ok());
+                    };
+                    match pool.try_submit(hosted_noop.clone(), request(&input), reply) {
+                        Ok(()) => submitted += 1,
+                        Err(ExecutorBusy) => break,
+                    }
+                }
+                assert!(done_rx.recv().expect("a report"), "no-op unit failed");
+                done += 1;
+                while let Ok(ok) = done_rx.try_recv() {
+                    assert!(ok, "no-op unit failed");
+                    done += 1;
+                }
+            }
+        };
+        time(batches, &mut flood).as_secs_f64() * 1e6 / batch as f64
+    };
     let line = |what: &str, us: f64| println!("{what:<56} {us:>8.2} us");
     line("cache lookup (hash + map) of the no-op module", t_prepare);
     line("no-op unit (WAT, no imports), calling thread", t_noop);
@@ -285,5 +319,13 @@ fn main() {
     line(
         "no-op unit in a unit host process (pipe round trip)",
         t_host,
+    );
+    line(
+        "no-op unit, executor + unit host, one at a time",
+        t_pool_one,
+    );
+    line(
+        "no-op units, executor + unit host, queue kept full",
+        t_pool_queued,
     );
 }

@@ -199,3 +199,247 @@ fn a_unit_host_can_yield_the_cpu_to_the_volunteer() {
     let nice: i32 = stat.split_whitespace().nth(18).unwrap().parse().unwrap();
     assert_eq!(nice, 15);
 }
+
+/// Collects what the host streamed for one unit.
+#[derive(Default)]
+struct Heard {
+    logs: std::sync::Mutex<Vec<String>>,
+    progress: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl coordinator_free::sandbox::UnitObserver for Heard {
+    fn log(&self, line: &coordinator_free::sandbox::LogLine) {
+        self.logs.lock().unwrap().push(line.text.clone());
+    }
+
+    fn progress(&self, done: u64, total: u64) {
+        self.progress.lock().unwrap().push((done, total));
+    }
+}
+
+/// Inputs for the faults module: distinct recursion depths, each with its own output, and an
+/// endless loop at `spin`.
+fn faults_inputs(count: usize, spin: usize) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|i| {
+            if i == spin {
+                br#"{"spin":true}"#.to_vec()
+            } else {
+                format!(r#"{{"recurse":{}}}"#, 10 + i).into_bytes()
+            }
+        })
+        .collect()
+}
+
+/// What the in-process sandbox answers for each input.
+fn in_process(wasm: &[u8], inputs: &[Vec<u8>]) -> Vec<Result<Vec<u8>, UnitError>> {
+    let sandbox = Sandbox::new(SandboxConfig::default()).unwrap();
+    let module = sandbox.prepare(wasm, Metering::Off).unwrap();
+    inputs
+        .iter()
+        .map(|input| {
+            sandbox
+                .run(&module, request(input, Duration::from_secs(30)))
+                .result
+        })
+        .collect()
+}
+
+#[test]
+fn a_batch_keeps_each_units_own_deadline_and_only_the_late_unit_times_out() {
+    let mut host = host();
+    let faults = HostedModule::new(example_artifacts::FAULTS_BYTES.to_vec(), Metering::Off);
+    let spin = 5;
+    let inputs = faults_inputs(12, spin);
+    let expected = in_process(example_artifacts::FAULTS_BYTES, &inputs);
+    // Every other unit has less time than the batch takes (the spinning unit alone holds it
+    // for longer): they only pass if each clock starts when the host starts that unit.
+    let quick = Duration::from_secs(1);
+    let spin_limit = Duration::from_millis(1500);
+    let requests = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| request(input, if i == spin { spin_limit } else { quick }))
+        .collect();
+    let warm = host.run(&faults, request(br#"{"ok":true}"#, quick));
+    assert!(warm.result.is_ok(), "{:?}", warm.result);
+    let first_pid = host.pid().expect("a host runs");
+    let mut reports = Vec::new();
+    let started = Instant::now();
+    host.run_batch(&faults, requests, |i, report| reports.push((i, report)));
+    assert!(started.elapsed() >= spin_limit);
+    let order: Vec<usize> = reports.iter().map(|(i, _)| *i).collect();
+    assert_eq!(
+        order,
+        (0..12).collect::<Vec<_>>(),
+        "each unit once, in order"
+    );
+    for (i, report) in reports {
+        if i == spin {
+            assert_eq!(report.result, Err(UnitError::Timeout { limit: spin_limit }));
+            assert!(report.elapsed >= spin_limit);
+        } else {
+            assert!(report.result.is_ok(), "unit {i}: {:?}", report.result);
+            assert_eq!(report.result, expected[i], "unit {i}");
+        }
+    }
+    // The late unit's host was killed; the units after it ran on a fresh one.
+    assert!(!alive(first_pid), "process {first_pid} is gone");
+    assert!(host.pid().is_some_and(|pid| pid != first_pid));
+}
+
+#[test]
+fn batched_units_stream_their_own_logs_and_progress() {
+    let mut host = host();
+    let wasm =
+        coordinator_free::sandbox::module_from_file_bytes(example_artifacts::REVERSE_WAT_BYTES)
+            .unwrap()
+            .into_owned();
+    let reverse = HostedModule::new(wasm, Metering::Off);
+    let inputs: Vec<Vec<u8>> = (0..9)
+        .map(|i| {
+            if i == 4 {
+                Vec::new()
+            } else {
+                format!("unit number {i}").repeat(i + 1).into_bytes()
+            }
+        })
+        .collect();
+    let heard: Vec<std::sync::Arc<Heard>> = inputs.iter().map(|_| Default::default()).collect();
+    let requests = inputs
+        .iter()
+        .zip(&heard)
+        .map(|(input, heard)| {
+            let mut r = request(input, Duration::from_secs(30));
+            r.observer = Some(heard.clone());
+            r
+        })
+        .collect();
+    let mut reports = Vec::new();
+    host.run_batch(&reverse, requests, |i, report| reports.push((i, report)));
+    assert_eq!(reports.len(), inputs.len());
+    for (i, report) in reports {
+        let input = &inputs[i];
+        let logs = heard[i].logs.lock().unwrap().clone();
+        let progress = heard[i].progress.lock().unwrap().clone();
+        if input.is_empty() {
+            assert!(
+                matches!(report.result, Err(UnitError::GuestFailure { code: 7, .. })),
+                "unit {i}: {:?}",
+                report.result
+            );
+            assert!(logs.is_empty() && progress.is_empty(), "unit {i}");
+            continue;
+        }
+        let mut reversed = input.clone();
+        reversed.reverse();
+        assert_eq!(report.result, Ok(reversed), "unit {i}");
+        let len = input.len() as u64;
+        assert_eq!(logs, vec!["reversing input".to_string()], "unit {i}");
+        assert_eq!(progress, vec![(len, len)], "unit {i}");
+        assert_eq!(report.progress, Some((len, len)), "unit {i}");
+        assert_eq!(report.logs.len(), 1, "unit {i}");
+    }
+}
+
+#[test]
+fn queued_units_on_a_unit_host_executor_get_their_own_reports_around_a_timeout() {
+    let command = UnitHostCommand {
+        program: env!("CARGO_BIN_EXE_worker").into(),
+        args: vec!["unit-host".into(), "--no-cache".into()],
+    };
+    let pool = coordinator_free::sandbox::Executor::unit_hosts(&command, 1, 64).unwrap();
+    let faults = std::sync::Arc::new(HostedModule::new(
+        example_artifacts::FAULTS_BYTES.to_vec(),
+        Metering::Off,
+    ));
+    let pi = std::sync::Arc::new(HostedModule::new(
+        example_artifacts::PI_BYTES.to_vec(),
+        Metering::Off,
+    ));
+    // The thread learns that units of the faults module are short, so it batches them.
+    assert!(
+        pool.run(
+            faults.clone(),
+            request(br#"{"ok":true}"#, Duration::from_secs(30))
+        )
+        .result
+        .is_ok()
+    );
+    let spin = 10;
+    let inputs = faults_inputs(20, spin);
+    let expected = in_process(example_artifacts::FAULTS_BYTES, &inputs);
+    let (send, receive) = std::sync::mpsc::channel();
+    // A longer unit of another module keeps the thread busy while the rest queue behind it.
+    {
+        let send = send.clone();
+        pool.try_submit(
+            pi,
+            request(br#"{"samples":2000000,"seed":3}"#, Duration::from_secs(60)),
+            move |report| {
+                let _ = send.send((usize::MAX, report));
+            },
+        )
+        .unwrap();
+    }
+    let spin_limit = Duration::from_millis(500);
+    for (i, input) in inputs.iter().enumerate() {
+        let send = send.clone();
+        let timeout = if i == spin {
+            spin_limit
+        } else {
+            Duration::from_secs(30)
+        };
+        pool.try_submit(faults.clone(), request(input, timeout), move |report| {
+            let _ = send.send((i, report));
+        })
+        .expect("the queue has room for every unit");
+    }
+    drop(send);
+    let mut seen = vec![0; inputs.len()];
+    while let Ok((i, report)) = receive.recv_timeout(Duration::from_secs(120)) {
+        if i == usize::MAX {
+            assert!(report.result.is_ok(), "{:?}", report.result);
+            continue;
+        }
+        seen[i] += 1;
+        if i == spin {
+            assert_eq!(report.result, Err(UnitError::Timeout { limit: spin_limit }));
+        } else {
+            assert_eq!(report.result, expected[i], "unit {i}");
+        }
+    }
+    assert_eq!(seen, vec![1; inputs.len()], "every reply called once");
+}
+
+#[test]
+fn a_batch_may_outlast_every_units_timeout_when_each_unit_is_in_time() {
+    let mut host = host();
+    let pi = HostedModule::new(example_artifacts::PI_BYTES.to_vec(), Metering::Off);
+    let timeout = Duration::from_secs(1);
+    let warm = host.run(&pi, request(br#"{"samples":1,"seed":1}"#, timeout));
+    assert!(warm.result.is_ok(), "{:?}", warm.result);
+    let pid = host.pid().expect("a host runs");
+    // Ten units of roughly a seventh of their timeout each, in one frame.
+    let inputs: Vec<Vec<u8>> = (0..10u64)
+        .map(|seed| format!(r#"{{"samples":40000000,"seed":{seed}}}"#).into_bytes())
+        .collect();
+    let requests = inputs.iter().map(|i| request(i, timeout)).collect();
+    let mut reports = Vec::new();
+    let started = Instant::now();
+    host.run_batch(&pi, requests, |i, report| reports.push((i, report)));
+    let took = started.elapsed();
+    assert_eq!(reports.len(), inputs.len());
+    for (i, report) in reports {
+        let input: example_pi::Input = serde_json::from_slice(&inputs[i]).unwrap();
+        let expected = serde_json::to_vec(&example_pi::compute(&input)).unwrap();
+        assert_eq!(report.result, Ok(expected), "unit {i}");
+        assert!(report.elapsed < timeout, "unit {i}");
+    }
+    assert_eq!(host.pid(), Some(pid), "nobody was killed");
+    // Only meaningful when the batch outlasted one timeout, which it does unless the machine
+    // is far faster than the reference one.
+    if took <= timeout {
+        eprintln!("the batch took {took:?}, under one unit's timeout");
+    }
+}

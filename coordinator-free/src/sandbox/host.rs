@@ -10,14 +10,19 @@
 //! The parent and the host speak length-prefixed postcard frames over the host's stdin and
 //! stdout. The host is any program that calls [`serve_unit_host`] when started with the
 //! arguments given in [`UnitHostCommand`] (`worker unit-host` does).
+//!
+//! One frame to the host carries a *batch*: one or more units of one module, run in order.
+//! Small units cost mostly the round trip, so sending several at once saves a write, a wake-up
+//! of the host and a frame per unit. The host answers each unit with its own frame the moment
+//! it ends, because that frame also tells the parent when the next unit's clock starts: every
+//! unit keeps its own deadline, and only the unit that passes it is a timeout.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -37,28 +42,71 @@ const PREPARE_DEADLINE: Duration = Duration::from_secs(300);
 /// Prepared modules a host keeps.
 const HOST_MODULES: usize = 64;
 
-#[derive(Serialize, Deserialize)]
-enum ToHost {
-    Run {
-        digest: Digest,
-        /// The module's bytes, sent when the host may not have it yet.
-        module: Option<Vec<u8>>,
-        metering: Metering,
-        input: Vec<u8>,
-        checkpoint: Option<Vec<u8>>,
-        limits: Limits,
-    },
+/// Input and checkpoint bytes one frame carries beyond its first unit. Batching pays off for
+/// small units; large ones already dwarf the round trip, and keeping frames small keeps the
+/// time the host spends reading one short.
+const BATCH_BYTES: usize = 1 << 20;
+
+/// Above this many payload bytes a frame asks the host to say when it has read it, so that
+/// moving a large input through the pipe does not count as the unit's time.
+const REPORT_START_ABOVE: usize = 64 << 10;
+
+/// A deadline far enough away to mean "never", for timeouts too large to add to an instant.
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Parent to host: units of one module, to run in order. The parent's side borrows the bytes;
+/// the host reads the same fields into [`ReceivedBatch`].
+#[derive(Serialize)]
+struct Batch<'a> {
+    digest: Digest,
+    /// The module's bytes, sent when the host may not have it yet.
+    module: Option<&'a [u8]>,
+    metering: Metering,
+    /// Send [`FromHost::Started`] once the module is ready. Without it the first unit's clock
+    /// runs from when the parent sent the frame, which is right for a host that is idle and
+    /// holds the module: it starts the unit as soon as it has read the frame.
+    report_start: bool,
+    units: Vec<BatchUnit<'a>>,
+}
+
+#[derive(Serialize)]
+struct BatchUnit<'a> {
+    input: &'a [u8],
+    checkpoint: Option<&'a [u8]>,
+    limits: &'a Limits,
+}
+
+/// [`Batch`] as the host reads it: the same fields in the same order, owned.
+#[derive(Deserialize)]
+struct ReceivedBatch {
+    digest: Digest,
+    module: Option<Vec<u8>>,
+    metering: Metering,
+    report_start: bool,
+    units: Vec<ReceivedUnit>,
+}
+
+#[derive(Deserialize)]
+struct ReceivedUnit {
+    input: Vec<u8>,
+    checkpoint: Option<Vec<u8>>,
+    limits: Limits,
 }
 
 #[derive(Serialize, Deserialize)]
 enum FromHost {
-    /// The host does not hold the module; send the run again with its bytes.
+    /// The host does not hold the module and ran none of the batch; send it again with the
+    /// module's bytes.
     NeedModule,
-    /// The module is prepared and the unit's clock starts now.
+    /// The module is ready (the batch asked to be told) and the first unit's clock starts now.
     Started,
+    /// The running unit logged a line.
     Log(LogLine),
+    /// The running unit reported progress.
     Progress(u64, u64),
+    /// The running unit saved a checkpoint.
     Checkpoint(Vec<u8>),
+    /// The running unit ended; the next unit of the batch, if any, starts now.
     Done(Box<Finished>),
 }
 
@@ -70,13 +118,15 @@ struct Finished {
     elapsed: Duration,
 }
 
+/// Writes one frame with a single `write_all`: the length prefix and the body share one buffer,
+/// so an unbuffered pipe sees one write per frame.
 fn write_frame(out: &mut impl Write, message: &impl Serialize) -> std::io::Result<()> {
-    let bytes = postcard::to_stdvec(message).map_err(std::io::Error::other)?;
-    let len = u32::try_from(bytes.len())
+    let mut bytes = postcard::to_extend(message, vec![0u8; 4]).map_err(std::io::Error::other)?;
+    let len = u32::try_from(bytes.len() - 4)
         .ok()
         .filter(|&l| l <= MAX_FRAME)
         .ok_or_else(|| std::io::Error::other("frame over the cap"))?;
-    out.write_all(&len.to_le_bytes())?;
+    bytes[..4].copy_from_slice(&len.to_le_bytes());
     out.write_all(&bytes)?;
     out.flush()
 }
@@ -102,17 +152,46 @@ fn read_frame<T: for<'de> Deserialize<'de>>(input: &mut impl Read) -> std::io::R
         .map_err(|e| std::io::Error::other(format!("malformed frame: {e}")))
 }
 
-/// The host's side: serves runs from stdin until it closes. Epoch checks are compiled out; the
-/// parent enforces deadlines by killing this process.
+/// The host's standard output without the standard library's line buffering, which would
+/// split a frame into two writes at any newline byte in it.
+#[cfg(unix)]
+fn raw_stdout() -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsFd;
+    Ok(std::io::stdout().as_fd().try_clone_to_owned()?.into())
+}
+
+/// The host's standard output without the standard library's line buffering, which would
+/// split a frame into two writes at any newline byte in it.
+#[cfg(windows)]
+fn raw_stdout() -> std::io::Result<std::fs::File> {
+    use std::os::windows::io::AsHandle;
+    Ok(std::io::stdout().as_handle().try_clone_to_owned()?.into())
+}
+
+/// The host's standard output.
+#[cfg(not(any(unix, windows)))]
+fn raw_stdout() -> std::io::Result<std::io::Stdout> {
+    Ok(std::io::stdout())
+}
+
+#[cfg(any(unix, windows))]
+type HostOut = BufWriter<std::fs::File>;
+#[cfg(not(any(unix, windows)))]
+type HostOut = BufWriter<std::io::Stdout>;
+
+/// The host's side: serves batches from stdin until it closes. Epoch checks are compiled out;
+/// the parent enforces deadlines by killing this process.
 pub fn serve_unit_host(mut config: SandboxConfig) -> Result<(), SandboxError> {
     config.epoch_deadlines = false;
     config.max_concurrent_units = 1;
     let sandbox = Sandbox::new(config)?;
     let mut modules: HashMap<(Digest, Metering), Arc<PreparedModule>> = HashMap::new();
     let mut order: VecDeque<(Digest, Metering)> = VecDeque::new();
-    let out = Arc::new(Mutex::new(BufWriter::new(std::io::stdout())));
-    let mut input = BufReader::new(std::io::stdin().lock());
     let io_error = |e: std::io::Error| SandboxError::Engine(format!("unit host i/o: {e}"));
+    let out: Arc<Mutex<HostOut>> =
+        Arc::new(Mutex::new(BufWriter::new(raw_stdout().map_err(io_error)?)));
+    // Standard input is buffered already; a batch of small units arrives in one read.
+    let mut input = std::io::stdin().lock();
     // The parent going away (it was killed, or it killed us mid-write) ends the host quietly:
     // there is nobody left to report to.
     let parent_gone = |e: &std::io::Error| {
@@ -129,23 +208,16 @@ pub fn serve_unit_host(mut config: SandboxConfig) -> Result<(), SandboxError> {
             Err(e) => Err(io_error(e)),
         }
     };
+    let observer: Arc<dyn UnitObserver> = Arc::new(Forward { out: out.clone() });
     loop {
-        let request = match read_frame(&mut input) {
-            Ok(Some(request)) => request,
+        let batch: ReceivedBatch = match read_frame(&mut input) {
+            Ok(Some(batch)) => batch,
             Ok(None) => return Ok(()),
             Err(e) if parent_gone(&e) => return Ok(()),
             Err(e) => return Err(io_error(e)),
         };
-        let ToHost::Run {
-            digest,
-            module,
-            metering,
-            input: unit_input,
-            checkpoint,
-            limits,
-        } = request;
-        let key = (digest, metering);
-        let prepared = match (modules.get(&key), module) {
+        let key = (batch.digest, batch.metering);
+        let prepared = match (modules.get(&key), batch.module) {
             (Some(prepared), _) => Ok(prepared.clone()),
             (None, None) => {
                 if !send(&FromHost::NeedModule)? {
@@ -153,7 +225,7 @@ pub fn serve_unit_host(mut config: SandboxConfig) -> Result<(), SandboxError> {
                 }
                 continue;
             }
-            (None, Some(bytes)) => sandbox.prepare(&bytes, metering).inspect(|prepared| {
+            (None, Some(bytes)) => sandbox.prepare(&bytes, batch.metering).inspect(|prepared| {
                 modules.insert(key, prepared.clone());
                 order.push_back(key);
                 if order.len() > HOST_MODULES
@@ -163,44 +235,48 @@ pub fn serve_unit_host(mut config: SandboxConfig) -> Result<(), SandboxError> {
                 }
             }),
         };
-        let finished = match prepared {
-            Err(error) => Finished {
-                result: Err(error),
-                logs_dropped: 0,
-                fuel_consumed: None,
-                elapsed: Duration::ZERO,
-            },
-            Ok(prepared) => {
-                if !send(&FromHost::Started)? {
-                    return Ok(());
-                }
-                let observer = Arc::new(Forward { out: out.clone() });
-                let report = sandbox.run(
-                    &prepared,
-                    UnitRequest {
-                        input: unit_input.into(),
-                        checkpoint,
-                        limits,
-                        observer: Some(observer),
-                    },
-                );
-                Finished {
-                    result: report.result,
-                    logs_dropped: report.logs_dropped,
-                    fuel_consumed: report.fuel_consumed,
-                    elapsed: report.elapsed,
-                }
-            }
-        };
-        if !send(&FromHost::Done(Box::new(finished)))? {
+        if batch.report_start && !send(&FromHost::Started)? {
             return Ok(());
+        }
+        for unit in batch.units {
+            let finished = match &prepared {
+                // A refused module is every unit's outcome.
+                Err(error) => Finished {
+                    result: Err(error.clone()),
+                    logs_dropped: 0,
+                    fuel_consumed: None,
+                    elapsed: Duration::ZERO,
+                },
+                Ok(prepared) => {
+                    let report = sandbox.run(
+                        prepared,
+                        UnitRequest {
+                            input: unit.input.into(),
+                            checkpoint: unit.checkpoint,
+                            limits: unit.limits,
+                            observer: Some(observer.clone()),
+                        },
+                    );
+                    Finished {
+                        result: report.result,
+                        logs_dropped: report.logs_dropped,
+                        fuel_consumed: report.fuel_consumed,
+                        elapsed: report.elapsed,
+                    }
+                }
+            };
+            // Sent (and flushed) at once, not at the end of the batch: the parent starts the
+            // next unit's clock when it reads this.
+            if !send(&FromHost::Done(Box::new(finished)))? {
+                return Ok(());
+            }
         }
     }
 }
 
 /// Streams a running unit's logs, progress and checkpoints to the parent.
 struct Forward {
-    out: Arc<Mutex<BufWriter<std::io::Stdout>>>,
+    out: Arc<Mutex<HostOut>>,
 }
 
 impl Forward {
@@ -259,28 +335,175 @@ impl HostedModule {
     pub fn digest(&self) -> Digest {
         self.digest
     }
+
+    /// Whether `other` is the same module prepared the same way, so units of both can share a
+    /// batch.
+    pub(crate) fn same_as(&self, other: &HostedModule) -> bool {
+        self.digest == other.digest && self.metering == other.metering
+    }
+
+    fn key(&self) -> (Digest, Metering) {
+        (self.digest, self.metering)
+    }
+}
+
+/// `from + after`, or a time far away when that does not fit in an instant.
+fn deadline(from: Instant, after: Duration) -> Instant {
+    from.checked_add(after)
+        .or_else(|| from.checked_add(FAR_FUTURE))
+        .unwrap_or(from)
+}
+
+/// What the watchdog thread is waiting for.
+#[derive(Clone, Copy)]
+enum Sleep {
+    /// It is not waiting: it looks at the deadline before it waits again.
+    Awake,
+    /// Until this instant, or until woken.
+    Until(Instant),
+    /// Until woken: no deadline was armed.
+    Forever,
+}
+
+/// Kills the host when the unit it runs passes its deadline. The parent's unit thread blocks
+/// reading the host's output, and killing the host ends that read; so no reader thread sits
+/// between the pipe and the unit thread, and a frame costs one wake-up instead of two.
+struct Watchdog {
+    state: Mutex<Watch>,
+    wake: Condvar,
+}
+
+struct Watch {
+    child: Child,
+    /// When to kill the host; `None` while it is idle.
+    deadline: Option<Instant>,
+    sleep: Sleep,
+    /// The watchdog killed the host because the deadline passed.
+    expired: bool,
+    /// The parent let go of the host; the watchdog thread ends.
+    closed: bool,
+}
+
+impl Watchdog {
+    fn lock(&self) -> MutexGuard<'_, Watch> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The watchdog thread's loop.
+    fn watch(&self) {
+        let mut watch = self.lock();
+        loop {
+            watch.sleep = Sleep::Awake;
+            if watch.closed {
+                return;
+            }
+            match watch.deadline {
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        let _ = watch.child.kill();
+                        watch.expired = true;
+                        watch.deadline = None;
+                        continue;
+                    }
+                    watch.sleep = Sleep::Until(deadline);
+                    watch = self
+                        .wake
+                        .wait_timeout(watch, deadline - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                None => {
+                    watch.sleep = Sleep::Forever;
+                    watch = self.wake.wait(watch).unwrap_or_else(|p| p.into_inner());
+                }
+            }
+        }
+    }
+
+    /// Sets the running unit's deadline; `false` if the host was already killed for passing an
+    /// earlier one. The thread is woken only when it sleeps past the new deadline, so moving
+    /// the deadline later from unit to unit costs a lock, not a wake-up.
+    fn arm(&self, deadline: Instant) -> bool {
+        let mut watch = self.lock();
+        if watch.expired || watch.closed {
+            return false;
+        }
+        watch.deadline = Some(deadline);
+        let wake = match watch.sleep {
+            Sleep::Awake => false,
+            Sleep::Until(until) => deadline < until,
+            Sleep::Forever => true,
+        };
+        drop(watch);
+        if wake {
+            self.wake.notify_one();
+        }
+        true
+    }
+
+    /// The host is idle; `false` if it was killed for passing the last deadline.
+    fn disarm(&self) -> bool {
+        let mut watch = self.lock();
+        watch.deadline = None;
+        !watch.expired && !watch.closed
+    }
+
+    fn expired(&self) -> bool {
+        self.lock().expired
+    }
+
+    /// Kills the host, collects its exit status and ends the watchdog thread. Only the first
+    /// call has a status to return.
+    fn close(&self) -> Option<ExitStatus> {
+        let mut watch = self.lock();
+        if watch.closed {
+            return None;
+        }
+        watch.closed = true;
+        let _ = watch.child.kill();
+        let status = watch.child.wait().ok();
+        drop(watch);
+        self.wake.notify_one();
+        status
+    }
 }
 
 struct Running {
-    child: Child,
-    stdin: BufWriter<ChildStdin>,
-    events: Receiver<std::io::Result<Option<FromHost>>>,
+    pid: u32,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    watchdog: Arc<Watchdog>,
+    /// Modules whose bytes this host was sent, oldest first, as many as it keeps: units of
+    /// these go without the bytes (the host asks if it dropped one); units of others go with
+    /// them, which saves a round trip.
+    sent: VecDeque<(Digest, Metering)>,
 }
 
-/// The parent's handle on one unit host process, started on first use and restarted after a
-/// kill or a crash. Runs one unit at a time.
-#[derive(Debug)]
-pub struct UnitHost {
-    command: UnitHostCommand,
-    running: Option<Running>,
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.watchdog.close();
+    }
 }
 
 impl std::fmt::Debug for Running {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Running")
-            .field("pid", &self.child.id())
+            .field("pid", &self.pid)
             .finish_non_exhaustive()
     }
+}
+
+/// The parent's handle on one unit host process, started on first use and restarted after a
+/// kill or a crash. Runs one unit at a time, and can hand it several units of one module at
+/// once ([`UnitHost::run_batch`]).
+#[derive(Debug)]
+pub struct UnitHost {
+    command: UnitHostCommand,
+    running: Option<Running>,
+    /// A batch is under way. Still set when the next one begins means the last was abandoned
+    /// half-way (a report callback panicked), and the host's pending frames belong to nobody.
+    in_batch: bool,
 }
 
 impl Drop for UnitHost {
@@ -295,18 +518,45 @@ fn host_failure(detail: impl Into<String>) -> UnitError {
     }
 }
 
+/// Input and checkpoint bytes a unit adds to a frame.
+fn payload(request: &UnitRequest) -> usize {
+    request.input.len() + request.checkpoint.as_ref().map_or(0, Vec::len)
+}
+
+/// How one frame's worth of units ended.
+enum RoundEnd {
+    /// Every unit was reported.
+    Finished,
+    /// The host lacked the module and ran nothing: send the units again with its bytes.
+    Resend,
+    /// The host died or broke the protocol while running the unit at `at`; the units before it
+    /// were reported.
+    Lost {
+        at: usize,
+        /// When that unit's clock started; `None` while the module was being prepared.
+        clock: Option<Instant>,
+        /// What it said before the host went.
+        partial: Box<UnitReport>,
+        why: String,
+    },
+    /// The host was killed at the last unit's deadline right after the unit at `at - 1` ended;
+    /// the units from `at` on have not run to an end and go to a fresh host.
+    KilledBetween { at: usize },
+}
+
 impl UnitHost {
     /// A handle that starts `command` when the first unit arrives.
     pub fn new(command: UnitHostCommand) -> Self {
         Self {
             command,
             running: None,
+            in_batch: false,
         }
     }
 
     /// The host's process id, while one runs.
     pub fn pid(&self) -> Option<u32> {
-        self.running.as_ref().map(|r| r.child.id())
+        self.running.as_ref().map(|r| r.pid)
     }
 
     fn start(&mut self) -> std::io::Result<&mut Running> {
@@ -317,31 +567,37 @@ impl UnitHost {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .spawn()?;
-            let stdin = child
-                .stdin
-                .take()
-                .ok_or_else(|| std::io::Error::other("no stdin"))?;
-            let stdout = child
-                .stdout
-                .take()
-                .ok_or_else(|| std::io::Error::other("no stdout"))?;
-            let (send, events) = sync_channel(64);
-            std::thread::Builder::new()
-                .name("cf-unit-host-reader".into())
-                .spawn(move || {
-                    let mut stdout = BufReader::new(stdout);
-                    loop {
-                        let frame = read_frame::<FromHost>(&mut stdout);
-                        let end = !matches!(frame, Ok(Some(_)));
-                        if send.send(frame).is_err() || end {
-                            return;
-                        }
-                    }
-                })?;
+            let pid = child.id();
+            let stdin = child.stdin.take();
+            let stdout = child.stdout.take();
+            let watchdog = Arc::new(Watchdog {
+                state: Mutex::new(Watch {
+                    child,
+                    deadline: None,
+                    sleep: Sleep::Awake,
+                    expired: false,
+                    closed: false,
+                }),
+                wake: Condvar::new(),
+            });
+            let (Some(stdin), Some(stdout)) = (stdin, stdout) else {
+                watchdog.close();
+                return Err(std::io::Error::other("the unit host has no pipes"));
+            };
+            let watching = watchdog.clone();
+            if let Err(e) = std::thread::Builder::new()
+                .name("cf-unit-host-watchdog".into())
+                .spawn(move || watching.watch())
+            {
+                watchdog.close();
+                return Err(e);
+            }
             self.running = Some(Running {
-                child,
-                stdin: BufWriter::new(stdin),
-                events,
+                pid,
+                stdin,
+                stdout: BufReader::new(stdout),
+                watchdog,
+                sent: VecDeque::new(),
             });
         }
         self.running
@@ -351,130 +607,329 @@ impl UnitHost {
 
     /// Kills the host process, if one runs.
     pub fn stop(&mut self) {
-        if let Some(mut running) = self.running.take() {
-            let _ = running.child.kill();
-            let _ = running.child.wait();
-        }
-    }
-
-    /// The host died or broke the protocol: collect its exit status for the report.
-    fn lost(&mut self, what: &str) -> UnitError {
-        let status = self.running.take().map(|mut r| {
-            let _ = r.child.kill();
-            r.child.wait()
-        });
-        match status {
-            Some(Ok(status)) => host_failure(format!("the unit host {what} ({status})")),
-            _ => host_failure(format!("the unit host {what}")),
-        }
+        // Dropping the handle kills the process and ends its watchdog.
+        self.running = None;
     }
 
     /// Runs one unit in the host, killing the host if the unit passes its deadline.
     pub fn run(&mut self, module: &HostedModule, request: UnitRequest) -> UnitReport {
-        let UnitRequest {
-            input,
-            checkpoint,
-            limits,
-            observer,
-        } = request;
-        // Filled in as the host's events arrive; the result is always set before returning.
-        let mut report = UnitReport::refused(host_failure("the unit host sent no result"));
-        let timeout = limits.timeout;
-        let started = Instant::now();
-        let mut message = ToHost::Run {
-            digest: module.digest,
-            module: None,
-            metering: module.metering,
-            input: input.to_vec(),
-            checkpoint,
-            limits,
-        };
-        // Until the host says the module is prepared, compile time is not the unit's time.
-        let mut deadline = started + PREPARE_DEADLINE;
-        let mut unit_started = None;
-        loop {
-            let running = match self.start() {
-                Ok(r) => r,
-                Err(e) => {
-                    report.result = Err(host_failure(format!("cannot start a unit host: {e}")));
-                    return report;
+        let mut report = None;
+        self.run_batch(module, vec![request], |_, r| report = Some(r));
+        report.unwrap_or_else(|| UnitReport::refused(host_failure("the unit host sent no result")))
+    }
+
+    /// Runs units of one module in order, sending them to the host in as few frames as their
+    /// sizes allow, and hands each report to `report` with the unit's index in `requests` as
+    /// soon as the unit ends.
+    ///
+    /// Every unit keeps its own deadline, counted from when the host starts it. A unit past its
+    /// deadline gets the host killed and is reported as a timeout; the units after it have not
+    /// run and go to a fresh host. A host that dies otherwise costs the unit it was running.
+    pub fn run_batch(
+        &mut self,
+        module: &HostedModule,
+        requests: Vec<UnitRequest>,
+        mut report: impl FnMut(usize, UnitReport),
+    ) {
+        if self.in_batch {
+            self.stop();
+        }
+        self.in_batch = true;
+        let mut pending: VecDeque<(usize, UnitRequest)> =
+            requests.into_iter().enumerate().collect();
+        while !pending.is_empty() {
+            let mut round = Vec::new();
+            let mut bytes = 0;
+            while let Some((_, next)) = pending.front() {
+                let size = payload(next);
+                if !round.is_empty() && bytes + size > BATCH_BYTES {
+                    break;
                 }
-            };
-            if let Err(e) = write_frame(&mut running.stdin, &message) {
-                report.result = Err(self.lost(&format!("stopped taking units: {e}")));
-                return report;
+                bytes += size;
+                round.extend(pending.pop_front());
             }
-            let event = loop {
-                let now = Instant::now();
-                let Some(left) = deadline.checked_duration_since(now) else {
-                    self.stop();
-                    report.result = Err(match unit_started {
-                        Some(_) => UnitError::Timeout { limit: timeout },
-                        None => host_failure("the unit host took too long to prepare the module"),
-                    });
-                    report.elapsed = started.elapsed();
-                    return report;
-                };
-                let Some(running) = self.running.as_mut() else {
-                    report.result = Err(host_failure("the unit host is gone"));
-                    return report;
-                };
-                match running.events.recv_timeout(left) {
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) | Ok(Ok(None)) => {
-                        report.result = Err(self.lost("exited"));
-                        return report;
-                    }
-                    Ok(Err(e)) => {
-                        report.result = Err(self.lost(&format!("broke the protocol: {e}")));
-                        return report;
-                    }
-                    Ok(Ok(Some(FromHost::Started))) => {
-                        let now = Instant::now();
-                        unit_started = Some(now);
-                        deadline = now + timeout;
-                    }
-                    Ok(Ok(Some(FromHost::Log(line)))) => {
-                        if let Some(o) = &observer {
-                            o.log(&line);
-                        }
-                        report.logs.push(line);
-                    }
-                    Ok(Ok(Some(FromHost::Progress(done, total)))) => {
-                        if let Some(o) = &observer {
-                            o.progress(done, total);
-                        }
-                        report.progress = Some((done, total));
-                    }
-                    Ok(Ok(Some(FromHost::Checkpoint(bytes)))) => {
-                        if let Some(o) = &observer {
-                            o.checkpoint(&bytes);
-                        }
-                        report.checkpoint = Some(bytes);
-                    }
-                    Ok(Ok(Some(other @ (FromHost::NeedModule | FromHost::Done(_))))) => {
-                        break other;
-                    }
-                }
-            };
-            match event {
-                FromHost::Done(finished) => {
-                    report.result = finished.result;
-                    report.logs_dropped = finished.logs_dropped;
-                    report.fuel_consumed = finished.fuel_consumed;
-                    report.elapsed = finished.elapsed;
-                    return report;
-                }
-                _ => {
-                    // The host lacks the module: send the same run with its bytes.
-                    let ToHost::Run { module: m, .. } = &mut message;
-                    if m.is_some() {
-                        report.result = Err(self.lost("asked twice for a module it was sent"));
-                        return report;
-                    }
-                    *m = Some(module.bytes.to_vec());
-                }
+            // Every round reports at least one unit, or resends once with the module's bytes,
+            // or moves to a fresh host; so this loop ends.
+            let retry = self.run_round(module, round, &mut report);
+            for unit in retry.into_iter().rev() {
+                pending.push_front(unit);
             }
         }
+        self.in_batch = false;
+    }
+
+    /// Sends one frame of units and collects their reports; returns the units to run again.
+    fn run_round(
+        &mut self,
+        module: &HostedModule,
+        mut round: Vec<(usize, UnitRequest)>,
+        report: &mut impl FnMut(usize, UnitReport),
+    ) -> Vec<(usize, UnitRequest)> {
+        let running = match self.start() {
+            Ok(running) => running,
+            Err(e) => {
+                for (index, _) in round {
+                    report(
+                        index,
+                        UnitReport::refused(host_failure(format!("cannot start a unit host: {e}"))),
+                    );
+                }
+                return Vec::new();
+            }
+        };
+        match drive(running, module, &round, report) {
+            RoundEnd::Finished => Vec::new(),
+            RoundEnd::Resend => round,
+            RoundEnd::KilledBetween { at } => {
+                self.stop();
+                round.split_off(at)
+            }
+            RoundEnd::Lost {
+                at,
+                clock,
+                mut partial,
+                why,
+            } => {
+                let expired = self.running.as_ref().is_some_and(|r| r.watchdog.expired());
+                let status = self.running.take().and_then(|r| r.watchdog.close());
+                let rest = round.split_off(at + 1);
+                let Some((index, request)) = round.pop() else {
+                    return rest;
+                };
+                partial.result = Err(match (expired, clock) {
+                    (true, Some(_)) => UnitError::Timeout {
+                        limit: request.limits.timeout,
+                    },
+                    (true, None) => {
+                        host_failure("the unit host took too long to prepare the module")
+                    }
+                    (false, _) => match status {
+                        Some(status) => host_failure(format!("the unit host {why} ({status})")),
+                        None => host_failure(format!("the unit host {why}")),
+                    },
+                });
+                if let Some(clock) = clock {
+                    partial.elapsed = clock.elapsed();
+                }
+                report(index, *partial);
+                rest
+            }
+        }
+    }
+}
+
+/// Runs one frame of units on a started host: writes the frame, then reads the host's frames
+/// until every unit has ended or the host is gone.
+fn drive(
+    running: &mut Running,
+    module: &HostedModule,
+    round: &[(usize, UnitRequest)],
+    report: &mut impl FnMut(usize, UnitReport),
+) -> RoundEnd {
+    let key = module.key();
+    let send_module = !running.sent.contains(&key);
+    let bytes = round.iter().map(|(_, r)| payload(r)).sum::<usize>()
+        + if send_module { module.bytes.len() } else { 0 };
+    let report_start = send_module || bytes > REPORT_START_ABOVE;
+    let fresh = || UnitReport::refused(host_failure("the unit host sent no result"));
+    let lost = |at, clock, partial, why: String| RoundEnd::Lost {
+        at,
+        clock,
+        partial: Box::new(partial),
+        why,
+    };
+    let Some((_, first)) = round.first() else {
+        return RoundEnd::Finished;
+    };
+    let now = Instant::now();
+    // Until the host says the module is ready, compile time is not the unit's time.
+    let mut clock = (!report_start).then_some(now);
+    let first_deadline = match clock {
+        Some(now) => deadline(now, first.limits.timeout),
+        None => deadline(now, PREPARE_DEADLINE),
+    };
+    if !running.watchdog.arm(first_deadline) {
+        // Killed after the last frame was read: nothing of this round ran.
+        return RoundEnd::KilledBetween { at: 0 };
+    }
+    if send_module {
+        running.sent.push_back(key);
+        if running.sent.len() > HOST_MODULES {
+            running.sent.pop_front();
+        }
+    }
+    let frame = Batch {
+        digest: module.digest,
+        module: send_module.then_some(&module.bytes[..]),
+        metering: module.metering,
+        report_start,
+        units: round
+            .iter()
+            .map(|(_, r)| BatchUnit {
+                input: &r.input[..],
+                checkpoint: r.checkpoint.as_deref(),
+                limits: &r.limits,
+            })
+            .collect(),
+    };
+    if let Err(e) = write_frame(&mut running.stdin, &frame) {
+        return lost(0, clock, fresh(), format!("stopped taking units: {e}"));
+    }
+    drop(frame);
+    let mut at = 0;
+    // The host began on the batch, so it holds the module.
+    let mut started = false;
+    let mut current = fresh();
+    loop {
+        let Some((index, request)) = round.get(at) else {
+            return RoundEnd::Finished;
+        };
+        let event = match read_frame::<FromHost>(&mut running.stdout) {
+            Ok(Some(event)) => event,
+            Ok(None) => return lost(at, clock, current, "exited".into()),
+            Err(e) => return lost(at, clock, current, format!("broke the protocol: {e}")),
+        };
+        match event {
+            FromHost::NeedModule if at == 0 && !started && !send_module => {
+                // The host dropped the module since it was sent: forget that it has it.
+                running.sent.retain(|k| *k != key);
+                if !running.watchdog.disarm() {
+                    return RoundEnd::KilledBetween { at: 0 };
+                }
+                return RoundEnd::Resend;
+            }
+            FromHost::Started if at == 0 && clock.is_none() => {
+                let now = Instant::now();
+                if !running.watchdog.arm(deadline(now, request.limits.timeout)) {
+                    // Killed at the preparation deadline as the start came in.
+                    return lost(at, None, current, "was killed".into());
+                }
+                clock = Some(now);
+                started = true;
+            }
+            FromHost::Log(line) => {
+                if let Some(o) = &request.observer {
+                    o.log(&line);
+                }
+                current.logs.push(line);
+            }
+            FromHost::Progress(done, total) => {
+                if let Some(o) = &request.observer {
+                    o.progress(done, total);
+                }
+                current.progress = Some((done, total));
+            }
+            FromHost::Checkpoint(bytes) => {
+                if let Some(o) = &request.observer {
+                    o.checkpoint(&bytes);
+                }
+                current.checkpoint = Some(bytes);
+            }
+            FromHost::Done(finished) => {
+                let Finished {
+                    result,
+                    logs_dropped,
+                    fuel_consumed,
+                    elapsed,
+                } = *finished;
+                let mut ended = std::mem::replace(&mut current, fresh());
+                ended.result = result;
+                ended.logs_dropped = logs_dropped;
+                ended.fuel_consumed = fuel_consumed;
+                ended.elapsed = elapsed;
+                let index = *index;
+                at += 1;
+                started = true;
+                // The next unit's clock starts now: the host went on to it as it sent this.
+                let alive = match round.get(at) {
+                    Some((_, next)) => {
+                        let now = Instant::now();
+                        clock = Some(now);
+                        running.watchdog.arm(deadline(now, next.limits.timeout))
+                    }
+                    None => running.watchdog.disarm(),
+                };
+                report(index, ended);
+                if !alive {
+                    return RoundEnd::KilledBetween { at };
+                }
+            }
+            FromHost::NeedModule => {
+                return lost(at, clock, current, "asked for a module it was sent".into());
+            }
+            FromHost::Started => {
+                return lost(
+                    at,
+                    clock,
+                    current,
+                    "broke the protocol: an unexpected start".into(),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_reads_back_as_the_host_expects() {
+        let limits = Limits {
+            timeout: Duration::from_millis(250),
+            ..Limits::default()
+        };
+        let batch = Batch {
+            digest: Digest::of(b"module"),
+            module: Some(b"\0asm"),
+            metering: Metering::Fuel,
+            report_start: true,
+            units: vec![
+                BatchUnit {
+                    input: b"first",
+                    checkpoint: None,
+                    limits: &limits,
+                },
+                BatchUnit {
+                    input: b"",
+                    checkpoint: Some(b"saved"),
+                    limits: &limits,
+                },
+            ],
+        };
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &batch).unwrap();
+        let read: ReceivedBatch = read_frame(&mut &wire[..]).unwrap().unwrap();
+        assert_eq!(read.digest, batch.digest);
+        assert_eq!(read.module.as_deref(), Some(&b"\0asm"[..]));
+        assert_eq!(read.metering, Metering::Fuel);
+        assert!(read.report_start);
+        assert_eq!(read.units.len(), 2);
+        assert_eq!(read.units[0].input, b"first");
+        assert_eq!(read.units[0].checkpoint, None);
+        assert_eq!(read.units[1].checkpoint.as_deref(), Some(&b"saved"[..]));
+        assert_eq!(read.units[1].limits, limits);
+    }
+
+    #[test]
+    fn frames_over_the_cap_or_cut_short_are_refused() {
+        let mut wire = (MAX_FRAME + 1).to_le_bytes().to_vec();
+        wire.extend_from_slice(&[0; 16]);
+        assert!(read_frame::<FromHost>(&mut &wire[..]).is_err());
+        let mut short = Vec::new();
+        write_frame(&mut short, &FromHost::Progress(1, 2)).unwrap();
+        short.pop();
+        assert!(read_frame::<FromHost>(&mut &short[..]).is_err());
+        assert!(read_frame::<FromHost>(&mut &[][..]).unwrap().is_none());
+    }
+
+    #[test]
+    fn huge_timeouts_do_not_overflow_the_deadline() {
+        let now = Instant::now();
+        assert!(deadline(now, Duration::MAX) > now);
+        assert_eq!(
+            deadline(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
     }
 }
