@@ -239,7 +239,7 @@ fn in_process(wasm: &[u8], inputs: &[Vec<u8>]) -> Vec<Result<Vec<u8>, UnitError>
         .iter()
         .map(|input| {
             sandbox
-                .run(&module, request(input, Duration::from_secs(30)))
+                .run(&module, request(input, Duration::from_secs(1)))
                 .result
         })
         .collect()
@@ -425,15 +425,17 @@ fn a_batch_may_outlast_every_units_timeout_when_each_unit_is_in_time() {
         .map(|seed| format!(r#"{{"samples":40000000,"seed":{seed}}}"#).into_bytes())
         .collect();
     let requests = inputs.iter().map(|i| request(i, timeout)).collect();
+    // The in-process sandbox's answers (the native kernel is slow in an unoptimised test
+    // build; the sandbox's equality with it is checked elsewhere).
+    let expected = in_process(example_artifacts::PI_BYTES, &inputs);
     let mut reports = Vec::new();
     let started = Instant::now();
     host.run_batch(&pi, requests, |i, report| reports.push((i, report)));
     let took = started.elapsed();
     assert_eq!(reports.len(), inputs.len());
     for (i, report) in reports {
-        let input: example_pi::Input = serde_json::from_slice(&inputs[i]).unwrap();
-        let expected = serde_json::to_vec(&example_pi::compute(&input)).unwrap();
-        assert_eq!(report.result, Ok(expected), "unit {i}");
+        assert!(expected[i].is_ok(), "unit {i}: {:?}", expected[i]);
+        assert_eq!(report.result, expected[i], "unit {i}");
         assert!(report.elapsed < timeout, "unit {i}");
     }
     assert_eq!(host.pid(), Some(pid), "nobody was killed");
