@@ -115,7 +115,8 @@ pub fn run(args: SubmitArgs) -> Result<ExitCode, Failure> {
         // The queue holds every execution the job keeps in flight, so handing out a burst of
         // leases never meets a full queue before the unit threads pick them up.
         let threads = cpus as usize;
-        let in_flight = cpus.saturating_mul(2);
+        // Several per core, so the unit threads can hand short units to their hosts in batches.
+        let in_flight = cpus.saturating_mul(16);
         let executor = Executor::unit_hosts(&command, threads, in_flight as usize)
             .map_err(|e| internal(anyhow!(e)))?;
         let job = LocalJob::new(

@@ -71,6 +71,11 @@ const QUEUE_TARGET: Duration = Duration::from_millis(50);
 const MAX_PREFETCH_PER_SLOT: u32 = 256;
 /// Leases queued per slot before any unit's running time is known.
 const FIRST_PREFETCH_PER_SLOT: u32 = 2;
+/// Units shorter than this are started several per slot at once, so the executor can hand
+/// them to a unit host in batches (one round trip to the host per batch instead of per unit).
+const SHORT_UNIT: Duration = Duration::from_millis(1);
+/// How many units per slot are started at once when units are short.
+const SHORT_UNITS_PER_SLOT: u32 = 16;
 
 /// How this peer runs units.
 #[derive(Debug, Clone)]
@@ -151,7 +156,8 @@ enum Exec {
 
 impl Exec {
     fn start(config: &WorkConfig) -> Result<Self, SandboxError> {
-        let depth = config.slots as usize + 2;
+        // Room for the short units started several per slot.
+        let depth = (config.slots * SHORT_UNITS_PER_SLOT) as usize + 2;
         Ok(match &config.runner {
             WorkRunner::UnitHosts(command) => {
                 Exec::Hosts(Executor::unit_hosts(command, config.slots as usize, depth)?)
@@ -241,6 +247,8 @@ struct Ready {
 
 struct Work {
     tamper: bool,
+    /// Units the intake starts at once: the slots, or more when units are short.
+    at_once: u32,
     completed: u64,
     slots: u32,
     max_prefetch: u32,
@@ -280,6 +288,7 @@ pub(super) fn spawn(
     });
     let work = Work {
         tamper: config.tamper,
+        at_once: config.slots,
         completed: 0,
         slots: config.slots,
         max_prefetch: config.prefetch.max(1),
@@ -742,6 +751,15 @@ impl Work {
                 .clamp(1, u128::from(MAX_PREFETCH_PER_SLOT)) as u32;
             self.intake
                 .set_prefetch((per_slot * self.slots).min(self.max_prefetch));
+            let at_once = if avg < SHORT_UNIT {
+                self.slots * SHORT_UNITS_PER_SLOT
+            } else {
+                self.slots
+            };
+            if at_once != self.at_once {
+                self.at_once = at_once;
+                self.intake.handle(IntakeEvent::SlotsChanged(at_once), now);
+            }
         }
         if self.tamper
             && let Ok(bytes) = &mut result
