@@ -734,13 +734,8 @@ async fn read_loop(
                 tracing::debug!("peer finished its stream");
                 break;
             }
-            Err(WireError::Io(err)) => {
-                tracing::debug!(%err, "connection lost");
-                break;
-            }
             Err(err) => {
-                tracing::warn!(err = %error_chain(&err), "malformed input from peer; closing");
-                conn.close(VarInt::from_u32(close::PROTOCOL), b"malformed frame");
+                end_of_reading(err, &conn);
                 break;
             }
         }
@@ -751,6 +746,19 @@ async fn read_loop(
             peer,
         })
         .await;
+}
+
+/// Ends a link's reader after a read error: a lost connection is only logged; anything else is
+/// a protocol violation, and the whole connection is closed with a code the remote can log — a
+/// peer that sends garbage once is not worth resynchronising with.
+fn end_of_reading(err: WireError, conn: &quinn::Connection) {
+    match err {
+        WireError::Io(err) => tracing::debug!(%err, "connection lost"),
+        err => {
+            tracing::warn!(err = %error_chain(&err), "malformed input from peer; closing");
+            conn.close(VarInt::from_u32(close::PROTOCOL), b"malformed frame");
+        }
+    }
 }
 
 /// An error and its sources on one line, for logs.

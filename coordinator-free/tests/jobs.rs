@@ -10,7 +10,6 @@ use coordinator_free::digest::Digest;
 use coordinator_free::identity::Identity;
 use coordinator_free::job::JobManifest;
 use coordinator_free::job::driver::{JobData, JobSummary, run_job};
-use coordinator_free::job::local::job_id;
 use coordinator_free::node::{
     Bootstrap, NetWorkers, Node, NodeConfig, WorkConfig, WorkRunner, net_schedule_config,
 };
@@ -91,12 +90,7 @@ async fn submit(
     let units = manifest.units(&dir.join("job.toml")).expect("units");
     let module: Arc<[u8]> = std::fs::read(&manifest.module).expect("read").into();
     let module_digest = Digest::of(&module);
-    let job = JobData {
-        id: job_id(&module_digest, &manifest, &units),
-        module: module_digest,
-        units,
-        limits: manifest.limits.to_limits(),
-    };
+    let job = JobData::new(&manifest, units, module_digest);
     let dialer = node.job_dialer();
     let runtime = tokio::runtime::Handle::current();
     let out = dir.join("out");

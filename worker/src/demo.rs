@@ -14,7 +14,6 @@ use coordinator_free::digest::Digest;
 use coordinator_free::identity::Identity;
 use coordinator_free::job::JobManifest;
 use coordinator_free::job::driver::{JobData, run_job};
-use coordinator_free::job::local::job_id;
 use coordinator_free::node::{
     Bootstrap, NetWorkers, Node, NodeConfig, WorkConfig, WorkRunner, net_schedule_config,
 };
@@ -73,12 +72,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, Failure> {
         .map_err(|e| host(e.into()))?;
     let module: Arc<[u8]> = Arc::from(example_artifacts::SIR_BYTES);
     let module_digest = Digest::of(&module);
-    let job = JobData {
-        id: job_id(&module_digest, &manifest, &units),
-        module: module_digest,
-        units,
-        limits: manifest.limits.to_limits(),
-    };
+    let job = JobData::new(&manifest, units, module_digest);
     let store = JobStore::open(&scratch.join("submit.redb")).map_err(|e| host(e.into()))?;
     let command = crate::unit_host_command(&scratch.join("cache")).map_err(host)?;
 

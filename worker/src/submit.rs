@@ -21,7 +21,7 @@ use clap::Args;
 use coordinator_free::digest::Digest;
 use coordinator_free::identity::Identity;
 use coordinator_free::job::driver::{JobData, JobProgress, JobSummary, run_job};
-use coordinator_free::job::local::{LocalJob, default_out_dir, job_id};
+use coordinator_free::job::local::{LocalJob, default_out_dir};
 use coordinator_free::job::{JobManifest, UnitInput};
 use coordinator_free::node::{
     Bootstrap, NetWorkers, Node, NodeConfig, WorkConfig, WorkRunner, net_schedule_config,
@@ -259,12 +259,7 @@ fn run_on_network(
             "no peer answered yet; the job waits for peers (Ctrl-C stops it, and the same command resumes it)"
         );
     }
-    let job = JobData {
-        id: job_id(&module_digest, manifest, &units),
-        module: module_digest,
-        units,
-        limits: manifest.limits.to_limits(),
-    };
+    let job = JobData::new(manifest, units, module_digest);
     eprintln!(
         "job {} ({}) from peer {}, joining through {}",
         manifest.name,

@@ -170,6 +170,36 @@ pub struct JobData {
     pub limits: Limits,
 }
 
+impl JobData {
+    /// The job of `manifest` over `units`, whose module has digest `module`; its id is
+    /// [`job_id`](crate::job::local::job_id).
+    pub fn new(manifest: &JobManifest, units: Vec<UnitInput>, module: Digest) -> Self {
+        Self {
+            id: crate::job::local::job_id(&module, manifest, &units),
+            module,
+            units,
+            limits: manifest.limits.to_limits(),
+        }
+    }
+}
+
+/// Carries out the scheduler's queued commands: offers go to `workers`, everything else to
+/// `other`. What [`Workers::refill`] implementations call after handing out capacity.
+pub fn route_commands<W: Workers>(
+    workers: &mut W,
+    scheduler: &mut Scheduler,
+    job: &JobData,
+    other: &mut dyn FnMut(Command),
+) -> Result<(), JobError> {
+    while let Some(command) = scheduler.poll_command() {
+        match command {
+            Command::Offer { to, leases, .. } => workers.offer(to, leases, job)?,
+            command => other(command),
+        }
+    }
+    Ok(())
+}
+
 /// What workers report to the job loop.
 #[derive(Debug)]
 pub enum WorkerEvent {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::digest::Digest;
 use crate::job::driver::{
-    JobData, JobError, JobProgress, JobSummary, WorkerEvent, Workers, run_job,
+    JobData, JobError, JobProgress, JobSummary, WorkerEvent, Workers, route_commands, run_job,
 };
 use crate::job::manifest::{JobManifest, UnitInput};
 use crate::peer_id::PeerId;
@@ -124,12 +124,7 @@ where
             turns += 1;
             scheduler.handle(Event::Available { peer, slots: free }, now);
             scheduler.handle(Event::Available { peer, slots: 0 }, now);
-            while let Some(command) = scheduler.poll_command() {
-                match command {
-                    Command::Offer { to, leases, .. } => self.offer(to, leases, job)?,
-                    other_command => other(other_command),
-                }
-            }
+            route_commands(self, scheduler, job, other)?;
         }
         Ok(())
     }
@@ -237,15 +232,9 @@ where
         store: &'a JobStore,
         out_dir: PathBuf,
     ) -> Self {
-        let id = job_id(&module_digest, manifest, &units);
         Self {
             manifest,
-            job: JobData {
-                id,
-                module: module_digest,
-                units,
-                limits: manifest.limits.to_limits(),
-            },
+            job: JobData::new(manifest, units, module_digest),
             module,
             executor,
             capacity: capacity.max(1),

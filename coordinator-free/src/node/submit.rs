@@ -21,17 +21,17 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use super::{NodeError, Request, error_chain, work::send_blob, write_loop};
+use super::{NodeError, Request, end_of_reading, error_chain, work::send_blob, write_loop};
 use crate::control::{ControlRequest, StatusReport};
 use crate::digest::Digest;
 use crate::identity::{AllowList, Identity};
-use crate::job::driver::{JobData, JobError, WorkerEvent, Workers};
+use crate::job::driver::{JobData, JobError, WorkerEvent, Workers, route_commands};
 use crate::job::proto::{InputRef, JobFrame, JobSpec, MAX_INLINE_INPUT, Offer, WireLease};
 use crate::net::{self, LinkKind, NetConfig, close};
 use crate::peer_id::PeerId;
 use crate::sandbox::PROFILE_VERSION;
 use crate::schedule::{Command, Lease, LeaseId, Scheduler};
-use crate::wire::{self, WireError};
+use crate::wire;
 
 /// Events queued from all job links together.
 const EVENT_QUEUE: usize = 4096;
@@ -433,13 +433,8 @@ async fn read_reports(
                 break;
             }
             Ok(None) => break,
-            Err(WireError::Io(err)) => {
-                tracing::debug!(%err, "job link lost");
-                break;
-            }
             Err(err) => {
-                tracing::warn!(err = %error_chain(&err), "malformed frame from a worker; closing");
-                quic.close(VarInt::from_u32(close::PROTOCOL), b"malformed frame");
+                end_of_reading(err, &quic);
                 break;
             }
         };
@@ -460,13 +455,7 @@ impl Workers for NetWorkers {
         if now >= self.next_scan {
             self.scan(now)?;
         }
-        while let Some(command) = scheduler.poll_command() {
-            match command {
-                Command::Offer { to, leases, .. } => self.offer(to, leases, job)?,
-                c => other(c),
-            }
-        }
-        Ok(())
+        route_commands(self, scheduler, job, other)
     }
 
     fn offer(&mut self, to: PeerId, leases: Vec<Lease>, job: &JobData) -> Result<(), JobError> {

@@ -20,7 +20,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::error_chain;
 use crate::digest::Digest;
 use crate::job::proto::{InputRef, JobFrame, JobSpec, MAX_CHUNK, WireLease, WireResult};
 use crate::net::{PeerLink, close};
@@ -31,7 +30,7 @@ use crate::sandbox::{
 };
 use crate::schedule::{Intake, IntakeCommand, IntakeConfig, IntakeEvent, Lease, LeaseId};
 use crate::validate::Outcome;
-use crate::wire::{self, WireError};
+use crate::wire;
 
 /// Inputs queued for the work task from all job links and unit threads together.
 const INPUT_QUEUE: usize = 1024;
@@ -409,13 +408,8 @@ impl Work {
                             }
                         }
                         Ok(None) => break,
-                        Err(WireError::Io(err)) => {
-                            tracing::debug!(%err, "job link lost");
-                            break;
-                        }
                         Err(err) => {
-                            tracing::warn!(err = %error_chain(&err), "malformed job frame; closing");
-                            quic.close(VarInt::from_u32(close::PROTOCOL), b"malformed frame");
+                            super::end_of_reading(err, &quic);
                             break;
                         }
                     }
