@@ -477,3 +477,80 @@ mod hostile {
         assert_eq!(outputs, expected);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_offering_too_little_memory_is_not_given_units() {
+    let a = start(None, false).await;
+    let b = start(Some(&a), false).await;
+    // A volunteer offering 64 MiB: the job's units may use 256 MiB each.
+    let mut config = worker_config(Some(&a), false);
+    config.capacity.memory_mb = 64;
+    if let Some(work) = &mut config.work {
+        work.memory_per_slot = 64 << 20;
+    }
+    let small = Node::start(Identity::generate().expect("identity"), config)
+        .await
+        .expect("node starts");
+    converge(&[&a, &b, &small], 3).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = job_files(dir.path(), 20, 2);
+    let store = Arc::new(JobStore::open(&dir.path().join("submit.redb")).expect("store"));
+    let summary = submit(&a, dir.path(), manifest, store).await;
+    assert!(summary.succeeded(), "{summary:?}");
+    assert!(
+        !summary.peers.contains_key(&small.id()),
+        "the small peer ran nothing: {summary:?}"
+    );
+    assert_eq!(summary.peers.len(), 2, "{summary:?}");
+
+    // Offered directly anyway, the small peer declines.
+    use coordinator_free::job::proto::{InputRef, JobFrame, JobSpec, Offer, WireLease};
+    use coordinator_free::net::{self, LinkKind, NetConfig};
+    use coordinator_free::sandbox::Limits;
+    use coordinator_free::schedule::LeaseId;
+    use coordinator_free::wire;
+    let identity = Identity::generate().expect("identity");
+    let endpoint = net::endpoint(
+        &identity,
+        None,
+        "127.0.0.1:0".parse().expect("addr"),
+        &NetConfig::default(),
+    )
+    .expect("endpoint");
+    let mut link = net::dial_for(
+        &endpoint,
+        &identity,
+        None,
+        small.local_addr(),
+        Some(small.id()),
+        &NetConfig::default(),
+        LinkKind::Job,
+    )
+    .await
+    .expect("job link");
+    let module = reverse_module();
+    let offer = JobFrame::Offer(Offer {
+        job: Digest::of(b"big"),
+        spec: JobSpec::new(Digest::of(&module), module.len() as u64, &Limits::default()),
+        leases: vec![WireLease {
+            id: LeaseId(1),
+            unit: 0,
+            attempt: 1,
+            ttl_ms: 10_000,
+            input: InputRef::Inline(b"x".to_vec()),
+        }],
+    });
+    wire::write(&mut link.send, &offer).await.expect("send");
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        wire::read::<JobFrame, _>(&mut link.recv),
+    )
+    .await
+    .expect("an answer")
+    .expect("a frame");
+    assert!(
+        matches!(answer, Some(JobFrame::Decline { ref leases, .. }) if leases == &[LeaseId(1)]),
+        "{answer:?}"
+    );
+}

@@ -79,10 +79,14 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     }
 
     let command = crate::unit_host_command(&dir).map_err(internal)?;
-    config.work = Some(WorkConfig::new(
+    let mut work = WorkConfig::new(
         WorkRunner::UnitHosts(command),
         u32::from(config.capacity.cores_donated),
-    ));
+    );
+    // The memory offered is shared by the donated cores; a unit may use one core's share.
+    work.memory_per_slot = (u64::from(config.capacity.memory_mb) << 20)
+        / u64::from(config.capacity.cores_donated.max(1));
+    config.work = Some(work);
 
     // Two threads carry a peer's networking comfortably; unit threads are separate.
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -227,8 +227,14 @@ impl NetWorkers {
             .runtime
             .block_on(async move { dialer.status().await })
             .map_err(|_| JobError::NodeStopped)?;
+        // A unit needs its memory cap on one core of the peer: peers offering less per core
+        // would decline the job anyway.
+        let per_unit = self.spec.memory_bytes;
+        let fits = |memory_mb: u32, cores: u16| {
+            u64::from(memory_mb) << 20 >= per_unit.saturating_mul(u64::from(cores.max(1)))
+        };
         let mut candidates = Vec::new();
-        if status.cores_donated > 0 {
+        if status.cores_donated > 0 && fits(status.memory_mb, status.cores_donated) {
             candidates.push((
                 self.dialer.me,
                 self.dialer.self_addr(),
@@ -236,7 +242,10 @@ impl NetWorkers {
             ));
         }
         for p in &status.peers {
-            if p.cores_donated == 0 || p.profile != PROFILE_VERSION {
+            if p.cores_donated == 0
+                || p.profile != PROFILE_VERSION
+                || !fits(p.memory_mb, p.cores_donated)
+            {
                 continue;
             }
             if let Some(addr) = p.addrs.first() {

@@ -70,6 +70,8 @@ const QUEUE_TARGET: Duration = Duration::from_millis(50);
 const MAX_PREFETCH_PER_SLOT: u32 = 256;
 /// Leases queued per slot before any unit's running time is known.
 const FIRST_PREFETCH_PER_SLOT: u32 = 2;
+/// Memory per slot when the peer does not say: what `worker run` offers per donated core.
+pub const DEFAULT_MEMORY_PER_SLOT: u64 = 512 << 20;
 /// Units shorter than this are started several per slot at once, so the executor can hand
 /// them to a unit host in batches (one round trip to the host per batch instead of per unit).
 const SHORT_UNIT: Duration = Duration::from_millis(1);
@@ -95,6 +97,10 @@ pub struct WorkConfig {
     /// from the units' running time up to this cap, so tiny units are not starved by round
     /// trips.
     pub prefetch: u32,
+    /// Most linear memory one unit may have here, in bytes: the memory the peer offers divided
+    /// by its slots. Jobs that ask for more are declined, so a submitter cannot make the
+    /// volunteer's machine swap.
+    pub memory_per_slot: u64,
     /// Test hook: every output this peer reports is altered, as a lying peer would.
     #[doc(hidden)]
     pub tamper: bool,
@@ -108,6 +114,7 @@ impl WorkConfig {
             runner,
             slots,
             prefetch: MAX_PREFETCH_PER_SLOT * slots,
+            memory_per_slot: DEFAULT_MEMORY_PER_SLOT,
             tamper: false,
         }
     }
@@ -246,6 +253,7 @@ struct Ready {
 
 struct Work {
     tamper: bool,
+    memory_per_slot: u64,
     /// Units the intake starts at once: the slots, or more when units are short.
     at_once: u32,
     completed: u64,
@@ -287,6 +295,7 @@ pub(super) fn spawn(
     });
     let work = Work {
         tamper: config.tamper,
+        memory_per_slot: config.memory_per_slot,
         at_once: config.slots,
         completed: 0,
         slots: config.slots,
@@ -480,6 +489,16 @@ impl Work {
         let key = (from, job);
         if spec.profile != PROFILE {
             tracing::info!(peer = %from, profile = %spec.profile, "job for another engine profile declined");
+            self.decline(from, job, leases.iter().map(|l| l.id).collect());
+            return;
+        }
+        if spec.memory_bytes > self.memory_per_slot {
+            tracing::info!(
+                peer = %from,
+                asked_mb = spec.memory_bytes >> 20,
+                offered_mb = self.memory_per_slot >> 20,
+                "job asks for more memory per unit than this peer offers; declined"
+            );
             self.decline(from, job, leases.iter().map(|l| l.id).collect());
             return;
         }
