@@ -79,6 +79,9 @@ pub struct PeerStatus {
     pub seq: u64,
     /// Whether this peer holds a connection to it right now (gossip reaches the rest).
     pub connected: bool,
+    /// The job it is submitting now, if any.
+    #[serde(default)]
+    pub job: Option<crate::digest::Digest>,
 }
 
 /// Why the control endpoint could not be served or asked.

@@ -37,6 +37,9 @@ pub const ALPN: &[u8] = b"cf/1";
 /// ALPN protocol id of job links: connections that carry one job's leases, results and blobs,
 /// apart from the membership connection.
 pub const JOB_ALPN: &[u8] = b"cf-job/1";
+/// ALPN protocol id of a job link a worker opens to a submitter to ask for work (the reverse
+/// of [`JOB_ALPN`], for workers the submitter cannot dial).
+pub const PULL_ALPN: &[u8] = b"cf-pull/1";
 /// The name every dial presents as SNI. Identity comes from the certificate key, never from a
 /// name, so this is a constant.
 pub const SERVER_NAME: &str = "coordinator-free";
@@ -235,7 +238,7 @@ impl Identity {
             .with_client_cert_verifier(verifier)
             .with_single_cert(vec![self.cert.clone()], self.private_key())
             .map_err(IdentityError::Tls)?;
-        config.alpn_protocols = vec![ALPN.to_vec(), JOB_ALPN.to_vec()];
+        config.alpn_protocols = vec![ALPN.to_vec(), JOB_ALPN.to_vec(), PULL_ALPN.to_vec()];
         Ok(config)
     }
 

@@ -13,7 +13,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, RecvStream, SendStream, TransportConfig, VarInt};
 
 use crate::identity::{
-    ALPN, AllowList, Identity, IdentityError, JOB_ALPN, SERVER_NAME, connection_peer_id,
+    ALPN, AllowList, Identity, IdentityError, JOB_ALPN, PULL_ALPN, SERVER_NAME, connection_peer_id,
 };
 use crate::membership::MAX_MESSAGE_BYTES;
 use crate::peer_id::PeerId;
@@ -109,8 +109,10 @@ impl NetError {
 pub enum LinkKind {
     /// Membership gossip, managed by the membership state machine.
     Membership,
-    /// One submitter's job traffic with one worker.
+    /// One submitter's job traffic with one worker, dialed by the submitter.
     Job,
+    /// The same, dialed by the worker: a worker asking a submitter for work.
+    Pull,
 }
 
 impl LinkKind {
@@ -118,6 +120,7 @@ impl LinkKind {
         match self {
             LinkKind::Membership => ALPN,
             LinkKind::Job => JOB_ALPN,
+            LinkKind::Pull => PULL_ALPN,
         }
     }
 }
@@ -246,6 +249,7 @@ async fn greet(conn: Connection, inbound: bool) -> Result<PeerLink, NetError> {
             .and_then(|h| h.protocol)
         {
             Some(p) if p == JOB_ALPN => LinkKind::Job,
+            Some(p) if p == PULL_ALPN => LinkKind::Pull,
             _ => LinkKind::Membership,
         };
         let mut send = conn.open_uni().await?;

@@ -106,6 +106,9 @@ pub struct NodeConfig {
     pub net: NetConfig,
     /// Run other peers' units here; `None` for a peer that only submits or only gossips.
     pub work: Option<WorkConfig>,
+    /// The addresses to advertise instead of the ones found from `listen`; an empty list says
+    /// this peer cannot be dialed (it then reaches others, and submitters, by dialing out).
+    pub advertise: Option<Vec<SocketAddr>>,
 }
 
 impl NodeConfig {
@@ -128,6 +131,7 @@ impl NodeConfig {
             membership: membership::Config::default(),
             net: NetConfig::default(),
             work: None,
+            advertise: None,
         }
     }
 }
@@ -161,6 +165,8 @@ pub struct Node {
 #[derive(Debug)]
 enum Request {
     Control(ControlRequest),
+    /// Advertise the job this peer submits now (`None`: none).
+    Announce(Option<crate::digest::Digest>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -186,7 +192,10 @@ impl Node {
             }
         };
         let local_addr = endpoint.local_addr().map_err(NodeError::LocalAddr)?;
-        let addrs = advertised_addrs(local_addr);
+        let addrs = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| advertised_addrs(local_addr));
 
         let now = Instant::now();
         let mut membership = Membership::new(
@@ -214,10 +223,6 @@ impl Node {
         let (inputs_tx, inputs_rx) = mpsc::channel(INPUT_QUEUE);
         let (requests_tx, requests_rx) = mpsc::channel(16);
         let mut tasks = JoinSet::new();
-        let work = match config.work {
-            Some(work) => Some(work::spawn(work, &mut tasks)?),
-            None => None,
-        };
         tasks.spawn(
             accept_loop(endpoint.clone(), config.net.clone(), inputs_tx.clone())
                 .instrument(tracing::debug_span!("accept")),
@@ -251,7 +256,9 @@ impl Node {
             None
         };
 
+        let pulls = submit::PullInbox::default();
         let dialer = JobDialer {
+            pulls: pulls.clone(),
             me: id,
             endpoint: endpoint.clone(),
             identity: Arc::clone(&identity),
@@ -260,7 +267,12 @@ impl Node {
             requests: requests_tx.clone(),
             local_addr,
         };
+        let work = match config.work {
+            Some(work) => Some(work::spawn(work, dialer.clone(), &mut tasks)?),
+            None => None,
+        };
         let actor = Actor {
+            dialer_pulls: pulls,
             work,
             me: id,
             membership,
@@ -365,6 +377,8 @@ struct Conn {
 }
 
 struct Actor {
+    /// Where pull links go: the job loop running on this peer, if any.
+    dialer_pulls: submit::PullInbox,
     /// The work task, when this peer runs other peers' units.
     work: Option<mpsc::Sender<work::WorkInput>>,
     me: PeerId,
@@ -420,6 +434,9 @@ impl Actor {
                             }
                         }
                     }
+                    Some(Request::Announce(job)) => {
+                        self.membership.handle(Event::JobChanged(job), Instant::now());
+                    }
                     Some(Request::Shutdown(done)) => {
                         self.shutdown().await;
                         let _ = done.send(());
@@ -472,6 +489,11 @@ impl Actor {
     /// each other at once, both keep the connection dialed by the smaller id, so they agree
     /// without a round trip.
     fn on_established(&mut self, link: PeerLink, now: Instant) {
+        if link.kind == LinkKind::Pull {
+            // A worker asking for work: the job loop running here, if any, adopts the link.
+            self.dialer_pulls.offer(link);
+            return;
+        }
         if link.kind == LinkKind::Job {
             // Job links bypass membership: they belong to the work task.
             match (&self.work, link.inbound) {
@@ -624,6 +646,7 @@ impl Actor {
                     profile: a.profile,
                     seq: a.seq,
                     connected: self.conns.contains_key(&a.peer),
+                    job: a.job,
                 })
                 .collect(),
         }

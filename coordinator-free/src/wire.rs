@@ -255,6 +255,7 @@ mod tests {
                                 memory_mb: mem,
                                 profile,
                                 seq,
+                                job: None,
                             },
                             signature,
                         },

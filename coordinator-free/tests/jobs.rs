@@ -554,3 +554,45 @@ async fn a_peer_offering_too_little_memory_is_not_given_units() {
         "{answer:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_be_dialed_pulls_work_from_the_submitter() {
+    let a = start(None, false).await;
+    // Advertises no address, as a peer behind NAT would: the submitter cannot dial it.
+    let mut config = worker_config(Some(&a), false);
+    config.advertise = Some(Vec::new());
+    let hidden = Node::start(Identity::generate().expect("identity"), config)
+        .await
+        .expect("node starts");
+    converge(&[&a, &hidden], 2).await;
+    let seen = a.status().await.expect("status");
+    assert!(
+        seen.peers.iter().all(|p| p.addrs.is_empty()),
+        "the submitter has no address for it"
+    );
+
+    // Replicas on two distinct peers need the hidden one: the job only ends if it pulls.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = job_files(dir.path(), 20, 2);
+    let store = Arc::new(JobStore::open(&dir.path().join("submit.redb")).expect("store"));
+    let summary = submit(&a, dir.path(), manifest, store).await;
+    assert!(summary.succeeded(), "{summary:?}");
+    assert!(
+        summary.peers.contains_key(&hidden.id()),
+        "the hidden worker took part: {summary:?}"
+    );
+    check_reversed(&results(dir.path()), 20, 2);
+    // The advert named the job while it ran and names none after.
+    let start = Instant::now();
+    loop {
+        let status = hidden.status().await.expect("status");
+        if status.peers.iter().all(|p| p.job.is_none()) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the job advert is withdrawn"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

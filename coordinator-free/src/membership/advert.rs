@@ -33,6 +33,9 @@ pub struct Advert {
     /// Engine profile version the peer runs units under.
     pub profile: u32,
     pub seq: u64,
+    /// The job this peer is submitting now, if any: workers that it has not reached (they may
+    /// not be dialable) open a job link to it and ask for work.
+    pub job: Option<crate::digest::Digest>,
 }
 
 /// The capacity part of an advert, which the local node updates as units start and finish.
@@ -208,6 +211,7 @@ mod tests {
             memory_mb: 4096,
             profile: 1,
             seq: 17,
+            job: None,
         }
     }
 
@@ -271,6 +275,7 @@ mod tests {
         a.memory_mb = u32::MAX;
         a.profile = u32::MAX;
         a.seq = u64::MAX;
+        a.job = Some(crate::digest::Digest([0xff; 32]));
         let mut buf = [0u8; MAX_ADVERT_BYTES];
         let len = a.signing_bytes(&mut buf).unwrap().len();
         assert!(len < MAX_ADVERT_BYTES / 2, "{len}");

@@ -179,6 +179,7 @@ mod tests {
                     memory_mb: MAX_MEMORY_MB,
                     profile: u32::MAX,
                     seq: u64::MAX,
+                    job: Some(crate::digest::Digest([0xff; 32])),
                 },
                 signature: vec![0xff; MAX_SIGNATURE_LEN],
             },

@@ -159,6 +159,8 @@ pub enum Event {
     CapacityChanged(Capacity),
     /// The local listen addresses changed.
     AddrsChanged(Vec<SocketAddr>),
+    /// The job this peer submits now changed (`None`: it submits none).
+    JobChanged(Option<crate::digest::Digest>),
 }
 
 /// What the state machine asks of the driver, plus notifications for the node and UI.
@@ -282,6 +284,7 @@ impl<A: AdvertAuth> Membership<A> {
             memory_mb: local.capacity.memory_mb,
             profile: local.capacity.profile,
             seq: local.initial_seq,
+            job: None,
         });
         let signed = SignedAdvert::sign(advert.clone(), &auth).unwrap_or_else(|err| {
             tracing::warn!(%err, "local advert failed to sign; peers will reject it");
@@ -418,6 +421,7 @@ impl<A: AdvertAuth> Membership<A> {
                 a.profile = c.profile;
             }),
             Event::AddrsChanged(addrs) => self.reissue(|a| a.addrs = addrs),
+            Event::JobChanged(job) => self.reissue(|a| a.job = job),
         }
     }
 
@@ -947,6 +951,7 @@ mod tests {
             memory_mb: 512,
             profile: 1,
             seq,
+            job: None,
         };
         SignedAdvert::sign(advert, &FakeAuth { me: id(n) }).unwrap()
     }

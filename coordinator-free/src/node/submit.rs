@@ -27,7 +27,7 @@ use crate::digest::Digest;
 use crate::identity::{AllowList, Identity};
 use crate::job::driver::{JobData, JobError, WorkerEvent, Workers, route_commands};
 use crate::job::proto::{InputRef, JobFrame, JobSpec, MAX_INLINE_INPUT, Offer, WireLease};
-use crate::net::{self, LinkKind, NetConfig, close};
+use crate::net::{self, LinkKind, NetConfig, PeerLink, close};
 use crate::peer_id::PeerId;
 use crate::sandbox::PROFILE_VERSION;
 use crate::schedule::{Command, Lease, LeaseId, Scheduler};
@@ -37,6 +37,8 @@ use crate::wire;
 const EVENT_QUEUE: usize = 4096;
 /// Frames queued for one job link's writer.
 const OUTBOX: usize = 256;
+/// Pull links waiting for the job loop.
+const PULL_QUEUE: usize = 64;
 /// How often the membership table is read for new workers.
 const SCAN_EVERY: Duration = Duration::from_millis(100);
 /// How long a peer that could not be dialed is left alone.
@@ -61,10 +63,36 @@ pub fn net_schedule_config(limits: &crate::sandbox::Limits) -> crate::schedule::
     }
 }
 
+/// Where a node puts the pull links workers open to it: the sender of the job loop running on
+/// it, if any. One job loop at a time takes pull links; a node running several jobs at once
+/// gives them to the latest.
+#[derive(Debug, Clone, Default)]
+pub(super) struct PullInbox(Arc<std::sync::Mutex<Option<mpsc::Sender<PeerLink>>>>);
+
+impl PullInbox {
+    /// Hands `link` to the job loop, or closes it when there is none or it is full.
+    pub(super) fn offer(&self, link: PeerLink) {
+        let slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let refused = match slot.as_ref() {
+            Some(tx) => tx.try_send(link).err().map(|e| e.into_inner()),
+            None => Some(link),
+        };
+        if let Some(link) = refused {
+            link.conn
+                .close(VarInt::from_u32(close::NORMAL), b"no job here");
+        }
+    }
+
+    fn set(&self, tx: Option<mpsc::Sender<PeerLink>>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = tx;
+    }
+}
+
 /// What a submitter needs from its node to reach workers: the endpoint, identity and the
 /// membership table.
 #[derive(Debug, Clone)]
 pub struct JobDialer {
+    pub(super) pulls: PullInbox,
     pub(super) me: PeerId,
     pub(super) endpoint: quinn::Endpoint,
     pub(super) identity: Arc<Identity>,
@@ -80,13 +108,19 @@ impl JobDialer {
         self.me
     }
 
-    async fn status(&self) -> Result<StatusReport, NodeError> {
+    pub(super) async fn status(&self) -> Result<StatusReport, NodeError> {
         let (tx, rx) = oneshot::channel();
         self.requests
             .send(Request::Control(ControlRequest::Status(tx)))
             .await
             .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Advertises `job` as the job this peer submits now, so workers it cannot reach ask it for
+    /// work (`None` withdraws it). Best effort: a full request queue drops it.
+    fn announce(&self, job: Option<Digest>) {
+        let _ = self.requests.try_send(Request::Announce(job));
     }
 
     /// The address to dial this peer itself at.
@@ -159,6 +193,8 @@ pub struct NetWorkers {
     tasks: Vec<JoinHandle<()>>,
     /// Peers ever linked, for the summary.
     seen: HashSet<PeerId>,
+    /// Job links workers opened to us, asking for work.
+    pulls: mpsc::Receiver<PeerLink>,
 }
 
 impl std::fmt::Debug for NetWorkers {
@@ -189,7 +225,11 @@ impl NetWorkers {
         let spec = JobSpec::new(job.module, module.len() as u64, &job.limits);
         map.insert(job.module, module);
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let (pull_tx, pulls) = mpsc::channel(PULL_QUEUE);
+        dialer.pulls.set(Some(pull_tx));
+        dialer.announce(Some(job.id));
         Self {
+            pulls,
             dialer,
             runtime,
             job: job.id,
@@ -278,7 +318,7 @@ impl NetWorkers {
         let span = tracing::debug_span!("job-link", %peer, conn = conn_id);
         let task = self.runtime.spawn(
             async move {
-                let link = match net::dial_for(
+                match net::dial_for(
                     &d.endpoint,
                     &d.identity,
                     d.allow.clone(),
@@ -289,41 +329,40 @@ impl NetWorkers {
                 )
                 .await
                 {
-                    Ok(link) => link,
+                    Ok(link) => serve_link(link, conn_id, cores, job, blobs, events).await,
                     Err(err) => {
                         tracing::debug!(err = %error_chain(&err), "job link dial failed");
                         let _ = events.send(NetEvent::DialFailed { peer }).await;
-                        return;
                     }
-                };
-                let (outbox, rx) = mpsc::channel(OUTBOX);
-                let writer =
-                    tokio::spawn(write_loop(link.conn.clone(), link.send, rx).in_current_span());
-                if events
-                    .send(NetEvent::Linked {
-                        peer,
-                        conn: conn_id,
-                        quic: link.conn.clone(),
-                        outbox: outbox.clone(),
-                        cores,
-                    })
-                    .await
-                    .is_err()
-                {
-                    return;
                 }
-                read_reports(
-                    peer, conn_id, job, link.conn, link.recv, outbox, blobs, &events,
-                )
-                .await;
-                let _ = events
-                    .send(NetEvent::Closed {
-                        peer,
-                        conn: conn_id,
-                    })
-                    .await;
-                let _ = writer.await;
             }
+            .instrument(span),
+        );
+        self.tasks.push(task);
+        self.tasks.retain(|t| !t.is_finished());
+    }
+
+    /// Takes a link a worker opened to ask for work, unless that worker is linked already.
+    fn adopt(&mut self, link: PeerLink) {
+        let peer = link.peer;
+        if self.links.contains_key(&peer) || self.dialing.contains(&peer) {
+            link.conn
+                .close(VarInt::from_u32(close::DUPLICATE), b"already linked");
+            return;
+        }
+        self.dialing.insert(peer);
+        let conn_id = self.next_conn;
+        self.next_conn += 1;
+        let span = tracing::debug_span!("pull-link", %peer, conn = conn_id);
+        let task = self.runtime.spawn(
+            serve_link(
+                link,
+                conn_id,
+                1,
+                self.job,
+                Arc::clone(&self.blobs),
+                self.events_tx.clone(),
+            )
             .instrument(span),
         );
         self.tasks.push(task);
@@ -390,8 +429,49 @@ impl NetWorkers {
     }
 }
 
+/// Runs a job link to a worker: starts its writer, tells the job loop it is up, then reads the
+/// worker's frames until the link ends.
+async fn serve_link(
+    link: PeerLink,
+    conn_id: u64,
+    cores: u32,
+    job: Digest,
+    blobs: Arc<Blobs>,
+    events: mpsc::Sender<NetEvent>,
+) {
+    let peer = link.peer;
+    let (outbox, rx) = mpsc::channel(OUTBOX);
+    let writer = tokio::spawn(write_loop(link.conn.clone(), link.send, rx).in_current_span());
+    if events
+        .send(NetEvent::Linked {
+            peer,
+            conn: conn_id,
+            quic: link.conn.clone(),
+            outbox: outbox.clone(),
+            cores,
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    read_reports(
+        peer, conn_id, job, link.conn, link.recv, outbox, blobs, &events,
+    )
+    .await;
+    let _ = events
+        .send(NetEvent::Closed {
+            peer,
+            conn: conn_id,
+        })
+        .await;
+    let _ = writer.await;
+}
+
 impl Drop for NetWorkers {
     fn drop(&mut self) {
+        self.dialer.pulls.set(None);
+        self.dialer.announce(None);
         for (_, link) in self.links.drain() {
             link.quic
                 .close(VarInt::from_u32(close::NORMAL), b"job over");
@@ -549,6 +629,9 @@ impl Workers for NetWorkers {
         }
         while let Ok(event) = self.events_rx.try_recv() {
             events.push(event);
+        }
+        while let Ok(link) = self.pulls.try_recv() {
+            self.adopt(link);
         }
         for event in events {
             self.on_event(event, &mut out);

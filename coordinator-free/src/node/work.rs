@@ -70,6 +70,15 @@ const QUEUE_TARGET: Duration = Duration::from_millis(50);
 const MAX_PREFETCH_PER_SLOT: u32 = 256;
 /// Leases queued per slot before any unit's running time is known.
 const FIRST_PREFETCH_PER_SLOT: u32 = 2;
+/// How often an idle worker looks for submitters that have not reached it.
+const PULL_EVERY: Duration = Duration::from_secs(1);
+/// How long a submitter advertises its job before an idle worker it has not reached dials it:
+/// a submitter dials the workers it can reach within a fraction of this.
+const PULL_DELAY: Duration = Duration::from_millis(1500);
+/// How long before a worker dials the same submitter again.
+const PULL_RETRY: Duration = Duration::from_secs(10);
+/// Most submitters dialed in one pass.
+const PULLS_PER_PASS: usize = 4;
 /// Memory per slot when the peer does not say: what `worker run` offers per donated core.
 pub const DEFAULT_MEMORY_PER_SLOT: u64 = 512 << 20;
 /// Units shorter than this are started several per slot at once, so the executor can hand
@@ -135,6 +144,8 @@ pub(super) enum WorkInput {
         peer: PeerId,
     },
     Done(Done),
+    /// The membership table, for pulling work from submitters that have not reached us.
+    Peers(Vec<crate::control::PeerStatus>),
     /// Asks what the donated cores are doing.
     Status(tokio::sync::oneshot::Sender<crate::control::WorkStatus>),
 }
@@ -252,6 +263,12 @@ struct Ready {
 }
 
 struct Work {
+    dialer: super::JobDialer,
+    /// When each submitter was first seen advertising a job.
+    pull_seen: HashMap<PeerId, Instant>,
+    /// When each submitter was last dialed for work.
+    pull_tried: HashMap<PeerId, Instant>,
+    next_pull: Instant,
     tamper: bool,
     memory_per_slot: u64,
     /// Units the intake starts at once: the slots, or more when units are short.
@@ -283,6 +300,7 @@ struct Work {
 /// Starts the work task in `tasks`; returns the sender job links are handed to.
 pub(super) fn spawn(
     config: WorkConfig,
+    dialer: super::JobDialer,
     tasks: &mut JoinSet<()>,
 ) -> Result<mpsc::Sender<WorkInput>, SandboxError> {
     let exec = Exec::start(&config)?;
@@ -294,6 +312,10 @@ pub(super) fn spawn(
         ..IntakeConfig::default()
     });
     let work = Work {
+        dialer,
+        pull_seen: HashMap::new(),
+        pull_tried: HashMap::new(),
+        next_pull: Instant::now() + PULL_EVERY,
         tamper: config.tamper,
         memory_per_slot: config.memory_per_slot,
         at_once: config.slots,
@@ -326,7 +348,7 @@ pub(super) fn spawn(
 impl Work {
     async fn run(mut self, mut inputs: mpsc::Receiver<WorkInput>) {
         loop {
-            let mut wake = self.next_sweep;
+            let mut wake = self.next_sweep.min(self.next_pull);
             if let Some(at) = self.intake.poll_timeout() {
                 wake = wake.min(at);
             }
@@ -340,6 +362,9 @@ impl Work {
                     self.intake.handle_timeout(now);
                     if now >= self.next_sweep {
                         self.sweep(now);
+                    }
+                    if now >= self.next_pull {
+                        self.look_for_submitters(now);
                     }
                 }
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
@@ -374,6 +399,7 @@ impl Work {
                 }
             }
             WorkInput::Done(done) => self.on_done(done, now),
+            WorkInput::Peers(peers) => self.pull(peers, now),
             WorkInput::Status(reply) => {
                 let _ = reply.send(crate::control::WorkStatus {
                     slots: self.slots,
@@ -384,6 +410,72 @@ impl Work {
                     jobs: u32::try_from(self.jobs.len()).unwrap_or(u32::MAX),
                 });
             }
+        }
+    }
+
+    /// When slots are idle, reads the membership table (on a task of its own: the node's
+    /// actor may be waiting for this task at the same moment).
+    fn look_for_submitters(&mut self, now: Instant) {
+        self.next_pull = now + PULL_EVERY;
+        let idle = self.intake.running() < self.at_once as usize && self.intake.queued() == 0;
+        if !idle {
+            return;
+        }
+        let dialer = self.dialer.clone();
+        let inputs = self.inputs_tx.clone();
+        self.tasks.spawn(async move {
+            if let Ok(status) = dialer.status().await {
+                let _ = inputs.send(WorkInput::Peers(status.peers)).await;
+            }
+        });
+    }
+
+    /// Dials submitters that have advertised a job for a while without reaching us: we may not
+    /// be dialable (behind NAT), but we can dial them.
+    fn pull(&mut self, peers: Vec<crate::control::PeerStatus>, now: Instant) {
+        self.pull_seen
+            .retain(|p, _| peers.iter().any(|s| s.id == *p && s.job.is_some()));
+        self.pull_tried
+            .retain(|_, at| now.duration_since(*at) < PULL_RETRY);
+        let mut dialed = 0;
+        for p in peers.iter().filter(|p| p.job.is_some()) {
+            let first = *self.pull_seen.entry(p.id).or_insert(now);
+            if self.links.contains_key(&p.id)
+                || self.pull_tried.contains_key(&p.id)
+                || now.duration_since(first) < PULL_DELAY
+                || dialed >= PULLS_PER_PASS
+            {
+                continue;
+            }
+            let Some(addr) = p.addrs.first().copied() else {
+                continue;
+            };
+            self.pull_tried.insert(p.id, now);
+            dialed += 1;
+            let d = self.dialer.clone();
+            let inputs = self.inputs_tx.clone();
+            let peer = p.id;
+            tracing::info!(%peer, %addr, "asking a submitter for work");
+            self.tasks.spawn(async move {
+                match crate::net::dial_for(
+                    &d.endpoint,
+                    &d.identity,
+                    d.allow.clone(),
+                    addr,
+                    Some(peer),
+                    &d.net,
+                    crate::net::LinkKind::Pull,
+                )
+                .await
+                {
+                    Ok(link) => {
+                        let _ = inputs.send(WorkInput::Link(link)).await;
+                    }
+                    Err(err) => {
+                        tracing::debug!(%peer, err = %super::error_chain(&err), "pull dial failed");
+                    }
+                }
+            });
         }
     }
 
