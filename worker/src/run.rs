@@ -38,6 +38,14 @@ pub struct RunArgs {
     /// Do not announce or look for peers on the local network.
     #[arg(long)]
     no_mdns: bool,
+    /// Advertise this address instead of those found from --listen (a forwarded port, say).
+    /// Repeatable.
+    #[arg(long, value_name = "IP:PORT", conflicts_with = "dial_out_only")]
+    advertise: Vec<SocketAddr>,
+    /// Advertise no address: this peer cannot be dialed (behind NAT). It joins by dialing out,
+    /// and asks submitters for work on links it opens itself.
+    #[arg(long)]
+    dial_out_only: bool,
     /// Lab mode: a file of peer ids (one per line); only they may connect.
     #[arg(long, value_name = "FILE")]
     allow: Option<PathBuf>,
@@ -59,6 +67,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     config.mdns = !args.no_mdns;
     config.allow = allow;
     config.control_socket = Some(dir.join(SOCKET_FILE));
+    if args.dial_out_only {
+        config.advertise = Some(Vec::new());
+    } else if !args.advertise.is_empty() {
+        config.advertise = Some(args.advertise);
+    }
     if let Some(cpus) = args.cpus {
         if cpus == 0 || cpus > MAX_CORES {
             return Err(Failure::usage(anyhow!(
