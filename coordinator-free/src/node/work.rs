@@ -49,9 +49,9 @@ const MAX_HELD_LEASES: usize = 8192;
 /// answers cannot hold a fetch slot forever.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most blobs fetched at once.
-const MAX_FETCHES: usize = 8;
+const MAX_FETCHES: usize = 4;
 /// Input blob bytes kept after use.
-const BLOB_CACHE_BYTES: usize = 256 << 20;
+const BLOB_CACHE_BYTES: usize = 128 << 20;
 /// Modules kept ready.
 const MODULE_CACHE: usize = 16;
 /// How long a finished execution's answer waits for its report before it is dropped.
