@@ -40,6 +40,8 @@ pub const JOB_ALPN: &[u8] = b"cf-job/1";
 /// ALPN protocol id of a job link a worker opens to a submitter to ask for work (the reverse
 /// of [`JOB_ALPN`], for workers the submitter cannot dial).
 pub const PULL_ALPN: &[u8] = b"cf-pull/1";
+/// ALPN protocol id of a blob link: a worker fetching a blob from another worker that holds it.
+pub const BLOB_ALPN: &[u8] = b"cf-blob/1";
 /// The name every dial presents as SNI. Identity comes from the certificate key, never from a
 /// name, so this is a constant.
 pub const SERVER_NAME: &str = "coordinator-free";
@@ -238,7 +240,10 @@ impl Identity {
             .with_client_cert_verifier(verifier)
             .with_single_cert(vec![self.cert.clone()], self.private_key())
             .map_err(IdentityError::Tls)?;
-        config.alpn_protocols = vec![ALPN.to_vec(), JOB_ALPN.to_vec(), PULL_ALPN.to_vec()];
+        config.alpn_protocols = [ALPN, JOB_ALPN, PULL_ALPN, BLOB_ALPN]
+            .iter()
+            .map(|p| p.to_vec())
+            .collect();
         Ok(config)
     }
 

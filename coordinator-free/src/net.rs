@@ -13,7 +13,8 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, RecvStream, SendStream, TransportConfig, VarInt};
 
 use crate::identity::{
-    ALPN, AllowList, Identity, IdentityError, JOB_ALPN, PULL_ALPN, SERVER_NAME, connection_peer_id,
+    ALPN, AllowList, BLOB_ALPN, Identity, IdentityError, JOB_ALPN, PULL_ALPN, SERVER_NAME,
+    connection_peer_id,
 };
 use crate::membership::MAX_MESSAGE_BYTES;
 use crate::peer_id::PeerId;
@@ -113,6 +114,8 @@ pub enum LinkKind {
     Job,
     /// The same, dialed by the worker: a worker asking a submitter for work.
     Pull,
+    /// A worker fetching a blob from another worker that holds it.
+    Blob,
 }
 
 impl LinkKind {
@@ -121,6 +124,7 @@ impl LinkKind {
             LinkKind::Membership => ALPN,
             LinkKind::Job => JOB_ALPN,
             LinkKind::Pull => PULL_ALPN,
+            LinkKind::Blob => BLOB_ALPN,
         }
     }
 }
@@ -250,6 +254,7 @@ async fn greet(conn: Connection, inbound: bool) -> Result<PeerLink, NetError> {
         {
             Some(p) if p == JOB_ALPN => LinkKind::Job,
             Some(p) if p == PULL_ALPN => LinkKind::Pull,
+            Some(p) if p == BLOB_ALPN => LinkKind::Blob,
             _ => LinkKind::Membership,
         };
         let mut send = conn.open_uni().await?;

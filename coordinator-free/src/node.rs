@@ -494,6 +494,21 @@ impl Actor {
             self.dialer_pulls.offer(link);
             return;
         }
+        if link.kind == LinkKind::Blob {
+            match &self.work {
+                Some(work) => {
+                    if let Err(err) = work.try_send(work::WorkInput::BlobLink(link))
+                        && let work::WorkInput::BlobLink(link) = err.into_inner()
+                    {
+                        link.conn.close(VarInt::from_u32(close::NORMAL), b"busy");
+                    }
+                }
+                None => link
+                    .conn
+                    .close(VarInt::from_u32(close::NORMAL), b"not a worker"),
+            }
+            return;
+        }
         if link.kind == LinkKind::Job {
             // Job links bypass membership: they belong to the work task.
             match (&self.work, link.inbound) {

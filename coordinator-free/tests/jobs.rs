@@ -387,6 +387,128 @@ mod hostile {
         outputs
     }
 
+    /// A job link from a hand-made submitter with its own identity and endpoint.
+    struct Submitter {
+        link: PeerLink,
+    }
+
+    async fn offer_blob_input(link: &mut PeerLink, module: &[u8], input: &[u8], lease: u64) {
+        let frame = JobFrame::Offer(Offer {
+            job: Digest::of(b"a shared blob"),
+            spec: JobSpec::new(Digest::of(module), module.len() as u64, &Limits::default()),
+            leases: vec![WireLease {
+                id: LeaseId(lease),
+                unit: lease as u32,
+                attempt: 1,
+                ttl_ms: 30_000,
+                input: InputRef::Blob {
+                    digest: Digest::of(input),
+                    len: input.len() as u64,
+                },
+            }],
+        });
+        send(link, &frame).await;
+    }
+
+    /// Answers blob requests from `blobs` (or with `redirect` for `input` the first time) until
+    /// a report arrives; returns its output and whether the input was asked for here.
+    async fn serve_until_report(
+        link: &mut PeerLink,
+        blobs: &[&[u8]],
+        mut redirect: Option<JobFrame>,
+    ) -> (Vec<u8>, Vec<Digest>) {
+        let mut asked = Vec::new();
+        loop {
+            match next(link, Some).await.expect("the worker answers") {
+                JobFrame::BlobGet { digest } => {
+                    asked.push(digest);
+                    let bytes = blobs
+                        .iter()
+                        .find(|b| Digest::of(b) == digest)
+                        .expect("a known blob");
+                    if bytes.len() > 64 << 10
+                        && let Some(at) = redirect.take()
+                    {
+                        send(link, &at).await;
+                        continue;
+                    }
+                    for (i, chunk) in bytes.chunks(1 << 20).enumerate() {
+                        let frame = JobFrame::BlobChunk {
+                            digest,
+                            total: bytes.len() as u64,
+                            offset: (i << 20) as u64,
+                            bytes: chunk.to_vec(),
+                        };
+                        send(link, &frame).await;
+                    }
+                }
+                JobFrame::Report { mut results, .. } if !results.is_empty() => {
+                    return (results.remove(0).result.expect("the unit ran"), asked);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_fetches_a_blob_from_a_peer_that_holds_it() {
+        let holder = start(None, false).await;
+        let fetcher = start(None, false).await;
+        let module = reverse_module();
+        let input: Vec<u8> = (0..(3usize << 19)).map(|i| (i * 13) as u8).collect();
+        let expected: Vec<u8> = input.iter().rev().copied().collect();
+
+        // The holder gets the input from the submitter itself.
+        let mut to_holder = Submitter {
+            link: link_to(&holder).await,
+        };
+        offer_blob_input(&mut to_holder.link, &module, &input, 1).await;
+        let (out, asked) = serve_until_report(&mut to_holder.link, &[&module, &input], None).await;
+        assert!(out == expected);
+        assert!(asked.contains(&Digest::of(&input)));
+
+        // The fetcher is sent to the holder for the input, and never asks us for it.
+        let mut to_fetcher = Submitter {
+            link: link_to(&fetcher).await,
+        };
+        offer_blob_input(&mut to_fetcher.link, &module, &input, 2).await;
+        let at = JobFrame::BlobAt {
+            digest: Digest::of(&input),
+            peer: holder.id(),
+            addr: holder.local_addr(),
+        };
+        let (out, asked) =
+            serve_until_report(&mut to_fetcher.link, &[&module, &input], Some(at)).await;
+        assert!(out == expected, "the unit ran on the holder's copy");
+        assert_eq!(
+            asked.iter().filter(|d| **d == Digest::of(&input)).count(),
+            1,
+            "asked once, then fetched from the holder"
+        );
+
+        // Sent to a peer that lacks the blob, a worker comes back and asks again.
+        let other: Vec<u8> = input.iter().map(|b| b ^ 0x5a).collect();
+        let expected: Vec<u8> = other.iter().rev().copied().collect();
+        let third = start(None, false).await;
+        let mut to_third = Submitter {
+            link: link_to(&third).await,
+        };
+        offer_blob_input(&mut to_third.link, &module, &other, 3).await;
+        let at = JobFrame::BlobAt {
+            digest: Digest::of(&other),
+            peer: fetcher.id(),
+            addr: fetcher.local_addr(),
+        };
+        let (out, asked) =
+            serve_until_report(&mut to_third.link, &[&module, &other], Some(at)).await;
+        assert!(out == expected);
+        assert_eq!(
+            asked.iter().filter(|d| **d == Digest::of(&other)).count(),
+            2,
+            "asked again after the holder had nothing"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_worker_survives_hostile_submitters() {
         let worker = start(None, false).await;

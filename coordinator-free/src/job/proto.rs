@@ -44,6 +44,7 @@ const OFFER_CAP: usize = MAX_LEASES_PER_OFFER * (MAX_INLINE_INPUT + 64) + 4096;
 const IDS_CAP: usize = 64 + MAX_IDS_PER_MESSAGE * 10;
 const REPORT_CAP: usize = 2 * MAX_NETWORK_OUTPUT as usize + MAX_RESULTS_PER_REPORT * 64 + 4096;
 const BLOB_GET_CAP: usize = 64;
+const BLOB_AT_CAP: usize = 128;
 const CHUNK_CAP: usize = MAX_CHUNK + 128;
 
 /// What every replica of a job's units runs: the module and the limits.
@@ -175,6 +176,13 @@ pub enum JobFrame {
     },
     /// Submitter → worker: the blob is not here.
     BlobMissing { digest: Digest },
+    /// Submitter → worker: fetch the blob from `peer` at `addr`, which holds it (on a blob
+    /// link); ask again here if that fails.
+    BlobAt {
+        digest: Digest,
+        peer: crate::peer_id::PeerId,
+        addr: std::net::SocketAddr,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -188,6 +196,13 @@ struct ReportPayload {
     job: Digest,
     results: Vec<WireResult>,
     want: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct BlobAtPayload {
+    digest: Digest,
+    peer: crate::peer_id::PeerId,
+    addr: std::net::SocketAddr,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -206,6 +221,7 @@ impl JobFrame {
     pub const KIND_BLOB_GET: u8 = 20;
     pub const KIND_BLOB_CHUNK: u8 = 21;
     pub const KIND_BLOB_MISSING: u8 = 22;
+    pub const KIND_BLOB_AT: u8 = 23;
 
     /// Checks counts and sizes a decoded message must respect; a message that fails is a
     /// protocol violation.
@@ -271,6 +287,12 @@ impl JobFrame {
                 Ok(())
             }
             JobFrame::BlobGet { .. } | JobFrame::BlobMissing { .. } => Ok(()),
+            JobFrame::BlobAt { addr, .. } => {
+                if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
+                    return Err("blob holder address cannot be dialed");
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -286,6 +308,7 @@ impl Message for JobFrame {
             Self::KIND_REVOKE | Self::KIND_DECLINE => Some(IDS_CAP),
             Self::KIND_REPORT => Some(REPORT_CAP),
             Self::KIND_BLOB_GET | Self::KIND_BLOB_MISSING => Some(BLOB_GET_CAP),
+            Self::KIND_BLOB_AT => Some(BLOB_AT_CAP),
             Self::KIND_BLOB_CHUNK => Some(CHUNK_CAP),
             _ => None,
         }
@@ -318,6 +341,14 @@ impl Message for JobFrame {
             ),
             JobFrame::BlobGet { digest } => encode(Self::KIND_BLOB_GET, digest),
             JobFrame::BlobMissing { digest } => encode(Self::KIND_BLOB_MISSING, digest),
+            JobFrame::BlobAt { digest, peer, addr } => encode(
+                Self::KIND_BLOB_AT,
+                &BlobAtPayload {
+                    digest: *digest,
+                    peer: *peer,
+                    addr: *addr,
+                },
+            ),
             JobFrame::BlobChunk {
                 digest,
                 total,
@@ -366,6 +397,14 @@ impl Message for JobFrame {
             Self::KIND_BLOB_MISSING => JobFrame::BlobMissing {
                 digest: decode_exact(kind, payload)?,
             },
+            Self::KIND_BLOB_AT => {
+                let p: BlobAtPayload = decode_exact(kind, payload)?;
+                JobFrame::BlobAt {
+                    digest: p.digest,
+                    peer: p.peer,
+                    addr: p.addr,
+                }
+            }
             Self::KIND_BLOB_CHUNK => {
                 let p: ChunkPayload = decode_exact(kind, payload)?;
                 JobFrame::BlobChunk {
@@ -468,6 +507,13 @@ mod tests {
                 }),
             digest().prop_map(|digest| JobFrame::BlobGet { digest }),
             digest().prop_map(|digest| JobFrame::BlobMissing { digest }),
+            (digest(), any::<[u8; 32]>(), 1u16..).prop_map(|(digest, peer, port)| {
+                JobFrame::BlobAt {
+                    digest,
+                    peer: crate::peer_id::PeerId::from_bytes(peer),
+                    addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                }
+            }),
             (digest(), proptest::collection::vec(any::<u8>(), 0..256)).prop_map(
                 |(digest, bytes)| JobFrame::BlobChunk {
                     digest,

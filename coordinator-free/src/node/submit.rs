@@ -168,10 +168,67 @@ struct Link {
     outbox: mpsc::Sender<JobFrame>,
 }
 
-/// The blobs a job serves to its workers.
+/// The blobs a job serves to its workers, and which workers hold them.
 #[derive(Debug, Default)]
 struct Blobs {
     map: HashMap<Digest, Arc<[u8]>>,
+    shared: std::sync::Mutex<Sharing>,
+}
+
+/// Who holds which large blob, so later fetchers can be sent to them instead of to us.
+#[derive(Debug, Default)]
+struct Sharing {
+    holders: HashMap<Digest, Vec<(PeerId, SocketAddr)>>,
+    /// Fetchers already sent elsewhere for a blob: a second ask is served here.
+    redirected: HashSet<(PeerId, Digest)>,
+    /// Blobs served from here, and fetches sent to a holder.
+    served: u64,
+    sent_elsewhere: u64,
+}
+
+/// Blobs at least this large are fetched from workers that hold them when there are some.
+const SHARE_MIN: usize = 256 << 10;
+/// Most holders remembered per blob.
+const MAX_HOLDERS: usize = 16;
+/// Most redirections remembered.
+const MAX_REDIRECTED: usize = 65_536;
+
+impl Blobs {
+    /// Where `peer` should fetch `digest` from: a holder, the first time a large blob with
+    /// holders is asked for; `None` to serve it here.
+    fn holder_for(&self, peer: PeerId, digest: Digest) -> Option<(PeerId, SocketAddr)> {
+        let large = self.map.get(&digest).is_some_and(|b| b.len() >= SHARE_MIN);
+        let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        if !large || s.redirected.contains(&(peer, digest)) {
+            s.served += 1;
+            return None;
+        }
+        let candidates: Vec<(PeerId, SocketAddr)> = s
+            .holders
+            .get(&digest)
+            .map(|h| h.iter().filter(|(p, _)| *p != peer).copied().collect())
+            .unwrap_or_default();
+        if candidates.is_empty() || s.redirected.len() >= MAX_REDIRECTED {
+            s.served += 1;
+            return None;
+        }
+        let pick = candidates[(s.sent_elsewhere as usize) % candidates.len()];
+        s.redirected.insert((peer, digest));
+        s.sent_elsewhere += 1;
+        Some(pick)
+    }
+
+    /// `peer`, reachable at `addr`, now holds `digest`.
+    fn add_holder(&self, digest: Digest, peer: PeerId, addr: SocketAddr) {
+        if self.map.get(&digest).is_none_or(|b| b.len() < SHARE_MIN) {
+            return;
+        }
+        let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let holders = s.holders.entry(digest).or_default();
+        if holders.len() < MAX_HOLDERS && !holders.iter().any(|(p, _)| *p == peer) {
+            holders.push((peer, addr));
+        }
+    }
 }
 
 /// The job loop's workers: every peer in the network with free cores.
@@ -234,7 +291,10 @@ impl NetWorkers {
             runtime,
             job: job.id,
             spec,
-            blobs: Arc::new(Blobs { map }),
+            blobs: Arc::new(Blobs {
+                map,
+                shared: Default::default(),
+            }),
             links: HashMap::new(),
             dialing: HashSet::new(),
             failed: HashMap::new(),
@@ -257,6 +317,12 @@ impl NetWorkers {
     /// Peers linked at some point of this run.
     pub fn peers_seen(&self) -> usize {
         self.seen.len()
+    }
+
+    /// Blob fetches served by this peer, and fetches sent to a worker that held the blob.
+    pub fn blob_counts(&self) -> (u64, u64) {
+        let s = self.blobs.shared.lock().unwrap_or_else(|p| p.into_inner());
+        (s.served, s.sent_elsewhere)
     }
 
     /// Reads the membership table and dials workers not linked yet.
@@ -329,7 +395,7 @@ impl NetWorkers {
                 )
                 .await
                 {
-                    Ok(link) => serve_link(link, conn_id, cores, job, blobs, events).await,
+                    Ok(link) => serve_link(link, conn_id, cores, job, blobs, events, true).await,
                     Err(err) => {
                         tracing::debug!(err = %error_chain(&err), "job link dial failed");
                         let _ = events.send(NetEvent::DialFailed { peer }).await;
@@ -362,6 +428,8 @@ impl NetWorkers {
                 self.job,
                 Arc::clone(&self.blobs),
                 self.events_tx.clone(),
+                // A worker that pulled may not be dialable: never name it as a holder.
+                false,
             )
             .instrument(span),
         );
@@ -438,6 +506,7 @@ async fn serve_link(
     job: Digest,
     blobs: Arc<Blobs>,
     events: mpsc::Sender<NetEvent>,
+    dialable: bool,
 ) {
     let peer = link.peer;
     let (outbox, rx) = mpsc::channel(OUTBOX);
@@ -455,8 +524,16 @@ async fn serve_link(
     {
         return;
     }
+    let holder_addr = dialable.then(|| link.conn.remote_address());
     read_reports(
-        peer, conn_id, job, link.conn, link.recv, outbox, blobs, &events,
+        peer,
+        conn_id,
+        job,
+        link.conn,
+        link.recv,
+        outbox,
+        (blobs, holder_addr),
+        &events,
     )
     .await;
     let _ = events
@@ -491,7 +568,7 @@ async fn read_reports(
     quic: quinn::Connection,
     mut recv: quinn::RecvStream,
     outbox: mpsc::Sender<JobFrame>,
-    blobs: Arc<Blobs>,
+    (blobs, holder_addr): (Arc<Blobs>, Option<SocketAddr>),
     events: &mpsc::Sender<NetEvent>,
 ) {
     loop {
@@ -510,9 +587,27 @@ async fn read_reports(
                 NetEvent::Declined { peer, leases }
             }
             Ok(Some(JobFrame::BlobGet { digest })) => {
+                if let Some((holder, addr)) = blobs.holder_for(peer, digest) {
+                    let at = JobFrame::BlobAt {
+                        digest,
+                        peer: holder,
+                        addr,
+                    };
+                    if outbox.send(at).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 let bytes = blobs.map.get(&digest).cloned();
                 if !send_blob(&outbox, digest, bytes.as_deref()).await {
                     break;
+                }
+                // Sent in full: once the worker has it, later fetchers may go to it. (A worker
+                // that fails to serve sends its fetchers back here.)
+                if bytes.is_some()
+                    && let Some(addr) = holder_addr
+                {
+                    blobs.add_holder(digest, peer, addr);
                 }
                 continue;
             }
@@ -649,5 +744,38 @@ impl Workers for NetWorkers {
 
     fn simulated(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(n: u8) -> PeerId {
+        PeerId::from_bytes([n; 32])
+    }
+
+    #[test]
+    fn large_blobs_go_to_holders_once_per_fetcher_and_small_ones_never() {
+        let big: Arc<[u8]> = vec![7u8; SHARE_MIN].into();
+        let small: Arc<[u8]> = vec![1u8; 100].into();
+        let (b, s) = (Digest::of(&big), Digest::of(&small));
+        let blobs = Blobs {
+            map: [(b, big), (s, small)].into_iter().collect(),
+            shared: Default::default(),
+        };
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        // No holder yet: served here.
+        assert_eq!(blobs.holder_for(peer(1), b), None);
+        blobs.add_holder(b, peer(1), addr);
+        blobs.add_holder(s, peer(1), addr);
+        // A holder: the next fetcher goes there, once; asking again is served here.
+        assert_eq!(blobs.holder_for(peer(2), b), Some((peer(1), addr)));
+        assert_eq!(blobs.holder_for(peer(2), b), None);
+        // The holder itself is never sent to itself; small blobs are always served here.
+        assert_eq!(blobs.holder_for(peer(1), b), None);
+        assert_eq!(blobs.holder_for(peer(3), s), None);
+        let shared = blobs.shared.lock().unwrap();
+        assert_eq!((shared.served, shared.sent_elsewhere), (4, 1));
     }
 }

@@ -144,6 +144,18 @@ pub(super) enum WorkInput {
         peer: PeerId,
     },
     Done(Done),
+    /// Another worker opened a blob link to fetch a blob we hold.
+    BlobLink(PeerLink),
+    /// A blob link's reader asks for a blob's bytes.
+    BlobWanted {
+        digest: Digest,
+        reply: tokio::sync::oneshot::Sender<Option<Arc<[u8]>>>,
+    },
+    /// A fetch from a holder ended: the bytes, or `None` (then the submitter is asked).
+    Fetched {
+        digest: Digest,
+        bytes: Option<Vec<u8>>,
+    },
     /// The membership table, for pulling work from submitters that have not reached us.
     Peers(Vec<crate::control::PeerStatus>),
     /// Asks what the donated cores are doing.
@@ -400,6 +412,27 @@ impl Work {
             }
             WorkInput::Done(done) => self.on_done(done, now),
             WorkInput::Peers(peers) => self.pull(peers, now),
+            WorkInput::BlobLink(link) => self.serve_blobs(link),
+            WorkInput::BlobWanted { digest, reply } => {
+                let _ = reply.send(self.blobs.get(&digest).cloned());
+            }
+            WorkInput::Fetched { digest, bytes } => {
+                let Some(fetch) = self.fetches.get_mut(&digest) else {
+                    return;
+                };
+                let from = fetch.from;
+                match bytes {
+                    Some(bytes) => {
+                        self.fetches.remove(&digest);
+                        self.blob_arrived(from, digest, bytes, now);
+                    }
+                    None => {
+                        // The holder failed us: the submitter serves it itself when asked again.
+                        fetch.bytes.clear();
+                        self.send(&from, JobFrame::BlobGet { digest });
+                    }
+                }
+            }
             WorkInput::Status(reply) => {
                 let _ = reply.send(crate::control::WorkStatus {
                     slots: self.slots,
@@ -562,6 +595,11 @@ impl Work {
                 if self.fetches.get(&digest).is_some_and(|f| f.from == from) {
                     self.fetches.remove(&digest);
                     self.blob_failed(from, digest, now);
+                }
+            }
+            JobFrame::BlobAt { digest, peer, addr } => {
+                if self.fetches.get(&digest).is_some_and(|f| f.from == from) {
+                    self.fetch_from_holder(digest, peer, addr);
                 }
             }
             JobFrame::Report { .. } | JobFrame::Decline { .. } | JobFrame::BlobGet { .. } => {
@@ -747,12 +785,17 @@ impl Work {
         let Some(fetch) = self.fetches.remove(&digest) else {
             return;
         };
-        if Digest::of(&fetch.bytes) != digest {
+        self.blob_arrived(from, digest, fetch.bytes, now);
+    }
+
+    /// A fetched blob is complete: checked against its digest, then cached and put to use.
+    fn blob_arrived(&mut self, from: PeerId, digest: Digest, bytes: Vec<u8>, now: Instant) {
+        if Digest::of(&bytes) != digest {
             tracing::warn!(peer = %from, %digest, "blob does not match its digest");
             self.blob_failed(from, digest, now);
             return;
         }
-        let bytes: Arc<[u8]> = fetch.bytes.into();
+        let bytes: Arc<[u8]> = bytes.into();
         let is_module = self.jobs.values().any(|j| j.spec.module == digest);
         if is_module {
             let metering =
@@ -772,14 +815,110 @@ impl Work {
             };
             self.insert_module(digest, module);
         }
-        if self.jobs.values().any(|j| {
-            j.waiting
-                .iter()
-                .any(|l| matches!(&l.input, InputRef::Blob { digest: d, .. } if *d == digest))
-        }) {
-            self.insert_blob(digest, bytes);
-        }
+        // Kept (modules too) so other workers can fetch it from here.
+        self.insert_blob(digest, bytes);
         self.advance_all(now);
+    }
+
+    /// Fetches a blob from another worker that holds it, as the submitter suggested; the answer
+    /// comes back as [`WorkInput::Fetched`].
+    fn fetch_from_holder(&mut self, digest: Digest, peer: PeerId, addr: std::net::SocketAddr) {
+        let Some(total) = self.fetches.get(&digest).map(|f| f.total) else {
+            return;
+        };
+        let d = self.dialer.clone();
+        let inputs = self.inputs_tx.clone();
+        self.tasks.spawn(async move {
+            let fetched = tokio::time::timeout(FETCH_TIMEOUT / 2, async {
+                let mut link = crate::net::dial_for(
+                    &d.endpoint,
+                    &d.identity,
+                    d.allow.clone(),
+                    addr,
+                    Some(peer),
+                    &d.net,
+                    crate::net::LinkKind::Blob,
+                )
+                .await
+                .ok()?;
+                wire::write(&mut link.send, &JobFrame::BlobGet { digest })
+                    .await
+                    .ok()?;
+                let mut bytes = Vec::new();
+                while (bytes.len() as u64) < total {
+                    match wire::read::<JobFrame, _>(&mut link.recv).await.ok()?? {
+                        JobFrame::BlobChunk {
+                            digest: d,
+                            total: t,
+                            offset,
+                            bytes: chunk,
+                        } if d == digest && t == total && offset == bytes.len() as u64 => {
+                            bytes.extend_from_slice(&chunk);
+                        }
+                        _ => return None,
+                    }
+                }
+                link.conn.close(VarInt::from_u32(close::NORMAL), b"thanks");
+                Some(bytes)
+            })
+            .await
+            .ok()
+            .flatten();
+            if fetched.is_none() {
+                tracing::debug!(%peer, %digest, "fetch from a holder failed");
+            }
+            let _ = inputs
+                .send(WorkInput::Fetched {
+                    digest,
+                    bytes: fetched,
+                })
+                .await;
+        });
+    }
+
+    /// Serves blobs we hold to another worker on a blob link it opened: one `BlobGet` at a
+    /// time, answered from the cache in chunks.
+    fn serve_blobs(&mut self, link: PeerLink) {
+        let inputs = self.inputs_tx.clone();
+        let peer = link.peer;
+        self.tasks.spawn(
+            async move {
+                let (outbox, rx) = mpsc::channel(OUTBOX);
+                let writer = tokio::spawn(super::write_loop(link.conn.clone(), link.send, rx));
+                let mut recv = link.recv;
+                // A few requests per link at most: a fetcher asks for one blob.
+                for _ in 0..4 {
+                    let digest = match wire::read::<JobFrame, _>(&mut recv).await {
+                        Ok(Some(JobFrame::BlobGet { digest })) => digest,
+                        Ok(None) => break,
+                        Ok(Some(_)) => {
+                            link.conn
+                                .close(VarInt::from_u32(close::PROTOCOL), b"unexpected frame");
+                            break;
+                        }
+                        Err(err) => {
+                            super::end_of_reading(err, &link.conn);
+                            break;
+                        }
+                    };
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    if inputs
+                        .send(WorkInput::BlobWanted { digest, reply: tx })
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    let bytes = rx.await.ok().flatten();
+                    if !send_blob(&outbox, digest, bytes.as_deref()).await {
+                        break;
+                    }
+                }
+                drop(outbox);
+                let _ = writer.await;
+            }
+            .instrument(tracing::debug_span!("blob-link", %peer)),
+        );
     }
 
     fn insert_module(&mut self, digest: Digest, module: Module) {
