@@ -39,7 +39,8 @@ enum Command {
     /// Run a job across the network (or on this machine alone), redundantly validated, with
     /// results in results.jsonl.
     Submit(submit::SubmitArgs),
-    /// Ask the running peer for its identity, addresses and known peers.
+    /// Ask the running peer for its identity, known peers and the work it runs, and list the
+    /// peers that disagreed with accepted results of jobs submitted from this data directory.
     Status(status::StatusArgs),
     /// Print this peer's id (creates the identity key on first use).
     Id(id::IdArgs),
