@@ -318,12 +318,7 @@ impl Node {
     }
 
     pub async fn status(&self) -> Result<StatusReport, NodeError> {
-        let (tx, rx) = oneshot::channel();
-        self.requests
-            .send(Request::Control(ControlRequest::Status(tx)))
-            .await
-            .map_err(|_| NodeError::Stopped)?;
-        rx.await.map_err(|_| NodeError::Stopped)
+        self.dialer.status().await
     }
 
     /// Closes every connection with a goodbye and stops all tasks.

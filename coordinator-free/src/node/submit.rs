@@ -108,6 +108,25 @@ impl JobDialer {
         self.me
     }
 
+    /// Opens a link of `kind` to `peer` at `addr` from this peer's endpoint, checking its id.
+    pub(super) async fn dial(
+        &self,
+        addr: SocketAddr,
+        peer: PeerId,
+        kind: LinkKind,
+    ) -> Result<PeerLink, net::NetError> {
+        net::dial_for(
+            &self.endpoint,
+            &self.identity,
+            self.allow.clone(),
+            addr,
+            Some(peer),
+            &self.net,
+            kind,
+        )
+        .await
+    }
+
     pub(super) async fn status(&self) -> Result<StatusReport, NodeError> {
         let (tx, rx) = oneshot::channel();
         self.requests
@@ -384,17 +403,7 @@ impl NetWorkers {
         let span = tracing::debug_span!("job-link", %peer, conn = conn_id);
         let task = self.runtime.spawn(
             async move {
-                match net::dial_for(
-                    &d.endpoint,
-                    &d.identity,
-                    d.allow.clone(),
-                    addr,
-                    Some(peer),
-                    &d.net,
-                    LinkKind::Job,
-                )
-                .await
-                {
+                match d.dial(addr, peer, LinkKind::Job).await {
                     Ok(link) => serve_link(link, conn_id, cores, job, blobs, events, true).await,
                     Err(err) => {
                         tracing::debug!(err = %error_chain(&err), "job link dial failed");

@@ -490,17 +490,7 @@ impl Work {
             let peer = p.id;
             tracing::info!(%peer, %addr, "asking a submitter for work");
             self.tasks.spawn(async move {
-                match crate::net::dial_for(
-                    &d.endpoint,
-                    &d.identity,
-                    d.allow.clone(),
-                    addr,
-                    Some(peer),
-                    &d.net,
-                    crate::net::LinkKind::Pull,
-                )
-                .await
-                {
+                match d.dial(addr, peer, crate::net::LinkKind::Pull).await {
                     Ok(link) => {
                         let _ = inputs.send(WorkInput::Link(link)).await;
                     }
@@ -830,17 +820,7 @@ impl Work {
         let inputs = self.inputs_tx.clone();
         self.tasks.spawn(async move {
             let fetched = tokio::time::timeout(FETCH_TIMEOUT / 2, async {
-                let mut link = crate::net::dial_for(
-                    &d.endpoint,
-                    &d.identity,
-                    d.allow.clone(),
-                    addr,
-                    Some(peer),
-                    &d.net,
-                    crate::net::LinkKind::Blob,
-                )
-                .await
-                .ok()?;
+                let mut link = d.dial(addr, peer, crate::net::LinkKind::Blob).await.ok()?;
                 wire::write(&mut link.send, &JobFrame::BlobGet { digest })
                     .await
                     .ok()?;
