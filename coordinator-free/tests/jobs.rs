@@ -296,7 +296,7 @@ mod hostile {
     use coordinator_free::wire::{self, Message};
 
     /// A hand-made submitter: a job link to `worker` from an identity of our own.
-    async fn link_to(worker: &Node) -> PeerLink {
+    pub(super) async fn link_to(worker: &Node) -> PeerLink {
         let identity = Identity::generate().expect("identity");
         let endpoint = net::endpoint(
             &identity,
@@ -318,7 +318,7 @@ mod hostile {
         .expect("job link")
     }
 
-    fn offer(module: &[u8], leases: usize) -> JobFrame {
+    pub(super) fn offer(module: &[u8], leases: usize) -> JobFrame {
         JobFrame::Offer(Offer {
             job: Digest::of(b"a hostile job"),
             spec: JobSpec::new(Digest::of(module), module.len() as u64, &Limits::default()),
@@ -385,11 +385,6 @@ mod hostile {
             }
         }
         outputs
-    }
-
-    /// A job link from a hand-made submitter with its own identity and endpoint.
-    struct Submitter {
-        link: PeerLink,
     }
 
     async fn offer_blob_input(link: &mut PeerLink, module: &[u8], input: &[u8], lease: u64) {
@@ -459,26 +454,21 @@ mod hostile {
         let expected: Vec<u8> = input.iter().rev().copied().collect();
 
         // The holder gets the input from the submitter itself.
-        let mut to_holder = Submitter {
-            link: link_to(&holder).await,
-        };
-        offer_blob_input(&mut to_holder.link, &module, &input, 1).await;
-        let (out, asked) = serve_until_report(&mut to_holder.link, &[&module, &input], None).await;
+        let mut to_holder = link_to(&holder).await;
+        offer_blob_input(&mut to_holder, &module, &input, 1).await;
+        let (out, asked) = serve_until_report(&mut to_holder, &[&module, &input], None).await;
         assert!(out == expected);
         assert!(asked.contains(&Digest::of(&input)));
 
         // The fetcher is sent to the holder for the input, and never asks us for it.
-        let mut to_fetcher = Submitter {
-            link: link_to(&fetcher).await,
-        };
-        offer_blob_input(&mut to_fetcher.link, &module, &input, 2).await;
+        let mut to_fetcher = link_to(&fetcher).await;
+        offer_blob_input(&mut to_fetcher, &module, &input, 2).await;
         let at = JobFrame::BlobAt {
             digest: Digest::of(&input),
             peer: holder.id(),
             addr: holder.local_addr(),
         };
-        let (out, asked) =
-            serve_until_report(&mut to_fetcher.link, &[&module, &input], Some(at)).await;
+        let (out, asked) = serve_until_report(&mut to_fetcher, &[&module, &input], Some(at)).await;
         assert!(out == expected, "the unit ran on the holder's copy");
         assert_eq!(
             asked.iter().filter(|d| **d == Digest::of(&input)).count(),
@@ -490,17 +480,14 @@ mod hostile {
         let other: Vec<u8> = input.iter().map(|b| b ^ 0x5a).collect();
         let expected: Vec<u8> = other.iter().rev().copied().collect();
         let third = start(None, false).await;
-        let mut to_third = Submitter {
-            link: link_to(&third).await,
-        };
-        offer_blob_input(&mut to_third.link, &module, &other, 3).await;
+        let mut to_third = link_to(&third).await;
+        offer_blob_input(&mut to_third, &module, &other, 3).await;
         let at = JobFrame::BlobAt {
             digest: Digest::of(&other),
             peer: fetcher.id(),
             addr: fetcher.local_addr(),
         };
-        let (out, asked) =
-            serve_until_report(&mut to_third.link, &[&module, &other], Some(at)).await;
+        let (out, asked) = serve_until_report(&mut to_third, &[&module, &other], Some(at)).await;
         assert!(out == expected);
         assert_eq!(
             asked.iter().filter(|d| **d == Digest::of(&other)).count(),
@@ -627,42 +614,11 @@ async fn a_peer_offering_too_little_memory_is_not_given_units() {
     assert_eq!(summary.peers.len(), 2, "{summary:?}");
 
     // Offered directly anyway, the small peer declines.
-    use coordinator_free::job::proto::{InputRef, JobFrame, JobSpec, Offer, WireLease};
-    use coordinator_free::net::{self, LinkKind, NetConfig};
-    use coordinator_free::sandbox::Limits;
+    use coordinator_free::job::proto::JobFrame;
     use coordinator_free::schedule::LeaseId;
     use coordinator_free::wire;
-    let identity = Identity::generate().expect("identity");
-    let endpoint = net::endpoint(
-        &identity,
-        None,
-        "127.0.0.1:0".parse().expect("addr"),
-        &NetConfig::default(),
-    )
-    .expect("endpoint");
-    let mut link = net::dial_for(
-        &endpoint,
-        &identity,
-        None,
-        small.local_addr(),
-        Some(small.id()),
-        &NetConfig::default(),
-        LinkKind::Job,
-    )
-    .await
-    .expect("job link");
-    let module = reverse_module();
-    let offer = JobFrame::Offer(Offer {
-        job: Digest::of(b"big"),
-        spec: JobSpec::new(Digest::of(&module), module.len() as u64, &Limits::default()),
-        leases: vec![WireLease {
-            id: LeaseId(1),
-            unit: 0,
-            attempt: 1,
-            ttl_ms: 10_000,
-            input: InputRef::Inline(b"x".to_vec()),
-        }],
-    });
+    let mut link = hostile::link_to(&small).await;
+    let offer = hostile::offer(&reverse_module(), 1);
     wire::write(&mut link.send, &offer).await.expect("send");
     let answer = tokio::time::timeout(
         Duration::from_secs(10),
@@ -672,7 +628,7 @@ async fn a_peer_offering_too_little_memory_is_not_given_units() {
     .expect("an answer")
     .expect("a frame");
     assert!(
-        matches!(answer, Some(JobFrame::Decline { ref leases, .. }) if leases == &[LeaseId(1)]),
+        matches!(answer, Some(JobFrame::Decline { ref leases, .. }) if leases == &[LeaseId(0)]),
         "{answer:?}"
     );
 }

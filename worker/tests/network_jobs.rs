@@ -14,6 +14,9 @@ use coordinator_free::node::{Bootstrap, Node, NodeConfig, WorkConfig, WorkRunner
 use coordinator_free::sandbox::SandboxConfig;
 use serde_json::Value;
 
+mod common;
+use common::{count_before, finish};
+
 const WORKER: &str = env!("CARGO_BIN_EXE_worker");
 const SAMPLES: u64 = 3_000_000;
 
@@ -123,27 +126,6 @@ fn spawn_submit(root: &Path, manifest: &Path, via: &Peer, tag: &str) -> Child {
         .expect("worker submit starts")
 }
 
-/// Waits for a submit at most `limit`; returns its exit code and stdout.
-fn finish(mut child: Child, root: &Path, tag: &str, limit: Duration) -> (Option<i32>, String) {
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "worker submit did not finish within {limit:?}; stderr: {}",
-                std::fs::read_to_string(root.join(format!("{tag}.stderr"))).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let stdout = std::fs::read_to_string(root.join(format!("{tag}.stdout"))).unwrap();
-    (status.code(), stdout)
-}
-
 fn results(root: &Path, job: &str) -> Vec<Value> {
     std::fs::read_to_string(root.join(format!("out-{job}/results.jsonl")))
         .unwrap_or_default()
@@ -178,18 +160,6 @@ fn check_results(lines: &[Value], seeds: (u64, u64), liar: &str) {
     }
     seen.sort_unstable();
     assert_eq!(seen, (0..units).collect::<Vec<_>>());
-}
-
-/// The number before `label` in a summary, e.g. "12 units run this time".
-fn count_before(stdout: &str, label: &str) -> u64 {
-    let at = stdout
-        .find(label)
-        .unwrap_or_else(|| panic!("{label:?} in {stdout}"));
-    stdout[..at]
-        .split_whitespace()
-        .last()
-        .and_then(|w| w.parse().ok())
-        .unwrap_or_else(|| panic!("a count before {label:?} in {stdout}"))
 }
 
 #[test]
@@ -241,8 +211,9 @@ fn jobs_survive_a_killed_worker_a_liar_and_a_killed_submitter() {
     });
     let killed = peers.remove(0);
     drop(killed); // SIGKILL
-    let (code, stdout) = finish(child, root, "a", Duration::from_secs(120));
-    assert_eq!(code, Some(0), "{stdout}");
+    let run = finish(child, root, "a", Duration::from_secs(120));
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    let stdout = run.stdout;
     assert!(stdout.contains("40 accepted, 0 failed, of 40"), "{stdout}");
     check_results(&results(root, "pi-a"), seeds, &liar_id);
 
@@ -292,8 +263,9 @@ fn jobs_survive_a_killed_worker_a_liar_and_a_killed_submitter() {
     let before = results(root, "pi-b").len() as u64;
     assert!(before < 40, "killed mid-job, {before} units done");
     let child = spawn_submit(root, &job, &first, "b2");
-    let (code, stdout) = finish(child, root, "b2", Duration::from_secs(120));
-    assert_eq!(code, Some(0), "{stdout}");
+    let run = finish(child, root, "b2", Duration::from_secs(120));
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    let stdout = run.stdout;
     let restored = count_before(&stdout, "restored");
     let ran = count_before(&stdout, "units run this time");
     assert!(

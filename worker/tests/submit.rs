@@ -7,12 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// What a finished `worker submit` left behind.
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
+mod common;
+use common::{Run, count_before, finish};
 
 fn spawn(dir: &Path, manifest: &Path, tag: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_worker"))
@@ -31,30 +27,6 @@ fn spawn(dir: &Path, manifest: &Path, tag: &str) -> Child {
         .expect("worker starts")
 }
 
-/// Waits for `child` at most `limit`, killing it past that.
-fn finish(mut child: Child, dir: &Path, tag: &str, limit: Duration) -> Run {
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "worker submit did not finish within {limit:?}; stderr: {}",
-                std::fs::read_to_string(dir.join(format!("{tag}.stderr"))).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Run {
-        code: status.code(),
-        stdout: std::fs::read_to_string(dir.join(format!("{tag}.stdout"))).unwrap(),
-        stderr: std::fs::read_to_string(dir.join(format!("{tag}.stderr"))).unwrap(),
-    }
-}
-
 fn submit(dir: &Path, manifest: &Path, tag: &str) -> Run {
     finish(spawn(dir, manifest, tag), dir, tag, Duration::from_secs(30))
 }
@@ -71,18 +43,6 @@ fn results(dir: &Path) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).expect("each line is JSON"))
         .collect()
-}
-
-/// The number after `label` in the summary, e.g. "12 units run this time".
-fn summary_count(stdout: &str, label: &str) -> u64 {
-    let at = stdout
-        .find(label)
-        .unwrap_or_else(|| panic!("{label:?} in {stdout}"));
-    stdout[..at]
-        .split_whitespace()
-        .last()
-        .and_then(|w| w.parse().ok())
-        .unwrap_or_else(|| panic!("a count before {label:?} in {stdout}"))
 }
 
 #[test]
@@ -236,8 +196,8 @@ fn a_killed_submit_resumes_without_rerunning_accepted_units() {
         run.stdout,
         run.stderr
     );
-    let restored = summary_count(&run.stdout, "restored");
-    let ran = summary_count(&run.stdout, "units run this time");
+    let restored = count_before(&run.stdout, "restored");
+    let ran = count_before(&run.stdout, "units run this time");
     assert!(
         restored >= before,
         "{restored} restored, {before} seen: {}",

@@ -249,10 +249,9 @@ type Answer = (Result<Vec<u8>, UnitError>, Instant);
 
 struct JobState {
     spec: JobSpec,
-    /// Leases waiting for the module or their input, in arrival order.
-    waiting: VecDeque<WireLease>,
-    /// When the leases waiting were received, to turn time left into deadlines.
-    received: VecDeque<Instant>,
+    /// Leases waiting for the module or their input, in arrival order, each with when it was
+    /// received (its time left counts from then).
+    waiting: VecDeque<(WireLease, Instant)>,
 }
 
 struct Fetch {
@@ -466,8 +465,12 @@ impl Work {
     /// Dials submitters that have advertised a job for a while without reaching us: we may not
     /// be dialable (behind NAT), but we can dial them.
     fn pull(&mut self, peers: Vec<crate::control::PeerStatus>, now: Instant) {
-        self.pull_seen
-            .retain(|p, _| peers.iter().any(|s| s.id == *p && s.job.is_some()));
+        let advertising: std::collections::HashSet<PeerId> = peers
+            .iter()
+            .filter(|p| p.job.is_some())
+            .map(|p| p.id)
+            .collect();
+        self.pull_seen.retain(|p, _| advertising.contains(p));
         self.pull_tried
             .retain(|_, at| now.duration_since(*at) < PULL_RETRY);
         let mut dialed = 0;
@@ -569,8 +572,7 @@ impl Work {
                     self.ready.remove(&(from, job, *id));
                 }
                 if let Some(state) = self.jobs.get_mut(&(from, job)) {
-                    state.waiting.retain(|l| !leases.contains(&l.id));
-                    state.received.truncate(state.waiting.len());
+                    state.waiting.retain(|(l, _)| !leases.contains(&l.id));
                 }
                 self.intake
                     .handle(IntakeEvent::Revoke { from, job, leases }, now);
@@ -633,7 +635,6 @@ impl Work {
                 JobState {
                     spec: spec.clone(),
                     waiting: VecDeque::new(),
-                    received: VecDeque::new(),
                 },
             );
         }
@@ -652,8 +653,7 @@ impl Work {
             if state.waiting.len() >= MAX_WAITING_PER_JOB || i >= room {
                 declined.push(lease.id);
             } else {
-                state.waiting.push_back(lease);
-                state.received.push_back(now);
+                state.waiting.push_back((lease, now));
             }
         }
         self.decline(from, job, declined);
@@ -681,10 +681,7 @@ impl Work {
         let mut ready = Vec::new();
         if wanted.is_empty() {
             let mut keep = VecDeque::new();
-            let mut keep_at = VecDeque::new();
-            while let (Some(lease), Some(at)) =
-                (state.waiting.pop_front(), state.received.pop_front())
-            {
+            while let Some((lease, at)) = state.waiting.pop_front() {
                 let input = match &lease.input {
                     InputRef::Inline(bytes) => Some(Arc::<[u8]>::from(bytes.as_slice())),
                     InputRef::Blob { digest, len } => {
@@ -700,14 +697,10 @@ impl Work {
                         let deadline = at + Duration::from_millis(lease.ttl_ms);
                         ready.push((lease, input, deadline));
                     }
-                    None => {
-                        keep.push_back(lease);
-                        keep_at.push_back(at);
-                    }
+                    None => keep.push_back((lease, at)),
                 }
             }
             state.waiting = keep;
-            state.received = keep_at;
         }
         for (digest, len) in wanted {
             self.fetch(from, digest, len);
@@ -937,11 +930,10 @@ impl Work {
                 state.spec.module == digest
                     || matches!(&l.input, InputRef::Blob { digest: d, .. } if *d == digest)
             };
-            let (drop, keep): (Vec<WireLease>, Vec<WireLease>) =
-                state.waiting.drain(..).partition(|l| needs(l));
-            state.received = std::iter::repeat_n(now, keep.len()).collect();
+            let (drop, keep): (Vec<_>, Vec<_>) =
+                state.waiting.drain(..).partition(|(l, _)| needs(l));
             state.waiting = keep.into();
-            let ids = drop.iter().map(|l| l.id).collect();
+            let ids = drop.iter().map(|(l, _)| l.id).collect();
             self.decline(key.0, key.1, ids);
         }
         self.advance_all(now);
