@@ -1,7 +1,8 @@
 //! Sandbox benchmark: each example unit in the sandbox against the same Rust code compiled
 //! natively, on one core, and the fixed cost of a no-op unit with a warm cache.
 //!
-//! `cargo bench -p integration-tests --bench sandbox` (add `-- --quick` for fewer repetitions).
+//! `cargo bench -p integration-tests --bench sandbox` (add `-- --quick` for fewer repetitions,
+//! `-- --kernel NAME` for one kernel and no fixed-cost table).
 //! Prints medians; ratios are native time / sandbox time, so 1.00 means native speed.
 
 use std::hint::black_box;
@@ -126,6 +127,16 @@ fn main() {
         },
     ];
 
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--kernel")
+        .and_then(|i| args.get(i + 1).cloned());
+    let kernels: Vec<Kernel> = kernels
+        .into_iter()
+        .filter(|k| only.as_deref().is_none_or(|name| name == k.name))
+        .collect();
+
     let resident = SandboxConfig::default().keep_resident_bytes;
     // The profile as shipped: canonical NaNs and epoch deadline checks.
     let canonical = sandbox(true, true, resident);
@@ -218,6 +229,9 @@ fn main() {
         );
     }
 
+    if only.is_some() {
+        return;
+    }
     println!();
     println!(
         "# fixed cost per unit with a warm cache (instantiate, run, collect), median of batches"

@@ -1,8 +1,9 @@
 //! Monte Carlo estimate of π with an integer kernel.
 //!
-//! Each sample draws two `u32` coordinates and counts it when it lies inside the quarter circle
-//! of radius 2³², tested exactly in integer arithmetic, so the count is bit-identical on every
-//! machine; the only float operation is the final division.
+//! Each sample takes one 64-bit draw as two `u32` coordinates (its high and low halves; every
+//! bit of xoshiro256** output is of full quality) and counts it when it lies inside the quarter
+//! circle of radius 2³², tested exactly in integer arithmetic, so the count is bit-identical on
+//! every machine; the only float operation is the final division.
 
 use serde::{Deserialize, Serialize};
 use task_sdk::{Context, Error, Rng};
@@ -27,8 +28,9 @@ pub struct Output {
 fn count_inside(rng: &mut Rng, n: u64) -> u64 {
     let mut inside = 0;
     for _ in 0..n {
-        let x = u64::from(rng.next_u32());
-        let y = u64::from(rng.next_u32());
+        let draw = rng.next_u64();
+        let x = draw >> 32;
+        let y = draw & 0xffff_ffff;
         // Each square fits in 64 bits; their sum is below 2^64 exactly when adding them does not
         // overflow. This keeps the kernel in 64-bit integers, which wasm32 has natively (128-bit
         // products would be library calls there).
