@@ -366,7 +366,7 @@ mod tests {
     fn counting_by_words_matches_counting_one_by_one() {
         let mut rng = task_sdk::Rng::seed_from_u64(7);
         for len in (0..40).chain([1 << 10, (1 << 10) + 5]) {
-            let flags: Vec<bool> = (0..len).map(|_| rng.next_u32() % 3 == 0).collect();
+            let flags: Vec<bool> = (0..len).map(|_| rng.next_u32().is_multiple_of(3)).collect();
             let expected = flags.iter().filter(|&&b| b).count() as u64;
             assert_eq!(count_true(&flags), expected, "length {len}");
         }
