@@ -43,7 +43,7 @@ fn calibrate(target: Duration) -> u64 {
     ((target.as_secs_f64() / per_sample) as u64).max(1)
 }
 
-/// Three `worker run` peers on loopback, one core each; stopped when dropped.
+/// `count` `worker run` peers on loopback, one core each; stopped when dropped.
 struct Network {
     peers: Vec<Child>,
     bootstrap: String,
@@ -202,13 +202,13 @@ fn main() {
         "# useful-work fraction = native single-core total / cores / wall (\"vs sandboxed\": the sandboxed kernel's total instead); median of {RUNS} runs"
     );
     println!(
-        "{:<44} {:>10} {:>10} {:>14}",
+        "{:<48} {:>10} {:>10} {:>14}",
         "runner", "wall", "useful", "vs sandboxed"
     );
     let useful = |wall: Duration| native_total.as_secs_f64() / cores as f64 / wall.as_secs_f64();
     let row = |name: &str, wall: Duration| {
         println!(
-            "{name:<44} {:>8.2} s {:>9.1} % {:>12.1} %",
+            "{name:<48} {:>8.2} s {:>9.1} % {:>12.1} %",
             wall.as_secs_f64(),
             100.0 * useful(wall),
             100.0 * sandboxed_total.as_secs_f64() / cores as f64 / wall.as_secs_f64()
@@ -216,7 +216,7 @@ fn main() {
     };
     let native_row = |name: &str, wall: Duration| {
         println!(
-            "{name:<44} {:>8.2} s {:>9.1} % {:>14}",
+            "{name:<48} {:>8.2} s {:>9.1} % {:>14}",
             wall.as_secs_f64(),
             100.0 * useful(wall),
             "-"
@@ -243,6 +243,33 @@ fn main() {
         );
         row(
             &format!("worker submit, 3 peers, replicas = {replicas}"),
+            wall,
+        );
+    }
+    {
+        // One peer per core: the shape of a network of machines, where no two peers' unit
+        // hosts (and module compilations) share a core.
+        let pair = network(cores.max(1));
+        let via = [
+            "--bootstrap",
+            pair.bootstrap.as_str(),
+            "--cpus",
+            "0",
+            "--no-mdns",
+        ];
+        let manifest = format!(
+            "name = \"pi\"\nmodule = \"pi.wasm\"\n[inputs.sweep]\nseed = {{ start = 1, stop = {PI_UNITS}, step = 1 }}\nsamples = {samples}\n[redundancy]\nreplicas = 1\nquorum = 1\n[limits]\ntimeout_secs = 120\n"
+        );
+        let wall = median(
+            (0..RUNS)
+                .map(|_| submit_with(dir.path(), "pi", &manifest, &via))
+                .collect(),
+        );
+        row(
+            &format!(
+                "worker submit, {} peers (1 per core), replicas = 1",
+                cores.max(1)
+            ),
             wall,
         );
     }
@@ -294,7 +321,7 @@ fn main() {
         native_row(&format!("GNU parallel -j {cores}, native kernel"), wall);
     } else {
         println!(
-            "{:<44} (not installed: apt-get install parallel)",
+            "{:<48} (not installed: apt-get install parallel)",
             "GNU parallel"
         );
     }
@@ -314,7 +341,7 @@ fn main() {
                     .collect(),
             );
             println!(
-                "{:<44} {:>8.2} s {:>9.0} units/s",
+                "{:<48} {:>8.2} s {:>9.0} units/s",
                 format!("worker submit, {label}, replicas = {replicas}"),
                 wall.as_secs_f64(),
                 TINY_UNITS as f64 / wall.as_secs_f64()
