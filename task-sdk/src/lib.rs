@@ -80,7 +80,9 @@
 //! ```
 //!
 //! The module is `target/wasm32-unknown-unknown/release/<crate_name>.wasm`. It imports only
-//! `cf1` functions and exports `memory` and `run`.
+//! `cf1` functions and exports `memory` and `run`. The repository's `docs/fast-units.md` says
+//! which code runs at native speed in the sandbox (integer loops, bulk copies) and which does
+//! not (float arithmetic, for its NaN canonicalisation).
 //!
 //! # Failure codes
 //!
