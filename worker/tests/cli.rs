@@ -157,13 +157,14 @@ fn every_failure_is_one_line_and_a_documented_exit_code() {
 fn checkpoint_file_lets_an_interrupted_unit_resume() {
     let dir = tempfile::tempdir().unwrap();
     let primes = example_artifacts::PRIMES;
-    let input = write(dir.path(), "range.json", br#"{"start":0,"end":40000000}"#);
+    let input = write(dir.path(), "range.json", br#"{"start":0,"end":100000000}"#);
     let checkpoint = dir.path().join("primes.ckpt").display().to_string();
 
     let straight = worker(dir.path(), &["exec", primes, "--input", &input], None);
     assert!(straight.status.success());
 
-    // A budget that ends the run after its first checkpointed batch.
+    // A budget that ends the run after a checkpointed batch or two (each batch is 16 segments
+    // of 2^20 numbers; the whole range needs about three times this budget).
     let interrupted = worker(
         dir.path(),
         &[
@@ -172,14 +173,23 @@ fn checkpoint_file_lets_an_interrupted_unit_resume() {
             "--input",
             &input,
             "--fuel",
-            "500000000",
+            "300000000",
             "--checkpoint",
             &checkpoint,
         ],
         None,
     );
     fails_with(&interrupted, 4, "out of fuel");
-    assert!(Path::new(&checkpoint).is_file(), "the checkpoint was kept");
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&checkpoint).expect("the checkpoint was kept"))
+            .expect("the checkpoint is the unit's JSON state");
+    let next = saved["next"]
+        .as_u64()
+        .expect("the checkpoint says where to resume");
+    assert!(
+        0 < next && next < 100_000_000,
+        "the run stopped midway: {saved}"
+    );
 
     let resumed = worker(
         dir.path(),
