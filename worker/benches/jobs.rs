@@ -50,6 +50,26 @@ struct Network {
     _dirs: Vec<tempfile::TempDir>,
 }
 
+impl Network {
+    /// `worker submit` arguments that join this network and lend the submitter no core.
+    fn submit_args(&self) -> [&str; 5] {
+        [
+            "--bootstrap",
+            self.bootstrap.as_str(),
+            "--cpus",
+            "0",
+            "--no-mdns",
+        ]
+    }
+}
+
+/// The benchmark's Monte Carlo sweep as a job manifest.
+fn pi_manifest(samples: u64, replicas: u32) -> String {
+    format!(
+        "name = \"pi\"\nmodule = \"pi.wasm\"\n[inputs.sweep]\nseed = {{ start = 1, stop = {PI_UNITS}, step = 1 }}\nsamples = {samples}\n[redundancy]\nreplicas = {replicas}\nquorum = {replicas}\n[limits]\ntimeout_secs = 120\n"
+    )
+}
+
 impl Drop for Network {
     fn drop(&mut self) {
         for p in &mut self.peers {
@@ -225,17 +245,9 @@ fn main() {
     native_row("native, one core, sequential (reference)", native_total);
 
     let net = network(3);
-    let via = [
-        "--bootstrap",
-        net.bootstrap.as_str(),
-        "--cpus",
-        "0",
-        "--no-mdns",
-    ];
+    let via = net.submit_args();
     for replicas in [1, 2] {
-        let manifest = format!(
-            "name = \"pi\"\nmodule = \"pi.wasm\"\n[inputs.sweep]\nseed = {{ start = 1, stop = {PI_UNITS}, step = 1 }}\nsamples = {samples}\n[redundancy]\nreplicas = {replicas}\nquorum = {replicas}\n[limits]\ntimeout_secs = 120\n"
-        );
+        let manifest = pi_manifest(samples, replicas);
         let wall = median(
             (0..RUNS)
                 .map(|_| submit_with(dir.path(), "pi", &manifest, &via))
@@ -250,16 +262,8 @@ fn main() {
         // One peer per core: the shape of a network of machines, where no two peers' unit
         // hosts (and module compilations) share a core.
         let pair = network(cores.max(1));
-        let via = [
-            "--bootstrap",
-            pair.bootstrap.as_str(),
-            "--cpus",
-            "0",
-            "--no-mdns",
-        ];
-        let manifest = format!(
-            "name = \"pi\"\nmodule = \"pi.wasm\"\n[inputs.sweep]\nseed = {{ start = 1, stop = {PI_UNITS}, step = 1 }}\nsamples = {samples}\n[redundancy]\nreplicas = 1\nquorum = 1\n[limits]\ntimeout_secs = 120\n"
-        );
+        let via = pair.submit_args();
+        let manifest = pi_manifest(samples, 1);
         let wall = median(
             (0..RUNS)
                 .map(|_| submit_with(dir.path(), "pi", &manifest, &via))
@@ -275,9 +279,7 @@ fn main() {
     }
 
     for replicas in [1, 2] {
-        let manifest = format!(
-            "name = \"pi\"\nmodule = \"pi.wasm\"\n[inputs.sweep]\nseed = {{ start = 1, stop = {PI_UNITS}, step = 1 }}\nsamples = {samples}\n[redundancy]\nreplicas = {replicas}\nquorum = {replicas}\n[limits]\ntimeout_secs = 120\n"
-        );
+        let manifest = pi_manifest(samples, replicas);
         let wall = median(
             (0..RUNS)
                 .map(|_| submit(dir.path(), "pi", &manifest))
