@@ -186,8 +186,8 @@ impl Sieve {
 }
 
 /// How many of `flags` are `true`, eight at a time: a `bool` is the byte 0 or 1, so the top byte
-/// of a word times `0x0101…01` is the sum of its eight bytes. Portable, and as fast on wasm32
-/// (where `usize` is 32 bits and a byte-wise count vectorises poorly) as on 64-bit targets.
+/// of a word times `0x0101…01` is the sum of its eight bytes. Faster than counting byte by byte
+/// natively, and much faster on wasm32, where the byte-wise count vectorised four bytes wide.
 fn count_true(flags: &[bool]) -> u64 {
     let mut words = flags.chunks_exact(8);
     let mut count = 0;
