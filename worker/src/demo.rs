@@ -76,12 +76,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, Failure> {
     let store = JobStore::open(&scratch.join("submit.redb")).map_err(|e| host(e.into()))?;
     let command = crate::unit_host_command(&scratch.join("cache")).map_err(host)?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-        .map_err(host)?;
+    let runtime = crate::peer_runtime().map_err(host)?;
     let total = args.peers + u32::from(args.liar);
     let nodes = runtime
         .block_on(async {

@@ -153,6 +153,17 @@ pub(crate) fn unit_host_command(
     })
 }
 
+/// The async runtime a peer's networking runs on: two threads carry it comfortably; unit
+/// threads and unit hosts are separate.
+pub(crate) fn peer_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context as _;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 /// The peer's data directory: `--data-dir`, else `$XDG_DATA_HOME/coordinator-free`, else
 /// `~/.local/share/coordinator-free`.
 pub(crate) fn data_dir(explicit: Option<PathBuf>) -> Option<PathBuf> {

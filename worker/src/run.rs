@@ -101,13 +101,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         / u64::from(config.capacity.cores_donated.max(1));
     config.work = Some(work);
 
-    // Two threads carry a peer's networking comfortably; unit threads are separate.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-        .map_err(internal)?;
+    let runtime = crate::peer_runtime().map_err(internal)?;
     runtime.block_on(async move {
         let node = Node::start(identity, config)
             .await

@@ -233,12 +233,7 @@ fn run_on_network(
             network.cpus,
         ));
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-        .map_err(internal)?;
+    let runtime = crate::peer_runtime().map_err(internal)?;
     let node = runtime
         .block_on(Node::start(identity, config))
         .map_err(Failure::usage)?;
