@@ -20,6 +20,50 @@ fn median(mut samples: Vec<Duration>) -> Duration {
     samples[samples.len() / 2]
 }
 
+/// (steal, total) jiffies over all CPUs from `/proc/stat`, where the kernel reports them: steal
+/// is time the VM's host ran something else while this machine wanted the CPU.
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map_while(|f| f.parse().ok())
+        .collect();
+    Some((*fields.get(7)?, fields.iter().take(8).sum()))
+}
+
+fn print_steal(before: Option<(u64, u64)>) {
+    if let (Some((s0, t0)), Some((s1, t1))) = (before, cpu_jiffies()) {
+        let share = (s1 - s0) as f64 / (t1 - t0).max(1) as f64 * 100.0;
+        println!("# CPU time stolen by the VM's host during the table: {share:.1} %");
+    }
+}
+
+fn median_f64(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// Runs every variant once as a warm-up, then `rounds` rounds of every variant in turn; returns
+/// each round's times, one per variant.
+fn interleaved(rounds: usize, variants: &mut [Box<dyn FnMut() + '_>]) -> Vec<Vec<Duration>> {
+    variants.iter_mut().for_each(|f| f());
+    (0..rounds)
+        .map(|_| {
+            variants
+                .iter_mut()
+                .map(|f| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed()
+                })
+                .collect()
+        })
+        .collect()
+}
+
 fn time(reps: usize, mut f: impl FnMut()) -> Duration {
     f(); // warm-up
     median(
@@ -144,7 +188,9 @@ fn main() {
     let unchecked = sandbox(true, false, resident);
     // Without deadline checks and without NaN canonicalisation: the engine's raw speed.
     let raw_engine = sandbox(false, false, resident);
-    println!("# sandbox vs native, one core, median of {reps} runs; ratio = native time / time");
+    println!(
+        "# sandbox vs native, one core, median of {reps} interleaved rounds; ratio = median of per-round native time / time"
+    );
     println!(
         "{:<11} {:<8} {:>9} | {:>9} {:>6} | {:>9} {:>6} | {:>9} {:>6} | {:>9} {:>6} | {:>9} {:>6}",
         "kernel",
@@ -161,6 +207,7 @@ fn main() {
         "unit host",
         "ratio"
     );
+    let jiffies = cpu_jiffies();
     for k in &kernels {
         let input = k.input.as_bytes();
         let expected = (k.native)(input);
@@ -181,21 +228,6 @@ fn main() {
             k.name
         );
 
-        let t_native = time(reps, || {
-            black_box((k.native)(black_box(input)));
-        });
-        let t_profile = time(reps, || {
-            black_box(run_unit(&canonical, &plain, input, None));
-        });
-        let t_fuel = time(reps, || {
-            black_box(run_unit(&canonical, &fueled, input, Some(u64::MAX / 2)));
-        });
-        let t_no_epoch = time(reps, || {
-            black_box(run_unit(&unchecked, &no_epoch, input, None));
-        });
-        let t_raw = time(reps, || {
-            black_box(run_unit(&raw_engine, &raw, input, None));
-        });
         let hosted = HostedModule::new(k.wasm.to_vec(), Metering::Off);
         let host_request = || {
             let mut r = UnitRequest::new(input.to_vec());
@@ -206,28 +238,60 @@ fn main() {
             host.run(&hosted, host_request()).result,
             Ok(expected.clone())
         );
-        let t_host = time(reps, || {
-            black_box(host.run(&hosted, host_request()));
-        });
+        // Interleaved rounds: each round runs every variant once, so a slow spell of a shared
+        // machine lands on all columns alike; a ratio is the median of its per-round ratios.
+        let mut variants: Vec<Box<dyn FnMut() + '_>> = vec![
+            Box::new(|| {
+                black_box((k.native)(black_box(input)));
+            }),
+            Box::new(|| {
+                black_box(run_unit(&canonical, &plain, input, None));
+            }),
+            Box::new(|| {
+                black_box(run_unit(&canonical, &fueled, input, Some(u64::MAX / 2)));
+            }),
+            Box::new(|| {
+                black_box(run_unit(&unchecked, &no_epoch, input, None));
+            }),
+            Box::new(|| {
+                black_box(run_unit(&raw_engine, &raw, input, None));
+            }),
+            Box::new(|| {
+                black_box(host.run(&hosted, host_request()));
+            }),
+        ];
+        let rounds = interleaved(reps, &mut variants);
+        drop(variants);
+        let t = |v: usize| median(rounds.iter().map(|r| r[v]).collect());
+        let ratio = |v: usize| {
+            median_f64(
+                rounds
+                    .iter()
+                    .map(|r| r[0].as_secs_f64() / r[v].as_secs_f64())
+                    .collect(),
+            )
+        };
+        let (t_native, t_profile, t_fuel, t_no_epoch, t_raw, t_host) =
+            (t(0), t(1), t(2), t(3), t(4), t(5));
         let ms = |t: Duration| t.as_secs_f64() * 1e3;
-        let ratio = |t: Duration| t_native.as_secs_f64() / t.as_secs_f64();
         println!(
             "{:<11} {:<8} {:>7.1}ms | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x",
             k.name,
             k.kind,
             ms(t_native),
             ms(t_profile),
-            ratio(t_profile),
+            ratio(1),
             ms(t_fuel),
-            ratio(t_fuel),
+            ratio(2),
             ms(t_no_epoch),
-            ratio(t_no_epoch),
+            ratio(3),
             ms(t_raw),
-            ratio(t_raw),
+            ratio(4),
             ms(t_host),
-            ratio(t_host),
+            ratio(5),
         );
     }
+    print_steal(jiffies);
 
     if only.is_some() {
         return;
