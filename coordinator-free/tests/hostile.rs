@@ -124,6 +124,103 @@ const NAN_BITS: &str = r#"(module
       (call $w (i32.const 0) (i32.const 32))
       i32.const 0))"#;
 
+/// Every way a NaN's bits can leave float arithmetic, each written as a 64-bit word; `$nan`
+/// is `0 / 0`, which x86 makes the *negative* quiet NaN. A NaN with a payload that only moves
+/// (load, parameter, return, local) must keep its payload, as the specification says.
+const NAN_EXITS: &str = r#"(module
+    (import "cf1" "output_write" (func $w (param i32 i32)))
+    (memory (export "memory") 1)
+    (global $g (mut f64) (f64.const 0))
+    (func $nan (result f64) (f64.div (f64.const 0) (f64.const 0)))
+    (func $bits (param f64) (result i64) (i64.reinterpret_f64 (local.get 0)))
+    (func $id (param f64) (result f64) (local.get 0))
+    (func $put (param $at i32) (param $v i64) (i64.store (local.get $at) (local.get $v)))
+    (func (export "run") (result i32) (local $x f64) (local $y f64)
+      ;; 0: stored as an f64
+      (f64.store (i32.const 0) (f64.div (f64.const 0) (f64.const 0)))
+      ;; 8: returned from a function, then reinterpreted
+      (call $put (i32.const 8) (i64.reinterpret_f64 (call $nan)))
+      ;; 16: passed as an argument
+      (call $put (i32.const 16) (call $bits (f64.sqrt (f64.const -1))))
+      ;; 24: through a global
+      (global.set $g (f64.mul (f64.const inf) (f64.const 0)))
+      (call $put (i32.const 24) (i64.reinterpret_f64 (global.get $g)))
+      ;; 32: the sign of a NaN given to copysign
+      (f64.store (i32.const 32) (f64.copysign (f64.const 1) (call $nan)))
+      (f64.store (i32.const 32) (f64.copysign (f64.const 1) (f64.div (f64.const 0) (f64.const 0))))
+      ;; 40: negated (the sign bit flips on the canonical NaN)
+      (f64.store (i32.const 40) (f64.neg (f64.sub (f64.const inf) (f64.const inf))))
+      ;; 48: a block's result
+      (call $put (i32.const 48) (i64.reinterpret_f64 (block (result f64) (f64.div (f64.const 0) (f64.const 0)))))
+      ;; 56 and 64: splat into a vector
+      (v128.store (i32.const 56) (f64x2.splat (f64.div (f64.const 0) (f64.const 0))))
+      ;; 72: a local that holds an arithmetic NaN across a loop
+      (local.set $x (f64.const 1))
+      (loop $l
+        (local.set $x (f64.sub (local.get $x) (f64.const inf)))
+        (local.set $x (f64.mul (local.get $x) (f64.const 0)))
+        (br_if $l (f64.eq (local.get $x) (local.get $x))))
+      (f64.store (i32.const 72) (local.get $x))
+      ;; 80: a payload NaN loaded, passed through a function and a local, stored again
+      (i64.store (i32.const 200) (i64.const 0xfff4000000000123))
+      (local.set $y (call $id (f64.load (i32.const 200))))
+      (f64.store (i32.const 80) (local.get $y))
+      ;; 88: f32 arithmetic, promoted
+      (f64.store (i32.const 88) (f64.promote_f32 (f32.div (f32.const 0) (f32.const 0))))
+      (call $w (i32.const 0) (i32.const 96))
+      i32.const 0))"#;
+
+/// The words [`NAN_EXITS`] writes.
+fn nan_exit_words(report: &UnitReport) -> Vec<u64> {
+    let out = report.result.as_ref().expect("runs");
+    out.chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn nans_stay_canonical_through_every_way_out() {
+    const CANONICAL: u64 = 0x7ff8_0000_0000_0000;
+    let words = nan_exit_words(&run(&sandbox(), NAN_EXITS));
+    let expected = [
+        CANONICAL,
+        CANONICAL,
+        CANONICAL,
+        CANONICAL,
+        1f64.to_bits(),
+        CANONICAL | 1 << 63,
+        CANONICAL,
+        CANONICAL,
+        CANONICAL,
+        CANONICAL,
+        0xfff4_0000_0000_0123,
+        CANONICAL,
+    ];
+    for (at, (got, want)) in words.iter().zip(expected).enumerate() {
+        assert_eq!(*got, want, "word {at}: {got:#018x}, expected {want:#018x}");
+    }
+    assert_eq!(words.len(), expected.len());
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn without_canonicalisation_this_machine_would_show_other_nans() {
+    // The same module on the raw engine: x86's own NaN is negative, so the test above would
+    // fail if the rewrite missed these ways out.
+    let raw = Sandbox::new(SandboxConfig {
+        canonicalize_nans: false,
+        ..SandboxConfig::default()
+    })
+    .expect("sandbox starts");
+    let words = nan_exit_words(&run(&raw, NAN_EXITS));
+    assert_eq!(words[0], 0xfff8_0000_0000_0000);
+    assert_eq!(words[4], (-1f64).to_bits(), "copysign takes x86's sign");
+    assert_eq!(
+        words[10], 0xfff4_0000_0000_0123,
+        "payloads survive moves either way"
+    );
+}
+
 fn expect_err(report: &UnitReport) -> &UnitError {
     match &report.result {
         Ok(out) => panic!("expected a failure, got {} output bytes", out.len()),

@@ -16,6 +16,7 @@ mod abi;
 mod cache;
 mod executor;
 mod host;
+mod nan;
 mod outcome;
 
 use std::path::PathBuf;
@@ -41,15 +42,17 @@ pub use outcome::{OutcomeClass, TrapKind, UnitError};
 
 /// The engine profile every result is produced under. Peers only compare results of the same
 /// profile: it fixes the WebAssembly features, NaN canonicalisation and the exact engine version
-/// (fuel costs, for one, differ between versions).
-pub const PROFILE: &str = "cf-wasm-1/wasmtime-48.0.8";
+/// (fuel costs, for one, differ between versions). Version 2 canonicalises NaNs where their
+/// bits become observable (`nan.rs`) instead of after every float instruction; fuel counts the
+/// instructions that adds.
+pub const PROFILE: &str = "cf-wasm-2/wasmtime-48.0.8";
 
 /// The profile name of a sandbox built with NaN canonicalisation off, which only exists to
 /// measure what canonicalisation costs: its float results are not comparable across machines.
-pub const PROFILE_UNCANONICAL_NANS: &str = "cf-wasm-1-uncanonical-nans/wasmtime-48.0.8";
+pub const PROFILE_UNCANONICAL_NANS: &str = "cf-wasm-2-uncanonical-nans/wasmtime-48.0.8";
 
 /// Version number of [`PROFILE`], advertised by peers.
-pub const PROFILE_VERSION: u32 = 1;
+pub const PROFILE_VERSION: u32 = 2;
 
 /// The largest linear memory any unit may have: all of a 32-bit memory.
 pub const MAX_MEMORY_BYTES: u64 = 4 << 30;
@@ -386,38 +389,48 @@ impl Drop for Inner {
     }
 }
 
+/// What Rust, C and hand-written modules need, and nothing else.
+const ACCEPTED_FEATURES: WasmFeatures = WasmFeatures::MUTABLE_GLOBAL
+    .union(WasmFeatures::SATURATING_FLOAT_TO_INT)
+    .union(WasmFeatures::SIGN_EXTENSION)
+    .union(WasmFeatures::MULTI_VALUE)
+    .union(WasmFeatures::BULK_MEMORY)
+    .union(WasmFeatures::REFERENCE_TYPES)
+    .union(WasmFeatures::SIMD)
+    .union(WasmFeatures::EXTENDED_CONST)
+    .union(WasmFeatures::TAIL_CALL)
+    .union(WasmFeatures::FLOATS);
+
+/// Proposals that break determinism or that no unit needs.
+const REFUSED_FEATURES: WasmFeatures = WasmFeatures::THREADS
+    .union(WasmFeatures::SHARED_EVERYTHING_THREADS)
+    .union(WasmFeatures::RELAXED_SIMD)
+    .union(WasmFeatures::MEMORY64)
+    .union(WasmFeatures::MULTI_MEMORY)
+    .union(WasmFeatures::GC)
+    .union(WasmFeatures::FUNCTION_REFERENCES)
+    .union(WasmFeatures::EXCEPTIONS)
+    .union(WasmFeatures::LEGACY_EXCEPTIONS)
+    .union(WasmFeatures::STACK_SWITCHING)
+    .union(WasmFeatures::CUSTOM_PAGE_SIZES)
+    .union(WasmFeatures::WIDE_ARITHMETIC)
+    .union(WasmFeatures::COMPONENT_MODEL);
+
+/// The features modules are validated against before the NaN rewrite: the parser's defaults
+/// with the engine's choices applied; the engine validates the rewritten module once more.
+fn validation_features() -> WasmFeatures {
+    (WasmFeatures::default() | ACCEPTED_FEATURES) - REFUSED_FEATURES
+}
+
 /// The engine configuration of [`PROFILE`].
 fn engine_config(config: &SandboxConfig, metering: Metering) -> Config {
     let mut c = Config::new();
-    // Determinism: every NaN is the canonical NaN; no relaxed SIMD, no threads.
-    c.cranelift_nan_canonicalization(config.canonicalize_nans)
+    // Determinism: no relaxed SIMD, no threads. NaNs are canonicalised by rewriting the module
+    // before it is compiled (`nan.rs`), not by the compiler after every float instruction.
+    c.cranelift_nan_canonicalization(false)
         .relaxed_simd_deterministic(true);
-    // What Rust, C and hand-written modules need, and nothing else.
-    let accepted = WasmFeatures::MUTABLE_GLOBAL
-        | WasmFeatures::SATURATING_FLOAT_TO_INT
-        | WasmFeatures::SIGN_EXTENSION
-        | WasmFeatures::MULTI_VALUE
-        | WasmFeatures::BULK_MEMORY
-        | WasmFeatures::REFERENCE_TYPES
-        | WasmFeatures::SIMD
-        | WasmFeatures::EXTENDED_CONST
-        | WasmFeatures::TAIL_CALL
-        | WasmFeatures::FLOATS;
-    let refused = WasmFeatures::THREADS
-        | WasmFeatures::SHARED_EVERYTHING_THREADS
-        | WasmFeatures::RELAXED_SIMD
-        | WasmFeatures::MEMORY64
-        | WasmFeatures::MULTI_MEMORY
-        | WasmFeatures::GC
-        | WasmFeatures::FUNCTION_REFERENCES
-        | WasmFeatures::EXCEPTIONS
-        | WasmFeatures::LEGACY_EXCEPTIONS
-        | WasmFeatures::STACK_SWITCHING
-        | WasmFeatures::CUSTOM_PAGE_SIZES
-        | WasmFeatures::WIDE_ARITHMETIC
-        | WasmFeatures::COMPONENT_MODEL;
-    c.wasm_features(accepted, true)
-        .wasm_features(refused, false);
+    c.wasm_features(ACCEPTED_FEATURES, true)
+        .wasm_features(REFUSED_FEATURES, false);
     c.cranelift_opt_level(OptLevel::Speed)
         .max_wasm_stack(MAX_WASM_STACK)
         .epoch_interruption(config.epoch_deadlines)
@@ -444,8 +457,9 @@ impl Sandbox {
     /// Sets up the engines, the caches and the deadline clock.
     pub fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
         let flavor = |metering: Metering, tag: &str| -> Result<Flavor, SandboxError> {
+            // Artifacts hold rewritten code: the profile version keeps another rewrite's apart.
             let tag = if config.canonicalize_nans {
-                tag.to_owned()
+                format!("{tag}-v{PROFILE_VERSION}")
             } else {
                 format!("{tag}-uncanonical")
             };
@@ -558,8 +572,16 @@ impl Sandbox {
             }
             None => {
                 let _span = tracing::debug_span!("compile", module = %digest).entered();
+                let rewritten;
+                let code = if self.inner.config.canonicalize_nans {
+                    rewritten = nan::canonicalize_observable_nans(wasm, validation_features())
+                        .map_err(|e| UnitError::BadModule { reason: e.0 })?;
+                    &rewritten[..]
+                } else {
+                    wasm
+                };
                 let module =
-                    Module::new(&flavor.engine, wasm).map_err(|e| UnitError::BadModule {
+                    Module::new(&flavor.engine, code).map_err(|e| UnitError::BadModule {
                         reason: format!("{e:#}"),
                     })?;
                 check_exports(&module)?;
