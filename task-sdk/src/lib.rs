@@ -81,8 +81,9 @@
 //!
 //! The module is `target/wasm32-unknown-unknown/release/<crate_name>.wasm`. It imports only
 //! `cf1` functions and exports `memory` and `run`. The repository's `docs/fast-units.md` says
-//! which code runs at native speed in the sandbox (integer loops, bulk copies) and which does
-//! not (float arithmetic, for its NaN canonicalisation).
+//! which code runs at native speed in the sandbox (integer loops, bulk copies, float arithmetic
+//! kept in locals) and what costs more (floats stored or passed to functions inside a hot loop,
+//! which pay a NaN check each).
 //!
 //! # Failure codes
 //!

@@ -36,7 +36,9 @@
 use std::collections::HashMap;
 
 use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
-use wasm_encoder::{CodeSection, CustomSection, Function, Ieee32, Ieee64, Instruction, RawSection};
+use wasm_encoder::{
+    CodeSection, CustomSection, Encode, Function, Ieee32, Ieee64, Instruction, RawSection,
+};
 use wasmtime::wasmparser::{
     self, FuncValidatorAllocations, FunctionBody, Operator, Parser, Payload, ValType, ValidPayload,
     Validator, WasmFeatures,
@@ -49,6 +51,11 @@ const CANONICAL_F64: u64 = 0x7ff8_0000_0000_0000;
 /// Passes of the local classification before it gives up and treats every float local as
 /// clean (always correct, only slower); a real module settles in two or three.
 const MAX_PASSES: usize = 16;
+
+/// Instructions of one function the analysis keeps track of. A longer function (only a
+/// generated or hostile one gets there) is rewritten the simple way instead — every float
+/// arithmetic result canonicalised on the spot — so memory stays bounded whatever the module.
+const MAX_TRACKED_OPS: usize = 1 << 18;
 
 /// Why a module could not be rewritten: it is not a valid module under the sandbox's features.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,8 +141,7 @@ enum LocalKind {
 }
 
 /// What validation said about one instruction, kept for the passes that follow.
-struct Step<'a> {
-    op: Operator<'a>,
+struct Step {
     /// Types of the operands it takes, deepest first (`None` in unreachable code).
     ins: Vec<Option<ValType>>,
     /// Types of the values it leaves.
@@ -169,6 +175,7 @@ fn rewrite_function(
         .collect();
 
     let mut steps = Vec::new();
+    let mut tracked = true;
     let mut ops = body.get_operators_reader().map_err(err)?;
     while !ops.eof() {
         let offset = ops.original_position();
@@ -184,12 +191,19 @@ fn rewrite_function(
             .map(|d| fv.get_operand_type(d).flatten())
             .collect();
         fv.op(offset, &op).map_err(err)?;
+        if !tracked {
+            continue;
+        }
+        if steps.len() == MAX_TRACKED_OPS {
+            tracked = false;
+            steps = Vec::new();
+            continue;
+        }
         let outs = (0..pushes as usize)
             .rev()
             .map(|d| fv.get_operand_type(d).flatten())
             .collect();
         steps.push(Step {
-            op,
             ins,
             outs,
             height_after: fv.operand_stack_height() as usize,
@@ -198,36 +212,6 @@ fn rewrite_function(
     }
     ops.finish().map_err(err)?;
 
-    // Every float local starts as tainted-only; one that receives a clean value becomes clean,
-    // which can make others clean in turn. Parameters hold the caller's clean values.
-    let mut kinds: Vec<LocalKind> = (0..local_types.len() as u32)
-        .map(|i| {
-            if i < params {
-                LocalKind::Clean
-            } else {
-                LocalKind::Tainted
-            }
-        })
-        .collect();
-    let mut settled = false;
-    for _ in 0..MAX_PASSES {
-        let clean_sets = simulate(&steps, &kinds, None)?;
-        let mut changed = false;
-        for (i, kind) in kinds.iter_mut().enumerate() {
-            if *kind == LocalKind::Tainted && clean_sets.get(i).copied().unwrap_or(false) {
-                *kind = LocalKind::Clean;
-                changed = true;
-            }
-        }
-        if !changed {
-            settled = true;
-            break;
-        }
-    }
-    if !settled {
-        kinds.fill(LocalKind::Clean);
-    }
-
     let mut emitter = Emitter {
         next_local: local_types.len() as u32,
         extra: Vec::new(),
@@ -235,7 +219,12 @@ fn rewrite_function(
         scratch: HashMap::new(),
         code: Vec::new(),
     };
-    simulate(&steps, &kinds, Some(&mut emitter))?;
+    if tracked {
+        let kinds = classify_locals(&steps, body, params, local_types.len())?;
+        simulate(&steps, body, &kinds, Some(&mut emitter))?;
+    } else {
+        canonicalize_every_result(body, &mut emitter)?;
+    }
     let mut all_locals: Vec<(u32, wasm_encoder::ValType)> = Vec::new();
     let mut re = RoundtripReencoder;
     for (count, ty) in locals
@@ -246,24 +235,85 @@ fn rewrite_function(
         all_locals.push((count, ty));
     }
     let mut function = Function::new(all_locals);
-    for instruction in &emitter.code {
-        function.instruction(instruction);
-    }
+    function.raw(emitter.code);
     Ok(function)
 }
 
-/// Collects the rewritten body and the extra locals it needs.
-struct Emitter<'a> {
+/// Settles what each local holds. Every float local starts as tainted-only; one that receives
+/// a clean value becomes clean, which can make others clean in turn. Parameters hold the
+/// caller's clean values.
+fn classify_locals(
+    steps: &[Step],
+    body: &FunctionBody<'_>,
+    params: u32,
+    count: usize,
+) -> Result<Vec<LocalKind>, RewriteError> {
+    let mut kinds: Vec<LocalKind> = (0..count as u32)
+        .map(|i| {
+            if i < params {
+                LocalKind::Clean
+            } else {
+                LocalKind::Tainted
+            }
+        })
+        .collect();
+    for _ in 0..MAX_PASSES {
+        let clean_sets = simulate(steps, body, &kinds, None)?;
+        let mut changed = false;
+        for (i, kind) in kinds.iter_mut().enumerate() {
+            if *kind == LocalKind::Tainted && clean_sets.get(i).copied().unwrap_or(false) {
+                *kind = LocalKind::Clean;
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(kinds);
+        }
+    }
+    Ok(vec![LocalKind::Clean; count])
+}
+
+/// The simple rewrite for functions too long to analyse: every float arithmetic result is made
+/// canonical at once, so every value is clean and nothing else needs a change.
+fn canonicalize_every_result(body: &FunctionBody<'_>, e: &mut Emitter) -> Result<(), RewriteError> {
+    let err = |e: wasmparser::BinaryReaderError| RewriteError(format!("{e}"));
+    let mut ops = body.get_operators_reader().map_err(err)?;
+    while !ops.eof() {
+        let op = ops.read().map_err(err)?;
+        e.push_op(&op)?;
+        if let Some(ty) = scalar_arithmetic(&op) {
+            e.canonical_top(ty);
+        } else if let Some(f64_lanes) = vector_arithmetic(&op) {
+            e.canonical_vector(f64_lanes);
+        }
+    }
+    Ok(())
+}
+
+/// Collects the rewritten body (encoded) and the extra locals it needs.
+struct Emitter {
     next_local: u32,
     extra: Vec<ValType>,
     /// Locals holding spilled operands, by type and position above the canonicalised one.
     spill: HashMap<(ValType, usize), u32>,
     /// One scratch local per float or vector type, for canonicalising the top of the stack.
     scratch: HashMap<ValType, u32>,
-    code: Vec<Instruction<'a>>,
+    code: Vec<u8>,
 }
 
-impl<'a> Emitter<'a> {
+impl Emitter {
+    fn push(&mut self, instruction: Instruction<'_>) {
+        instruction.encode(&mut self.code);
+    }
+
+    fn push_op(&mut self, op: &Operator<'_>) -> Result<(), RewriteError> {
+        let instruction = RoundtripReencoder
+            .instruction(op.clone())
+            .map_err(|e| RewriteError(format!("{e}")))?;
+        self.push(instruction);
+        Ok(())
+    }
+
     fn local(&mut self, ty: ValType) -> u32 {
         let index = self.next_local;
         self.next_local += 1;
@@ -292,24 +342,24 @@ impl<'a> Emitter<'a> {
     /// Replaces the scalar held in local `l` by the canonical NaN if it is a NaN, leaving the
     /// result on the stack: `select(x, nan, x == x)`.
     fn canonical_from_local(&mut self, ty: ValType, l: u32) {
-        self.code.push(Instruction::LocalGet(l));
-        self.code.push(match ty {
+        self.push(Instruction::LocalGet(l));
+        self.push(match ty {
             ValType::F32 => Instruction::F32Const(Ieee32::new(CANONICAL_F32)),
             _ => Instruction::F64Const(Ieee64::new(CANONICAL_F64)),
         });
-        self.code.push(Instruction::LocalGet(l));
-        self.code.push(Instruction::LocalGet(l));
-        self.code.push(match ty {
+        self.push(Instruction::LocalGet(l));
+        self.push(Instruction::LocalGet(l));
+        self.push(match ty {
             ValType::F32 => Instruction::F32Eq,
             _ => Instruction::F64Eq,
         });
-        self.code.push(Instruction::Select);
+        self.push(Instruction::Select);
     }
 
     /// Canonicalises the scalar on top of the stack.
     fn canonical_top(&mut self, ty: ValType) {
         let l = self.scratch(ty);
-        self.code.push(Instruction::LocalSet(l));
+        self.push(Instruction::LocalSet(l));
         self.canonical_from_local(ty, l);
     }
 
@@ -323,16 +373,16 @@ impl<'a> Emitter<'a> {
             let lane = i128::from(CANONICAL_F32);
             lane | (lane << 32) | (lane << 64) | (lane << 96)
         };
-        self.code.push(Instruction::LocalTee(l));
-        self.code.push(Instruction::V128Const(nans));
-        self.code.push(Instruction::LocalGet(l));
-        self.code.push(Instruction::LocalGet(l));
-        self.code.push(if f64_lanes {
+        self.push(Instruction::LocalTee(l));
+        self.push(Instruction::V128Const(nans));
+        self.push(Instruction::LocalGet(l));
+        self.push(Instruction::LocalGet(l));
+        self.push(if f64_lanes {
             Instruction::F64x2Eq
         } else {
             Instruction::F32x4Eq
         });
-        self.code.push(Instruction::V128Bitselect);
+        self.push(Instruction::V128Bitselect);
     }
 
     /// Canonicalises the operands `ins[i]` for every `i` in `which` (the operands of the next
@@ -357,50 +407,50 @@ impl<'a> Emitter<'a> {
             .map(|(slot, &ty)| self.spill_local(ty, slot))
             .collect();
         for &l in spilled.iter().rev() {
-            self.code.push(Instruction::LocalSet(l));
+            self.push(Instruction::LocalSet(l));
         }
         self.canonical_top(deepest_ty);
         for (slot, (&ty, &l)) in above.iter().zip(&spilled).enumerate() {
             if which.contains(&(deepest + 1 + slot)) {
                 self.canonical_from_local(ty, l);
             } else {
-                self.code.push(Instruction::LocalGet(l));
+                self.push(Instruction::LocalGet(l));
             }
         }
         true
     }
 }
 
-/// Arithmetic whose NaN result depends on the machine.
-fn is_scalar_arithmetic(op: &Operator<'_>) -> bool {
+/// Arithmetic whose NaN result depends on the machine, with the type of that result.
+fn scalar_arithmetic(op: &Operator<'_>) -> Option<ValType> {
     use Operator as O;
-    matches!(
-        op,
+    match op {
         O::F32Add
-            | O::F32Sub
-            | O::F32Mul
-            | O::F32Div
-            | O::F32Min
-            | O::F32Max
-            | O::F32Sqrt
-            | O::F32Ceil
-            | O::F32Floor
-            | O::F32Trunc
-            | O::F32Nearest
-            | O::F64Add
-            | O::F64Sub
-            | O::F64Mul
-            | O::F64Div
-            | O::F64Min
-            | O::F64Max
-            | O::F64Sqrt
-            | O::F64Ceil
-            | O::F64Floor
-            | O::F64Trunc
-            | O::F64Nearest
-            | O::F32DemoteF64
-            | O::F64PromoteF32
-    )
+        | O::F32Sub
+        | O::F32Mul
+        | O::F32Div
+        | O::F32Min
+        | O::F32Max
+        | O::F32Sqrt
+        | O::F32Ceil
+        | O::F32Floor
+        | O::F32Trunc
+        | O::F32Nearest
+        | O::F32DemoteF64 => Some(ValType::F32),
+        O::F64Add
+        | O::F64Sub
+        | O::F64Mul
+        | O::F64Div
+        | O::F64Min
+        | O::F64Max
+        | O::F64Sqrt
+        | O::F64Ceil
+        | O::F64Floor
+        | O::F64Trunc
+        | O::F64Nearest
+        | O::F64PromoteF32 => Some(ValType::F64),
+        _ => None,
+    }
 }
 
 /// Vector arithmetic whose NaN lanes depend on the machine: `Some(true)` for `f64x2` lanes,
@@ -478,12 +528,16 @@ fn exposes_operands(op: &Operator<'_>) -> bool {
 /// Runs the classification over a function's instructions. Without an emitter it only reports,
 /// per local, whether some assignment gives it a clean value; with one it also writes the
 /// rewritten body.
-fn simulate<'a>(
-    steps: &[Step<'a>],
+fn simulate(
+    steps: &[Step],
+    body: &FunctionBody<'_>,
     kinds: &[LocalKind],
-    mut emit: Option<&mut Emitter<'a>>,
+    mut emit: Option<&mut Emitter>,
 ) -> Result<Vec<bool>, RewriteError> {
     use Operator as O;
+    let mut ops = body
+        .get_operators_reader()
+        .map_err(|e| RewriteError(format!("{e}")))?;
     let mut clean_sets = vec![false; kinds.len()];
     let mut stack: Vec<Taint> = Vec::new();
     let local_taint = |l: u32| match kinds.get(l as usize) {
@@ -491,6 +545,7 @@ fn simulate<'a>(
         _ => Taint::Clean,
     };
     for step in steps {
+        let op = ops.read().map_err(|e| RewriteError(format!("{e}")))?;
         let mut ins: Vec<Taint> = (0..step.ins.len())
             .map(|_| stack.pop().unwrap_or(Taint::Tainted))
             .collect();
@@ -500,10 +555,10 @@ fn simulate<'a>(
         let mut which: Vec<usize> = Vec::new();
         let tainted_float =
             |i: usize| ins[i] == Taint::Tainted && is_float(step.ins.get(i).copied().flatten());
-        if exposes_operands(&step.op) {
+        if exposes_operands(&op) {
             which.extend((0..ins.len()).filter(|&i| tainted_float(i)));
         } else {
-            match &step.op {
+            match &op {
                 O::LocalSet { local_index } | O::LocalTee { local_index } => {
                     if ins.first() == Some(&Taint::Clean)
                         && let Some(seen) = clean_sets.get_mut(*local_index as usize)
@@ -528,12 +583,9 @@ fn simulate<'a>(
             if !step.dead && !which.is_empty() {
                 rewrote = e.canonical_operands(&step.ins, &which);
             }
-            let instruction = RoundtripReencoder
-                .instruction(step.op.clone())
-                .map_err(|e| RewriteError(format!("{e}")))?;
-            e.code.push(instruction);
+            e.push_op(&op)?;
             if !step.dead
-                && let Some(f64_lanes) = vector_arithmetic(&step.op)
+                && let Some(f64_lanes) = vector_arithmetic(&op)
             {
                 e.canonical_vector(f64_lanes);
             }
@@ -553,8 +605,8 @@ fn simulate<'a>(
                 if !is_float(*ty) {
                     return Taint::Neutral;
                 }
-                match &step.op {
-                    op if is_scalar_arithmetic(op) => Taint::Tainted,
+                match &op {
+                    op if scalar_arithmetic(op).is_some() => Taint::Tainted,
                     O::F32Const { value } => {
                         if f32::from_bits(value.bits()).is_nan() {
                             Taint::Clean
@@ -755,6 +807,47 @@ mod tests {
             })
             .collect();
         assert_eq!(names, ["note"]);
+    }
+
+    #[test]
+    fn functions_too_long_to_track_canonicalise_every_result() {
+        // Past the tracking limit a dropped sum is canonicalised all the same; below it, not.
+        let body = |nops: usize| {
+            format!(
+                "(module (func (param f64) {} (drop (f64.add (local.get 0) (local.get 0)))))",
+                "nop ".repeat(nops)
+            )
+        };
+        assert_eq!(selects(&rewrite(&body(10))), 0);
+        assert_eq!(selects(&rewrite(&body(MAX_TRACKED_OPS))), 1);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn damaged_modules_never_panic(flips in proptest::collection::vec((0usize..4096, 0u8..=255), 1..8)) {
+            let mut wasm = wat::parse_str(
+                r#"(module (memory 1) (global (mut f32) (f32.const 0))
+                    (func $f (param f64 i32) (result f64)
+                      (if (result f64) (local.get 1)
+                        (then (f64.sqrt (local.get 0)))
+                        (else (f64.neg (f64.load (local.get 1))))))
+                    (func (param f32) (local f64)
+                      (local.set 1 (call $f (f64.promote_f32 (local.get 0)) (i32.const 8)))
+                      (f64.store (i32.const 0) (f64.copysign (local.get 1) (local.get 1)))
+                      (global.set 0 (f32.demote_f64 (local.get 1)))
+                      (v128.store (i32.const 16) (f32x4.splat (global.get 0)))))"#,
+            )
+            .expect("valid text");
+            for (at, byte) in flips {
+                let len = wasm.len();
+                wasm[at % len] ^= byte;
+            }
+            if let Ok(out) = canonicalize_observable_nans(&wasm, features()) {
+                proptest::prop_assert!(
+                    Validator::new_with_features(features()).validate_all(&out).is_ok()
+                );
+            }
+        }
     }
 
     #[test]
