@@ -220,7 +220,10 @@ fn without_canonicalisation_machines_show_their_own_nans() {
         assert_eq!(words[0], 0x7ff8_0000_0000_0000);
         assert_eq!(words[4], 1f64.to_bits(), "copysign takes Arm's sign");
     }
-    assert_eq!(words[10], 0xfff4_0000_0000_0123, "payloads survive moves either way");
+    assert_eq!(
+        words[10], 0xfff4_0000_0000_0123,
+        "payloads survive moves either way"
+    );
 }
 
 fn expect_err(report: &UnitReport) -> &UnitError {
