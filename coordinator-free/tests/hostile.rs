@@ -535,6 +535,40 @@ fn disk_cache_is_reused_across_sandboxes() {
 }
 
 #[test]
+fn sandboxes_sharing_a_cache_compile_a_module_once() {
+    // As a peer's unit hosts do when a new job arrives: all ask for the module at once.
+    let dir = tempfile::tempdir().unwrap();
+    let config = SandboxConfig {
+        cache_dir: Some(dir.path().to_owned()),
+        ..SandboxConfig::default()
+    };
+    let bytes = wasm(NAN_EXITS);
+    let sandboxes: Vec<Sandbox> = (0..4)
+        .map(|_| Sandbox::new(config.clone()).unwrap())
+        .collect();
+    let start = std::sync::Barrier::new(sandboxes.len());
+    let sources: Vec<ModuleSource> = std::thread::scope(|scope| {
+        let handles: Vec<_> = sandboxes
+            .iter()
+            .map(|sandbox| {
+                let (start, bytes) = (&start, &bytes);
+                scope.spawn(move || {
+                    start.wait();
+                    sandbox.prepare_traced(bytes, Metering::Off).unwrap().1
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let compiled: u64 = sandboxes.iter().map(|s| s.cache_stats().compiled).sum();
+    assert_eq!(compiled, 1, "sources: {sources:?}");
+    assert_eq!(
+        sources.iter().filter(|s| **s == ModuleSource::Disk).count(),
+        3
+    );
+}
+
+#[test]
 fn executor_queue_is_bounded() {
     let sandbox = sandbox();
     let module = sandbox.prepare(&wasm(SPIN), Metering::Off).unwrap();

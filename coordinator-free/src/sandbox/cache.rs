@@ -72,6 +72,20 @@ impl DiskCache {
         }
     }
 
+    /// Waits for, then holds, this cache's compile lock for `digest` until the file is dropped
+    /// (an advisory lock on `<digest>.lock`, which the kernel releases if the holder dies).
+    /// `None` when the lock cannot be had: the caller then compiles without it.
+    pub(crate) fn compile_lock(&self, digest: &Digest) -> Option<fs::File> {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join(format!("{}.lock", digest.to_hex())))
+            .ok()?;
+        file.lock().ok()?;
+        Some(file)
+    }
+
     /// Writes `module`'s artifact for `digest`; failures only cost a later recompile.
     pub(crate) fn store(&self, digest: &Digest, module: &Module) {
         let artifact = match module.serialize() {

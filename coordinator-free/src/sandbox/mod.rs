@@ -560,10 +560,23 @@ impl Sandbox {
             return Ok((prepared, ModuleSource::Memory));
         }
         check_imports(wasm)?;
-        let cached = flavor
-            .disk
-            .as_ref()
-            .and_then(|disk| disk.load(&flavor.engine, &digest));
+        let load = || {
+            flavor
+                .disk
+                .as_ref()
+                .and_then(|disk| disk.load(&flavor.engine, &digest))
+        };
+        let mut cached = load();
+        // A peer's unit hosts all start on a new job's module at once: one compiles it while
+        // the others wait for its artifact instead of compiling the same module each.
+        let _compiling = match (&cached, &flavor.disk) {
+            (None, Some(disk)) => {
+                let lock = disk.compile_lock(&digest);
+                cached = load();
+                lock
+            }
+            _ => None,
+        };
         let (module, source) = match cached {
             // Only modules that passed `check_exports` were ever written to disk.
             Some(module) => {
