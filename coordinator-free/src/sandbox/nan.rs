@@ -692,19 +692,24 @@ mod tests {
         out
     }
 
-    fn selects(wasm: &[u8]) -> usize {
+    /// How many instructions of the rewritten module `pick` matches.
+    fn count(wasm: &[u8], pick: fn(&Operator<'_>) -> bool) -> usize {
         let mut count = 0;
         for payload in Parser::new(0).parse_all(wasm) {
             if let Ok(Payload::CodeSectionEntry(body)) = payload {
                 let mut ops = body.get_operators_reader().expect("operators");
                 while !ops.eof() {
-                    if matches!(ops.read().expect("operator"), Operator::Select) {
+                    if pick(&ops.read().expect("operator")) {
                         count += 1;
                     }
                 }
             }
         }
         count
+    }
+
+    fn selects(wasm: &[u8]) -> usize {
+        count(wasm, |op| matches!(op, Operator::Select))
     }
 
     #[test]
@@ -774,18 +779,7 @@ mod tests {
             r#"(module (func (param v128) (result v128)
                 (f64x2.add (f32x4.mul (local.get 0) (local.get 0)) (local.get 0))))"#,
         );
-        let mut bitselects = 0;
-        for payload in Parser::new(0).parse_all(&out) {
-            if let Ok(Payload::CodeSectionEntry(body)) = payload {
-                let mut ops = body.get_operators_reader().expect("operators");
-                while !ops.eof() {
-                    if matches!(ops.read().expect("operator"), Operator::V128Bitselect) {
-                        bitselects += 1;
-                    }
-                }
-            }
-        }
-        assert_eq!(bitselects, 2);
+        assert_eq!(count(&out, |op| matches!(op, Operator::V128Bitselect)), 2);
     }
 
     #[test]
