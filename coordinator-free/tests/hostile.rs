@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coordinator_free::sandbox::{
-    Executor, ExecutorBusy, Limits, Metering, ModuleSource, OutcomeClass, Sandbox, SandboxConfig,
-    TrapKind, UnitError, UnitReport, UnitRequest, check_imports,
+    Executor, ExecutorBusy, Limits, Metering, ModuleSource, OutcomeClass, PROGRESS_INTERVAL,
+    Sandbox, SandboxConfig, TrapKind, UnitError, UnitReport, UnitRequest, check_imports,
 };
 
 fn sandbox() -> Sandbox {
@@ -75,6 +75,17 @@ const LOG_FLOOD: &str = r#"(module
         (call $log (i32.const 2) (i32.const 0) (i32.const 68))
         (local.set $i (i32.add (local.get $i) (i32.const 1)))
         (br_if $l (i32.lt_u (local.get $i) (i32.const 100000))))
+      i32.const 0))"#;
+
+/// Reports progress 200,000 times, never reaching the total.
+const PROGRESS_FLOOD: &str = r#"(module
+    (import "cf1" "progress" (func $p (param i64 i64)))
+    (memory (export "memory") 1)
+    (func (export "run") (result i32) (local $i i64)
+      (loop $l
+        (local.set $i (i64.add (local.get $i) (i64.const 1)))
+        (call $p (local.get $i) (i64.const 1000000))
+        (br_if $l (i64.lt_u (local.get $i) (i64.const 200000))))
       i32.const 0))"#;
 
 const FAIL: &str = r#"(module
@@ -403,6 +414,43 @@ fn log_flood_is_capped_and_the_unit_goes_on() {
     assert!(kept <= 4096 + 4, "kept {kept} bytes of logs");
     assert!(!report.logs.is_empty());
     assert_eq!(report.logs.len() as u64 + report.logs_dropped, 100_000);
+}
+
+/// Counts the progress reports an observer hears.
+#[derive(Default)]
+struct ProgressHeard(std::sync::Mutex<Vec<(u64, u64)>>);
+
+impl coordinator_free::sandbox::UnitObserver for ProgressHeard {
+    fn progress(&self, done: u64, total: u64) {
+        self.0.lock().unwrap().push((done, total));
+    }
+}
+
+#[test]
+fn progress_flood_reaches_the_observer_at_a_bounded_rate() {
+    let sandbox = sandbox();
+    let module = sandbox
+        .prepare(&wasm(PROGRESS_FLOOD), Metering::Off)
+        .unwrap();
+    let heard = Arc::new(ProgressHeard::default());
+    let mut request = UnitRequest::new(Vec::new());
+    request.limits = limits();
+    request.observer = Some(heard.clone());
+    let started = Instant::now();
+    let report = sandbox.run(&module, request);
+    let elapsed = started.elapsed();
+    assert_eq!(report.result, Ok(Vec::new()));
+    // The report keeps the last value; the observer hears the first report and at most one
+    // more per interval after it.
+    assert_eq!(report.progress, Some((200_000, 1_000_000)));
+    let heard = heard.0.lock().unwrap().clone();
+    let bound = 1 + elapsed.as_millis() / PROGRESS_INTERVAL.as_millis();
+    assert_eq!(heard.first(), Some(&(1, 1_000_000)));
+    assert!(
+        heard.len() as u128 <= bound,
+        "{} reports in {elapsed:?}",
+        heard.len()
+    );
 }
 
 #[test]

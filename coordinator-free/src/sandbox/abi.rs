@@ -2,6 +2,7 @@
 //! it. The contract itself is documented in `docs/guest-abi.md`.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use wasmtime::wasmparser::{self, Parser, Payload, TypeRef, ValType};
 use wasmtime::{Caller, Linker, Memory};
@@ -15,6 +16,11 @@ pub const IMPORT_MODULE: &str = "cf1";
 pub const ENTRY: &str = "run";
 /// The exported memory.
 pub const MEMORY: &str = "memory";
+/// The shortest time between two progress reports passed on to a unit's observer: ten a second
+/// is as often as a progress bar redraws, and a guest reporting progress in its inner loop then
+/// costs the host nothing (each report a unit host passes on is a frame and a wake-up of its
+/// parent).
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Ty {
@@ -232,6 +238,8 @@ pub(crate) struct HostState {
     pub(crate) log_bytes: u64,
     pub(crate) logs_dropped: u64,
     pub(crate) progress: Option<(u64, u64)>,
+    /// When the observer last heard of progress: reports closer together are kept, not passed on.
+    pub(crate) progress_shown: Option<Instant>,
     pub(crate) memory: Option<Memory>,
     pub(crate) observer: Option<Arc<dyn UnitObserver>>,
     pub(crate) limiter: MemoryLimiter,
@@ -398,8 +406,18 @@ pub(crate) fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let state = caller.data_mut();
             let progress = (done.max(0) as u64, total.max(0) as u64);
             state.progress = Some(progress);
+            // The unit's report always carries the last value; an observer (a progress bar, the
+            // pipe to a unit host's parent) hears at most one report per interval and the final
+            // one, however often a guest calls this.
             if let Some(observer) = &state.observer {
-                observer.progress(progress.0, progress.1);
+                let now = Instant::now();
+                let due = state
+                    .progress_shown
+                    .is_none_or(|shown| now.duration_since(shown) >= PROGRESS_INTERVAL);
+                if due || progress.0 >= progress.1 {
+                    state.progress_shown = Some(now);
+                    observer.progress(progress.0, progress.1);
+                }
             }
         },
     )?;

@@ -113,6 +113,9 @@ enum FromHost {
 #[derive(Serialize, Deserialize)]
 struct Finished {
     result: Result<Vec<u8>, UnitError>,
+    /// The last progress the unit reported (the parent hears of it at most every
+    /// [`PROGRESS_INTERVAL`](super::PROGRESS_INTERVAL) while the unit runs).
+    progress: Option<(u64, u64)>,
     logs_dropped: u64,
     fuel_consumed: Option<u64>,
     elapsed: Duration,
@@ -243,6 +246,7 @@ pub fn serve_unit_host(mut config: SandboxConfig) -> Result<(), SandboxError> {
                 // A refused module is every unit's outcome.
                 Err(error) => Finished {
                     result: Err(error.clone()),
+                    progress: None,
                     logs_dropped: 0,
                     fuel_consumed: None,
                     elapsed: Duration::ZERO,
@@ -259,6 +263,7 @@ pub fn serve_unit_host(mut config: SandboxConfig) -> Result<(), SandboxError> {
                     );
                     Finished {
                         result: report.result,
+                        progress: report.progress,
                         logs_dropped: report.logs_dropped,
                         fuel_consumed: report.fuel_consumed,
                         elapsed: report.elapsed,
@@ -828,12 +833,14 @@ fn drive(
             FromHost::Done(finished) => {
                 let Finished {
                     result,
+                    progress,
                     logs_dropped,
                     fuel_consumed,
                     elapsed,
                 } = *finished;
                 let mut ended = std::mem::replace(&mut current, fresh());
                 ended.result = result;
+                ended.progress = progress.or(ended.progress);
                 ended.logs_dropped = logs_dropped;
                 ended.fuel_consumed = fuel_consumed;
                 ended.elapsed = elapsed;

@@ -35,7 +35,7 @@ use crate::digest::Digest;
 use abi::{HostState, MemoryLimiter, Stop};
 use cache::{DiskCache, MemoryCache};
 
-pub use abi::{ENTRY, IMPORT_MODULE, MEMORY, check_imports};
+pub use abi::{ENTRY, IMPORT_MODULE, MEMORY, PROGRESS_INTERVAL, check_imports};
 pub use executor::{Executor, ExecutorBusy, UnitRunner};
 pub use host::{HostedModule, UnitHost, UnitHostCommand, serve_unit_host};
 pub use outcome::{OutcomeClass, TrapKind, UnitError};
@@ -659,6 +659,7 @@ impl Sandbox {
             log_bytes: 0,
             logs_dropped: 0,
             progress: None,
+            progress_shown: None,
             memory: None,
             observer: request.observer,
         };
