@@ -60,6 +60,10 @@ pub struct UnitHostArgs {
     /// Do not read or write the compiled-module cache on disk.
     #[arg(long)]
     no_cache: bool,
+    /// Threads that compile a new module (its functions in parallel): the peer's donated cores,
+    /// since one unit host compiles a module while the others wait for it.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    compile_threads: u16,
 }
 
 /// `worker unit-host`: the child side of [`UnitHost`].
@@ -69,6 +73,15 @@ pub fn unit_host(args: UnitHostArgs) -> Result<ExitCode, Failure> {
             error: anyhow!(e).context("cannot lower the unit host's priority"),
             code: exit::HOST_FAILURE,
         })?;
+    }
+    // The compiler's pool is this process's only one; it is built before anything uses it, so
+    // this cannot fail but for the operating system refusing threads, which only costs speed.
+    if let Err(e) = rayon::ThreadPoolBuilder::new()
+        .num_threads(usize::from(args.compile_threads))
+        .thread_name(|i| format!("cf-compile-{i}"))
+        .build_global()
+    {
+        tracing::warn!("cannot size the compiler's thread pool: {e}");
     }
     let mut config = SandboxConfig {
         cache_dir: cache_dir(args.data_dir, args.no_cache),

@@ -134,10 +134,12 @@ fn init_logging(verbose: u8) {
 /// Niceness of unit hosts, so donated work yields to the user's interactive programs.
 const UNIT_HOST_NICE: &str = "10";
 
-/// How this binary starts its own unit host processes, lowered in priority and sharing the
-/// compiled-module cache in `data_dir`.
+/// How this binary starts its own unit host processes for a peer that donates `cores`: lowered
+/// in priority, sharing the compiled-module cache in `data_dir`, and compiling a new module on
+/// up to `cores` threads (one host compiles it while the others wait for the artifact).
 pub(crate) fn unit_host_command(
     data_dir: &std::path::Path,
+    cores: u32,
 ) -> anyhow::Result<coordinator_free::sandbox::UnitHostCommand> {
     use anyhow::Context as _;
     let program = std::env::current_exe().context("cannot find the worker binary")?;
@@ -149,6 +151,8 @@ pub(crate) fn unit_host_command(
             UNIT_HOST_NICE.into(),
             "--data-dir".into(),
             data_dir.as_os_str().to_owned(),
+            "--compile-threads".into(),
+            cores.clamp(1, 1024).to_string().into(),
         ],
     })
 }

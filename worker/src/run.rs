@@ -91,7 +91,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         config.capacity.memory_mb = memory_mb;
     }
 
-    let command = crate::unit_host_command(&dir).map_err(internal)?;
+    let command = crate::unit_host_command(&dir, u32::from(config.capacity.cores_donated))
+        .map_err(internal)?;
     let mut work = WorkConfig::new(
         WorkRunner::UnitHosts(command),
         u32::from(config.capacity.cores_donated),

@@ -31,8 +31,12 @@ use coordinator_free::store::JobStore;
 
 use crate::{Failure, exit};
 
-/// How long the submitting peer spends saying goodbye once its job is over.
-const SHUTDOWN_LIMIT: Duration = Duration::from_millis(50);
+/// How long the submitting peer spends saying goodbye once its job is over. The close frames
+/// leave on the endpoint's next turn (peers on loopback log them within a millisecond); what
+/// the limit cuts short is QUIC's drain after them (three probe timeouts, over 50 ms even on
+/// loopback), which only answers stray packets. A peer that misses the goodbye notices the
+/// silence by its idle timeout, and by then the job's results are on disk.
+const SHUTDOWN_LIMIT: Duration = Duration::from_millis(10);
 /// How long the job waits for the first peers before it starts anyway (and keeps looking).
 const JOIN_WAIT: Duration = Duration::from_secs(3);
 /// How often progress is printed as a plain line when stderr is not a terminal.
@@ -111,7 +115,7 @@ pub fn run(args: SubmitArgs) -> Result<ExitCode, Failure> {
             )));
         }
         let module = Arc::new(HostedModule::new(wasm.to_vec(), metering));
-        let command = crate::unit_host_command(&data_dir).map_err(internal)?;
+        let command = crate::unit_host_command(&data_dir, cpus).map_err(internal)?;
         // The queue holds every execution the job keeps in flight, so handing out a burst of
         // leases never meets a full queue before the unit threads pick them up.
         let threads = cpus as usize;
@@ -227,7 +231,7 @@ fn run_on_network(
     config.capacity.cores_free = cores;
     config.capacity.memory_mb = 512 * u32::from(cores);
     if network.cpus > 0 {
-        let command = crate::unit_host_command(network.data_dir).map_err(internal)?;
+        let command = crate::unit_host_command(network.data_dir, network.cpus).map_err(internal)?;
         config.work = Some(WorkConfig::new(
             WorkRunner::UnitHosts(command),
             network.cpus,

@@ -445,3 +445,81 @@ fn a_batch_may_outlast_every_units_timeout_when_each_unit_is_in_time() {
         eprintln!("the batch took {took:?}, under one unit's timeout");
     }
 }
+
+#[test]
+fn a_progress_flood_costs_the_parent_a_few_frames_and_the_last_value_arrives() {
+    let wasm = coordinator_free::sandbox::module_from_file_bytes(
+        br#"(module
+            (import "cf1" "progress" (func $p (param i64 i64)))
+            (memory (export "memory") 1)
+            (func (export "run") (result i32) (local $i i64)
+              (loop $l
+                (local.set $i (i64.add (local.get $i) (i64.const 1)))
+                (call $p (local.get $i) (i64.const 1000000))
+                (br_if $l (i64.lt_u (local.get $i) (i64.const 200000))))
+              i32.const 0))"#,
+    )
+    .unwrap()
+    .into_owned();
+    let module = HostedModule::new(wasm, Metering::Off);
+    let mut host = host();
+    let heard = std::sync::Arc::new(Heard::default());
+    let mut r = request(b"", Duration::from_secs(30));
+    r.observer = Some(heard.clone());
+    let started = Instant::now();
+    let report = host.run(&module, r);
+    let elapsed = started.elapsed();
+    assert_eq!(report.result, Ok(Vec::new()));
+    // The parent heard the first report and at most one per interval after it, but the unit's
+    // report carries its very last value.
+    let heard = heard.progress.lock().unwrap().clone();
+    let interval = coordinator_free::sandbox::PROGRESS_INTERVAL;
+    assert_eq!(heard.first(), Some(&(1, 1_000_000)));
+    assert!(
+        heard.len() as u128 <= 1 + elapsed.as_millis() / interval.as_millis(),
+        "{} progress frames in {elapsed:?}",
+        heard.len()
+    );
+    assert_eq!(report.progress, Some((200_000, 1_000_000)));
+}
+
+#[test]
+fn a_unit_host_compiles_on_as_many_threads_as_it_is_given() {
+    let compile_threads = |given: &str| {
+        let mut host = UnitHost::new(UnitHostCommand {
+            program: env!("CARGO_BIN_EXE_worker").into(),
+            args: vec![
+                "unit-host".into(),
+                "--no-cache".into(),
+                "--compile-threads".into(),
+                given.into(),
+            ],
+        });
+        let echo = HostedModule::new(example_artifacts::ECHO_BYTES.to_vec(), Metering::Off);
+        assert_eq!(
+            host.run(&echo, request(b"x", Duration::from_secs(30)))
+                .result,
+            Ok(b"x".to_vec())
+        );
+        let pid = host.pid().expect("a host runs");
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+            .filter(|name| name.starts_with("cf-compile-"))
+            .count()
+    };
+    assert_eq!(compile_threads("1"), 1);
+    assert_eq!(compile_threads("3"), 3);
+    // Out of range: the host refuses to start, and the unit is a host failure, not a result.
+    let mut host = UnitHost::new(UnitHostCommand {
+        program: env!("CARGO_BIN_EXE_worker").into(),
+        args: vec!["unit-host".into(), "--compile-threads".into(), "0".into()],
+    });
+    let echo = HostedModule::new(example_artifacts::ECHO_BYTES.to_vec(), Metering::Off);
+    let report = host.run(&echo, request(b"x", Duration::from_secs(30)));
+    assert!(
+        matches!(report.result, Err(UnitError::Host { .. })),
+        "{:?}",
+        report.result
+    );
+}
