@@ -12,6 +12,11 @@
 //! kernel; (2) throughput of 10,000 tiny units at replicas 1 and 2. Each figure is the median
 //! of a few whole runs, each in a fresh data directory (so nothing is resumed). Wall times are
 //! of the whole `worker submit` process: start, joining the network, journal and results.
+//!
+//! The machine's speed drifts over minutes on a shared VM, so each run of a sweep is paired with
+//! a native probe (20 of the units, one core) timed just before it: a run's useful-work fraction
+//! is the probe scaled to all units ÷ cores ÷ that run's wall, and the row shows the median and
+//! the range over the runs.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -24,10 +29,42 @@ const WORKER: &str = env!("CARGO_BIN_EXE_worker");
 const RUNS: usize = 3;
 const PI_UNITS: u64 = 200;
 const TINY_UNITS: u64 = 10_000;
+/// Units in the native probe timed before each run of the sweep.
+const PROBE_UNITS: u64 = 20;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
+}
+
+/// One run of the sweep and the native probe timed just before it.
+struct Run {
+    wall: Duration,
+    /// The native single-core time of all units, estimated from the probe.
+    native: Duration,
+}
+
+/// Times `run` after a native probe, `RUNS` times.
+fn paired_runs(samples: u64, mut run: impl FnMut() -> Duration) -> Vec<Run> {
+    (0..RUNS)
+        .map(|_| {
+            let t = Instant::now();
+            for seed in 1..=PROBE_UNITS {
+                std::hint::black_box(pi(seed, samples));
+            }
+            let native = t.elapsed() * (PI_UNITS / PROBE_UNITS) as u32;
+            Run {
+                wall: run(),
+                native,
+            }
+        })
+        .collect()
+}
+
+/// Median of the per-run values, with their minimum and maximum.
+fn median_range(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 fn pi(seed: u64, samples: u64) -> example_pi::Output {
@@ -222,40 +259,48 @@ fn main() {
         "# useful-work fraction = native single-core total / cores / wall (\"vs sandboxed\": the sandboxed kernel's total instead); median of {RUNS} runs"
     );
     println!(
-        "{:<48} {:>10} {:>10} {:>14}",
-        "runner", "wall", "useful", "vs sandboxed"
+        "{:<48} {:>10} {:>11} {:>13} {:>14}",
+        "runner", "wall", "useful", "range", "vs sandboxed"
     );
-    let useful = |wall: Duration| native_total.as_secs_f64() / cores as f64 / wall.as_secs_f64();
-    let row = |name: &str, wall: Duration| {
+    // The sandboxed kernel's speed against native, measured once: "vs sandboxed" divides each
+    // run's fraction by it.
+    let sandbox_speed = native_total.as_secs_f64() / sandboxed_total.as_secs_f64();
+    let row = |name: &str, runs: &[Run], sandboxed: bool| {
+        let wall = median(runs.iter().map(|r| r.wall).collect());
+        let (useful, low, high) = median_range(
+            runs.iter()
+                .map(|r| 100.0 * r.native.as_secs_f64() / cores as f64 / r.wall.as_secs_f64())
+                .collect(),
+        );
+        let vs = if sandboxed {
+            format!("{:.1} %", useful / sandbox_speed)
+        } else {
+            "-".to_string()
+        };
         println!(
-            "{name:<48} {:>8.2} s {:>9.1} % {:>12.1} %",
+            "{name:<48} {:>8.2} s {useful:>9.1} % {:>13} {vs:>14}",
             wall.as_secs_f64(),
-            100.0 * useful(wall),
-            100.0 * sandboxed_total.as_secs_f64() / cores as f64 / wall.as_secs_f64()
+            format!("{low:.1}-{high:.1} %"),
         );
     };
-    let native_row = |name: &str, wall: Duration| {
-        println!(
-            "{name:<48} {:>8.2} s {:>9.1} % {:>14}",
-            wall.as_secs_f64(),
-            100.0 * useful(wall),
-            "-"
-        );
-    };
-    native_row("native, one core, sequential (reference)", native_total);
+    println!(
+        "{:<48} {:>8.2} s {:>9.1} % {:>13} {:>14}",
+        "native, one core, sequential (reference)",
+        native_total.as_secs_f64(),
+        100.0 / cores as f64,
+        "-",
+        "-"
+    );
 
     let net = network(3);
     let via = net.submit_args();
     for replicas in [1, 2] {
         let manifest = pi_manifest(samples, replicas);
-        let wall = median(
-            (0..RUNS)
-                .map(|_| submit_with(dir.path(), "pi", &manifest, &via))
-                .collect(),
-        );
+        let runs = paired_runs(samples, || submit_with(dir.path(), "pi", &manifest, &via));
         row(
             &format!("worker submit, 3 peers, replicas = {replicas}"),
-            wall,
+            &runs,
+            true,
         );
     }
     {
@@ -264,30 +309,24 @@ fn main() {
         let pair = network(cores.max(1));
         let via = pair.submit_args();
         let manifest = pi_manifest(samples, 1);
-        let wall = median(
-            (0..RUNS)
-                .map(|_| submit_with(dir.path(), "pi", &manifest, &via))
-                .collect(),
-        );
+        let runs = paired_runs(samples, || submit_with(dir.path(), "pi", &manifest, &via));
         row(
             &format!(
                 "worker submit, {} peers (1 per core), replicas = 1",
                 cores.max(1)
             ),
-            wall,
+            &runs,
+            true,
         );
     }
 
     for replicas in [1, 2] {
         let manifest = pi_manifest(samples, replicas);
-        let wall = median(
-            (0..RUNS)
-                .map(|_| submit(dir.path(), "pi", &manifest))
-                .collect(),
-        );
+        let runs = paired_runs(samples, || submit(dir.path(), "pi", &manifest));
         row(
             &format!("worker submit, this machine, replicas = {replicas}"),
-            wall,
+            &runs,
+            true,
         );
     }
 
@@ -299,28 +338,28 @@ fn main() {
         .is_ok_and(|s| s.success());
     if parallel_available {
         let me = std::env::current_exe().expect("own path");
-        let wall = median(
-            (0..RUNS)
-                .map(|_| {
-                    let started = Instant::now();
-                    let status = Command::new("parallel")
-                        .arg("-j")
-                        .arg(cores.to_string())
-                        .arg(&me)
-                        .args(["--pi", "{}"])
-                        .arg(samples.to_string())
-                        .arg(":::")
-                        .args((1..=PI_UNITS).map(|s| s.to_string()))
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status()
-                        .expect("parallel runs");
-                    assert!(status.success(), "GNU parallel failed");
-                    started.elapsed()
-                })
-                .collect(),
+        let runs = paired_runs(samples, || {
+            let started = Instant::now();
+            let status = Command::new("parallel")
+                .arg("-j")
+                .arg(cores.to_string())
+                .arg(&me)
+                .args(["--pi", "{}"])
+                .arg(samples.to_string())
+                .arg(":::")
+                .args((1..=PI_UNITS).map(|s| s.to_string()))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("parallel runs");
+            assert!(status.success(), "GNU parallel failed");
+            started.elapsed()
+        });
+        row(
+            &format!("GNU parallel -j {cores}, native kernel"),
+            &runs,
+            false,
         );
-        native_row(&format!("GNU parallel -j {cores}, native kernel"), wall);
     } else {
         println!(
             "{:<48} (not installed: apt-get install parallel)",
