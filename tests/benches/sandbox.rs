@@ -2,7 +2,8 @@
 //! natively, on one core, and the fixed cost of a no-op unit with a warm cache.
 //!
 //! `cargo bench -p integration-tests --bench sandbox` (add `-- --quick` for fewer repetitions,
-//! `-- --kernel NAME` for one kernel and no fixed-cost table).
+//! `-- --kernel NAME` for one kernel and no fixed-cost table, `-- --fixed` for the fixed-cost
+//! table alone).
 //! Prints medians; ratios are native time / sandbox time, so 1.00 means native speed.
 
 use std::hint::black_box;
@@ -176,124 +177,127 @@ fn main() {
         .iter()
         .position(|a| a == "--kernel")
         .and_then(|i| args.get(i + 1).cloned());
+    let fixed_only = args.iter().any(|a| a == "--fixed");
     let kernels: Vec<Kernel> = kernels
         .into_iter()
-        .filter(|k| only.as_deref().is_none_or(|name| name == k.name))
+        .filter(|k| !fixed_only && only.as_deref().is_none_or(|name| name == k.name))
         .collect();
 
     let resident = SandboxConfig::default().keep_resident_bytes;
     // The profile as shipped: canonical NaNs and epoch deadline checks.
     let canonical = sandbox(true, true, resident);
-    // Without the deadline checks (what a unit host process killed on timeout can run).
-    let unchecked = sandbox(true, false, resident);
-    // Without deadline checks and without NaN canonicalisation: the engine's raw speed.
-    let raw_engine = sandbox(false, false, resident);
-    println!(
-        "# sandbox vs native, one core, median of {reps} interleaved rounds; ratio = median of per-round native time / time"
-    );
-    println!(
-        "{:<11} {:<8} {:>9} | {:>9} {:>6} | {:>9} {:>6} | {:>9} {:>6} | {:>9} {:>6} | {:>9} {:>6}",
-        "kernel",
-        "kind",
-        "native",
-        "profile",
-        "ratio",
-        "+fuel",
-        "ratio",
-        "no epoch",
-        "ratio",
-        "raw",
-        "ratio",
-        "unit host",
-        "ratio"
-    );
-    let jiffies = cpu_jiffies();
-    for k in &kernels {
-        let input = k.input.as_bytes();
-        let expected = (k.native)(input);
-        let plain = canonical.prepare(k.wasm, Metering::Off).expect("prepares");
-        let fueled = canonical.prepare(k.wasm, Metering::Fuel).expect("prepares");
-        let no_epoch = unchecked.prepare(k.wasm, Metering::Off).expect("prepares");
-        let raw = raw_engine.prepare(k.wasm, Metering::Off).expect("prepares");
-        assert_eq!(
-            run_unit(&canonical, &plain, input, None),
-            expected,
-            "{}",
-            k.name
-        );
-        assert_eq!(
-            run_unit(&unchecked, &no_epoch, input, None),
-            expected,
-            "{}",
-            k.name
-        );
-
-        let hosted = HostedModule::new(k.wasm.to_vec(), Metering::Off);
-        let host_request = || {
-            let mut r = UnitRequest::new(input.to_vec());
-            r.limits.timeout = Duration::from_secs(600);
-            r
-        };
-        assert_eq!(
-            host.run(&hosted, host_request()).result,
-            Ok(expected.clone())
-        );
-        // Interleaved rounds: each round runs every variant once, so a slow spell of a shared
-        // machine lands on all columns alike; a ratio is the median of its per-round ratios.
-        let mut variants: Vec<Box<dyn FnMut() + '_>> = vec![
-            Box::new(|| {
-                black_box((k.native)(black_box(input)));
-            }),
-            Box::new(|| {
-                black_box(run_unit(&canonical, &plain, input, None));
-            }),
-            Box::new(|| {
-                black_box(run_unit(&canonical, &fueled, input, Some(u64::MAX / 2)));
-            }),
-            Box::new(|| {
-                black_box(run_unit(&unchecked, &no_epoch, input, None));
-            }),
-            Box::new(|| {
-                black_box(run_unit(&raw_engine, &raw, input, None));
-            }),
-            Box::new(|| {
-                black_box(host.run(&hosted, host_request()));
-            }),
-        ];
-        let rounds = interleaved(reps, &mut variants);
-        drop(variants);
-        let t = |v: usize| median(rounds.iter().map(|r| r[v]).collect());
-        let ratio = |v: usize| {
-            median_f64(
-                rounds
-                    .iter()
-                    .map(|r| r[0].as_secs_f64() / r[v].as_secs_f64())
-                    .collect(),
-            )
-        };
-        let (t_native, t_profile, t_fuel, t_no_epoch, t_raw, t_host) =
-            (t(0), t(1), t(2), t(3), t(4), t(5));
-        let ms = |t: Duration| t.as_secs_f64() * 1e3;
+    if !fixed_only {
+        // Without the deadline checks (what a unit host process killed on timeout can run).
+        let unchecked = sandbox(true, false, resident);
+        // Without deadline checks and without NaN canonicalisation: the engine's raw speed.
+        let raw_engine = sandbox(false, false, resident);
         println!(
-            "{:<11} {:<8} {:>7.1}ms | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x",
-            k.name,
-            k.kind,
-            ms(t_native),
-            ms(t_profile),
-            ratio(1),
-            ms(t_fuel),
-            ratio(2),
-            ms(t_no_epoch),
-            ratio(3),
-            ms(t_raw),
-            ratio(4),
-            ms(t_host),
-            ratio(5),
+            "# sandbox vs native, one core, median of {reps} interleaved rounds; ratio = median of per-round native time / time"
         );
-    }
-    print_steal(jiffies);
+        println!(
+            "{:<11} {:<8} {:>9} | {:>9} {:>6} | {:>9} {:>6} | {:>9} {:>6} | {:>9} {:>6} | {:>9} {:>6}",
+            "kernel",
+            "kind",
+            "native",
+            "profile",
+            "ratio",
+            "+fuel",
+            "ratio",
+            "no epoch",
+            "ratio",
+            "raw",
+            "ratio",
+            "unit host",
+            "ratio"
+        );
+        let jiffies = cpu_jiffies();
+        for k in &kernels {
+            let input = k.input.as_bytes();
+            let expected = (k.native)(input);
+            let plain = canonical.prepare(k.wasm, Metering::Off).expect("prepares");
+            let fueled = canonical.prepare(k.wasm, Metering::Fuel).expect("prepares");
+            let no_epoch = unchecked.prepare(k.wasm, Metering::Off).expect("prepares");
+            let raw = raw_engine.prepare(k.wasm, Metering::Off).expect("prepares");
+            assert_eq!(
+                run_unit(&canonical, &plain, input, None),
+                expected,
+                "{}",
+                k.name
+            );
+            assert_eq!(
+                run_unit(&unchecked, &no_epoch, input, None),
+                expected,
+                "{}",
+                k.name
+            );
 
-    if only.is_some() {
+            let hosted = HostedModule::new(k.wasm.to_vec(), Metering::Off);
+            let host_request = || {
+                let mut r = UnitRequest::new(input.to_vec());
+                r.limits.timeout = Duration::from_secs(600);
+                r
+            };
+            assert_eq!(
+                host.run(&hosted, host_request()).result,
+                Ok(expected.clone())
+            );
+            // Interleaved rounds: each round runs every variant once, so a slow spell of a shared
+            // machine lands on all columns alike; a ratio is the median of its per-round ratios.
+            let mut variants: Vec<Box<dyn FnMut() + '_>> = vec![
+                Box::new(|| {
+                    black_box((k.native)(black_box(input)));
+                }),
+                Box::new(|| {
+                    black_box(run_unit(&canonical, &plain, input, None));
+                }),
+                Box::new(|| {
+                    black_box(run_unit(&canonical, &fueled, input, Some(u64::MAX / 2)));
+                }),
+                Box::new(|| {
+                    black_box(run_unit(&unchecked, &no_epoch, input, None));
+                }),
+                Box::new(|| {
+                    black_box(run_unit(&raw_engine, &raw, input, None));
+                }),
+                Box::new(|| {
+                    black_box(host.run(&hosted, host_request()));
+                }),
+            ];
+            let rounds = interleaved(reps, &mut variants);
+            drop(variants);
+            let t = |v: usize| median(rounds.iter().map(|r| r[v]).collect());
+            let ratio = |v: usize| {
+                median_f64(
+                    rounds
+                        .iter()
+                        .map(|r| r[0].as_secs_f64() / r[v].as_secs_f64())
+                        .collect(),
+                )
+            };
+            let (t_native, t_profile, t_fuel, t_no_epoch, t_raw, t_host) =
+                (t(0), t(1), t(2), t(3), t(4), t(5));
+            let ms = |t: Duration| t.as_secs_f64() * 1e3;
+            println!(
+                "{:<11} {:<8} {:>7.1}ms | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x | {:>7.1}ms {:>5.2}x",
+                k.name,
+                k.kind,
+                ms(t_native),
+                ms(t_profile),
+                ratio(1),
+                ms(t_fuel),
+                ratio(2),
+                ms(t_no_epoch),
+                ratio(3),
+                ms(t_raw),
+                ratio(4),
+                ms(t_host),
+                ratio(5),
+            );
+        }
+        print_steal(jiffies);
+    }
+
+    if only.is_some() && !fixed_only {
         return;
     }
     println!();
