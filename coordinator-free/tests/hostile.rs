@@ -88,6 +88,19 @@ const PROGRESS_FLOOD: &str = r#"(module
         (br_if $l (i64.lt_u (local.get $i) (i64.const 200000))))
       i32.const 0))"#;
 
+/// Alternates complete (`done == total`) and incomplete reports, 200,000 of them: a guest that
+/// tries to slip past the rate limit by completing its work over and over.
+const PROGRESS_FLOOD_COMPLETE: &str = r#"(module
+    (import "cf1" "progress" (func $p (param i64 i64)))
+    (memory (export "memory") 1)
+    (func (export "run") (result i32) (local $i i64)
+      (loop $l
+        (local.set $i (i64.add (local.get $i) (i64.const 1)))
+        (call $p (local.get $i)
+          (i64.add (local.get $i) (i64.and (i64.add (local.get $i) (i64.const 1)) (i64.const 1))))
+        (br_if $l (i64.lt_u (local.get $i) (i64.const 200000))))
+      i32.const 0))"#;
+
 const FAIL: &str = r#"(module
     (import "cf1" "fail" (func $fail (param i32 i32 i32)))
     (memory (export "memory") 1)
@@ -429,28 +442,33 @@ impl coordinator_free::sandbox::UnitObserver for ProgressHeard {
 #[test]
 fn progress_flood_reaches_the_observer_at_a_bounded_rate() {
     let sandbox = sandbox();
-    let module = sandbox
-        .prepare(&wasm(PROGRESS_FLOOD), Metering::Off)
-        .unwrap();
-    let heard = Arc::new(ProgressHeard::default());
-    let mut request = UnitRequest::new(Vec::new());
-    request.limits = limits();
-    request.observer = Some(heard.clone());
-    let started = Instant::now();
-    let report = sandbox.run(&module, request);
-    let elapsed = started.elapsed();
-    assert_eq!(report.result, Ok(Vec::new()));
-    // The report keeps the last value; the observer hears the first report and at most one
-    // more per interval after it.
-    assert_eq!(report.progress, Some((200_000, 1_000_000)));
-    let heard = heard.0.lock().unwrap().clone();
-    let bound = 1 + elapsed.as_millis() / PROGRESS_INTERVAL.as_millis();
-    assert_eq!(heard.first(), Some(&(1, 1_000_000)));
-    assert!(
-        heard.len() as u128 <= bound,
-        "{} reports in {elapsed:?}",
-        heard.len()
-    );
+    // (module, first report, last report, most reports per interval)
+    let cases = [
+        (PROGRESS_FLOOD, (1, 1_000_000), (200_000, 1_000_000), 1),
+        (PROGRESS_FLOOD_COMPLETE, (1, 1), (200_000, 200_001), 2),
+    ];
+    for (wat, first, last, per_interval) in cases {
+        let module = sandbox.prepare(&wasm(wat), Metering::Off).unwrap();
+        let heard = Arc::new(ProgressHeard::default());
+        let mut request = UnitRequest::new(Vec::new());
+        request.limits = limits();
+        request.observer = Some(heard.clone());
+        let started = Instant::now();
+        let report = sandbox.run(&module, request);
+        let elapsed = started.elapsed();
+        assert_eq!(report.result, Ok(Vec::new()));
+        // The report keeps the last value; the observer hears the first report and a bounded
+        // number per interval after it.
+        assert_eq!(report.progress, Some(last));
+        let heard = heard.0.lock().unwrap().clone();
+        let bound = per_interval * (1 + elapsed.as_millis() / PROGRESS_INTERVAL.as_millis());
+        assert_eq!(heard.first(), Some(&first));
+        assert!(
+            heard.len() as u128 <= bound,
+            "{} reports in {elapsed:?}",
+            heard.len()
+        );
+    }
 }
 
 #[test]

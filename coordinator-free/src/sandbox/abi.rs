@@ -238,8 +238,9 @@ pub(crate) struct HostState {
     pub(crate) log_bytes: u64,
     pub(crate) logs_dropped: u64,
     pub(crate) progress: Option<(u64, u64)>,
-    /// When the observer last heard of progress: reports closer together are kept, not passed on.
-    pub(crate) progress_shown: Option<Instant>,
+    /// When the observer last heard of progress, and whether that report was complete
+    /// (`done >= total`): reports closer together are kept, not passed on.
+    pub(crate) progress_shown: Option<(Instant, bool)>,
     pub(crate) memory: Option<Memory>,
     pub(crate) observer: Option<Arc<dyn UnitObserver>>,
     pub(crate) limiter: MemoryLimiter,
@@ -407,15 +408,21 @@ pub(crate) fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let progress = (done.max(0) as u64, total.max(0) as u64);
             state.progress = Some(progress);
             // The unit's report always carries the last value; an observer (a progress bar, the
-            // pipe to a unit host's parent) hears at most one report per interval and the final
-            // one, however often a guest calls this.
+            // pipe to a unit host's parent) hears one report per interval, and a report that
+            // completes the work at once unless the last one it heard was complete already: at
+            // most two per interval, however often and with whatever values a guest calls this.
             if let Some(observer) = &state.observer {
                 let now = Instant::now();
-                let due = state
-                    .progress_shown
-                    .is_none_or(|shown| now.duration_since(shown) >= PROGRESS_INTERVAL);
-                if due || progress.0 >= progress.1 {
-                    state.progress_shown = Some(now);
+                let complete = progress.0 >= progress.1;
+                let due = match state.progress_shown {
+                    None => true,
+                    Some((shown, shown_complete)) => {
+                        now.duration_since(shown) >= PROGRESS_INTERVAL
+                            || (complete && !shown_complete)
+                    }
+                };
+                if due {
+                    state.progress_shown = Some((now, complete));
                     observer.progress(progress.0, progress.1);
                 }
             }
