@@ -5,6 +5,7 @@
 #[cfg(unix)]
 pub mod control;
 pub mod digest;
+pub mod host;
 pub mod identity;
 pub mod job;
 pub mod membership;

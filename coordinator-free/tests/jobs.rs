@@ -1,5 +1,5 @@
 //! Jobs over real QUIC between nodes in one process: a submitter spreads a job over workers,
-//! replicas run on distinct peers, a lying worker is outvoted and named, and the journal holds
+//! replicas run on distinct hosts (each node binds a loopback address of its own), a lying worker is outvoted and named, and the journal holds
 //! every unit. Every wait is bounded.
 
 use std::path::Path;
@@ -16,8 +16,17 @@ use coordinator_free::node::{
 use coordinator_free::sandbox::SandboxConfig;
 use coordinator_free::store::JobStore;
 
+/// A loopback address of its own for each node, so each is a host of its own to the
+/// submitter (every 127.0.0.0/8 address reaches the loopback interface on Linux).
+fn next_host() -> std::net::SocketAddr {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ip = std::net::Ipv4Addr::new(127, 0, 1 + (n / 250) as u8, 2 + (n % 250) as u8);
+    std::net::SocketAddr::new(ip.into(), 0)
+}
+
 fn worker_config(bootstrap: Option<&Node>, tamper: bool) -> NodeConfig {
-    let mut config = NodeConfig::new("127.0.0.1:0".parse().expect("addr"));
+    let mut config = NodeConfig::new(next_host());
     config.mdns = false;
     config.bootstrap = bootstrap
         .map(|n| Bootstrap {

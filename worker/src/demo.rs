@@ -1,8 +1,9 @@
 //! `worker demo`: a small network inside this process. Three peers on loopback join through
 //! the first, each donating one core to unit host processes; the first submits an example SIR
 //! sweep with two replicas per unit, which spreads over all three, and every unit is accepted
-//! only when two distinct peers returned identical bytes. With `--liar`, a fourth peer alters
-//! every output it returns, and validation outvotes and names it.
+//! only when two distinct hosts (each peer binds its own loopback address) returned identical
+//! bytes. With `--liar`, a fourth peer alters every output it returns, and validation outvotes
+//! and names it.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -82,7 +83,10 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, Failure> {
         .block_on(async {
             let mut nodes: Vec<Node> = Vec::new();
             for i in 0..total {
-                let mut config = NodeConfig::new("127.0.0.1:0".parse()?);
+                // Each peer on a loopback address of its own (127.0.0.1, .2, …), so the submitter
+                // sees distinct hosts and places replicas on them.
+                let ip = std::net::Ipv4Addr::new(127, 0, 0, u8::try_from(i + 1)?);
+                let mut config = NodeConfig::new(std::net::SocketAddr::new(ip.into(), 0));
                 config.mdns = false;
                 if let Some(first) = nodes.first() {
                     config.bootstrap = vec![Bootstrap {
@@ -208,7 +212,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, Failure> {
         summary.elapsed.as_secs_f64()
     );
     println!(
-        "validation: a unit is accepted when {} distinct peers return byte-identical output",
+        "validation: a unit is accepted when {} distinct hosts return byte-identical output",
         manifest.redundancy.quorum
     );
     for (peer, times) in &summary.dissenters {

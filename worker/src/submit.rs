@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use clap::Args;
 use coordinator_free::digest::Digest;
+use coordinator_free::host::Placement;
 use coordinator_free::identity::Identity;
 use coordinator_free::job::driver::{JobData, JobProgress, JobSummary, run_job};
 use coordinator_free::job::local::{LocalJob, default_out_dir};
@@ -27,6 +28,7 @@ use coordinator_free::node::{
     Bootstrap, NetWorkers, Node, NodeConfig, WorkConfig, WorkRunner, net_schedule_config,
 };
 use coordinator_free::sandbox::{self, Executor, HostedModule, Metering};
+use coordinator_free::schedule::Culprit;
 use coordinator_free::store::JobStore;
 
 use crate::{Failure, exit};
@@ -363,6 +365,12 @@ fn print_summary(manifest: &JobManifest, s: &JobSummary, simulated: bool) {
         "units: {} accepted, {} failed, of {}",
         s.accepted, s.failed, s.units
     );
+    if s.retried > 0 {
+        println!(
+            "{} units the journal held as failed by host failures or cancellation were run again",
+            s.retried
+        );
+    }
     println!(
         "this run: {} units run this time, {} restored; {} executions, {} host failures, {} disagreeing results, {:.1}s",
         s.units_run,
@@ -378,8 +386,12 @@ fn print_summary(manifest: &JobManifest, s: &JobSummary, simulated: bool) {
             r.replicas, r.quorum, r.max_attempts
         );
     } else {
+        let placement = match r.placement {
+            Placement::Host => "on distinct hosts",
+            Placement::Peer => "on distinct peers (placement = \"peer\")",
+        };
         println!(
-            "validation: replicas {}, quorum {}, max attempts {}; {} peers took part",
+            "validation: replicas {}, quorum {}, max attempts {}, {placement}; {} peers took part",
             r.replicas,
             r.quorum,
             r.max_attempts,
@@ -390,6 +402,17 @@ fn print_summary(manifest: &JobManifest, s: &JobSummary, simulated: bool) {
         }
         for (peer, times) in &s.dissenters {
             println!("  peer {peer} disagreed with an accepted result {times} times");
+        }
+        for (culprit, p) in &s.penalties {
+            let who = match culprit {
+                Culprit::Peer(peer) => format!("peer {peer}"),
+                Culprit::Host(host) => format!("host {host}"),
+            };
+            let now = if p.backed_off { ", backed off now" } else { "" };
+            println!(
+                "  {who}: {} failed leases (host failures, expiries, lost links), {} back-offs{now}",
+                p.failures, p.backoffs
+            );
         }
     }
     println!("results: {}", display_path(&s.results));

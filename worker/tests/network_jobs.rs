@@ -40,10 +40,24 @@ impl Peer {
     }
 }
 
+/// A loopback address of its own for each peer: each is a host of its own to a submitter.
+fn next_listen() -> String {
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("127.0.0.{n}:0")
+}
+
 fn start_peer(root: &Path, name: &str, bootstrap: Option<&Peer>) -> Peer {
     let mut command = Command::new(WORKER);
     command
-        .args(["run", "--listen", "127.0.0.1:0", "--no-mdns", "--cpus", "1"])
+        .args([
+            "run",
+            "--listen",
+            &next_listen(),
+            "--no-mdns",
+            "--cpus",
+            "1",
+        ])
         .arg("--data-dir")
         .arg(root.join(name))
         .env_remove("WORKER_LOG")
@@ -179,7 +193,7 @@ fn jobs_survive_a_killed_worker_a_liar_and_a_killed_submitter() {
         .enable_all()
         .build()
         .unwrap();
-    let mut config = NodeConfig::new("127.0.0.1:0".parse().unwrap());
+    let mut config = NodeConfig::new(next_listen().parse().unwrap());
     config.mdns = false;
     config.bootstrap = vec![first.bootstrap().parse::<Bootstrap>().unwrap()];
     config.capacity.cores_donated = 1;

@@ -22,11 +22,14 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
+use crate::host::Host;
 use crate::job::manifest::{JobManifest, UnitInput};
 use crate::job::results::{ResultLine, Status, output_value};
 use crate::peer_id::PeerId;
 use crate::sandbox::{Limits, OutcomeClass, PROFILE, UnitError};
-use crate::schedule::{Command, Config, Event, Lease, LeaseId, LeaseResult, Scheduler};
+use crate::schedule::{
+    Command, Config, Culprit, Event, Lease, LeaseId, LeaseResult, Penalty, Scheduler,
+};
 use crate::store::{JobRecord, JobStore, Reputation, StoreError};
 use crate::validate::{Outcome, Policy, Verdict, Vote};
 
@@ -68,6 +71,18 @@ pub enum JobError {
     /// The network side of the job stopped.
     #[error("the peer running the job stopped")]
     NodeStopped,
+    /// The journal holds this job under another engine profile: its results were computed
+    /// by another engine and cannot be mixed with this one's.
+    #[error(
+        "the journal holds this job under engine profile {stored}, but this worker runs {current}; \
+         run it with a worker of that profile, or use another data directory"
+    )]
+    Profile {
+        /// The journal's profile.
+        stored: String,
+        /// This worker's.
+        current: &'static str,
+    },
     /// Open units remain but none can be handed out and none is running: a bug, reported
     /// rather than waited on forever.
     #[error("the job stalled with {open} units open and nothing running")]
@@ -142,6 +157,11 @@ pub struct JobSummary {
     pub peers: BTreeMap<PeerId, u64>,
     /// Peers that returned a result other than an accepted quorum's, with how often.
     pub dissenters: BTreeMap<PeerId, u64>,
+    /// Peers and hosts charged with failures (host failures, expired leases, lost links), and
+    /// whether they were given no leases for a while.
+    pub penalties: Vec<(Culprit, Penalty)>,
+    /// Units journaled as failed by host failures or cancellation that this run took up again.
+    pub retried: u32,
     /// Whether the peers are simulated ids of local execution slots rather than real peers.
     pub simulated_peers: bool,
     /// The results file.
@@ -209,8 +229,12 @@ pub enum WorkerEvent {
         lease: LeaseId,
         result: Result<Vec<u8>, UnitError>,
     },
-    /// `peer` takes up to `slots` more leases now.
-    Available { peer: PeerId, slots: u32 },
+    /// `peer` takes up to `slots` more leases now; its connection comes from `host`.
+    Available {
+        peer: PeerId,
+        slots: u32,
+        host: Host,
+    },
     /// `peer` refused leases without running them.
     Declined { peer: PeerId, leases: Vec<LeaseId> },
     /// `peer` is gone; its leases are lost.
@@ -270,6 +294,18 @@ pub fn run_job<W: Workers>(
     let count =
         u32::try_from(job.units.len()).map_err(|_| JobError::TooManyUnits(job.units.len()))?;
     let policy = Policy::from(manifest.redundancy);
+    let config = Config {
+        placement: manifest.redundancy.placement,
+        ..config
+    };
+    if let Some(stored) = store.job(&job.id)?
+        && stored.profile != PROFILE
+    {
+        return Err(JobError::Profile {
+            stored: stored.profile,
+            current: PROFILE,
+        });
+    }
     store.put_job(
         &job.id,
         &JobRecord {
@@ -293,7 +329,8 @@ pub fn run_job<W: Workers>(
     std::fs::create_dir_all(out_dir).map_err(results_err)?;
     let mut state = State::default();
     let journal = store.units(&job.id)?;
-    let restored = u32::try_from(journal.len()).unwrap_or(u32::MAX);
+    let mut restored = 0u32;
+    let mut retried = 0u32;
     let tmp = out_dir.join("results.jsonl.tmp");
     {
         let mut file = BufWriter::new(File::create(&tmp).map_err(results_err)?);
@@ -307,9 +344,16 @@ pub fn run_job<W: Workers>(
                 .ok()
                 .filter(|u| *u < count)
                 .ok_or(JobError::Journal { index: *index })?;
-            scheduler
+            let kept = scheduler
                 .restore(unit, record.verdict.clone())
                 .map_err(|_| JobError::Journal { index: *index })?;
+            if !kept {
+                // Failed by the machines, not by the unit: it runs again and its line is
+                // written when it is decided anew.
+                retried += 1;
+                continue;
+            }
+            restored += 1;
             if record.succeeded() {
                 state.accepted += 1;
             } else {
@@ -409,8 +453,8 @@ pub fn run_job<W: Workers>(
                         .or_default()
                         .push(LeaseResult { lease, outcome });
                 }
-                WorkerEvent::Available { peer, slots } => {
-                    scheduler.handle(Event::Available { peer, slots }, now);
+                WorkerEvent::Available { peer, slots, host } => {
+                    scheduler.handle(Event::Available { peer, slots, host }, now);
                 }
                 WorkerEvent::Declined { peer, leases } => {
                     scheduler.handle(Event::Declined { from: peer, leases }, now);
@@ -449,6 +493,8 @@ pub fn run_job<W: Workers>(
         host_failures: state.host_failures,
         peers: state.answers,
         dissenters: state.dissenters,
+        penalties: scheduler.penalties(Instant::now()),
+        retried,
         simulated_peers: workers.simulated(),
         results: results_path,
         elapsed: started.elapsed(),
@@ -559,8 +605,8 @@ impl State {
             ..
         } = &verdict
         {
-            for peer in agreeing {
-                let r = self.reputations.entry(*peer).or_default();
+            for w in agreeing {
+                let r = self.reputations.entry(w.peer).or_default();
                 r.agreements += 1;
                 r.consecutive_agreements += 1;
             }
@@ -669,7 +715,7 @@ pub fn result_line(unit: &UnitInput, record: &UnitRecord) -> ResultLine {
             };
             let mut evidence = Vec::new();
             if status == Status::Failed {
-                evidence.extend(agreeing.iter().map(|p| (*p, *digest)));
+                evidence.extend(agreeing.iter().map(|w| (w.peer, *digest)));
                 evidence.extend(votes(dissenters));
             }
             ResultLine {
@@ -678,7 +724,8 @@ pub fn result_line(unit: &UnitInput, record: &UnitRecord) -> ResultLine {
                 input: unit.origin.clone(),
                 output,
                 digest: Some(*digest),
-                agreed: agreeing.clone(),
+                agreed: agreeing.iter().map(|w| w.peer).collect(),
+                hosts: agreeing.iter().map(|w| w.host.to_string()).collect(),
                 dissented: dissenters.iter().map(|v| v.peer).collect(),
                 attempts,
                 evidence,
@@ -700,6 +747,7 @@ pub fn result_line(unit: &UnitInput, record: &UnitRecord) -> ResultLine {
             output: None,
             digest: None,
             agreed: Vec::new(),
+            hosts: Vec::new(),
             dissented: Vec::new(),
             attempts: (evidence.len() + host_failed.len()) as u32,
             evidence: votes(evidence),

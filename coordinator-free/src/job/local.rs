@@ -14,12 +14,13 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
 use crate::digest::Digest;
+use crate::host::{Host, Placement};
 use crate::job::driver::{
     JobData, JobError, JobProgress, JobSummary, WorkerEvent, Workers, route_commands, run_job,
 };
 use crate::job::manifest::{JobManifest, UnitInput};
 use crate::peer_id::PeerId;
-use crate::sandbox::{Executor, UnitError, UnitRequest, UnitRunner};
+use crate::sandbox::{Executor, PROFILE, UnitError, UnitRequest, UnitRunner};
 use crate::schedule::{Command, Config, Event, Lease, LeaseId, Scheduler};
 use crate::store::JobStore;
 use crate::validate::Policy;
@@ -39,12 +40,16 @@ const MAX_SLOTS: u32 = 160;
 /// time, and a lease only expires when the executor failed to answer at all.
 pub const LEASE_MARGIN: Duration = Duration::from_secs(120);
 
-/// The content address of a job: its module and, in order, every unit's input bytes, the limits
-/// and the redundancy. The same manifest over the same files always names the same job, so
-/// running it again resumes it.
+/// The job id: the BLAKE3 hash of everything that decides a unit's accepted bytes and how
+/// they are validated — the engine profile, the module, every unit's input, the limits every
+/// replica runs under (the output cap included) and the redundancy with its placement — and
+/// nothing else (not the name), so re-running the same command finds the same journal, and a
+/// change to any of these starts afresh.
 pub fn job_id(module: &Digest, manifest: &JobManifest, units: &[UnitInput]) -> Digest {
     let mut h = blake3::Hasher::new();
-    h.update(b"coordinator-free/job/v1\0");
+    h.update(b"coordinator-free/job/v2\0");
+    h.update(&(PROFILE.len() as u64).to_le_bytes());
+    h.update(PROFILE.as_bytes());
     h.update(&module.0);
     h.update(&(units.len() as u64).to_le_bytes());
     for unit in units {
@@ -52,8 +57,17 @@ pub fn job_id(module: &Digest, manifest: &JobManifest, units: &[UnitInput]) -> D
         h.update(&(unit.bytes.len() as u64).to_le_bytes());
         h.update(&unit.bytes);
     }
-    let l = manifest.limits;
-    h.update(&l.memory_mb.to_le_bytes());
+    let l = manifest.limits.to_limits();
+    for v in [
+        l.memory_bytes,
+        l.input_bytes,
+        l.output_bytes,
+        l.checkpoint_bytes,
+        l.log_bytes,
+        l.log_line_bytes,
+    ] {
+        h.update(&v.to_le_bytes());
+    }
     h.update(&l.timeout.as_nanos().to_le_bytes());
     h.update(&l.fuel.map_or([0xff; 9], |f| {
         let mut b = [0; 9];
@@ -64,6 +78,10 @@ pub fn job_id(module: &Digest, manifest: &JobManifest, units: &[UnitInput]) -> D
     for v in [r.replicas, r.quorum, r.max_attempts] {
         h.update(&v.to_le_bytes());
     }
+    h.update(&[match r.placement {
+        Placement::Host => 0,
+        Placement::Peer => 1,
+    }]);
     Digest(*h.finalize().as_bytes())
 }
 
@@ -122,8 +140,25 @@ where
             let peer = self.peers[(self.next_slot % slots) as usize];
             self.next_slot = self.next_slot.wrapping_add(1);
             turns += 1;
-            scheduler.handle(Event::Available { peer, slots: free }, now);
-            scheduler.handle(Event::Available { peer, slots: 0 }, now);
+            // Each slot is a host of its own: the executions are distinct, not independent,
+            // and the summary says so.
+            let host = Host::Peer(peer);
+            scheduler.handle(
+                Event::Available {
+                    peer,
+                    slots: free,
+                    host,
+                },
+                now,
+            );
+            scheduler.handle(
+                Event::Available {
+                    peer,
+                    slots: 0,
+                    host,
+                },
+                now,
+            );
             route_commands(self, scheduler, job, other)?;
         }
         Ok(())
@@ -256,6 +291,9 @@ where
         let config = Config {
             lease_timeout: self.manifest.limits.timeout.saturating_add(LEASE_MARGIN),
             max_peers: peers.len(),
+            // The slots are this machine's own: a unit that crashes its host is the unit's
+            // doing, and backing a slot off would only stall the job.
+            backoff_after: 0,
             ..Config::default()
         };
         // Answers come back through a channel as deep as the executions in flight, so a unit

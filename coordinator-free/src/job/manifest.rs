@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::host::Placement;
 use crate::sandbox::{Limits, MAX_MEMORY_BYTES};
 
 /// Most units one job may have. A job's inputs and per-unit scheduling state are held in memory
@@ -88,8 +89,9 @@ pub enum InputSpec {
     Sweep(Sweep),
 }
 
-/// Redundancy: `replicas` copies run on distinct peers; `quorum` identical outputs accept a
-/// unit; disagreement asks for more replicas, up to `max_attempts` in all.
+/// Redundancy: `replicas` copies run on distinct hosts (or peers, by `placement`); `quorum`
+/// identical outputs accept a unit; disagreement asks for more replicas, up to `max_attempts`
+/// in all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Redundancy {
     /// Copies started at once.
@@ -98,6 +100,8 @@ pub struct Redundancy {
     pub quorum: u32,
     /// Most executions of one unit.
     pub max_attempts: u32,
+    /// Whether replicas go to distinct hosts (the default) or only to distinct peers.
+    pub placement: Placement,
 }
 
 impl From<Redundancy> for crate::validate::Policy {
@@ -119,11 +123,14 @@ pub struct JobLimits {
 
 impl JobLimits {
     /// The sandbox limits of one unit.
+    /// The limits every replica runs under. The output cap is the network's wherever the job
+    /// runs, so a unit's verdict never depends on whether it ran here or on peers.
     pub fn to_limits(&self) -> Limits {
         Limits {
             memory_bytes: self.memory_mb << 20,
             timeout: self.timeout,
             fuel: self.fuel,
+            output_bytes: crate::job::proto::MAX_NETWORK_OUTPUT,
             ..Limits::default()
         }
     }
@@ -222,6 +229,7 @@ struct RawRedundancy {
     replicas: i64,
     quorum: Option<i64>,
     max_attempts: Option<i64>,
+    placement: Option<String>,
 }
 
 fn default_replicas() -> i64 {
@@ -234,6 +242,7 @@ impl Default for RawRedundancy {
             replicas: default_replicas(),
             quorum: None,
             max_attempts: None,
+            placement: None,
         }
     }
 }
@@ -399,6 +408,16 @@ impl JobManifest {
             i64::from(replicas),
             i64::from(MAX_ATTEMPTS),
         )?;
+        let placement = match r.placement.as_deref() {
+            None | Some("host") => Placement::Host,
+            Some("peer") => Placement::Peer,
+            Some(other) => {
+                return Err(check.invalid(
+                    "redundancy.placement",
+                    format!("must be \"host\" or \"peer\", not {other:?}"),
+                ));
+            }
+        };
 
         let l = raw.limits;
         let max_mb = (MAX_MEMORY_BYTES >> 20) as i64;
@@ -428,6 +447,7 @@ impl JobManifest {
                 replicas,
                 quorum,
                 max_attempts,
+                placement,
             },
             limits: JobLimits {
                 memory_mb,
@@ -786,7 +806,8 @@ mod tests {
             Redundancy {
                 replicas: 3,
                 quorum: 2,
-                max_attempts: 6
+                max_attempts: 6,
+                placement: Placement::Host,
             }
         );
         let InputSpec::Sweep(sweep) = &m.inputs else {
@@ -897,6 +918,16 @@ mod tests {
                 max_attempts = 2"#,
                 "redundancy.max_attempts",
                 "between 3",
+            ),
+            (
+                r#"name = "x"
+                module = "m.wasm"
+                [inputs]
+                files = ["a"]
+                [redundancy]
+                placement = "rack""#,
+                "redundancy.placement",
+                "\"host\" or \"peer\"",
             ),
             (
                 r#"name = "x"

@@ -32,6 +32,10 @@ pub struct ResultLine {
     pub digest: Option<Digest>,
     /// The peers whose results formed the quorum.
     pub agreed: Vec<PeerId>,
+    /// The host each of them answered from, in the same order: all distinct unless the job
+    /// placed by peer.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
     /// Peers whose results differed from the accepted one.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dissented: Vec<PeerId>,
@@ -118,6 +122,7 @@ mod tests {
             output: Some(output_value(b"[1,2]")),
             digest: Some(Digest::of(b"[1,2]")),
             agreed: vec![peer],
+            hosts: vec!["127.0.0.2".to_owned()],
             dissented: Vec::new(),
             attempts: 2,
             evidence: Vec::new(),

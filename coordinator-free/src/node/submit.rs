@@ -24,6 +24,7 @@ use tracing::Instrument;
 use super::{NodeError, Request, end_of_reading, error_chain, work::send_blob, write_loop};
 use crate::control::{ControlRequest, StatusReport};
 use crate::digest::Digest;
+use crate::host::Host;
 use crate::identity::{AllowList, Identity};
 use crate::job::driver::{JobData, JobError, WorkerEvent, Workers, route_commands};
 use crate::job::proto::{InputRef, JobFrame, JobSpec, MAX_INLINE_INPUT, Offer, WireLease};
@@ -58,6 +59,9 @@ pub fn net_schedule_config(limits: &crate::sandbox::Limits) -> crate::schedule::
     crate::schedule::Config {
         lease_timeout: limits.timeout.saturating_add(NET_LEASE_MARGIN),
         max_leases_per_peer: 512,
+        // Room for a busy machine with its submitter's own peer beside its worker; a host's
+        // many keys share this.
+        max_leases_per_host: 1024,
         max_batch: crate::job::proto::MAX_LEASES_PER_OFFER,
         ..crate::schedule::Config::default()
     }
@@ -185,6 +189,9 @@ struct Link {
     conn: u64,
     quic: quinn::Connection,
     outbox: mpsc::Sender<JobFrame>,
+    /// Where the link's connection comes from, as this peer sees it: the host its leases are
+    /// placed on. Never an address the peer advertised.
+    host: Host,
 }
 
 /// The blobs a job serves to its workers, and which workers hold them.
@@ -457,11 +464,21 @@ impl NetWorkers {
             } => {
                 self.dialing.remove(&peer);
                 self.seen.insert(peer);
-                tracing::info!(%peer, "job link up");
-                self.links.insert(peer, Link { conn, quic, outbox });
+                let host = Host::of(quic.remote_address().ip());
+                tracing::info!(%peer, %host, "job link up");
+                self.links.insert(
+                    peer,
+                    Link {
+                        conn,
+                        quic,
+                        outbox,
+                        host,
+                    },
+                );
                 out.push(WorkerEvent::Available {
                     peer,
                     slots: cores.max(1) * FIRST_OFFER_PER_CORE,
+                    host,
                 });
             }
             NetEvent::DialFailed { peer } => {
@@ -474,9 +491,14 @@ impl NetWorkers {
                 results,
                 want,
             } => {
-                if self.links.get(&peer).is_none_or(|l| l.conn != conn) {
+                let Some(host) = self
+                    .links
+                    .get(&peer)
+                    .filter(|l| l.conn == conn)
+                    .map(|l| l.host)
+                else {
                     return;
-                }
+                };
                 for (lease, result) in results {
                     self.outstanding.remove(&lease);
                     out.push(WorkerEvent::Answer {
@@ -485,7 +507,11 @@ impl NetWorkers {
                         result,
                     });
                 }
-                out.push(WorkerEvent::Available { peer, slots: want });
+                out.push(WorkerEvent::Available {
+                    peer,
+                    slots: want,
+                    host,
+                });
             }
             NetEvent::Declined { peer, leases } => {
                 for lease in &leases {

@@ -9,22 +9,34 @@
 //!
 //! Rules it keeps:
 //!
-//! * a unit never runs twice on one peer (BOINC's `one_result_per_host_per_wu`), counting
-//!   every peer that ever held a lease on it, answered or not;
+//! * a unit never runs twice on one peer, counting every peer that ever held a lease on it,
+//!   answered or not, and never on two peers of one [`Host`] (BOINC's
+//!   `one_result_per_host_per_wu`) — the host a peer is on is the one its connection comes
+//!   from, as the driver observed it. A host whose execution ended in a host failure may take
+//!   the unit again on another peer, since that execution never voted;
+//! * a host holds at most `max_leases_per_host` leases whatever number of keys it has;
 //! * a peer holds at most `max_leases_per_peer` leases, and one offer carries at most
 //!   `max_batch`, so tiny units share a round trip without one peer hoarding the job; a peer
 //!   that lets a lease expire has its own limit halved, and earns it back one answer at a
 //!   time, so slow or flaky peers stop soaking up units they will not finish in time;
-//! * a lease unanswered at its deadline, or held by a peer that left, counts as a host failure
-//!   and its unit is offered elsewhere; an answer that comes after the deadline still votes
-//!   while the unit is open and is dropped otherwise;
+//! * a lease unanswered at its deadline, answered with a host failure, or held by a peer that
+//!   left, counts as a host failure and its unit is offered elsewhere; an answer that comes
+//!   after the deadline still votes while the unit is open and is dropped otherwise;
+//! * failures are charged to whoever caused them: each halves the lease limit of the peer and
+//!   of its host, and `backoff_after` failures in a row with no answer between them give the
+//!   peer, and the host, no leases at all for `backoff` (doubling with each further round, up
+//!   to `max_backoff`), so a host of fresh keys that takes leases only to fail them soon gets
+//!   nothing; [`Scheduler::penalties`] names them;
 //! * units already started (waiting for further replicas or a retry) go out before fresh
 //!   ones, and fresh units stop going out while `max_backlog` started units wait, so a peer
 //!   that cannot take the waiting units (it ran them already) does not start ever more units
 //!   nobody can finish;
-//! * each peer is given units drawn at random from a window at the front of the queues, so
-//!   peers that ask at the same moment (or pick their ids to sort together) do not receive
-//!   the same units;
+//! * each peer is given fresh units drawn at random from a window at the front of the queue,
+//!   so peers that ask at the same moment (or pick their ids to sort together) do not receive
+//!   the same units; further replicas are drawn at random among *all* started units whose
+//!   executions so far sit on other hosts, and only from a pool several times larger than the
+//!   peer takes while fresh units remain, so a requester that asks right after a colluder
+//!   cannot steer the colluder's units to itself;
 //! * a dispatch round considers only the peers that reported room since the last one, unless
 //!   units became ready again, so its cost does not grow with every idle peer;
 //! * every answer that matches no lease of its sender is dropped and counted in [`Stats`].
@@ -45,6 +57,7 @@ use serde::{Deserialize, Serialize};
 pub use intake::{Intake, IntakeCommand, IntakeConfig, IntakeEvent, IntakeStats, Task};
 
 use crate::digest::Digest;
+use crate::host::{Host, Placement};
 use crate::peer_id::PeerId;
 use crate::rng::Rng;
 use crate::validate::{Outcome, Policy, Tally, ValidateError, Verdict};
@@ -99,6 +112,17 @@ pub struct Config {
     pub max_expired: usize,
     /// Most peers tracked. Default 4096.
     pub max_peers: usize,
+    /// Whether replicas go to distinct hosts or only to distinct peers. Default by host.
+    pub placement: Placement,
+    /// Most leases all the peers of one host hold at once. Default 64.
+    pub max_leases_per_host: u32,
+    /// Failures in a row (host failures, expiries, a lost link) after which a peer or a host
+    /// gets no leases for a while; 0 never backs off. Default 3.
+    pub backoff_after: u32,
+    /// The first back-off; each further one in a row doubles it. Default 30 s.
+    pub backoff: Duration,
+    /// The longest back-off. Default 10 min.
+    pub max_backoff: Duration,
 }
 
 impl Default for Config {
@@ -111,6 +135,11 @@ impl Default for Config {
             max_backlog: 1024,
             max_expired: 4096,
             max_peers: 4096,
+            placement: Placement::Host,
+            max_leases_per_host: 64,
+            backoff_after: 3,
+            backoff: Duration::from_secs(30),
+            max_backoff: Duration::from_secs(600),
         }
     }
 }
@@ -119,8 +148,13 @@ impl Default for Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// `peer` will take up to `slots` more leases of this job now (its advert or its request
-    /// for work). Replaces what it said before.
-    Available { peer: PeerId, slots: u32 },
+    /// for work). Replaces what it said before. `host` is where the connection that carries
+    /// its leases comes from; a peer seen from another host from now on is placed there.
+    Available {
+        peer: PeerId,
+        slots: u32,
+        host: Host,
+    },
     /// `peer` left the network; its leases are given up.
     PeerGone { peer: PeerId },
     /// A batch of answers from `from`.
@@ -179,6 +213,8 @@ pub struct Stats {
     pub results_duplicate: u64,
     /// `Available` from new peers while the peer table was full.
     pub peers_refused: u64,
+    /// Back-offs imposed on peers and on hosts.
+    pub backoffs: u64,
 }
 
 /// How far the job has come.
@@ -191,6 +227,8 @@ pub struct Progress {
     pub running: u32,
     /// Peers that hold a lease now.
     pub peers: u32,
+    /// Distinct hosts among the peers that reported room.
+    pub hosts: u32,
 }
 
 /// A call the scheduler refuses.
@@ -206,11 +244,20 @@ pub enum ScheduleError {
     },
 }
 
+/// One lease of a unit, past or present.
+#[derive(Debug, Clone, Copy)]
+struct Try {
+    peer: PeerId,
+    host: Host,
+    /// It ended in a host failure: the host may take the unit again on another peer.
+    failed: bool,
+}
+
 #[derive(Debug, Clone)]
 struct UnitState {
     tally: Tally,
-    /// Every peer that ever held a lease on this unit.
-    tried: Vec<PeerId>,
+    /// Every lease ever issued on this unit, with its peer and host.
+    tried: Vec<Try>,
     /// Leases out now.
     active: Vec<LeaseId>,
     issued: u32,
@@ -219,16 +266,107 @@ struct UnitState {
 #[derive(Debug, Clone, Copy)]
 struct Active {
     peer: PeerId,
+    host: Host,
     unit: u32,
     deadline: Instant,
+}
+
+/// How a peer or a host has been doing: its lease limit, lowered by failures, and its
+/// back-off.
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    limit: u32,
+    /// Failures since the last answer.
+    failures_in_row: u32,
+    /// Back-offs in a row (each doubles the next).
+    rounds: u32,
+    /// No leases before this.
+    backoff_until: Option<Instant>,
+    /// Failures charged in all, and back-offs imposed, for the summary.
+    failures: u64,
+    backoffs: u64,
+}
+
+impl Record {
+    fn new(limit: u32) -> Self {
+        Self {
+            limit,
+            failures_in_row: 0,
+            rounds: 0,
+            backoff_until: None,
+            failures: 0,
+            backoffs: 0,
+        }
+    }
+
+    fn backed_off(&self, now: Instant) -> bool {
+        self.backoff_until.is_some_and(|t| t > now)
+    }
+
+    fn succeeded(&mut self, max: u32) {
+        self.limit = (self.limit + 1).min(max);
+        self.failures_in_row = 0;
+        self.rounds = 0;
+    }
+
+    /// Charges one failure; returns the end of a back-off it starts.
+    fn failed(&mut self, config: &Config, now: Instant) -> Option<Instant> {
+        self.limit = (self.limit / 2).max(1);
+        self.failures += 1;
+        if self.backed_off(now) {
+            // Failures of leases it took before its back-off: one round is enough.
+            return None;
+        }
+        self.failures_in_row += 1;
+        if config.backoff_after == 0 || self.failures_in_row < config.backoff_after {
+            return None;
+        }
+        self.failures_in_row = 0;
+        let factor = 1u32.checked_shl(self.rounds.min(16)).unwrap_or(u32::MAX);
+        let length = config
+            .backoff
+            .saturating_mul(factor)
+            .min(config.max_backoff);
+        self.rounds = self.rounds.saturating_add(1);
+        self.backoffs += 1;
+        let until = later(now, length);
+        self.backoff_until = Some(until);
+        Some(until)
+    }
 }
 
 #[derive(Debug, Clone)]
 struct PeerState {
     free: u32,
-    /// Most leases this peer may hold now: `max_leases_per_peer`, lowered by expiries.
-    limit: u32,
+    host: Host,
+    record: Record,
     leases: BTreeSet<LeaseId>,
+}
+
+#[derive(Debug, Clone)]
+struct HostState {
+    record: Record,
+    leases: u32,
+    /// Peers placed on this host now.
+    peers: u32,
+}
+
+/// A peer or a host that failed leases, for the job's summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Penalty {
+    /// Failures charged: host failures, expired leases, leases lost with a link.
+    pub failures: u64,
+    /// Times it was given no leases for a while.
+    pub backoffs: u64,
+    /// Whether it is backed off now.
+    pub backed_off: bool,
+}
+
+/// Who is charged with failures: a peer, or a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Culprit {
+    Peer(PeerId),
+    Host(Host),
 }
 
 /// The scheduler of one job on its submitting peer.
@@ -249,9 +387,14 @@ pub struct Scheduler {
     starved: bool,
     leases: BTreeMap<LeaseId, Active>,
     deadlines: BTreeSet<(Instant, LeaseId)>,
-    expired: BTreeMap<LeaseId, (PeerId, u32)>,
+    expired: BTreeMap<LeaseId, (PeerId, Host, u32)>,
     expired_order: VecDeque<LeaseId>,
     peers: BTreeMap<PeerId, PeerState>,
+    hosts: BTreeMap<Host, HostState>,
+    /// Penalties of peers that left, kept for the summary.
+    gone: BTreeMap<PeerId, Record>,
+    /// The earliest end of a back-off, when dispatch must look at every peer again.
+    next_release: Option<Instant>,
     next_lease: u64,
     accepted: u32,
     failed: u32,
@@ -297,6 +440,9 @@ impl Scheduler {
             expired: BTreeMap::new(),
             expired_order: VecDeque::new(),
             peers: BTreeMap::new(),
+            hosts: BTreeMap::new(),
+            gone: BTreeMap::new(),
+            next_release: None,
             next_lease: 0,
             accepted: 0,
             failed: 0,
@@ -309,8 +455,10 @@ impl Scheduler {
         this
     }
 
-    /// Restores a decided unit from the journal before the job resumes.
-    pub fn restore(&mut self, unit: u32, verdict: Verdict) -> Result<(), ScheduleError> {
+    /// Restores a decided unit from the journal before the job resumes. Returns whether it
+    /// was restored: a verdict that is not [final](Verdict::is_final) leaves the unit open, to
+    /// run again.
+    pub fn restore(&mut self, unit: u32, verdict: Verdict) -> Result<bool, ScheduleError> {
         let units = self.unit_count();
         let state = self
             .units
@@ -322,17 +470,20 @@ impl Scheduler {
                 source: ValidateError::Closed,
             });
         }
+        if !verdict.is_final() {
+            return Ok(false);
+        }
         if verdict.is_accepted() {
             self.accepted += 1;
         } else {
             self.failed += 1;
         }
-        // A journaled verdict is final: close the tally without replaying its votes.
+        // A final verdict: close the tally without replaying its votes.
         state.tally.restore(verdict);
         self.fresh.remove(&unit);
         self.started.remove(&unit);
         self.check_finished();
-        Ok(())
+        Ok(true)
     }
 
     pub fn job(&self) -> Digest {
@@ -361,9 +512,39 @@ impl Scheduler {
             None => self
                 .expired
                 .get(&lease)
-                .filter(|(holder, _)| holder == peer)
-                .map(|(_, unit)| *unit),
+                .filter(|(holder, _, _)| holder == peer)
+                .map(|(_, _, unit)| *unit),
         }
+    }
+
+    /// The host `peer` is placed on now.
+    pub fn host_of(&self, peer: &PeerId) -> Option<Host> {
+        self.peers.get(peer).map(|p| p.host)
+    }
+
+    /// Every peer and host charged with failures in this run, with its penalty.
+    pub fn penalties(&self, now: Instant) -> Vec<(Culprit, Penalty)> {
+        let penalty = |r: &Record| Penalty {
+            failures: r.failures,
+            backoffs: r.backoffs,
+            backed_off: r.backed_off(now),
+        };
+        let peers = self
+            .peers
+            .iter()
+            .map(|(id, p)| (*id, &p.record))
+            .chain(self.gone.iter().map(|(id, r)| (*id, r)))
+            .filter(|(_, r)| r.failures > 0)
+            .map(|(id, r)| (Culprit::Peer(id), penalty(r)));
+        let hosts = self
+            .hosts
+            .iter()
+            .filter(|(_, h)| h.record.failures > 0)
+            .map(|(host, h)| (Culprit::Host(*host), penalty(&h.record)));
+        let mut all: Vec<(Culprit, Penalty)> = peers.chain(hosts).collect();
+        all.sort_by_key(|(c, _)| *c);
+        all.dedup_by_key(|(c, _)| *c);
+        all
     }
 
     pub fn is_finished(&self) -> bool {
@@ -382,12 +563,17 @@ impl Scheduler {
             running: u32::try_from(self.leases.len()).unwrap_or(u32::MAX),
             peers: u32::try_from(self.peers.values().filter(|p| !p.leases.is_empty()).count())
                 .unwrap_or(u32::MAX),
+            hosts: u32::try_from(self.hosts.len()).unwrap_or(u32::MAX),
         }
     }
 
     /// The next instant at which [`Self::handle_timeout`] must be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.deadlines.first().map(|(at, _)| *at)
+        let deadline = self.deadlines.first().map(|(at, _)| *at);
+        match (deadline, self.next_release) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     pub fn poll_command(&mut self) -> Option<Command> {
@@ -411,36 +597,103 @@ impl Scheduler {
                 "lease expired"
             );
             self.stats.leases_expired += 1;
-            if let Some(peer) = self.peers.get_mut(&active.peer) {
-                peer.limit = (peer.limit / 2).max(1);
-            }
+            self.charge(active.peer, active.host, now);
             self.give_up(id, active);
             self.remember_expired(id, active);
+        }
+        if self.next_release.is_some_and(|at| at <= now) {
+            self.release(now);
         }
         self.dispatch(now);
     }
 
+    /// Back-offs that ended: every peer with room is worth a look again.
+    fn release(&mut self, now: Instant) {
+        self.rescan = true;
+        let ends = self
+            .peers
+            .values()
+            .map(|p| &p.record)
+            .chain(self.hosts.values().map(|h| &h.record))
+            .filter_map(|r| r.backoff_until)
+            .filter(|t| *t > now);
+        self.next_release = ends.min();
+    }
+
+    /// Charges a failure to `peer` and to `host`.
+    fn charge(&mut self, peer: PeerId, host: Host, now: Instant) {
+        let mut ends = Vec::new();
+        if let Some(p) = self.peers.get_mut(&peer) {
+            ends.extend(p.record.failed(&self.config, now));
+        }
+        if let Some(h) = self.hosts.get_mut(&host) {
+            ends.extend(h.record.failed(&self.config, now));
+        }
+        for until in ends {
+            self.stats.backoffs += 1;
+            tracing::debug!(job = %self.job, %peer, %host, "backing off after failures");
+            self.next_release = Some(self.next_release.map_or(until, |t| t.min(until)));
+        }
+    }
+
+    /// Places `peer` on `host`, moving it if it was seen elsewhere.
+    fn place(&mut self, peer: PeerId, host: Host) {
+        let limit = self.config.max_leases_per_host;
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let old = std::mem::replace(&mut state.host, host);
+        if old == host && self.hosts.contains_key(&host) {
+            return;
+        }
+        if old != host
+            && let Some(h) = self.hosts.get_mut(&old)
+        {
+            h.peers = h.peers.saturating_sub(1);
+            if h.peers == 0 && h.leases == 0 && h.record.failures == 0 {
+                self.hosts.remove(&old);
+            }
+        }
+        self.hosts
+            .entry(host)
+            .or_insert_with(|| HostState {
+                record: Record::new(limit),
+                leases: 0,
+                peers: 0,
+            })
+            .peers += 1;
+    }
+
     pub fn handle(&mut self, event: Event, now: Instant) {
         match event {
-            Event::Available { peer, slots } => {
+            Event::Available { peer, slots, host } => {
+                let host = self.config.placement.witness(peer, host);
                 if !self.peers.contains_key(&peer) && self.peers.len() >= self.config.max_peers {
                     self.stats.peers_refused += 1;
                 } else {
+                    // A peer that left and came back keeps the record it left with.
+                    let record = self.gone.remove(&peer);
                     let limit = self.config.max_leases_per_peer;
-                    self.peers
-                        .entry(peer)
-                        .or_insert_with(|| PeerState {
-                            free: 0,
-                            limit,
-                            leases: BTreeSet::new(),
-                        })
-                        .free = slots;
+                    let state = self.peers.entry(peer).or_insert_with(|| PeerState {
+                        free: 0,
+                        host,
+                        record: record.unwrap_or_else(|| Record::new(limit)),
+                        leases: BTreeSet::new(),
+                    });
+                    state.free = slots;
+                    self.place(peer, host);
                     self.pending.insert(peer);
                 }
             }
             Event::PeerGone { peer } => {
-                if let Some(state) = self.peers.remove(&peer) {
-                    for id in state.leases {
+                if let Some(state) = self.peers.get(&peer) {
+                    let (host, leases) = (state.host, state.leases.clone());
+                    // Leaving with leases is one failure of the peer and its host, whatever
+                    // their number; each lease is a host failure of its unit.
+                    if !leases.is_empty() {
+                        self.charge(peer, host, now);
+                    }
+                    for id in leases {
                         if let Some(active) = self.leases.get(&id).copied() {
                             self.stats.leases_lost += 1;
                             self.give_up(id, active);
@@ -448,10 +701,18 @@ impl Scheduler {
                         }
                     }
                 }
+                if let Some(state) = self.peers.remove(&peer) {
+                    if let Some(h) = self.hosts.get_mut(&state.host) {
+                        h.peers = h.peers.saturating_sub(1);
+                    }
+                    if state.record.failures > 0 && self.gone.len() < self.config.max_peers {
+                        self.gone.insert(peer, state.record);
+                    }
+                }
             }
             Event::Results { from, results } => {
                 for result in results {
-                    self.on_result(from, result);
+                    self.on_result(from, result, now);
                 }
             }
             Event::Declined { from, leases } => {
@@ -464,7 +725,7 @@ impl Scheduler {
                             if let Some(state) = self.units.get_mut(unit as usize) {
                                 // Never run there: the peer may take the unit again later, and
                                 // the execution is taken back rather than counted as failed.
-                                state.tried.retain(|p| *p != from);
+                                state.tried.retain(|t| t.peer != from);
                                 state.issued = state.issued.saturating_sub(1);
                                 state.tally.withdraw();
                             }
@@ -480,25 +741,40 @@ impl Scheduler {
         self.dispatch(now);
     }
 
-    fn on_result(&mut self, from: PeerId, result: LeaseResult) {
+    fn on_result(&mut self, from: PeerId, result: LeaseResult, now: Instant) {
         if let Some(active) = self.leases.get(&result.lease).copied() {
             if active.peer != from {
                 self.stats.results_wrong_peer += 1;
                 return;
             }
             self.forget_lease(result.lease, active);
-            if let Some(peer) = self.peers.get_mut(&from) {
-                if let Outcome::Output(_) = result.outcome {
-                    peer.limit = (peer.limit + 1).min(self.config.max_leases_per_peer);
+            match result.outcome {
+                Outcome::Output(_) => {
+                    let (peer_max, host_max) = (
+                        self.config.max_leases_per_peer,
+                        self.config.max_leases_per_host,
+                    );
+                    if let Some(p) = self.peers.get_mut(&from) {
+                        p.record.succeeded(peer_max);
+                    }
+                    if let Some(h) = self.hosts.get_mut(&active.host) {
+                        h.record.succeeded(host_max);
+                    }
                 }
+                Outcome::HostFailure => {
+                    self.charge(from, active.host, now);
+                    self.mark_failed(active.unit, from);
+                }
+            }
+            if self.peers.contains_key(&from) {
                 self.pending.insert(from);
             }
             let Some(state) = self.units.get_mut(active.unit as usize) else {
                 return;
             };
-            let recorded = state.tally.record(from, result.outcome);
+            let recorded = state.tally.record(from, active.host, result.outcome);
             self.after_record(active.unit, recorded, false);
-        } else if let Some(&(peer, unit)) = self.expired.get(&result.lease) {
+        } else if let Some(&(peer, host, unit)) = self.expired.get(&result.lease) {
             if peer != from {
                 self.stats.results_wrong_peer += 1;
                 return;
@@ -511,7 +787,7 @@ impl Scheduler {
             let Some(state) = self.units.get_mut(unit as usize) else {
                 return;
             };
-            let recorded = state.tally.record_late(from, result.outcome);
+            let recorded = state.tally.record_late(from, host, result.outcome);
             self.after_record(unit, recorded, true);
         } else {
             self.stats.results_unknown += 1;
@@ -543,13 +819,27 @@ impl Scheduler {
         }
     }
 
+    /// The execution of `unit` on `peer` ended in a host failure: its host may run the unit
+    /// again on another peer.
+    fn mark_failed(&mut self, unit: u32, peer: PeerId) {
+        if let Some(state) = self.units.get_mut(unit as usize) {
+            for t in state.tried.iter_mut().filter(|t| t.peer == peer) {
+                t.failed = true;
+            }
+        }
+    }
+
     /// A lease ends unanswered: its execution is a host failure.
     fn give_up(&mut self, id: LeaseId, active: Active) {
         self.forget_lease(id, active);
+        self.mark_failed(active.unit, active.peer);
         let Some(state) = self.units.get_mut(active.unit as usize) else {
             return;
         };
-        match state.tally.record(active.peer, Outcome::HostFailure) {
+        match state
+            .tally
+            .record(active.peer, active.host, Outcome::HostFailure)
+        {
             Ok(Some(verdict)) => self.decide(active.unit, verdict),
             Ok(None) => self.refresh(active.unit),
             Err(_) => {}
@@ -565,7 +855,8 @@ impl Scheduler {
                 self.expired.remove(&old);
             }
         }
-        self.expired.insert(id, (active.peer, active.unit));
+        self.expired
+            .insert(id, (active.peer, active.host, active.unit));
         self.expired_order.push_back(id);
     }
 
@@ -574,6 +865,9 @@ impl Scheduler {
         self.deadlines.remove(&(active.deadline, id));
         if let Some(peer) = self.peers.get_mut(&active.peer) {
             peer.leases.remove(&id);
+        }
+        if let Some(host) = self.hosts.get_mut(&active.host) {
+            host.leases = host.leases.saturating_sub(1);
         }
         if let Some(state) = self.units.get_mut(active.unit as usize) {
             state.active.retain(|l| *l != id);
@@ -656,6 +950,23 @@ impl Scheduler {
         }
     }
 
+    /// How many more leases `peer` may take now: what it has room for, within its own limit
+    /// and its host's, and none while either is backed off.
+    fn room(&self, peer: &PeerId, now: Instant) -> usize {
+        let Some(p) = self.peers.get(peer) else {
+            return 0;
+        };
+        let Some(h) = self.hosts.get(&p.host) else {
+            return 0;
+        };
+        if p.record.backed_off(now) || h.record.backed_off(now) {
+            return 0;
+        }
+        let own = (p.record.limit as usize).saturating_sub(p.leases.len());
+        let host = h.record.limit.saturating_sub(h.leases) as usize;
+        (p.free as usize).min(own).min(host)
+    }
+
     /// Hands ready units to peers with room, in a random peer order.
     fn dispatch(&mut self, now: Instant) {
         let pending = std::mem::take(&mut self.pending);
@@ -663,37 +974,37 @@ impl Scheduler {
         if self.fresh.is_empty() && self.started.is_empty() {
             return;
         }
-        let has_room = |p: &PeerState| p.free > 0 && p.leases.len() < p.limit as usize;
         let mut candidates: Vec<PeerId> = if rescan {
-            self.peers
-                .iter()
-                .filter(|(_, p)| has_room(p))
-                .map(|(id, _)| *id)
-                .collect()
+            self.peers.keys().copied().collect()
         } else {
-            pending
-                .into_iter()
-                .filter(|id| self.peers.get(id).is_some_and(has_room))
-                .collect()
+            pending.into_iter().collect()
         };
+        candidates.retain(|id| self.room(id, now) > 0);
         self.rng.shuffle(&mut candidates);
         for peer in candidates {
             if self.fresh.is_empty() && self.started.is_empty() {
                 break;
             }
-            let Some(state) = self.peers.get(&peer) else {
+            let room = self.room(&peer, now).min(self.config.max_batch);
+            let Some(host) = self.peers.get(&peer).map(|p| p.host) else {
                 continue;
             };
-            let room = (state.free as usize)
-                .min((state.limit as usize).saturating_sub(state.leases.len()))
-                .min(self.config.max_batch);
             if room == 0 {
                 continue;
             }
             let window = room.saturating_mul(self.config.spread.max(1));
-            let mut units = self.draw(peer, room, window);
+            let may_start = self.started.len() < self.config.max_backlog;
+            // While fresh units remain, further replicas come only from a pool several times
+            // larger than the peer takes, so whoever asks right after another peer cannot count
+            // on receiving that peer's units.
+            let min_pool = if may_start && !self.fresh.is_empty() {
+                window
+            } else {
+                0
+            };
+            let mut units = self.draw(peer, host, room, min_pool);
             if units.len() < room {
-                if self.started.len() < self.config.max_backlog {
+                if may_start {
                     let fresh: Vec<u32> = self.fresh.iter().copied().take(window).collect();
                     let more = self.sample(fresh, room - units.len());
                     units.extend(more);
@@ -704,7 +1015,7 @@ impl Scheduler {
             units.sort_unstable();
             let mut leases = Vec::with_capacity(units.len());
             for unit in units {
-                if let Some(lease) = self.issue(peer, unit, now) {
+                if let Some(lease) = self.issue(peer, host, unit, now) {
                     leases.push(lease);
                 }
             }
@@ -718,8 +1029,9 @@ impl Scheduler {
         }
     }
 
-    /// Up to `room` started units `peer` has not run, drawn from the first `window` of them.
-    fn draw(&mut self, peer: PeerId, room: usize, window: usize) -> Vec<u32> {
+    /// Up to `room` started units that `peer`, on `host`, may run: drawn at random among all
+    /// of them, and none when fewer than `min_pool` are eligible.
+    fn draw(&mut self, peer: PeerId, host: Host, room: usize, min_pool: usize) -> Vec<u32> {
         let pool: Vec<u32> = self
             .started
             .iter()
@@ -727,10 +1039,12 @@ impl Scheduler {
             .filter(|u| {
                 self.units
                     .get(*u as usize)
-                    .is_some_and(|s| !s.tried.contains(&peer))
+                    .is_some_and(|s| eligible(&s.tried, peer, host))
             })
-            .take(window)
             .collect();
+        if pool.len() < min_pool.max(1) {
+            return Vec::new();
+        }
         self.sample(pool, room)
     }
 
@@ -745,12 +1059,16 @@ impl Scheduler {
         pool
     }
 
-    fn issue(&mut self, peer: PeerId, unit: u32, now: Instant) -> Option<Lease> {
+    fn issue(&mut self, peer: PeerId, host: Host, unit: u32, now: Instant) -> Option<Lease> {
         let state = self.units.get_mut(unit as usize)?;
         state.tally.start().ok()?;
         let id = LeaseId(self.next_lease);
         self.next_lease += 1;
-        state.tried.push(peer);
+        state.tried.push(Try {
+            peer,
+            host,
+            failed: false,
+        });
         state.active.push(id);
         state.issued += 1;
         let lease = Lease {
@@ -763,6 +1081,7 @@ impl Scheduler {
             id,
             Active {
                 peer,
+                host,
                 unit,
                 deadline: lease.deadline,
             },
@@ -772,6 +1091,9 @@ impl Scheduler {
             p.free = p.free.saturating_sub(1);
             p.leases.insert(id);
         }
+        if let Some(h) = self.hosts.get_mut(&host) {
+            h.leases += 1;
+        }
         self.stats.leases_issued += 1;
         // Leasing moves a unit from fresh to started; that needs no rescan.
         let rescan = self.rescan;
@@ -779,6 +1101,14 @@ impl Scheduler {
         self.rescan = rescan;
         Some(lease)
     }
+}
+
+/// Whether a unit with these leases may go to `peer` on `host`: never twice to one peer, and
+/// never to a host that holds or answered a lease of it (a host failure frees its host).
+fn eligible(tried: &[Try], peer: PeerId, host: Host) -> bool {
+    tried
+        .iter()
+        .all(|t| t.peer != peer && (t.host != host || t.failed))
 }
 
 /// `now + after`, saturating far in the future instead of overflowing.
@@ -825,6 +1155,184 @@ mod tests {
         s.handle(Event::Results { from, results }, now);
     }
 
+    fn on(n: u8) -> Host {
+        Host::Local(std::net::IpAddr::from([127, 0, 0, n]))
+    }
+
+    fn avail(s: &mut Scheduler, p: PeerId, slots: u32, host: Host, now: Instant) {
+        s.handle(
+            Event::Available {
+                peer: p,
+                slots,
+                host,
+            },
+            now,
+        );
+    }
+
+    fn fail(s: &mut Scheduler, from: PeerId, leases: &[Lease], now: Instant) {
+        let results = leases
+            .iter()
+            .map(|l| LeaseResult {
+                lease: l.id,
+                outcome: Outcome::HostFailure,
+            })
+            .collect();
+        s.handle(Event::Results { from, results }, now);
+    }
+
+    #[test]
+    fn two_keys_of_one_host_never_hold_one_unit() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(job(), 40, Policy::new(2, 2, 4), Config::default(), 3);
+        // A colluder takes units, and its second key asks right after it: it gets none of
+        // them, only fresh units.
+        avail(&mut s, peer(1), 10, on(2), now);
+        let a = offers(&drain(&mut s)).remove(&peer(1)).unwrap_or_default();
+        avail(&mut s, peer(2), 10, on(2), now);
+        let b = offers(&drain(&mut s)).remove(&peer(2)).unwrap_or_default();
+        assert_eq!((a.len(), b.len()), (10, 10));
+        let a_units: BTreeSet<u32> = a.iter().map(|l| l.unit).collect();
+        assert!(b.iter().all(|l| !a_units.contains(&l.unit)), "{a:?} {b:?}");
+        // Both answer the same forged bytes: nothing is accepted on their word.
+        answer(&mut s, peer(1), &a, b"forged", now);
+        answer(&mut s, peer(2), &b, b"forged", now);
+        assert!(
+            !drain(&mut s)
+                .iter()
+                .any(|c| matches!(c, Command::Decided { .. }))
+        );
+        assert_eq!(s.progress().accepted, 0);
+        // An honest peer on another host supplies the second replicas; the forged ones lose.
+        for _ in 0..10 {
+            avail(&mut s, peer(9), 40, on(3), now);
+            let h = offers(&drain(&mut s)).remove(&peer(9)).unwrap_or_default();
+            answer(&mut s, peer(9), &h, b"true", now);
+        }
+        assert_eq!(
+            s.progress().accepted,
+            0,
+            "two hosts disagree: no quorum yet"
+        );
+    }
+
+    #[test]
+    fn placement_by_peer_lets_keys_of_one_host_agree() {
+        let now = Instant::now();
+        let config = Config {
+            placement: Placement::Peer,
+            ..Config::default()
+        };
+        let mut s = Scheduler::new(job(), 4, Policy::new(2, 2, 4), config, 3);
+        avail(&mut s, peer(1), 4, on(1), now);
+        let a = offers(&drain(&mut s)).remove(&peer(1)).unwrap_or_default();
+        avail(&mut s, peer(2), 4, on(1), now);
+        let b = offers(&drain(&mut s)).remove(&peer(2)).unwrap_or_default();
+        answer(&mut s, peer(1), &a, b"x", now);
+        answer(&mut s, peer(2), &b, b"x", now);
+        assert_eq!(s.progress().accepted, 4);
+    }
+
+    #[test]
+    fn a_host_with_many_keys_holds_at_most_its_cap() {
+        let now = Instant::now();
+        let config = Config {
+            max_leases_per_host: 12,
+            ..Config::default()
+        };
+        let mut s = Scheduler::new(job(), 1000, Policy::new(2, 2, 4), config, 4);
+        for n in 0..50u8 {
+            avail(&mut s, peer(n), 100, on(7), now);
+        }
+        assert_eq!(s.progress().running, 12);
+        avail(&mut s, peer(200), 100, on(8), now);
+        assert_eq!(s.progress().running, 24, "another host is not held back");
+    }
+
+    #[test]
+    fn repeated_host_failures_back_off_the_peer_and_its_host() {
+        let now = Instant::now();
+        let config = Config {
+            backoff_after: 3,
+            backoff: Duration::from_secs(30),
+            ..Config::default()
+        };
+        let mut s = Scheduler::new(job(), 500, Policy::new(2, 2, 4), config, 5);
+        // A griefer takes leases and answers each with a host failure.
+        avail(&mut s, peer(1), 8, on(5), now);
+        let a = offers(&drain(&mut s)).remove(&peer(1)).unwrap_or_default();
+        assert_eq!(a.len(), 8);
+        fail(&mut s, peer(1), &a, now);
+        avail(&mut s, peer(1), 8, on(5), now);
+        assert!(offers(&drain(&mut s)).is_empty(), "backed off");
+        // A fresh key on the same host inherits the host's back-off.
+        avail(&mut s, peer(2), 8, on(5), now);
+        assert!(offers(&drain(&mut s)).is_empty(), "its host is backed off");
+        // Another host is served, and the failed units are not failed for good.
+        avail(&mut s, peer(3), 8, on(6), now);
+        assert_eq!(offers(&drain(&mut s))[&peer(3)].len(), 8);
+        assert_eq!(s.progress().failed, 0);
+        let named: Vec<Culprit> = s.penalties(now).into_iter().map(|(c, _)| c).collect();
+        assert!(named.contains(&Culprit::Peer(peer(1))), "{named:?}");
+        assert!(named.contains(&Culprit::Host(on(5))), "{named:?}");
+        // After the back-off the host gets leases again, few at first.
+        let after = now + Duration::from_secs(31);
+        assert!(s.poll_timeout().is_some_and(|t| t <= after));
+        s.handle_timeout(after);
+        avail(&mut s, peer(2), 8, on(5), after);
+        let o = offers(&drain(&mut s));
+        let again: usize = [peer(1), peer(2)]
+            .iter()
+            .filter_map(|p| o.get(p))
+            .map(Vec::len)
+            .sum();
+        assert!(again > 0 && again < 8, "{again}");
+    }
+
+    #[test]
+    fn a_host_that_failed_a_unit_may_run_it_again() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(job(), 1, Policy::new(2, 2, 6), Config::default(), 6);
+        avail(&mut s, peer(1), 1, on(1), now);
+        let a = offers(&drain(&mut s)).remove(&peer(1)).unwrap_or_default();
+        avail(&mut s, peer(2), 1, on(2), now);
+        let b = offers(&drain(&mut s)).remove(&peer(2)).unwrap_or_default();
+        fail(&mut s, peer(1), &a, now);
+        answer(&mut s, peer(2), &b, b"x", now);
+        // Only hosts 1 and 2 exist: host 1 failed, so another of its peers may take the unit.
+        avail(&mut s, peer(3), 1, on(1), now);
+        let c = offers(&drain(&mut s)).remove(&peer(3)).unwrap_or_default();
+        assert_eq!(c.len(), 1);
+        answer(&mut s, peer(3), &c, b"x", now);
+        assert_eq!(s.progress().accepted, 1);
+    }
+
+    #[test]
+    fn host_failure_verdicts_are_not_final_on_restore() {
+        let mut s = Scheduler::new(job(), 2, Policy::new(1, 1, 1), Config::default(), 7);
+        let w = crate::validate::Witness {
+            peer: peer(1),
+            host: on(1),
+        };
+        let failed = |reason| Verdict::Failed {
+            reason,
+            evidence: Vec::new(),
+            host_failed: vec![w],
+        };
+        assert_eq!(
+            s.restore(0, failed(crate::validate::FailReason::HostFailures)),
+            Ok(false)
+        );
+        assert_eq!(
+            s.restore(1, failed(crate::validate::FailReason::NoQuorum)),
+            Ok(true)
+        );
+        let now = Instant::now();
+        avail(&mut s, peer(2), 4, on(2), now);
+        let o = offers(&drain(&mut s)).remove(&peer(2)).unwrap_or_default();
+        assert_eq!(o.iter().map(|l| l.unit).collect::<Vec<_>>(), vec![0]);
+    }
+
     #[test]
     fn leases_are_batched_capped_and_distinct() {
         let now = Instant::now();
@@ -838,6 +1346,7 @@ mod tests {
             Event::Available {
                 peer: peer(1),
                 slots: 50,
+                host: Host::Peer(peer(1)),
             },
             now,
         );
@@ -854,6 +1363,7 @@ mod tests {
             Event::Available {
                 peer: peer(1),
                 slots: 50,
+                host: Host::Peer(peer(1)),
             },
             now,
         );
@@ -871,6 +1381,7 @@ mod tests {
             Event::Available {
                 peer: alone,
                 slots: 100,
+                host: Host::Peer(alone),
             },
             now,
         );
@@ -881,6 +1392,7 @@ mod tests {
             Event::Available {
                 peer: alone,
                 slots: 100,
+                host: Host::Peer(alone),
             },
             now,
         );
@@ -889,6 +1401,7 @@ mod tests {
             Event::Available {
                 peer: peer(2),
                 slots: 100,
+                host: Host::Peer(peer(2)),
             },
             now,
         );
@@ -914,6 +1427,7 @@ mod tests {
                 Event::Available {
                     peer: peer(n),
                     slots: 1,
+                    host: Host::Peer(peer(n)),
                 },
                 now,
             );
@@ -926,6 +1440,7 @@ mod tests {
             Event::Available {
                 peer: peer(3),
                 slots: 1,
+                host: Host::Peer(peer(3)),
             },
             now,
         );
@@ -945,7 +1460,7 @@ mod tests {
         assert!(cmds.iter().any(|c| matches!(
             c,
             Command::Decided { unit: 0, verdict: Verdict::Accepted { agreeing, .. } }
-                if *agreeing == vec![peer(2), peer(1)]
+                if agreeing.iter().map(|w| w.peer).collect::<Vec<_>>() == vec![peer(2), peer(1)]
         )));
         assert!(
             cmds.iter()
@@ -966,6 +1481,7 @@ mod tests {
             Event::Available {
                 peer: peer(1),
                 slots: 4,
+                host: Host::Peer(peer(1)),
             },
             now,
         );
@@ -974,6 +1490,7 @@ mod tests {
             Event::Available {
                 peer: peer(2),
                 slots: 4,
+                host: Host::Peer(peer(2)),
             },
             now,
         );
@@ -992,6 +1509,7 @@ mod tests {
             Event::Available {
                 peer: peer(1),
                 slots: 2,
+                host: Host::Peer(peer(1)),
             },
             now,
         );
@@ -1041,6 +1559,7 @@ mod tests {
             Event::Available {
                 peer: peer(1),
                 slots: 1,
+                host: Host::Peer(peer(1)),
             },
             now,
         );
@@ -1057,6 +1576,7 @@ mod tests {
             Event::Available {
                 peer: peer(1),
                 slots: 1,
+                host: Host::Peer(peer(1)),
             },
             now,
         );
@@ -1073,7 +1593,10 @@ mod tests {
             1,
             Verdict::Accepted {
                 digest: Digest::of(b"x"),
-                agreeing: vec![peer(1)],
+                agreeing: vec![crate::validate::Witness {
+                    peer: peer(1),
+                    host: Host::Peer(peer(1)),
+                }],
                 dissenters: Vec::new(),
                 host_failed: Vec::new(),
             },
@@ -1125,6 +1648,7 @@ mod tests {
                 Event::Available {
                     peer: peer(1),
                     slots: 30,
+                    host: Host::Peer(peer(1)),
                 },
                 now,
             );
@@ -1139,6 +1663,7 @@ mod tests {
             Event::Available {
                 peer: peer(2),
                 slots: 100,
+                host: Host::Peer(peer(2)),
             },
             now,
         );
@@ -1179,6 +1704,7 @@ mod tests {
                 Event::Available {
                     peer: *p,
                     slots: intakes[i].want(&peer(0)),
+                    host: Host::Peer(*p),
                 },
                 now,
             );
@@ -1240,6 +1766,7 @@ mod tests {
                                 Event::Available {
                                     peer: peers[i],
                                     slots: want,
+                                    host: Host::Peer(peers[i]),
                                 },
                                 now,
                             );
@@ -1289,6 +1816,7 @@ mod tests {
                     0 | 1 => Event::Available {
                         peer: p,
                         slots: rng.below(6) as u32,
+                        host: Host::Peer(p),
                     },
                     2 => Event::PeerGone { peer: p },
                     3 => Event::Declined {

@@ -423,6 +423,7 @@ impl Sim {
                     Event::Available {
                         peer: from,
                         slots: want,
+                        host: Host::Peer(from),
                     },
                     now,
                 );

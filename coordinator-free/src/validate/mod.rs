@@ -9,15 +9,19 @@
 //!
 //! The rules, after BOINC's transitioner:
 //!
-//! * the unit is accepted as soon as `quorum` distinct peers returned byte-identical digests;
-//!   every other vote is a dissent and its peer is named;
+//! * the unit is accepted as soon as `quorum` distinct hosts returned byte-identical digests;
+//!   every vote comes from a peer *and* the [`Host`] its connection came from, and a second
+//!   vote from either is refused, so a host with many keys is still one witness; every other
+//!   vote is a dissent and its peer is named;
 //! * while no quorum is reachable with the executions in flight, one more execution is wanted,
 //!   up to `max_attempts` votes in all;
 //! * when even `max_attempts` votes cannot reach a quorum, the unit fails with its evidence
 //!   (every peer and what it returned);
 //! * host failures free their execution for a retry elsewhere and do not count toward
-//!   `max_attempts`, but more than `max_host_failures` of them fail the unit, so a unit that
-//!   crashes every machine it lands on cannot loop forever.
+//!   `max_attempts`, but host failures on more than `max_host_failures` distinct hosts fail
+//!   the unit, so a unit that crashes every machine it lands on cannot loop forever, while one
+//!   host with many keys can fail it only once. Such a verdict is not final: it says the
+//!   machines failed, not the unit, and a resumed job runs the unit again.
 //!
 //! [`Reputation`] keeps, per peer, the run of consecutive results that agreed with an accepted
 //! quorum; a dissent or a host failure resets it, as BOINC's adaptive replication does.
@@ -27,6 +31,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
+use crate::host::Host;
 use crate::peer_id::PeerId;
 
 /// How many executions run and how many must agree. Mirrors the manifest's redundancy section,
@@ -106,7 +111,16 @@ impl Outcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vote {
     pub peer: PeerId,
+    /// The host the vote came from.
+    pub host: Host,
     pub digest: Digest,
+}
+
+/// A peer, and the host it answered from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Witness {
+    pub peer: PeerId,
+    pub host: Host,
 }
 
 /// Why a unit was given up.
@@ -114,7 +128,7 @@ pub struct Vote {
 pub enum FailReason {
     /// Even with every remaining attempt agreeing, no digest could reach the quorum.
     NoQuorum,
-    /// More than `max_attempts` host failures.
+    /// Host failures on more than `max_host_failures` distinct hosts.
     HostFailures,
     /// The scheduler gave the unit up (the job was cancelled).
     Abandoned,
@@ -125,24 +139,38 @@ pub enum FailReason {
 pub enum Verdict {
     Accepted {
         digest: Digest,
-        /// The peers whose result is the accepted one, in the order they answered.
-        agreeing: Vec<PeerId>,
+        /// The peers whose result is the accepted one, each on a host of its own, in the
+        /// order they answered.
+        agreeing: Vec<Witness>,
         /// Every peer that answered something else, and what.
         dissenters: Vec<Vote>,
         /// Peers whose execution ended in a host failure.
-        host_failed: Vec<PeerId>,
+        host_failed: Vec<Witness>,
     },
     Failed {
         reason: FailReason,
         /// Every vote, in the order they arrived.
         evidence: Vec<Vote>,
-        host_failed: Vec<PeerId>,
+        host_failed: Vec<Witness>,
     },
 }
 
 impl Verdict {
     pub fn is_accepted(&self) -> bool {
         matches!(self, Self::Accepted { .. })
+    }
+
+    /// Whether the verdict stands for good. A unit given up because the machines it ran on
+    /// failed, or because the job was cancelled, says nothing about the unit: a resumed job
+    /// runs it again.
+    pub fn is_final(&self) -> bool {
+        !matches!(
+            self,
+            Self::Failed {
+                reason: FailReason::HostFailures | FailReason::Abandoned,
+                ..
+            }
+        )
     }
 
     /// The accepted digest, if any.
@@ -159,7 +187,7 @@ impl Verdict {
 pub enum ValidateError {
     #[error("the unit is already decided")]
     Closed,
-    #[error("peer {peer} already voted on this unit")]
+    #[error("peer {peer}, or another peer of its host, already voted on this unit")]
     DuplicateVote { peer: PeerId },
     #[error("no execution of this unit is in flight")]
     NothingInFlight,
@@ -178,7 +206,7 @@ enum State {
 pub struct Tally {
     policy: Policy,
     votes: Vec<Vote>,
-    host_failed: Vec<PeerId>,
+    host_failed: Vec<Witness>,
     in_flight: u32,
     state: State,
 }
@@ -217,8 +245,17 @@ impl Tally {
         self.in_flight
     }
 
+    /// Distinct hosts on which an execution of this unit ended in a host failure.
     pub fn host_failures(&self) -> u32 {
-        u32::try_from(self.host_failed.len()).unwrap_or(u32::MAX)
+        let mut hosts: Vec<Host> = self.host_failed.iter().map(|w| w.host).collect();
+        hosts.sort_unstable();
+        hosts.dedup();
+        u32::try_from(hosts.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Whether `host` voted on this unit.
+    pub fn voted_from(&self, host: &Host) -> bool {
+        self.votes.iter().any(|v| v.host == *host)
     }
 
     fn vote_count(&self) -> u32 {
@@ -275,6 +312,7 @@ impl Tally {
     pub fn record(
         &mut self,
         peer: PeerId,
+        host: Host,
         outcome: Outcome,
     ) -> Result<Option<Verdict>, ValidateError> {
         if self.in_flight == 0 {
@@ -288,11 +326,11 @@ impl Tally {
         // place for another execution.
         self.in_flight -= 1;
         if let Outcome::Output(_) = outcome {
-            self.check_vote(peer)?;
+            self.check_vote(peer, host)?;
         } else if !self.is_open() {
             return Err(ValidateError::Closed);
         }
-        Ok(self.count(peer, outcome))
+        Ok(self.count(Witness { peer, host }, outcome))
     }
 
     /// An answer to an execution that was already given up as a host failure (its lease
@@ -301,6 +339,7 @@ impl Tally {
     pub fn record_late(
         &mut self,
         peer: PeerId,
+        host: Host,
         outcome: Outcome,
     ) -> Result<Option<Verdict>, ValidateError> {
         if !self.is_open() {
@@ -309,8 +348,8 @@ impl Tally {
         match outcome {
             Outcome::HostFailure => Ok(None),
             Outcome::Output(_) => {
-                self.check_vote(peer)?;
-                Ok(self.count(peer, outcome))
+                self.check_vote(peer, host)?;
+                Ok(self.count(Witness { peer, host }, outcome))
             }
         }
     }
@@ -334,31 +373,36 @@ impl Tally {
         Some(self.fail(FailReason::Abandoned))
     }
 
-    fn check_vote(&self, peer: PeerId) -> Result<(), ValidateError> {
+    fn check_vote(&self, peer: PeerId, host: Host) -> Result<(), ValidateError> {
         if !self.is_open() {
             return Err(ValidateError::Closed);
         }
-        if self.votes.iter().any(|v| v.peer == peer) {
+        if self.votes.iter().any(|v| v.peer == peer || v.host == host) {
             return Err(ValidateError::DuplicateVote { peer });
         }
         Ok(())
     }
 
-    fn count(&mut self, peer: PeerId, outcome: Outcome) -> Option<Verdict> {
+    fn count(&mut self, witness: Witness, outcome: Outcome) -> Option<Verdict> {
         match outcome {
             Outcome::HostFailure => {
-                self.host_failed.push(peer);
+                self.host_failed.push(witness);
                 if self.host_failures() > self.policy.max_host_failures {
                     return Some(self.fail(FailReason::HostFailures));
                 }
             }
             Outcome::Output(digest) => {
-                self.votes.push(Vote { peer, digest });
-                let agreeing: Vec<PeerId> = self
+                let Witness { peer, host } = witness;
+                self.votes.push(Vote { peer, host, digest });
+                // One vote per host (`check_vote`): agreeing votes are distinct hosts.
+                let agreeing: Vec<Witness> = self
                     .votes
                     .iter()
                     .filter(|v| v.digest == digest)
-                    .map(|v| v.peer)
+                    .map(|v| Witness {
+                        peer: v.peer,
+                        host: v.host,
+                    })
                     .collect();
                 if u32::try_from(agreeing.len()).unwrap_or(u32::MAX) >= self.policy.quorum {
                     let verdict = Verdict::Accepted {
@@ -470,8 +514,8 @@ impl Reputation {
                 host_failed,
                 ..
             } => {
-                for peer in agreeing {
-                    if let Some(s) = self.entry(*peer) {
+                for w in agreeing {
+                    if let Some(s) = self.entry(w.peer) {
                         s.streak = s.streak.saturating_add(1);
                         s.agreed = s.agreed.saturating_add(1);
                     }
@@ -486,8 +530,8 @@ impl Reputation {
             }
             Verdict::Failed { host_failed, .. } => host_failed,
         };
-        for peer in host_failed {
-            if let Some(s) = self.entry(*peer) {
+        for w in host_failed {
+            if let Some(s) = self.entry(w.peer) {
                 s.streak = 0;
                 s.host_failures = s.host_failures.saturating_add(1);
             }
@@ -516,6 +560,7 @@ mod tests {
     //! start N               N executions start (must be allowed)
     //! start! N              starting N executions must fail with AttemptsExhausted
     //! vote PEER D           an execution in flight answers with digest D
+    //!                       (PEER is `name` for a peer that is its own host, or `name@host`)
     //! host PEER             an execution in flight ends in a host failure
     //! late PEER D           an answer after its lease expired
     //! want N                wanted() is N
@@ -528,7 +573,19 @@ mod tests {
     use super::*;
 
     fn peer(name: &str) -> PeerId {
+        let name = name.split_once('@').map_or(name, |(p, _)| p);
         PeerId::from_bytes(Digest::of(name.as_bytes()).0)
+    }
+
+    /// The host of `name@host`: a loopback address per host name; a plain `name` is its own.
+    fn host(name: &str) -> Host {
+        match name.split_once('@') {
+            Some((_, h)) => {
+                let n = Digest::of(h.as_bytes()).0;
+                Host::Local(std::net::IpAddr::from([127, n[0], n[1], n[2]]))
+            }
+            None => Host::Peer(peer(name)),
+        }
     }
 
     fn digest(name: &str) -> Digest {
@@ -556,6 +613,7 @@ mod tests {
                 let (p, d) = pair.split_once(':').expect("PEER:DIGEST");
                 Vote {
                     peer: peer(p),
+                    host: host(p),
                     digest: digest(d),
                 }
             })
@@ -616,17 +674,18 @@ mod tests {
                     }
                 }
                 "vote" | "late" => {
-                    let p = peer(words.next().expect("peer"));
+                    let name = words.next().expect("peer");
+                    let (p, h) = (peer(name), host(name));
                     let d = Outcome::Output(digest(words.next().expect("digest")));
                     last = apply(if op == "vote" {
-                        tally.record(p, d)
+                        tally.record(p, h, d)
                     } else {
-                        tally.record_late(p, d)
+                        tally.record_late(p, h, d)
                     });
                 }
                 "host" => {
-                    let p = peer(words.next().expect("peer"));
-                    last = apply(tally.record(p, Outcome::HostFailure));
+                    let name = words.next().expect("peer");
+                    last = apply(tally.record(peer(name), host(name), Outcome::HostFailure));
                 }
                 "want" => assert_eq!(tally.wanted(), number(words.next(), line), "{at}"),
                 "open" => {
@@ -655,7 +714,8 @@ mod tests {
                             ..
                         }) => {
                             assert_eq!(*got, d, "{at}");
-                            assert_eq!(*agreeing, agree, "{at}");
+                            let agreeing: Vec<PeerId> = agreeing.iter().map(|w| w.peer).collect();
+                            assert_eq!(agreeing, agree, "{at}");
                             assert_eq!(*dissenters, dissent, "{at}");
                         }
                         other => panic!("{at}: expected accepted, got {other:?}"),
@@ -678,7 +738,9 @@ mod tests {
                         }) => {
                             assert_eq!(*got, reason, "{at}");
                             assert_eq!(*evidence, expect_votes, "{at}");
-                            assert_eq!(*host_failed, expect_host, "{at}");
+                            let host_failed: Vec<PeerId> =
+                                host_failed.iter().map(|w| w.peer).collect();
+                            assert_eq!(host_failed, expect_host, "{at}");
                         }
                         other => panic!("{at}: expected failed, got {other:?}"),
                     }
@@ -742,7 +804,12 @@ mod tests {
         let mut r = Reputation::new(2);
         let verdict = Verdict::Accepted {
             digest: digest("x"),
-            agreeing: vec![peer("a"), peer("b"), peer("c")],
+            agreeing: ["a", "b", "c"]
+                .map(|p| Witness {
+                    peer: peer(p),
+                    host: host(p),
+                })
+                .to_vec(),
             dissenters: Vec::new(),
             host_failed: Vec::new(),
         };
@@ -765,13 +832,15 @@ mod tests {
                 let mut t = Tally::new(policy);
                 let mut n = code;
                 for step in 0..6u8 {
-                    let who = peer(&format!("p{step}"));
+                    // Six peers on three hosts.
+                    let name = format!("p{step}@h{}", step % 3);
+                    let (who, at) = (peer(&name), host(&name));
                     let r = match inputs[(n % 5) as usize] {
                         "s" => t.start().map(|()| None),
-                        "va" => t.record(who, Outcome::Output(digest("a"))),
-                        "vb" => t.record(who, Outcome::Output(digest("b"))),
-                        "hc" => t.record(who, Outcome::HostFailure),
-                        _ => t.record_late(who, Outcome::Output(digest("a"))),
+                        "va" => t.record(who, at, Outcome::Output(digest("a"))),
+                        "vb" => t.record(who, at, Outcome::Output(digest("b"))),
+                        "hc" => t.record(who, at, Outcome::HostFailure),
+                        _ => t.record_late(who, at, Outcome::Output(digest("a"))),
                     };
                     n /= 5;
                     let _ = r;
@@ -779,6 +848,10 @@ mod tests {
                     assert!(t.wanted() + taken <= policy.max_attempts.max(taken));
                     if let Some(Verdict::Accepted { agreeing, .. }) = t.verdict() {
                         assert!(agreeing.len() as u32 >= policy.quorum);
+                        let mut hosts: Vec<Host> = agreeing.iter().map(|w| w.host).collect();
+                        hosts.sort_unstable();
+                        hosts.dedup();
+                        assert_eq!(hosts.len(), agreeing.len(), "one witness per host");
                     }
                 }
             }
