@@ -9,6 +9,7 @@
 //! actor stops them, and every channel between them is bounded.
 
 mod mdns;
+mod outbox;
 mod submit;
 mod work;
 
@@ -34,6 +35,7 @@ use crate::net::{self, LinkKind, NetConfig, NetError, PeerLink, close};
 use crate::peer_id::{ParsePeerIdError, PeerId};
 use crate::sandbox::SandboxError;
 use crate::wire::{self, Frame, WireError};
+use outbox::{Outbox, OutboxError, write_loop};
 
 pub use submit::{JobDialer, NET_LEASE_MARGIN, NetWorkers, net_schedule_config};
 pub use work::{WorkConfig, WorkRunner};
@@ -43,8 +45,8 @@ const INPUT_QUEUE: usize = 1024;
 /// Frames queued for one connection's writer. When full, gossip to that peer is dropped
 /// (the next round repeats it) rather than blocking the actor on a slow peer.
 const OUTBOX: usize = 64;
-/// How long a closing link waits for the remote to acknowledge what was sent last.
-const LINGER: Duration = Duration::from_secs(1);
+/// Bytes queued for one connection's writer: a few full-size membership messages.
+const OUTBOX_BYTES: u32 = 2 << 20;
 /// How long a status request waits for the work task's part.
 const STATUS_WAIT: Duration = Duration::from_secs(1);
 /// How long shutdown waits for goodbyes to be delivered.
@@ -368,7 +370,7 @@ struct Conn {
     id: u64,
     inbound: bool,
     conn: quinn::Connection,
-    outbox: mpsc::Sender<Frame>,
+    outbox: Outbox,
 }
 
 struct Actor {
@@ -544,7 +546,7 @@ impl Actor {
         self.next_conn += 1;
         let span = tracing::info_span!("conn", %peer, conn = id, inbound = link.inbound, addr = %link.addr);
         span.in_scope(|| tracing::debug!("link up"));
-        let (outbox, rx) = mpsc::channel(OUTBOX);
+        let (outbox, rx) = Outbox::new(OUTBOX, OUTBOX_BYTES);
         self.tasks
             .spawn(write_loop(link.conn.clone(), link.send, rx).instrument(span.clone()));
         self.tasks.spawn(
@@ -580,14 +582,10 @@ impl Actor {
                     self.conns.remove(&peer);
                 }
                 Command::Send { to, msg } => {
-                    if let Some(conn) = self.conns.get(&to) {
-                        match conn.outbox.try_send(Frame::Membership(msg)) {
-                            Ok(()) => {}
-                            Err(mpsc::error::TrySendError::Full(_)) => {
-                                tracing::debug!(peer = %to, "outbox full; message dropped");
-                            }
-                            Err(mpsc::error::TrySendError::Closed(_)) => {}
-                        }
+                    if let Some(conn) = self.conns.get(&to)
+                        && conn.outbox.try_send(&Frame::Membership(msg)) == Err(OutboxError::Full)
+                    {
+                        tracing::debug!(peer = %to, "outbox full; message dropped");
                     }
                 }
                 Command::PeerUp(advert) => tracing::info!(
@@ -713,31 +711,6 @@ async fn accept_loop(endpoint: quinn::Endpoint, net: NetConfig, inputs: mpsc::Se
             Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
         }
     }
-}
-
-/// Sends the actor's frames in order. When the actor drops the outbox, flushes, finishes the
-/// stream, waits briefly for the remote to acknowledge it, and closes.
-async fn write_loop<M: wire::Message>(
-    conn: quinn::Connection,
-    mut send: quinn::SendStream,
-    mut outbox: mpsc::Receiver<M>,
-) {
-    while let Some(frame) = outbox.recv().await {
-        let bytes = match wire::Message::encode_frame(&frame) {
-            Ok(bytes) => bytes,
-            Err(err) => {
-                tracing::warn!(%err, "local message not sent");
-                continue;
-            }
-        };
-        if let Err(err) = send.write_all(&bytes).await {
-            tracing::debug!(%err, "write failed");
-            return;
-        }
-    }
-    let _ = send.finish();
-    let _ = tokio::time::timeout(LINGER, send.stopped()).await;
-    conn.close(VarInt::from_u32(close::NORMAL), b"bye");
 }
 
 /// Reads the remote's frames until its stream ends or breaks. A protocol violation closes the

@@ -132,10 +132,22 @@ pub async fn read<M: Message, R: AsyncRead + Unpin>(
         .await
         .map_err(truncated)?;
     let (kind, len) = check_header::<M>(header)?;
-    let mut payload = vec![0u8; len];
-    reader.read_exact(&mut payload).await.map_err(truncated)?;
+    // The buffer grows with the bytes that arrive, not with what the header claims: a peer
+    // that announces a large frame and sends nothing holds a few KiB, not the kind's cap.
+    let mut payload = Vec::with_capacity(len.min(INITIAL_READ));
+    (&mut *reader)
+        .take(len as u64)
+        .read_to_end(&mut payload)
+        .await
+        .map_err(truncated)?;
+    if payload.len() < len {
+        return Err(WireError::Truncated);
+    }
     M::decode_payload(kind, &payload).map(Some)
 }
+
+/// What a frame's buffer starts at before its bytes arrive.
+const INITIAL_READ: usize = 16 << 10;
 
 fn truncated(err: std::io::Error) -> WireError {
     if err.kind() == std::io::ErrorKind::UnexpectedEof {

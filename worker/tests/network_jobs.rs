@@ -48,16 +48,13 @@ fn next_listen() -> String {
 }
 
 fn start_peer(root: &Path, name: &str, bootstrap: Option<&Peer>) -> Peer {
+    start_peer_at(root, name, bootstrap, &next_listen())
+}
+
+fn start_peer_at(root: &Path, name: &str, bootstrap: Option<&Peer>, listen: &str) -> Peer {
     let mut command = Command::new(WORKER);
     command
-        .args([
-            "run",
-            "--listen",
-            &next_listen(),
-            "--no-mdns",
-            "--cpus",
-            "1",
-        ])
+        .args(["run", "--listen", listen, "--no-mdns", "--cpus", "1"])
         .arg("--data-dir")
         .arg(root.join(name))
         .env_remove("WORKER_LOG")
@@ -290,4 +287,49 @@ fn jobs_survive_a_killed_worker_a_liar_and_a_killed_submitter() {
     check_results(&results(root, "pi-b"), seeds, &liar_id);
 
     runtime.block_on(liar.shutdown());
+}
+
+/// Two hosts with two keys each: every unit is accepted on the word of both hosts, never on two
+/// keys of one (placement by host, the default), and the job still completes.
+#[test]
+fn two_keys_of_one_host_are_one_witness() {
+    let scratch = tempfile::tempdir().unwrap();
+    let root = scratch.path();
+    let first = start_peer_at(root, "a1", None, "127.0.1.2:0");
+    let _others = [
+        start_peer_at(root, "a2", Some(&first), "127.0.1.2:0"),
+        start_peer_at(root, "b1", Some(&first), "127.0.1.3:0"),
+        start_peer_at(root, "b2", Some(&first), "127.0.1.3:0"),
+    ];
+    wait_for(
+        Duration::from_secs(30),
+        "four peers know each other",
+        || {
+            status(&root.join("a1"))["peers"]
+                .as_array()
+                .is_some_and(|p| p.len() >= 3)
+        },
+    );
+    let seeds = (1, 80);
+    let job = manifest(root, "pi-hosts", seeds);
+    let child = spawn_submit(root, &job, &first, "hosts");
+    let run = finish(child, root, "hosts", Duration::from_secs(180));
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("80 accepted, 0 failed, of 80"),
+        "{}",
+        run.stdout
+    );
+    let lines = results(root, "pi-hosts");
+    check_results(&lines, seeds, "no liar here");
+    for line in &lines {
+        let mut hosts: Vec<&str> = line["hosts"]
+            .as_array()
+            .expect("each line names the agreeing hosts")
+            .iter()
+            .map(|h| h.as_str().expect("a host"))
+            .collect();
+        hosts.sort_unstable();
+        assert_eq!(hosts, ["127.0.1.2", "127.0.1.3"], "{line}");
+    }
 }

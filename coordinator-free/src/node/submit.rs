@@ -21,7 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use super::{NodeError, Request, end_of_reading, error_chain, work::send_blob, write_loop};
+use super::outbox::{Outbox, write_loop};
+use super::{NodeError, Request, end_of_reading, error_chain, work::send_blob};
 use crate::control::{ControlRequest, StatusReport};
 use crate::digest::Digest;
 use crate::host::Host;
@@ -38,8 +39,18 @@ use crate::wire;
 const EVENT_QUEUE: usize = 4096;
 /// Frames queued for one job link's writer.
 const OUTBOX: usize = 256;
+/// Bytes queued for one job link's writer: offers and blob chunks for a worker that reads
+/// slowly wait here; one that stops reading pins no more than this.
+const OUTBOX_BYTES: u32 = 16 << 20;
 /// Pull links waiting for the job loop.
 const PULL_QUEUE: usize = 64;
+/// Most job links at once, and most of them from one host: a host of many keys that pulls
+/// with every one of them holds no more than this.
+const MAX_LINKS: usize = 1024;
+const MAX_LINKS_PER_HOST: usize = 8;
+/// Times one link may be sent one blob in full; an honest worker asks again only when a holder
+/// failed it or its cache let the blob go.
+const MAX_SENDS_PER_BLOB: u32 = 4;
 /// How often the membership table is read for new workers.
 const SCAN_EVERY: Duration = Duration::from_millis(100);
 /// How long a peer that could not be dialed is left alone.
@@ -163,7 +174,7 @@ enum NetEvent {
         peer: PeerId,
         conn: u64,
         quic: quinn::Connection,
-        outbox: mpsc::Sender<JobFrame>,
+        outbox: Outbox,
         cores: u32,
     },
     DialFailed {
@@ -188,7 +199,7 @@ enum NetEvent {
 struct Link {
     conn: u64,
     quic: quinn::Connection,
-    outbox: mpsc::Sender<JobFrame>,
+    outbox: Outbox,
     /// Where the link's connection comes from, as this peer sees it: the host its leases are
     /// placed on. Never an address the peer advertised.
     host: Host,
@@ -432,6 +443,14 @@ impl NetWorkers {
                 .close(VarInt::from_u32(close::DUPLICATE), b"already linked");
             return;
         }
+        let host = Host::of(link.conn.remote_address().ip());
+        let from_host = self.links.values().filter(|l| l.host == host).count();
+        if self.links.len() + self.dialing.len() >= MAX_LINKS || from_host >= MAX_LINKS_PER_HOST {
+            tracing::debug!(%peer, %host, "pull link refused: too many links");
+            link.conn
+                .close(VarInt::from_u32(close::NORMAL), b"too many links");
+            return;
+        }
         self.dialing.insert(peer);
         let conn_id = self.next_conn;
         self.next_conn += 1;
@@ -544,7 +563,7 @@ async fn serve_link(
     dialable: bool,
 ) {
     let peer = link.peer;
-    let (outbox, rx) = mpsc::channel(OUTBOX);
+    let (outbox, rx) = Outbox::new(OUTBOX, OUTBOX_BYTES);
     let writer = tokio::spawn(write_loop(link.conn.clone(), link.send, rx).in_current_span());
     if events
         .send(NetEvent::Linked {
@@ -602,10 +621,11 @@ async fn read_reports(
     job: Digest,
     quic: quinn::Connection,
     mut recv: quinn::RecvStream,
-    outbox: mpsc::Sender<JobFrame>,
+    outbox: Outbox,
     (blobs, holder_addr): (Arc<Blobs>, Option<SocketAddr>),
     events: &mpsc::Sender<NetEvent>,
 ) {
+    let mut sends: HashMap<Digest, u32> = HashMap::new();
     loop {
         let event = match wire::read::<JobFrame, _>(&mut recv).await {
             Ok(Some(JobFrame::Report {
@@ -628,12 +648,21 @@ async fn read_reports(
                         peer: holder,
                         addr,
                     };
-                    if outbox.send(at).await.is_err() {
+                    if outbox.send(&at).await.is_err() {
                         break;
                     }
                     continue;
                 }
-                let bytes = blobs.map.get(&digest).cloned();
+                let mut bytes = blobs.map.get(&digest).cloned();
+                if bytes.is_some() {
+                    let sent = sends.entry(digest).or_default();
+                    *sent += 1;
+                    if *sent > MAX_SENDS_PER_BLOB {
+                        // Asked for again and again: answered as missing, so the worker declines
+                        // what needs it and its units go elsewhere.
+                        bytes = None;
+                    }
+                }
                 if !send_blob(&outbox, digest, bytes.as_deref()).await {
                     break;
                 }
@@ -714,7 +743,7 @@ impl Workers for NetWorkers {
             spec: self.spec.clone(),
             leases: wire,
         });
-        match link.outbox.try_send(frame) {
+        match link.outbox.try_send(&frame) {
             Ok(()) => {
                 for id in ids {
                     self.outstanding.insert(id, to);
@@ -736,7 +765,7 @@ impl Workers for NetWorkers {
             self.outstanding.remove(lease);
         }
         if let Some(link) = self.links.get(&to) {
-            let _ = link.outbox.try_send(JobFrame::Revoke {
+            let _ = link.outbox.try_send(&JobFrame::Revoke {
                 job: self.job,
                 leases,
             });

@@ -20,7 +20,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use super::outbox::{Outbox, OutboxError, write_loop};
 use crate::digest::Digest;
+use crate::host::Host;
 use crate::job::proto::{InputRef, JobFrame, JobSpec, MAX_CHUNK, WireLease, WireResult};
 use crate::net::{PeerLink, close};
 use crate::peer_id::PeerId;
@@ -36,24 +38,44 @@ use crate::wire;
 const INPUT_QUEUE: usize = 1024;
 /// Frames queued for one job link's writer.
 const OUTBOX: usize = 256;
+/// Bytes queued for one job link's writer (reports carry outputs of up to 4 MiB).
+const OUTBOX_BYTES: u32 = 16 << 20;
+/// Frames and bytes queued for a blob link's writer: a fetcher that stops reading pins this
+/// much, and the link closes once a write stalls for the write timeout.
+const BLOB_OUTBOX: usize = 4;
+const BLOB_OUTBOX_BYTES: u32 = 4 << 20;
+/// Blob links served at once, in all and per fetching host: holding blobs for others is a
+/// favour, and a fetcher needs one link at a time.
+const MAX_BLOB_LINKS: usize = 16;
+const MAX_BLOB_LINKS_PER_HOST: usize = 2;
 /// Most jobs known at once (across submitters).
 const MAX_JOBS: usize = 64;
-/// Most jobs one submitter may have here at once.
+/// Most jobs one submitter may have here at once, and all the submitters of one host.
 const MAX_JOBS_PER_SUBMITTER: usize = 8;
+const MAX_JOBS_PER_HOST: usize = 16;
 /// Most leases of one job waiting for blobs.
 const MAX_WAITING_PER_JOB: usize = 1024;
 /// Most leases held here at once, waiting for blobs or queued for a slot. With inline inputs
 /// of at most 16 KiB this bounds the memory submitters can make a worker hold.
 const MAX_HELD_LEASES: usize = 8192;
-/// A blob fetch that has not completed in this time is given up, so a submitter that never
-/// answers cannot hold a fetch slot forever.
+/// Most leases the submitters of one host hold here: a host with many keys gets a quarter of
+/// the worker at most, and honest submitters elsewhere still find room.
+const MAX_HELD_PER_HOST: usize = MAX_HELD_LEASES / 4;
+/// A blob fetch that has made no progress (no chunk arrived) in this time is given up, so a
+/// submitter that never answers cannot hold a fetch slot forever, while a large blob over a
+/// slow path may take as long as it keeps arriving.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
-/// Most blobs fetched at once.
-const MAX_FETCHES: usize = 4;
+/// Most blobs fetched at once, in all, for one submitter, and for the submitters of one host:
+/// a submitter that never answers stalls its own fetches, not everyone's.
+const MAX_FETCHES: usize = 16;
+const MAX_FETCHES_PER_SUBMITTER: usize = 2;
+const MAX_FETCHES_PER_HOST: usize = 4;
 /// Input blob bytes kept after use.
 const BLOB_CACHE_BYTES: usize = 128 << 20;
-/// Modules kept ready.
+/// Modules kept ready (each under the metering its jobs need), and most of them made for one
+/// submitter while others wait: a submitter cycling through modules evicts its own first.
 const MODULE_CACHE: usize = 16;
+const MODULE_SHARE: usize = 4;
 /// How long a finished execution's answer waits for its report before it is dropped.
 const ANSWER_TTL: Duration = Duration::from_secs(120);
 /// Longest a unit may run (the longest timeout a job may ask for).
@@ -151,8 +173,10 @@ pub(super) enum WorkInput {
         digest: Digest,
         reply: tokio::sync::oneshot::Sender<Option<Arc<[u8]>>>,
     },
-    /// A fetch from a holder ended: the bytes, or `None` (then the submitter is asked).
+    /// A fetch from a holder, for `submitter`'s job, ended: the bytes, or `None` (then the
+    /// submitter is asked).
     Fetched {
+        submitter: PeerId,
         digest: Digest,
         bytes: Option<Vec<u8>>,
     },
@@ -242,6 +266,16 @@ impl Exec {
 }
 
 type Key = (PeerId, Digest);
+/// A module as prepared for one metering mode: the same bytes compile differently with fuel.
+type ModuleKey = (Digest, Metering);
+
+fn metering_of(spec: &JobSpec) -> Metering {
+    if spec.fuel.is_some() {
+        Metering::Fuel
+    } else {
+        Metering::Off
+    }
+}
 /// A lease of a job of a submitter.
 type LeaseKey = (PeerId, Digest, LeaseId);
 /// An execution's answer and when it ended.
@@ -255,7 +289,6 @@ struct JobState {
 }
 
 struct Fetch {
-    from: PeerId,
     since: Instant,
     total: u64,
     bytes: Vec<u8>,
@@ -264,7 +297,9 @@ struct Fetch {
 struct Link {
     conn: u64,
     quic: quinn::Connection,
-    outbox: mpsc::Sender<JobFrame>,
+    outbox: Outbox,
+    /// The submitter's host, from the address its link comes from.
+    host: Host,
 }
 
 /// Inputs of leases handed to the intake, until they start.
@@ -295,17 +330,21 @@ struct Work {
     links: HashMap<PeerId, Link>,
     next_conn: u64,
     jobs: HashMap<Key, JobState>,
-    modules: HashMap<Digest, Module>,
-    module_order: VecDeque<Digest>,
+    modules: HashMap<ModuleKey, Module>,
+    /// Oldest first, each with the submitter it was made for.
+    module_order: VecDeque<(ModuleKey, PeerId)>,
     blobs: HashMap<Digest, Arc<[u8]>>,
     blob_order: VecDeque<Digest>,
     blob_bytes: usize,
-    fetches: HashMap<Digest, Fetch>,
+    /// Blobs on their way, by the submitter whose job needs them.
+    fetches: HashMap<(PeerId, Digest), Fetch>,
     ready: HashMap<LeaseKey, Ready>,
     answers: HashMap<LeaseKey, Answer>,
     inputs_tx: mpsc::Sender<WorkInput>,
     tasks: JoinSet<()>,
     next_sweep: Instant,
+    /// Blob links being served, by the host they come from.
+    blob_links: HashMap<Host, Arc<()>>,
 }
 
 /// Starts the work task in `tasks`; returns the sender job links are handed to.
@@ -351,6 +390,7 @@ pub(super) fn spawn(
         inputs_tx: tx.clone(),
         tasks: JoinSet::new(),
         next_sweep: Instant::now() + SWEEP_EVERY,
+        blob_links: HashMap::new(),
     };
     tasks.spawn(work.run(rx).instrument(tracing::debug_span!("work")));
     Ok(tx)
@@ -415,19 +455,23 @@ impl Work {
             WorkInput::BlobWanted { digest, reply } => {
                 let _ = reply.send(self.blobs.get(&digest).cloned());
             }
-            WorkInput::Fetched { digest, bytes } => {
-                let Some(fetch) = self.fetches.get_mut(&digest) else {
+            WorkInput::Fetched {
+                submitter: from,
+                digest,
+                bytes,
+            } => {
+                let Some(fetch) = self.fetches.get_mut(&(from, digest)) else {
                     return;
                 };
-                let from = fetch.from;
                 match bytes {
                     Some(bytes) => {
-                        self.fetches.remove(&digest);
+                        self.fetches.remove(&(from, digest));
                         self.blob_arrived(from, digest, bytes, now);
                     }
                     None => {
                         // The holder failed us: the submitter serves it itself when asked again.
                         fetch.bytes.clear();
+                        fetch.since = now;
                         self.send(&from, JobFrame::BlobGet { digest });
                     }
                 }
@@ -515,9 +559,9 @@ impl Work {
                 .close(VarInt::from_u32(close::DUPLICATE), b"replaced");
         }
         let span = tracing::debug_span!("job-link", %peer, conn);
-        let (outbox, rx) = mpsc::channel(OUTBOX);
+        let (outbox, rx) = Outbox::new(OUTBOX, OUTBOX_BYTES);
         self.tasks
-            .spawn(super::write_loop(link.conn.clone(), link.send, rx).instrument(span.clone()));
+            .spawn(write_loop(link.conn.clone(), link.send, rx).instrument(span.clone()));
         let inputs = self.inputs_tx.clone();
         let quic = link.conn.clone();
         let mut recv = link.recv;
@@ -545,19 +589,21 @@ impl Work {
             }
             .instrument(span),
         );
+        let host = Host::of(link.conn.remote_address().ip());
         self.links.insert(
             peer,
             Link {
                 conn,
                 quic: link.conn,
                 outbox,
+                host,
             },
         );
     }
 
     fn send(&self, to: &PeerId, frame: JobFrame) {
         if let Some(link) = self.links.get(to)
-            && let Err(mpsc::error::TrySendError::Full(_)) = link.outbox.try_send(frame)
+            && let Err(OutboxError::Full) = link.outbox.try_send(&frame)
         {
             // The submitter re-issues what it does not hear about when the lease expires.
             tracing::debug!(peer = %to, "job link outbox full; frame dropped");
@@ -584,14 +630,13 @@ impl Work {
                 bytes,
             } => self.on_chunk(from, digest, total, offset, bytes, now),
             JobFrame::BlobMissing { digest } => {
-                if self.fetches.get(&digest).is_some_and(|f| f.from == from) {
-                    self.fetches.remove(&digest);
+                if self.fetches.remove(&(from, digest)).is_some() {
                     self.blob_failed(from, digest, now);
                 }
             }
             JobFrame::BlobAt { digest, peer, addr } => {
-                if self.fetches.get(&digest).is_some_and(|f| f.from == from) {
-                    self.fetch_from_holder(digest, peer, addr);
+                if self.fetches.contains_key(&(from, digest)) {
+                    self.fetch_from_holder(from, digest, peer, addr);
                 }
             }
             JobFrame::Report { .. } | JobFrame::Decline { .. } | JobFrame::BlobGet { .. } => {
@@ -624,9 +669,24 @@ impl Work {
             self.decline(from, job, leases.iter().map(|l| l.id).collect());
             return;
         }
+        if leases.is_empty() {
+            // An offer of nothing holds nothing: no job is made for it.
+            return;
+        }
+        let host = self.links.get(&from).map(|l| l.host);
         if !self.jobs.contains_key(&key) {
+            self.drop_idle_jobs();
             let theirs = self.jobs.keys().filter(|k| k.0 == from).count();
-            if self.jobs.len() >= MAX_JOBS || theirs >= MAX_JOBS_PER_SUBMITTER {
+            let of_host = self
+                .jobs
+                .keys()
+                .filter(|k| self.host_of(&k.0) == host)
+                .count();
+            if self.jobs.len() >= MAX_JOBS
+                || theirs >= MAX_JOBS_PER_SUBMITTER
+                || of_host >= MAX_JOBS_PER_HOST
+            {
+                tracing::debug!(peer = %from, "job declined: too many jobs here");
                 self.decline(from, job, leases.iter().map(|l| l.id).collect());
                 return;
             }
@@ -638,8 +698,15 @@ impl Work {
                 },
             );
         }
-        let held = self.ready.len() + self.jobs.values().map(|j| j.waiting.len()).sum::<usize>();
-        let room = MAX_HELD_LEASES.saturating_sub(held);
+        let held = self.ready.len()
+            + self.started.len()
+            + self.jobs.values().map(|j| j.waiting.len()).sum::<usize>();
+        let mut room = MAX_HELD_LEASES.saturating_sub(held);
+        if held >= MAX_HELD_PER_HOST {
+            // Only then can one host be at its share: count what its submitters hold.
+            let of_host = self.held_by_host(host);
+            room = room.min(MAX_HELD_PER_HOST.saturating_sub(of_host));
+        }
         let Some(state) = self.jobs.get_mut(&key) else {
             return;
         };
@@ -660,6 +727,37 @@ impl Work {
         self.advance(key, now);
     }
 
+    fn host_of(&self, peer: &PeerId) -> Option<Host> {
+        self.links.get(peer).map(|l| l.host)
+    }
+
+    /// Leases held here (waiting for blobs, queued or running) for submitters on `host`.
+    fn held_by_host(&self, host: Option<Host>) -> usize {
+        let on_host = |p: &PeerId| self.host_of(p) == host;
+        let waiting: usize = self
+            .jobs
+            .iter()
+            .filter(|(k, _)| on_host(&k.0))
+            .map(|(_, j)| j.waiting.len())
+            .sum();
+        let ready = self.ready.keys().filter(|k| on_host(&k.0)).count();
+        let running = self.started.keys().filter(|k| on_host(&k.0)).count();
+        waiting + ready + running
+    }
+
+    /// Forgets jobs that hold no lease here: a submitter's link alone keeps nothing, so empty
+    /// offers cannot fill the job table.
+    fn drop_idle_jobs(&mut self) {
+        let busy: std::collections::HashSet<Key> = self
+            .ready
+            .keys()
+            .chain(self.started.keys())
+            .map(|k| (k.0, k.1))
+            .collect();
+        self.jobs
+            .retain(|k, j| !j.waiting.is_empty() || busy.contains(k));
+    }
+
     fn decline(&mut self, to: PeerId, job: Digest, leases: Vec<LeaseId>) {
         if !leases.is_empty() {
             self.send(&to, JobFrame::Decline { job, leases });
@@ -674,10 +772,21 @@ impl Work {
             return;
         };
         let module = state.spec.module;
+        let module_key = (module, metering_of(&state.spec));
         let mut wanted = Vec::new();
-        if !self.modules.contains_key(&module) {
-            wanted.push((module, state.spec.module_len));
+        if !self.modules.contains_key(&module_key) {
+            match (self.blobs.get(&module).cloned(), &self.exec) {
+                // Here already, for another metering or evicted: prepared again from the bytes.
+                (Some(bytes), Some(exec)) => {
+                    let prepared = exec.module(bytes, module_key.1);
+                    self.insert_module(module_key, prepared, from);
+                }
+                _ => wanted.push((module, state.spec.module_len)),
+            }
         }
+        let Some(state) = self.jobs.get_mut(&key) else {
+            return;
+        };
         let mut ready = Vec::new();
         if wanted.is_empty() {
             let mut keep = VecDeque::new();
@@ -724,14 +833,24 @@ impl Work {
     }
 
     fn fetch(&mut self, from: PeerId, digest: Digest, len: u64) {
-        if self.fetches.contains_key(&digest) || self.fetches.len() >= MAX_FETCHES {
+        let host = self.host_of(&from);
+        let theirs = self.fetches.keys().filter(|k| k.0 == from).count();
+        let of_host = self
+            .fetches
+            .keys()
+            .filter(|k| self.host_of(&k.0) == host)
+            .count();
+        if self.fetches.contains_key(&(from, digest))
+            || self.fetches.len() >= MAX_FETCHES
+            || theirs >= MAX_FETCHES_PER_SUBMITTER
+            || of_host >= MAX_FETCHES_PER_HOST
+        {
             // Already on its way, or asked for again when a fetch slot frees up.
             return;
         }
         self.fetches.insert(
-            digest,
+            (from, digest),
             Fetch {
-                from,
                 since: Instant::now(),
                 total: len,
                 bytes: Vec::new(),
@@ -749,23 +868,24 @@ impl Work {
         bytes: Vec<u8>,
         now: Instant,
     ) {
-        let Some(fetch) = self.fetches.get_mut(&digest) else {
+        let Some(fetch) = self.fetches.get_mut(&(from, digest)) else {
             return;
         };
-        if fetch.from != from {
-            return;
-        }
-        if total != fetch.total || offset != fetch.bytes.len() as u64 {
+        if total != fetch.total
+            || offset != fetch.bytes.len() as u64
+            || offset.saturating_add(bytes.len() as u64) > total
+        {
             tracing::warn!(peer = %from, %digest, "blob chunk out of order or of the wrong size");
-            self.fetches.remove(&digest);
+            self.fetches.remove(&(from, digest));
             self.blob_failed(from, digest, now);
             return;
         }
         fetch.bytes.extend_from_slice(&bytes);
+        fetch.since = now;
         if (fetch.bytes.len() as u64) < fetch.total {
             return;
         }
-        let Some(fetch) = self.fetches.remove(&digest) else {
+        let Some(fetch) = self.fetches.remove(&(from, digest)) else {
             return;
         };
         self.blob_arrived(from, digest, fetch.bytes, now);
@@ -778,35 +898,22 @@ impl Work {
             self.blob_failed(from, digest, now);
             return;
         }
-        let bytes: Arc<[u8]> = bytes.into();
-        let is_module = self.jobs.values().any(|j| j.spec.module == digest);
-        if is_module {
-            let metering =
-                self.jobs
-                    .values()
-                    .find(|j| j.spec.module == digest)
-                    .map_or(Metering::Off, |j| {
-                        if j.spec.fuel.is_some() {
-                            Metering::Fuel
-                        } else {
-                            Metering::Off
-                        }
-                    });
-            let module = match &self.exec {
-                Some(exec) => exec.module(bytes.clone(), metering),
-                None => return,
-            };
-            self.insert_module(digest, module);
-        }
-        // Kept (modules too) so other workers can fetch it from here.
-        self.insert_blob(digest, bytes);
+        // Kept (modules too) so other workers can fetch it from here; jobs waiting for it as
+        // their module prepare it as they advance.
+        self.insert_blob(digest, bytes.into());
         self.advance_all(now);
     }
 
     /// Fetches a blob from another worker that holds it, as the submitter suggested; the answer
     /// comes back as [`WorkInput::Fetched`].
-    fn fetch_from_holder(&mut self, digest: Digest, peer: PeerId, addr: std::net::SocketAddr) {
-        let Some(total) = self.fetches.get(&digest).map(|f| f.total) else {
+    fn fetch_from_holder(
+        &mut self,
+        submitter: PeerId,
+        digest: Digest,
+        peer: PeerId,
+        addr: std::net::SocketAddr,
+    ) {
+        let Some(total) = self.fetches.get(&(submitter, digest)).map(|f| f.total) else {
             return;
         };
         let d = self.dialer.clone();
@@ -842,6 +949,7 @@ impl Work {
             }
             let _ = inputs
                 .send(WorkInput::Fetched {
+                    submitter,
                     digest,
                     bytes: fetched,
                 })
@@ -852,12 +960,31 @@ impl Work {
     /// Serves blobs we hold to another worker on a blob link it opened: one `BlobGet` at a
     /// time, answered from the cache in chunks.
     fn serve_blobs(&mut self, link: PeerLink) {
+        // Each link task holds a clone of its host's token while it runs: the count of clones
+        // is the count of live links.
+        self.blob_links
+            .retain(|_, token| Arc::strong_count(token) > 1);
+        let host = Host::of(link.conn.remote_address().ip());
+        let total: usize = self
+            .blob_links
+            .values()
+            .map(|t| Arc::strong_count(t) - 1)
+            .sum();
+        let token = self.blob_links.entry(host).or_default();
+        if total >= MAX_BLOB_LINKS || Arc::strong_count(token) > MAX_BLOB_LINKS_PER_HOST {
+            tracing::debug!(peer = %link.peer, %host, "blob link refused: too many open");
+            link.conn
+                .close(VarInt::from_u32(close::NORMAL), b"too many blob links");
+            return;
+        }
+        let token = Arc::clone(token);
         let inputs = self.inputs_tx.clone();
         let peer = link.peer;
         self.tasks.spawn(
             async move {
-                let (outbox, rx) = mpsc::channel(OUTBOX);
-                let writer = tokio::spawn(super::write_loop(link.conn.clone(), link.send, rx));
+                let _token = token;
+                let (outbox, rx) = Outbox::new(BLOB_OUTBOX, BLOB_OUTBOX_BYTES);
+                let writer = tokio::spawn(write_loop(link.conn.clone(), link.send, rx));
                 let mut recv = link.recv;
                 // A few requests per link at most: a fetcher asks for one blob.
                 for _ in 0..4 {
@@ -894,14 +1021,35 @@ impl Work {
         );
     }
 
-    fn insert_module(&mut self, digest: Digest, module: Module) {
+    /// Caches a prepared module made for `owner`'s job. Modules that leases held here still
+    /// need are never evicted (there are at most as many as jobs); otherwise the owner's
+    /// oldest goes first once it holds its share, else the oldest of all.
+    fn insert_module(&mut self, key: ModuleKey, module: Module, owner: PeerId) {
+        let in_use: std::collections::HashSet<ModuleKey> = self
+            .jobs
+            .iter()
+            .filter(|(k, j)| !j.waiting.is_empty() || self.ready.keys().any(|r| (r.0, r.1) == **k))
+            .map(|(_, j)| (j.spec.module, metering_of(&j.spec)))
+            .collect();
+        let theirs = self
+            .module_order
+            .iter()
+            .filter(|(_, o)| *o == owner)
+            .count();
         while self.module_order.len() >= MODULE_CACHE {
-            if let Some(old) = self.module_order.pop_front() {
+            let evictable = |(k, o): &(ModuleKey, PeerId)| {
+                !in_use.contains(k) && (theirs < MODULE_SHARE || *o == owner)
+            };
+            let Some(at) = self.module_order.iter().position(evictable) else {
+                break;
+            };
+            if let Some((old, _)) = self.module_order.remove(at) {
                 self.modules.remove(&old);
             }
         }
-        self.modules.insert(digest, module);
-        self.module_order.push_back(digest);
+        self.module_order.retain(|(k, _)| *k != key);
+        self.modules.insert(key, module);
+        self.module_order.push_back((key, owner));
     }
 
     fn insert_blob(&mut self, digest: Digest, bytes: Arc<[u8]>) {
@@ -1005,7 +1153,7 @@ impl Work {
         self.ready.retain(|k, _| k.0 != peer);
         self.answers.retain(|k, _| k.0 != peer);
         self.started.retain(|k, _| k.0 != peer);
-        self.fetches.retain(|_, f| f.from != peer);
+        self.fetches.retain(|k, _| k.0 != peer);
     }
 
     /// Drops what outlived its purpose: inputs of leases past their deadline that never
@@ -1013,25 +1161,22 @@ impl Work {
     fn sweep(&mut self, now: Instant) {
         self.next_sweep = now + SWEEP_EVERY;
         self.ready.retain(|_, r| r.deadline > now);
-        let stale: Vec<(Digest, PeerId)> = self
+        let stale: Vec<(PeerId, Digest)> = self
             .fetches
             .iter()
             .filter(|(_, f)| now.duration_since(f.since) >= FETCH_TIMEOUT)
-            .map(|(d, f)| (*d, f.from))
+            .map(|(k, _)| *k)
             .collect();
-        for (digest, from) in stale {
-            tracing::info!(peer = %from, %digest, "blob fetch timed out");
-            self.fetches.remove(&digest);
+        for (from, digest) in stale {
+            tracing::info!(peer = %from, %digest, "blob fetch made no progress; given up");
+            self.fetches.remove(&(from, digest));
             self.blob_failed(from, digest, now);
         }
         self.answers
             .retain(|_, (_, at)| now.duration_since(*at) < ANSWER_TTL);
         self.started
             .retain(|_, at| now.duration_since(*at) < ANSWER_TTL + MAX_UNIT_TIME);
-        let live: std::collections::HashSet<Key> = self.ready.keys().map(|k| (k.0, k.1)).collect();
-        self.jobs.retain(|k, j| {
-            !j.waiting.is_empty() || live.contains(k) || self.links.contains_key(&k.0)
-        });
+        self.drop_idle_jobs();
     }
 
     /// Carries out what the intake asks.
@@ -1064,7 +1209,12 @@ impl Work {
         let module = self
             .jobs
             .get(&(task.submitter, task.job))
-            .and_then(|state| Some((state.spec.limits(), self.modules.get(&state.spec.module)?)));
+            .and_then(|state| {
+                let module = self
+                    .modules
+                    .get(&(state.spec.module, metering_of(&state.spec)))?;
+                Some((state.spec.limits(), module))
+            });
         let (Some(ready), Some((limits, module)), Some(exec)) = (ready, module, self.exec.as_ref())
         else {
             self.fail_now(key, "the lease's input or module is gone".into());
@@ -1150,13 +1300,9 @@ impl Work {
 }
 
 /// Serves a blob to a worker in chunks on `outbox`; `None` bytes answer that it is missing.
-pub(crate) async fn send_blob(
-    outbox: &mpsc::Sender<JobFrame>,
-    digest: Digest,
-    bytes: Option<&[u8]>,
-) -> bool {
+pub(crate) async fn send_blob(outbox: &Outbox, digest: Digest, bytes: Option<&[u8]>) -> bool {
     let Some(bytes) = bytes else {
-        return outbox.send(JobFrame::BlobMissing { digest }).await.is_ok();
+        return outbox.send(&JobFrame::BlobMissing { digest }).await.is_ok();
     };
     let total = bytes.len() as u64;
     let mut offset = 0usize;
@@ -1168,7 +1314,7 @@ pub(crate) async fn send_blob(
             offset: offset as u64,
             bytes: bytes[offset..end].to_vec(),
         };
-        if outbox.send(chunk).await.is_err() {
+        if outbox.send(&chunk).await.is_err() {
             return false;
         }
         offset = end;
