@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::host::Placement;
 use crate::validate::{FailReason, Reputation, Verdict};
 
 #[derive(Debug, Clone)]
@@ -25,6 +26,11 @@ struct SimConfig {
     /// honest and do not crash (their own durability is another test).
     cheaters: f64,
     collude: bool,
+    /// Colluders share this many hosts (their keys spread evenly over them); 0 puts each
+    /// cheater on a host of its own. Honest peers are each a host of their own.
+    colluder_hosts: usize,
+    /// The jobs' placement rule.
+    placement: Placement,
     /// Fraction of peers that crash for good at a random time in the first `crash_window`.
     crashers: f64,
     crash_window: Duration,
@@ -56,6 +62,8 @@ impl Default for SimConfig {
             policy: Policy::new(2, 2, 6),
             cheaters: 0.15,
             collude: false,
+            colluder_hosts: 0,
+            placement: Placement::Host,
             crashers: 0.05,
             crash_window: Duration::from_secs(20),
             slow: 0.05,
@@ -130,6 +138,8 @@ enum SimEvent {
 #[derive(Debug)]
 struct Node {
     id: PeerId,
+    /// The host the submitters see it on.
+    host: Host,
     intake: Intake,
     alive: bool,
     cheater: bool,
@@ -179,6 +189,8 @@ struct Outcomes {
     /// Honest peers the submitters' reputation tables hold a dissent against.
     honest_with_dissents: u64,
     executions: u64,
+    /// Executions answered by cheaters.
+    cheater_executions: u64,
     self_leases: u64,
     finish: Duration,
     /// Answers the schedulers dropped: unknown lease, another peer's lease, duplicates.
@@ -199,6 +211,7 @@ struct Sim {
     jobs: Vec<Job>,
     by_digest: BTreeMap<Digest, usize>,
     executions: u64,
+    cheater_executions: u64,
     trace: u64,
 }
 
@@ -218,13 +231,30 @@ impl Sim {
             ((config.peers as f64 * config.cheaters).round() as usize).min(workers.len());
         let cheaters: BTreeSet<usize> = workers[..cheating].iter().copied().collect();
         let mut nodes = Vec::with_capacity(config.peers);
+        let cheater_list: Vec<usize> = cheaters.iter().copied().collect();
         for n in 0..config.peers {
+            let own = Host::Local(std::net::IpAddr::from([
+                10,
+                (n >> 16) as u8,
+                (n >> 8) as u8,
+                n as u8,
+            ]));
+            let host = match cheater_list.iter().position(|c| *c == n) {
+                Some(i) if config.colluder_hosts > 0 => Host::Local(std::net::IpAddr::from([
+                    192,
+                    168,
+                    0,
+                    (i % config.colluder_hosts) as u8,
+                ])),
+                _ => own,
+            };
             let mut bytes = [0u8; 32];
             for chunk in bytes.chunks_mut(8) {
                 chunk.copy_from_slice(&rng.next_u64().to_le_bytes());
             }
             nodes.push(Node {
                 id: PeerId::from_bytes(bytes),
+                host,
                 intake: Intake::new(IntakeConfig {
                     slots: config.slots,
                     prefetch: config.slots * 2,
@@ -249,6 +279,7 @@ impl Sim {
                 Config {
                     lease_timeout: config.lease_timeout,
                     max_leases_per_peer: config.slots * 4,
+                    placement: config.placement,
                     ..Config::default()
                 },
                 rng.next_u64(),
@@ -278,6 +309,7 @@ impl Sim {
             jobs,
             by_digest,
             executions: 0,
+            cheater_executions: 0,
             trace: 0xcbf2_9ce4_8422_2325,
         };
         for node in 0..sim.nodes.len() {
@@ -423,7 +455,7 @@ impl Sim {
                     Event::Available {
                         peer: from,
                         slots: want,
-                        host: Host::Peer(from),
+                        host: self.nodes[node].host,
                     },
                     now,
                 );
@@ -565,6 +597,9 @@ impl Sim {
                         continue;
                     };
                     self.executions += 1;
+                    if self.nodes[node].cheater {
+                        self.cheater_executions += 1;
+                    }
                     let (low, high) = self.config.unit_cost;
                     let mut cost = self.rng.duration_between(low, high);
                     if self.nodes[node].slow {
@@ -663,6 +698,7 @@ impl Sim {
         let mut o = Outcomes {
             cheaters: self.nodes.iter().filter(|n| n.cheater).count() as u64,
             executions: self.executions,
+            cheater_executions: self.cheater_executions,
             events,
             all_finished: self.jobs.iter().all(|j| j.finished_at.is_some()),
             finish: self
@@ -913,6 +949,61 @@ fn colluding_cheaters_wrong_acceptance_rate() {
                 o.executions as f64 / o.units as f64
             ));
             assert!(rate <= 6.0 * cheaters * cheaters, "{}", lines.join("\n"));
+        }
+    }
+    println!("{}", lines.join("\n"));
+}
+
+#[test]
+fn colluders_concentrated_on_few_hosts_by_placement() {
+    // Colluding keys packed on one or three hosts. Placed by peer, their keys count as
+    // independent witnesses and their share of the work is their share of the keys; placed by
+    // host, two keys of one host never hold one unit and a host's lease cap bounds its share,
+    // so a forgery needs two colluding *hosts* on one unit: none with one host, about s² with
+    // s the colluding hosts' share of the executions.
+    let mut lines = Vec::new();
+    for cheaters in [0.10, 0.20] {
+        for hosts in [1usize, 3] {
+            let mut rates = Vec::new();
+            for placement in [Placement::Host, Placement::Peer] {
+                let config = SimConfig {
+                    jobs: 2,
+                    units: 1000,
+                    policy: Policy::new(2, 2, 6),
+                    cheaters,
+                    collude: true,
+                    colluder_hosts: hosts,
+                    placement,
+                    ..SimConfig::default()
+                };
+                let seed = 300 + (cheaters * 100.0) as u64 + hosts as u64;
+                let o = simulate(seed, config.clone());
+                assert!(o.all_finished && o.lost == 0, "{o:?}");
+                let rate = o.accepted_wrong as f64 / o.units as f64;
+                let share = o.cheater_executions as f64 / o.executions as f64;
+                lines.push(format!(
+                    "colluding keys {:.0} % ({} of {} peers) on {hosts} host(s), placement \
+                     {placement:?}: {} of {} units accepted wrongly ({:.2} %); colluders ran \
+                     {:.1} % of {} executions ({:.2} per unit)",
+                    cheaters * 100.0,
+                    o.cheaters,
+                    config.peers,
+                    o.accepted_wrong,
+                    o.units,
+                    rate * 100.0,
+                    share * 100.0,
+                    o.executions,
+                    o.executions as f64 / o.units as f64
+                ));
+                if placement == Placement::Host && hosts == 1 {
+                    assert_eq!(o.accepted_wrong, 0, "{}", lines.join("\n"));
+                }
+                if placement == Placement::Host {
+                    assert!(rate <= 6.0 * share * share + 0.002, "{}", lines.join("\n"));
+                }
+                rates.push(rate);
+            }
+            assert!(rates[0] < rates[1], "{}", lines.join("\n"));
         }
     }
     println!("{}", lines.join("\n"));
