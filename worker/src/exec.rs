@@ -152,6 +152,7 @@ pub fn run(args: ExecArgs) -> Result<ExitCode, Failure> {
         checkpoint,
         limits,
         observer: Some(observer.clone()),
+        abort: None,
     };
     let report = if args.in_process {
         run_in_process(cache_dir, &wasm, request)?

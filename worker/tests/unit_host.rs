@@ -523,3 +523,54 @@ fn a_unit_host_compiles_on_as_many_threads_as_it_is_given() {
         report.result
     );
 }
+
+#[test]
+fn an_aborted_unit_has_its_host_killed_and_a_queued_one_never_runs() {
+    let command = UnitHostCommand {
+        program: env!("CARGO_BIN_EXE_worker").into(),
+        args: vec!["unit-host".into(), "--no-cache".into()],
+    };
+    let pool = coordinator_free::sandbox::Executor::unit_hosts(&command, 1, 8).unwrap();
+    let faults = std::sync::Arc::new(HostedModule::new(
+        example_artifacts::FAULTS_BYTES.to_vec(),
+        Metering::Off,
+    ));
+    let (send, receive) = std::sync::mpsc::channel();
+    // A unit that would spin for a minute, and one queued behind it.
+    let spinning = coordinator_free::sandbox::Abort::new();
+    let queued = coordinator_free::sandbox::Abort::new();
+    for (i, abort) in [(0, &spinning), (1, &queued)] {
+        let mut r = request(br#"{"spin":true}"#, Duration::from_secs(60));
+        r.abort = Some(abort.clone());
+        let send = send.clone();
+        pool.try_submit(faults.clone(), r, move |report| {
+            let _ = send.send((i, report, Instant::now()));
+        })
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let aborted_at = Instant::now();
+    queued.abort();
+    spinning.abort();
+    let mut ends = Vec::new();
+    for _ in 0..2 {
+        let (i, report, at) = receive
+            .recv_timeout(Duration::from_secs(20))
+            .expect("both units end long before their minute");
+        assert_eq!(
+            report.result,
+            Err(coordinator_free::sandbox::aborted_error()),
+            "unit {i}"
+        );
+        ends.push((i, at.duration_since(aborted_at)));
+    }
+    // Seconds, not the minute the spinning unit had: its host was killed.
+    assert!(
+        ends.iter()
+            .all(|(_, after)| *after < Duration::from_secs(10)),
+        "{ends:?}"
+    );
+    // The pool goes on with a fresh host.
+    let ok = pool.run(faults, request(br#"{"ok":true}"#, Duration::from_secs(30)));
+    assert_eq!(ok.result, Ok(br#"{"ok":true}"#.to_vec()));
+}

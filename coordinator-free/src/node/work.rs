@@ -27,7 +27,7 @@ use crate::job::proto::{InputRef, JobFrame, JobSpec, MAX_CHUNK, WireLease, WireR
 use crate::net::{PeerLink, close};
 use crate::peer_id::PeerId;
 use crate::sandbox::{
-    Executor, HostedModule, Metering, OutcomeClass, PROFILE, PreparedModule, Sandbox,
+    Abort, Executor, HostedModule, Metering, OutcomeClass, PROFILE, PreparedModule, Sandbox,
     SandboxConfig, SandboxError, UnitError, UnitHost, UnitHostCommand, UnitRequest,
 };
 use crate::schedule::{Intake, IntakeCommand, IntakeConfig, IntakeEvent, Lease, LeaseId};
@@ -339,6 +339,9 @@ struct Work {
     /// Blobs on their way, by the submitter whose job needs them.
     fetches: HashMap<(PeerId, Digest), Fetch>,
     ready: HashMap<LeaseKey, Ready>,
+    /// Stop flags of the leases started and not yet done; a lease missing here when its run
+    /// ends was revoked, and its answer is dropped.
+    aborts: HashMap<LeaseKey, Abort>,
     answers: HashMap<LeaseKey, Answer>,
     inputs_tx: mpsc::Sender<WorkInput>,
     tasks: JoinSet<()>,
@@ -386,6 +389,7 @@ pub(super) fn spawn(
         blob_bytes: 0,
         fetches: HashMap::new(),
         ready: HashMap::new(),
+        aborts: HashMap::new(),
         answers: HashMap::new(),
         inputs_tx: tx.clone(),
         tasks: JoinSet::new(),
@@ -1106,8 +1110,14 @@ impl Work {
             lease,
             mut result,
         } = done;
+        let key = (submitter, job, lease);
+        if self.aborts.remove(&key).is_none() {
+            // Revoked: the intake forgot it, and nobody wants its answer.
+            self.started.remove(&key);
+            return;
+        }
         self.completed += 1;
-        if let Some(at) = self.started.remove(&(submitter, job, lease)) {
+        if let Some(at) = self.started.remove(&key) {
             let took = now.saturating_duration_since(at);
             let avg = self.unit_time.map_or(took, |avg| (avg * 7 + took) / 8);
             self.unit_time = Some(avg);
@@ -1184,8 +1194,16 @@ impl Work {
         while let Some(command) = self.intake.poll_command() {
             match command {
                 IntakeCommand::Run(task) => self.start(task),
-                IntakeCommand::Abort { .. } => {
-                    // A started unit cannot be stopped early; its answer is dropped as unknown.
+                IntakeCommand::Abort {
+                    submitter,
+                    job,
+                    lease,
+                } => {
+                    // Revoked while it runs: its unit host is killed (a queued unit is dropped)
+                    // and whatever it ends with is not kept.
+                    if let Some(abort) = self.aborts.remove(&(submitter, job, lease)) {
+                        abort.abort();
+                    }
                 }
                 IntakeCommand::Report {
                     to,
@@ -1222,6 +1240,9 @@ impl Work {
         };
         let mut request = UnitRequest::new(ready.input);
         request.limits = limits;
+        let abort = Abort::new();
+        request.abort = Some(abort.clone());
+        self.aborts.insert(key, abort);
         self.started.insert(key, Instant::now());
         let tx = self.inputs_tx.clone();
         let (submitter, job, lease) = key;
@@ -1235,6 +1256,7 @@ impl Work {
             }));
         });
         if let Err(err) = submitted {
+            self.aborts.remove(&key);
             self.fail_now(key, err.to_string());
         }
     }

@@ -364,16 +364,24 @@ fn serve<R: UnitRunner>(mut runner: R, queue: &Queue<R::Module>) {
         let Some(batch) = queue.pop(limit, R::batches_with) else {
             return;
         };
-        let count = batch.len();
         let mut module = None;
-        let mut requests = Vec::with_capacity(count);
-        let mut replies = Vec::with_capacity(count);
+        let mut requests = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
         for task in batch {
             module.get_or_insert(task.module);
+            if task.request.aborted() {
+                // No longer wanted while it waited: it never runs.
+                let report = UnitReport::refused(super::aborted_error());
+                let _ = catch_unwind(AssertUnwindSafe(|| (task.reply)(report)));
+                continue;
+            }
             requests.push(task.request);
             replies.push(Some(task.reply));
         }
-        let Some(module) = module else { continue };
+        let count = requests.len();
+        let Some(module) = module.filter(|_| count > 0) else {
+            continue;
+        };
         let mut ran_for = Duration::ZERO;
         // A bug in host code must cost its units, not the thread; nor may a reply that panics
         // cost the units after it.

@@ -38,6 +38,9 @@ const MAX_FRAME: u32 = 128 << 20;
 
 /// Time the host may take to compile a module before the unit's own clock starts.
 const PREPARE_DEADLINE: Duration = Duration::from_secs(300);
+/// How often the watchdog looks at a running unit's stop flag: how long a revoked unit may
+/// go on using its core.
+const ABORT_POLL: Duration = Duration::from_millis(20);
 
 /// Prepared modules a host keeps.
 const HOST_MODULES: usize = 64;
@@ -259,6 +262,7 @@ pub fn serve_unit_host(mut config: SandboxConfig) -> Result<(), SandboxError> {
                             checkpoint: unit.checkpoint,
                             limits: unit.limits,
                             observer: Some(observer.clone()),
+                            abort: None,
                         },
                     );
                     Finished {
@@ -382,9 +386,13 @@ struct Watch {
     child: Child,
     /// When to kill the host; `None` while it is idle.
     deadline: Option<Instant>,
+    /// The running unit's stop flag, looked at every [`ABORT_POLL`].
+    abort: Option<super::Abort>,
     sleep: Sleep,
     /// The watchdog killed the host because the deadline passed.
     expired: bool,
+    /// The watchdog killed the host because the running unit was no longer wanted.
+    aborted: bool,
     /// The parent let go of the host; the watchdog thread ends.
     closed: bool,
 }
@@ -405,16 +413,26 @@ impl Watchdog {
             match watch.deadline {
                 Some(deadline) => {
                     let now = Instant::now();
+                    if watch.abort.as_ref().is_some_and(super::Abort::is_aborted) {
+                        let _ = watch.child.kill();
+                        watch.aborted = true;
+                        watch.deadline = None;
+                        continue;
+                    }
                     if now >= deadline {
                         let _ = watch.child.kill();
                         watch.expired = true;
                         watch.deadline = None;
                         continue;
                     }
-                    watch.sleep = Sleep::Until(deadline);
+                    let mut wait = deadline - now;
+                    if watch.abort.is_some() {
+                        wait = wait.min(ABORT_POLL);
+                    }
+                    watch.sleep = Sleep::Until(now + wait);
                     watch = self
                         .wake
-                        .wait_timeout(watch, deadline - now)
+                        .wait_timeout(watch, wait)
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
                 }
@@ -429,12 +447,13 @@ impl Watchdog {
     /// Sets the running unit's deadline; `false` if the host was already killed for passing an
     /// earlier one. The thread is woken only when it sleeps past the new deadline, so moving
     /// the deadline later from unit to unit costs a lock, not a wake-up.
-    fn arm(&self, deadline: Instant) -> bool {
+    fn arm(&self, deadline: Instant, abort: Option<&super::Abort>) -> bool {
         let mut watch = self.lock();
-        if watch.expired || watch.closed {
+        if watch.expired || watch.aborted || watch.closed {
             return false;
         }
         watch.deadline = Some(deadline);
+        watch.abort = abort.cloned();
         let wake = match watch.sleep {
             Sleep::Awake => false,
             Sleep::Until(until) => deadline < until,
@@ -451,11 +470,16 @@ impl Watchdog {
     fn disarm(&self) -> bool {
         let mut watch = self.lock();
         watch.deadline = None;
-        !watch.expired && !watch.closed
+        watch.abort = None;
+        !watch.expired && !watch.aborted && !watch.closed
     }
 
     fn expired(&self) -> bool {
         self.lock().expired
+    }
+
+    fn aborted(&self) -> bool {
+        self.lock().aborted
     }
 
     /// Kills the host, collects its exit status and ends the watchdog thread. Only the first
@@ -579,8 +603,10 @@ impl UnitHost {
                 state: Mutex::new(Watch {
                     child,
                     deadline: None,
+                    abort: None,
                     sleep: Sleep::Awake,
                     expired: false,
+                    aborted: false,
                     closed: false,
                 }),
                 wake: Condvar::new(),
@@ -696,12 +722,14 @@ impl UnitHost {
                 why,
             } => {
                 let expired = self.running.as_ref().is_some_and(|r| r.watchdog.expired());
+                let aborted = self.running.as_ref().is_some_and(|r| r.watchdog.aborted());
                 let status = self.running.take().and_then(|r| r.watchdog.close());
                 let rest = round.split_off(at + 1);
                 let Some((index, request)) = round.pop() else {
                     return rest;
                 };
                 partial.result = Err(match (expired, clock) {
+                    _ if aborted => super::aborted_error(),
                     (true, Some(_)) => UnitError::Timeout {
                         limit: request.limits.timeout,
                     },
@@ -753,7 +781,7 @@ fn drive(
         Some(now) => deadline(now, first.limits.timeout),
         None => deadline(now, PREPARE_DEADLINE),
     };
-    if !running.watchdog.arm(first_deadline) {
+    if !running.watchdog.arm(first_deadline, first.abort.as_ref()) {
         // Killed after the last frame was read: nothing of this round ran.
         return RoundEnd::KilledBetween { at: 0 };
     }
@@ -805,7 +833,10 @@ fn drive(
             }
             FromHost::Started if at == 0 && clock.is_none() => {
                 let now = Instant::now();
-                if !running.watchdog.arm(deadline(now, request.limits.timeout)) {
+                if !running.watchdog.arm(
+                    deadline(now, request.limits.timeout),
+                    request.abort.as_ref(),
+                ) {
                     // Killed at the preparation deadline as the start came in.
                     return lost(at, None, current, "was killed".into());
                 }
@@ -852,7 +883,9 @@ fn drive(
                     Some((_, next)) => {
                         let now = Instant::now();
                         clock = Some(now);
-                        running.watchdog.arm(deadline(now, next.limits.timeout))
+                        running
+                            .watchdog
+                            .arm(deadline(now, next.limits.timeout), next.abort.as_ref())
                     }
                     None => running.watchdog.disarm(),
                 };

@@ -180,6 +180,36 @@ pub struct UnitRequest {
     pub limits: Limits,
     /// Who hears about logs, progress and checkpoints as they happen.
     pub observer: Option<Arc<dyn UnitObserver>>,
+    /// Set when the unit is no longer wanted: a queued unit is dropped, a unit running in a
+    /// unit host has the host killed.
+    pub abort: Option<Abort>,
+}
+
+/// Stops a unit early, when whoever asked for it no longer wants the result (its lease was
+/// revoked). Cheap to clone; every clone sees the same flag.
+#[derive(Debug, Clone, Default)]
+pub struct Abort(Arc<std::sync::atomic::AtomicBool>);
+
+impl Abort {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks for the unit to stop.
+    pub fn abort(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// The error of a unit stopped because it was no longer wanted.
+pub fn aborted_error() -> UnitError {
+    UnitError::Host {
+        detail: "stopped: the unit was no longer wanted".into(),
+    }
 }
 
 impl std::fmt::Debug for UnitRequest {
@@ -200,7 +230,12 @@ impl UnitRequest {
             checkpoint: None,
             limits: Limits::default(),
             observer: None,
+            abort: None,
         }
+    }
+
+    pub(crate) fn aborted(&self) -> bool {
+        self.abort.as_ref().is_some_and(Abort::is_aborted)
     }
 }
 
