@@ -35,6 +35,10 @@ pub struct RunArgs {
     /// Memory to offer, in MiB (default: 512 per donated core).
     #[arg(long, value_name = "N")]
     memory_mb: Option<u32>,
+    /// Longest a unit may run here, in seconds: jobs whose units may run longer are declined
+    /// and run elsewhere.
+    #[arg(long, value_name = "SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    max_unit_secs: u64,
     /// Do not announce or look for peers on the local network.
     #[arg(long)]
     no_mdns: bool,
@@ -100,6 +104,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     // The memory offered is shared by the donated cores; a unit may use one core's share.
     work.memory_per_slot = (u64::from(config.capacity.memory_mb) << 20)
         / u64::from(config.capacity.cores_donated.max(1));
+    work.max_unit_time = std::time::Duration::from_secs(args.max_unit_secs);
     config.work = Some(work);
 
     let runtime = crate::peer_runtime().map_err(internal)?;
