@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use coordinator_free::digest::Digest;
 use coordinator_free::identity::Identity;
 use coordinator_free::job::JobManifest;
 use coordinator_free::node::Node;
@@ -190,6 +191,78 @@ async fn a_peer_offering_too_little_memory_is_not_given_units() {
     assert!(
         matches!(answer, Some(JobFrame::Decline { ref leases, .. }) if leases == &[LeaseId(0)]),
         "{answer:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_declines_units_longer_than_it_allows_and_others_run_them() {
+    let a = start(None, false).await;
+    let b = start(Some(&a), false).await;
+    // The job's units may run 60 s each; this volunteer allows 30 s.
+    let mut config = worker_config(Some(&a), false);
+    if let Some(work) = &mut config.work {
+        work.max_unit_time = Duration::from_secs(30);
+    }
+    let brief = Node::start(Identity::generate().expect("identity"), config)
+        .await
+        .expect("node starts");
+    converge(&[&a, &b, &brief], 3).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = job_files(dir.path(), 20, 2);
+    let store = Arc::new(JobStore::open(&dir.path().join("submit.redb")).expect("store"));
+    let summary = submit(&a, dir.path(), manifest, store).await;
+    assert!(summary.succeeded(), "{summary:?}");
+    assert!(
+        !summary.peers.contains_key(&brief.id()),
+        "the brief peer ran nothing: {summary:?}"
+    );
+    check_reversed(&results(dir.path()), 20, 2);
+
+    use coordinator_free::job::proto::{InputRef, JobFrame, JobSpec, Offer, WireLease};
+    use coordinator_free::sandbox::Limits;
+    use coordinator_free::schedule::LeaseId;
+    use coordinator_free::wire;
+    let module = reverse_module();
+    let offer = |timeout: Duration, lease: u64| {
+        let limits = Limits {
+            timeout,
+            ..Limits::default()
+        };
+        JobFrame::Offer(Offer {
+            job: Digest::of(format!("a job of {timeout:?} units").as_bytes()),
+            spec: JobSpec::new(Digest::of(&module), module.len() as u64, &limits),
+            leases: vec![WireLease {
+                id: LeaseId(lease),
+                unit: 0,
+                attempt: 1,
+                ttl_ms: 30_000,
+                input: InputRef::Inline(b"abc".to_vec()),
+            }],
+        })
+    };
+    let mut link = link_to(&brief).await;
+    let mut answer = async |frame: &JobFrame| {
+        wire::write(&mut link.send, frame).await.expect("send");
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            wire::read::<JobFrame, _>(&mut link.recv),
+        )
+        .await
+        .expect("an answer")
+        .expect("a frame")
+    };
+    // A second over the limit is declined; at the limit, the worker takes the lease and asks
+    // for the module.
+    let over = answer(&offer(Duration::from_secs(31), 1)).await;
+    assert!(
+        matches!(over, Some(JobFrame::Decline { ref leases, .. }) if leases == &[LeaseId(1)]),
+        "{over:?}"
+    );
+    let within = answer(&offer(Duration::from_secs(30), 2)).await;
+    assert!(
+        matches!(within, Some(JobFrame::BlobGet { digest }) if digest == Digest::of(&module)),
+        "{within:?}"
     );
 }
 

@@ -75,7 +75,15 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, Failure> {
     let module_digest = Digest::of(&module);
     let job = JobData::new(&manifest, units, module_digest);
     let store = JobStore::open(&scratch.join("submit.redb")).map_err(|e| host(e.into()))?;
-    let command = crate::unit_host_command(&scratch.join("cache"), 1).map_err(host)?;
+    let command = crate::unit_host_command(
+        &scratch.join("cache"),
+        crate::UnitHostLimits {
+            cores: 1,
+            unit_memory: 512 << 20,
+            cache_mb: crate::DEFAULT_CACHE_MB,
+        },
+    )
+    .map_err(host)?;
 
     let runtime = crate::peer_runtime().map_err(host)?;
     let total = args.peers + u32::from(args.liar);

@@ -14,7 +14,7 @@ use coordinator_free::sandbox::{
     UnitHost, UnitHostCommand, UnitObserver, UnitReport, UnitRequest,
 };
 
-use crate::{Failure, exit};
+use crate::{DEFAULT_CACHE_MB, Failure, exit};
 
 #[derive(Args)]
 pub struct ExecArgs {
@@ -60,10 +60,19 @@ pub struct UnitHostArgs {
     /// Do not read or write the compiled-module cache on disk.
     #[arg(long)]
     no_cache: bool,
-    /// Threads that compile a new module (its functions in parallel): the peer's donated cores,
-    /// since one unit host compiles a module while the others wait for it.
+    /// Threads that compile modules (their functions in parallel), shared by every unit host of
+    /// the data directory: the peer's donated cores. A compile takes as many of them as are
+    /// free, so the peer's hosts together never compile on more.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     compile_threads: u16,
+    /// Most MiB of compiled modules kept on disk (least recently used go first).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CACHE_MB, value_parser = clap::value_parser!(u64).range(1..))]
+    max_cache_mb: u64,
+    /// Most memory this process may map writable, in MiB (`RLIMIT_DATA`): the unit's linear
+    /// memory, the engine and the compiler together. Past it, the host fails and the unit is a
+    /// host failure.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    memory_limit_mb: Option<u64>,
 }
 
 /// `worker unit-host`: the child side of [`UnitHost`].
@@ -74,17 +83,16 @@ pub fn unit_host(args: UnitHostArgs) -> Result<ExitCode, Failure> {
             code: exit::HOST_FAILURE,
         })?;
     }
-    // The compiler's pool is this process's only one; it is built before anything uses it, so
-    // this cannot fail but for the operating system refusing threads, which only costs speed.
-    if let Err(e) = rayon::ThreadPoolBuilder::new()
-        .num_threads(usize::from(args.compile_threads))
-        .thread_name(|i| format!("cf-compile-{i}"))
-        .build_global()
-    {
-        tracing::warn!("cannot size the compiler's thread pool: {e}");
+    if let Some(mb) = args.memory_limit_mb {
+        limit_memory(mb.saturating_mul(1 << 20)).map_err(|e| Failure {
+            error: anyhow!(e).context("cannot limit the unit host's memory"),
+            code: exit::HOST_FAILURE,
+        })?;
     }
     let mut config = SandboxConfig {
         cache_dir: cache_dir(args.data_dir, args.no_cache),
+        disk_cache_bytes: args.max_cache_mb.saturating_mul(1 << 20),
+        compile_threads: Some(u32::from(args.compile_threads)),
         ..SandboxConfig::default()
     };
     // An unusable cache directory only costs compile time.
@@ -103,6 +111,33 @@ pub fn unit_host(args: UnitHostArgs) -> Result<ExitCode, Failure> {
             error: e.into(),
             code: exit::HOST_FAILURE,
         })
+}
+
+/// Caps the memory this process may map writable and private (`RLIMIT_DATA`): heap, thread
+/// stacks and the accessible part of linear memories, but not the address space the engine
+/// reserves without access, which is many times larger than what it uses. Past the cap a linear
+/// memory cannot grow (the unit ends with the host out of memory) and any other allocation ends
+/// the process; either way the parent reports a host failure.
+fn limit_memory(bytes: u64) -> std::io::Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given; the resource is this process's.
+    if unsafe { libc::getrlimit(libc::RLIMIT_DATA, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // Only ever lowered: a hard limit set by the volunteer already stays.
+    let bytes = libc::rlim_t::try_from(bytes)
+        .unwrap_or(libc::RLIM_INFINITY)
+        .min(limit.rlim_max);
+    limit.rlim_cur = bytes;
+    limit.rlim_max = bytes;
+    // SAFETY: setrlimit reads the struct it is given; the resource is this process's.
+    if unsafe { libc::setrlimit(libc::RLIMIT_DATA, &limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Raises this process's niceness to `nice` (only ever lowers its priority).

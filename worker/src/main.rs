@@ -134,15 +134,35 @@ fn init_logging(verbose: u8) {
 /// Niceness of unit hosts, so donated work yields to the user's interactive programs.
 const UNIT_HOST_NICE: &str = "10";
 
-/// How this binary starts its own unit host processes for a peer that donates `cores`: lowered
-/// in priority, sharing the compiled-module cache in `data_dir`, and compiling a new module on
-/// up to `cores` threads (one host compiles it while the others wait for the artifact).
+/// Compiled modules kept on disk unless told otherwise, in MiB.
+pub(crate) const DEFAULT_CACHE_MB: u64 = 1024;
+
+/// What a unit host needs beyond its unit's linear memory, in MiB: the engine, the compiler
+/// (a few hundred MiB for the largest module accepted), thread stacks and the frames in flight.
+pub(crate) const UNIT_HOST_OVERHEAD_MB: u64 = 1024;
+
+/// How a peer's unit hosts are started and bounded.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UnitHostLimits {
+    /// Cores the peer donates: together its hosts compile on at most this many threads.
+    pub cores: u32,
+    /// Most linear memory one unit may have, in bytes.
+    pub unit_memory: u64,
+    /// Most MiB of compiled modules on disk.
+    pub cache_mb: u64,
+}
+
+/// How this binary starts its own unit host processes: lowered in priority, sharing the
+/// compiled-module cache in `data_dir` (at most `limits.cache_mb` of it), compiling on at most
+/// `limits.cores` threads all together, and each capped at its unit's memory plus what the
+/// engine and the compiler need.
 pub(crate) fn unit_host_command(
     data_dir: &std::path::Path,
-    cores: u32,
+    limits: UnitHostLimits,
 ) -> anyhow::Result<coordinator_free::sandbox::UnitHostCommand> {
     use anyhow::Context as _;
     let program = std::env::current_exe().context("cannot find the worker binary")?;
+    let memory_mb = limits.unit_memory.div_ceil(1 << 20) + UNIT_HOST_OVERHEAD_MB;
     Ok(coordinator_free::sandbox::UnitHostCommand {
         program,
         args: vec![
@@ -152,7 +172,11 @@ pub(crate) fn unit_host_command(
             "--data-dir".into(),
             data_dir.as_os_str().to_owned(),
             "--compile-threads".into(),
-            cores.clamp(1, 1024).to_string().into(),
+            limits.cores.clamp(1, 1024).to_string().into(),
+            "--max-cache-mb".into(),
+            limits.cache_mb.max(1).to_string().into(),
+            "--memory-limit-mb".into(),
+            memory_mb.to_string().into(),
         ],
     })
 }

@@ -35,6 +35,13 @@ pub struct RunArgs {
     /// Memory to offer, in MiB (default: 512 per donated core).
     #[arg(long, value_name = "N")]
     memory_mb: Option<u32>,
+    /// Longest a unit may run here, in seconds: jobs whose units may run longer are declined
+    /// and run elsewhere.
+    #[arg(long, value_name = "SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    max_unit_secs: u64,
+    /// Most disk space for compiled modules, in MiB; the least recently used go first.
+    #[arg(long, value_name = "N", default_value_t = crate::DEFAULT_CACHE_MB, value_parser = clap::value_parser!(u64).range(1..))]
+    max_cache_mb: u64,
     /// Do not announce or look for peers on the local network.
     #[arg(long)]
     no_mdns: bool,
@@ -91,15 +98,24 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         config.capacity.memory_mb = memory_mb;
     }
 
-    let command = crate::unit_host_command(&dir, u32::from(config.capacity.cores_donated))
-        .map_err(internal)?;
+    // The memory offered is shared by the donated cores; a unit may use one core's share.
+    let memory_per_slot = (u64::from(config.capacity.memory_mb) << 20)
+        / u64::from(config.capacity.cores_donated.max(1));
+    let command = crate::unit_host_command(
+        &dir,
+        crate::UnitHostLimits {
+            cores: u32::from(config.capacity.cores_donated),
+            unit_memory: memory_per_slot,
+            cache_mb: args.max_cache_mb,
+        },
+    )
+    .map_err(internal)?;
     let mut work = WorkConfig::new(
         WorkRunner::UnitHosts(command),
         u32::from(config.capacity.cores_donated),
     );
-    // The memory offered is shared by the donated cores; a unit may use one core's share.
-    work.memory_per_slot = (u64::from(config.capacity.memory_mb) << 20)
-        / u64::from(config.capacity.cores_donated.max(1));
+    work.memory_per_slot = memory_per_slot;
+    work.max_unit_time = std::time::Duration::from_secs(args.max_unit_secs);
     config.work = Some(work);
 
     let runtime = crate::peer_runtime().map_err(internal)?;

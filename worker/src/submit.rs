@@ -117,7 +117,15 @@ pub fn run(args: SubmitArgs) -> Result<ExitCode, Failure> {
             )));
         }
         let module = Arc::new(HostedModule::new(wasm.to_vec(), metering));
-        let command = crate::unit_host_command(&data_dir, cpus).map_err(internal)?;
+        let command = crate::unit_host_command(
+            &data_dir,
+            crate::UnitHostLimits {
+                cores: cpus,
+                unit_memory: manifest.limits.memory_mb << 20,
+                cache_mb: crate::DEFAULT_CACHE_MB,
+            },
+        )
+        .map_err(internal)?;
         // The queue holds every execution the job keeps in flight, so handing out a burst of
         // leases never meets a full queue before the unit threads pick them up.
         let threads = cpus as usize;
@@ -233,7 +241,15 @@ fn run_on_network(
     config.capacity.cores_free = cores;
     config.capacity.memory_mb = 512 * u32::from(cores);
     if network.cpus > 0 {
-        let command = crate::unit_host_command(network.data_dir, network.cpus).map_err(internal)?;
+        let command = crate::unit_host_command(
+            network.data_dir,
+            crate::UnitHostLimits {
+                cores: network.cpus,
+                unit_memory: (u64::from(config.capacity.memory_mb) << 20) / u64::from(cores.max(1)),
+                cache_mb: crate::DEFAULT_CACHE_MB,
+            },
+        )
+        .map_err(internal)?;
         config.work = Some(WorkConfig::new(
             WorkRunner::UnitHosts(command),
             network.cpus,

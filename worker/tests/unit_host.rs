@@ -484,32 +484,47 @@ fn a_progress_flood_costs_the_parent_a_few_frames_and_the_last_value_arrives() {
 }
 
 #[test]
-fn a_unit_host_compiles_on_as_many_threads_as_it_is_given() {
-    let compile_threads = |given: &str| {
-        let mut host = UnitHost::new(UnitHostCommand {
-            program: env!("CARGO_BIN_EXE_worker").into(),
-            args: vec![
-                "unit-host".into(),
-                "--no-cache".into(),
-                "--compile-threads".into(),
-                given.into(),
-            ],
-        });
-        let echo = HostedModule::new(example_artifacts::ECHO_BYTES.to_vec(), Metering::Off);
-        assert_eq!(
-            host.run(&echo, request(b"x", Duration::from_secs(30)))
-                .result,
-            Ok(b"x".to_vec())
-        );
-        let pid = host.pid().expect("a host runs");
-        std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
-            .filter(|name| name.starts_with("cf-compile-"))
-            .count()
-    };
-    assert_eq!(compile_threads("1"), 1);
-    assert_eq!(compile_threads("3"), 3);
+fn a_unit_host_compiles_on_the_compile_slots_of_its_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut host = UnitHost::new(UnitHostCommand {
+        program: env!("CARGO_BIN_EXE_worker").into(),
+        args: vec![
+            "unit-host".into(),
+            "--data-dir".into(),
+            dir.path().into(),
+            "--compile-threads".into(),
+            "3".into(),
+        ],
+    });
+    let echo = HostedModule::new(example_artifacts::ECHO_BYTES.to_vec(), Metering::Off);
+    assert_eq!(
+        host.run(&echo, request(b"x", Duration::from_secs(30)))
+            .result,
+        Ok(b"x".to_vec())
+    );
+    // The peer's hosts share three slots in the cache directory.
+    let mut slots: Vec<String> = std::fs::read_dir(dir.path().join("modules"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("compile-slot-"))
+        .collect();
+    slots.sort();
+    assert_eq!(
+        slots,
+        [
+            "compile-slot-0.lock",
+            "compile-slot-1.lock",
+            "compile-slot-2.lock"
+        ]
+    );
+    // Compile threads live only while a module compiles: a host at rest holds none.
+    let pid = host.pid().expect("a host runs");
+    let compiling = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+        .filter(|name| name.starts_with("cf-compile-"))
+        .count();
+    assert_eq!(compiling, 0);
     // Out of range: the host refuses to start, and the unit is a host failure, not a result.
     let mut host = UnitHost::new(UnitHostCommand {
         program: env!("CARGO_BIN_EXE_worker").into(),
@@ -573,4 +588,86 @@ fn an_aborted_unit_has_its_host_killed_and_a_queued_one_never_runs() {
     // The pool goes on with a fresh host.
     let ok = pool.run(faults, request(br#"{"ok":true}"#, Duration::from_secs(30)));
     assert_eq!(ok.result, Ok(br#"{"ok":true}"#.to_vec()));
+}
+
+/// A unit host under `--memory-limit-mb mb`, with no cache on disk.
+fn host_limited_to(mb: &str) -> UnitHost {
+    UnitHost::new(UnitHostCommand {
+        program: env!("CARGO_BIN_EXE_worker").into(),
+        args: vec![
+            "unit-host".into(),
+            "--no-cache".into(),
+            "--memory-limit-mb".into(),
+            mb.into(),
+        ],
+    })
+}
+
+#[test]
+fn a_unit_growing_past_its_hosts_memory_limit_is_a_host_failure_and_the_next_unit_runs() {
+    let faults = HostedModule::new(example_artifacts::FAULTS_BYTES.to_vec(), Metering::Off);
+    // 200 MiB is within the unit's own cap (256 MiB) but not within its host's 96 MiB.
+    let grow = || request(br#"{"alloc_mb":200}"#, Duration::from_secs(30));
+    let mut host = host_limited_to("96");
+    let ok = host.run(&faults, request(br#"{"ok":true}"#, Duration::from_secs(30)));
+    assert_eq!(ok.result, Ok(br#"{"ok":true}"#.to_vec()));
+    let over = host.run(&faults, grow());
+    match over.result {
+        Err(e @ UnitError::HostOutOfMemory { .. }) => {
+            assert_eq!(
+                e.class(),
+                coordinator_free::sandbox::OutcomeClass::HostFailure
+            )
+        }
+        other => panic!("expected the host out of memory, got {other:?}"),
+    }
+    let again = host.run(&faults, request(br#"{"ok":true}"#, Duration::from_secs(30)));
+    assert_eq!(again.result, Ok(br#"{"ok":true}"#.to_vec()));
+    // With room, the same unit succeeds: the host's limit failed it, not the unit.
+    let roomy = host_limited_to("512").run(&faults, grow());
+    assert!(roomy.result.is_ok(), "{:?}", roomy.result);
+}
+
+#[test]
+fn a_compile_past_the_hosts_memory_limit_is_a_host_failure_and_a_fresh_host_runs_the_next_unit() {
+    // One function of 150,000 instructions: compiling it takes a host over 64 MiB (one at rest
+    // maps 17), far over this host's 48 MiB and well under 512 MiB.
+    let mut body = String::new();
+    for i in 0..25_000 {
+        body.push_str(&format!(
+            "local.get 0 i32.const {i} i32.add i32.const {} i32.mul local.set 0\n",
+            i | 1
+        ));
+    }
+    let wat = format!(
+        "(module (memory (export \"memory\") 1) (func (param i32) (result i32) {body} local.get 0) (func (export \"run\") (result i32) i32.const 0))"
+    );
+    let wasm = coordinator_free::sandbox::module_from_file_bytes(wat.as_bytes()).unwrap();
+    let heavy = HostedModule::new(wasm, Metering::Off);
+    let echo = HostedModule::new(example_artifacts::ECHO_BYTES.to_vec(), Metering::Off);
+
+    let mut host = host_limited_to("48");
+    assert_eq!(
+        host.run(&echo, request(b"a", Duration::from_secs(30)))
+            .result,
+        Ok(b"a".to_vec())
+    );
+    let pid = host.pid().expect("a host runs");
+    let over = host.run(&heavy, request(b"", Duration::from_secs(60)));
+    match over.result {
+        Err(e) => assert_eq!(
+            e.class(),
+            coordinator_free::sandbox::OutcomeClass::HostFailure,
+            "{e:?}"
+        ),
+        Ok(_) => panic!("the compile fit in 48 MiB"),
+    }
+    assert_eq!(
+        host.run(&echo, request(b"b", Duration::from_secs(30)))
+            .result,
+        Ok(b"b".to_vec())
+    );
+    assert_ne!(host.pid(), Some(pid), "a fresh host serves the next unit");
+    let roomy = host_limited_to("512").run(&heavy, request(b"", Duration::from_secs(60)));
+    assert_eq!(roomy.result, Ok(Vec::new()));
 }

@@ -103,6 +103,8 @@ const PULL_RETRY: Duration = Duration::from_secs(10);
 const PULLS_PER_PASS: usize = 4;
 /// Memory per slot when the peer does not say: what `worker run` offers per donated core.
 pub const DEFAULT_MEMORY_PER_SLOT: u64 = 512 << 20;
+/// Longest unit accepted when the peer does not say: a day.
+pub const DEFAULT_MAX_UNIT_TIME: Duration = Duration::from_secs(86_400);
 /// Units shorter than this are started several per slot at once, so the executor can hand
 /// them to a unit host in batches (one round trip to the host per batch instead of per unit).
 const SHORT_UNIT: Duration = Duration::from_millis(1);
@@ -132,6 +134,10 @@ pub struct WorkConfig {
     /// by its slots. Jobs that ask for more are declined, so a submitter cannot make the
     /// volunteer's machine swap.
     pub memory_per_slot: u64,
+    /// Longest wall-clock limit a unit may ask for here. Jobs whose units may run longer are
+    /// declined, so the submitter offers them elsewhere: a volunteer decides how long one unit
+    /// may hold a core.
+    pub max_unit_time: Duration,
     /// Test hook: every output this peer reports is altered, as a lying peer would.
     #[doc(hidden)]
     pub tamper: bool,
@@ -146,6 +152,7 @@ impl WorkConfig {
             slots,
             prefetch: MAX_PREFETCH_PER_SLOT * slots,
             memory_per_slot: DEFAULT_MEMORY_PER_SLOT,
+            max_unit_time: DEFAULT_MAX_UNIT_TIME,
             tamper: false,
         }
     }
@@ -317,6 +324,7 @@ struct Work {
     next_pull: Instant,
     tamper: bool,
     memory_per_slot: u64,
+    max_unit_time: Duration,
     /// Units the intake starts at once: the slots, or more when units are short.
     at_once: u32,
     completed: u64,
@@ -371,6 +379,7 @@ pub(super) fn spawn(
         next_pull: Instant::now() + PULL_EVERY,
         tamper: config.tamper,
         memory_per_slot: config.memory_per_slot,
+        max_unit_time: config.max_unit_time,
         at_once: config.slots,
         completed: 0,
         slots: config.slots,
@@ -669,6 +678,16 @@ impl Work {
                 asked_mb = spec.memory_bytes >> 20,
                 offered_mb = self.memory_per_slot >> 20,
                 "job asks for more memory per unit than this peer offers; declined"
+            );
+            self.decline(from, job, leases.iter().map(|l| l.id).collect());
+            return;
+        }
+        if u128::from(spec.timeout_ms) > self.max_unit_time.as_millis() {
+            tracing::info!(
+                peer = %from,
+                asked_secs = spec.timeout_ms / 1000,
+                offered_secs = self.max_unit_time.as_secs(),
+                "job's units may run longer than this peer allows; declined"
             );
             self.decline(from, job, leases.iter().map(|l| l.id).collect());
             return;

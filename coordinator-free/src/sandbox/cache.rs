@@ -4,6 +4,13 @@
 //! run anything. Every artifact on disk therefore carries a MAC keyed with a secret that only this
 //! peer's data directory holds; a file without a valid MAC (copied in, truncated, tampered with,
 //! or written by another peer) is ignored and the module is compiled afresh.
+//!
+//! The disk cache is capped in bytes. Every artifact's modification time says when it was last
+//! written or loaded, and a write that takes the cache over its cap removes the least recently
+//! used artifacts first. Several unit hosts share one cache directory: writes are atomic (a
+//! temporary file renamed into place, so a half-written artifact is never seen under its name),
+//! and an artifact removed while another process reads it stays readable to that reader (its
+//! file is unlinked, not truncated), so eviction costs another host at most a recompile.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs;
@@ -11,6 +18,7 @@ use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use wasmtime::{Engine, Module};
 
@@ -18,29 +26,52 @@ use crate::digest::Digest;
 
 const MAGIC: &[u8; 8] = b"cfmod\x01\0\0";
 const KEY_FILE: &str = "artifact.key";
+/// Held while one process evicts, so two writers do not both remove artifacts for one excess.
+const EVICT_LOCK: &str = "evict.lock";
+const ARTIFACT: &str = "cwasm";
+const LOCK: &str = "lock";
+/// Temporary files and compile locks left this long are leftovers of a writer that died, or of
+/// a module that never compiled; eviction removes them.
+const LEFTOVER_AGE: Duration = Duration::from_secs(600);
+
+/// Bytes of compiled artifacts kept on disk when nothing else is said.
+pub const DEFAULT_DISK_CACHE_BYTES: u64 = 1 << 30;
 
 /// Compiled artifacts on disk, in one directory per engine build.
 #[derive(Debug)]
 pub(crate) struct DiskCache {
+    root: PathBuf,
     dir: PathBuf,
     key: [u8; 32],
+    /// Most bytes of artifacts under `root`, every engine build's directory together.
+    max_bytes: u64,
 }
 
 impl DiskCache {
     /// Opens (creating if needed) the cache under `root`, keyed for `engine`'s compiled-code
-    /// compatibility.
-    pub(crate) fn open(root: &Path, engine: &Engine, tag: &str) -> std::io::Result<Self> {
+    /// compatibility, holding at most `max_bytes` of artifacts.
+    pub(crate) fn open(
+        root: &Path,
+        engine: &Engine,
+        tag: &str,
+        max_bytes: u64,
+    ) -> std::io::Result<Self> {
         fs::create_dir_all(root)?;
         let key = load_or_create_key(&root.join(KEY_FILE))?;
         let mut hasher = std::hash::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let dir = root.join(format!("{tag}-{:016x}", hasher.finish()));
         fs::create_dir_all(&dir)?;
-        Ok(Self { dir, key })
+        Ok(Self {
+            root: root.to_owned(),
+            dir,
+            key,
+            max_bytes,
+        })
     }
 
     fn path(&self, digest: &Digest) -> PathBuf {
-        self.dir.join(format!("{}.cwasm", digest.to_hex()))
+        self.dir.join(format!("{}.{ARTIFACT}", digest.to_hex()))
     }
 
     fn mac(&self, digest: &Digest, artifact: &[u8]) -> [u8; 32] {
@@ -52,7 +83,10 @@ impl DiskCache {
 
     /// The module compiled earlier by this peer for `digest`, if a valid artifact is on disk.
     pub(crate) fn load(&self, engine: &Engine, digest: &Digest) -> Option<Module> {
-        let bytes = fs::read(self.path(digest)).ok()?;
+        use std::io::Read;
+        let mut file = fs::File::open(self.path(digest)).ok()?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).ok()?;
         let rest = bytes.strip_prefix(MAGIC.as_slice())?;
         let (mac, artifact) = rest.split_at_checked(32)?;
         let expected = self.mac(digest, artifact);
@@ -64,7 +98,11 @@ impl DiskCache {
         // engine configuration (the directory is per compatibility hash); wasmtime checks the
         // engine compatibility once more itself.
         match unsafe { Module::deserialize(engine, artifact) } {
-            Ok(module) => Some(module),
+            Ok(module) => {
+                // Recently used, so eviction keeps it longer. A failure only makes it look older.
+                let _ = file.set_modified(SystemTime::now());
+                Some(module)
+            }
             Err(err) => {
                 tracing::warn!(module = %digest, %err, "ignoring an unloadable cached artifact");
                 None
@@ -80,7 +118,7 @@ impl DiskCache {
             .create(true)
             .truncate(false)
             .write(true)
-            .open(self.dir.join(format!("{}.lock", digest.to_hex())))
+            .open(self.dir.join(format!("{}.{LOCK}", digest.to_hex())))
             .ok()?;
         file.lock().ok()?;
         Some(file)
@@ -95,6 +133,16 @@ impl DiskCache {
                 return;
             }
         };
+        let size = (MAGIC.len() + 32 + artifact.len()) as u64;
+        if size > self.max_bytes {
+            tracing::warn!(
+                module = %digest,
+                size,
+                cap = self.max_bytes,
+                "a compiled module is larger than the whole disk cache; not kept"
+            );
+            return;
+        }
         let mac = self.mac(digest, &artifact);
         let path = self.path(digest);
         // Unique per writer: threads of one process share the pid.
@@ -106,13 +154,105 @@ impl DiskCache {
             file.write_all(MAGIC)?;
             file.write_all(&mac)?;
             file.write_all(&artifact)?;
+            // Stamped from the same clock as a load, so the two order by use.
+            file.set_modified(SystemTime::now())?;
             file.sync_all()?;
             fs::rename(&tmp, &path)
         })();
         if let Err(err) = written {
             let _ = fs::remove_file(&tmp);
             tracing::warn!(module = %digest, %err, "cannot write a compiled module to the cache");
+            return;
         }
+        self.evict(&path);
+    }
+
+    /// Removes the least recently used artifacts until those left fit in the cap; `keep` (the
+    /// artifact just written) stays. Also removes leftovers: temporary files of writers that
+    /// died and compile locks of modules that left no artifact.
+    fn evict(&self, keep: &Path) {
+        // Without the lock two writers may each remove artifacts for one excess: wasteful, not
+        // wrong, so a lock that cannot be had does not stop eviction.
+        let _evicting = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join(EVICT_LOCK))
+            .and_then(|file| file.lock().map(|()| file));
+        let now = SystemTime::now();
+        let old = |modified: SystemTime| {
+            now.duration_since(modified)
+                .is_ok_and(|age| age > LEFTOVER_AGE)
+        };
+        let mut artifacts = Vec::new();
+        let mut total = 0u64;
+        let Ok(builds) = fs::read_dir(&self.root) else {
+            return;
+        };
+        for build in builds.flatten() {
+            if !build.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let Ok(files) = fs::read_dir(build.path()) else {
+                continue;
+            };
+            for file in files.flatten() {
+                let path = file.path();
+                let Ok(meta) = file.metadata() else {
+                    continue;
+                };
+                let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                match path.extension().and_then(|e| e.to_str()) {
+                    Some(ARTIFACT) => {
+                        total += meta.len();
+                        if path != keep {
+                            artifacts.push((modified, meta.len(), path));
+                        }
+                    }
+                    Some(LOCK) if old(modified) && !path.with_extension(ARTIFACT).exists() => {
+                        remove_lock(&path);
+                    }
+                    Some(ext) if ext.starts_with("tmp") && old(modified) => {
+                        let _ = fs::remove_file(&path);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if total <= self.max_bytes {
+            return;
+        }
+        artifacts.sort();
+        for (_, size, path) in artifacts {
+            if total <= self.max_bytes {
+                break;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    total -= size;
+                    remove_lock(&path.with_extension(LOCK));
+                }
+                // Another process removed it first.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => total -= size,
+                Err(_) => {}
+            }
+        }
+        tracing::debug!(
+            bytes = total,
+            cap = self.max_bytes,
+            "evicted compiled modules"
+        );
+    }
+}
+
+/// Removes a compile lock that nobody holds. A process that opened it just before may still
+/// lock the removed file while another creates a new one; the two then compile the same module
+/// at once, which costs time, never correctness (artifacts are renamed into place whole).
+fn remove_lock(path: &Path) {
+    if let Ok(file) = fs::OpenOptions::new().write(true).open(path)
+        && file.try_lock().is_ok()
+    {
+        let _ = fs::remove_file(path);
     }
 }
 
@@ -242,7 +382,7 @@ mod tests {
         let digest = Digest::of(&wasm);
         let module = Module::new(&engine, &wasm).unwrap();
 
-        let cache = DiskCache::open(dir.path(), &engine, "t").unwrap();
+        let cache = DiskCache::open(dir.path(), &engine, "t", DEFAULT_DISK_CACHE_BYTES).unwrap();
         cache.store(&digest, &module);
         assert!(cache.load(&engine, &digest).is_some());
 
@@ -256,7 +396,8 @@ mod tests {
 
         // An artifact written under another key (another peer's cache) is not loaded either.
         let other = tempfile::tempdir().unwrap();
-        let foreign = DiskCache::open(other.path(), &engine, "t").unwrap();
+        let foreign =
+            DiskCache::open(other.path(), &engine, "t", DEFAULT_DISK_CACHE_BYTES).unwrap();
         foreign.store(&digest, &module);
         fs::copy(foreign.path(&digest), cache.path(&digest)).unwrap();
         assert!(cache.load(&engine, &digest).is_none());
@@ -266,6 +407,103 @@ mod tests {
             fs::write(cache.path(&digest), vec![0xAB; len]).unwrap();
             assert!(cache.load(&engine, &digest).is_none());
         }
+    }
+
+    /// Bytes of artifacts under `root`, every build's directory together.
+    fn artifact_bytes(root: &Path) -> u64 {
+        fs::read_dir(root)
+            .unwrap()
+            .flatten()
+            .filter(|d| d.file_type().unwrap().is_dir())
+            .flat_map(|d| fs::read_dir(d.path()).unwrap().flatten())
+            .filter(|f| f.path().extension().is_some_and(|e| e == ARTIFACT))
+            .map(|f| f.metadata().unwrap().len())
+            .sum()
+    }
+
+    #[test]
+    fn the_disk_cache_stays_under_its_cap_and_keeps_what_was_used_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::default();
+        let compiled: Vec<(Digest, Module)> = (0..12)
+            .map(|i| {
+                let wasm = wat::parse_str(format!(
+                    "(module (func (export \"f\") (result i32) i32.const {i}))"
+                ))
+                .unwrap();
+                (Digest::of(&wasm), Module::new(&engine, &wasm).unwrap())
+            })
+            .collect();
+        let one = {
+            let probe = tempfile::tempdir().unwrap();
+            let cache = DiskCache::open(probe.path(), &engine, "t", u64::MAX).unwrap();
+            cache.store(&compiled[0].0, &compiled[0].1);
+            artifact_bytes(probe.path())
+        };
+        // Room for four artifacts of this size (they differ by a few bytes at most).
+        let cap = 4 * one + one / 2;
+        let cache = DiskCache::open(dir.path(), &engine, "t", cap).unwrap();
+        // Two writers share the directory, as a peer's unit hosts do.
+        let other = DiskCache::open(dir.path(), &engine, "t", cap).unwrap();
+        let (hot, _) = &compiled[0];
+        for (i, (digest, module)) in compiled.iter().enumerate() {
+            let writer = if i % 2 == 0 { &cache } else { &other };
+            writer.store(digest, module);
+            assert!(
+                artifact_bytes(dir.path()) <= cap,
+                "over the cap after {} stores",
+                i + 1
+            );
+            // The first module is used all along.
+            assert!(
+                cache.load(&engine, hot).is_some(),
+                "lost the hot module at {i}"
+            );
+        }
+        // Kept: the one in use and the last three written. Gone: the rest, and their locks.
+        let kept: Vec<usize> = (0..compiled.len())
+            .filter(|&i| cache.path(&compiled[i].0).exists())
+            .collect();
+        assert_eq!(kept, [0, 9, 10, 11]);
+        for (digest, _) in &compiled[1..9] {
+            assert!(cache.load(&engine, digest).is_none());
+        }
+
+        // A module larger than the whole cap is not kept at all; what was there stays.
+        let tiny = DiskCache::open(dir.path(), &engine, "t", one / 2).unwrap();
+        tiny.store(&compiled[1].0, &compiled[1].1);
+        assert!(!tiny.path(&compiled[1].0).exists());
+        assert!(cache.path(hot).exists());
+    }
+
+    #[test]
+    fn eviction_removes_leftovers_of_writers_that_died() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::default();
+        let cache = DiskCache::open(dir.path(), &engine, "t", DEFAULT_DISK_CACHE_BYTES).unwrap();
+        let wasm = wat::parse_str("(module)").unwrap();
+        let digest = Digest::of(&wasm);
+        let old = SystemTime::now() - 2 * LEFTOVER_AGE;
+        let leftover = |name: &str, modified: SystemTime| {
+            let path = cache.dir.join(name);
+            fs::File::create(&path)
+                .unwrap()
+                .set_modified(modified)
+                .unwrap();
+            path
+        };
+        let dead_write = leftover("aa.tmp123-0", old);
+        let live_write = leftover("bb.tmp123-1", SystemTime::now());
+        let dead_lock = leftover("cc.lock", old);
+        let held_lock = leftover("dd.lock", old);
+        let holder = fs::OpenOptions::new().write(true).open(&held_lock).unwrap();
+        holder.lock().unwrap();
+        cache.store(&digest, &Module::new(&engine, &wasm).unwrap());
+        assert!(!dead_write.exists());
+        assert!(live_write.exists(), "a write under way is left alone");
+        assert!(!dead_lock.exists());
+        assert!(held_lock.exists(), "a lock somebody holds is left alone");
+        assert!(cache.load(&engine, &digest).is_some());
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 mod abi;
 mod cache;
+mod compile;
 mod executor;
 mod host;
 mod nan;
@@ -33,7 +34,9 @@ use wasmtime::{
 
 use crate::digest::Digest;
 use abi::{HostState, MemoryLimiter, Stop};
+pub use cache::DEFAULT_DISK_CACHE_BYTES;
 use cache::{DiskCache, MemoryCache};
+use compile::CompileSlots;
 
 pub use abi::{ENTRY, IMPORT_MODULE, MEMORY, PROGRESS_INTERVAL, check_imports};
 pub use executor::{Executor, ExecutorBusy, UnitRunner};
@@ -281,6 +284,13 @@ impl UnitReport {
 pub struct SandboxConfig {
     /// Where compiled modules are kept across restarts; `None` keeps them in memory only.
     pub cache_dir: Option<PathBuf>,
+    /// Most bytes of compiled modules kept in `cache_dir`; the least recently used go first.
+    pub disk_cache_bytes: u64,
+    /// Threads that compile modules. With a `cache_dir`, a bound shared by every sandbox and
+    /// process using that directory: each compile takes as many of these slots as are free (at
+    /// least one, waiting for it) and compiles on that many threads. Without one, the threads
+    /// of each compile. `None` compiles on rayon's global pool, unbounded across processes.
+    pub compile_threads: Option<u32>,
     /// How many units may run at once (instance slots reserved up front).
     pub max_concurrent_units: u32,
     /// Largest module accepted, in bytes.
@@ -306,6 +316,8 @@ impl Default for SandboxConfig {
     fn default() -> Self {
         Self {
             cache_dir: None,
+            disk_cache_bytes: DEFAULT_DISK_CACHE_BYTES,
+            compile_threads: None,
             max_concurrent_units: 4,
             max_module_bytes: 16 << 20,
             memory_cache_entries: 64,
@@ -412,6 +424,7 @@ struct Inner {
     config: SandboxConfig,
     plain: Flavor,
     fueled: Flavor,
+    compile: Option<CompileSlots>,
     clock: Arc<Clock>,
     compiled: AtomicU64,
     disk_hits: AtomicU64,
@@ -422,6 +435,25 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.clock.shut_down();
     }
+}
+
+/// `ENOMEM`, the same number on Linux, macOS and the BSDs.
+const ENOMEM: i32 = 12;
+
+/// Whether the machine, not the module, stopped a compile: memory ran out (the unit host's
+/// limit, or the machine's) while the compiler allocated or the engine mapped the code. Such a
+/// module may compile fine on another peer, so it must never be voted a bad module.
+fn out_of_memory(error: &wasmtime::Error) -> bool {
+    let enomem = std::io::Error::from_raw_os_error(ENOMEM).to_string();
+    error.is::<wasmtime::OutOfMemory>()
+        || error.chain().any(|cause| {
+            cause
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::OutOfMemory)
+                // The engine's system calls report errors in their own type, shown as the
+                // operating system's message.
+                || cause.to_string() == enomem
+        })
 }
 
 /// What Rust, C and hand-written modules need, and nothing else.
@@ -503,12 +535,14 @@ impl Sandbox {
             let mut linker = Linker::new(&engine);
             abi::define(&mut linker).map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
             let disk = match &config.cache_dir {
-                Some(dir) => Some(DiskCache::open(dir, &engine, &tag).map_err(|source| {
-                    SandboxError::CacheDir {
-                        path: dir.clone(),
-                        source,
-                    }
-                })?),
+                Some(dir) => Some(
+                    DiskCache::open(dir, &engine, &tag, config.disk_cache_bytes).map_err(
+                        |source| SandboxError::CacheDir {
+                            path: dir.clone(),
+                            source,
+                        },
+                    )?,
+                ),
                 None => None,
             };
             Ok(Flavor {
@@ -522,11 +556,15 @@ impl Sandbox {
         let fueled = flavor(Metering::Fuel, "fuel")?;
         let clock = Clock::start(vec![plain.engine.clone(), fueled.engine.clone()])
             .map_err(SandboxError::Thread)?;
+        let compile = config
+            .compile_threads
+            .map(|threads| CompileSlots::new(config.cache_dir.as_deref(), threads));
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 plain,
                 fueled,
+                compile,
                 clock,
                 compiled: AtomicU64::new(0),
                 disk_hits: AtomicU64::new(0),
@@ -619,19 +657,35 @@ impl Sandbox {
                 (module, ModuleSource::Disk)
             }
             None => {
-                let _span = tracing::debug_span!("compile", module = %digest).entered();
-                let rewritten;
-                let code = if self.inner.config.canonicalize_nans {
-                    rewritten = nan::canonicalize_observable_nans(wasm, validation_features())
-                        .map_err(|e| UnitError::BadModule { reason: e.0 })?;
-                    &rewritten[..]
-                } else {
-                    wasm
+                let span = tracing::debug_span!("compile", module = %digest);
+                let canonicalize = self.inner.config.canonicalize_nans;
+                let engine = &flavor.engine;
+                let compile = move || {
+                    let _span = span.enter();
+                    let rewritten;
+                    let code = if canonicalize {
+                        rewritten = nan::canonicalize_observable_nans(wasm, validation_features())
+                            .map_err(|e| UnitError::BadModule { reason: e.0 })?;
+                        &rewritten[..]
+                    } else {
+                        wasm
+                    };
+                    Module::new(engine, code).map_err(|e| {
+                        if out_of_memory(&e) {
+                            UnitError::HostOutOfMemory {
+                                detail: format!("{e:#}"),
+                            }
+                        } else {
+                            UnitError::BadModule {
+                                reason: format!("{e:#}"),
+                            }
+                        }
+                    })
                 };
-                let module =
-                    Module::new(&flavor.engine, code).map_err(|e| UnitError::BadModule {
-                        reason: format!("{e:#}"),
-                    })?;
+                let module = match &self.inner.compile {
+                    Some(slots) => slots.run(compile),
+                    None => compile(),
+                }?;
                 check_exports(&module)?;
                 self.inner.compiled.fetch_add(1, Ordering::Relaxed);
                 if let Some(disk) = &flavor.disk {
@@ -930,5 +984,23 @@ pub fn module_from_file_bytes(bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>
         Err(_) => Err(UnitError::BadModule {
             reason: "not WebAssembly (no \\0asm header) and not text".into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_compile_the_machine_could_not_finish_is_no_bad_module() {
+        let refused = wasmtime::Error::new(std::io::Error::from_raw_os_error(ENOMEM))
+            .context("mmap failed to allocate 0x10000 bytes");
+        assert!(out_of_memory(&refused));
+        assert!(out_of_memory(&wasmtime::Error::new(std::io::Error::from(
+            std::io::ErrorKind::OutOfMemory
+        ))));
+        let engine = Engine::default();
+        let invalid = Module::new(&engine, b"\0asm\x01\0\0\0\x05").unwrap_err();
+        assert!(!out_of_memory(&invalid));
     }
 }
