@@ -41,6 +41,8 @@ use crate::{Failure, exit};
 const SHUTDOWN_LIMIT: Duration = Duration::from_millis(10);
 /// How long the job waits for the first peers before it starts anyway (and keeps looking).
 const JOIN_WAIT: Duration = Duration::from_secs(3);
+/// How long a job may run short of the distinct hosts a unit needs before a warning says so.
+const HOSTS_WARNING_AFTER: Duration = Duration::from_secs(5);
 /// How often progress is printed as a plain line when stderr is not a terminal.
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -312,6 +314,8 @@ struct Display {
     drawn: bool,
     /// The latest line not yet printed in plain mode, printed at the end.
     unprinted: Option<String>,
+    /// The warning that too few hosts take part was printed.
+    warned: bool,
 }
 
 impl Display {
@@ -321,10 +325,26 @@ impl Display {
             last_plain: None,
             drawn: false,
             unprinted: None,
+            warned: false,
         }
     }
 
     fn show(&mut self, p: &JobProgress) {
+        if p.short_of_hosts() && p.elapsed >= HOSTS_WARNING_AFTER && !self.warned {
+            self.warned = true;
+            let line = format!(
+                "warning: only {} distinct host(s) can take units, and a unit needs {} to be \
+                 accepted; peers are grouped by the address they connect from. Add peers on \
+                 other machines, give each local peer its own loopback address (127.0.0.2, …), \
+                 or set placement = \"peer\" in [redundancy]",
+                p.hosts, p.quorum
+            );
+            if self.drawn {
+                eprintln!();
+                self.drawn = false;
+            }
+            eprintln!("{line}");
+        }
         let line = progress_line(p);
         let mut err = std::io::stderr().lock();
         if self.terminal {
@@ -368,10 +388,17 @@ fn progress_line(p: &JobProgress) -> String {
     } else {
         "?".to_owned()
     };
-    format!(
+    let mut line = format!(
         "{done}/{} units: {} accepted, {} running, {} failed, {} peers, {rate:.1} units/s, ETA {eta}",
         p.units, p.accepted, p.running, p.failed, p.peers
-    )
+    );
+    if p.short_of_hosts() {
+        line.push_str(&format!(
+            "; waiting for hosts: {} of the {} a unit needs",
+            p.hosts, p.quorum
+        ));
+    }
+    line
 }
 
 fn print_summary(manifest: &JobManifest, s: &JobSummary, simulated: bool) {

@@ -130,6 +130,18 @@ pub struct JobProgress {
     pub restored: u32,
     /// Time since this run started.
     pub elapsed: Duration,
+    /// Distinct hosts (as placement counts them) that have offered room in this run.
+    pub hosts: u32,
+    /// Distinct hosts a unit needs to be accepted.
+    pub quorum: u32,
+}
+
+impl JobProgress {
+    /// Whether units are open but fewer distinct hosts have come forward than a unit needs,
+    /// so they cannot be accepted until more do.
+    pub fn short_of_hosts(&self) -> bool {
+        self.accepted + self.failed < self.units && self.hosts < self.quorum
+    }
 }
 
 /// How a job ended.
@@ -375,7 +387,9 @@ pub fn run_job<W: Workers>(
     let mut ran = vec![false; job.units.len()];
     let mut last_progress = Instant::now();
     state.finished = scheduler.is_finished();
-    let snapshot = |state: &State, workers: &W| JobProgress {
+    let snapshot = |state: &State, workers: &W, scheduler: &Scheduler| JobProgress {
+        hosts: scheduler.progress().hosts,
+        quorum: policy.quorum,
         units: count,
         accepted: state.accepted,
         failed: state.failed,
@@ -385,7 +399,7 @@ pub fn run_job<W: Workers>(
         restored,
         elapsed: started.elapsed(),
     };
-    progress(&snapshot(&state, workers));
+    progress(&snapshot(&state, workers, &scheduler));
 
     while !state.finished || !state.pending.is_empty() {
         if !state.finished {
@@ -421,7 +435,7 @@ pub fn run_job<W: Workers>(
 
         if last_progress.elapsed() >= PROGRESS_INTERVAL {
             last_progress = Instant::now();
-            progress(&snapshot(&state, workers));
+            progress(&snapshot(&state, workers, &scheduler));
         }
 
         // Wait for an answer, the next lease deadline, the commit interval or the next
@@ -480,7 +494,7 @@ pub fn run_job<W: Workers>(
     }
     results.flush().map_err(results_err)?;
     results.get_ref().sync_all().map_err(results_err)?;
-    progress(&snapshot(&state, workers));
+    progress(&snapshot(&state, workers, &scheduler));
     Ok(JobSummary {
         job: job.id,
         units: count,
