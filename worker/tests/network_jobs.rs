@@ -333,3 +333,29 @@ fn two_keys_of_one_host_are_one_witness() {
         assert_eq!(hosts, ["127.0.1.2", "127.0.1.3"], "{line}");
     }
 }
+
+/// With one host taking part and two needed per unit, the job says so instead of waiting in
+/// silence; a second host lets it finish.
+#[test]
+fn a_job_short_of_distinct_hosts_says_so() {
+    let scratch = tempfile::tempdir().unwrap();
+    let root = scratch.path();
+    let first = start_peer_at(root, "only", None, "127.0.1.9:0");
+    let job = manifest(root, "pi-short", (1, 4));
+    let child = spawn_submit(root, &job, &first, "short");
+    let stderr = root.join("short.stderr");
+    wait_for(Duration::from_secs(60), "the warning about hosts", || {
+        std::fs::read_to_string(&stderr)
+            .unwrap_or_default()
+            .contains("warning: only 1 distinct host(s) can take units, and a unit needs 2")
+    });
+    let text = std::fs::read_to_string(&stderr).unwrap_or_default();
+    assert!(
+        text.contains("waiting for hosts: 1 of the 2 a unit needs"),
+        "{text}"
+    );
+    // Another machine joins: the job completes.
+    let _second = start_peer_at(root, "second", Some(&first), "127.0.1.10:0");
+    let run = finish(child, root, "short", Duration::from_secs(120));
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+}
