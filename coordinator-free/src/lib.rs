@@ -19,5 +19,6 @@ pub mod schedule;
 #[cfg(test)]
 mod sim_queue;
 pub mod store;
+pub mod text;
 pub mod validate;
 pub mod wire;

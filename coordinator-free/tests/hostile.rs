@@ -711,3 +711,45 @@ fn the_process_survives_every_hostile_module_many_times() {
     }
     assert_eq!(sandbox.cache_stats().compiled, cases.len() as u64);
 }
+
+#[test]
+fn text_from_a_module_is_escaped_and_bounded_where_it_is_made() {
+    let sandbox = sandbox();
+    // A forbidden import with a 100,000-byte name: the error still fits any report.
+    let name = "x".repeat(100_000);
+    let text = format!(
+        r#"(module (import "env" "{name}" (func)) (memory (export "memory") 1)
+            (func (export "run") (result i32) i32.const 0))"#
+    );
+    let err = sandbox.prepare(&wasm(&text), Metering::Off).unwrap_err();
+    assert!(matches!(err, UnitError::ForbiddenImport { .. }), "{err}");
+    assert!(
+        err.to_string().len() <= 2048,
+        "{} bytes",
+        err.to_string().len()
+    );
+
+    // Escape sequences, carriage returns and NULs in a log line and a failure message reach
+    // the observer as visible escapes.
+    let report = run(
+        &sandbox,
+        r#"(module
+            (import "cf1" "log" (func $log (param i32 i32 i32)))
+            (import "cf1" "fail" (func $fail (param i32 i32 i32)))
+            (memory (export "memory") 1)
+            (data (i32.const 0) "\1b[2Jcleared\0d\00")
+            (func (export "run") (result i32)
+              (call $log (i32.const 2) (i32.const 0) (i32.const 13))
+              (call $fail (i32.const 1) (i32.const 0) (i32.const 13))
+              i32.const 0))"#,
+    );
+    let line = &report.logs.first().expect("one log line").text;
+    assert!(!line.chars().any(char::is_control), "{line:?}");
+    assert!(line.contains("\\u{1b}[2Jcleared\\r\\u{0}"), "{line:?}");
+    match &report.result {
+        Err(UnitError::GuestFailure { message, .. }) => {
+            assert!(!message.chars().any(char::is_control), "{message:?}");
+        }
+        other => panic!("expected a guest failure, got {other:?}"),
+    }
+}

@@ -635,7 +635,16 @@ async fn read_reports(
             })) if j == job => NetEvent::Report {
                 peer,
                 conn,
-                results: results.into_iter().map(|r| (r.lease, r.result)).collect(),
+                // A peer's error text is bounded and escaped like our own before anyone sees it.
+                results: results
+                    .into_iter()
+                    .map(|r| {
+                        (
+                            r.lease,
+                            r.result.map_err(crate::sandbox::UnitError::bounded),
+                        )
+                    })
+                    .collect(),
                 want,
             },
             Ok(Some(JobFrame::Decline { job: j, leases })) if j == job => {

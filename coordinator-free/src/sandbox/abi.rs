@@ -107,6 +107,10 @@ fn matches(expected: &[Ty], actual: &[ValType]) -> bool {
 /// Checks every import of `wasm` against the allow-list without compiling anything. Only the
 /// sections up to the import section are parsed, so this is cheap even for large modules.
 pub fn check_imports(wasm: &[u8]) -> Result<(), UnitError> {
+    check_imports_unbounded(wasm).map_err(UnitError::bounded)
+}
+
+fn check_imports_unbounded(wasm: &[u8]) -> Result<(), UnitError> {
     if wasm.is_empty() {
         return Err(UnitError::BadModule {
             reason: "the module is empty".into(),
@@ -497,7 +501,9 @@ impl HostState {
             .len()
             .min(line_cap)
             .min((cap - self.log_bytes) as usize);
-        let mut text = String::from_utf8_lossy(&bytes[..take]).into_owned();
+        // Escaped where it is made: the line may reach the volunteer's terminal.
+        let mut text =
+            crate::text::escape_controls(&String::from_utf8_lossy(&bytes[..take])).into_owned();
         if take < bytes.len() {
             text.push('…');
         }

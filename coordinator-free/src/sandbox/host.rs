@@ -843,7 +843,8 @@ fn drive(
                 clock = Some(now);
                 started = true;
             }
-            FromHost::Log(line) => {
+            FromHost::Log(mut line) => {
+                line.text = crate::text::escape_controls(&line.text).into_owned();
                 if let Some(o) = &request.observer {
                     o.log(&line);
                 }
@@ -870,7 +871,8 @@ fn drive(
                     elapsed,
                 } = *finished;
                 let mut ended = std::mem::replace(&mut current, fresh());
-                ended.result = result;
+                // The host is our own process, but a module may have crashed into it.
+                ended.result = result.map_err(UnitError::bounded);
                 ended.progress = progress.or(ended.progress);
                 ended.logs_dropped = logs_dropped;
                 ended.fuel_consumed = fuel_consumed;

@@ -619,6 +619,15 @@ impl Sandbox {
         wasm: &[u8],
         metering: Metering,
     ) -> Result<(Arc<PreparedModule>, ModuleSource), UnitError> {
+        self.prepare_unbounded(wasm, metering)
+            .map_err(UnitError::bounded)
+    }
+
+    fn prepare_unbounded(
+        &self,
+        wasm: &[u8],
+        metering: Metering,
+    ) -> Result<(Arc<PreparedModule>, ModuleSource), UnitError> {
         let cap = self.inner.config.max_module_bytes;
         if wasm.len() as u64 > cap {
             return Err(UnitError::ModuleTooLarge {
@@ -712,6 +721,12 @@ impl Sandbox {
     /// Runs one unit on the calling thread. The thread needs a few MiB of stack beyond the
     /// WebAssembly stack; [`Executor`] threads have it.
     pub fn run(&self, module: &PreparedModule, request: UnitRequest) -> UnitReport {
+        let mut report = self.run_unbounded(module, request);
+        report.result = report.result.map_err(UnitError::bounded);
+        report
+    }
+
+    fn run_unbounded(&self, module: &PreparedModule, request: UnitRequest) -> UnitReport {
         let span = tracing::debug_span!("unit", module = %module.digest);
         let _entered = span.enter();
         let limits = request.limits;

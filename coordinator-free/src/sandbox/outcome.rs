@@ -166,6 +166,35 @@ pub enum UnitError {
 }
 
 impl UnitError {
+    /// The error with every text it carries escaped and bounded
+    /// ([`text::bounded`](crate::text::bounded)): what the sandbox hands out, so an error made
+    /// from a module's bytes (a huge import name, a guest's message) fits every report and
+    /// cannot drive the terminal it is printed on. Every honest peer makes the same change, so
+    /// errors still vote alike; applying it twice changes nothing.
+    pub fn bounded(self) -> Self {
+        use crate::text::{MAX_TEXT, bounded};
+        let b = |s: String| bounded(&s, MAX_TEXT);
+        match self {
+            Self::BadModule { reason } => Self::BadModule { reason: b(reason) },
+            Self::ForbiddenImport {
+                module,
+                name,
+                reason,
+            } => Self::ForbiddenImport {
+                module: bounded(&module, MAX_TEXT / 4),
+                name: bounded(&name, MAX_TEXT / 4),
+                reason: bounded(&reason, MAX_TEXT / 2),
+            },
+            Self::GuestFailure { code, message } => Self::GuestFailure {
+                code,
+                message: b(message),
+            },
+            Self::HostOutOfMemory { detail } => Self::HostOutOfMemory { detail: b(detail) },
+            Self::Host { detail } => Self::Host { detail: b(detail) },
+            other => other,
+        }
+    }
+
     /// Whether other peers can vote on this outcome or it must be retried elsewhere.
     pub fn class(&self) -> OutcomeClass {
         match self {
