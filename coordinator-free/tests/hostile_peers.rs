@@ -45,6 +45,8 @@ async fn serve_and_collect(link: &mut PeerLink, module: &[u8], leases: usize) ->
                     outputs.push(r.result.expect("the unit ran"));
                 }
             }
+            // The worker says it holds the module now.
+            JobFrame::BlobHeld { .. } => {}
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -176,6 +176,9 @@ pub enum JobFrame {
     },
     /// Submitter → worker: the blob is not here.
     BlobMissing { digest: Digest },
+    /// Worker → submitter: this worker now holds the blob, checked against its digest, and
+    /// serves it to other workers on blob links.
+    BlobHeld { digest: Digest },
     /// Submitter → worker: fetch the blob from `peer` at `addr`, which holds it (on a blob
     /// link); ask again here if that fails.
     BlobAt {
@@ -222,6 +225,7 @@ impl JobFrame {
     pub const KIND_BLOB_CHUNK: u8 = 21;
     pub const KIND_BLOB_MISSING: u8 = 22;
     pub const KIND_BLOB_AT: u8 = 23;
+    pub const KIND_BLOB_HELD: u8 = 24;
 
     /// Checks counts and sizes a decoded message must respect; a message that fails is a
     /// protocol violation.
@@ -286,7 +290,9 @@ impl JobFrame {
                 }
                 Ok(())
             }
-            JobFrame::BlobGet { .. } | JobFrame::BlobMissing { .. } => Ok(()),
+            JobFrame::BlobGet { .. } | JobFrame::BlobMissing { .. } | JobFrame::BlobHeld { .. } => {
+                Ok(())
+            }
             JobFrame::BlobAt { addr, .. } => {
                 if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
                     return Err("blob holder address cannot be dialed");
@@ -307,7 +313,9 @@ impl Message for JobFrame {
             Self::KIND_OFFER => Some(OFFER_CAP),
             Self::KIND_REVOKE | Self::KIND_DECLINE => Some(IDS_CAP),
             Self::KIND_REPORT => Some(REPORT_CAP),
-            Self::KIND_BLOB_GET | Self::KIND_BLOB_MISSING => Some(BLOB_GET_CAP),
+            Self::KIND_BLOB_GET | Self::KIND_BLOB_MISSING | Self::KIND_BLOB_HELD => {
+                Some(BLOB_GET_CAP)
+            }
             Self::KIND_BLOB_AT => Some(BLOB_AT_CAP),
             Self::KIND_BLOB_CHUNK => Some(CHUNK_CAP),
             _ => None,
@@ -341,6 +349,7 @@ impl Message for JobFrame {
             ),
             JobFrame::BlobGet { digest } => encode(Self::KIND_BLOB_GET, digest),
             JobFrame::BlobMissing { digest } => encode(Self::KIND_BLOB_MISSING, digest),
+            JobFrame::BlobHeld { digest } => encode(Self::KIND_BLOB_HELD, digest),
             JobFrame::BlobAt { digest, peer, addr } => encode(
                 Self::KIND_BLOB_AT,
                 &BlobAtPayload {
@@ -395,6 +404,9 @@ impl Message for JobFrame {
                 digest: decode_exact(kind, payload)?,
             },
             Self::KIND_BLOB_MISSING => JobFrame::BlobMissing {
+                digest: decode_exact(kind, payload)?,
+            },
+            Self::KIND_BLOB_HELD => JobFrame::BlobHeld {
                 digest: decode_exact(kind, payload)?,
             },
             Self::KIND_BLOB_AT => {
@@ -507,6 +519,7 @@ mod tests {
                 }),
             digest().prop_map(|digest| JobFrame::BlobGet { digest }),
             digest().prop_map(|digest| JobFrame::BlobMissing { digest }),
+            digest().prop_map(|digest| JobFrame::BlobHeld { digest }),
             (digest(), any::<[u8; 32]>(), 1u16..).prop_map(|(digest, peer, port)| {
                 JobFrame::BlobAt {
                     digest,

@@ -35,8 +35,10 @@ use crate::sandbox::PROFILE_VERSION;
 use crate::schedule::{Command, Lease, LeaseId, Scheduler};
 use crate::wire;
 
-/// Events queued from all job links together.
+/// Events queued from all job links together, and the output bytes their reports may hold: a
+/// link whose report does not fit waits, which leaves the rest in QUIC's flow control.
 const EVENT_QUEUE: usize = 4096;
+const EVENT_BYTES: usize = 64 << 20;
 /// Frames queued for one job link's writer.
 const OUTBOX: usize = 256;
 /// Bytes queued for one job link's writer: offers and blob chunks for a worker that reads
@@ -185,6 +187,8 @@ enum NetEvent {
         conn: u64,
         results: Vec<(LeaseId, Result<Vec<u8>, crate::sandbox::UnitError>)>,
         want: u32,
+        /// The report's share of [`EVENT_BYTES`], given back when the job loop has taken it.
+        _held: Option<tokio::sync::OwnedSemaphorePermit>,
     },
     Declined {
         peer: PeerId,
@@ -205,19 +209,32 @@ struct Link {
     host: Host,
 }
 
-/// The blobs a job serves to its workers, and which workers hold them.
-#[derive(Debug, Default)]
+/// The blobs a job serves to its workers, and which workers hold them; and the byte budget of
+/// the reports the links hand to the job loop (`EVENT_BYTES`), which every link shares.
+#[derive(Debug)]
 struct Blobs {
     map: HashMap<Digest, Arc<[u8]>>,
     shared: std::sync::Mutex<Sharing>,
+    reports: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Blobs {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            shared: Default::default(),
+            reports: Arc::new(tokio::sync::Semaphore::new(EVENT_BYTES)),
+        }
+    }
 }
 
 /// Who holds which large blob, so later fetchers can be sent to them instead of to us.
 #[derive(Debug, Default)]
 struct Sharing {
     holders: HashMap<Digest, Vec<(PeerId, SocketAddr)>>,
-    /// Fetchers already sent elsewhere for a blob: a second ask is served here.
-    redirected: HashSet<(PeerId, Digest)>,
+    /// Fetchers already sent elsewhere for a blob, and to whom: a second ask is served here,
+    /// and the holder that failed it is no longer named.
+    redirected: HashMap<(PeerId, Digest), PeerId>,
     /// Blobs served from here, and fetches sent to a holder.
     served: u64,
     sent_elsewhere: u64,
@@ -236,7 +253,14 @@ impl Blobs {
     fn holder_for(&self, peer: PeerId, digest: Digest) -> Option<(PeerId, SocketAddr)> {
         let large = self.map.get(&digest).is_some_and(|b| b.len() >= SHARE_MIN);
         let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        if !large || s.redirected.contains(&(peer, digest)) {
+        if let Some(failed) = s.redirected.get(&(peer, digest)).copied() {
+            if let Some(h) = s.holders.get_mut(&digest) {
+                h.retain(|(p, _)| *p != failed);
+            }
+            s.served += 1;
+            return None;
+        }
+        if !large {
             s.served += 1;
             return None;
         }
@@ -250,19 +274,26 @@ impl Blobs {
             return None;
         }
         let pick = candidates[(s.sent_elsewhere as usize) % candidates.len()];
-        s.redirected.insert((peer, digest));
+        s.redirected.insert((peer, digest), pick.0);
         s.sent_elsewhere += 1;
         Some(pick)
     }
 
-    /// `peer`, reachable at `addr`, now holds `digest`.
+    /// `peer`, reachable at `addr`, says it now holds `digest`. One holder per host: a host
+    /// of many keys cannot fill the holder list and serve every fetcher bad bytes (fetchers
+    /// check the digest and come back here, and a holder that fails one is dropped).
     fn add_holder(&self, digest: Digest, peer: PeerId, addr: SocketAddr) {
         if self.map.get(&digest).is_none_or(|b| b.len() < SHARE_MIN) {
             return;
         }
+        let host = Host::of(addr.ip());
         let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         let holders = s.holders.entry(digest).or_default();
-        if holders.len() < MAX_HOLDERS && !holders.iter().any(|(p, _)| *p == peer) {
+        if holders.len() < MAX_HOLDERS
+            && !holders
+                .iter()
+                .any(|(p, a)| *p == peer || Host::of(a.ip()) == host)
+        {
             holders.push((peer, addr));
         }
     }
@@ -330,7 +361,7 @@ impl NetWorkers {
             spec,
             blobs: Arc::new(Blobs {
                 map,
-                shared: Default::default(),
+                ..Blobs::default()
             }),
             links: HashMap::new(),
             dialing: HashSet::new(),
@@ -509,6 +540,7 @@ impl NetWorkers {
                 conn,
                 results,
                 want,
+                ..
             } => {
                 let Some(host) = self
                     .links
@@ -633,6 +665,17 @@ async fn read_reports(
                 results,
                 want,
             })) if j == job => NetEvent::Report {
+                _held: {
+                    let bytes: usize = results
+                        .iter()
+                        .map(|r| r.result.as_ref().map_or(256, Vec::len))
+                        .sum();
+                    let weight = u32::try_from(bytes.clamp(1, EVENT_BYTES)).unwrap_or(u32::MAX);
+                    match Arc::clone(&blobs.reports).acquire_many_owned(weight).await {
+                        Ok(permit) => Some(permit),
+                        Err(_) => break,
+                    }
+                },
                 peer,
                 conn,
                 // A peer's error text is bounded and escaped like our own before anyone sees it.
@@ -675,11 +718,12 @@ async fn read_reports(
                 if !send_blob(&outbox, digest, bytes.as_deref()).await {
                     break;
                 }
-                // Sent in full: once the worker has it, later fetchers may go to it. (A worker
-                // that fails to serve sends its fetchers back here.)
-                if bytes.is_some()
-                    && let Some(addr) = holder_addr
-                {
+                continue;
+            }
+            Ok(Some(JobFrame::BlobHeld { digest })) => {
+                // Later fetchers may go to it. A worker that reached us by pulling may not be
+                // dialable, and is never named.
+                if let Some(addr) = holder_addr {
                     blobs.add_holder(digest, peer, addr);
                 }
                 continue;
@@ -829,13 +873,35 @@ mod tests {
     }
 
     #[test]
+    fn one_holder_per_host_and_a_holder_that_failed_a_fetcher_is_dropped() {
+        let big: Arc<[u8]> = vec![7u8; SHARE_MIN].into();
+        let b = Digest::of(&big);
+        let blobs = Blobs {
+            map: [(b, big)].into_iter().collect(),
+            ..Blobs::default()
+        };
+        let sybil: SocketAddr = "127.0.3.3:9".parse().unwrap();
+        let honest: SocketAddr = "127.0.3.4:9".parse().unwrap();
+        for n in 10..30 {
+            blobs.add_holder(b, peer(n), sybil);
+        }
+        blobs.add_holder(b, peer(40), honest);
+        let holders = blobs.shared.lock().unwrap().holders[&b].clone();
+        assert_eq!(holders, vec![(peer(10), sybil), (peer(40), honest)]);
+        // Fetcher 1 is sent to the Sybil and comes back: served here, and the Sybil is dropped.
+        assert_eq!(blobs.holder_for(peer(1), b), Some((peer(10), sybil)));
+        assert_eq!(blobs.holder_for(peer(1), b), None);
+        assert_eq!(blobs.holder_for(peer(2), b), Some((peer(40), honest)));
+    }
+
+    #[test]
     fn large_blobs_go_to_holders_once_per_fetcher_and_small_ones_never() {
         let big: Arc<[u8]> = vec![7u8; SHARE_MIN].into();
         let small: Arc<[u8]> = vec![1u8; 100].into();
         let (b, s) = (Digest::of(&big), Digest::of(&small));
         let blobs = Blobs {
             map: [(b, big), (s, small)].into_iter().collect(),
-            shared: Default::default(),
+            ..Blobs::default()
         };
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
         // No holder yet: served here.

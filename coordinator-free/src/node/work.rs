@@ -652,7 +652,10 @@ impl Work {
                     self.fetch_from_holder(from, digest, peer, addr);
                 }
             }
-            JobFrame::Report { .. } | JobFrame::Decline { .. } | JobFrame::BlobGet { .. } => {
+            JobFrame::Report { .. }
+            | JobFrame::Decline { .. }
+            | JobFrame::BlobGet { .. }
+            | JobFrame::BlobHeld { .. } => {
                 tracing::debug!(peer = %from, "submitter-bound frame on an inbound job link; ignored");
             }
         }
@@ -922,8 +925,10 @@ impl Work {
             return;
         }
         // Kept (modules too) so other workers can fetch it from here; jobs waiting for it as
-        // their module prepare it as they advance.
+        // their module prepare it as they advance. The submitter learns we hold it only now
+        // that it is checked, so it never sends fetchers to a copy still on its way.
         self.insert_blob(digest, bytes.into());
+        self.send(&from, JobFrame::BlobHeld { digest });
         self.advance_all(now);
     }
 
