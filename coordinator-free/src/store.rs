@@ -76,7 +76,33 @@ pub struct Reputation {
     pub agreements: u64,
     /// All results that disagreed with an accepted quorum.
     pub disagreements: u64,
+    /// When a result of the peer was last counted (seconds since the Unix epoch): the table
+    /// keeps the peers seen most recently.
+    pub last_seen: u64,
 }
+
+/// The record as stores made before `last_seen` hold it.
+#[derive(Deserialize)]
+struct ReputationV1 {
+    consecutive_agreements: u64,
+    agreements: u64,
+    disagreements: u64,
+}
+
+fn decode_reputation(bytes: &[u8]) -> Result<Reputation, StoreError> {
+    decode("reputation", bytes).or_else(|e| {
+        let old: ReputationV1 = postcard::from_bytes(bytes).map_err(|_| e)?;
+        Ok(Reputation {
+            consecutive_agreements: old.consecutive_agreements,
+            agreements: old.agreements,
+            disagreements: old.disagreements,
+            last_seen: 0,
+        })
+    })
+}
+
+/// Most peers whose reputation a store keeps; past it, the least recently seen go.
+pub const MAX_REPUTATIONS: u64 = 65_536;
 
 /// The durable store of one peer.
 #[derive(Debug)]
@@ -171,6 +197,68 @@ impl JobStore {
         self.put(UNITS, &entries)
     }
 
+    /// Journals decided units and the reputation changes they bring in one durable
+    /// transaction, so a crash keeps both or neither. Each change is added to the peer's
+    /// stored record (`consecutive_agreements` continues the stored run unless the change
+    /// holds a disagreement) and stamped `now` (seconds since the epoch); the table then keeps
+    /// at most `max_peers` records, dropping those seen longest ago.
+    pub fn commit(
+        &self,
+        job: &Digest,
+        units: &[(u64, Vec<u8>)],
+        changes: &[(PeerId, Reputation)],
+        now: u64,
+        max_peers: u64,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut t = txn.open_table(UNITS).map_err(db_error)?;
+            for (index, bytes) in units {
+                t.insert(unit_key(job, *index).as_slice(), bytes.as_slice())
+                    .map_err(db_error)?;
+            }
+        }
+        if !changes.is_empty() {
+            let mut t = txn.open_table(REPUTATION).map_err(db_error)?;
+            for (peer, delta) in changes {
+                let stored = t
+                    .get(peer.as_bytes().as_slice())
+                    .map_err(db_error)?
+                    .map(|v| decode_reputation(v.value()))
+                    .transpose()?
+                    .unwrap_or_default();
+                let merged = Reputation {
+                    agreements: stored.agreements + delta.agreements,
+                    disagreements: stored.disagreements + delta.disagreements,
+                    consecutive_agreements: if delta.disagreements > 0 {
+                        delta.consecutive_agreements
+                    } else {
+                        stored.consecutive_agreements + delta.consecutive_agreements
+                    },
+                    last_seen: now,
+                };
+                t.insert(peer.as_bytes().as_slice(), encode(&merged)?.as_slice())
+                    .map_err(db_error)?;
+            }
+            let len = redb::ReadableTableMetadata::len(&t).map_err(db_error)?;
+            if len > max_peers {
+                // Drop a little more than the excess, so this scan is not made at every commit.
+                let excess = (len - max_peers + max_peers / 64) as usize;
+                let mut seen: Vec<(u64, Vec<u8>)> = Vec::with_capacity(len as usize);
+                for entry in t.iter().map_err(db_error)? {
+                    let (key, value) = entry.map_err(db_error)?;
+                    let last = decode_reputation(value.value()).map_or(0, |r| r.last_seen);
+                    seen.push((last, key.value().to_vec()));
+                }
+                seen.sort_unstable();
+                for (_, key) in seen.into_iter().take(excess) {
+                    t.remove(key.as_slice()).map_err(db_error)?;
+                }
+            }
+        }
+        txn.commit().map_err(db_error)
+    }
+
     /// The record of one unit, if it finished.
     pub fn unit(&self, job: &Digest, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
         self.get(UNITS, &unit_key(job, index))
@@ -211,7 +299,7 @@ impl JobStore {
     pub fn reputation(&self, peer: &PeerId) -> Result<Reputation, StoreError> {
         Ok(self
             .get(REPUTATION, peer.as_bytes())?
-            .map(|bytes| decode("reputation", &bytes))
+            .map(|bytes| decode_reputation(&bytes))
             .transpose()?
             .unwrap_or_default())
     }
@@ -227,10 +315,7 @@ impl JobStore {
                 what: "reputation key",
                 detail: format!("{} bytes", key.value().len()),
             })?;
-            out.push((
-                PeerId::from_bytes(bytes),
-                decode("reputation", value.value())?,
-            ));
+            out.push((PeerId::from_bytes(bytes), decode_reputation(value.value())?));
         }
         Ok(out)
     }
@@ -296,6 +381,7 @@ mod tests {
                 consecutive_agreements: 5,
                 agreements: 9,
                 disagreements: 1,
+                last_seen: 7,
             };
             store.put_reputation(&peer, &rep).unwrap();
             let blob = store.put_blob(b"module bytes").unwrap();
@@ -402,5 +488,64 @@ mod tests {
             assert_eq!(*index, i as u64);
             assert_eq!(bytes, &record(*index));
         }
+    }
+
+    #[test]
+    fn units_and_reputations_commit_together_and_the_table_keeps_the_recent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(&dir.path().join("s.redb")).unwrap();
+        let job = Digest::of(b"job");
+        let peer = |n: u8| PeerId::from_bytes([n; 32]);
+        let agreed = |n: u64| Reputation {
+            consecutive_agreements: n,
+            agreements: n,
+            ..Reputation::default()
+        };
+        // A record written before `last_seen` existed still reads, and merges.
+        #[derive(Serialize)]
+        struct Old(u64, u64, u64);
+        store
+            .put(
+                REPUTATION,
+                &[(
+                    peer(1).as_bytes(),
+                    &postcard::to_stdvec(&Old(2, 3, 0)).unwrap(),
+                )],
+            )
+            .unwrap();
+        store
+            .commit(
+                &job,
+                &[(0, b"u0".to_vec())],
+                &[(peer(1), agreed(4))],
+                100,
+                8,
+            )
+            .unwrap();
+        assert_eq!(store.unit(&job, 0).unwrap().as_deref(), Some(&b"u0"[..]));
+        assert_eq!(
+            store.reputation(&peer(1)).unwrap(),
+            Reputation {
+                consecutive_agreements: 6,
+                agreements: 7,
+                disagreements: 0,
+                last_seen: 100,
+            }
+        );
+        // Over the cap, the peers seen longest ago go; the recent stay.
+        for n in 2..=12u8 {
+            store
+                .commit(&job, &[], &[(peer(n), agreed(1))], 100 + u64::from(n), 8)
+                .unwrap();
+        }
+        let kept: Vec<PeerId> = store
+            .reputations()
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert!(kept.len() <= 8, "{}", kept.len());
+        assert!(kept.contains(&peer(12)) && kept.contains(&peer(11)));
+        assert!(!kept.contains(&peer(1)) && !kept.contains(&peer(2)));
     }
 }

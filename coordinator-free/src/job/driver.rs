@@ -30,7 +30,7 @@ use crate::sandbox::{Limits, OutcomeClass, PROFILE, UnitError};
 use crate::schedule::{
     Command, Config, Culprit, Event, Lease, LeaseId, LeaseResult, Penalty, Scheduler,
 };
-use crate::store::{JobRecord, JobStore, Reputation, StoreError};
+use crate::store::{JobRecord, JobStore, MAX_REPUTATIONS, Reputation, StoreError};
 use crate::validate::{Outcome, Policy, Verdict, Vote};
 
 /// Most decided units journaled in one transaction.
@@ -661,7 +661,16 @@ impl State {
                     .map_err(|e| StoreError::Database(e.to_string()))
             })
             .collect::<Result<_, _>>()?;
-        store.put_units(&job.id, &batch)?;
+        // The units and what they taught us about their peers, in one transaction (simulated
+        // local slots teach nothing).
+        let changed: Vec<(PeerId, Reputation)> = std::mem::take(&mut self.reputations)
+            .into_iter()
+            .filter(|_| !simulated)
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        store.commit(&job.id, &batch, &changed, now, MAX_REPUTATIONS)?;
         for (index, record) in self.pending.drain(..) {
             if record.succeeded() {
                 self.accepted += 1;
@@ -677,22 +686,6 @@ impl State {
             })?;
         }
         self.pending_since = None;
-        let changed = std::mem::take(&mut self.reputations);
-        if !simulated {
-            // Reputation is advisory: it is merged into the stored record after the units'
-            // transaction, and a crash between the two loses only these increments.
-            for (peer, delta) in changed {
-                let mut r = store.reputation(&peer)?;
-                r.agreements += delta.agreements;
-                r.disagreements += delta.disagreements;
-                r.consecutive_agreements = if delta.disagreements > 0 {
-                    delta.consecutive_agreements
-                } else {
-                    r.consecutive_agreements + delta.consecutive_agreements
-                };
-                store.put_reputation(&peer, &r)?;
-            }
-        }
         Ok(())
     }
 }
