@@ -141,6 +141,12 @@ pub struct PeerLink {
     pub recv: RecvStream,
 }
 
+/// Flow-control window of membership links.
+const MEMBERSHIP_WINDOW: u32 = 4 * MAX_MESSAGE_BYTES as u32;
+/// Flow-control window of job, pull and blob links: the bandwidth-delay product of a path
+/// with 16 MiB in flight, 128 MB/s at 125 ms.
+pub const LINK_WINDOW: u32 = 16 << 20;
+
 fn transport(config: &NetConfig) -> Result<Arc<TransportConfig>, NetError> {
     let mut t = TransportConfig::default();
     t.keep_alive_interval(Some(config.keep_alive));
@@ -154,12 +160,13 @@ fn transport(config: &NetConfig) -> Result<Arc<TransportConfig>, NetError> {
     // opening thousands of streams that each hold buffers.
     t.max_concurrent_bidi_streams(VarInt::from_u32(0));
     t.max_concurrent_uni_streams(VarInt::from_u32(1));
-    // Room for a few maximal messages in flight, no more: flow control then pushes back on a
-    // peer that sends faster than we read.
-    let window = VarInt::from_u32(4 * MAX_MESSAGE_BYTES as u32);
-    t.stream_receive_window(window);
-    t.receive_window(window);
-    t.send_window(8 * MAX_MESSAGE_BYTES as u64);
+    // A connection starts with room for a few maximal membership messages, no more: flow
+    // control then pushes back on a peer that sends faster than we read, and an unknown peer
+    // can make us buffer little. Job, pull and blob links are opened up to `LINK_WINDOW` once
+    // their protocol is known (`greet`); the stream window allows it from the start.
+    t.stream_receive_window(VarInt::from_u32(LINK_WINDOW));
+    t.receive_window(VarInt::from_u32(MEMBERSHIP_WINDOW));
+    t.send_window(u64::from(LINK_WINDOW));
     t.datagram_receive_buffer_size(None);
     Ok(Arc::new(t))
 }
@@ -257,6 +264,9 @@ async fn greet(conn: Connection, inbound: bool) -> Result<PeerLink, NetError> {
             Some(p) if p == BLOB_ALPN => LinkKind::Blob,
             _ => LinkKind::Membership,
         };
+        if kind != LinkKind::Membership {
+            conn.set_receive_window(VarInt::from_u32(LINK_WINDOW));
+        }
         let mut send = conn.open_uni().await?;
         wire::write(&mut send, &Frame::Hello(Hello::current())).await?;
         let mut recv = conn.accept_uni().await?;

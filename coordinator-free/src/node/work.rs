@@ -46,7 +46,7 @@ const BLOB_OUTBOX: usize = 4;
 const BLOB_OUTBOX_BYTES: u32 = 4 << 20;
 /// Blob links served at once, in all and per fetching host: holding blobs for others is a
 /// favour, and a fetcher needs one link at a time.
-const MAX_BLOB_LINKS: usize = 16;
+const MAX_BLOB_LINKS: usize = 8;
 const MAX_BLOB_LINKS_PER_HOST: usize = 2;
 /// Most jobs known at once (across submitters).
 const MAX_JOBS: usize = 64;
