@@ -123,8 +123,10 @@ fn network(count: usize) -> Network {
     for i in 0..count {
         let dir = tempfile::tempdir().expect("data dir");
         let mut command = Command::new(WORKER);
+        // Each peer on a loopback address of its own: a host of its own to the submitter.
+        let listen = format!("127.0.0.{}:0", i + 2);
         command
-            .args(["run", "--listen", "127.0.0.1:0", "--no-mdns", "--cpus", "1"])
+            .args(["run", "--listen", &listen, "--no-mdns", "--cpus", "1"])
             .arg("--data-dir")
             .arg(dir.path())
             .stdout(Stdio::piped())
