@@ -15,7 +15,7 @@
 mod abi;
 mod cache;
 mod executor;
-mod host;
+pub(crate) mod host;
 mod nan;
 mod outcome;
 
