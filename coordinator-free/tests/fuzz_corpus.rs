@@ -35,6 +35,7 @@ fn every_committed_corpus_file_replays() {
             replayed += 1;
         }
         assert!(replayed > 0, "the corpus of {target} is empty");
+        println!("{target}: replayed {replayed} corpus files");
     }
 }
 
