@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -21,7 +21,7 @@ use crate::peer_id::PeerId;
 /// The socket file inside the data directory.
 pub const SOCKET_FILE: &str = "control.sock";
 /// Longest request line.
-const MAX_REQUEST: u64 = 256;
+pub(crate) const MAX_REQUEST: usize = 256;
 /// Longest reply read by the client: a full table of 4096 peers is about 1.5 MB.
 const MAX_REPLY: u64 = 16 * 1024 * 1024;
 /// Clients served at once; more wait in the listen backlog.
@@ -185,12 +185,8 @@ async fn answer(
     requests: mpsc::Sender<ControlRequest>,
 ) -> Result<(), ControlError> {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(read.take(MAX_REQUEST))
-        .read_line(&mut line)
-        .await?;
-    let reply = match line.trim() {
-        "status" => {
+    let reply = match read_request(read).await? {
+        ClientRequest::Status => {
             let (tx, rx) = oneshot::channel();
             let report = match requests.send(ControlRequest::Status(tx)).await {
                 Ok(()) => rx.await.ok(),
@@ -203,17 +199,51 @@ async fn answer(
                 }),
             }
         }
-        other => serde_json::to_vec(&ErrorReply {
-            error: format!(
-                "unknown request {:?}",
-                other.chars().take(32).collect::<String>()
-            ),
+        ClientRequest::Unknown(request) => serde_json::to_vec(&ErrorReply {
+            error: format!("unknown request {request:?}"),
         }),
     }
     .map_err(|err| ControlError::Io(io::Error::other(err)))?;
     write.write_all(&reply).await?;
     write.shutdown().await?;
     Ok(())
+}
+
+/// What a control client asked for, as read from its request line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ClientRequest {
+    Status,
+    /// Anything else, cut to [`MAX_ECHOED_CHARS`] characters for the refusal.
+    Unknown(String),
+}
+
+/// Longest part of an unknown request echoed back in the refusal.
+pub(crate) const MAX_ECHOED_CHARS: usize = 32;
+
+/// Reads the request line: at most [`MAX_REQUEST`] bytes, so a client cannot make the peer
+/// buffer more by never sending a newline.
+pub(crate) async fn read_request(
+    reader: impl AsyncRead + Unpin,
+) -> Result<ClientRequest, ControlError> {
+    let mut line = String::new();
+    BufReader::new(reader.take(MAX_REQUEST as u64))
+        .read_line(&mut line)
+        .await?;
+    Ok(match line.trim() {
+        "status" => ClientRequest::Status,
+        other => ClientRequest::Unknown(other.chars().take(MAX_ECHOED_CHARS).collect()),
+    })
+}
+
+/// The client's reading of the peer's answer: a status report or the peer's refusal.
+pub(crate) fn parse_reply(reply: &[u8]) -> Result<StatusReport, ControlError> {
+    match serde_json::from_slice::<StatusReport>(reply) {
+        Ok(report) => Ok(report),
+        Err(err) => match serde_json::from_slice::<ErrorReply>(reply) {
+            Ok(refusal) => Err(ControlError::Refused(refusal.error)),
+            Err(_) => Err(ControlError::BadReply(err)),
+        },
+    }
 }
 
 /// Asks the peer running with data directory `dir` for its status.
@@ -237,14 +267,47 @@ pub async fn status(dir: &Path) -> Result<StatusReport, ControlError> {
         stream.write_all(b"status\n").await?;
         let mut reply = Vec::new();
         stream.take(MAX_REPLY).read_to_end(&mut reply).await?;
-        match serde_json::from_slice::<StatusReport>(&reply) {
-            Ok(report) => Ok(report),
-            Err(err) => match serde_json::from_slice::<ErrorReply>(&reply) {
-                Ok(refusal) => Err(ControlError::Refused(refusal.error)),
-                Err(_) => Err(ControlError::BadReply(err)),
-            },
-        }
+        parse_reply(&reply)
     })
     .await
     .map_err(|_| ControlError::Timeout(CLIENT_TIMEOUT))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn request(bytes: &[u8]) -> ClientRequest {
+        read_request(bytes).await.expect("a request line")
+    }
+
+    #[tokio::test]
+    async fn the_request_line_is_read_up_to_its_cap() {
+        assert_eq!(request(b"status\n").await, ClientRequest::Status);
+        assert_eq!(request(b"  status\r\nmore").await, ClientRequest::Status);
+        let long = format!("{}\n", "x".repeat(1000));
+        assert_eq!(
+            request(long.as_bytes()).await,
+            ClientRequest::Unknown("x".repeat(MAX_ECHOED_CHARS))
+        );
+        // The cap cuts the line: a request behind 256 bytes of spaces is never seen.
+        let hidden = format!("{}status\n", " ".repeat(MAX_REQUEST));
+        assert_eq!(
+            request(hidden.as_bytes()).await,
+            ClientRequest::Unknown(String::new())
+        );
+        assert!(read_request(&b"\xff\xfe\n"[..]).await.is_err());
+    }
+
+    #[test]
+    fn a_refusal_is_told_apart_from_a_bad_reply() {
+        assert!(matches!(
+            parse_reply(br#"{"error":"busy"}"#),
+            Err(ControlError::Refused(reason)) if reason == "busy"
+        ));
+        assert!(matches!(
+            parse_reply(b"not json"),
+            Err(ControlError::BadReply(_))
+        ));
+    }
 }

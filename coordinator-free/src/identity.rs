@@ -711,7 +711,7 @@ pub fn peer_id_of_cert(cert: &[u8]) -> Result<PeerId, CertError> {
 }
 
 /// Just enough DER to walk a certificate; every length is checked against the input.
-mod der {
+pub(crate) mod der {
     use super::CertError;
 
     pub const INTEGER: u8 = 0x02;

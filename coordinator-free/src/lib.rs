@@ -5,6 +5,9 @@
 #[cfg(unix)]
 pub mod control;
 pub mod digest;
+/// The bodies of the fuzz targets in `fuzz/`, shared with the corpus replay test; not an API.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod identity;
 pub mod job;

@@ -105,7 +105,11 @@ fn check_header<M: Message>(header: [u8; HEADER_LEN]) -> Result<(u8, usize), Wir
     Ok((kind, len))
 }
 
-/// Postcard decoding that refuses trailing bytes, so one message has exactly one encoding.
+/// Postcard decoding that refuses trailing bytes, so a payload holds exactly one message.
+///
+/// It does not make encodings unique: postcard also accepts over-long varints (`81 00` for 1),
+/// so nothing may rely on a message's bytes, only on its decoded value. Adverts are signed and
+/// verified over their re-encoding for that reason.
 pub fn decode_exact<'a, T: Deserialize<'a>>(kind: u8, payload: &'a [u8]) -> Result<T, WireError> {
     let (value, rest) = postcard::take_from_bytes(payload)
         .map_err(|source| WireError::Malformed { kind, source })?;
@@ -370,6 +374,14 @@ mod tests {
             Frame::decode_frame(&frame),
             Err(WireError::Trailing { .. })
         ));
+    }
+
+    #[test]
+    fn over_long_varints_decode_to_the_same_value() {
+        let short = decode_exact::<Hello>(Frame::KIND_HELLO, &[1]).expect("canonical");
+        let long = decode_exact::<Hello>(Frame::KIND_HELLO, &[0x81, 0x00]).expect("over-long");
+        assert_eq!(short, long);
+        assert_eq!(postcard::to_stdvec(&long).expect("encode"), [1]);
     }
 
     #[tokio::test]

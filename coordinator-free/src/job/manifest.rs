@@ -698,17 +698,17 @@ fn parameter(
                         ));
                     }
                     let points = points as u64;
-                    Ok((0..points)
+                    (0..points)
                         .map(|i| {
                             // Each value from the start, not by accumulation, so no drift.
                             let v = start + i as f64 * step;
                             if integers {
-                                serde_json::Value::from(v as i64)
+                                Ok(serde_json::Value::from(v as i64))
                             } else {
-                                serde_json::Value::from(tidy(v))
+                                finite_value(check, field, tidy(v))
                             }
                         })
-                        .collect())
+                        .collect()
                 }
                 (None, Some(count)) => {
                     let toml::Value::Integer(count) = count else {
@@ -721,16 +721,16 @@ fn parameter(
                         ));
                     }
                     let count = *count as u64;
-                    Ok((0..count)
+                    (0..count)
                         .map(|i| {
                             let v = if count == 1 {
                                 start
                             } else {
                                 start + (stop - start) * i as f64 / (count - 1) as f64
                             };
-                            serde_json::Value::from(tidy(v))
+                            finite_value(check, field, tidy(v))
                         })
-                        .collect())
+                        .collect()
                 }
             }
         }
@@ -740,9 +740,28 @@ fn parameter(
 
 /// Rounds a computed grid value to 15 significant digits, so that `0.1 + 2 × 0.1` is the `0.3`
 /// a scientist wrote rather than `0.30000000000000004`. Formatting and parsing are exact and
-/// identical everywhere, so every peer derives the same value.
+/// identical everywhere, so every peer derives the same value. Near the largest `f64` the
+/// rounding would overflow to infinity; such a value is kept as it is.
 fn tidy(v: f64) -> f64 {
-    format!("{v:.14e}").parse().unwrap_or(v)
+    format!("{v:.14e}")
+        .parse()
+        .ok()
+        .filter(|t: &f64| t.is_finite())
+        .unwrap_or(v)
+}
+
+/// A computed grid value as JSON. A range whose width or steps leave the finite numbers
+/// (`stop - start` overflows) is refused: JSON has no infinity or NaN, and `serde_json` would
+/// turn them into `null`, an input no manifest asked for.
+fn finite_value(
+    check: &Check<'_>,
+    field: &str,
+    v: f64,
+) -> Result<serde_json::Value, ManifestError> {
+    if !v.is_finite() {
+        return Err(check.invalid(field, "the range's values overflow the finite numbers"));
+    }
+    Ok(serde_json::Value::from(v))
 }
 
 fn sweep_from(check: &Check<'_>, table: &toml::Table) -> Result<Sweep, ManifestError> {
@@ -831,6 +850,32 @@ mod tests {
         let units = m.units(Path::new("job.toml")).unwrap();
         assert_eq!(units.len(), 10);
         assert_eq!(units[3].index, 3);
+    }
+
+    #[test]
+    fn ranges_at_the_edge_of_the_floats_give_finite_values_or_are_refused() {
+        // `stop - start` overflows: the middle values would be infinite and the first NaN.
+        let wide = SWEEP.replace(
+            "beta = { start = 0.1, stop = 0.5, step = 0.1 }",
+            "beta = { start = -1e308, stop = 1e308, count = 3 }",
+        );
+        assert_eq!(refusal(&wide).0, "inputs.sweep.beta");
+        // Rounding f64::MAX to 15 digits overflows; the value is kept as written.
+        let edge = SWEEP.replace(
+            "beta = { start = 0.1, stop = 0.5, step = 0.1 }",
+            "beta = { start = 1.7976931348623157e308, stop = 1.7976931348623157e308, count = 1 }",
+        );
+        let InputSpec::Sweep(sweep) = parse(&edge).unwrap().inputs else {
+            panic!("a sweep")
+        };
+        assert_eq!(sweep.params()[0].1, [serde_json::Value::from(f64::MAX)]);
+        // The rounding tolerance takes a third step a hair past `stop`, which is past the
+        // largest float.
+        let past = SWEEP.replace(
+            "beta = { start = 0.1, stop = 0.5, step = 0.1 }",
+            "beta = { start = 0.0, stop = 1.7976931348623157e308, step = 8.988465674761003e307 }",
+        );
+        assert_eq!(refusal(&past).0, "inputs.sweep.beta");
     }
 
     #[test]

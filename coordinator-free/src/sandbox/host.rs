@@ -60,28 +60,28 @@ const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// Parent to host: units of one module, to run in order. The parent's side borrows the bytes;
 /// the host reads the same fields into [`ReceivedBatch`].
 #[derive(Serialize)]
-struct Batch<'a> {
-    digest: Digest,
+pub(crate) struct Batch<'a> {
+    pub(crate) digest: Digest,
     /// The module's bytes, sent when the host may not have it yet.
-    module: Option<&'a [u8]>,
-    metering: Metering,
+    pub(crate) module: Option<&'a [u8]>,
+    pub(crate) metering: Metering,
     /// Send [`FromHost::Started`] once the module is ready. Without it the first unit's clock
     /// runs from when the parent sent the frame, which is right for a host that is idle and
     /// holds the module: it starts the unit as soon as it has read the frame.
-    report_start: bool,
-    units: Vec<BatchUnit<'a>>,
+    pub(crate) report_start: bool,
+    pub(crate) units: Vec<BatchUnit<'a>>,
 }
 
 #[derive(Serialize)]
-struct BatchUnit<'a> {
-    input: &'a [u8],
-    checkpoint: Option<&'a [u8]>,
-    limits: &'a Limits,
+pub(crate) struct BatchUnit<'a> {
+    pub(crate) input: &'a [u8],
+    pub(crate) checkpoint: Option<&'a [u8]>,
+    pub(crate) limits: &'a Limits,
 }
 
 /// [`Batch`] as the host reads it: the same fields in the same order, owned.
 #[derive(Deserialize)]
-struct ReceivedBatch {
+pub(crate) struct ReceivedBatch {
     digest: Digest,
     module: Option<Vec<u8>>,
     metering: Metering,
@@ -90,14 +90,35 @@ struct ReceivedBatch {
 }
 
 #[derive(Deserialize)]
-struct ReceivedUnit {
+pub(crate) struct ReceivedUnit {
     input: Vec<u8>,
     checkpoint: Option<Vec<u8>>,
     limits: Limits,
 }
 
+impl ReceivedBatch {
+    /// The batch as the parent would send it again.
+    pub(crate) fn as_sent(&self) -> Batch<'_> {
+        Batch {
+            digest: self.digest,
+            module: self.module.as_deref(),
+            metering: self.metering,
+            report_start: self.report_start,
+            units: self
+                .units
+                .iter()
+                .map(|unit| BatchUnit {
+                    input: &unit.input,
+                    checkpoint: unit.checkpoint.as_deref(),
+                    limits: &unit.limits,
+                })
+                .collect(),
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
-enum FromHost {
+pub(crate) enum FromHost {
     /// The host does not hold the module and ran none of the batch; send it again with the
     /// module's bytes.
     NeedModule,
@@ -114,19 +135,19 @@ enum FromHost {
 }
 
 #[derive(Serialize, Deserialize)]
-struct Finished {
-    result: Result<Vec<u8>, UnitError>,
+pub(crate) struct Finished {
+    pub(crate) result: Result<Vec<u8>, UnitError>,
     /// The last progress the unit reported (the parent hears of it at most every
     /// [`PROGRESS_INTERVAL`](super::PROGRESS_INTERVAL) while the unit runs).
-    progress: Option<(u64, u64)>,
-    logs_dropped: u64,
-    fuel_consumed: Option<u64>,
-    elapsed: Duration,
+    pub(crate) progress: Option<(u64, u64)>,
+    pub(crate) logs_dropped: u64,
+    pub(crate) fuel_consumed: Option<u64>,
+    pub(crate) elapsed: Duration,
 }
 
 /// Writes one frame with a single `write_all`: the length prefix and the body share one buffer,
 /// so an unbuffered pipe sees one write per frame.
-fn write_frame(out: &mut impl Write, message: &impl Serialize) -> std::io::Result<()> {
+pub(crate) fn write_frame(out: &mut impl Write, message: &impl Serialize) -> std::io::Result<()> {
     let mut bytes = postcard::to_extend(message, vec![0u8; 4]).map_err(std::io::Error::other)?;
     let len = u32::try_from(bytes.len() - 4)
         .ok()
@@ -138,7 +159,9 @@ fn write_frame(out: &mut impl Write, message: &impl Serialize) -> std::io::Resul
 }
 
 /// Reads one frame; `Ok(None)` at a clean end of stream.
-fn read_frame<T: for<'de> Deserialize<'de>>(input: &mut impl Read) -> std::io::Result<Option<T>> {
+pub(crate) fn read_frame<T: for<'de> Deserialize<'de>>(
+    input: &mut impl Read,
+) -> std::io::Result<Option<T>> {
     let mut len = [0u8; 4];
     match input.read_exact(&mut len) {
         Ok(()) => {}

@@ -16,7 +16,7 @@ mod abi;
 mod cache;
 mod compile;
 mod executor;
-mod host;
+pub(crate) mod host;
 mod nan;
 mod outcome;
 
