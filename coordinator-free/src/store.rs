@@ -79,6 +79,8 @@ pub struct Reputation {
     /// When a result of the peer was last counted (seconds since the Unix epoch): the table
     /// keeps the peers seen most recently.
     pub last_seen: u64,
+    /// The host its last counted result came from.
+    pub host: Option<crate::host::Host>,
 }
 
 /// The record as stores made before `last_seen` hold it.
@@ -97,6 +99,7 @@ fn decode_reputation(bytes: &[u8]) -> Result<Reputation, StoreError> {
             agreements: old.agreements,
             disagreements: old.disagreements,
             last_seen: 0,
+            host: None,
         })
     })
 }
@@ -236,6 +239,7 @@ impl JobStore {
                         stored.consecutive_agreements + delta.consecutive_agreements
                     },
                     last_seen: now,
+                    host: delta.host.or(stored.host),
                 };
                 t.insert(peer.as_bytes().as_slice(), encode(&merged)?.as_slice())
                     .map_err(db_error)?;
@@ -382,6 +386,7 @@ mod tests {
                 agreements: 9,
                 disagreements: 1,
                 last_seen: 7,
+                host: None,
             };
             store.put_reputation(&peer, &rep).unwrap();
             let blob = store.put_blob(b"module bytes").unwrap();
@@ -530,6 +535,7 @@ mod tests {
                 agreements: 7,
                 disagreements: 0,
                 last_seen: 100,
+                host: None,
             }
         );
         // Over the cap, the peers seen longest ago go; the recent stay.

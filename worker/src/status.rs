@@ -12,6 +12,9 @@ use coordinator_free::store::{JobStore, Reputation};
 
 use crate::Failure;
 
+/// Peers that only ever agreed shown by `worker status`, those with the most agreements first.
+const STATUS_PEERS: usize = 20;
+
 #[derive(Args)]
 pub struct StatusArgs {
     /// The running peer's data directory (default: ~/.local/share/coordinator-free).
@@ -101,12 +104,26 @@ fn reputation_table(record: &[(PeerId, Reputation)]) -> String {
         record.len(),
         dissenters.len()
     );
-    for (peer, r) in dissenters {
+    let host = |r: &Reputation| {
+        r.host
+            .map_or_else(|| "host unknown".to_owned(), |h| format!("on {h}"))
+    };
+    for (peer, r) in &dissenters {
         let _ = writeln!(
             out,
-            "  {peer}  disagreed {} times, agreed {} times",
-            r.disagreements, r.agreements
+            "  {peer}  {}  disagreed {} times, agreed {} times",
+            host(r),
+            r.disagreements,
+            r.agreements
         );
+    }
+    // The peers that agreed most, with the host each answered from.
+    for (peer, r) in record
+        .iter()
+        .filter(|(_, r)| r.disagreements == 0)
+        .take(STATUS_PEERS)
+    {
+        let _ = writeln!(out, "  {peer}  {}  agreed {} times", host(r), r.agreements);
     }
     out
 }

@@ -261,6 +261,12 @@ fn jobs_survive_a_killed_worker_a_liar_and_a_killed_submitter() {
         text.contains(&liar_id) && text.contains("disagreed"),
         "worker status names the liar: {text}"
     );
+    // And the host each peer answered from: every peer here has a loopback address of its own.
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&liar_id) && l.contains("on 127.0.0.")),
+        "worker status names the liar's host: {text}"
+    );
 
     // Phase 2: the submitter itself is killed mid-job and started again.
     let seeds = (101, 140);

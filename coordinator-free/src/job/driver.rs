@@ -621,12 +621,14 @@ impl State {
         {
             for w in agreeing {
                 let r = self.reputations.entry(w.peer).or_default();
+                r.host = Some(w.host);
                 r.agreements += 1;
                 r.consecutive_agreements += 1;
             }
             for vote in dissenters {
                 *self.dissenters.entry(vote.peer).or_default() += 1;
                 let r = self.reputations.entry(vote.peer).or_default();
+                r.host = Some(vote.host);
                 r.disagreements += 1;
                 r.consecutive_agreements = 0;
             }
