@@ -93,15 +93,7 @@ async fn serve_until_report(
                     send(link, &at).await;
                     continue;
                 }
-                for (i, chunk) in bytes.chunks(1 << 20).enumerate() {
-                    let frame = JobFrame::BlobChunk {
-                        digest,
-                        total: bytes.len() as u64,
-                        offset: (i << 20) as u64,
-                        bytes: chunk.to_vec(),
-                    };
-                    send(link, &frame).await;
-                }
+                send_blob(link, digest, bytes).await;
             }
             JobFrame::Report { mut results, .. } if !results.is_empty() => {
                 return (results.remove(0).result.expect("the unit ran"), asked);

@@ -112,20 +112,12 @@ async fn a_64_mib_input_crosses_a_125_ms_path_and_its_unit_runs() {
             match wire::read::<JobFrame, _>(&mut link.recv).await {
                 Ok(Some(JobFrame::BlobGet { digest })) => {
                     let bytes = if digest == Digest::of(&module) {
-                        module.clone()
+                        &module
                     } else {
                         assert_eq!(digest, Digest::of(&input));
-                        input.clone()
+                        &input
                     };
-                    for (i, chunk) in bytes.chunks(1 << 20).enumerate() {
-                        let frame = JobFrame::BlobChunk {
-                            digest,
-                            total: bytes.len() as u64,
-                            offset: (i << 20) as u64,
-                            bytes: chunk.to_vec(),
-                        };
-                        wire::write(&mut link.send, &frame).await.expect("chunk");
-                    }
+                    send_blob(&mut link, digest, bytes).await;
                 }
                 Ok(Some(JobFrame::Report { mut results, .. })) if !results.is_empty() => {
                     return results.remove(0);

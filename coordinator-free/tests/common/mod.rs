@@ -302,3 +302,18 @@ pub async fn next<T>(
 pub async fn send(link: &mut PeerLink, frame: &JobFrame) {
     wire::write(&mut link.send, frame).await.expect("send");
 }
+
+/// Sends `bytes` as the blob `digest`, in chunks of 1 MiB, as a submitter does.
+pub async fn send_blob(link: &mut PeerLink, digest: Digest, bytes: &[u8]) {
+    for (i, chunk) in bytes.chunks(1 << 20).enumerate() {
+        let frame = JobFrame::BlobChunk {
+            digest,
+            total: bytes.len() as u64,
+            offset: (i << 20) as u64,
+            bytes: chunk.to_vec(),
+        };
+        wire::write(&mut link.send, &frame)
+            .await
+            .expect("chunk sent");
+    }
+}
