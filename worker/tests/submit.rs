@@ -236,3 +236,41 @@ fn a_killed_submit_resumes_without_rerunning_accepted_units() {
     seen.sort_unstable();
     assert_eq!(seen, (0..UNITS).collect::<Vec<_>>());
 }
+
+/// A journal that holds the job under another engine profile is refused with a message that
+/// names both profiles, instead of mixing results of two engines.
+#[test]
+fn a_journal_of_another_engine_profile_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        &format!(
+            "name = \"profiles\"\nmodule = {:?}\n[inputs.sweep]\nx = [1, 2]\n[redundancy]\nreplicas = 1\n",
+            example_artifacts::ECHO
+        ),
+    );
+    let first = submit(dir.path(), &manifest, "first");
+    assert_eq!(first.code, Some(0), "{}\n{}", first.stdout, first.stderr);
+    // "job NAME (ID)" names the job's id.
+    let id: coordinator_free::digest::Digest = first
+        .stdout
+        .split(['(', ')'])
+        .nth(1)
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("a job id in {}", first.stdout));
+    {
+        let store =
+            coordinator_free::store::JobStore::open(&dir.path().join("data/submit.redb")).unwrap();
+        let mut record = store.job(&id).unwrap().expect("the job is journaled");
+        record.profile = "cf-wasm-1/wasmtime-40.0.0".into();
+        store.put_job(&id, &record).unwrap();
+    }
+    let again = submit(dir.path(), &manifest, "again");
+    assert_ne!(again.code, Some(0), "{}", again.stdout);
+    assert!(
+        again.stderr.contains("cf-wasm-1/wasmtime-40.0.0")
+            && again.stderr.contains(coordinator_free::sandbox::PROFILE),
+        "{}",
+        again.stderr
+    );
+}
