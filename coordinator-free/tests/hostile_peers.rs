@@ -441,3 +441,33 @@ async fn blob_links_from_one_host_are_capped() {
         "two links of the host are served, the rest refused"
     );
 }
+
+/// A second job with the same module under a fuel budget runs its units: modules are kept per
+/// digest *and* metering, so one job's preparation never fails another's units.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_module_under_another_fuel_setting_still_runs() {
+    let worker = start(None, false).await;
+    let module = reverse_module();
+    let mut link = link_to(&worker).await;
+    send(&mut link, &offer(&module, 2)).await;
+    assert_eq!(serve_and_collect(&mut link, &module, 2).await.len(), 2);
+
+    let fueled = Limits {
+        fuel: Some(10_000_000),
+        ..Limits::default()
+    };
+    let frame = JobFrame::Offer(Offer {
+        job: Digest::of(b"the same module, metered"),
+        spec: JobSpec::new(Digest::of(&module), module.len() as u64, &fueled),
+        leases: vec![WireLease {
+            id: LeaseId(7),
+            unit: 0,
+            attempt: 1,
+            ttl_ms: 30_000,
+            input: InputRef::Inline(b"metered".to_vec()),
+        }],
+    });
+    send(&mut link, &frame).await;
+    let outputs = serve_and_collect(&mut link, &module, 1).await;
+    assert_eq!(outputs, vec![b"deretem".to_vec()]);
+}
