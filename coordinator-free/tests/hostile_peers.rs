@@ -471,3 +471,59 @@ async fn the_same_module_under_another_fuel_setting_still_runs() {
     let outputs = serve_and_collect(&mut link, &module, 1).await;
     assert_eq!(outputs, vec![b"deretem".to_vec()]);
 }
+
+/// A worker that asks for the same blob again and again is sent it a few times, then told it
+/// is missing, so it cannot make the submitter upload without end; the job goes on elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_asking_for_one_blob_again_and_again_is_refused_it() {
+    let a = start(None, false).await;
+    let b = start(Some(&a), false).await;
+    let c = start(Some(&a), false).await;
+    converge(&[&a, &b, &c], 3).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = job_files(dir.path(), 1000, 2);
+    let store = Arc::new(JobStore::open(&dir.path().join("submit.redb")).expect("store"));
+    let greedy = Sybils::on(ip("127.0.3.15"), 1);
+    let (id, addr) = (a.id(), a.local_addr());
+    let asking = tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut link = loop {
+            if let Ok(link) = greedy.dial(0, id, addr, LinkKind::Pull).await {
+                break link;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the submitter never took the pull link"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let module = Digest::of(&reverse_module());
+        let (mut sent, mut missing) = (0, 0);
+        for _ in 0..6 {
+            send(&mut link, &JobFrame::BlobGet { digest: module }).await;
+            loop {
+                match next(&mut link, Some).await.expect("the submitter answers") {
+                    JobFrame::BlobChunk {
+                        offset,
+                        bytes,
+                        total,
+                        ..
+                    } if offset + bytes.len() as u64 == total => {
+                        sent += 1;
+                        break;
+                    }
+                    JobFrame::BlobMissing { .. } => {
+                        missing += 1;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        (sent, missing)
+    });
+    let summary = submit(&a, dir.path(), manifest, store).await;
+    assert!(summary.succeeded(), "{summary:?}");
+    let (sent, missing) = asking.await.expect("the greedy worker's task");
+    assert_eq!((sent, missing), (4, 2));
+}
