@@ -353,14 +353,6 @@ async fn a_host_that_fails_every_lease_is_backed_off_and_fails_nothing() {
         "the attacking host is named and was backed off: {:?}",
         summary.penalties
     );
-    // At most 8 pull links from one host are taken at once; the griefers never let theirs go.
-    let griefing = (0..sybils.len())
-        .filter(|k| summary.peers.contains_key(&sybils.id(*k)))
-        .count();
-    assert!(
-        (1..=8).contains(&griefing),
-        "{griefing} keys of the host took leases"
-    );
     for g in griefers {
         g.abort();
     }
