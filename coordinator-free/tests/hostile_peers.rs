@@ -481,14 +481,21 @@ async fn a_worker_asking_for_one_blob_again_and_again_is_refused_it() {
     let c = start(Some(&a), false).await;
     converge(&[&a, &b, &c], 3).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let manifest = job_files(dir.path(), 1000, 2);
+    // Long enough that the greedy worker's few requests all fall within the job.
+    let manifest = job_files(dir.path(), 5000, 2);
     let store = Arc::new(JobStore::open(&dir.path().join("submit.redb")).expect("store"));
     let greedy = Sybils::on(ip("127.0.3.15"), 1);
     let (id, addr) = (a.id(), a.local_addr());
     let asking = tokio::spawn(async move {
         let deadline = Instant::now() + Duration::from_secs(30);
+        // Dialled before the job loop takes pull links, a link is closed at once: dial until
+        // one is offered leases, which shows the job loop took it.
         let mut link = loop {
-            if let Ok(link) = greedy.dial(0, id, addr, LinkKind::Pull).await {
+            if let Ok(mut link) = greedy.dial(0, id, addr, LinkKind::Pull).await
+                && next(&mut link, |f| matches!(f, JobFrame::Offer(_)).then_some(()))
+                    .await
+                    .is_some()
+            {
                 break link;
             }
             assert!(
