@@ -636,6 +636,17 @@ impl Scheduler {
         }
     }
 
+    /// A peer left `host`: a host with no peer, no lease and nothing charged is forgotten, so
+    /// the table and the count of hosts follow the peers that are here.
+    fn leave_host(&mut self, host: Host) {
+        if let Some(h) = self.hosts.get_mut(&host) {
+            h.peers = h.peers.saturating_sub(1);
+            if h.peers == 0 && h.leases == 0 && h.record.failures == 0 {
+                self.hosts.remove(&host);
+            }
+        }
+    }
+
     /// Places `peer` on `host`, moving it if it was seen elsewhere.
     fn place(&mut self, peer: PeerId, host: Host) {
         let limit = self.config.max_leases_per_host;
@@ -646,13 +657,8 @@ impl Scheduler {
         if old == host && self.hosts.contains_key(&host) {
             return;
         }
-        if old != host
-            && let Some(h) = self.hosts.get_mut(&old)
-        {
-            h.peers = h.peers.saturating_sub(1);
-            if h.peers == 0 && h.leases == 0 && h.record.failures == 0 {
-                self.hosts.remove(&old);
-            }
+        if old != host {
+            self.leave_host(old);
         }
         self.hosts
             .entry(host)
@@ -702,9 +708,7 @@ impl Scheduler {
                     }
                 }
                 if let Some(state) = self.peers.remove(&peer) {
-                    if let Some(h) = self.hosts.get_mut(&state.host) {
-                        h.peers = h.peers.saturating_sub(1);
-                    }
+                    self.leave_host(state.host);
                     if state.record.failures > 0 && self.gone.len() < self.config.max_peers {
                         self.gone.insert(peer, state.record);
                     }
