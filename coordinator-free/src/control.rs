@@ -71,6 +71,8 @@ pub struct WorkStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub id: PeerId,
+    /// The addresses this peer would dial it at: the advertised ones, less loopback and
+    /// private ones that reached us only through peers on public addresses.
     pub addrs: Vec<SocketAddr>,
     pub cores_donated: u16,
     pub cores_free: u16,

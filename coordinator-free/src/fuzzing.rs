@@ -538,14 +538,17 @@ fn membership_messages() -> Vec<MembershipMessage> {
             GossipedAdvert {
                 signed: signed(identity.id(), 4, true),
                 age_ms: 120,
+                public_path: false,
             },
             GossipedAdvert {
                 signed: signed(sample_peer(7), 11, false),
                 age_ms: 0,
+                public_path: true,
             },
             GossipedAdvert {
                 signed: signed(FUZZ_LOCAL_PEER, 30, false),
                 age_ms: 10,
+                public_path: false,
             },
         ]),
         MembershipMessage::Request(vec![sample_peer(1), FUZZ_LOCAL_PEER]),
@@ -624,7 +627,6 @@ fn job_frames() -> Vec<JobFrame> {
         JobFrame::BlobAt {
             digest: blob,
             peer: sample_peer(9),
-            addr: SocketAddr::from(([10, 0, 0, 2], 4100)),
         },
     ]
 }

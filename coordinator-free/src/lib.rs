@@ -16,6 +16,7 @@ pub mod net;
 #[cfg(unix)]
 pub mod node;
 pub mod peer_id;
+pub mod reach;
 pub mod rng;
 pub mod sandbox;
 pub mod schedule;

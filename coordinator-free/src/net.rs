@@ -91,6 +91,11 @@ pub enum NetError {
     Wire(#[from] WireError),
     #[error("stream closed during the greeting")]
     StreamClosed(#[from] quinn::ClosedStream),
+    #[error("not dialing {addr}: {reason}")]
+    Refused {
+        addr: SocketAddr,
+        reason: crate::reach::Refusal,
+    },
 }
 
 impl NetError {

@@ -9,6 +9,7 @@
 //! actor stops them, and every channel between them is bounded.
 
 mod mdns;
+mod modules;
 mod outbox;
 mod submit;
 mod work;
@@ -268,20 +269,23 @@ impl Node {
             net: config.net.clone(),
             requests: requests_tx.clone(),
             local_addr,
+            reach: Arc::new(std::sync::Mutex::new(crate::reach::Reach::new(
+                Instant::now(),
+            ))),
         };
         let work = match config.work {
             Some(work) => Some(work::spawn(work, dialer.clone(), &mut tasks)?),
             None => None,
         };
         let actor = Actor {
+            dialer: dialer.clone(),
+            bootstrap: config.bootstrap.iter().map(|b| b.addr).collect(),
             dialer_pulls: pulls,
             work,
             me: id,
             membership,
-            identity,
             allow,
             endpoint,
-            net: config.net,
             local_addr,
             conns: HashMap::new(),
             next_conn: 0,
@@ -374,16 +378,18 @@ struct Conn {
 }
 
 struct Actor {
+    /// Dials through the node's [`crate::reach::Reach`] book, like every other dial here.
+    dialer: JobDialer,
+    /// The operator's bootstrap addresses: dialed without being confirmed first.
+    bootstrap: std::collections::HashSet<SocketAddr>,
     /// Where pull links go: the job loop running on this peer, if any.
     dialer_pulls: submit::PullInbox,
     /// The work task, when this peer runs other peers' units.
     work: Option<mpsc::Sender<work::WorkInput>>,
     me: PeerId,
     membership: Membership<crate::identity::KeyAuth>,
-    identity: Arc<Identity>,
     allow: Option<Arc<AllowList>>,
     endpoint: quinn::Endpoint,
-    net: NetConfig,
     local_addr: SocketAddr,
     conns: HashMap<PeerId, Conn>,
     next_conn: u64,
@@ -486,6 +492,8 @@ impl Actor {
     /// each other at once, both keep the connection dialed by the smaller id, so they agree
     /// without a round trip.
     fn on_established(&mut self, link: PeerLink, now: Instant) {
+        // Whoever proved its id on a connection is confirmed at its end of it.
+        self.dialer.confirm(&link);
         if link.kind == LinkKind::Pull {
             // A worker asking for work: the job loop running here, if any, adopts the link.
             self.dialer_pulls.offer(link);
@@ -608,15 +616,20 @@ impl Actor {
                 .handle(Event::DialFailed { addr }, Instant::now());
             return;
         }
-        let endpoint = self.endpoint.clone();
-        let identity = Arc::clone(&self.identity);
-        let allow = self.allow.clone();
-        let net = self.net.clone();
+        let vouch = if self.bootstrap.contains(&addr) {
+            crate::reach::Vouch::Bootstrap
+        } else {
+            crate::reach::Vouch::Claimed
+        };
+        let dialer = self.dialer.clone();
         let inputs = self.inputs_tx.clone();
         let span = tracing::debug_span!("dial", %addr, peer = ?peer);
         self.tasks.spawn(
             async move {
-                let input = match net::dial(&endpoint, &identity, allow, addr, peer, &net).await {
+                let dialed = dialer
+                    .dial_vouched(addr, peer, LinkKind::Membership, vouch)
+                    .await;
+                let input = match dialed {
                     Ok(link) => Input::Established(link),
                     Err(err) => {
                         tracing::debug!(err = %error_chain(&err), "dial failed");
@@ -647,7 +660,7 @@ impl Actor {
                 .peers()
                 .map(|a| PeerStatus {
                     id: a.peer,
-                    addrs: a.addrs.clone(),
+                    addrs: self.membership.dial_addrs(&a.peer),
                     cores_donated: a.cores_donated,
                     cores_free: a.cores_free,
                     memory_mb: a.memory_mb,

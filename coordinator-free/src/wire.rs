@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::membership::{MAX_MESSAGE_BYTES, MembershipMessage, MessageError};
 
 /// The peer protocol version. The ALPN id carries the same number.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Bytes before the payload: kind and length.
 pub const HEADER_LEN: usize = 5;
 /// Largest [`Hello`] payload.
@@ -276,6 +276,7 @@ mod tests {
                             signature,
                         },
                         age_ms,
+                        public_path: seq % 2 == 0,
                     }
                 },
             )

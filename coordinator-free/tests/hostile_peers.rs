@@ -106,7 +106,9 @@ async fn serve_until_report(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_fetches_a_blob_from_a_peer_that_holds_it() {
     let holder = start(None, false).await;
-    let fetcher = start(None, false).await;
+    // The fetcher knows the holder from a connection of its own: only then does it dial it.
+    let fetcher = start(Some(&holder), false).await;
+    converge(&[&holder, &fetcher], 2).await;
     let module = reverse_module();
     let input: Vec<u8> = (0..(3usize << 19)).map(|i| (i * 13) as u8).collect();
     let expected: Vec<u8> = input.iter().rev().copied().collect();
@@ -124,7 +126,6 @@ async fn a_worker_fetches_a_blob_from_a_peer_that_holds_it() {
     let at = JobFrame::BlobAt {
         digest: Digest::of(&input),
         peer: holder.id(),
-        addr: holder.local_addr(),
     };
     let (out, asked) = serve_until_report(&mut to_fetcher, &[&module, &input], Some(at)).await;
     assert!(out == expected, "the unit ran on the holder's copy");
@@ -137,13 +138,13 @@ async fn a_worker_fetches_a_blob_from_a_peer_that_holds_it() {
     // Sent to a peer that lacks the blob, a worker comes back and asks again.
     let other: Vec<u8> = input.iter().map(|b| b ^ 0x5a).collect();
     let expected: Vec<u8> = other.iter().rev().copied().collect();
-    let third = start(None, false).await;
+    let third = start(Some(&fetcher), false).await;
+    converge(&[&holder, &fetcher, &third], 3).await;
     let mut to_third = link_to(&third).await;
     offer_blob_input(&mut to_third, &module, &other, 3).await;
     let at = JobFrame::BlobAt {
         digest: Digest::of(&other),
         peer: fetcher.id(),
-        addr: fetcher.local_addr(),
     };
     let (out, asked) = serve_until_report(&mut to_third, &[&module, &other], Some(at)).await;
     assert!(out == expected);

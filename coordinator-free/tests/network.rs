@@ -338,7 +338,7 @@ async fn another_protocol_version_fails_the_handshake() {
     let node = start(&[]).await;
     let identity = Identity::generate().expect("identity");
     let mut tls = identity.client_config(None, None).expect("tls");
-    tls.alpn_protocols = vec![b"cf/2".to_vec()];
+    tls.alpn_protocols = vec![b"cf/1".to_vec()];
     let crypto = QuicClientConfig::try_from(Arc::new(tls)).expect("quic tls");
     let endpoint = client_endpoint();
     let connecting = endpoint
@@ -351,7 +351,7 @@ async fn another_protocol_version_fails_the_handshake() {
     let result = tokio::time::timeout(Duration::from_secs(5), connecting)
         .await
         .expect("the handshake ends");
-    assert!(result.is_err(), "a cf/2 client was accepted");
+    assert!(result.is_err(), "a cf/1 client was accepted");
     assert!(known(&node).await.is_empty());
     node.shutdown().await;
 }

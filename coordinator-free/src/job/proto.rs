@@ -179,12 +179,13 @@ pub enum JobFrame {
     /// Worker → submitter: this worker now holds the blob, checked against its digest, and
     /// serves it to other workers on blob links.
     BlobHeld { digest: Digest },
-    /// Submitter → worker: fetch the blob from `peer` at `addr`, which holds it (on a blob
-    /// link); ask again here if that fails.
+    /// Submitter → worker: fetch the blob from `peer`, which holds it (on a blob link); ask
+    /// again here if that fails. It names no address: the fetcher dials `peer` only where it
+    /// has itself seen it on an authenticated connection, so a submitter cannot aim the
+    /// fetcher's packets anywhere.
     BlobAt {
         digest: Digest,
         peer: crate::peer_id::PeerId,
-        addr: std::net::SocketAddr,
     },
 }
 
@@ -205,7 +206,6 @@ struct ReportPayload {
 struct BlobAtPayload {
     digest: Digest,
     peer: crate::peer_id::PeerId,
-    addr: std::net::SocketAddr,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -290,15 +290,10 @@ impl JobFrame {
                 }
                 Ok(())
             }
-            JobFrame::BlobGet { .. } | JobFrame::BlobMissing { .. } | JobFrame::BlobHeld { .. } => {
-                Ok(())
-            }
-            JobFrame::BlobAt { addr, .. } => {
-                if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
-                    return Err("blob holder address cannot be dialed");
-                }
-                Ok(())
-            }
+            JobFrame::BlobGet { .. }
+            | JobFrame::BlobMissing { .. }
+            | JobFrame::BlobHeld { .. }
+            | JobFrame::BlobAt { .. } => Ok(()),
         }
     }
 }
@@ -350,12 +345,11 @@ impl Message for JobFrame {
             JobFrame::BlobGet { digest } => encode(Self::KIND_BLOB_GET, digest),
             JobFrame::BlobMissing { digest } => encode(Self::KIND_BLOB_MISSING, digest),
             JobFrame::BlobHeld { digest } => encode(Self::KIND_BLOB_HELD, digest),
-            JobFrame::BlobAt { digest, peer, addr } => encode(
+            JobFrame::BlobAt { digest, peer } => encode(
                 Self::KIND_BLOB_AT,
                 &BlobAtPayload {
                     digest: *digest,
                     peer: *peer,
-                    addr: *addr,
                 },
             ),
             JobFrame::BlobChunk {
@@ -414,7 +408,6 @@ impl Message for JobFrame {
                 JobFrame::BlobAt {
                     digest: p.digest,
                     peer: p.peer,
-                    addr: p.addr,
                 }
             }
             Self::KIND_BLOB_CHUNK => {
@@ -520,12 +513,9 @@ mod tests {
             digest().prop_map(|digest| JobFrame::BlobGet { digest }),
             digest().prop_map(|digest| JobFrame::BlobMissing { digest }),
             digest().prop_map(|digest| JobFrame::BlobHeld { digest }),
-            (digest(), any::<[u8; 32]>(), 1u16..).prop_map(|(digest, peer, port)| {
-                JobFrame::BlobAt {
-                    digest,
-                    peer: crate::peer_id::PeerId::from_bytes(peer),
-                    addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-                }
+            (digest(), any::<[u8; 32]>()).prop_map(|(digest, peer)| JobFrame::BlobAt {
+                digest,
+                peer: crate::peer_id::PeerId::from_bytes(peer),
             }),
             (digest(), proptest::collection::vec(any::<u8>(), 0..256)).prop_map(
                 |(digest, bytes)| JobFrame::BlobChunk {

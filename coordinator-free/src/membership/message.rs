@@ -47,10 +47,16 @@ impl Digest {
 /// The age travels hop by hop so that a receiver dates the advert from when its owner issued
 /// it, not from when gossip happened to deliver it: that is what bounds how long a crashed
 /// peer survives in tables far from it, independently of how many hops gossip took.
+///
+/// `public_path` says whether some hop on the way came from a public address. A loopback or
+/// private address in an advert is dialed only when it travelled over local hops alone: a peer
+/// on the internet cannot make a LAN's machines dial into that LAN, even by laundering the
+/// advert through an honest peer that sits on both.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GossipedAdvert {
     pub signed: SignedAdvert,
     pub age_ms: u32,
+    pub public_path: bool,
 }
 
 /// Anti-entropy messages (push-pull, Scuttlebutt style).
@@ -184,6 +190,7 @@ mod tests {
                 signature: vec![0xff; MAX_SIGNATURE_LEN],
             },
             age_ms: u32::MAX,
+            public_path: true,
         }
     }
 

@@ -49,11 +49,14 @@ pub use message::{
     MAX_MESSAGE_BYTES, MAX_REQUEST_IDS, MembershipMessage, MessageError,
 };
 
+use crate::host::Host;
 use crate::peer_id::PeerId;
 use crate::rng::Rng;
 
 /// Most bootstrap/discovered addresses remembered for re-dialing when isolated.
 pub const MAX_BOOTSTRAP_ADDRS: usize = 64;
+/// Closed links whose address is remembered (then forgotten all at once).
+const MAX_CLOSED: usize = 256;
 /// Most adverts sent back in answer to one digest or request, so a small message cannot make
 /// a peer send an unbounded amount.
 pub const MAX_REPLY_ADVERTS: usize = 256;
@@ -203,6 +206,9 @@ struct Entry {
     signed: SignedAdvert,
     /// When the owner issued the newest advert we hold, as best we know.
     last_advanced: Instant,
+    /// Whether an advert of this peer reached us over local hops alone (or from the peer
+    /// itself on a local address): only then are its loopback and private addresses dialed.
+    local_path: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -234,6 +240,8 @@ pub struct Membership<A> {
     table: BTreeMap<PeerId, Entry>,
     tombstones: BTreeMap<PeerId, Tombstone>,
     links: BTreeMap<PeerId, Link>,
+    /// Where recently closed links led, to place messages that arrive just after the close.
+    closed: BTreeMap<PeerId, SocketAddr>,
     dialing: Vec<Dialing>,
     bootstrap: Vec<(SocketAddr, Option<PeerId>)>,
     next_gossip: Instant,
@@ -309,6 +317,7 @@ impl<A: AdvertAuth> Membership<A> {
             table: BTreeMap::new(),
             tombstones: BTreeMap::new(),
             links: BTreeMap::new(),
+            closed: BTreeMap::new(),
             dialing: Vec::new(),
             bootstrap: Vec::new(),
             next_gossip: first_gossip,
@@ -341,6 +350,20 @@ impl<A: AdvertAuth> Membership<A> {
 
     pub fn peer(&self, id: &PeerId) -> Option<&Advert> {
         self.table.get(id).map(|e| &e.signed.advert)
+    }
+
+    /// The addresses of `id` this peer may dial: its advertised ones, less the loopback and
+    /// private ones when its adverts came to us through a peer on a public address.
+    pub fn dial_addrs(&self, id: &PeerId) -> Vec<SocketAddr> {
+        self.table.get(id).map_or_else(Vec::new, |e| {
+            e.signed
+                .advert
+                .addrs
+                .iter()
+                .copied()
+                .filter(|a| e.local_path || !Host::of(a.ip()).is_local())
+                .collect()
+        })
     }
 
     pub fn peer_count(&self) -> usize {
@@ -406,7 +429,7 @@ impl<A: AdvertAuth> Membership<A> {
                 inbound,
             } => self.on_connected(peer, addr, inbound, now),
             Event::Disconnected { peer } => {
-                if self.links.remove(&peer).is_some() {
+                if self.unlink(&peer) {
                     tracing::debug!(?peer, "membership link closed");
                     self.maintain(now);
                 }
@@ -440,6 +463,19 @@ impl<A: AdvertAuth> Membership<A> {
         self.rng.duration_between(d * 3 / 4, d * 5 / 4)
     }
 
+    /// Forgets the link to `peer`, remembering where it led for a while; `false` if there
+    /// was none.
+    fn unlink(&mut self, peer: &PeerId) -> bool {
+        let Some(link) = self.links.remove(peer) else {
+            return false;
+        };
+        if self.closed.len() >= MAX_CLOSED {
+            self.closed.clear();
+        }
+        self.closed.insert(*peer, link.addr);
+        true
+    }
+
     fn send(&mut self, to: PeerId, msg: MembershipMessage) {
         self.out.push_back(Command::Send { to, msg });
     }
@@ -458,11 +494,13 @@ impl<A: AdvertAuth> Membership<A> {
             return Some(GossipedAdvert {
                 signed: self.local.clone(),
                 age_ms: 0,
+                public_path: false,
             });
         }
         self.table.get(peer).map(|e| GossipedAdvert {
             signed: e.signed.clone(),
             age_ms: age_ms(now, e.last_advanced),
+            public_path: !e.local_path,
         })
     }
 
@@ -487,7 +525,7 @@ impl<A: AdvertAuth> Membership<A> {
             .filter(|(p, _)| {
                 !self.links.contains_key(*p) && !self.dialing.iter().any(|d| d.peer == Some(**p))
             })
-            .filter_map(|(p, e)| e.signed.advert.addrs.first().map(|a| (*p, *a)))
+            .filter_map(|(p, _)| self.dial_addrs(p).first().map(|a| (*p, *a)))
             .collect()
     }
 
@@ -518,7 +556,7 @@ impl<A: AdvertAuth> Membership<A> {
             self.tombstone(peer, entry.signed.advert.seq, now);
             self.out.push_back(Command::PeerDown(peer));
             // A connection whose far end stopped heartbeating is of no use to gossip.
-            if self.links.remove(&peer).is_some() {
+            if self.unlink(&peer) {
                 self.out.push_back(Command::Disconnect { peer });
             }
         }
@@ -640,7 +678,7 @@ impl<A: AdvertAuth> Membership<A> {
         };
         let mut linked: Vec<PeerId> = self.links.keys().copied().collect();
         if let Some(&victim) = self.sample(&mut linked, 1).first() {
-            self.links.remove(&victim);
+            self.unlink(&victim);
             self.out.push_back(Command::Disconnect { peer: victim });
         }
         self.dial(addr, Some(peer), now);
@@ -718,7 +756,17 @@ impl<A: AdvertAuth> Membership<A> {
         match msg {
             MembershipMessage::Digest(digest) => self.on_digest(from, digest, now),
             MembershipMessage::Adverts(adverts) => {
-                for advert in adverts {
+                // Where the sender is decides what its adverts may make us dial. A message may
+                // arrive just after its link closed (a refusal's sample does); from a sender we
+                // cannot place at all, adverts count as having come from afar.
+                let from_public = self
+                    .links
+                    .get(&from)
+                    .map(|l| l.addr)
+                    .or_else(|| self.closed.get(&from).copied())
+                    .is_none_or(|a| !Host::of(a.ip()).is_local());
+                for mut advert in adverts {
+                    advert.public_path |= from_public;
                     self.learn(advert, now);
                 }
             }
@@ -759,10 +807,12 @@ impl<A: AdvertAuth> Membership<A> {
             Some(e) => GossipedAdvert {
                 signed: e.signed.clone(),
                 age_ms: age_ms(now, e.last_advanced),
+                public_path: !e.local_path,
             },
             None => GossipedAdvert {
                 signed: self.local.clone(),
                 age_ms: 0,
+                public_path: false,
             },
         };
         while push.len() < MAX_REPLY_ADVERTS || want.len() < MAX_REQUEST_IDS {
@@ -841,7 +891,11 @@ impl<A: AdvertAuth> Membership<A> {
     /// Admits an advert if it is newer than what we hold, recent, within the caps and signed
     /// by its owner.
     fn learn(&mut self, gossiped: GossipedAdvert, now: Instant) {
-        let GossipedAdvert { signed, age_ms } = gossiped;
+        let GossipedAdvert {
+            signed,
+            age_ms,
+            public_path,
+        } = gossiped;
         let peer = signed.advert.peer;
         let seq = signed.advert.seq;
         if peer == self.me {
@@ -862,7 +916,16 @@ impl<A: AdvertAuth> Membership<A> {
         let issued = now.checked_sub(age).unwrap_or(now);
         // One lookup on the hot path (a newer heartbeat of a known peer).
         if let Some(entry) = self.table.get_mut(&peer) {
-            if seq <= entry.signed.advert.seq {
+            if seq < entry.signed.advert.seq {
+                return;
+            }
+            if seq == entry.signed.advert.seq {
+                // The same advert by another path: a local one (checked when it was admitted)
+                // makes the peer's local addresses dialable. The signature is not checked
+                // again, so only the bytes we hold are trusted, never the copy's.
+                if !public_path && entry.signed == signed {
+                    entry.local_path = true;
+                }
                 return;
             }
             if let Err(err) = signed.verify(&self.auth) {
@@ -873,6 +936,7 @@ impl<A: AdvertAuth> Membership<A> {
             self.stats.adverts_accepted += 1;
             entry.last_advanced = entry.last_advanced.max(issued);
             entry.signed = signed;
+            entry.local_path |= !public_path;
             return;
         }
         if self.tombstones.get(&peer).is_some_and(|t| t.seq >= seq) {
@@ -897,6 +961,7 @@ impl<A: AdvertAuth> Membership<A> {
             Entry {
                 signed,
                 last_advanced: issued,
+                local_path: !public_path,
             },
         );
     }
@@ -960,6 +1025,7 @@ mod tests {
         GossipedAdvert {
             signed: signed(n, seq),
             age_ms: 0,
+            public_path: false,
         }
     }
 
@@ -989,6 +1055,74 @@ mod tests {
 
     fn seq_of(m: &Membership<FakeAuth>, n: u16) -> Option<u64> {
         m.peer(&id(n)).map(|a| a.seq)
+    }
+
+    #[test]
+    fn local_addresses_heard_of_through_a_public_peer_are_never_dialed() {
+        let t0 = Instant::now();
+        let mut m = node(1, t0);
+        // Peer 2 is on the internet, peer 3 on our LAN.
+        let public: SocketAddr = "203.0.113.9:7000".parse().unwrap();
+        m.handle(
+            Event::Connected {
+                peer: id(2),
+                addr: public,
+                inbound: true,
+            },
+            t0,
+        );
+        connect(&mut m, 3, t0);
+        drain(&mut m);
+        let lan_victim = |n: u16, seq: u64| {
+            let advert = Advert {
+                peer: id(n),
+                addrs: vec![
+                    "10.0.0.99:22".parse().unwrap(),
+                    "198.51.100.1:7000".parse().unwrap(),
+                ],
+                cores_donated: 4,
+                cores_free: 1,
+                memory_mb: 512,
+                profile: 1,
+                seq,
+                job: None,
+            };
+            SignedAdvert::sign(advert, &FakeAuth { me: id(n) }).unwrap()
+        };
+        let hop = |signed: SignedAdvert, public_path: bool| GossipedAdvert {
+            signed,
+            age_ms: 0,
+            public_path,
+        };
+        // From the public peer: only the public address may be dialed.
+        feed(&mut m, 2, vec![hop(lan_victim(10, 1), false)], t0);
+        let public_only: Vec<SocketAddr> = vec!["198.51.100.1:7000".parse().unwrap()];
+        assert_eq!(m.dial_addrs(&id(10)), public_only);
+        // Laundered through our LAN neighbour, the path still had a public hop.
+        feed(&mut m, 3, vec![hop(lan_victim(11, 1), true)], t0);
+        assert_eq!(m.dial_addrs(&id(11)), public_only);
+        // Relayed onwards, the advert says so.
+        let onward = m.gossiped(&id(10), t0).expect("known");
+        assert!(onward.public_path);
+        // The same advert over local hops alone makes the LAN address dialable.
+        feed(&mut m, 3, vec![hop(lan_victim(10, 1), false)], t0);
+        assert_eq!(m.dial_addrs(&id(10)).len(), 2);
+        // So does a newer advert that travelled only locally.
+        feed(&mut m, 3, vec![hop(lan_victim(11, 2), false)], t0);
+        assert_eq!(m.dial_addrs(&id(11)).len(), 2);
+        // A sender we cannot place counts as public.
+        feed(&mut m, 40, vec![hop(lan_victim(12, 1), false)], t0);
+        assert_eq!(m.dial_addrs(&id(12)), public_only);
+        // Nothing learned from afar is ever a dial target at its local address.
+        m.handle_timeout(t0 + Duration::from_secs(5));
+        for c in drain(&mut m) {
+            if let Command::Dial { addr, peer } = c {
+                assert!(
+                    !(addr.ip().to_string() == "10.0.0.99" && peer == Some(id(12))),
+                    "dialed a local address heard of from afar"
+                );
+            }
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quinn::VarInt;
@@ -31,6 +31,7 @@ use crate::job::driver::{JobData, JobError, WorkerEvent, Workers, route_commands
 use crate::job::proto::{InputRef, JobFrame, JobSpec, MAX_INLINE_INPUT, Offer, WireLease};
 use crate::net::{self, LinkKind, NetConfig, PeerLink, close};
 use crate::peer_id::PeerId;
+use crate::reach::{PROBE_TIMEOUT, Reach, Ticket, Vouch};
 use crate::sandbox::PROFILE_VERSION;
 use crate::schedule::{Command, Lease, LeaseId, Scheduler};
 use crate::wire;
@@ -117,6 +118,38 @@ pub struct JobDialer {
     pub(super) net: NetConfig,
     pub(super) requests: mpsc::Sender<Request>,
     pub(super) local_addr: SocketAddr,
+    /// Which addresses may be dialed, shared by every dial of this node (see [`Reach`]).
+    pub(super) reach: Arc<Mutex<Reach>>,
+}
+
+/// How long a dial waits for another probe of the same address to end before giving up.
+const PROBE_WAIT: Duration = Duration::from_millis(50);
+
+/// A ticket held while its dial runs; dropped unfinished (the dial was cancelled) it counts as
+/// a failure, so a cancelled probe never leaves its address marked busy.
+struct Pending<'a> {
+    reach: &'a Mutex<Reach>,
+    ticket: Option<Ticket>,
+}
+
+impl Pending<'_> {
+    fn finish(mut self, reached: Option<PeerId>) {
+        if let Some(ticket) = self.ticket.take() {
+            lock(self.reach).finished(ticket, reached, Instant::now());
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            lock(self.reach).finished(ticket, None, Instant::now());
+        }
+    }
+}
+
+fn lock(reach: &Mutex<Reach>) -> std::sync::MutexGuard<'_, Reach> {
+    reach.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl JobDialer {
@@ -125,23 +158,72 @@ impl JobDialer {
         self.me
     }
 
-    /// Opens a link of `kind` to `peer` at `addr` from this peer's endpoint, checking its id.
+    /// Opens a link of `kind` to `peer` at `addr`, an address only claimed for it (an
+    /// advert), checking its id.
     pub(super) async fn dial(
         &self,
         addr: SocketAddr,
         peer: PeerId,
         kind: LinkKind,
     ) -> Result<PeerLink, net::NetError> {
-        net::dial_for(
+        self.dial_vouched(addr, Some(peer), kind, Vouch::Claimed)
+            .await
+    }
+
+    /// Opens a link of `kind` to `addr` from this peer's endpoint, with leave from the
+    /// [`Reach`] book: a probe of an unconfirmed address waits briefly for another probe of the
+    /// same IP to end, and is refused when probes to it are rationed.
+    pub(super) async fn dial_vouched(
+        &self,
+        addr: SocketAddr,
+        peer: Option<PeerId>,
+        kind: LinkKind,
+        vouch: Vouch,
+    ) -> Result<PeerLink, net::NetError> {
+        let give_up = tokio::time::Instant::now() + self.net.handshake_timeout;
+        let ticket = loop {
+            let asked = lock(&self.reach).ask(addr, peer, vouch, Instant::now());
+            match asked {
+                Ok(ticket) => break ticket,
+                Err(reason)
+                    if reason.is_transient()
+                        && tokio::time::Instant::now() + PROBE_WAIT < give_up =>
+                {
+                    tokio::time::sleep(PROBE_WAIT).await;
+                }
+                Err(reason) => return Err(net::NetError::Refused { addr, reason }),
+            }
+        };
+        let mut net = self.net.clone();
+        if ticket.is_probe() {
+            net.handshake_timeout = net.handshake_timeout.min(PROBE_TIMEOUT);
+        }
+        let pending = Pending {
+            reach: &self.reach,
+            ticket: Some(ticket),
+        };
+        let result = net::dial_for(
             &self.endpoint,
             &self.identity,
             self.allow.clone(),
             addr,
-            Some(peer),
-            &self.net,
+            peer,
+            &net,
             kind,
         )
-        .await
+        .await;
+        pending.finish(result.as_ref().ok().map(|link| link.peer));
+        result
+    }
+
+    /// The address `peer` was last seen at on an authenticated connection, if any.
+    pub(super) fn confirmed(&self, peer: &PeerId) -> Option<SocketAddr> {
+        lock(&self.reach).confirmed(peer)
+    }
+
+    /// `link` proved its remote's id at its remote address.
+    pub(super) fn confirm(&self, link: &PeerLink) {
+        lock(&self.reach).confirm(link.peer, link.addr, Instant::now());
     }
 
     pub(super) async fn status(&self) -> Result<StatusReport, NodeError> {
@@ -231,14 +313,28 @@ impl Default for Blobs {
 /// Who holds which large blob, so later fetchers can be sent to them instead of to us.
 #[derive(Debug, Default)]
 struct Sharing {
-    holders: HashMap<Digest, Vec<(PeerId, SocketAddr)>>,
+    holders: HashMap<Digest, Vec<Holder>>,
     /// Fetchers already sent elsewhere for a blob, and to whom: a second ask is served here,
-    /// and the holder that failed it is no longer named.
+    /// and counts as a miss of that holder.
     redirected: HashMap<(PeerId, Digest), PeerId>,
     /// Blobs served from here, and fetches sent to a holder.
     served: u64,
     sent_elsewhere: u64,
 }
+
+/// A worker that said it holds a blob, at the address its link comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Holder {
+    peer: PeerId,
+    addr: SocketAddr,
+    /// Fetchers sent to it that came back without the blob. A fetcher that has never met the
+    /// holder comes back too (it dials only addresses it has confirmed itself), so one miss
+    /// proves nothing; [`MAX_HOLDER_MISSES`] of them and the holder is no longer named.
+    misses: u32,
+}
+
+/// Misses after which a holder is no longer named.
+const MAX_HOLDER_MISSES: u32 = 3;
 
 /// Blobs at least this large are fetched from workers that hold them when there are some.
 const SHARE_MIN: usize = 256 << 10;
@@ -250,12 +346,15 @@ const MAX_REDIRECTED: usize = 65_536;
 impl Blobs {
     /// Where `peer` should fetch `digest` from: a holder, the first time a large blob with
     /// holders is asked for; `None` to serve it here.
-    fn holder_for(&self, peer: PeerId, digest: Digest) -> Option<(PeerId, SocketAddr)> {
+    fn holder_for(&self, peer: PeerId, digest: Digest) -> Option<PeerId> {
         let large = self.map.get(&digest).is_some_and(|b| b.len() >= SHARE_MIN);
         let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(failed) = s.redirected.get(&(peer, digest)).copied() {
+        if let Some(missed) = s.redirected.get(&(peer, digest)).copied() {
             if let Some(h) = s.holders.get_mut(&digest) {
-                h.retain(|(p, _)| *p != failed);
+                for holder in h.iter_mut().filter(|h| h.peer == missed) {
+                    holder.misses += 1;
+                }
+                h.retain(|h| h.misses < MAX_HOLDER_MISSES);
             }
             s.served += 1;
             return None;
@@ -264,17 +363,17 @@ impl Blobs {
             s.served += 1;
             return None;
         }
-        let candidates: Vec<(PeerId, SocketAddr)> = s
+        let candidates: Vec<PeerId> = s
             .holders
             .get(&digest)
-            .map(|h| h.iter().filter(|(p, _)| *p != peer).copied().collect())
+            .map(|h| h.iter().map(|h| h.peer).filter(|p| *p != peer).collect())
             .unwrap_or_default();
         if candidates.is_empty() || s.redirected.len() >= MAX_REDIRECTED {
             s.served += 1;
             return None;
         }
         let pick = candidates[(s.sent_elsewhere as usize) % candidates.len()];
-        s.redirected.insert((peer, digest), pick.0);
+        s.redirected.insert((peer, digest), pick);
         s.sent_elsewhere += 1;
         Some(pick)
     }
@@ -292,9 +391,13 @@ impl Blobs {
         if holders.len() < MAX_HOLDERS
             && !holders
                 .iter()
-                .any(|(p, a)| *p == peer || Host::of(a.ip()) == host)
+                .any(|h| h.peer == peer || Host::of(h.addr.ip()) == host)
         {
-            holders.push((peer, addr));
+            holders.push(Holder {
+                peer,
+                addr,
+                misses: 0,
+            });
         }
     }
 }
@@ -694,11 +797,10 @@ async fn read_reports(
                 NetEvent::Declined { peer, leases }
             }
             Ok(Some(JobFrame::BlobGet { digest })) => {
-                if let Some((holder, addr)) = blobs.holder_for(peer, digest) {
+                if let Some(holder) = blobs.holder_for(peer, digest) {
                     let at = JobFrame::BlobAt {
                         digest,
                         peer: holder,
-                        addr,
                     };
                     if outbox.send(&at).await.is_err() {
                         break;
@@ -873,7 +975,7 @@ mod tests {
     }
 
     #[test]
-    fn one_holder_per_host_and_a_holder_that_failed_a_fetcher_is_dropped() {
+    fn one_holder_per_host_and_a_holder_fetchers_keep_coming_back_from_is_dropped() {
         let big: Arc<[u8]> = vec![7u8; SHARE_MIN].into();
         let b = Digest::of(&big);
         let blobs = Blobs {
@@ -886,12 +988,28 @@ mod tests {
             blobs.add_holder(b, peer(n), sybil);
         }
         blobs.add_holder(b, peer(40), honest);
-        let holders = blobs.shared.lock().unwrap().holders[&b].clone();
+        let holders: Vec<(PeerId, SocketAddr)> = blobs.shared.lock().unwrap().holders[&b]
+            .iter()
+            .map(|h| (h.peer, h.addr))
+            .collect();
         assert_eq!(holders, vec![(peer(10), sybil), (peer(40), honest)]);
-        // Fetcher 1 is sent to the Sybil and comes back: served here, and the Sybil is dropped.
-        assert_eq!(blobs.holder_for(peer(1), b), Some((peer(10), sybil)));
-        assert_eq!(blobs.holder_for(peer(1), b), None);
-        assert_eq!(blobs.holder_for(peer(2), b), Some((peer(40), honest)));
+        // Fetchers are sent to both in turn; those sent to the Sybil come back and are served
+        // here. Its third miss drops it, and every later fetcher goes to the honest holder.
+        let mut sent_to_sybil = 0;
+        for fetcher in 1..=6 {
+            match blobs.holder_for(peer(fetcher), b) {
+                Some(p) if p == peer(10) => {
+                    sent_to_sybil += 1;
+                    assert_eq!(blobs.holder_for(peer(fetcher), b), None, "served here");
+                }
+                Some(p) => assert_eq!(p, peer(40)),
+                None => panic!("a holder is named while one is left"),
+            }
+        }
+        assert_eq!(sent_to_sybil, MAX_HOLDER_MISSES);
+        for fetcher in 7..=10 {
+            assert_eq!(blobs.holder_for(peer(fetcher), b), Some(peer(40)));
+        }
     }
 
     #[test]
@@ -909,7 +1027,7 @@ mod tests {
         blobs.add_holder(b, peer(1), addr);
         blobs.add_holder(s, peer(1), addr);
         // A holder: the next fetcher goes there, once; asking again is served here.
-        assert_eq!(blobs.holder_for(peer(2), b), Some((peer(1), addr)));
+        assert_eq!(blobs.holder_for(peer(2), b), Some(peer(1)));
         assert_eq!(blobs.holder_for(peer(2), b), None);
         // The holder itself is never sent to itself; small blobs are always served here.
         assert_eq!(blobs.holder_for(peer(1), b), None);

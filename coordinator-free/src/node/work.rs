@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use super::modules::{ModuleCache, ModuleKey};
 use super::outbox::{Outbox, OutboxError, write_loop};
 use crate::digest::Digest;
 use crate::host::Host;
@@ -273,8 +274,6 @@ impl Exec {
 }
 
 type Key = (PeerId, Digest);
-/// A module as prepared for one metering mode: the same bytes compile differently with fuel.
-type ModuleKey = (Digest, Metering);
 
 fn metering_of(spec: &JobSpec) -> Metering {
     if spec.fuel.is_some() {
@@ -338,9 +337,7 @@ struct Work {
     links: HashMap<PeerId, Link>,
     next_conn: u64,
     jobs: HashMap<Key, JobState>,
-    modules: HashMap<ModuleKey, Module>,
-    /// Oldest first, each with the submitter it was made for.
-    module_order: VecDeque<(ModuleKey, PeerId)>,
+    modules: ModuleCache<Module>,
     blobs: HashMap<Digest, Arc<[u8]>>,
     blob_order: VecDeque<Digest>,
     blob_bytes: usize,
@@ -391,8 +388,7 @@ pub(super) fn spawn(
         links: HashMap::new(),
         next_conn: 0,
         jobs: HashMap::new(),
-        modules: HashMap::new(),
-        module_order: VecDeque::new(),
+        modules: ModuleCache::new(MODULE_CACHE, MODULE_SHARE),
         blobs: HashMap::new(),
         blob_order: VecDeque::new(),
         blob_bytes: 0,
@@ -647,9 +643,21 @@ impl Work {
                     self.blob_failed(from, digest, now);
                 }
             }
-            JobFrame::BlobAt { digest, peer, addr } => {
-                if self.fetches.contains_key(&(from, digest)) {
-                    self.fetch_from_holder(from, digest, peer, addr);
+            JobFrame::BlobAt { digest, peer } => {
+                let Some(fetch) = self.fetches.get_mut(&(from, digest)) else {
+                    return;
+                };
+                // Only where we have seen the holder ourselves: the submitter's word would let
+                // it aim our dials at any address.
+                match self.dialer.confirmed(&peer) {
+                    Some(addr) if peer != self.dialer.id() => {
+                        self.fetch_from_holder(from, digest, peer, addr);
+                    }
+                    _ => {
+                        fetch.bytes.clear();
+                        fetch.since = now;
+                        self.send(&from, JobFrame::BlobGet { digest });
+                    }
                 }
             }
             JobFrame::Report { .. }
@@ -800,7 +808,7 @@ impl Work {
         let module = state.spec.module;
         let module_key = (module, metering_of(&state.spec));
         let mut wanted = Vec::new();
-        if !self.modules.contains_key(&module_key) {
+        if !self.modules.contains(&module_key) {
             match (self.blobs.get(&module).cloned(), &self.exec) {
                 // Here already, for another metering or evicted: prepared again from the bytes.
                 (Some(bytes), Some(exec)) => {
@@ -1049,9 +1057,8 @@ impl Work {
         );
     }
 
-    /// Caches a prepared module made for `owner`'s job. Modules that leases held here still
-    /// need are never evicted (there are at most as many as jobs); otherwise the owner's
-    /// oldest goes first once it holds its share, else the oldest of all.
+    /// Caches a prepared module made for `owner`'s job; what leases held here still need is
+    /// never evicted.
     fn insert_module(&mut self, key: ModuleKey, module: Module, owner: PeerId) {
         let in_use: std::collections::HashSet<ModuleKey> = self
             .jobs
@@ -1059,25 +1066,7 @@ impl Work {
             .filter(|(k, j)| !j.waiting.is_empty() || self.ready.keys().any(|r| (r.0, r.1) == **k))
             .map(|(_, j)| (j.spec.module, metering_of(&j.spec)))
             .collect();
-        let theirs = self
-            .module_order
-            .iter()
-            .filter(|(_, o)| *o == owner)
-            .count();
-        while self.module_order.len() >= MODULE_CACHE {
-            let evictable = |(k, o): &(ModuleKey, PeerId)| {
-                !in_use.contains(k) && (theirs < MODULE_SHARE || *o == owner)
-            };
-            let Some(at) = self.module_order.iter().position(evictable) else {
-                break;
-            };
-            if let Some((old, _)) = self.module_order.remove(at) {
-                self.modules.remove(&old);
-            }
-        }
-        self.module_order.retain(|(k, _)| *k != key);
-        self.modules.insert(key, module);
-        self.module_order.push_back((key, owner));
+        self.modules.insert(key, module, owner, &in_use);
     }
 
     fn insert_blob(&mut self, digest: Digest, bytes: Arc<[u8]>) {
