@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coordinator_free::sandbox::{
-    Executor, ExecutorBusy, Limits, Metering, ModuleSource, OutcomeClass, PROGRESS_INTERVAL,
-    Sandbox, SandboxConfig, TrapKind, UnitError, UnitReport, UnitRequest, check_imports,
+    Abort, Executor, ExecutorBusy, Limits, Metering, ModuleSource, OutcomeClass, PROGRESS_INTERVAL,
+    Sandbox, SandboxConfig, TrapKind, UnitError, UnitReport, UnitRequest, aborted_error,
+    check_imports,
 };
 
 fn sandbox() -> Sandbox {
@@ -274,6 +275,51 @@ fn infinite_loop_times_out_in_bounded_time() {
     assert!(matches!(err, UnitError::Timeout { .. }), "{err}");
     assert_eq!(err.class(), OutcomeClass::HostFailure);
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn an_aborted_unit_stops_in_process_and_its_timeout_still_holds() {
+    let sandbox = sandbox();
+    let module = sandbox
+        .prepare(&wasm(SPIN), Metering::Off)
+        .expect("prepares");
+    let executor = Executor::new(sandbox.clone(), 1, 1).expect("executor starts");
+    let abort = Abort::new();
+    let mut request = UnitRequest::new(Vec::new());
+    request.limits = Limits {
+        timeout: Duration::from_secs(60),
+        ..limits()
+    };
+    request.abort = Some(abort.clone());
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        abort.abort();
+        Instant::now()
+    });
+    let report = executor.run(module.clone(), request);
+    let stopped = Instant::now();
+    let asked = stopper.join().expect("stopper");
+    assert_eq!(expect_err(&report), &aborted_error());
+    assert!(
+        stopped.duration_since(asked) < Duration::from_secs(1),
+        "stopped {:?} after it was asked to",
+        stopped.duration_since(asked)
+    );
+    // A unit that may be aborted but is not still times out at its limit.
+    let started = Instant::now();
+    let mut request = UnitRequest::new(Vec::new());
+    request.limits = Limits {
+        timeout: Duration::from_millis(200),
+        ..limits()
+    };
+    request.abort = Some(Abort::new());
+    let report = executor.run(module, request);
+    assert!(matches!(expect_err(&report), UnitError::Timeout { .. }));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
 }
 
 #[test]

@@ -535,3 +535,94 @@ async fn a_worker_asking_for_one_blob_again_and_again_is_refused_it() {
     let (sent, missing) = asking.await.expect("the greedy worker's task");
     assert_eq!((sent, missing), (4, 2));
 }
+
+const SPIN: &str = r#"(module (memory (export "memory") 1)
+    (func (export "run") (result i32) (loop $l (br $l)) i32.const 0))"#;
+
+/// A submitter that revokes a running lease frees the worker's one slot at once: the unit is
+/// stopped, its answer never arrives, and the next lease runs. (Without the stop, the spinning
+/// unit would hold the slot for its whole minute.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_running_unit_is_stopped_and_never_reported() {
+    let worker = start(None, false).await;
+    let spin = wat::parse_str(SPIN).expect("spin module");
+    let mut link = link_to(&worker).await;
+    let job = Digest::of(b"spin, then revoke");
+    let slow = Limits {
+        timeout: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let offer = JobFrame::Offer(Offer {
+        job,
+        spec: JobSpec::new(Digest::of(&spin), spin.len() as u64, &slow),
+        leases: vec![WireLease {
+            id: LeaseId(0),
+            unit: 0,
+            attempt: 1,
+            ttl_ms: 120_000,
+            input: InputRef::Inline(b"spin".to_vec()),
+        }],
+    });
+    send(&mut link, &offer).await;
+    let asked = next(&mut link, |f| match f {
+        JobFrame::BlobGet { digest } => Some(digest),
+        _ => None,
+    })
+    .await;
+    assert_eq!(asked, Some(Digest::of(&spin)));
+    send_blob(&mut link, Digest::of(&spin), &spin).await;
+    let running = async {
+        loop {
+            let status = worker.status().await.expect("status");
+            if status.work.is_some_and(|w| w.running == 1) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the spinning unit started");
+
+    let revoked = Instant::now();
+    send(
+        &mut link,
+        &JobFrame::Revoke {
+            job,
+            leases: vec![LeaseId(0)],
+        },
+    )
+    .await;
+    let module = reverse_module();
+    let next_job = Digest::of(b"next");
+    send(&mut link, &offer_job(next_job, &module, 1)).await;
+    let mut spin_reported = false;
+    let output = loop {
+        match next(&mut link, Some).await.expect("the worker answers") {
+            JobFrame::BlobGet { digest } => send_blob(&mut link, digest, &module).await,
+            JobFrame::Report {
+                job: j, results, ..
+            } if j == job => {
+                spin_reported |= !results.is_empty();
+            }
+            JobFrame::Report {
+                job: j,
+                mut results,
+                ..
+            } if j == next_job && !results.is_empty() => {
+                break results.remove(0).result.expect("the next unit ran");
+            }
+            _ => {}
+        }
+    };
+    assert_eq!(output, b"0 tupni".to_vec());
+    let waited = revoked.elapsed();
+    assert!(
+        waited < Duration::from_secs(20),
+        "the next lease waited {waited:?} for the slot"
+    );
+    assert!(!spin_reported, "the revoked unit's answer was sent");
+    let status = worker.status().await.expect("status");
+    assert_eq!(status.work.map(|w| w.running), Some(0));
+    worker.shutdown().await;
+}

@@ -365,3 +365,132 @@ fn a_job_short_of_distinct_hosts_says_so() {
     let run = finish(child, root, "short", Duration::from_secs(120));
     assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
 }
+
+/// A submitter that revokes a lease running on a real `worker run` gets the slot back at
+/// once: the unit host is killed, the revoked lease is never reported, and the next lease runs
+/// in seconds, not after the minute the unit was allowed.
+#[test]
+fn a_revoked_lease_stops_its_unit_on_a_worker_run() {
+    use coordinator_free::digest::Digest;
+    use coordinator_free::job::proto::{InputRef, JobFrame, JobSpec, Offer, WireLease};
+    use coordinator_free::net::{self, LinkKind, NetConfig};
+    use coordinator_free::sandbox::Limits;
+    use coordinator_free::schedule::LeaseId;
+    use coordinator_free::wire;
+
+    let root = tempfile::tempdir().unwrap();
+    let peer = start_peer(root.path(), "p1", None);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let identity = Identity::generate().unwrap();
+        let endpoint = net::endpoint(
+            &identity,
+            None,
+            "127.0.9.1:0".parse().unwrap(),
+            &NetConfig::default(),
+        )
+        .unwrap();
+        let mut link = net::dial_for(
+            &endpoint,
+            &identity,
+            None,
+            peer.addr.parse().unwrap(),
+            Some(peer.id.parse().unwrap()),
+            &NetConfig::default(),
+            LinkKind::Job,
+        )
+        .await
+        .expect("a job link to the worker");
+        let module = example_artifacts::FAULTS_BYTES;
+        let job = Digest::of(b"revoked on a real worker");
+        let limits = Limits {
+            timeout: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let lease = |id: u64, input: &[u8]| WireLease {
+            id: LeaseId(id),
+            unit: id as u32,
+            attempt: 1,
+            ttl_ms: 120_000,
+            input: InputRef::Inline(input.to_vec()),
+        };
+        let offer = |leases| {
+            JobFrame::Offer(Offer {
+                job,
+                spec: JobSpec::new(Digest::of(module), module.len() as u64, &limits),
+                leases,
+            })
+        };
+        wire::write(&mut link.send, &offer(vec![lease(0, br#"{"spin":true}"#)]))
+            .await
+            .unwrap();
+        match read_frame(&mut link.recv).await {
+            JobFrame::BlobGet { digest } => {
+                assert_eq!(digest, Digest::of(module));
+                let chunk = JobFrame::BlobChunk {
+                    digest,
+                    total: module.len() as u64,
+                    offset: 0,
+                    bytes: module.to_vec(),
+                };
+                wire::write(&mut link.send, &chunk).await.unwrap();
+            }
+            other => panic!("expected the module to be asked for, got {other:?}"),
+        }
+        // The unit is spinning in a unit host once the status says so.
+        let dir = root.path().join("p1");
+        let started = Instant::now();
+        while status(&dir)["work"]["running"].as_u64() != Some(1) {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the unit started"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let revoked = Instant::now();
+        let revoke = JobFrame::Revoke {
+            job,
+            leases: vec![LeaseId(0)],
+        };
+        wire::write(&mut link.send, &revoke).await.unwrap();
+        wire::write(&mut link.send, &offer(vec![lease(1, br#"{"ok":true}"#)]))
+            .await
+            .unwrap();
+        let output = loop {
+            match read_frame(&mut link.recv).await {
+                JobFrame::Report { results, .. } => {
+                    assert!(
+                        results.iter().all(|r| r.lease != LeaseId(0)),
+                        "the revoked lease was reported"
+                    );
+                    if let Some(r) = results.into_iter().find(|r| r.lease == LeaseId(1)) {
+                        break r.result.expect("the next unit ran");
+                    }
+                }
+                JobFrame::BlobHeld { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(output, br#"{"ok":true}"#.to_vec());
+        let waited = revoked.elapsed();
+        assert!(
+            waited < Duration::from_secs(15),
+            "the next lease waited {waited:?} for the slot"
+        );
+    });
+    drop(peer);
+}
+
+/// The next job frame on `recv`, within 30 s.
+async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    recv: &mut R,
+) -> coordinator_free::job::proto::JobFrame {
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        coordinator_free::wire::read::<coordinator_free::job::proto::JobFrame, _>(recv),
+    )
+    .await
+    .expect("the worker answers in time")
+    .expect("a frame")
+    .expect("the link stays open")
+}

@@ -215,6 +215,9 @@ pub(crate) enum Stop {
     AbiViolation,
     #[error("memory limit")]
     MemoryLimit { requested: u64, cap: u64 },
+    /// The unit is no longer wanted (its lease was revoked).
+    #[error("aborted")]
+    Aborted,
 }
 
 impl Stop {
@@ -227,6 +230,7 @@ impl Stop {
                 kind: TrapKind::AbiViolation,
             },
             Self::MemoryLimit { requested, cap } => UnitError::MemoryLimit { requested, cap },
+            Self::Aborted => super::aborted_error(),
         }
     }
 }

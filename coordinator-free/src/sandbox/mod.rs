@@ -748,6 +748,7 @@ impl Sandbox {
         let memory_cap = limits.memory_bytes.min(MAX_MEMORY_BYTES);
         let timeout = limits.timeout;
         let started = Instant::now();
+        let abort = request.abort.clone();
         let state = HostState {
             input: request.input,
             output: Vec::new(),
@@ -770,9 +771,31 @@ impl Sandbox {
         let mut store = Store::new(module.pre.module().engine(), state);
         store.limiter(|state| &mut state.limiter);
         let ticks = timeout.as_nanos().div_ceil(TICK.as_nanos()) + 1;
+        let ticks = u64::try_from(ticks).unwrap_or(u64::MAX);
         let _ticking = if self.inner.config.epoch_deadlines {
-            store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
-            store.epoch_deadline_trap();
+            match abort {
+                // A unit that may be called off looks at its flag every tick (5 ms) and still
+                // traps as late as it would otherwise: a revoked lease frees its thread at once.
+                Some(abort) => {
+                    let mut left = ticks;
+                    store.set_epoch_deadline(1);
+                    store.epoch_deadline_callback(move |_| {
+                        if abort.is_aborted() {
+                            return Err(Stop::Aborted.into());
+                        }
+                        left = left.saturating_sub(1);
+                        Ok(if left == 0 {
+                            wasmtime::UpdateDeadline::Interrupt
+                        } else {
+                            wasmtime::UpdateDeadline::Continue(1)
+                        })
+                    });
+                }
+                None => {
+                    store.set_epoch_deadline(ticks);
+                    store.epoch_deadline_trap();
+                }
+            }
             Some(self.inner.clock.running())
         } else {
             None
