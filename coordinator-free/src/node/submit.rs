@@ -974,6 +974,122 @@ mod tests {
         PeerId::from_bytes([n; 32])
     }
 
+    /// Reports that the job loop has not taken yet hold at most the byte budget, whatever
+    /// their count: a worker sending 4 MiB reports as fast as it can is held back by flow
+    /// control once the budget is spent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_reports_are_bounded_in_bytes() {
+        let config = NetConfig::default();
+        let worker_id = Identity::generate().unwrap();
+        let submitter_id = Identity::generate().unwrap();
+        let worker_end =
+            net::endpoint(&worker_id, None, "127.0.0.1:0".parse().unwrap(), &config).unwrap();
+        let submitter_end =
+            net::endpoint(&submitter_id, None, "127.0.0.1:0".parse().unwrap(), &config).unwrap();
+        let at = submitter_end.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            let incoming = submitter_end.accept().await.expect("incoming");
+            (
+                net::accept(incoming, &NetConfig::default()).await,
+                submitter_end,
+            )
+        });
+        let mut worker = net::dial_for(
+            &worker_end,
+            &worker_id,
+            None,
+            at,
+            Some(submitter_id.id()),
+            &config,
+            LinkKind::Job,
+        )
+        .await
+        .expect("dialed");
+        let (accepted, _submitter_end) = accepting.await.unwrap();
+        let link = accepted.expect("accepted");
+
+        let job = Digest::of(b"reports");
+        let blobs = Arc::new(Blobs::default());
+        let (events_tx, mut events_rx) = mpsc::channel(EVENT_QUEUE);
+        let (outbox, _rx) = Outbox::new(64, 1 << 20);
+        let reader = tokio::spawn(async move {
+            read_reports(
+                worker_id.id(),
+                0,
+                job,
+                link.conn,
+                link.recv,
+                outbox,
+                (blobs, None),
+                &events_tx,
+            )
+            .await;
+        });
+        // 40 reports of 4 MiB: 160 MiB against a 64 MiB budget. Nobody takes them.
+        let sender = tokio::spawn(async move {
+            for i in 0..40u64 {
+                let report = JobFrame::Report {
+                    job,
+                    results: vec![crate::job::proto::WireResult {
+                        lease: LeaseId(i),
+                        result: Ok(vec![i as u8; 4 << 20]),
+                    }],
+                    want: 0,
+                };
+                if wire::write(&mut worker.send, &report).await.is_err() {
+                    break;
+                }
+            }
+            worker
+        });
+        // Until the worker has sent everything, or nothing more has been queued for 2 s.
+        let (mut last, mut still_since) = (0, tokio::time::Instant::now());
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !sender.is_finished() && tokio::time::Instant::now() < give_up {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if events_rx.len() != last {
+                (last, still_since) = (events_rx.len(), tokio::time::Instant::now());
+            } else if still_since.elapsed() > Duration::from_secs(2) {
+                break;
+            }
+        }
+        let mut queued = 0usize;
+        let mut held = Vec::new();
+        while let Ok(event) = events_rx.try_recv() {
+            if let NetEvent::Report { results, _held, .. } = event {
+                queued += results
+                    .iter()
+                    .map(|(_, r)| r.as_ref().map_or(0, Vec::len))
+                    .sum::<usize>();
+                held.push(_held);
+            }
+        }
+        assert!(
+            queued <= EVENT_BYTES,
+            "{} MiB of reports queued for the job loop",
+            queued >> 20
+        );
+        assert!(queued >= 8 << 20, "reports flow while the budget lasts");
+        assert!(!sender.is_finished(), "the worker is held back");
+        // Taken by the job loop, the budget comes back and the rest arrive.
+        drop(held);
+        let mut rest = 0;
+        while rest < 40 * (4 << 20) - queued {
+            match tokio::time::timeout(Duration::from_secs(10), events_rx.recv()).await {
+                Ok(Some(NetEvent::Report { results, .. })) => {
+                    rest += results
+                        .iter()
+                        .map(|(_, r)| r.as_ref().map_or(0, Vec::len))
+                        .sum::<usize>();
+                }
+                Ok(Some(_)) => {}
+                _ => panic!("the rest of the reports did not arrive"),
+            }
+        }
+        let _worker = sender.await.unwrap();
+        reader.abort();
+    }
+
     #[test]
     fn one_holder_per_host_and_a_holder_fetchers_keep_coming_back_from_is_dropped() {
         let big: Arc<[u8]> = vec![7u8; SHARE_MIN].into();
