@@ -9,7 +9,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
+use crate::host::Host;
 use crate::peer_id::PeerId;
+use crate::validate::trust::{MAX_TRUSTED, Standing, Trust, TrustChanges, TrustConfig};
 
 /// Job id → [`JobRecord`] (postcard).
 const JOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("jobs");
@@ -19,6 +21,10 @@ const UNITS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("units");
 const REPUTATION: TableDefinition<&[u8], &[u8]> = TableDefinition::new("reputation");
 /// Digest → bytes.
 const BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blobs");
+/// Peer id → its trust [`Standing`] with this submitter (postcard).
+const TRUST_PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("trust-peers");
+/// Host (postcard) → its trust [`Standing`] with this submitter (postcard).
+const TRUST_HOSTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("trust-hosts");
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -144,7 +150,7 @@ impl JobStore {
         let db = Database::create(path).map_err(|e| open_error(e.to_string()))?;
         // Create every table once, so readers never meet a missing one.
         let txn = db.begin_write().map_err(db_error)?;
-        for table in [JOBS, UNITS, REPUTATION, BLOBS] {
+        for table in [JOBS, UNITS, REPUTATION, BLOBS, TRUST_PEERS, TRUST_HOSTS] {
             txn.open_table(table).map_err(db_error)?;
         }
         txn.commit().map_err(db_error)?;
@@ -263,6 +269,54 @@ impl JobStore {
         txn.commit().map_err(db_error)
     }
 
+    /// Writes what a job taught the trust table, in its own transaction (the scheduler's
+    /// trust is the truth while a job runs; a crash loses at most the last commit's lessons,
+    /// which only makes peers less trusted). Past [`MAX_TRUSTED`] entries per table, those
+    /// with the shortest streak and no catch go first.
+    pub fn put_trust(&self, changes: &TrustChanges) -> Result<(), StoreError> {
+        if changes.peers.is_empty() && changes.hosts.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut t = txn.open_table(TRUST_PEERS).map_err(db_error)?;
+            for (peer, standing) in &changes.peers {
+                t.insert(peer.as_bytes().as_slice(), encode(standing)?.as_slice())
+                    .map_err(db_error)?;
+            }
+            trim_trust(&mut t)?;
+            let mut t = txn.open_table(TRUST_HOSTS).map_err(db_error)?;
+            for (host, standing) in &changes.hosts {
+                t.insert(encode(host)?.as_slice(), encode(standing)?.as_slice())
+                    .map_err(db_error)?;
+            }
+            trim_trust(&mut t)?;
+        }
+        txn.commit().map_err(db_error)
+    }
+
+    /// The trust table kept here, under `config`.
+    pub fn trust(&self, config: TrustConfig) -> Result<Trust, StoreError> {
+        let mut trust = Trust::new(config);
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let t = txn.open_table(TRUST_PEERS).map_err(db_error)?;
+        for entry in t.iter().map_err(db_error)? {
+            let (key, value) = entry.map_err(db_error)?;
+            let bytes: [u8; 32] = key.value().try_into().map_err(|_| StoreError::Corrupt {
+                what: "trust key",
+                detail: format!("{} bytes", key.value().len()),
+            })?;
+            trust.restore_peer(PeerId::from_bytes(bytes), decode("trust", value.value())?);
+        }
+        let t = txn.open_table(TRUST_HOSTS).map_err(db_error)?;
+        for entry in t.iter().map_err(db_error)? {
+            let (key, value) = entry.map_err(db_error)?;
+            let host: Host = decode("trust host", key.value())?;
+            trust.restore_host(host, decode("trust", value.value())?);
+        }
+        Ok(trust)
+    }
+
     /// The record of one unit, if it finished.
     pub fn unit(&self, job: &Digest, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
         self.get(UNITS, &unit_key(job, index))
@@ -341,6 +395,27 @@ impl JobStore {
             other => Ok(other),
         }
     }
+}
+
+/// Keeps a trust table within [`MAX_TRUSTED`] entries.
+fn trim_trust(t: &mut redb::Table<&[u8], &[u8]>) -> Result<(), StoreError> {
+    let len = redb::ReadableTableMetadata::len(t).map_err(db_error)?;
+    let max = MAX_TRUSTED as u64;
+    if len <= max {
+        return Ok(());
+    }
+    let excess = (len - max + max / 64) as usize;
+    let mut all: Vec<((u32, u32), Vec<u8>)> = Vec::with_capacity(len as usize);
+    for entry in t.iter().map_err(db_error)? {
+        let (key, value) = entry.map_err(db_error)?;
+        let s: Standing = decode("trust", value.value()).unwrap_or_default();
+        all.push(((s.caught.min(1), s.streak), key.value().to_vec()));
+    }
+    all.sort_unstable();
+    for (_, key) in all.into_iter().take(excess) {
+        t.remove(key.as_slice()).map_err(db_error)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -446,6 +446,35 @@ fn print_summary(manifest: &JobManifest, s: &JobSummary, simulated: bool) {
         for (peer, times) in &s.dissenters {
             println!("  peer {peer} disagreed with an accepted result {times} times");
         }
+        if r.adaptive {
+            let decided: u64 = s.validated.values().sum();
+            let kinds: Vec<String> = s
+                .validated
+                .iter()
+                .map(|(kind, n)| format!("{n} {kind}"))
+                .collect();
+            println!(
+                "adaptive replication: {} decided this run ({}); {:.2} executions per unit; {} spot checks, {} confirmed",
+                decided,
+                if kinds.is_empty() {
+                    "none".to_owned()
+                } else {
+                    kinds.join(", ")
+                },
+                s.executions as f64 / (s.units_run.max(1)) as f64,
+                s.trust.spot_checks,
+                s.trust.spot_confirmed,
+            );
+            if s.revalidated > 0 {
+                println!(
+                    "  {} units accepted on a trusted peer's word were run again: their peer was caught lying",
+                    s.revalidated
+                );
+            }
+            for peer in &s.caught {
+                println!("  peer {peer} was caught disagreeing with a quorum while trusted");
+            }
+        }
         for (culprit, p) in &s.penalties {
             let who = match culprit {
                 Culprit::Peer(peer) => format!("peer {peer}"),

@@ -28,9 +28,11 @@ use crate::job::results::{ResultLine, Status, output_value};
 use crate::peer_id::PeerId;
 use crate::sandbox::{Limits, OutcomeClass, PROFILE, UnitError};
 use crate::schedule::{
-    Command, Config, Culprit, Event, Lease, LeaseId, LeaseResult, Penalty, Scheduler,
+    Command, Config, Culprit, Event, Lease, LeaseId, LeaseResult, Penalty, Scheduler, TrustStats,
+    Validation,
 };
 use crate::store::{JobRecord, JobStore, MAX_REPUTATIONS, Reputation, StoreError};
+use crate::validate::trust::TrustConfig;
 use crate::validate::{Outcome, Policy, Verdict, Vote};
 
 /// Most decided units journaled in one transaction.
@@ -83,6 +85,9 @@ pub enum JobError {
         /// This worker's.
         current: &'static str,
     },
+    /// The manifest's `trusted` file could not be read.
+    #[error(transparent)]
+    Trusted(crate::job::manifest::ManifestError),
     /// Open units remain but none can be handed out and none is running: a bug, reported
     /// rather than waited on forever.
     #[error("the job stalled with {open} units open and nothing running")]
@@ -102,9 +107,36 @@ pub struct UnitRecord {
     pub result: Option<Result<Vec<u8>, String>>,
     /// Error messages seen among the executions, for the evidence of a failed unit.
     pub errors: Vec<String>,
+    /// How the verdict was reached: a quorum, or one trusted peer's word.
+    pub validation: Validation,
+}
+
+/// The record as journals made before adaptive replication hold it: every verdict a quorum's.
+#[derive(Deserialize)]
+struct UnitRecordV1 {
+    verdict: Verdict,
+    result: Option<Result<Vec<u8>, String>>,
+    errors: Vec<String>,
 }
 
 impl UnitRecord {
+    /// Reads a journaled record, of this format or the one before it.
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        postcard::from_bytes::<Self>(bytes).or_else(|_| {
+            let old: UnitRecordV1 =
+                postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+                    what: "unit record",
+                    detail: e.to_string(),
+                })?;
+            Ok(Self {
+                verdict: old.verdict,
+                result: old.result,
+                errors: old.errors,
+                validation: Validation::Quorum,
+            })
+        })
+    }
+
     /// Whether the unit produced an accepted output (not an agreed error, not a failure).
     pub fn succeeded(&self) -> bool {
         self.verdict.is_accepted() && matches!(self.result, Some(Ok(_)))
@@ -174,6 +206,16 @@ pub struct JobSummary {
     pub penalties: Vec<(Culprit, Penalty)>,
     /// Units journaled as failed by host failures or cancellation that this run took up again.
     pub retried: u32,
+    /// Units decided in this run by how they were validated: `quorum`, `trusted`,
+    /// `spot-checked`, `vouched`, `re-validated`.
+    pub validated: BTreeMap<&'static str, u64>,
+    /// Units accepted on a trusted peer's word and run again because that peer (or another key
+    /// of its host) was caught lying: in this run, or journaled earlier and caught since.
+    pub revalidated: u32,
+    /// Peers caught lying while trusted, whose alone results were run again.
+    pub caught: std::collections::BTreeSet<PeerId>,
+    /// Adaptive replication's counters for this run (all zero when it is off).
+    pub trust: TrustStats,
     /// Whether the peers are simulated ids of local execution slots rather than real peers.
     pub simulated_peers: bool,
     /// The results file.
@@ -330,7 +372,15 @@ pub fn run_job<W: Workers>(
             profile: PROFILE.to_owned(),
         },
     )?;
-    let mut scheduler = scheduler_for(job, policy, config, count);
+    // Adaptive replication needs real peers: a machine's own slots have no trust to earn.
+    let trust = if manifest.redundancy.adaptive && !workers.simulated() {
+        let mut trust = store.trust(TrustConfig::default())?;
+        trust.vouch(manifest.trusted_peers().map_err(JobError::Trusted)?);
+        Some(trust)
+    } else {
+        None
+    };
+    let mut scheduler = scheduler_for(job, policy, config, count).with_trust(trust);
 
     // Resume: restore every journaled unit and rewrite the results file from the journal.
     let results_path = out_dir.join("results.jsonl");
@@ -343,28 +393,31 @@ pub fn run_job<W: Workers>(
     let journal = store.units(&job.id)?;
     let mut restored = 0u32;
     let mut retried = 0u32;
+    let mut revalidated = 0u32;
     let tmp = out_dir.join("results.jsonl.tmp");
     {
         let mut file = BufWriter::new(File::create(&tmp).map_err(results_err)?);
         for (index, bytes) in &journal {
-            let record: UnitRecord =
-                postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
-                    what: "unit record",
-                    detail: e.to_string(),
-                })?;
+            let record = UnitRecord::decode(bytes)?;
             let unit = u32::try_from(*index)
                 .ok()
                 .filter(|u| *u < count)
                 .ok_or(JobError::Journal { index: *index })?;
             let kept = scheduler
-                .restore(unit, record.verdict.clone())
+                .restore_with(unit, record.verdict.clone(), record.validation)
                 .map_err(|_| JobError::Journal { index: *index })?;
             if !kept {
-                // Failed by the machines, not by the unit: it runs again and its line is
-                // written when it is decided anew.
-                retried += 1;
+                // Failed by the machines, not by the unit, or accepted on the word of a peer
+                // caught lying since: it runs again and its line is written when it is decided
+                // anew.
+                if record.verdict.is_accepted() {
+                    revalidated += 1;
+                } else {
+                    retried += 1;
+                }
                 continue;
             }
+            state.decided_units.insert(unit, record.succeeded());
             restored += 1;
             if record.succeeded() {
                 state.accepted += 1;
@@ -428,6 +481,9 @@ pub fn run_job<W: Workers>(
         {
             state.commit(store, job, &mut results, workers.simulated(), &results_path)?;
             results.flush().map_err(results_err)?;
+            if let Some(trust) = scheduler.trust_mut() {
+                store.put_trust(&trust.take_changes())?;
+            }
         }
         if state.finished && state.pending.is_empty() {
             break;
@@ -494,6 +550,21 @@ pub fn run_job<W: Workers>(
     }
     results.flush().map_err(results_err)?;
     results.get_ref().sync_all().map_err(results_err)?;
+    drop(results);
+    if let Some(trust) = scheduler.trust_mut() {
+        store.put_trust(&trust.take_changes())?;
+    }
+    if state.redecided > 0 {
+        // Units decided twice have two lines: the file is rewritten from the journal, one line
+        // per unit, in unit order.
+        rewrite_results(store, job, &results_path).map_err(|e| match e {
+            RewriteError::Store(e) => JobError::Store(e),
+            RewriteError::Io(source) => JobError::Results {
+                path: results_path.clone(),
+                source,
+            },
+        })?;
+    }
     progress(&snapshot(&state, workers, &scheduler));
     Ok(JobSummary {
         job: job.id,
@@ -509,6 +580,11 @@ pub fn run_job<W: Workers>(
         dissenters: state.dissenters,
         penalties: scheduler.penalties(Instant::now()),
         retried,
+        validated: state.validations,
+        revalidated: revalidated
+            + u32::try_from(scheduler.trust_stats().revalidated).unwrap_or(u32::MAX),
+        caught: state.caught,
+        trust: *scheduler.trust_stats(),
         simulated_peers: workers.simulated(),
         results: results_path,
         elapsed: started.elapsed(),
@@ -532,6 +608,49 @@ struct State {
     dissenters: BTreeMap<PeerId, u64>,
     /// Reputations changed since the last commit.
     reputations: BTreeMap<PeerId, Reputation>,
+    /// Every unit decided so far (restored or in this run), and whether it succeeded.
+    decided_units: BTreeMap<u32, bool>,
+    /// Decisions of this run by how they were validated.
+    validations: BTreeMap<&'static str, u64>,
+    /// Units decided a second time in this run.
+    redecided: u32,
+    /// Peers whose alone results were run again in this run.
+    caught: std::collections::BTreeSet<PeerId>,
+}
+
+enum RewriteError {
+    Store(StoreError),
+    Io(std::io::Error),
+}
+
+/// Writes `path` anew from the journal: one line per decided unit, in unit order.
+fn rewrite_results(
+    store: &JobStore,
+    job: &JobData,
+    path: &std::path::Path,
+) -> Result<(), RewriteError> {
+    let tmp = path.with_extension("jsonl.tmp");
+    let mut file = BufWriter::new(File::create(&tmp).map_err(RewriteError::Io)?);
+    for (index, bytes) in store.units(&job.id).map_err(RewriteError::Store)? {
+        let record = UnitRecord::decode(&bytes).map_err(RewriteError::Store)?;
+        if let Some(unit) = job.units.get(index as usize) {
+            write_line(&mut file, unit, &record).map_err(RewriteError::Io)?;
+        }
+    }
+    file.flush().map_err(RewriteError::Io)?;
+    file.get_ref().sync_all().map_err(RewriteError::Io)?;
+    std::fs::rename(&tmp, path).map_err(RewriteError::Io)
+}
+
+/// The summary's name for how a unit was validated.
+fn validation_kind(v: &Validation) -> &'static str {
+    match v {
+        Validation::Quorum => "quorum",
+        Validation::Trusted { .. } => "trusted",
+        Validation::SpotChecked { .. } => "spot-checked",
+        Validation::Vouched { .. } => "vouched",
+        Validation::Revalidated { .. } => "re-validated",
+    }
 }
 
 impl State {
@@ -597,13 +716,24 @@ impl State {
         match command {
             Command::Offer { to, leases, .. } => workers.offer(to, leases, job)?,
             Command::Revoke { to, leases, .. } => workers.revoke(to, leases, job),
-            Command::Decided { unit, verdict } => self.decided(unit, verdict),
+            Command::Decided {
+                unit,
+                verdict,
+                validation,
+            } => self.decided(unit, verdict, validation),
             Command::Finished { .. } => self.finished = true,
         }
         Ok(())
     }
 
-    fn decided(&mut self, unit: u32, verdict: Verdict) {
+    fn decided(&mut self, unit: u32, verdict: Verdict, validation: Validation) {
+        *self
+            .validations
+            .entry(validation_kind(&validation))
+            .or_default() += 1;
+        if let Validation::Revalidated { caught } = validation {
+            self.caught.insert(caught);
+        }
         let mut seen = self.said.remove(&unit).unwrap_or_default();
         let errors = self.errors.remove(&unit).unwrap_or_default();
         let result = verdict
@@ -639,6 +769,7 @@ impl State {
                 verdict,
                 result,
                 errors,
+                validation,
             },
         ));
         self.pending_since.get_or_insert_with(Instant::now);
@@ -674,6 +805,18 @@ impl State {
             .map_or(0, |d| d.as_secs());
         store.commit(&job.id, &batch, &changed, now, MAX_REPUTATIONS)?;
         for (index, record) in self.pending.drain(..) {
+            // A unit decided again (run anew after its trusted peer was caught) replaces its
+            // earlier outcome in the counts.
+            let unit = u32::try_from(index).unwrap_or(u32::MAX);
+            let earlier = self.decided_units.insert(unit, record.succeeded());
+            match earlier {
+                Some(true) => self.accepted = self.accepted.saturating_sub(1),
+                Some(false) => self.failed = self.failed.saturating_sub(1),
+                None => {}
+            }
+            if earlier.is_some() {
+                self.redecided += 1;
+            }
             if record.succeeded() {
                 self.accepted += 1;
             } else {
@@ -743,6 +886,7 @@ pub fn result_line(unit: &UnitInput, record: &UnitRecord) -> ResultLine {
                         .then(|| record.errors.first().cloned())
                         .flatten()
                 }),
+                validated: Some(record.validation.into()),
             }
         }
         Verdict::Failed {
@@ -764,6 +908,7 @@ pub fn result_line(unit: &UnitInput, record: &UnitRecord) -> ResultLine {
                 Some(e) => format!("{reason:?}: {e}"),
                 None => format!("{reason:?}"),
             }),
+            validated: None,
         },
     }
 }

@@ -294,6 +294,8 @@ where
             // The slots are this machine's own: a unit that crashes its host is the unit's
             // doing, and backing a slot off would only stall the job.
             backoff_after: 0,
+            // Nobody colludes among them: a second replica may start as soon as a slot frees.
+            mix_replicas: false,
             ..Config::default()
         };
         // Answers come back through a channel as deep as the executions in flight, so a unit

@@ -61,6 +61,9 @@ pub enum ManifestError {
     },
 }
 
+/// Most peers a `trusted` file may name.
+pub const MAX_TRUSTED_PEERS: usize = 4096;
+
 /// A validated job manifest. Paths are resolved against the manifest's directory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobManifest {
@@ -72,6 +75,9 @@ pub struct JobManifest {
     pub inputs: InputSpec,
     /// How many replicas must agree.
     pub redundancy: Redundancy,
+    /// A file of peer ids (one per line, `#` comments) the operator vouches for: with
+    /// `adaptive`, they run units alone without spot checks (`[redundancy] trusted`).
+    pub trusted: Option<PathBuf>,
     /// Per-unit limits.
     pub limits: JobLimits,
 }
@@ -102,6 +108,9 @@ pub struct Redundancy {
     pub max_attempts: u32,
     /// Whether replicas go to distinct hosts (the default) or only to distinct peers.
     pub placement: Placement,
+    /// Adaptive replication: a peer this submitter trusts may run a unit alone, spot-checked
+    /// and re-run if the peer is ever caught. Off by default.
+    pub adaptive: bool,
 }
 
 impl From<Redundancy> for crate::validate::Policy {
@@ -230,6 +239,9 @@ struct RawRedundancy {
     quorum: Option<i64>,
     max_attempts: Option<i64>,
     placement: Option<String>,
+    #[serde(default)]
+    adaptive: bool,
+    trusted: Option<PathBuf>,
 }
 
 fn default_replicas() -> i64 {
@@ -243,6 +255,8 @@ impl Default for RawRedundancy {
             quorum: None,
             max_attempts: None,
             placement: None,
+            adaptive: false,
+            trusted: None,
         }
     }
 }
@@ -321,6 +335,53 @@ impl JobManifest {
         let manifest = Self::parse(&text, path, base)?;
         manifest.check_files(path)?;
         Ok(manifest)
+    }
+
+    /// The peers of the `trusted` file, if the manifest names one: one peer id per line,
+    /// blank lines and `#` comments allowed, at most [`MAX_TRUSTED_PEERS`] of them.
+    pub fn trusted_peers(&self) -> Result<Vec<crate::peer_id::PeerId>, ManifestError> {
+        let Some(path) = &self.trusted else {
+            return Ok(Vec::new());
+        };
+        let invalid = |problem: String| ManifestError::Invalid {
+            path: path.clone(),
+            field: "redundancy.trusted".into(),
+            problem,
+        };
+        let size = std::fs::metadata(path)
+            .map_err(|source| ManifestError::Io {
+                path: path.clone(),
+                source,
+            })?
+            .len();
+        if size > MAX_MANIFEST_BYTES {
+            return Err(invalid(format!(
+                "the file is {size} bytes, over the cap of {MAX_MANIFEST_BYTES}"
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let mut peers = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let peer = line.parse().map_err(|_| {
+                invalid(format!(
+                    "line {}: {:?} is not a peer id",
+                    n + 1,
+                    crate::text::bounded(line, 80)
+                ))
+            })?;
+            if peers.len() >= MAX_TRUSTED_PEERS {
+                return Err(invalid(format!("more than {MAX_TRUSTED_PEERS} peers")));
+            }
+            peers.push(peer);
+        }
+        Ok(peers)
     }
 
     /// Parses and validates manifest text; `path` names it in errors and relative paths are
@@ -448,7 +509,9 @@ impl JobManifest {
                 quorum,
                 max_attempts,
                 placement,
+                adaptive: r.adaptive,
             },
+            trusted: r.trusted.map(|t| base.join(t)),
             limits: JobLimits {
                 memory_mb,
                 timeout: Duration::from_secs_f64(l.timeout_secs),
@@ -827,6 +890,7 @@ mod tests {
                 quorum: 2,
                 max_attempts: 6,
                 placement: Placement::Host,
+                adaptive: false,
             }
         );
         let InputSpec::Sweep(sweep) = &m.inputs else {

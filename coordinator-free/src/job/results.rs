@@ -1,4 +1,5 @@
-//! `results.jsonl`: one JSON object per finished unit, in the order units finish.
+//! `results.jsonl`: one JSON object per finished unit, in the order units finish while the job
+//! runs, rewritten in unit order when it ends.
 
 use serde::Serialize;
 
@@ -47,6 +48,45 @@ pub struct ResultLine {
     /// For a failed unit: the error its executions reported, when they reported one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How an accepted result was validated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validated: Option<Validated>,
+}
+
+/// How an accepted result was validated, as `results.jsonl` states it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "by", rename_all = "kebab-case")]
+pub enum Validated {
+    /// A quorum of distinct hosts (`agreed`, `hosts`) returned it. `revalidated_after` names
+    /// the peer whose word the result first rested on, caught lying since.
+    Quorum {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        revalidated_after: Option<PeerId>,
+    },
+    /// One peer this submitter trusts returned it, unchecked: `streak` consecutive results of
+    /// it had agreed with quorums of other hosts.
+    Trusted { peer: PeerId, streak: u32 },
+    /// A trusted peer returned it and another host confirmed it.
+    SpotChecked { peer: PeerId, streak: u32 },
+    /// A peer the job's operator vouches for returned it, unchecked.
+    Vouched { peer: PeerId },
+}
+
+impl From<crate::schedule::Validation> for Validated {
+    fn from(v: crate::schedule::Validation) -> Self {
+        use crate::schedule::Validation as V;
+        match v {
+            V::Quorum => Self::Quorum {
+                revalidated_after: None,
+            },
+            V::Revalidated { caught } => Self::Quorum {
+                revalidated_after: Some(caught),
+            },
+            V::Trusted { peer, streak, .. } => Self::Trusted { peer, streak },
+            V::SpotChecked { peer, streak } => Self::SpotChecked { peer, streak },
+            V::Vouched { peer } => Self::Vouched { peer },
+        }
+    }
 }
 
 /// A unit's output bytes for the results file: the JSON value itself when the bytes are JSON,
@@ -127,8 +167,15 @@ mod tests {
             attempts: 2,
             evidence: Vec::new(),
             error: None,
+            validated: Some(Validated::Trusted { peer, streak: 12 }),
         };
         let text = serde_json::to_string(&line).unwrap();
+        assert!(
+            text.contains(&format!(
+                r#""validated":{{"by":"trusted","peer":"{peer}","streak":12}}"#
+            )),
+            "{text}"
+        );
         assert!(text.contains(&format!("\"{peer}\"")), "{text}");
         assert!(text.contains(r#""status":"accepted""#), "{text}");
         assert!(!text.contains("evidence"), "{text}");

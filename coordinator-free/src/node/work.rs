@@ -142,6 +142,10 @@ pub struct WorkConfig {
     /// Test hook: every output this peer reports is altered, as a lying peer would.
     #[doc(hidden)]
     pub tamper: bool,
+    /// Test hook: outputs are altered while this is set, so a test can make an honest peer
+    /// turn liar once it has earned trust.
+    #[doc(hidden)]
+    pub tamper_switch: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl WorkConfig {
@@ -155,6 +159,7 @@ impl WorkConfig {
             memory_per_slot: DEFAULT_MEMORY_PER_SLOT,
             max_unit_time: DEFAULT_MAX_UNIT_TIME,
             tamper: false,
+            tamper_switch: None,
         }
     }
 }
@@ -322,6 +327,7 @@ struct Work {
     pull_tried: HashMap<PeerId, Instant>,
     next_pull: Instant,
     tamper: bool,
+    tamper_switch: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     memory_per_slot: u64,
     max_unit_time: Duration,
     /// Units the intake starts at once: the slots, or more when units are short.
@@ -375,6 +381,7 @@ pub(super) fn spawn(
         pull_tried: HashMap::new(),
         next_pull: Instant::now() + PULL_EVERY,
         tamper: config.tamper,
+        tamper_switch: config.tamper_switch.clone(),
         memory_per_slot: config.memory_per_slot,
         max_unit_time: config.max_unit_time,
         at_once: config.slots,
@@ -1148,7 +1155,11 @@ impl Work {
                 self.intake.handle(IntakeEvent::SlotsChanged(at_once), now);
             }
         }
-        if self.tamper
+        let switched = self
+            .tamper_switch
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed));
+        if (self.tamper || switched)
             && let Ok(bytes) = &mut result
         {
             bytes.extend_from_slice(b" (altered)");

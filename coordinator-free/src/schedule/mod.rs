@@ -44,6 +44,7 @@
 //! The submitter runs units for its own job like any other peer: it sends `Available` for
 //! itself and carries out offers addressed to itself locally.
 
+mod adaptive;
 mod intake;
 #[cfg(test)]
 mod sim;
@@ -54,6 +55,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub use adaptive::{TrustStats, Validation};
 pub use intake::{Intake, IntakeCommand, IntakeConfig, IntakeEvent, IntakeStats, Task};
 
 use crate::digest::Digest;
@@ -123,6 +125,10 @@ pub struct Config {
     pub backoff: Duration,
     /// The longest back-off. Default 10 min.
     pub max_backoff: Duration,
+    /// While fresh units remain, draw further replicas only from a pool several times what
+    /// the peer takes, so colluders asking in turn cannot count on each other's units.
+    /// Default on; off for a machine's own execution slots, where nobody colludes.
+    pub mix_replicas: bool,
 }
 
 impl Default for Config {
@@ -140,6 +146,7 @@ impl Default for Config {
             backoff_after: 3,
             backoff: Duration::from_secs(30),
             max_backoff: Duration::from_secs(600),
+            mix_replicas: true,
         }
     }
 }
@@ -184,8 +191,14 @@ pub enum Command {
         leases: Vec<LeaseId>,
     },
     /// A unit is decided. Journal it, and feed it to the submitter's
-    /// [`Reputation`](crate::validate::Reputation).
-    Decided { unit: u32, verdict: Verdict },
+    /// [`Reputation`](crate::validate::Reputation). A unit accepted on a trusted peer's word
+    /// and run again after that peer was caught is decided a second time; the later verdict
+    /// replaces the earlier.
+    Decided {
+        unit: u32,
+        verdict: Verdict,
+        validation: Validation,
+    },
     /// Every unit is decided; sent once.
     Finished { accepted: u32, failed: u32 },
 }
@@ -256,6 +269,8 @@ struct Try {
 #[derive(Debug, Clone)]
 struct UnitState {
     tally: Tally,
+    /// How it is being validated (adaptive replication).
+    mode: adaptive::Mode,
     /// Every lease ever issued on this unit, with its peer and host.
     tried: Vec<Try>,
     /// Leases out now.
@@ -373,6 +388,13 @@ pub enum Culprit {
 pub struct Scheduler {
     config: Config,
     job: Digest,
+    /// The job's policy, for units that run replicated again after running alone.
+    policy: Policy,
+    /// The submitter's trust table, when the job may run units alone on trusted peers.
+    trust: Option<crate::validate::trust::Trust>,
+    trust_stats: TrustStats,
+    /// Units whose remaining votes closed them when they were reopened, to decide next.
+    settled: Vec<(u32, Verdict)>,
     rng: Rng,
     units: Vec<UnitState>,
     /// Open units never leased, in unit order.
@@ -422,9 +444,14 @@ impl Scheduler {
         let mut this = Self {
             job,
             rng: Rng::seed_from_u64(seed),
+            policy,
+            trust: None,
+            trust_stats: TrustStats::default(),
+            settled: Vec::new(),
             units: (0..units)
                 .map(|_| UnitState {
                     tally: tally.clone(),
+                    mode: adaptive::Mode::default(),
                     tried: Vec::new(),
                     active: Vec::new(),
                     issued: 0,
@@ -484,6 +511,32 @@ impl Scheduler {
         self.started.remove(&unit);
         self.check_finished();
         Ok(true)
+    }
+
+    /// [`Self::restore`] for a unit journaled with how it was validated. A result accepted on
+    /// the word of a peer caught since (in this job or another, as the trust table knows) is
+    /// not restored: the unit runs again, never on that peer's host.
+    pub fn restore_with(
+        &mut self,
+        unit: u32,
+        verdict: Verdict,
+        validation: Validation,
+    ) -> Result<bool, ScheduleError> {
+        if verdict.is_accepted()
+            && let Some((peer, host)) = self.suspect(&validation)
+        {
+            let units = self.unit_count();
+            if unit >= units {
+                return Err(ScheduleError::NoSuchUnit { unit, units });
+            }
+            self.revalidate_restored(unit, peer, host);
+            return Ok(false);
+        }
+        let restored = self.restore(unit, verdict)?;
+        if restored {
+            self.restore_mode(unit, &validation);
+        }
+        Ok(restored)
     }
 
     pub fn job(&self) -> Digest {
@@ -881,6 +934,7 @@ impl Scheduler {
     /// Files the unit under fresh, started or neither. A unit that becomes ready again other
     /// than by being leased calls for a look at every peer.
     fn refresh(&mut self, unit: u32) {
+        self.settle_alone(unit);
         let (wants, fresh) = self.units.get(unit as usize).map_or((false, false), |u| {
             (u.tally.wanted() > 0, u.tried.is_empty())
         });
@@ -896,6 +950,17 @@ impl Scheduler {
     }
 
     fn decide(&mut self, unit: u32, verdict: Verdict) {
+        self.decide_one(unit, verdict);
+        while let Some((unit, verdict)) = self.settled.pop() {
+            self.decide_one(unit, verdict);
+        }
+    }
+
+    fn decide_one(&mut self, unit: u32, verdict: Verdict) {
+        let Some(validation) = self.judge(unit, &verdict) else {
+            // Not decided after all: a spot check, or a re-run, is wanted first.
+            return;
+        };
         self.fresh.remove(&unit);
         self.started.remove(&unit);
         if self.starved {
@@ -928,7 +993,11 @@ impl Scheduler {
             self.failed += 1;
         }
         tracing::debug!(job = %self.job, unit, accepted = verdict.is_accepted(), "unit decided");
-        self.out.push_back(Command::Decided { unit, verdict });
+        self.out.push_back(Command::Decided {
+            unit,
+            verdict,
+            validation,
+        });
         self.check_finished();
     }
 
@@ -1001,7 +1070,7 @@ impl Scheduler {
             // While fresh units remain, further replicas come only from a pool several times
             // larger than the peer takes, so whoever asks right after another peer cannot count
             // on receiving that peer's units.
-            let min_pool = if may_start && !self.fresh.is_empty() {
+            let min_pool = if self.config.mix_replicas && may_start && !self.fresh.is_empty() {
                 window
             } else {
                 0
@@ -1064,6 +1133,7 @@ impl Scheduler {
     }
 
     fn issue(&mut self, peer: PeerId, host: Host, unit: u32, now: Instant) -> Option<Lease> {
+        self.maybe_alone(unit, peer, host);
         let state = self.units.get_mut(unit as usize)?;
         state.tally.start().ok()?;
         let id = LeaseId(self.next_lease);
@@ -1463,7 +1533,7 @@ mod tests {
         let cmds = drain(&mut s);
         assert!(cmds.iter().any(|c| matches!(
             c,
-            Command::Decided { unit: 0, verdict: Verdict::Accepted { agreeing, .. } }
+            Command::Decided { unit: 0, verdict: Verdict::Accepted { agreeing, .. }, .. }
                 if agreeing.iter().map(|w| w.peer).collect::<Vec<_>>() == vec![peer(2), peer(1)]
         )));
         assert!(

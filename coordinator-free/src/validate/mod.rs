@@ -28,6 +28,8 @@
 
 use std::collections::BTreeMap;
 
+pub mod trust;
+
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
@@ -363,6 +365,21 @@ impl Tally {
     pub fn restore(&mut self, verdict: Verdict) {
         self.in_flight = 0;
         self.state = State::Closed(verdict);
+    }
+
+    /// Opens a decided unit again under a stricter `policy`, its votes kept: a dispute that
+    /// needs more witnesses before it is settled. Returns whether it was reopened (not if it
+    /// failed, or if the policy allows no vote more).
+    pub fn extend(&mut self, policy: Policy) -> bool {
+        let policy = policy.repaired();
+        if !matches!(self.state, State::Closed(Verdict::Accepted { .. }))
+            || self.vote_count() >= policy.max_attempts
+        {
+            return false;
+        }
+        self.policy = policy;
+        self.state = State::Open;
+        true
     }
 
     /// Gives the unit up whatever its votes say.
