@@ -439,6 +439,11 @@ impl AllowList {
         }
     }
 
+    /// The peers on the list.
+    pub fn ids(&self) -> impl Iterator<Item = &PeerId> {
+        self.ids.iter()
+    }
+
     pub fn contains(&self, id: &PeerId) -> bool {
         self.ids.contains(id)
     }

@@ -194,6 +194,22 @@ impl JobStore {
             .transpose()
     }
 
+    /// Every job the store holds, by id.
+    pub fn jobs(&self) -> Result<Vec<(Digest, JobRecord)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let t = txn.open_table(JOBS).map_err(db_error)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(db_error)? {
+            let (key, value) = entry.map_err(db_error)?;
+            let bytes: [u8; 32] = key.value().try_into().map_err(|_| StoreError::Corrupt {
+                what: "job key",
+                detail: format!("{} bytes", key.value().len()),
+            })?;
+            out.push((Digest(bytes), decode("job", value.value())?));
+        }
+        Ok(out)
+    }
+
     /// Records finished units of a job in one durable transaction: after this returns, all of
     /// them survive a crash; if the process dies before, none of them is stored.
     pub fn put_units(&self, job: &Digest, units: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {

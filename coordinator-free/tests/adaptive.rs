@@ -126,6 +126,44 @@ async fn trust_earned_in_one_job_runs_the_next_alone_and_a_liar_is_caught() {
     );
     assert!(s3.caught.contains(&d.id()), "{s3:?}");
     assert!(s3.trust.caught >= 1, "{:?}", s3.trust);
+
+    // Job 2 holds units peer d ran alone before it turned liar: job 3's summary names it, and
+    // resuming it runs exactly those again, on other hosts.
+    let d_alone = |dir: &Path| {
+        results(dir)
+            .iter()
+            .filter(|l| l["validated"]["by"] == "trusted" && l["agreed"][0] == d.id().to_string())
+            .count() as u64
+    };
+    let d_alone_in_job2 = d_alone(dir2.path());
+    assert!(d_alone_in_job2 > 0, "d ran units of job 2 alone");
+    let mut expected: Vec<(coordinator_free::digest::Digest, u64)> =
+        [(s1.job, d_alone(dir1.path())), (s2.job, d_alone_in_job2)]
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .collect();
+    expected.sort();
+    let mut named: Vec<_> = s3.suspect_jobs.iter().map(|(_, id, n)| (*id, *n)).collect();
+    named.sort();
+    assert_eq!(named, expected, "{:?}", s3.suspect_jobs);
+    let again = submit(
+        &a,
+        dir2.path(),
+        adaptive_job(dir2.path(), 1000, 300),
+        Arc::clone(&store),
+    )
+    .await;
+    assert!(again.succeeded(), "{again:?}");
+    assert_eq!(u64::from(again.revalidated), d_alone_in_job2, "{again:?}");
+    assert_eq!(u64::from(again.restored), 300 - d_alone_in_job2);
+    let lines = results(dir2.path());
+    check_and_count(dir2.path(), 300);
+    assert!(
+        lines
+            .iter()
+            .all(|l| !(l["validated"]["by"] == "trusted" && l["agreed"][0] == d.id().to_string())),
+        "no result of job 2 rests on d's word any more"
+    );
     for node in [a, b, c, d] {
         node.shutdown().await;
     }

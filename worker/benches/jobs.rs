@@ -107,6 +107,15 @@ fn pi_manifest(samples: u64, replicas: u32) -> String {
     )
 }
 
+/// The sweep of `PI_UNITS` seeds from `first`, replicated twice, adaptive: a job of its own
+/// for every `first`, so a submitter keeping its data directory never resumes one.
+fn adaptive_manifest(samples: u64, first: u64) -> String {
+    format!(
+        "name = \"pi\"\nmodule = \"pi.wasm\"\n[inputs.sweep]\nseed = {{ start = {first}, stop = {}, step = 1 }}\nsamples = {samples}\n[redundancy]\nreplicas = 2\nquorum = 2\nadaptive = true\n[limits]\ntimeout_secs = 120\n",
+        first + PI_UNITS - 1
+    )
+}
+
 impl Drop for Network {
     fn drop(&mut self) {
         for p in &mut self.peers {
@@ -176,16 +185,22 @@ fn submit(dir: &Path, name: &str, manifest: &str) -> Duration {
 }
 
 fn submit_with(dir: &Path, name: &str, manifest: &str, extra: &[&str]) -> Duration {
+    let data = tempfile::tempdir().expect("data dir");
+    submit_in(dir, data.path(), name, manifest, extra)
+}
+
+/// Runs `worker submit` with the data directory `data` (a submitter that keeps its journal and
+/// its trust table from one job to the next).
+fn submit_in(dir: &Path, data: &Path, name: &str, manifest: &str, extra: &[&str]) -> Duration {
     let job = dir.join(format!("{name}.toml"));
     std::fs::write(&job, manifest).expect("manifest written");
-    let data = tempfile::tempdir().expect("data dir");
     let out = tempfile::tempdir().expect("out dir");
     let started = Instant::now();
     let status = Command::new(WORKER)
         .arg("submit")
         .arg(&job)
         .arg("--data-dir")
-        .arg(data.path())
+        .arg(data)
         .arg("--out")
         .arg(out.path())
         .args(extra)
@@ -261,7 +276,7 @@ fn main() {
         "# useful-work fraction = native single-core total / cores / wall (\"vs sandboxed\": the sandboxed kernel's total instead); median of {RUNS} runs"
     );
     println!(
-        "{:<48} {:>10} {:>11} {:>13} {:>14}",
+        "{:<62} {:>10} {:>11} {:>13} {:>14}",
         "runner", "wall", "useful", "range", "vs sandboxed"
     );
     // The sandboxed kernel's speed against native, measured once: "vs sandboxed" divides each
@@ -280,13 +295,13 @@ fn main() {
             "-".to_string()
         };
         println!(
-            "{name:<48} {:>8.2} s {useful:>9.1} % {:>13} {vs:>14}",
+            "{name:<62} {:>8.2} s {useful:>9.1} % {:>13} {vs:>14}",
             wall.as_secs_f64(),
             format!("{low:.1}-{high:.1} %"),
         );
     };
     println!(
-        "{:<48} {:>8.2} s {:>9.1} % {:>13} {:>14}",
+        "{:<62} {:>8.2} s {:>9.1} % {:>13} {:>14}",
         "native, one core, sequential (reference)",
         native_total.as_secs_f64(),
         100.0 / cores as f64,
@@ -310,11 +325,38 @@ fn main() {
         // hosts (and module compilations) share a core.
         let pair = network(cores.max(1));
         let via = pair.submit_args();
-        let manifest = pi_manifest(samples, 1);
-        let runs = paired_runs(samples, || submit_with(dir.path(), "pi", &manifest, &via));
+        for replicas in [1, 2] {
+            let manifest = pi_manifest(samples, replicas);
+            let runs = paired_runs(samples, || submit_with(dir.path(), "pi", &manifest, &via));
+            row(
+                &format!(
+                    "worker submit, {} peers (1 per core), replicas = {replicas}",
+                    cores.max(1)
+                ),
+                &runs,
+                true,
+            );
+        }
+        // Adaptive replication: a warm-up job lets the peers earn this submitter's trust
+        // (untimed), then every timed run is a new job of the same size from the same data
+        // directory.
+        let submitter = tempfile::tempdir().expect("submitter data dir");
+        submit_in(
+            dir.path(),
+            submitter.path(),
+            "pi",
+            &adaptive_manifest(samples, 1_000_001),
+            &via,
+        );
+        let mut next = 0u64;
+        let runs = paired_runs(samples, || {
+            next += 1;
+            let manifest = adaptive_manifest(samples, 1 + next * 10_000);
+            submit_in(dir.path(), submitter.path(), "pi", &manifest, &via)
+        });
         row(
             &format!(
-                "worker submit, {} peers (1 per core), replicas = 1",
+                "worker submit, {} peers (1 per core), replicas = 2, adaptive",
                 cores.max(1)
             ),
             &runs,
@@ -364,7 +406,7 @@ fn main() {
         );
     } else {
         println!(
-            "{:<48} (not installed: apt-get install parallel)",
+            "{:<62} (not installed: apt-get install parallel)",
             "GNU parallel"
         );
     }
@@ -384,7 +426,7 @@ fn main() {
                     .collect(),
             );
             println!(
-                "{:<48} {:>8.2} s {:>9.0} units/s",
+                "{:<62} {:>8.2} s {:>9.0} units/s",
                 format!("worker submit, {label}, replicas = {replicas}"),
                 wall.as_secs_f64(),
                 TINY_UNITS as f64 / wall.as_secs_f64()

@@ -9,6 +9,7 @@ use clap::Args;
 use coordinator_free::control::{self, StatusReport};
 use coordinator_free::peer_id::PeerId;
 use coordinator_free::store::{JobStore, Reputation};
+use coordinator_free::validate::trust::{Trust, TrustConfig};
 
 use crate::Failure;
 
@@ -42,15 +43,21 @@ pub fn run(args: StatusArgs) -> Result<ExitCode, Failure> {
                 .map_err(Failure::usage)?,
             Err(_) => serde_json::json!({}),
         };
-        if let (Some(map), Some(record)) = (value.as_object_mut(), &record) {
+        if let (Some(map), Some((record, trust))) = (value.as_object_mut(), &record) {
             let peers: Vec<serde_json::Value> = record
                 .iter()
                 .map(|(peer, r)| {
+                    let standing = trust.peer(peer);
+                    let host = r.host.map(|h| trust.host(&h));
                     serde_json::json!({
                         "peer": peer.to_string(),
                         "agreements": r.agreements,
                         "disagreements": r.disagreements,
                         "consecutive_agreements": r.consecutive_agreements,
+                        "trust_streak": standing.streak,
+                        "host_trust_streak": host.map(|h| h.streak),
+                        "caught": standing.caught,
+                        "trusted": r.host.is_some_and(|h| trust.is_trusted(peer, &h)),
                     })
                 })
                 .collect();
@@ -63,8 +70,8 @@ pub fn run(args: StatusArgs) -> Result<ExitCode, Failure> {
         if let Ok(report) = &report {
             print!("{}", table(report));
         }
-        if let Some(record) = &record {
-            print!("{}", reputation_table(record));
+        if let Some((record, trust)) = &record {
+            print!("{}", reputation_table(record, trust));
         }
     }
     match report {
@@ -78,7 +85,7 @@ pub fn run(args: StatusArgs) -> Result<ExitCode, Failure> {
 
 /// What this data directory's submitter recorded about the peers that ran its units, if it
 /// ever submitted a job and the record can be read now (a running submit holds it).
-fn submitter_record(dir: &std::path::Path) -> Option<Vec<(PeerId, Reputation)>> {
+fn submitter_record(dir: &std::path::Path) -> Option<(Vec<(PeerId, Reputation)>, Trust)> {
     let path = dir.join("submit.redb");
     if !path.exists() {
         return None;
@@ -92,10 +99,11 @@ fn submitter_record(dir: &std::path::Path) -> Option<Vec<(PeerId, Reputation)>> 
             std::cmp::Reverse(r.agreements),
         )
     });
-    Some(peers)
+    let trust = store.trust(TrustConfig::default()).ok()?;
+    Some((peers, trust))
 }
 
-fn reputation_table(record: &[(PeerId, Reputation)]) -> String {
+fn reputation_table(record: &[(PeerId, Reputation)], trust: &Trust) -> String {
     let mut out = String::new();
     let dissenters: Vec<_> = record.iter().filter(|(_, r)| r.disagreements > 0).collect();
     let _ = writeln!(
@@ -108,13 +116,33 @@ fn reputation_table(record: &[(PeerId, Reputation)]) -> String {
         r.host
             .map_or_else(|| "host unknown".to_owned(), |h| format!("on {h}"))
     };
+    // What adaptive replication would make of the peer: its streak, its host's, and whether
+    // the two together let it run units alone.
+    let standing = |peer: &PeerId, r: &Reputation| {
+        let own = trust.peer(peer);
+        let host = r.host.map(|h| trust.host(&h).streak);
+        let trusted = r.host.is_some_and(|h| trust.is_trusted(peer, &h));
+        let mut text = format!(
+            "trust streak {}{}",
+            own.streak,
+            host.map_or_else(String::new, |h| format!(" (host {h})"))
+        );
+        if trusted {
+            text.push_str(", runs units alone");
+        }
+        if own.caught > 0 {
+            text.push_str(&format!(", caught {} times", own.caught));
+        }
+        text
+    };
     for (peer, r) in &dissenters {
         let _ = writeln!(
             out,
-            "  {peer}  {}  disagreed {} times, agreed {} times",
+            "  {peer}  {}  disagreed {} times, agreed {} times; {}",
             host(r),
             r.disagreements,
-            r.agreements
+            r.agreements,
+            standing(peer, r)
         );
     }
     // The peers that agreed most, with the host each answered from.
@@ -123,7 +151,13 @@ fn reputation_table(record: &[(PeerId, Reputation)]) -> String {
         .filter(|(_, r)| r.disagreements == 0)
         .take(STATUS_PEERS)
     {
-        let _ = writeln!(out, "  {peer}  {}  agreed {} times", host(r), r.agreements);
+        let _ = writeln!(
+            out,
+            "  {peer}  {}  agreed {} times; {}",
+            host(r),
+            r.agreements,
+            standing(peer, r)
+        );
     }
     out
 }

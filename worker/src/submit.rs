@@ -474,6 +474,11 @@ fn print_summary(manifest: &JobManifest, s: &JobSummary, simulated: bool) {
             for peer in &s.caught {
                 println!("  peer {peer} was caught disagreeing with a quorum while trusted");
             }
+            for (name, id, units) in &s.suspect_jobs {
+                println!(
+                    "  job {name} ({id}) holds {units} units accepted on the word of a peer caught since: submit it again to run them anew"
+                );
+            }
         }
         for (culprit, p) in &s.penalties {
             let who = match culprit {

@@ -216,6 +216,9 @@ pub struct JobSummary {
     pub caught: std::collections::BTreeSet<PeerId>,
     /// Adaptive replication's counters for this run (all zero when it is off).
     pub trust: TrustStats,
+    /// Other jobs in the journal with units accepted on the word of a peer caught in this run:
+    /// their name, id and how many such units. Resuming them runs those units again.
+    pub suspect_jobs: Vec<(String, Digest, u64)>,
     /// Whether the peers are simulated ids of local execution slots rather than real peers.
     pub simulated_peers: bool,
     /// The results file.
@@ -319,6 +322,10 @@ pub trait Workers {
     fn may_progress(&self) -> bool;
     /// Whether peer ids are simulated local slots (no reputation is kept for them).
     fn simulated(&self) -> bool;
+    /// The peers the submitting node admits alone (its `--allow` list), if it has one.
+    fn allowed(&self) -> Vec<PeerId> {
+        Vec::new()
+    }
 }
 
 /// What an execution said, kept until its unit is decided.
@@ -376,6 +383,9 @@ pub fn run_job<W: Workers>(
     let trust = if manifest.redundancy.adaptive && !workers.simulated() {
         let mut trust = store.trust(TrustConfig::default())?;
         trust.vouch(manifest.trusted_peers().map_err(JobError::Trusted)?);
+        if manifest.redundancy.trust_allow_list {
+            trust.vouch(workers.allowed());
+        }
         Some(trust)
     } else {
         None
@@ -393,7 +403,6 @@ pub fn run_job<W: Workers>(
     let journal = store.units(&job.id)?;
     let mut restored = 0u32;
     let mut retried = 0u32;
-    let mut revalidated = 0u32;
     let tmp = out_dir.join("results.jsonl.tmp");
     {
         let mut file = BufWriter::new(File::create(&tmp).map_err(results_err)?);
@@ -410,9 +419,8 @@ pub fn run_job<W: Workers>(
                 // Failed by the machines, not by the unit, or accepted on the word of a peer
                 // caught lying since: it runs again and its line is written when it is decided
                 // anew.
-                if record.verdict.is_accepted() {
-                    revalidated += 1;
-                } else {
+                // (The scheduler counts the second kind as re-validated.)
+                if !record.verdict.is_accepted() {
                     retried += 1;
                 }
                 continue;
@@ -554,6 +562,11 @@ pub fn run_job<W: Workers>(
     if let Some(trust) = scheduler.trust_mut() {
         store.put_trust(&trust.take_changes())?;
     }
+    let suspect_jobs = if state.caught.is_empty() {
+        Vec::new()
+    } else {
+        suspect_jobs(store, job.id, scheduler.trust())?
+    };
     if state.redecided > 0 {
         // Units decided twice have two lines: the file is rewritten from the journal, one line
         // per unit, in unit order.
@@ -581,10 +594,10 @@ pub fn run_job<W: Workers>(
         penalties: scheduler.penalties(Instant::now()),
         retried,
         validated: state.validations,
-        revalidated: revalidated
-            + u32::try_from(scheduler.trust_stats().revalidated).unwrap_or(u32::MAX),
+        revalidated: u32::try_from(scheduler.trust_stats().revalidated).unwrap_or(u32::MAX),
         caught: state.caught,
         trust: *scheduler.trust_stats(),
+        suspect_jobs,
         simulated_peers: workers.simulated(),
         results: results_path,
         elapsed: started.elapsed(),
@@ -616,6 +629,46 @@ struct State {
     redecided: u32,
     /// Peers whose alone results were run again in this run.
     caught: std::collections::BTreeSet<PeerId>,
+}
+
+/// The other jobs of the journal holding units accepted alone by a peer, or a host, caught
+/// since they were accepted.
+fn suspect_jobs(
+    store: &JobStore,
+    this: Digest,
+    trust: Option<&crate::validate::trust::Trust>,
+) -> Result<Vec<(String, Digest, u64)>, JobError> {
+    let Some(trust) = trust else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for (id, record) in store.jobs()? {
+        if id == this {
+            continue;
+        }
+        let mut suspect = 0u64;
+        for (_, bytes) in store.units(&id)? {
+            if let Ok(UnitRecord {
+                validation:
+                    Validation::Trusted {
+                        peer,
+                        host,
+                        standing,
+                        ..
+                    },
+                ..
+            }) = UnitRecord::decode(&bytes)
+                && (trust.peer(&peer).caught > standing.0.caught
+                    || trust.host(&host).caught > standing.1.caught)
+            {
+                suspect += 1;
+            }
+        }
+        if suspect > 0 {
+            out.push((record.name, id, suspect));
+        }
+    }
+    Ok(out)
 }
 
 enum RewriteError {

@@ -111,6 +111,9 @@ pub struct Redundancy {
     /// Adaptive replication: a peer this submitter trusts may run a unit alone, spot-checked
     /// and re-run if the peer is ever caught. Off by default.
     pub adaptive: bool,
+    /// With `adaptive`, the peers on the submitting node's `--allow` list (a lab's own
+    /// machines) run units alone without spot checks.
+    pub trust_allow_list: bool,
 }
 
 impl From<Redundancy> for crate::validate::Policy {
@@ -242,6 +245,8 @@ struct RawRedundancy {
     #[serde(default)]
     adaptive: bool,
     trusted: Option<PathBuf>,
+    #[serde(default)]
+    trust_allow_list: bool,
 }
 
 fn default_replicas() -> i64 {
@@ -257,6 +262,7 @@ impl Default for RawRedundancy {
             placement: None,
             adaptive: false,
             trusted: None,
+            trust_allow_list: false,
         }
     }
 }
@@ -510,6 +516,7 @@ impl JobManifest {
                 max_attempts,
                 placement,
                 adaptive: r.adaptive,
+                trust_allow_list: r.trust_allow_list,
             },
             trusted: r.trusted.map(|t| base.join(t)),
             limits: JobLimits {
@@ -891,6 +898,7 @@ mod tests {
                 max_attempts: 6,
                 placement: Placement::Host,
                 adaptive: false,
+                trust_allow_list: false,
             }
         );
         let InputSpec::Sweep(sweep) = &m.inputs else {

@@ -964,6 +964,14 @@ impl Workers for NetWorkers {
     fn simulated(&self) -> bool {
         false
     }
+
+    fn allowed(&self) -> Vec<PeerId> {
+        self.dialer
+            .allow
+            .as_ref()
+            .map(|a| a.ids().copied().collect())
+            .unwrap_or_default()
+    }
 }
 
 #[cfg(test)]
