@@ -268,8 +268,9 @@ fn jobs_survive_a_killed_worker_a_liar_and_a_killed_submitter() {
         "worker status names the liar's host: {text}"
     );
 
-    // Phase 2: the submitter itself is killed mid-job and started again.
-    let seeds = (101, 140);
+    // Phase 2: the submitter itself is killed mid-job and started again (a job long enough
+    // that the kill lands mid-job even when this machine is busy).
+    let seeds = (101, 220);
     let job = manifest(root, "pi-b", seeds);
     let mut child = spawn_submit(root, &job, &first, "b1");
     wait_for(Duration::from_secs(60), "a few units accepted", || {
@@ -278,7 +279,7 @@ fn jobs_survive_a_killed_worker_a_liar_and_a_killed_submitter() {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let before = results(root, "pi-b").len() as u64;
-    assert!(before < 40, "killed mid-job, {before} units done");
+    assert!(before < 120, "killed mid-job, {before} units done");
     let child = spawn_submit(root, &job, &first, "b2");
     let run = finish(child, root, "b2", Duration::from_secs(120));
     assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
@@ -289,7 +290,7 @@ fn jobs_survive_a_killed_worker_a_liar_and_a_killed_submitter() {
         restored >= before,
         "{restored} restored of {before}: {stdout}"
     );
-    assert_eq!(ran + restored, 40, "{stdout}");
+    assert_eq!(ran + restored, 120, "{stdout}");
     check_results(&results(root, "pi-b"), seeds, &liar_id);
 
     runtime.block_on(liar.shutdown());
