@@ -1290,3 +1290,55 @@ fn adaptive_replication_table() {
     println!("{ADAPTIVE_HEADER}\n{}", rows.join("\n"));
     assert!(missed.is_empty(), "{missed:#?}");
 }
+
+/// How the spot-check floor trades executions for sleepers caught: the sleeper scenario of the
+/// table under floors from 5 % to 50 %. Run with
+/// `cargo test --release -p coordinator-free --lib sleepers_by_spot_floor -- --ignored --nocapture`.
+#[test]
+#[ignore = "a long simulation; run by hand for the figures"]
+fn sleepers_by_spot_floor() {
+    println!(
+        "| spot floor | executions per unit (honest peers) | executions per unit (sleepers) | wrong at some point | wrong left at the end | sleepers caught |\n|---|---|---|---|---|---|"
+    );
+    for floor in [0.05, 0.10, 0.20, 0.50] {
+        let trust = Some(TrustConfig {
+            spot_floor: floor,
+            ..TrustConfig::default()
+        });
+        let (mut honest, mut sleepy) = (Vec::new(), Vec::new());
+        let (mut ever, mut left, mut caught) = (0, 0, 0);
+        for seed in [1u64, 2, 3] {
+            let base = SimConfig {
+                peers: 100,
+                jobs: 1,
+                units: 10_000,
+                policy: Policy::new(2, 2, 6),
+                cheaters: 0.0,
+                trust,
+                time_limit: Duration::from_secs(3600),
+                ..SimConfig::default()
+            };
+            let (_, o) = simulate_warm(seed, base.clone());
+            honest.push(o.executions as f64 / o.units as f64);
+            let (warm, o) = simulate_warm(
+                seed,
+                SimConfig {
+                    sleepers: 0.10,
+                    ..base
+                },
+            );
+            sleepy.push(o.executions as f64 / o.units as f64);
+            ever += o.accepted_wrong_ever + warm.accepted_wrong_ever;
+            left += o.accepted_wrong + warm.accepted_wrong;
+            caught += o.trust.caught + warm.trust.caught;
+        }
+        honest.sort_by(f64::total_cmp);
+        sleepy.sort_by(f64::total_cmp);
+        println!(
+            "| {:.0} % | {:.3} | {:.3} | {ever} | {left} | {caught} |",
+            floor * 100.0,
+            honest[1],
+            sleepy[1]
+        );
+    }
+}
