@@ -1281,10 +1281,10 @@ fn adaptive_replication_keeps_no_wrong_result_in_a_short_run() {
     assert!(missed.is_empty(), "{missed:#?}");
 }
 
-/// The full table for `BENCHMARKS.md`: 10,000 units per job. Run with
-/// `cargo test --release -p coordinator-free --lib adaptive_replication_table -- --ignored --nocapture`.
+/// The full table for `BENCHMARKS.md`: 10,000 units per job (about a minute in a debug build).
+/// Print it with
+/// `cargo test --release -p coordinator-free --lib adaptive_replication_table -- --nocapture`.
 #[test]
-#[ignore = "a long simulation; run by hand for the figures"]
 fn adaptive_replication_table() {
     let (rows, missed) = adaptive_table(10_000, 100, &[1, 2, 3], 1.15);
     println!("{ADAPTIVE_HEADER}\n{}", rows.join("\n"));
@@ -1293,13 +1293,14 @@ fn adaptive_replication_table() {
 
 /// How the spot-check floor trades executions for sleepers caught: the sleeper scenario of the
 /// table under floors from 5 % to 50 %. Run with
-/// `cargo test --release -p coordinator-free --lib sleepers_by_spot_floor -- --ignored --nocapture`.
+/// `cargo test --release -p coordinator-free --lib sleepers_by_spot_floor -- --nocapture`. More
+/// checking costs more executions and catches more sleepers, but leaves wrong results still.
 #[test]
-#[ignore = "a long simulation; run by hand for the figures"]
 fn sleepers_by_spot_floor() {
     println!(
         "| spot floor | executions per unit (honest peers) | executions per unit (sleepers) | wrong at some point | wrong left at the end | sleepers caught |\n|---|---|---|---|---|---|"
     );
+    let mut rows = Vec::new();
     for floor in [0.05, 0.10, 0.20, 0.50] {
         let trust = Some(TrustConfig {
             spot_floor: floor,
@@ -1334,6 +1335,7 @@ fn sleepers_by_spot_floor() {
         }
         honest.sort_by(f64::total_cmp);
         sleepy.sort_by(f64::total_cmp);
+        rows.push((honest[1], caught, left));
         println!(
             "| {:.0} % | {:.3} | {:.3} | {ever} | {left} | {caught} |",
             floor * 100.0,
@@ -1341,4 +1343,9 @@ fn sleepers_by_spot_floor() {
             sleepy[1]
         );
     }
+    for pair in rows.windows(2) {
+        assert!(pair[1].0 > pair[0].0, "a higher floor costs more executions: {rows:?}");
+        assert!(pair[1].1 >= pair[0].1, "and catches no fewer sleepers: {rows:?}");
+    }
+    assert!(rows[3].2 <= rows[0].2, "{rows:?}");
 }
