@@ -1344,8 +1344,14 @@ fn sleepers_by_spot_floor() {
         );
     }
     for pair in rows.windows(2) {
-        assert!(pair[1].0 > pair[0].0, "a higher floor costs more executions: {rows:?}");
-        assert!(pair[1].1 >= pair[0].1, "and catches no fewer sleepers: {rows:?}");
+        assert!(
+            pair[1].0 > pair[0].0,
+            "a higher floor costs more executions: {rows:?}"
+        );
+        assert!(
+            pair[1].1 >= pair[0].1,
+            "and catches no fewer sleepers: {rows:?}"
+        );
     }
     assert!(rows[3].2 <= rows[0].2, "{rows:?}");
 }
