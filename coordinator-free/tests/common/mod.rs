@@ -165,19 +165,23 @@ pub fn base64_decode(text: &str) -> Vec<u8> {
     out
 }
 
+/// Checks that `line` is accepted and its output is its sweep input reversed.
+pub fn assert_reversed(line: &serde_json::Value) {
+    assert_eq!(line["status"], "accepted", "{line}");
+    let x = line["input"]["params"]["x"].as_u64().expect("x");
+    let expected: Vec<u8> = format!("{{\"x\":{x}}}").bytes().rev().collect();
+    let output = match &line["output"] {
+        serde_json::Value::String(s) => s.clone(),
+        other => other["base64"].as_str().expect("base64 output").to_owned(),
+    };
+    assert_eq!(base64_decode(&output), expected, "{line}");
+}
+
 /// Checks every line: accepted, output = the input reversed, agreed by distinct peers.
 pub fn check_reversed(lines: &[serde_json::Value], units: usize, replicas: usize) {
     assert_eq!(lines.len(), units);
     for line in lines {
-        assert_eq!(line["status"], "accepted", "{line}");
-        let x = line["input"]["params"]["x"].as_u64().expect("x");
-        let input = format!("{{\"x\":{x}}}");
-        let expected: Vec<u8> = input.bytes().rev().collect();
-        let output = match &line["output"] {
-            serde_json::Value::String(s) => s.clone(),
-            other => other["base64"].as_str().expect("base64 output").to_owned(),
-        };
-        assert_eq!(base64_decode(&output), expected, "{line}");
+        assert_reversed(line);
         let agreed = line["agreed"].as_array().expect("agreed");
         assert_eq!(agreed.len(), replicas, "{line}");
         assert_ne!(Some(&agreed[0]), agreed.get(1), "{line}");
