@@ -37,6 +37,9 @@ struct SimConfig {
     trust: Option<TrustConfig>,
     /// Trust tables the submitters start from (a warm-up run's), by job.
     initial_trust: Vec<Trust>,
+    /// Units each peer ran before (a warm-up run's): a sleeper's patience counts its whole
+    /// life, not one job.
+    initial_runs: Vec<u32>,
     collude: bool,
     /// Colluders share this many hosts (their keys spread evenly over them); 0 puts each
     /// cheater on a host of its own. Honest peers are each a host of their own.
@@ -79,6 +82,7 @@ impl Default for SimConfig {
             sleeper_rate: 0.05,
             trust: None,
             initial_trust: Vec::new(),
+            initial_runs: Vec::new(),
             collude: false,
             colluder_hosts: 0,
             placement: Placement::Host,
@@ -165,6 +169,8 @@ struct Node {
     sleeper: Option<u32>,
     /// Units it has run.
     runs: u32,
+    /// Wrong answers it returned on purpose.
+    lies: u32,
     slow: bool,
     timer: Option<Instant>,
     /// Runs started and not aborted.
@@ -229,12 +235,18 @@ struct Outcomes {
     accepted_wrong_ever: u64,
     /// Units whose final result rests on one trusted peer's word.
     provisional: u64,
+    /// Wrong results left at the end whose peer a later job caught: resuming this job runs
+    /// them again (see [`simulate_warm`]).
+    corrected_on_resume: u64,
     /// Adaptive replication's counters, summed over the jobs.
     trust: TrustStats,
     /// Wrong results the most successful liar got accepted on its word alone (corrected
     /// later or not), and the liars caught.
     worst_liar_alone: u64,
     sleepers: u64,
+    /// Sleepers some submitter caught at least once (by the end of this run, counting what
+    /// its trust table carried in).
+    sleepers_caught: u64,
     self_leases: u64,
     finish: Duration,
     /// Answers the schedulers dropped: unknown lease, another peer's lease, duplicates.
@@ -317,7 +329,8 @@ impl Sim {
                 alive: true,
                 cheater: cheaters.contains(&n),
                 sleeper: sleepers.get(&n).copied(),
-                runs: 0,
+                runs: config.initial_runs.get(n).copied().unwrap_or(0),
+                lies: 0,
                 slow: rng.chance(config.slow),
                 timer: None,
                 running: BTreeSet::new(),
@@ -693,6 +706,7 @@ impl Sim {
                         }
                     };
                     self.nodes[node].runs += 1;
+                    self.nodes[node].lies += u32::from(lies);
                     let (low, high) = self.config.unit_cost;
                     let mut cost = self.rng.duration_between(low, high);
                     if self.nodes[node].slow {
@@ -793,6 +807,18 @@ impl Sim {
             executions: self.executions,
             cheater_executions: self.cheater_executions,
             sleepers: self.nodes.iter().filter(|n| n.sleeper.is_some()).count() as u64,
+            sleepers_caught: self
+                .nodes
+                .iter()
+                .filter(|n| {
+                    n.sleeper.is_some()
+                        && self.jobs.iter().any(|j| {
+                            j.scheduler
+                                .trust()
+                                .is_some_and(|t| t.peer(&n.id).caught > 0)
+                        })
+                })
+                .count() as u64,
             events,
             all_finished: self.jobs.iter().all(|j| j.finished_at.is_some()),
             finish: self
@@ -904,24 +930,53 @@ fn simulate(seed: u64, config: SimConfig) -> Outcomes {
 }
 
 /// Runs `config` once to let the submitters earn trust, then again from the trust they
-/// ended with (the same seed places the same peers on the same hosts).
+/// ended with (the same seed places the same peers on the same hosts; each peer goes on
+/// counting the units it ran, so a sleeper's patience spans both jobs). The warm-up's
+/// `corrected_on_resume` counts its wrong results that rest on the word of a peer the second
+/// job caught: resuming the warm-up job runs those again, replicated.
 fn simulate_warm(seed: u64, config: SimConfig) -> (Outcomes, Outcomes) {
     let mut sim = Sim::new(seed, config.clone());
-    let warm_up = sim.run();
+    let mut warm_up = sim.run();
     let trust = sim
         .jobs
         .iter()
         .filter_map(|j| j.scheduler.trust().cloned())
         .collect();
-    let again = Sim::new(
+    let runs = sim.nodes.iter().map(|n| n.runs).collect();
+    let mut again = Sim::new(
         seed,
         SimConfig {
             initial_trust: trust,
+            initial_runs: runs,
             ..config
         },
-    )
-    .run();
-    (warm_up, again)
+    );
+    let measured = again.run();
+    for (j, job) in sim.jobs.iter().enumerate() {
+        let Some(later) = again.jobs.get(j) else {
+            continue;
+        };
+        for (unit, verdict) in &job.verdicts {
+            let wrong = verdict.digest().is_some_and(|d| d != sim.truth(j, *unit));
+            let suspect = job
+                .validations
+                .get(unit)
+                .is_some_and(|v| later.scheduler.suspect(v).is_some());
+            let goes_back = config_rule_checked(&later.scheduler);
+            if wrong && suspect && goes_back {
+                warm_up.corrected_on_resume += 1;
+            }
+        }
+    }
+    (warm_up, measured)
+}
+
+/// Whether the scheduler's trust rule goes back over what a caught peer ran alone (BOINC's
+/// never does).
+fn config_rule_checked(scheduler: &Scheduler) -> bool {
+    scheduler
+        .trust()
+        .is_some_and(|t| t.config().rule == crate::validate::trust::TrustRule::Checked)
 }
 
 fn assert_honest_outcome(seed: u64, o: &Outcomes, config: &SimConfig) {
@@ -1142,16 +1197,23 @@ fn colluders_concentrated_on_few_hosts_by_placement() {
     println!("{}", lines.join("\n"));
 }
 
+/// Wrong results left at the end of both jobs once the warm-up job is resumed after the
+/// measured job's catches.
+fn wrong_left(o: &Outcomes, warm: &Outcomes) -> u64 {
+    (o.accepted_wrong + warm.accepted_wrong).saturating_sub(warm.corrected_on_resume)
+}
+
 /// One row of the adaptive-replication table.
 fn adaptive_row(name: &str, rule: &str, o: &Outcomes, warm: &Outcomes) -> String {
     format!(
-        "| {name} | {rule} | {:.3} ({:.3}) | {:.1} % | {} | {} | {} | {} | {} | {} |",
+        "| {name} | {rule} | {:.3} ({:.3}) | {:.1} % | {} | {} | {} | {} | {} | {} | {} |",
         o.executions as f64 / o.units as f64,
         warm.executions as f64 / warm.units as f64,
         o.trust.alone as f64 * 100.0 / o.units as f64,
         o.trust.spot_checks,
         o.accepted_wrong_ever + warm.accepted_wrong_ever,
         o.accepted_wrong + warm.accepted_wrong,
+        wrong_left(o, warm),
         o.trust.caught + warm.trust.caught,
         o.trust.revalidated + warm.trust.revalidated,
         o.worst_liar_alone.max(warm.worst_liar_alone),
@@ -1220,7 +1282,7 @@ fn adaptive_table(
     let mut rows = Vec::new();
     let mut missed = Vec::new();
     for (name, base) in &scenarios {
-        let mut wrong_left = [0u64; 3];
+        let mut left_by_rule = [0u64; 3];
         let mut per_unit_checked = Vec::new();
         for &seed in seeds {
             for (r, (rule, trust)) in rules.iter().enumerate() {
@@ -1239,7 +1301,7 @@ fn adaptive_table(
                     warm.all_finished && warm.lost == 0,
                     "{name} {rule}: {warm:?}"
                 );
-                wrong_left[r] += o.accepted_wrong + warm.accepted_wrong;
+                left_by_rule[r] += wrong_left(&o, &warm);
                 rows.push(adaptive_row(name, rule, &o, &warm));
                 let collude = base.collude;
                 let sleepers = base.sleepers > 0.0;
@@ -1261,17 +1323,17 @@ fn adaptive_table(
         {
             missed.push(format!("{name}: {median:.3} executions per unit (median)"));
         }
-        if base.collude && wrong_left[2] > wrong_left[0] {
+        if base.collude && left_by_rule[2] > left_by_rule[0] {
             missed.push(format!(
                 "{name}: adaptive left {} wrong, replicas = 2 left {}",
-                wrong_left[2], wrong_left[0]
+                left_by_rule[2], left_by_rule[0]
             ));
         }
     }
     (rows, missed)
 }
 
-const ADAPTIVE_HEADER: &str = "| scenario | rule | executions per unit (warm-up job) | run alone | spot checks | wrong accepted at some point | wrong left at the end | trusted peers caught | re-validated units | most wrong results one liar got accepted alone |\n|---|---|---|---|---|---|---|---|---|---|";
+const ADAPTIVE_HEADER: &str = "| scenario | rule | executions per unit (warm-up job) | run alone | spot checks | wrong accepted at some point | wrong left when its job ended | wrong left after resuming | trusted peers caught | re-validated units | most wrong results one liar got accepted alone |\n|---|---|---|---|---|---|---|---|---|---|---|";
 
 #[test]
 fn adaptive_replication_keeps_no_wrong_result_in_a_short_run() {
@@ -1298,7 +1360,7 @@ fn adaptive_replication_table() {
 #[test]
 fn sleepers_by_spot_floor() {
     println!(
-        "| spot floor | executions per unit (honest peers) | executions per unit (sleepers) | wrong at some point | wrong left at the end | sleepers caught |\n|---|---|---|---|---|---|"
+        "| spot floor | executions per unit (honest peers) | executions per unit (sleepers) | wrong at some point | wrong left at the end | sleepers caught (of 30) |\n|---|---|---|---|---|---|"
     );
     let mut rows = Vec::new();
     for floor in [0.05, 0.10, 0.20, 0.50] {
@@ -1330,8 +1392,8 @@ fn sleepers_by_spot_floor() {
             );
             sleepy.push(o.executions as f64 / o.units as f64);
             ever += o.accepted_wrong_ever + warm.accepted_wrong_ever;
-            left += o.accepted_wrong + warm.accepted_wrong;
-            caught += o.trust.caught + warm.trust.caught;
+            left += wrong_left(&o, &warm);
+            caught += o.sleepers_caught;
         }
         honest.sort_by(f64::total_cmp);
         sleepy.sort_by(f64::total_cmp);
