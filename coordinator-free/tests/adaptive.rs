@@ -118,6 +118,15 @@ async fn trust_earned_in_one_job_runs_the_next_alone_and_a_liar_is_caught() {
         s3.trust
     );
     assert!(s3.caught.contains(&d.id()), "{s3:?}");
+    // Each unit counts once in the summary, as it was decided last.
+    assert_eq!(
+        s3.validated.values().sum::<u64>(),
+        600,
+        "{:?}",
+        s3.validated
+    );
+    let rerun = s3.validated.get("re-validated").copied().unwrap_or(0);
+    assert!(rerun >= u64::from(s3.revalidated), "{s3:?}");
     assert!(s3.trust.caught >= 1, "{:?}", s3.trust);
 
     // Job 2 holds units peer d ran alone before it turned liar: job 3's summary names it, and

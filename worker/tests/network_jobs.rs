@@ -3,42 +3,19 @@
 //! is outvoted and named (in the results, the summary and `worker status`), and a submitter
 //! killed with SIGKILL resumes from its journal. Every wait is bounded.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use coordinator_free::identity::Identity;
-use coordinator_free::node::{Bootstrap, Node, NodeConfig, WorkConfig, WorkRunner};
-use coordinator_free::sandbox::SandboxConfig;
 use serde_json::Value;
 
 mod common;
-use common::{count_before, finish};
+use common::{
+    Lies, Peer, WORKER, count_before, finish, one_thread_runtime, results, spawn_submit,
+    start_liar, start_peer_at, status, wait_for,
+};
 
-const WORKER: &str = env!("CARGO_BIN_EXE_worker");
 const SAMPLES: u64 = 3_000_000;
-
-/// A `worker run` process, killed when dropped.
-struct Peer {
-    child: Child,
-    id: String,
-    addr: String,
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Peer {
-    fn bootstrap(&self) -> String {
-        format!("{}@{}", self.id, self.addr)
-    }
-}
 
 /// A loopback address of its own for each peer: each is a host of its own to a submitter.
 fn next_listen() -> String {
@@ -51,98 +28,9 @@ fn start_peer(root: &Path, name: &str, bootstrap: Option<&Peer>) -> Peer {
     start_peer_at(root, name, bootstrap, &next_listen())
 }
 
-fn start_peer_at(root: &Path, name: &str, bootstrap: Option<&Peer>, listen: &str) -> Peer {
-    let mut command = Command::new(WORKER);
-    command
-        .args(["run", "--listen", listen, "--no-mdns", "--cpus", "1"])
-        .arg("--data-dir")
-        .arg(root.join(name))
-        .env_remove("WORKER_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(root.join(format!("{name}.stderr"))).unwrap());
-    if let Some(b) = bootstrap {
-        command.args(["--bootstrap", &b.bootstrap()]);
-    }
-    let mut child = command.spawn().expect("worker run starts");
-    // "peer ID listening on ADDR", read on a thread so a silent peer cannot hang the test.
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("worker run prints its address");
-    let words: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(words.get(2), Some(&"listening"), "{line}");
-    Peer {
-        child,
-        id: words[1].to_owned(),
-        addr: words[4].to_owned(),
-    }
-}
-
-fn status(dir: &Path) -> Value {
-    let out = Command::new(WORKER)
-        .args(["status", "--json", "--data-dir"])
-        .arg(dir)
-        .output()
-        .expect("worker status runs");
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-}
-
-fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < limit, "{what} within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn manifest(dir: &Path, name: &str, seeds: (u64, u64)) -> PathBuf {
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "name = {name:?}\nmodule = {:?}\n[inputs.sweep]\nseed = {{ start = {}, stop = {}, step = 1 }}\nsamples = {SAMPLES}\n[redundancy]\nreplicas = 2\n",
-            example_artifacts::PI,
-            seeds.0,
-            seeds.1
-        ),
-    )
-    .unwrap();
-    path
-}
-
-fn spawn_submit(root: &Path, manifest: &Path, via: &Peer, tag: &str) -> Child {
-    Command::new(WORKER)
-        .arg("submit")
-        .arg(manifest)
-        .arg("--out")
-        .arg(root.join(format!(
-            "out-{}",
-            manifest.file_stem().unwrap().to_string_lossy()
-        )))
-        .arg("--data-dir")
-        .arg(root.join("submitter"))
-        .args(["--bootstrap", &via.bootstrap(), "--cpus", "0", "--no-mdns"])
-        .env_remove("WORKER_LOG")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(root.join(format!("{tag}.stdout"))).unwrap())
-        .stderr(std::fs::File::create(root.join(format!("{tag}.stderr"))).unwrap())
-        .spawn()
-        .expect("worker submit starts")
-}
-
-fn results(root: &Path, job: &str) -> Vec<Value> {
-    std::fs::read_to_string(root.join(format!("out-{job}/results.jsonl")))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-        .collect()
+/// The pi job over `seeds`, replicated twice.
+fn manifest(dir: &Path, name: &str, seeds: (u64, u64)) -> std::path::PathBuf {
+    common::manifest(dir, name, seeds, SAMPLES, false)
 }
 
 /// Every line accepted with the native kernel's answer, one per unit, agreed by two distinct
@@ -185,22 +73,8 @@ fn jobs_survive_a_killed_worker_a_liar_and_a_killed_submitter() {
     ];
 
     // The lying peer: a node in this process whose every output is altered.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut config = NodeConfig::new(next_listen().parse().unwrap());
-    config.mdns = false;
-    config.bootstrap = vec![first.bootstrap().parse::<Bootstrap>().unwrap()];
-    config.capacity.cores_donated = 1;
-    config.capacity.cores_free = 1;
-    let mut work = WorkConfig::new(WorkRunner::InProcess(SandboxConfig::default()), 1);
-    work.tamper = true;
-    config.work = Some(work);
-    let liar = runtime
-        .block_on(Node::start(Identity::generate().unwrap(), config))
-        .expect("the lying peer starts");
+    let runtime = one_thread_runtime();
+    let liar = start_liar(&runtime, &next_listen(), &first, Lies::Always);
     let liar_id = liar.id().to_string();
 
     wait_for(
@@ -373,6 +247,7 @@ fn a_job_short_of_distinct_hosts_says_so() {
 #[test]
 fn a_revoked_lease_stops_its_unit_on_a_worker_run() {
     use coordinator_free::digest::Digest;
+    use coordinator_free::identity::Identity;
     use coordinator_free::job::proto::{InputRef, JobFrame, JobSpec, Offer, WireLease};
     use coordinator_free::net::{self, LinkKind, NetConfig};
     use coordinator_free::sandbox::Limits;

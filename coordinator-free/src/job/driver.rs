@@ -206,8 +206,8 @@ pub struct JobSummary {
     pub penalties: Vec<(Culprit, Penalty)>,
     /// Units journaled as failed by host failures or cancellation that this run took up again.
     pub retried: u32,
-    /// Units decided in this run by how they were validated: `quorum`, `trusted`,
-    /// `spot-checked`, `vouched`, `re-validated`.
+    /// Units decided in this run by how they were validated (a unit decided twice, as it was
+    /// decided last): `quorum`, `trusted`, `spot-checked`, `vouched`, `re-validated`.
     pub validated: BTreeMap<&'static str, u64>,
     /// Units accepted on a trusted peer's word and run again because that peer (or another key
     /// of its host) was caught lying: in this run, or journaled earlier and caught since.
@@ -623,8 +623,10 @@ struct State {
     reputations: BTreeMap<PeerId, Reputation>,
     /// Every unit decided so far (restored or in this run), and whether it succeeded.
     decided_units: BTreeMap<u32, bool>,
-    /// Decisions of this run by how they were validated.
+    /// Units decided in this run by how they were validated last.
     validations: BTreeMap<&'static str, u64>,
+    /// How each unit decided in this run was validated last.
+    validated_as: BTreeMap<u32, &'static str>,
     /// Units decided a second time in this run.
     redecided: u32,
     /// Peers whose alone results were run again in this run.
@@ -780,10 +782,18 @@ impl State {
     }
 
     fn decided(&mut self, unit: u32, verdict: Verdict, validation: Validation) {
-        *self
-            .validations
-            .entry(validation_kind(&validation))
-            .or_default() += 1;
+        let kind = validation_kind(&validation);
+        // A unit decided again (run anew after its trusted peer was caught) counts once, as
+        // it was decided last.
+        if let Some(earlier) = self.validated_as.insert(unit, kind)
+            && let Some(n) = self.validations.get_mut(earlier)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.validations.remove(earlier);
+            }
+        }
+        *self.validations.entry(kind).or_default() += 1;
         if let Validation::Revalidated { caught } = validation {
             self.caught.insert(caught);
         }

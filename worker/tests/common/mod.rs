@@ -1,8 +1,21 @@
-//! Helpers shared by the tests that run `worker submit` as a process.
+//! Helpers shared by the tests that run `worker` as a process: `worker run` peers on loopback
+//! addresses of their own, a lying peer in the test's process, pi jobs submitted with
+//! `worker submit`, and what they leave behind.
+#![allow(dead_code)]
 
-use std::path::Path;
-use std::process::Child;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use coordinator_free::identity::Identity;
+use coordinator_free::node::{Bootstrap, Node, NodeConfig, WorkConfig, WorkRunner};
+use coordinator_free::sandbox::SandboxConfig;
+use serde_json::Value;
 
 /// What a finished `worker submit` left behind.
 pub struct Run {
@@ -41,6 +54,11 @@ pub fn finish(mut child: Child, dir: &Path, tag: &str, limit: Duration) -> Run {
 
 /// The number before `label` in a summary, e.g. "12 units run this time".
 pub fn count_before(stdout: &str, label: &str) -> u64 {
+    number_before(stdout, label)
+}
+
+/// The number before `label` in a summary, e.g. "1.12 executions per unit".
+pub fn number_before<T: FromStr>(stdout: &str, label: &str) -> T {
     let at = stdout
         .find(label)
         .unwrap_or_else(|| panic!("{label:?} in {stdout}"));
@@ -48,5 +66,180 @@ pub fn count_before(stdout: &str, label: &str) -> u64 {
         .split_whitespace()
         .last()
         .and_then(|w| w.parse().ok())
-        .unwrap_or_else(|| panic!("a count before {label:?} in {stdout}"))
+        .unwrap_or_else(|| panic!("a number before {label:?} in {stdout}"))
+}
+
+/// The `worker` binary under test.
+pub const WORKER: &str = env!("CARGO_BIN_EXE_worker");
+
+/// A `worker run` process, killed when dropped.
+pub struct Peer {
+    pub child: Child,
+    pub id: String,
+    pub addr: String,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Peer {
+    pub fn bootstrap(&self) -> String {
+        format!("{}@{}", self.id, self.addr)
+    }
+}
+
+/// Starts `worker run` on `listen` with the data directory `root/NAME` and one core, its
+/// stderr in `root/NAME.stderr`, joining through `bootstrap` if given.
+pub fn start_peer_at(root: &Path, name: &str, bootstrap: Option<&Peer>, listen: &str) -> Peer {
+    let mut command = Command::new(WORKER);
+    command
+        .args(["run", "--listen", listen, "--no-mdns", "--cpus", "1"])
+        .arg("--data-dir")
+        .arg(root.join(name))
+        .env_remove("WORKER_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(root.join(format!("{name}.stderr"))).unwrap());
+    if let Some(b) = bootstrap {
+        command.args(["--bootstrap", &b.bootstrap()]);
+    }
+    let mut child = command.spawn().expect("worker run starts");
+    // "peer ID listening on ADDR", read on a thread so a silent peer cannot hang the test.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("worker run prints its address");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(words.get(2), Some(&"listening"), "{line}");
+    Peer {
+        child,
+        id: words[1].to_owned(),
+        addr: words[4].to_owned(),
+    }
+}
+
+/// When the lying peer made by a test alters its outputs.
+pub enum Lies {
+    /// Every output.
+    Always,
+    /// While the switch is set.
+    While(Arc<AtomicBool>),
+}
+
+/// A runtime with one worker thread, for the lying peer.
+pub fn one_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A peer in the test's process on `listen` with one slot, joining through `bootstrap`, whose
+/// outputs are altered as `lies` says.
+pub fn start_liar(
+    runtime: &tokio::runtime::Runtime,
+    listen: &str,
+    bootstrap: &Peer,
+    lies: Lies,
+) -> Node {
+    let mut config = NodeConfig::new(listen.parse().unwrap());
+    config.mdns = false;
+    config.bootstrap = vec![bootstrap.bootstrap().parse::<Bootstrap>().unwrap()];
+    config.capacity.cores_donated = 1;
+    config.capacity.cores_free = 1;
+    let mut work = WorkConfig::new(WorkRunner::InProcess(SandboxConfig::default()), 1);
+    match lies {
+        Lies::Always => work.tamper = true,
+        Lies::While(switch) => work.tamper_switch = Some(switch),
+    }
+    config.work = Some(work);
+    runtime
+        .block_on(Node::start(Identity::generate().unwrap(), config))
+        .expect("the lying peer starts")
+}
+
+/// What `worker status --json --data-dir DIR` prints, or null.
+pub fn status(dir: &Path) -> Value {
+    let out = Command::new(WORKER)
+        .args(["status", "--json", "--data-dir"])
+        .arg(dir)
+        .output()
+        .expect("worker status runs");
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// Polls `check` every 100 ms; the test fails if it is not true within `limit`.
+pub fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Writes `dir/NAME.toml`: the pi example over `seeds` (inclusive) with `samples` samples a
+/// unit, replicated twice, adaptive replication on if `adaptive`.
+pub fn manifest(
+    dir: &Path,
+    name: &str,
+    seeds: (u64, u64),
+    samples: u64,
+    adaptive: bool,
+) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    let adaptive = if adaptive { "adaptive = true\n" } else { "" };
+    std::fs::write(
+        &path,
+        format!(
+            "name = {name:?}\nmodule = {:?}\n[inputs.sweep]\nseed = {{ start = {}, stop = {}, step = 1 }}\nsamples = {samples}\n[redundancy]\nreplicas = 2\n{adaptive}",
+            example_artifacts::PI,
+            seeds.0,
+            seeds.1
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Starts `worker submit MANIFEST` through `via`, with the data directory `root/submitter`,
+/// results in `root/out-NAME` (NAME the manifest's file stem) and its output in
+/// `root/TAG.stdout` and `root/TAG.stderr`.
+pub fn spawn_submit(root: &Path, manifest: &Path, via: &Peer, tag: &str) -> Child {
+    Command::new(WORKER)
+        .arg("submit")
+        .arg(manifest)
+        .arg("--out")
+        .arg(root.join(format!(
+            "out-{}",
+            manifest.file_stem().unwrap().to_string_lossy()
+        )))
+        .arg("--data-dir")
+        .arg(root.join("submitter"))
+        .args(["--bootstrap", &via.bootstrap(), "--cpus", "0", "--no-mdns"])
+        .env_remove("WORKER_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(root.join(format!("{tag}.stdout"))).unwrap())
+        .stderr(std::fs::File::create(root.join(format!("{tag}.stderr"))).unwrap())
+        .spawn()
+        .expect("worker submit starts")
+}
+
+/// The lines of `root/out-JOB/results.jsonl` so far.
+pub fn results(root: &Path, job: &str) -> Vec<Value> {
+    std::fs::read_to_string(root.join(format!("out-{job}/results.jsonl")))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect()
 }
