@@ -15,7 +15,7 @@ use serde_json::Value;
 
 mod common;
 use common::{
-    Lies, Run, count_before, finish, manifest, number_before, one_thread_runtime, results,
+    Lies, Run, WORKER, count_before, finish, manifest, number_before, one_thread_runtime, results,
     spawn_submit, start_liar, start_peer_at, status, wait_for,
 };
 
@@ -153,6 +153,16 @@ fn trust_earned_by_worker_processes_runs_units_once_and_a_liar_is_caught() {
     assert!(by.get("quorum").copied().unwrap_or(0) >= 40, "{by:?}");
     let report = status(&submitter);
     println!("after the warm-up: {}", report["reputation"]);
+    // No peer runs with the submitter's data directory: its record is the status, not an error.
+    let plain = std::process::Command::new(WORKER)
+        .args(["status", "--data-dir"])
+        .arg(&submitter)
+        .output()
+        .expect("worker status runs");
+    assert!(
+        plain.status.success() && String::from_utf8_lossy(&plain.stdout).contains("trust streak"),
+        "{plain:?}"
+    );
     let peers = report["reputation"]
         .as_array()
         .unwrap_or_else(|| panic!("worker status shows the submitter's record: {report}"));
