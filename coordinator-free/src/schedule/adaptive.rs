@@ -65,6 +65,9 @@ pub(super) enum Mode {
         peer: PeerId,
         host: Host,
         streak: u32,
+        /// The host the submitter drew to check it: only its peers may take the check while
+        /// fresh units remain (see [`Scheduler::spot_for`]).
+        checker: Option<Host>,
     },
     Trusted {
         peer: PeerId,
@@ -263,6 +266,7 @@ impl Scheduler {
         };
         let standing = (trust.peer(&peer), trust.host(&host));
         if self.rng.chance(spot) {
+            let checker = self.draw_checker(host);
             let state = self.units.get_mut(unit as usize)?;
             let mut tally = Tally::new(policy);
             // The alone answer stays as the first vote; a second host must agree.
@@ -270,7 +274,12 @@ impl Scheduler {
                 let _ = tally.record(peer, host, Outcome::Output(digest));
             }
             state.tally = tally;
-            state.mode = Mode::Spot { peer, host, streak };
+            state.mode = Mode::Spot {
+                peer,
+                host,
+                streak,
+                checker,
+            };
             self.trust_stats.spot_checks += 1;
             self.refresh(unit);
             self.rescan = true;
@@ -288,6 +297,74 @@ impl Scheduler {
             streak,
             standing,
         })
+    }
+
+    /// A host other than `alone`, drawn uniformly among the hosts with peers in this job, to
+    /// check a result `alone` returned. The submitter draws it, not the order of requests: a
+    /// check handed to whoever asks first could be steered to a colluder that asks all the
+    /// time, and one held back until many units wait (as further replicas are) comes late,
+    /// after the liar ran many more units alone.
+    fn draw_checker(&mut self, alone: Host) -> Option<Host> {
+        self.draw_host(&[alone])
+    }
+
+    /// A host with peers in this job, none of `excluded`, drawn uniformly.
+    fn draw_host(&mut self, excluded: &[Host]) -> Option<Host> {
+        let hosts: Vec<Host> = self
+            .hosts
+            .iter()
+            .filter(|(h, s)| !excluded.contains(h) && s.peers > 0)
+            .map(|(h, _)| *h)
+            .collect();
+        self.rng.choose(&hosts).copied()
+    }
+
+    /// Spot checks whose checker has run them (a disagreement asks for a further host) or
+    /// has left get a checker drawn anew among the hosts that have not run them, so a dispute
+    /// over a trusted peer's result is settled as soon as the one it accuses is, not when the
+    /// job runs out of fresh units.
+    pub(super) fn redraw_checkers(&mut self) {
+        let stale: Vec<(u32, Vec<Host>)> = self
+            .started
+            .iter()
+            .filter_map(|&u| {
+                let state = self.units.get(u as usize)?;
+                let Mode::Spot { checker, .. } = state.mode else {
+                    return None;
+                };
+                let present = checker.is_some_and(|c| {
+                    self.hosts.get(&c).is_some_and(|h| h.peers > 0)
+                        && !state.tried.iter().any(|t| t.host == c)
+                });
+                (!present).then(|| (u, state.tried.iter().map(|t| t.host).collect()))
+            })
+            .collect();
+        for (unit, tried) in stale {
+            let drawn = self.draw_host(&tried);
+            if let Some(state) = self.units.get_mut(unit as usize)
+                && let Mode::Spot { checker, .. } = &mut state.mode
+            {
+                *checker = drawn;
+            }
+        }
+    }
+
+    /// How `peer`'s request may take started `unit`: `Some(true)` a spot check drawn for its
+    /// host (it goes first, whatever the pool), `Some(false)` a spot check drawn for another
+    /// host that is still here (not while fresh units remain), `None` any other unit.
+    pub(super) fn spot_for(&self, unit: u32, host: Host) -> Option<bool> {
+        let state = self.units.get(unit as usize)?;
+        match state.mode {
+            Mode::Spot {
+                checker: Some(checker),
+                ..
+            } if self.hosts.get(&checker).is_some_and(|h| h.peers > 0)
+                && !state.tried.iter().any(|t| t.host == checker) =>
+            {
+                Some(checker == host)
+            }
+            _ => None,
+        }
     }
 
     /// Feeds a replicated verdict to the trust table; a trusted peer among its dissenters is
@@ -447,6 +524,7 @@ impl Scheduler {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
     use std::time::Instant;
 
     use super::*;
@@ -570,6 +648,56 @@ mod tests {
                 .all(|c| !matches!(c, Command::Decided { .. }))
         );
         assert_eq!(s.trust_stats().alone, 0);
+    }
+
+    #[test]
+    fn a_spot_check_goes_to_the_host_the_submitter_drew() {
+        let now = Instant::now();
+        let mut trust = Trust::new(TrustConfig {
+            spot_floor: 1.0,
+            ..TrustConfig::default()
+        });
+        for _ in 0..1000 {
+            trust.agreed(peer(1), host(1));
+        }
+        let mut s = scheduler(400, trust);
+        // Hosts 2–5 are in the job but busy; peer 1 runs twenty units alone, each checked.
+        for p in 2..=5 {
+            available(&mut s, p, 0, now);
+        }
+        available(&mut s, 1, 20, now);
+        let _ = answer_all(&mut s, now, None);
+        let checker_of = |s: &Scheduler, unit: u32| match s.units[unit as usize].mode {
+            Mode::Spot { checker, .. } => checker,
+            _ => None,
+        };
+        let spots: Vec<(u32, Host)> = (0..400)
+            .filter_map(|u| checker_of(&s, u).map(|c| (u, c)))
+            .collect();
+        assert!(spots.len() >= 15, "{} spot checks", spots.len());
+        let drawn: BTreeSet<Host> = spots.iter().map(|(_, c)| *c).collect();
+        assert!(
+            drawn.len() >= 3,
+            "checkers spread over the hosts: {drawn:?}"
+        );
+        assert!(!drawn.contains(&host(1)), "never the peer's own host");
+        // Host 2 asks for work while hundreds of fresh units remain: it gets its own checks
+        // at once, and none of the others'.
+        available(&mut s, 2, 20, now);
+        let mut offered = Vec::new();
+        while let Some(c) = s.poll_command() {
+            if let Command::Offer { to, leases, .. } = c {
+                assert_eq!(to, peer(2));
+                offered.extend(leases.iter().map(|l| l.unit));
+            }
+        }
+        for (unit, checker) in &spots {
+            assert_eq!(
+                offered.contains(unit),
+                *checker == host(2),
+                "unit {unit} drawn for {checker:?}"
+            );
+        }
     }
 
     #[test]

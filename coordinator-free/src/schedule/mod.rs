@@ -1053,6 +1053,9 @@ impl Scheduler {
             pending.into_iter().collect()
         };
         candidates.retain(|id| self.room(id, now) > 0);
+        if self.trust.is_some() {
+            self.redraw_checkers();
+        }
         self.rng.shuffle(&mut candidates);
         for peer in candidates {
             if self.fresh.is_empty() && self.started.is_empty() {
@@ -1104,21 +1107,33 @@ impl Scheduler {
 
     /// Up to `room` started units that `peer`, on `host`, may run: drawn at random among all
     /// of them, and none when fewer than `min_pool` are eligible.
+    ///
+    /// A spot check drawn for `host` goes first and counts on no pool: the submitter chose its
+    /// checker. One drawn for another host is left to that host while fresh units remain.
     fn draw(&mut self, peer: PeerId, host: Host, room: usize, min_pool: usize) -> Vec<u32> {
-        let pool: Vec<u32> = self
-            .started
-            .iter()
-            .copied()
-            .filter(|u| {
-                self.units
-                    .get(*u as usize)
-                    .is_some_and(|s| eligible(&s.tried, peer, host))
-            })
-            .collect();
-        if pool.len() < min_pool.max(1) {
-            return Vec::new();
+        let tail = self.fresh.is_empty();
+        let mut checks = Vec::new();
+        let mut pool = Vec::new();
+        for &u in &self.started {
+            if !self
+                .units
+                .get(u as usize)
+                .is_some_and(|s| eligible(&s.tried, peer, host))
+            {
+                continue;
+            }
+            match self.spot_for(u, host) {
+                Some(true) => checks.push(u),
+                Some(false) if !tail => {}
+                _ => pool.push(u),
+            }
         }
-        self.sample(pool, room)
+        let mut units = self.sample(checks, room);
+        if pool.len() >= min_pool.max(1) {
+            let more = self.sample(pool, room - units.len());
+            units.extend(more);
+        }
+        units
     }
 
     /// `k` random elements of `pool`.

@@ -49,6 +49,9 @@ pub struct TrustConfig {
     pub threshold: u32,
     /// The least probability of a spot check of a unit run alone ([`TrustRule::Checked`]).
     pub spot_floor: f64,
+    /// Each time a peer or host was caught multiplies the streak it needs by this
+    /// ([`TrustRule::Checked`]; 1 keeps the threshold flat, as BOINC does).
+    pub catch_factor: u32,
     /// Whether a host failure or an expired lease resets the streak, as BOINC has it. Ours
     /// leaves it: a crash proves nothing about honesty, and the scheduler already gives an
     /// unreliable peer fewer leases.
@@ -72,6 +75,7 @@ impl Default for TrustConfig {
             rule: TrustRule::Checked,
             threshold: 10,
             spot_floor: 0.05,
+            catch_factor: 4,
             reset_on_error: false,
         }
     }
@@ -164,7 +168,9 @@ impl Trust {
         let threshold = self.config.threshold.max(1);
         match self.config.rule {
             TrustRule::Boinc => threshold,
-            TrustRule::Checked => threshold.saturating_mul(4u32.saturating_pow(caught)),
+            TrustRule::Checked => {
+                threshold.saturating_mul(self.config.catch_factor.max(1).saturating_pow(caught))
+            }
         }
     }
 
