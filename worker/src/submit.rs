@@ -83,6 +83,7 @@ pub fn run(args: SubmitArgs) -> Result<ExitCode, Failure> {
         error: anyhow!(e).context(format!("module {}", manifest.module.display())),
         code: exit::MODULE_REFUSED,
     })?;
+    refuse_up_front(&manifest, &wasm)?;
     let data_dir = crate::data_dir(args.data_dir)
         .ok_or_else(|| Failure::usage(anyhow!("no data directory: pass --data-dir or set HOME")))?;
     let out_dir = args.out.unwrap_or_else(|| default_out_dir(&manifest));
@@ -182,6 +183,29 @@ pub fn run(args: SubmitArgs) -> Result<ExitCode, Failure> {
     } else {
         ExitCode::from(exit::UNIT_FAILED)
     })
+}
+
+/// Checks and compiles the module as every peer would, before joining anything or running any
+/// unit: a module the sandbox refuses (a missing `run` export, an import outside the guest ABI)
+/// is the user's to fix, not something for every peer to discover unit by unit.
+fn refuse_up_front(manifest: &JobManifest, wasm: &[u8]) -> Result<(), Failure> {
+    let sandbox = sandbox::Sandbox::new(sandbox::SandboxConfig {
+        max_concurrent_units: 1,
+        ..sandbox::SandboxConfig::default()
+    })
+    .map_err(|e| internal(e.into()))?;
+    let metering = if manifest.limits.fuel.is_some() {
+        Metering::Fuel
+    } else {
+        Metering::Off
+    };
+    sandbox
+        .prepare(wasm, metering)
+        .map(drop)
+        .map_err(|e| Failure {
+            error: anyhow!(e).context(format!("module {}", manifest.module.display())),
+            code: exit::MODULE_REFUSED,
+        })
 }
 
 fn internal(error: anyhow::Error) -> Failure {

@@ -139,6 +139,47 @@ fn a_panicking_unit_fails_with_evidence_and_a_nonzero_exit() {
     assert_eq!(ok["output"]["ok"], true, "{ok}");
 }
 
+/// A module the sandbox refuses is refused by `submit` before anything runs, as `worker exec`
+/// refuses it: exit 3, one line naming the cause, no results, no journaled job.
+#[test]
+fn a_module_the_sandbox_refuses_is_refused_up_front() {
+    let cases: [(&str, &[u8], &str); 2] = [
+        (
+            "no-run.wat",
+            br#"(module (memory (export "memory") 1) (func (export "start") (result i32) i32.const 0))"#,
+            "run",
+        ),
+        (
+            "wasi.wat",
+            br#"(module (import "wasi_snapshot_preview1" "proc_exit" (func (param i32)))
+                  (memory (export "memory") 1) (func (export "run") (result i32) i32.const 0))"#,
+            "forbidden import",
+        ),
+    ];
+    for (file, module, cause) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(file), module).unwrap();
+        let manifest = write_manifest(
+            dir.path(),
+            &format!("name = \"refused\"\nmodule = {file:?}\n[inputs.sweep]\nx = [1, 2, 3]\n"),
+        );
+        let run = submit(dir.path(), &manifest, "run");
+        assert_eq!(run.code, Some(3), "{file}: stderr {}", run.stderr);
+        let lines: Vec<&str> = run.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{file}: one line: {lines:?}");
+        assert!(lines[0].contains(cause), "{file}: {lines:?}");
+        assert!(
+            lines[0].contains(file),
+            "{file}: names the module: {lines:?}"
+        );
+        assert!(!dir.path().join("out").exists(), "{file}: nothing ran");
+        assert!(
+            !dir.path().join("data").join("submit.redb").exists(),
+            "{file}: no job was journaled"
+        );
+    }
+}
+
 #[test]
 fn a_bad_manifest_is_refused_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
