@@ -25,6 +25,8 @@ const BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blobs");
 const TRUST_PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("trust-peers");
 /// Host (postcard) → its trust [`Standing`] with this submitter (postcard).
 const TRUST_HOSTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("trust-hosts");
+/// Job id → the [`JobSource`] it was submitted from (postcard).
+const SOURCES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("job-sources");
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +73,13 @@ pub struct JobRecord {
     pub max_attempts: u32,
     /// The engine profile the job's results are produced under.
     pub profile: String,
+}
+
+/// Where a job was submitted from: its manifest and results directory, as absolute paths.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSource {
+    pub manifest: PathBuf,
+    pub out: PathBuf,
 }
 
 /// A peer's record with this submitter: consecutive agreeing results, and totals.
@@ -150,7 +159,15 @@ impl JobStore {
         let db = Database::create(path).map_err(|e| open_error(e.to_string()))?;
         // Create every table once, so readers never meet a missing one.
         let txn = db.begin_write().map_err(db_error)?;
-        for table in [JOBS, UNITS, REPUTATION, BLOBS, TRUST_PEERS, TRUST_HOSTS] {
+        for table in [
+            JOBS,
+            UNITS,
+            REPUTATION,
+            BLOBS,
+            TRUST_PEERS,
+            TRUST_HOSTS,
+            SOURCES,
+        ] {
             txn.open_table(table).map_err(db_error)?;
         }
         txn.commit().map_err(db_error)?;
@@ -185,6 +202,18 @@ impl JobStore {
     /// Records a job (replacing an earlier record of the same id).
     pub fn put_job(&self, id: &Digest, job: &JobRecord) -> Result<(), StoreError> {
         self.put(JOBS, &[(&id.0, &encode(job)?)])
+    }
+
+    /// Records where a job was submitted from, so that it can be run again without its user.
+    pub fn put_source(&self, id: &Digest, source: &JobSource) -> Result<(), StoreError> {
+        self.put(SOURCES, &[(&id.0, &encode(source)?)])
+    }
+
+    /// Where the job with this id was last submitted from, if recorded.
+    pub fn source(&self, id: &Digest) -> Result<Option<JobSource>, StoreError> {
+        self.get(SOURCES, &id.0)?
+            .map(|bytes| decode("job source", &bytes))
+            .transpose()
     }
 
     /// The job with this id.
@@ -447,6 +476,31 @@ mod tests {
             Digest::of(&index.to_le_bytes())
         )
         .into_bytes()
+    }
+
+    #[test]
+    fn a_jobs_source_is_kept_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.redb");
+        let job = Digest::of(b"job");
+        let first = JobSource {
+            manifest: "/lab/sweep.toml".into(),
+            out: "/lab/sweep-results".into(),
+        };
+        {
+            let store = JobStore::open(&path).unwrap();
+            assert_eq!(store.source(&job).unwrap(), None);
+            store.put_source(&job, &first).unwrap();
+        }
+        let store = JobStore::open(&path).unwrap();
+        assert_eq!(store.source(&job).unwrap(), Some(first));
+        let moved = JobSource {
+            manifest: "/lab/v2/sweep.toml".into(),
+            out: "/lab/v2/out".into(),
+        };
+        store.put_source(&job, &moved).unwrap();
+        assert_eq!(store.source(&job).unwrap(), Some(moved));
+        assert_eq!(store.source(&Digest::of(b"other")).unwrap(), None);
     }
 
     #[test]

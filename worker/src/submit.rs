@@ -29,7 +29,7 @@ use coordinator_free::node::{
 };
 use coordinator_free::sandbox::{self, Executor, HostedModule, Metering};
 use coordinator_free::schedule::Culprit;
-use coordinator_free::store::JobStore;
+use coordinator_free::store::{JobSource, JobStore};
 
 use crate::{Failure, exit};
 
@@ -73,6 +73,12 @@ pub struct SubmitArgs {
 }
 
 pub fn run(args: SubmitArgs) -> Result<ExitCode, Failure> {
+    submit(args, None)
+}
+
+/// Runs the job of `args`; `revalidating` is the id the job must still have when it is run
+/// again because a peer its results rest on was caught by another job.
+fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Failure> {
     // Everything the user gave is checked before anything runs.
     let manifest = JobManifest::load(&args.manifest).map_err(Failure::usage)?;
     let units = manifest.units(&args.manifest).map_err(Failure::usage)?;
@@ -96,6 +102,32 @@ pub fn run(args: SubmitArgs) -> Result<ExitCode, Failure> {
         code: exit::USAGE,
     })?;
     let module_digest = Digest::of(&wasm);
+    let id = coordinator_free::job::local::job_id(&module_digest, &manifest, &units);
+    if let Some(expected) = revalidating
+        && expected != id
+    {
+        eprintln!(
+            "job {}: its manifest, module or inputs changed since it ran (job {expected}, now {id}); resubmit it to run its units again",
+            manifest.name
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Where the job came from, so a later job that catches a peer its results rest on can run
+    // it again; a path that cannot be made absolute is not recorded.
+    if let (Ok(manifest_path), Ok(out)) = (
+        std::path::absolute(&args.manifest),
+        std::path::absolute(&out_dir),
+    ) {
+        store
+            .put_source(
+                &id,
+                &JobSource {
+                    manifest: manifest_path,
+                    out,
+                },
+            )
+            .map_err(|e| internal(e.into()))?;
+    }
     if store
         .blob(&module_digest)
         .map_err(|e| internal(e.into()))?
@@ -178,7 +210,48 @@ pub fn run(args: SubmitArgs) -> Result<ExitCode, Failure> {
         (summary, false)
     };
     print_summary(&manifest, &summary, simulated);
-    Ok(if summary.succeeded() {
+    let mut succeeded = summary.succeeded();
+    if revalidating.is_none() && !summary.suspect_jobs.is_empty() {
+        // Other journaled jobs hold results accepted on the word of a peer this job caught:
+        // each is resumed, which runs exactly those units again, replicated. One level only: a
+        // catch while re-validating is listed by that job's summary for the next submit.
+        let sources: Vec<(String, Digest, u64, Option<JobSource>)> = summary
+            .suspect_jobs
+            .iter()
+            .map(|(name, id, n)| (name.clone(), *id, *n, store.source(id).ok().flatten()))
+            .collect();
+        // The nested runs open the journal themselves.
+        drop(store);
+        for (name, id, n, source) in sources {
+            let Some(source) = source else {
+                eprintln!(
+                    "job {name} ({id}): {n} units to run again, but where it was submitted from is not recorded; resubmit it"
+                );
+                continue;
+            };
+            println!("\nre-validating job {name} ({id}): {n} units rest on a peer caught since");
+            let again = SubmitArgs {
+                manifest: source.manifest,
+                out: Some(source.out),
+                data_dir: Some(data_dir.clone()),
+                cpus: args.cpus,
+                bootstrap: args.bootstrap.clone(),
+                listen: args.listen,
+                no_mdns: args.no_mdns,
+            };
+            match submit(again, Some(id)) {
+                Ok(code) => succeeded &= code == ExitCode::SUCCESS,
+                Err(failure) => {
+                    eprintln!(
+                        "job {name} ({id}) could not be run again: {:#}",
+                        failure.error
+                    );
+                    succeeded = false;
+                }
+            }
+        }
+    }
+    Ok(if succeeded {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(exit::UNIT_FAILED)
@@ -500,7 +573,7 @@ fn print_summary(manifest: &JobManifest, s: &JobSummary, simulated: bool) {
             }
             for (name, id, units) in &s.suspect_jobs {
                 println!(
-                    "  job {name} ({id}) holds {units} units accepted on the word of a peer caught since: submit it again to run them anew"
+                    "  job {name} ({id}) holds {units} units accepted on the word of a peer caught since: they are run again below, or when the job is next submitted"
                 );
             }
         }

@@ -225,7 +225,11 @@ fn trust_earned_by_worker_processes_runs_units_once_and_a_liar_is_caught() {
     let seeds = (2001, 2000 + LYING);
     let run = submit(root, "pi-lying", seeds, &first);
     let by = check_results(root, "pi-lying", seeds);
-    let stdout = &run.stdout;
+    // Job 3's own summary, then the re-run of job 2's units that rested on the liar.
+    let (stdout, rerun_of_job_2) = run
+        .stdout
+        .split_once("re-validating job pi-trusted")
+        .unwrap_or((&run.stdout, ""));
     assert!(
         stdout.contains(&format!(
             "peer {liar_id} was caught disagreeing with a quorum while trusted"
@@ -258,6 +262,31 @@ fn trust_earned_by_worker_processes_runs_units_once_and_a_liar_is_caught() {
             )),
             "job 2's units on the liar's word are named: {stdout}"
         );
+        // ... and run again by the same `worker submit`, without being asked: job 2's results
+        // still hold every unit, right, and none rests on the liar's word any more.
+        assert!(
+            rerun_of_job_2.contains(&format!(
+                "{liar_alone_in_job_2} units rest on a peer caught since"
+            )),
+            "{}",
+            run.stdout
+        );
+        let by2 = check_results(root, "pi-trusted", (1001, 1000 + TRUSTED));
+        let lines = results(root, "pi-trusted");
+        let still_on_liar = lines
+            .iter()
+            .filter(|l| {
+                l["validated"]["by"] == "trusted" && l["validated"]["peer"] == liar_id.as_str()
+            })
+            .count();
+        assert_eq!(still_on_liar, 0, "{by2:?}");
+        let rerun = lines
+            .iter()
+            .filter(|l| l["validated"]["revalidated_after"] == liar_id.as_str())
+            .count();
+        assert_eq!(rerun, liar_alone_in_job_2, "{by2:?}");
+    } else {
+        assert!(rerun_of_job_2.is_empty(), "{}", run.stdout);
     }
     let report = status(&submitter);
     let liar_standing = standing(&report, &liar_id);
