@@ -15,8 +15,8 @@ use serde_json::Value;
 
 mod common;
 use common::{
-    Lies, Run, WORKER, count_before, finish, manifest, number_before, one_thread_runtime, results,
-    spawn_submit, start_liar, start_peer_at, status, wait_for,
+    Lies, Run, WORKER, check_pi_line, count_before, finish, manifest, number_before,
+    one_thread_runtime, results, spawn_submit, start_liar, start_peer_at, status, wait_for,
 };
 
 /// Samples per unit: a unit takes about a millisecond, so the test measures scheduling and
@@ -62,17 +62,7 @@ fn check_results(root: &Path, name: &str, seeds: (u64, u64)) -> BTreeMap<String,
     let mut seen: Vec<u64> = Vec::new();
     let mut by = BTreeMap::new();
     for line in &lines {
-        assert_eq!(line["status"], "accepted", "{line}");
-        let seed = line["input"]["params"]["seed"].as_u64().unwrap();
-        let expected = example_pi::compute(&example_pi::Input {
-            samples: SAMPLES,
-            seed,
-        });
-        assert_eq!(
-            line["output"],
-            serde_json::to_value(expected).unwrap(),
-            "a wrong result survived: {line}"
-        );
+        let index = check_pi_line(line, SAMPLES);
         let validated = &line["validated"];
         let kind = match validated["by"].as_str() {
             Some("quorum") if validated["revalidated_after"].is_string() => "re-validated",
@@ -80,7 +70,7 @@ fn check_results(root: &Path, name: &str, seeds: (u64, u64)) -> BTreeMap<String,
             None => panic!("no validation: {line}"),
         };
         *by.entry(kind.to_owned()).or_default() += 1;
-        seen.push(line["index"].as_u64().unwrap());
+        seen.push(index);
     }
     seen.sort_unstable();
     assert_eq!(seen, (0..units).collect::<Vec<_>>(), "{name}");

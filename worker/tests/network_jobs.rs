@@ -11,8 +11,8 @@ use serde_json::Value;
 
 mod common;
 use common::{
-    Lies, Peer, WORKER, count_before, finish, one_thread_runtime, results, spawn_submit,
-    start_liar, start_peer_at, status, wait_for,
+    Lies, Peer, WORKER, check_pi_line, count_before, finish, one_thread_runtime, results,
+    spawn_submit, start_liar, start_peer_at, status, wait_for,
 };
 
 const SAMPLES: u64 = 3_000_000;
@@ -40,22 +40,12 @@ fn check_results(lines: &[Value], seeds: (u64, u64), liar: &str) {
     assert_eq!(lines.len() as u64, units);
     let mut seen: Vec<u64> = Vec::new();
     for line in lines {
-        assert_eq!(line["status"], "accepted", "{line}");
-        let seed = line["input"]["params"]["seed"].as_u64().unwrap();
-        let expected = example_pi::compute(&example_pi::Input {
-            samples: SAMPLES,
-            seed,
-        });
-        assert_eq!(
-            line["output"],
-            serde_json::to_value(expected).unwrap(),
-            "{line}"
-        );
+        let index = check_pi_line(line, SAMPLES);
         let agreed = line["agreed"].as_array().unwrap();
         assert_eq!(agreed.len(), 2, "{line}");
         assert_ne!(agreed[0], agreed[1], "{line}");
         assert!(agreed.iter().all(|p| p != liar), "{line}");
-        seen.push(line["index"].as_u64().unwrap());
+        seen.push(index);
     }
     seen.sort_unstable();
     assert_eq!(seen, (0..units).collect::<Vec<_>>());

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::{Run, count_before, finish};
+use common::{Run, check_pi_line, count_before, finish};
 
 fn spawn(dir: &Path, manifest: &Path, tag: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_worker"))
@@ -259,20 +259,7 @@ fn a_killed_submit_resumes_without_rerunning_accepted_units() {
     );
     let mut seen: Vec<u64> = lines
         .iter()
-        .map(|line| {
-            assert_eq!(line["status"], "accepted", "{line}");
-            let seed = line["input"]["params"]["seed"].as_u64().unwrap();
-            let expected = example_pi::compute(&example_pi::Input {
-                samples: SAMPLES,
-                seed,
-            });
-            assert_eq!(
-                line["output"],
-                serde_json::to_value(expected).unwrap(),
-                "{line}"
-            );
-            line["index"].as_u64().unwrap()
-        })
+        .map(|line| check_pi_line(line, SAMPLES))
         .collect();
     seen.sort_unstable();
     assert_eq!(seen, (0..UNITS).collect::<Vec<_>>());

@@ -243,3 +243,17 @@ pub fn results(root: &Path, job: &str) -> Vec<Value> {
         .map(|l| serde_json::from_str(l).expect("each line is JSON"))
         .collect()
 }
+
+/// Checks that a `results.jsonl` line of the pi example was accepted with the native kernel's
+/// answer for its seed, at `samples` samples; returns its unit index.
+pub fn check_pi_line(line: &Value, samples: u64) -> u64 {
+    assert_eq!(line["status"], "accepted", "{line}");
+    let seed = line["input"]["params"]["seed"].as_u64().unwrap();
+    let expected = example_pi::compute(&example_pi::Input { samples, seed });
+    assert_eq!(
+        line["output"],
+        serde_json::to_value(expected).unwrap(),
+        "a wrong result survived: {line}"
+    );
+    line["index"].as_u64().unwrap()
+}
