@@ -25,6 +25,10 @@ const BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blobs");
 const TRUST_PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("trust-peers");
 /// Host (postcard) → its trust [`Standing`] with this submitter (postcard).
 const TRUST_HOSTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("trust-hosts");
+/// `alert` → the alone results still to spot-check at the raised rate after a catch (u32,
+/// postcard).
+const TRUST_META: TableDefinition<&[u8], &[u8]> = TableDefinition::new("trust-meta");
+const ALERT_KEY: &[u8] = b"alert";
 /// Job id → the [`JobSource`] it was submitted from (postcard).
 const SOURCES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("job-sources");
 
@@ -166,6 +170,7 @@ impl JobStore {
             BLOBS,
             TRUST_PEERS,
             TRUST_HOSTS,
+            TRUST_META,
             SOURCES,
         ] {
             txn.open_table(table).map_err(db_error)?;
@@ -319,7 +324,7 @@ impl JobStore {
     /// which only makes peers less trusted). Past [`MAX_TRUSTED`] entries per table, those
     /// with the shortest streak and no catch go first.
     pub fn put_trust(&self, changes: &TrustChanges) -> Result<(), StoreError> {
-        if changes.peers.is_empty() && changes.hosts.is_empty() {
+        if changes.is_empty() {
             return Ok(());
         }
         let txn = self.db.begin_write().map_err(db_error)?;
@@ -336,6 +341,11 @@ impl JobStore {
                     .map_err(db_error)?;
             }
             trim_trust(&mut t)?;
+            if let Some(alert) = changes.alert {
+                let mut t = txn.open_table(TRUST_META).map_err(db_error)?;
+                t.insert(ALERT_KEY, encode(&alert)?.as_slice())
+                    .map_err(db_error)?;
+            }
         }
         txn.commit().map_err(db_error)
     }
@@ -358,6 +368,10 @@ impl JobStore {
             let (key, value) = entry.map_err(db_error)?;
             let host: Host = decode("trust host", key.value())?;
             trust.restore_host(host, decode("trust", value.value())?);
+        }
+        let t = txn.open_table(TRUST_META).map_err(db_error)?;
+        if let Some(value) = t.get(ALERT_KEY).map_err(db_error)? {
+            trust.restore_alert(decode("trust alert", value.value())?);
         }
         Ok(trust)
     }
@@ -476,6 +490,37 @@ mod tests {
             Digest::of(&index.to_le_bytes())
         )
         .into_bytes()
+    }
+
+    #[test]
+    fn the_trust_table_and_its_alert_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.redb");
+        let config = crate::validate::trust::TrustConfig::default();
+        let peer = PeerId::from_bytes([7; 32]);
+        let host = Host::of("192.0.2.7".parse().unwrap());
+        {
+            let store = JobStore::open(&path).unwrap();
+            let mut trust = store.trust(config).unwrap();
+            assert_eq!(trust.alert(), 0);
+            for _ in 0..10 {
+                trust.agreed(peer, host);
+            }
+            assert!(trust.dissented(peer, host));
+            trust.spend_alert();
+            store.put_trust(&trust.take_changes()).unwrap();
+        }
+        let store = JobStore::open(&path).unwrap();
+        let trust = store.trust(config).unwrap();
+        assert_eq!(trust.alert(), config.alert_span - 1);
+        assert_eq!(
+            trust.peer(&peer),
+            Standing {
+                streak: 0,
+                caught: 1
+            }
+        );
+        assert_eq!(trust.host(&host).caught, 1);
     }
 
     #[test]

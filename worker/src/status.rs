@@ -62,6 +62,7 @@ pub fn run(args: StatusArgs) -> Result<ExitCode, Failure> {
                 })
                 .collect();
             map.insert("reputation".into(), peers.into());
+            map.insert("spot_check_alert".into(), trust.alert().into());
         }
         if report.is_ok() || record.is_some() {
             println!("{value}");
@@ -119,6 +120,14 @@ fn reputation_table(record: &[(PeerId, Reputation)], trust: &Trust) -> String {
         record.len(),
         dissenters.len()
     );
+    if trust.alert() > 0 {
+        let _ = writeln!(
+            out,
+            "  after a recent catch, the next {} units run alone are spot-checked at {:.0} % at least",
+            trust.alert(),
+            trust.config().alert_rate * 100.0
+        );
+    }
     let host = |r: &Reputation| {
         r.host
             .map_or_else(|| "host unknown".to_owned(), |h| format!("on {h}"))

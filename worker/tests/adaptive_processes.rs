@@ -285,6 +285,9 @@ fn trust_earned_by_worker_processes_runs_units_once_and_a_liar_is_caught() {
         liar_standing["caught"].as_u64().unwrap_or(0) >= 1,
         "{report}"
     );
+    // The catch raised every spot check for a while, and the journal kept it.
+    let alert = report["spot_check_alert"].as_u64().unwrap_or(0);
+    assert!(alert > 0 && alert <= 2_000, "{report}");
     println!(
         "job 2: {per_unit:.2} executions per unit; job 3: {revalidated} units re-validated, {by:?}; {:.1}s in all",
         started.elapsed().as_secs_f64()

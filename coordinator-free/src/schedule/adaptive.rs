@@ -265,6 +265,9 @@ impl Scheduler {
             trust.spot_chance(streak)
         };
         let standing = (trust.peer(&peer), trust.host(&host));
+        if !vouched && let Some(trust) = self.trust.as_mut() {
+            trust.spend_alert();
+        }
         if self.rng.chance(spot) {
             let checker = self.draw_checker(host);
             let state = self.units.get_mut(unit as usize)?;

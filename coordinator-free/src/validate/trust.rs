@@ -22,7 +22,10 @@
 //!   spot check counts to the streak like any replicated result. A peer caught — by a spot
 //!   check, or by losing any quorum — loses its trust and its host's, and every unit it (or
 //!   another key of its host) ran alone is run again, replicated, so a lie accepted on trust
-//!   does not survive its author being caught.
+//!   does not survive its author being caught. A catch is also evidence that liars are about:
+//!   for the next `alert_span` units run alone (any peer's) the spot-check chance is at least
+//!   `alert_rate`, so a liar that behaved until now is caught at its next lies with good odds.
+//!   Among honest peers nothing is ever caught, and the alert never costs anything.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -56,6 +59,11 @@ pub struct TrustConfig {
     /// leaves it: a crash proves nothing about honesty, and the scheduler already gives an
     /// unreliable peer fewer leases.
     pub reset_on_error: bool,
+    /// After a catch, every unit run alone is spot-checked with at least this probability
+    /// ([`TrustRule::Checked`]) ...
+    pub alert_rate: f64,
+    /// ... for this many alone results judged after the latest catch.
+    pub alert_span: u32,
 }
 
 impl TrustConfig {
@@ -64,6 +72,8 @@ impl TrustConfig {
         Self {
             rule: TrustRule::Boinc,
             reset_on_error: true,
+            alert_rate: 0.0,
+            alert_span: 0,
             ..Self::default()
         }
     }
@@ -77,6 +87,8 @@ impl Default for TrustConfig {
             spot_floor: 0.05,
             catch_factor: 4,
             reset_on_error: false,
+            alert_rate: 0.5,
+            alert_span: 2_000,
         }
     }
 }
@@ -106,6 +118,9 @@ pub struct Trust {
     /// Peers the operator vouches for (a lab's own machines): they run units alone without
     /// spot checks, whatever their streak.
     vouched: BTreeSet<PeerId>,
+    /// Alone results still to judge at the raised spot-check rate since the latest catch.
+    alert: u32,
+    alert_changed: bool,
 }
 
 /// Entries of a trust table that changed, to persist.
@@ -113,6 +128,14 @@ pub struct Trust {
 pub struct TrustChanges {
     pub peers: Vec<(PeerId, Standing)>,
     pub hosts: Vec<(Host, Standing)>,
+    /// The alert left, when it changed.
+    pub alert: Option<u32>,
+}
+
+impl TrustChanges {
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty() && self.hosts.is_empty() && self.alert.is_none()
+    }
 }
 
 impl Trust {
@@ -196,11 +219,39 @@ impl Trust {
         1.0 - 1.0 / f64::from(self.streak(peer, host))
     }
 
-    /// The probability that a unit run alone at standing `streak` is spot-checked.
+    /// The probability that a unit run alone at standing `streak` is spot-checked: the
+    /// larger of `1/streak` and the floor, and of the alert rate while a recent catch raised it.
     pub fn spot_chance(&self, streak: u32) -> f64 {
         match self.config.rule {
             TrustRule::Boinc => 0.0,
-            TrustRule::Checked => (1.0 / f64::from(streak.max(1))).max(self.config.spot_floor),
+            TrustRule::Checked => {
+                let alert = if self.alert > 0 {
+                    self.config.alert_rate
+                } else {
+                    0.0
+                };
+                (1.0 / f64::from(streak.max(1)))
+                    .max(self.config.spot_floor)
+                    .max(alert)
+            }
+        }
+    }
+
+    /// Alone results still to judge at the raised rate.
+    pub fn alert(&self) -> u32 {
+        self.alert
+    }
+
+    /// Restores a persisted alert.
+    pub fn restore_alert(&mut self, alert: u32) {
+        self.alert = alert.min(self.config.alert_span);
+    }
+
+    /// An alone result was judged: one less to go at the raised rate.
+    pub fn spend_alert(&mut self) {
+        if self.alert > 0 {
+            self.alert -= 1;
+            self.alert_changed = true;
         }
     }
 
@@ -236,6 +287,10 @@ impl Trust {
                 s.caught = s.caught.saturating_add(1);
             }
         });
+        if caught && self.config.rule == TrustRule::Checked && self.config.alert_span > 0 {
+            self.alert = self.config.alert_span;
+            self.alert_changed = true;
+        }
         caught
     }
 
@@ -249,7 +304,12 @@ impl Trust {
             .into_iter()
             .map(|h| (h, self.host(&h)))
             .collect();
-        TrustChanges { peers, hosts }
+        let alert = std::mem::take(&mut self.alert_changed).then_some(self.alert);
+        TrustChanges {
+            peers,
+            hosts,
+            alert,
+        }
     }
 
     fn update_peer(&mut self, peer: PeerId, change: impl FnOnce(&mut Standing)) {
@@ -367,6 +427,42 @@ mod tests {
         ours.erred(peer(1), host(1));
         assert_eq!(boinc.streak(&peer(1), &host(1)), 0);
         assert_eq!(ours.streak(&peer(1), &host(1)), 12);
+    }
+
+    #[test]
+    fn a_catch_raises_every_spot_check_for_a_span() {
+        let config = TrustConfig {
+            alert_rate: 0.5,
+            alert_span: 3,
+            ..TrustConfig::default()
+        };
+        let mut trust = Trust::new(config);
+        assert_eq!(trust.spot_chance(1_000), 0.05);
+        // An untrusted peer's disagreement is no catch: nothing is raised.
+        assert!(!trust.dissented(peer(2), host(2)));
+        assert_eq!(trust.spot_chance(1_000), 0.05);
+        for _ in 0..10 {
+            trust.agreed(peer(1), host(1));
+        }
+        assert!(trust.dissented(peer(1), host(1)));
+        assert_eq!(trust.take_changes().alert, Some(3));
+        for left in [2, 1, 0] {
+            assert_eq!(trust.spot_chance(1_000), 0.5);
+            trust.spend_alert();
+            assert_eq!(trust.alert(), left);
+        }
+        assert_eq!(trust.spot_chance(1_000), 0.05);
+        assert_eq!(trust.take_changes().alert, Some(0));
+        trust.spend_alert();
+        assert_eq!(trust.take_changes(), TrustChanges::default());
+        // BOINC's rule has no spot checks to raise.
+        let mut boinc = Trust::new(TrustConfig::boinc());
+        for _ in 0..10 {
+            boinc.agreed(peer(1), host(1));
+        }
+        assert!(boinc.dissented(peer(1), host(1)));
+        assert_eq!(boinc.alert(), 0);
+        assert_eq!(boinc.spot_chance(1), 0.0);
     }
 
     #[test]
