@@ -63,7 +63,7 @@ pub struct Bootstrap {
 /// Why a bootstrap argument is not `ADDR` or `ID@ADDR`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BootstrapError {
-    #[error("{text:?} is not IP:PORT (or ID@IP:PORT)")]
+    #[error("{text:?} is not IP:PORT or HOST:PORT (either may start with ID@)")]
     Addr { text: String },
     #[error("bad peer id before '@'")]
     Peer(#[from] ParsePeerIdError),
@@ -93,11 +93,106 @@ impl fmt::Display for Bootstrap {
     }
 }
 
+/// A bootstrap peer named by its host name, resolved when the node starts and again before
+/// each retry while the node is isolated (and every few minutes otherwise).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedBootstrap {
+    pub host: String,
+    pub port: u16,
+    pub peer: Option<PeerId>,
+}
+
+impl fmt::Display for NamedBootstrap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(peer) = self.peer {
+            write!(f, "{peer}@")?;
+        }
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// A `--bootstrap` argument: `[ID@]IP:PORT` or `[ID@]HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootstrapArg {
+    Addr(Bootstrap),
+    Name(NamedBootstrap),
+}
+
+/// Longest host name DNS allows.
+const MAX_HOST_NAME: usize = 253;
+
+/// Whether `host` is a host name as DNS spells them: dot-separated labels of ASCII letters,
+/// digits and hyphens, at most 63 bytes each, not starting or ending with a hyphen, the last
+/// not all digits (which would be a mistyped IP address).
+pub fn is_host_name(host: &str) -> bool {
+    let trimmed = host.trim_end_matches('.');
+    !host.is_empty()
+        && host.len() <= MAX_HOST_NAME
+        && !trimmed
+            .rsplit('.')
+            .next()
+            .is_some_and(|last| last.bytes().all(|b| b.is_ascii_digit()))
+        && trimmed.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+impl FromStr for BootstrapArg {
+    type Err = BootstrapError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(b) = s.parse::<Bootstrap>() {
+            return Ok(Self::Addr(b));
+        }
+        let (peer, target) = match s.split_once('@') {
+            Some((id, target)) => (Some(id.trim().parse()?), target.trim()),
+            None => (None, s.trim()),
+        };
+        let bad = || BootstrapError::Addr {
+            text: target.to_owned(),
+        };
+        let (host, port) = target.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if !is_host_name(host) || host.parse::<IpAddr>().is_ok() {
+            return Err(bad());
+        }
+        Ok(Self::Name(NamedBootstrap {
+            host: host.to_ascii_lowercase(),
+            port,
+            peer,
+        }))
+    }
+}
+
+impl fmt::Display for BootstrapArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Addr(b) => b.fmt(f),
+            Self::Name(n) => n.fmt(f),
+        }
+    }
+}
+
+/// Most addresses one bootstrap name contributes.
+const MAX_ADDRS_PER_NAME: usize = 8;
+/// How long one name's lookup may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often bootstrap names are looked up again while the node has peers.
+const RESOLVE_CONNECTED: Duration = Duration::from_secs(300);
+
 /// Everything a node needs besides its identity.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub listen: SocketAddr,
     pub bootstrap: Vec<Bootstrap>,
+    /// Bootstrap peers named by host name.
+    pub bootstrap_names: Vec<NamedBootstrap>,
     pub capacity: Capacity,
     /// Announce and browse on the LAN with mDNS.
     pub mdns: bool,
@@ -115,6 +210,14 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// Adds a `--bootstrap` argument, an address or a host name.
+    pub fn add_bootstrap(&mut self, arg: BootstrapArg) {
+        match arg {
+            BootstrapArg::Addr(b) => self.bootstrap.push(b),
+            BootstrapArg::Name(n) => self.bootstrap_names.push(n),
+        }
+    }
+
     /// Defaults: listen on `listen`, mDNS on, no control socket, the whole machine's cores.
     pub fn new(listen: SocketAddr) -> Self {
         let cores = std::thread::available_parallelism()
@@ -122,6 +225,7 @@ impl NodeConfig {
         Self {
             listen,
             bootstrap: Vec::new(),
+            bootstrap_names: Vec::new(),
             capacity: Capacity {
                 cores_donated: cores,
                 cores_free: cores,
@@ -201,6 +305,7 @@ impl Node {
             .unwrap_or_else(|| advertised_addrs(local_addr));
 
         let now = Instant::now();
+        let bootstrap_retry = config.membership.bootstrap_retry;
         let mut membership = Membership::new(
             config.membership,
             LocalPeer {
@@ -259,6 +364,19 @@ impl Node {
             None
         };
 
+        let (isolated, isolated_rx) = tokio::sync::watch::channel(true);
+        if !config.bootstrap_names.is_empty() {
+            tasks.spawn(
+                resolve_loop(
+                    config.bootstrap_names.clone(),
+                    inputs_tx.clone(),
+                    isolated_rx,
+                    bootstrap_retry,
+                )
+                .instrument(tracing::debug_span!("resolve")),
+            );
+        }
+
         let pulls = submit::PullInbox::default();
         let dialer = JobDialer {
             pulls: pulls.clone(),
@@ -280,6 +398,8 @@ impl Node {
         let actor = Actor {
             dialer: dialer.clone(),
             bootstrap: config.bootstrap.iter().map(|b| b.addr).collect(),
+            resolved: vec![Vec::new(); config.bootstrap_names.len()],
+            isolated,
             dialer_pulls: pulls,
             work,
             me: id,
@@ -366,6 +486,12 @@ enum Input {
         addr: SocketAddr,
         peer: Option<PeerId>,
     },
+    /// The addresses bootstrap name `index` resolved to just now.
+    Resolved {
+        index: usize,
+        addrs: Vec<SocketAddr>,
+        peer: Option<PeerId>,
+    },
 }
 
 /// The actor's side of one open connection. Dropping it makes the writer flush and close.
@@ -382,6 +508,11 @@ struct Actor {
     dialer: JobDialer,
     /// The operator's bootstrap addresses: dialed without being confirmed first.
     bootstrap: std::collections::HashSet<SocketAddr>,
+    /// What each bootstrap name resolved to last: dialed like the operator's addresses.
+    resolved: Vec<Vec<SocketAddr>>,
+    /// Tells the resolver whether the node has no connection, so it looks names up again
+    /// before each retry.
+    isolated: tokio::sync::watch::Sender<bool>,
     /// Where pull links go: the job loop running on this peer, if any.
     dialer_pulls: submit::PullInbox,
     /// The work task, when this peer runs other peers' units.
@@ -463,6 +594,9 @@ impl Actor {
                 }
             }
             self.flush();
+            let alone = self.conns.is_empty();
+            self.isolated
+                .send_if_modified(|was| std::mem::replace(was, alone) != alone);
         }
     }
 
@@ -484,6 +618,15 @@ impl Actor {
             Input::Discovered { addr, peer } => {
                 self.membership
                     .handle(Event::Discovered { addr, peer }, now);
+            }
+            Input::Resolved { index, addrs, peer } => {
+                if let Some(slot) = self.resolved.get_mut(index) {
+                    slot.clone_from(&addrs);
+                    for addr in addrs {
+                        self.membership
+                            .handle(Event::Discovered { addr, peer }, now);
+                    }
+                }
             }
         }
     }
@@ -616,7 +759,9 @@ impl Actor {
                 .handle(Event::DialFailed { addr }, Instant::now());
             return;
         }
-        let vouch = if self.bootstrap.contains(&addr) {
+        let vouch = if self.bootstrap.contains(&addr)
+            || self.resolved.iter().flatten().any(|a| *a == addr)
+        {
             crate::reach::Vouch::Bootstrap
         } else {
             crate::reach::Vouch::Claimed
@@ -839,6 +984,76 @@ fn random_seed() -> u64 {
     u64::from_le_bytes(bytes)
 }
 
+/// Looks the bootstrap names up now, again every `retry` while the node has no connection, and
+/// every few minutes otherwise, and hands what they resolve to to the actor. A name that does not
+/// resolve is logged once until it resolves again.
+async fn resolve_loop(
+    names: Vec<NamedBootstrap>,
+    inputs: mpsc::Sender<Input>,
+    mut isolated: tokio::sync::watch::Receiver<bool>,
+    retry: Duration,
+) {
+    let mut failing = vec![false; names.len()];
+    loop {
+        for (index, name) in names.iter().enumerate() {
+            let looked = tokio::time::timeout(
+                RESOLVE_TIMEOUT,
+                tokio::net::lookup_host((name.host.as_str(), name.port)),
+            )
+            .await;
+            let addrs: Vec<SocketAddr> = match looked {
+                Ok(Ok(addrs)) => addrs.take(MAX_ADDRS_PER_NAME).collect(),
+                Ok(Err(err)) => {
+                    if !std::mem::replace(&mut failing[index], true) {
+                        tracing::warn!(bootstrap = %name, %err, "cannot resolve a bootstrap name; trying again later");
+                    }
+                    continue;
+                }
+                Err(_) => {
+                    if !std::mem::replace(&mut failing[index], true) {
+                        tracing::warn!(bootstrap = %name, "a bootstrap name did not resolve within {RESOLVE_TIMEOUT:?}; trying again later");
+                    }
+                    continue;
+                }
+            };
+            if std::mem::replace(&mut failing[index], false) {
+                tracing::info!(bootstrap = %name, ?addrs, "bootstrap name resolved");
+            } else {
+                tracing::debug!(bootstrap = %name, ?addrs, "bootstrap name resolved");
+            }
+            let resolved = Input::Resolved {
+                index,
+                addrs,
+                peer: name.peer,
+            };
+            if inputs.send(resolved).await.is_err() {
+                return;
+            }
+        }
+        let wait = if *isolated.borrow_and_update() {
+            retry
+        } else {
+            RESOLVE_CONNECTED
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => break,
+                changed = isolated.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // Just lost every peer: look the names up again after a short pause.
+                    if *isolated.borrow_and_update() {
+                        tokio::time::sleep(retry).await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -853,6 +1068,42 @@ mod tests {
         assert_eq!(pinned.to_string(), format!("{id}@[::1]:9"));
         assert!("nonsense".parse::<Bootstrap>().is_err());
         assert!("abc@127.0.0.1:1".parse::<Bootstrap>().is_err());
+    }
+
+    #[test]
+    fn bootstrap_arguments_take_host_names() {
+        let id = Identity::generate().expect("identity").id();
+        assert_eq!(
+            "127.0.0.1:7401".parse::<BootstrapArg>(),
+            Ok(BootstrapArg::Addr("127.0.0.1:7401".parse().expect("addr")))
+        );
+        let named: BootstrapArg = format!("{id}@Lab-01.example:7401").parse().expect("name");
+        assert_eq!(
+            named,
+            BootstrapArg::Name(NamedBootstrap {
+                host: "lab-01.example".into(),
+                port: 7401,
+                peer: Some(id),
+            })
+        );
+        assert_eq!(named.to_string(), format!("{id}@lab-01.example:7401"));
+        for bad in [
+            "lab-01",
+            "lab-01:",
+            "lab-01:70000",
+            "-lab:1",
+            "lab_01:1",
+            "a..b:1",
+            "[::1]:x",
+            "1.2.3.4.5:1",
+            "héte:1",
+            "abc@lab:1",
+        ] {
+            assert!(bad.parse::<BootstrapArg>().is_err(), "{bad}");
+        }
+        assert!(!is_host_name(&"a".repeat(254)));
+        assert!(!is_host_name(&format!("{}.b", "a".repeat(64))));
+        assert!(is_host_name("localhost"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use coordinator_free::identity::{AllowList, Identity, SERVER_NAME};
 use coordinator_free::net::{self, NetConfig, close};
-use coordinator_free::node::{Bootstrap, Node, NodeConfig};
+use coordinator_free::node::{Bootstrap, BootstrapArg, Node, NodeConfig};
 use coordinator_free::peer_id::PeerId;
 use coordinator_free::wire::{Frame, Hello, Message};
 use quinn::crypto::rustls::QuicClientConfig;
@@ -115,6 +115,48 @@ async fn ten_peers_converge_over_quic() {
     for node in nodes {
         node.shutdown().await;
     }
+}
+
+/// A bootstrap peer named by host name is looked up again at each retry: a peer that started
+/// before it, with a name that never resolves beside it, joins it once it is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_host_name_is_joined_once_its_peer_is_up() {
+    // A port nobody listens on yet.
+    let port = std::net::UdpSocket::bind(LOOPBACK)
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let first_identity = Identity::generate().expect("identity");
+    let first_id = first_identity.id();
+    let mut late = config(&[]);
+    late.membership.bootstrap_retry = Duration::from_millis(300);
+    for arg in [
+        // RFC 6761: names under .invalid never resolve.
+        "no-such-peer.invalid:7401".to_owned(),
+        format!("{first_id}@localhost:{port}"),
+    ] {
+        let arg: BootstrapArg = arg.parse().expect("a host name bootstrap");
+        assert!(matches!(arg, BootstrapArg::Name(_)), "{arg}");
+        late.add_bootstrap(arg);
+    }
+    let late = start_with(Identity::generate().expect("identity"), late).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(known(&late).await.is_empty());
+
+    let mut first = config(&[]);
+    first.listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let first = start_with(first_identity, first).await;
+    let took = wait_until(Duration::from_secs(20), || async {
+        known(&late).await == vec![first_id]
+    })
+    .await;
+    assert!(
+        took.is_some(),
+        "the peer named localhost:{port} was not joined"
+    );
+    late.shutdown().await;
+    first.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -207,3 +207,24 @@ pub(crate) fn data_dir(explicit: Option<PathBuf>) -> Option<PathBuf> {
             .map(|d| d.join("coordinator-free"))
     })
 }
+
+/// A `--listen` address: `IP:PORT`, or `HOST:PORT` looked up once at start (the first address
+/// it resolves to).
+pub(crate) fn listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let bad = || format!("{text:?} is not IP:PORT or HOST:PORT");
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if !coordinator_free::node::is_host_name(host) {
+        return Err(bad());
+    }
+    use std::net::ToSocketAddrs;
+    let mut addrs = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{host} resolves to no address"))
+}

@@ -10,7 +10,7 @@ use clap::Args;
 use coordinator_free::control::SOCKET_FILE;
 use coordinator_free::identity::{AllowList, Identity};
 use coordinator_free::membership::{MAX_CORES, MAX_MEMORY_MB};
-use coordinator_free::node::{Bootstrap, Node, NodeConfig, WorkConfig, WorkRunner};
+use coordinator_free::node::{BootstrapArg, Node, NodeConfig, WorkConfig, WorkRunner};
 
 use crate::{Failure, exit};
 
@@ -19,13 +19,13 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:7401";
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Address to accept peers on (`IP:PORT`; port 0 picks a free one).
-    #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN)]
+    /// Address to accept peers on (`IP:PORT` or `HOST:PORT`; port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN, value_parser = crate::listen_addr)]
     listen: SocketAddr,
-    /// A peer to join through: `IP:PORT`, or `ID@IP:PORT` to also check its identity.
-    /// Repeatable.
+    /// A peer to join through: `IP:PORT` or `HOST:PORT` (looked up at start and again while
+    /// no peer answers), either optionally as `ID@...` to also check its identity. Repeatable.
     #[arg(long, value_name = "[ID@]ADDR")]
-    bootstrap: Vec<Bootstrap>,
+    bootstrap: Vec<BootstrapArg>,
     /// Where the identity key and caches live (default: ~/.local/share/coordinator-free).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -70,7 +70,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         .map_err(Failure::usage)?;
 
     let mut config = NodeConfig::new(args.listen);
-    config.bootstrap = args.bootstrap;
+    for arg in args.bootstrap {
+        config.add_bootstrap(arg);
+    }
     config.mdns = !args.no_mdns;
     config.allow = allow;
     config.control_socket = Some(dir.join(SOCKET_FILE));

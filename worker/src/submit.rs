@@ -25,7 +25,8 @@ use coordinator_free::job::driver::{JobData, JobProgress, JobSummary, run_job};
 use coordinator_free::job::local::{LocalJob, default_out_dir};
 use coordinator_free::job::{JobManifest, UnitInput};
 use coordinator_free::node::{
-    Bootstrap, NetWorkers, Node, NodeConfig, WorkConfig, WorkRunner, net_schedule_config,
+    Bootstrap, BootstrapArg, NetWorkers, Node, NodeConfig, WorkConfig, WorkRunner,
+    net_schedule_config,
 };
 use coordinator_free::sandbox::{self, Executor, HostedModule, Metering};
 use coordinator_free::schedule::Culprit;
@@ -59,13 +60,13 @@ pub struct SubmitArgs {
     /// Cores to run units on [default: all]; 0 runs none here (network jobs only).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1024))]
     cpus: Option<u32>,
-    /// Run the job across the network, joining through this peer: `IP:PORT` or `ID@IP:PORT`.
-    /// Repeatable. Without it, a peer running on the data directory is joined if there is one;
+    /// Run the job across the network, joining through this peer: `IP:PORT` or `HOST:PORT`,
+    /// either optionally as `ID@...` to also check its identity. Repeatable. Without it, a peer running on the data directory is joined if there is one;
     /// otherwise the job runs on this machine alone.
     #[arg(long, value_name = "[ID@]ADDR")]
-    bootstrap: Vec<Bootstrap>,
-    /// Address the submitting peer listens on (network jobs).
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]
+    bootstrap: Vec<BootstrapArg>,
+    /// Address the submitting peer listens on (network jobs): `IP:PORT` or `HOST:PORT`.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0", value_parser = crate::listen_addr)]
     listen: SocketAddr,
     /// Do not look for peers on the local network (network jobs).
     #[arg(long)]
@@ -290,7 +291,7 @@ fn internal(error: anyhow::Error) -> Failure {
 
 /// How a network job joins the network.
 struct Network<'a> {
-    bootstrap: Vec<Bootstrap>,
+    bootstrap: Vec<BootstrapArg>,
     listen: SocketAddr,
     mdns: bool,
     cpus: u32,
@@ -298,7 +299,7 @@ struct Network<'a> {
 }
 
 /// The peer running on `data_dir`, as a bootstrap address, if one answers.
-fn running_peer(data_dir: &Path) -> Vec<Bootstrap> {
+fn running_peer(data_dir: &Path) -> Vec<BootstrapArg> {
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -313,10 +314,10 @@ fn running_peer(data_dir: &Path) -> Vec<Bootstrap> {
         IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         ip => ip,
     };
-    vec![Bootstrap {
+    vec![BootstrapArg::Addr(Bootstrap {
         addr: SocketAddr::new(ip, report.listen.port()),
         peer: Some(report.id),
-    }]
+    })]
 }
 
 /// Starts a peer of the submitter's own, joins the network and runs the job over it.
@@ -333,7 +334,9 @@ fn run_on_network(
     let identity = Identity::load_or_create(&network.data_dir.join("submitter"))
         .map_err(|e| internal(anyhow!(e)))?;
     let mut config = NodeConfig::new(network.listen);
-    config.bootstrap = network.bootstrap.clone();
+    for arg in &network.bootstrap {
+        config.add_bootstrap(arg.clone());
+    }
     config.mdns = network.mdns;
     let cores = u16::try_from(network.cpus).unwrap_or(u16::MAX);
     config.capacity.cores_donated = cores;
