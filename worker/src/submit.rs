@@ -90,9 +90,9 @@ fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Fa
         error: anyhow!(e).context(format!("module {}", manifest.module.display())),
         code: exit::MODULE_REFUSED,
     })?;
-    refuse_up_front(&manifest, &wasm)?;
     let data_dir = crate::data_dir(args.data_dir)
         .ok_or_else(|| Failure::usage(anyhow!("no data directory: pass --data-dir or set HOME")))?;
+    refuse_up_front(&manifest, &wasm, &data_dir)?;
     let out_dir = args.out.unwrap_or_else(|| default_out_dir(&manifest));
     let cpus = args.cpus.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
@@ -261,10 +261,21 @@ fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Fa
 
 /// Checks and compiles the module as every peer would, before joining anything or running any
 /// unit: a module the sandbox refuses (a missing `run` export, an import outside the guest ABI)
-/// is the user's to fix, not something for every peer to discover unit by unit.
-fn refuse_up_front(manifest: &JobManifest, wasm: &[u8]) -> Result<(), Failure> {
+/// is the user's to fix, not something for every peer to discover unit by unit. The compiled
+/// module goes to the data directory's module cache, which this machine's unit hosts share: a
+/// module submitted again, or run here, is not compiled a second time.
+fn refuse_up_front(manifest: &JobManifest, wasm: &[u8], data_dir: &Path) -> Result<(), Failure> {
+    let cache_dir = data_dir.join("modules");
+    // An unusable cache directory only costs compile time.
+    let cache_dir = std::fs::create_dir_all(&cache_dir)
+        .is_ok()
+        .then_some(cache_dir);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let sandbox = sandbox::Sandbox::new(sandbox::SandboxConfig {
         max_concurrent_units: 1,
+        cache_dir,
+        disk_cache_bytes: crate::DEFAULT_CACHE_MB.saturating_mul(1 << 20),
+        compile_threads: Some(u32::try_from(cores).unwrap_or(1)),
         ..sandbox::SandboxConfig::default()
     })
     .map_err(|e| internal(e.into()))?;
@@ -416,6 +427,11 @@ struct Display {
     unprinted: Option<String>,
     /// The warning that too few hosts take part was printed.
     warned: bool,
+    /// The note that units run on fewer hosts than `replicas` was printed.
+    noted_replicas: bool,
+    /// That note, while it applies and is not printed yet: printed after a few seconds, or
+    /// when the job ends first.
+    replicas_note: Option<String>,
 }
 
 impl Display {
@@ -426,7 +442,18 @@ impl Display {
             drawn: false,
             unprinted: None,
             warned: false,
+            noted_replicas: false,
+            replicas_note: None,
         }
+    }
+
+    /// Prints a line of its own above the progress line.
+    fn say(&mut self, line: &str) {
+        if self.drawn {
+            eprintln!();
+            self.drawn = false;
+        }
+        eprintln!("{line}");
     }
 
     fn show(&mut self, p: &JobProgress) {
@@ -439,11 +466,23 @@ impl Display {
                  or set placement = \"peer\" in [redundancy]",
                 p.hosts, p.quorum
             );
-            if self.drawn {
-                eprintln!();
-                self.drawn = false;
-            }
-            eprintln!("{line}");
+            self.say(&line);
+        }
+        if p.short_of_replicas() && !self.noted_replicas {
+            self.replicas_note = Some(format!(
+                "note: replicas = {} but {} distinct host(s) can take units: each unit runs on at \
+                 most {} until more join, and is accepted once {} agree (executions still running \
+                 then are cancelled)",
+                p.replicas, p.hosts, p.hosts, p.quorum
+            ));
+        } else if p.hosts >= p.replicas {
+            self.replicas_note = None;
+        }
+        if p.elapsed >= HOSTS_WARNING_AFTER
+            && let Some(line) = self.replicas_note.take()
+        {
+            self.noted_replicas = true;
+            self.say(&line);
         }
         let line = progress_line(p);
         let mut err = std::io::stderr().lock();
@@ -467,6 +506,9 @@ impl Display {
         if self.drawn {
             eprintln!();
         } else if let Some(line) = self.unprinted.take() {
+            eprintln!("{line}");
+        }
+        if let Some(line) = self.replicas_note.take() {
             eprintln!("{line}");
         }
     }

@@ -231,6 +231,32 @@ fn a_job_short_of_distinct_hosts_says_so() {
     assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
 }
 
+/// `replicas` above the hosts taking part: the job says what runs instead (each unit on the
+/// hosts there are, accepted once a quorum agrees) and completes.
+#[test]
+fn replicas_above_the_hosts_there_are_are_explained() {
+    let scratch = tempfile::tempdir().unwrap();
+    let root = scratch.path();
+    let first = start_peer_at(root, "one", None, "127.0.1.11:0");
+    let _second = start_peer_at(root, "two", Some(&first), "127.0.1.12:0");
+    let job = manifest(root, "pi-replicas", (1, 40));
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("replicas = 2\n", "replicas = 3\nquorum = 2\n");
+    std::fs::write(&job, text).unwrap();
+    let child = spawn_submit(root, &job, &first, "replicas");
+    let run = finish(child, root, "replicas", Duration::from_secs(120));
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains(
+            "note: replicas = 3 but 2 distinct host(s) can take units: each unit runs on at most 2"
+        ),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("warning: only"), "{}", run.stderr);
+}
+
 /// A submitter that revokes a lease running on a real `worker run` gets the slot back at
 /// once: the unit host is killed, the revoked lease is never reported, and the next lease runs
 /// in seconds, not after the minute the unit was allowed.

@@ -180,6 +180,58 @@ fn a_module_the_sandbox_refuses_is_refused_up_front() {
     }
 }
 
+/// The up-front check compiles into the data directory's module cache, which this machine's
+/// unit hosts and the next submit share: checked once, a module is not compiled again. Here the
+/// submit stops right after the check (`--cpus 0` with no network to run on).
+#[test]
+fn the_up_front_check_compiles_into_the_shared_module_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        &format!(
+            "name = \"cached\"\nmodule = {:?}\n[inputs.sweep]\nseed = [1, 2]\nsamples = 1000\n",
+            example_artifacts::PI
+        ),
+    );
+    let run = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .arg("submit")
+        .arg(&manifest)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--cpus", "0", "--no-mdns"])
+        .env_remove("WORKER_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(2), "{run:?}");
+    let digest =
+        coordinator_free::digest::Digest::of(&std::fs::read(example_artifacts::PI).unwrap())
+            .to_hex();
+    let artifacts: Vec<String> = walk(&dir.path().join("data").join("modules"))
+        .into_iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .filter(|n| n.ends_with(".cwasm"))
+        .collect();
+    assert_eq!(artifacts, vec![format!("{digest}.cwasm")], "{run:?}");
+    assert!(!dir.path().join("out").exists(), "nothing ran");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
 #[test]
 fn a_bad_manifest_is_refused_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();

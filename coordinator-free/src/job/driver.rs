@@ -166,6 +166,8 @@ pub struct JobProgress {
     pub hosts: u32,
     /// Distinct hosts a unit needs to be accepted.
     pub quorum: u32,
+    /// Executions each unit starts with.
+    pub replicas: u32,
 }
 
 impl JobProgress {
@@ -173,6 +175,14 @@ impl JobProgress {
     /// so they cannot be accepted until more do.
     pub fn short_of_hosts(&self) -> bool {
         self.accepted + self.failed < self.units && self.hosts < self.quorum
+    }
+
+    /// Whether enough hosts take part to accept units, but fewer than the replicas each unit
+    /// starts with: a unit then runs on as many hosts as there are.
+    pub fn short_of_replicas(&self) -> bool {
+        self.accepted + self.failed < self.units
+            && self.hosts >= self.quorum
+            && self.hosts < self.replicas
     }
 }
 
@@ -451,6 +461,7 @@ pub fn run_job<W: Workers>(
     let snapshot = |state: &State, workers: &W, scheduler: &Scheduler| JobProgress {
         hosts: scheduler.progress().hosts,
         quorum: policy.quorum,
+        replicas: policy.replicas,
         units: count,
         accepted: state.accepted,
         failed: state.failed,
