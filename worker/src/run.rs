@@ -17,6 +17,10 @@ use crate::{Failure, exit};
 /// The port peers listen on unless told otherwise, so a bare `IP` bootstrap is easy to guess.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7401";
 
+/// Below this share of memory per donated core, most jobs' units (256 MiB by default) are
+/// declined: worth a warning.
+const MIN_USEFUL_MB_PER_CORE: u32 = 256;
+
 #[derive(Args)]
 pub struct RunArgs {
     /// Address to accept peers on (`IP:PORT` or `HOST:PORT`; port 0 picks a free one).
@@ -87,15 +91,27 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
                 "--cpus must be between 1 and {MAX_CORES}"
             )));
         }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if usize::from(cpus) > cores {
+            tracing::warn!(
+                "--cpus {cpus} is more than this machine's {cores} cores: units will share cores and each run slower"
+            );
+        }
         config.capacity.cores_donated = cpus;
         config.capacity.cores_free = cpus;
         config.capacity.memory_mb = 512 * u32::from(cpus);
     }
     if let Some(memory_mb) = args.memory_mb {
-        if memory_mb > MAX_MEMORY_MB {
+        if memory_mb == 0 || memory_mb > MAX_MEMORY_MB {
             return Err(Failure::usage(anyhow!(
-                "--memory-mb must be at most {MAX_MEMORY_MB}"
+                "--memory-mb must be between 1 and {MAX_MEMORY_MB}"
             )));
+        }
+        let per_core = memory_mb / u32::from(config.capacity.cores_donated.max(1));
+        if per_core < MIN_USEFUL_MB_PER_CORE {
+            tracing::warn!(
+                "--memory-mb {memory_mb} leaves {per_core} MiB per donated core: units that need more are declined"
+            );
         }
         config.capacity.memory_mb = memory_mb;
     }

@@ -34,7 +34,7 @@ pub const MAX_TIMEOUT_SECS: f64 = 7.0 * 86_400.0;
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -296,6 +296,89 @@ impl Default for RawLimits {
 }
 
 /// Builds `Invalid` errors for one manifest.
+/// Longest manifest line quoted under an error.
+const MAX_QUOTED_LINE: usize = 160;
+
+/// A TOML error as a person reads it: where, which field, what is wrong in words, and the line
+/// with the spot marked on the lines below.
+fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
+    let message = in_words(err.message().trim());
+    let Some(span) = err.span() else {
+        return message;
+    };
+    let (Some(before), Some(_)) = (text.get(..span.start), text.get(span.start..)) else {
+        return message;
+    };
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[span.start..]
+        .find('\n')
+        .map_or(text.len(), |i| span.start + i);
+    let line = text[line_start..line_end].trim_end_matches('\r');
+    let number = before.matches('\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    let field = field_on_line(&text[..line_start], line)
+        .map(|f| format!(", field `{f}`"))
+        .unwrap_or_default();
+    let mut out = format!("line {number}, column {column}{field}: {message}");
+    if line.chars().count() <= MAX_QUOTED_LINE {
+        let marked = text
+            .get(span.start..span.end.min(line_start + line.len()).max(span.start))
+            .map_or(1, |m| m.chars().count().max(1));
+        let gutter = number.to_string();
+        out.push_str(&format!(
+            "\n  {gutter} | {line}\n  {} | {}{}",
+            " ".repeat(gutter.len()),
+            " ".repeat(column - 1),
+            "^".repeat(marked)
+        ));
+    }
+    out
+}
+
+/// Serde's names of Rust types, in the words of the manifest's reader.
+fn in_words(message: &str) -> String {
+    let mut out = message.to_owned();
+    for (rust, words) in [
+        ("i64", "a whole number"),
+        ("u64", "a whole number"),
+        ("u32", "a whole number"),
+        ("u16", "a whole number"),
+        ("f64", "a number"),
+    ] {
+        out = out.replace(&format!("expected {rust}"), &format!("expected {words}"));
+    }
+    out
+}
+
+/// The dotted name of the key set on `line` (a `key = value` line), under the last table
+/// header in `above`.
+fn field_on_line(above: &str, line: &str) -> Option<String> {
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    let bare = |k: &str| {
+        !k.is_empty()
+            && k.split('.').all(|part| {
+                let part = part.trim();
+                !part.is_empty()
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            })
+    };
+    if !bare(key) {
+        return None;
+    }
+    let table = above.lines().rev().map(str::trim).find_map(|l| {
+        l.strip_prefix('[')
+            .and_then(|l| l.split(']').next())
+            .map(|t| t.trim_start_matches('[').trim().to_owned())
+    });
+    Some(match table {
+        Some(table) if bare(&table) => format!("{table}.{key}"),
+        _ => key.to_owned(),
+    })
+}
+
 struct Check<'a> {
     path: &'a Path,
 }
@@ -395,7 +478,7 @@ impl JobManifest {
     pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Self, ManifestError> {
         let raw: RawManifest = toml::from_str(text).map_err(|e| ManifestError::Syntax {
             path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " "),
+            message: describe_toml_error(text, &e),
         })?;
         let check = Check { path };
 
@@ -865,6 +948,40 @@ mod tests {
 
     fn parse(text: &str) -> Result<JobManifest, ManifestError> {
         JobManifest::parse(text, Path::new("job.toml"), Path::new("/jobs"))
+    }
+
+    #[test]
+    fn a_toml_error_names_the_place_and_field_in_words_with_the_line_below() {
+        let err = parse("name = \"x\"\nmodule = \"m.wasm\"\n[inputs.sweep]\nseed = [1, 2]\n[redundancy]\nreplicas = \"two\"\n")
+            .unwrap_err()
+            .to_string();
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 3, "{err}");
+        assert!(
+            lines[0].starts_with("job.toml: line 6, column 12, field `redundancy.replicas`: "),
+            "{err}"
+        );
+        assert!(lines[0].contains("expected a whole number"), "{err}");
+        assert!(!err.contains("i64"), "{err}");
+        assert_eq!(lines[1], "  6 | replicas = \"two\"");
+        assert_eq!(lines[2], "    |            ^^^^^");
+
+        let err = parse("name = \"x\"\nmodule = \"m.wasm\"\n[inputs.sweep]\nseed = [1, 2\n")
+            .unwrap_err()
+            .to_string();
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 3, "{err}");
+        assert!(lines[0].starts_with("job.toml: line 4, column "), "{err}");
+        assert_eq!(lines[1], "  4 | seed = [1, 2");
+        assert!(lines[2].trim_end().ends_with('^'), "{err}");
+        // A line too long to quote is left out; the place is still given.
+        let long = format!(
+            "name = \"x\"\nmodule = \"m.wasm\"\nnote = {}\n",
+            "x".repeat(500)
+        );
+        let err = parse(&long).unwrap_err().to_string();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("line 3, column 8"), "{err}");
     }
 
     fn refusal(text: &str) -> (String, String) {

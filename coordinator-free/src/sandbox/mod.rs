@@ -1017,7 +1017,10 @@ pub fn module_from_file_bytes(bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>
         Ok(text) => wat::parse_str(text)
             .map(std::borrow::Cow::Owned)
             .map_err(|e| UnitError::BadModule {
-                reason: format!("not WebAssembly, and not valid text format: {e}"),
+                reason: format!(
+                    "not WebAssembly (no \\0asm header), and not the text format either: {}",
+                    wat_error_line(&e.to_string())
+                ),
             }),
         Err(_) => Err(UnitError::BadModule {
             reason: "not WebAssembly (no \\0asm header) and not text".into(),
@@ -1025,9 +1028,47 @@ pub fn module_from_file_bytes(bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>
     }
 }
 
+/// The text-format parser's error on one line: its message and where, without the quoted
+/// source it draws below.
+fn wat_error_line(error: &str) -> String {
+    let mut lines = error.lines();
+    let message = lines.next().unwrap_or_default().trim();
+    let place = lines
+        .find_map(|l| l.trim().strip_prefix("-->"))
+        .and_then(|place| {
+            let mut parts = place.trim().rsplitn(3, ':');
+            let column = parts.next()?.parse::<u64>().ok()?;
+            let line = parts.next()?.parse::<u64>().ok()?;
+            Some(format!(" at line {line}, column {column}"))
+        })
+        .unwrap_or_default();
+    format!("{message}{place}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_that_is_no_module_is_refused_in_one_line() {
+        for (bytes, place) in [
+            (&b"hello"[..], "at line 1, column 1"),
+            (
+                b"(module\n  (func (export \"run\") (result i32) i32.const x))",
+                "at line 2",
+            ),
+        ] {
+            let err = module_from_file_bytes(bytes).unwrap_err().to_string();
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(err.contains("not WebAssembly"), "{err}");
+            assert!(err.contains(place), "{err}");
+        }
+        let err = UnitError::GuestFailure {
+            code: -5,
+            message: String::new(),
+        };
+        assert_eq!(err.to_string(), "guest failure (code -5)");
+    }
 
     #[test]
     fn a_compile_the_machine_could_not_finish_is_no_bad_module() {

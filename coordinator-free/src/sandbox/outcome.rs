@@ -127,7 +127,7 @@ pub enum UnitError {
         kind: TrapKind,
     },
     /// The guest reported failure (through `fail` or a non-zero return from `run`).
-    #[error("guest failure (code {code}): {message}")]
+    #[error("guest failure (code {code}){}", colon_then(.message))]
     GuestFailure {
         /// The guest's failure code.
         code: i32,
@@ -221,6 +221,15 @@ impl UnitError {
             self,
             Self::BadModule { .. } | Self::ModuleTooLarge { .. } | Self::ForbiddenImport { .. }
         )
+    }
+}
+
+/// `": message"`, or nothing for an empty message.
+fn colon_then(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
     }
 }
 
