@@ -29,6 +29,8 @@ const TRUST_HOSTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("trust-h
 /// postcard).
 const TRUST_META: TableDefinition<&[u8], &[u8]> = TableDefinition::new("trust-meta");
 const ALERT_KEY: &[u8] = b"alert";
+/// Job id → its [`JobTimes`] (postcard).
+const JOB_TIMES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("job-times");
 /// Job id → the [`JobSource`] it was submitted from (postcard).
 const SOURCES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("job-sources");
 
@@ -84,6 +86,17 @@ pub struct JobRecord {
 pub struct JobSource {
     pub manifest: PathBuf,
     pub out: PathBuf,
+}
+
+/// When a job was run, and whether its user cancelled it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobTimes {
+    /// When it was first submitted (milliseconds since the Unix epoch).
+    pub started_ms: u64,
+    /// When its latest run ended with every unit decided, if it did.
+    pub finished_ms: Option<u64>,
+    /// Cancelled by its user (`worker cancel`); submitting it again resumes it.
+    pub cancelled: bool,
 }
 
 /// A peer's record with this submitter: consecutive agreeing results, and totals.
@@ -172,6 +185,7 @@ impl JobStore {
             TRUST_HOSTS,
             TRUST_META,
             SOURCES,
+            JOB_TIMES,
         ] {
             txn.open_table(table).map_err(db_error)?;
         }
@@ -212,6 +226,40 @@ impl JobStore {
     /// Records where a job was submitted from, so that it can be run again without its user.
     pub fn put_source(&self, id: &Digest, source: &JobSource) -> Result<(), StoreError> {
         self.put(SOURCES, &[(&id.0, &encode(source)?)])
+    }
+
+    /// Records when a job ran.
+    pub fn put_times(&self, id: &Digest, times: &JobTimes) -> Result<(), StoreError> {
+        self.put(JOB_TIMES, &[(&id.0, &encode(times)?)])
+    }
+
+    /// When the job with this id ran, if recorded (jobs of older journals have no record).
+    pub fn times(&self, id: &Digest) -> Result<Option<JobTimes>, StoreError> {
+        self.get(JOB_TIMES, &id.0)?
+            .map(|bytes| decode("job times", &bytes))
+            .transpose()
+    }
+
+    /// Removes everything kept about a job: its record, units, times and source. Returns the
+    /// number of unit records removed.
+    pub fn forget(&self, id: &Digest) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write().map_err(db_error)?;
+        let removed;
+        {
+            let mut t = txn.open_table(UNITS).map_err(db_error)?;
+            let start = unit_key(id, 0);
+            let end = unit_key(id, u64::MAX);
+            let before = redb::ReadableTableMetadata::len(&t).map_err(db_error)?;
+            t.retain_in(start.as_slice()..=end.as_slice(), |_, _| false)
+                .map_err(db_error)?;
+            removed = before - redb::ReadableTableMetadata::len(&t).map_err(db_error)?;
+            for table in [JOBS, JOB_TIMES, SOURCES] {
+                let mut t = txn.open_table(table).map_err(db_error)?;
+                t.remove(id.0.as_slice()).map_err(db_error)?;
+            }
+        }
+        txn.commit().map_err(db_error)?;
+        Ok(removed)
     }
 
     /// Where the job with this id was last submitted from, if recorded.

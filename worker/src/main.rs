@@ -4,6 +4,7 @@
 mod demo;
 mod exec;
 mod id;
+mod jobs;
 mod run;
 mod status;
 mod submit;
@@ -44,6 +45,15 @@ enum Command {
     Status(status::StatusArgs),
     /// Print this peer's id (creates the identity key on first use).
     Id(id::IdArgs),
+    /// List the jobs submitted from this data directory: name, id, state, counts, times.
+    Jobs(jobs::JobsArgs),
+    /// Print a job's results again, in unit order, as JSON lines or CSV.
+    Results(jobs::ResultsArgs),
+    /// Stop a job (a running `worker submit` of it stops and says where); submitting it again
+    /// resumes it.
+    Cancel(jobs::JobArgs),
+    /// Remove a job and its results from this data directory's journal.
+    Forget(jobs::JobArgs),
     /// Serve units to a parent process over stdin and stdout (started by the worker itself).
     #[command(hide = true)]
     UnitHost(exec::UnitHostArgs),
@@ -90,6 +100,10 @@ fn main() -> ExitCode {
         Command::Status(args) => status::run(args),
         Command::Submit(args) => submit::run(args),
         Command::Id(args) => id::run(args),
+        Command::Jobs(args) => jobs::list(args),
+        Command::Results(args) => jobs::results(args),
+        Command::Cancel(args) => jobs::cancel(args),
+        Command::Forget(args) => jobs::forget(args),
     };
     match result {
         Ok(code) => code,

@@ -104,6 +104,24 @@ fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Fa
     })?;
     let module_digest = Digest::of(&wasm);
     let id = coordinator_free::job::local::job_id(&module_digest, &manifest, &units);
+    if store
+        .times(&id)
+        .map_err(|e| internal(e.into()))?
+        .is_some_and(|t| t.cancelled)
+    {
+        eprintln!("job {} ({id}) was cancelled; resuming it", manifest.name);
+    }
+    stop::watch(stop::Job {
+        data_dir: data_dir.clone(),
+        running: crate::jobs::Running {
+            pid: std::process::id(),
+            job: id.to_hex(),
+            name: manifest.name.clone(),
+            units: u32::try_from(units.len()).unwrap_or(u32::MAX),
+            accepted: 0,
+            failed: 0,
+        },
+    });
     if let Some(expected) = revalidating
         && expected != id
     {
@@ -210,6 +228,7 @@ fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Fa
         )?;
         (summary, false)
     };
+    stop::done();
     print_summary(&manifest, &summary, simulated);
     let mut succeeded = summary.succeeded();
     if revalidating.is_none() && !summary.suspect_jobs.is_empty() {
@@ -457,6 +476,7 @@ impl Display {
     }
 
     fn show(&mut self, p: &JobProgress) {
+        stop::progress(p);
         if p.short_of_hosts() && p.elapsed >= HOSTS_WARNING_AFTER && !self.warned {
             self.warned = true;
             let line = format!(
@@ -550,6 +570,17 @@ fn print_summary(manifest: &JobManifest, s: &JobSummary, simulated: bool) {
         "units: {} accepted, {} failed, of {}",
         s.accepted, s.failed, s.units
     );
+    if !s.first_failed.is_empty() {
+        let more = if (s.failed as usize) > s.first_failed.len() {
+            format!(" (the first {} of {})", s.first_failed.len(), s.failed)
+        } else {
+            String::new()
+        };
+        println!("failed units{more}:");
+        for (index, error) in &s.first_failed {
+            println!("  unit {index}: {error}");
+        }
+    }
     if s.retried > 0 {
         println!(
             "{} units the journal held as failed by host failures or cancellation were run again",
@@ -639,4 +670,125 @@ fn print_summary(manifest: &JobManifest, s: &JobSummary, simulated: bool) {
 
 fn display_path(path: &Path) -> String {
     path.display().to_string()
+}
+
+/// Ctrl-C (or `worker cancel`) while a job runs: the journal already holds every unit decided
+/// so far, so the submit says where the job stopped and how to resume it, and exits. The
+/// running job also describes itself beside the journal for `worker jobs` and `worker cancel`.
+mod stop {
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use coordinator_free::job::driver::JobProgress;
+
+    use crate::jobs::{Running, clear_running, write_running};
+
+    /// The job running now.
+    pub struct Job {
+        pub data_dir: PathBuf,
+        pub running: Running,
+    }
+
+    static CURRENT: Mutex<Option<(Job, Option<Instant>)>> = Mutex::new(None);
+    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+    /// How often the running file is rewritten.
+    const EVERY: Duration = Duration::from_secs(1);
+
+    extern "C" fn on_signal(_: libc::c_int) {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+    }
+
+    /// Starts watching for Ctrl-C on behalf of `job` (once per process), and describes it
+    /// beside the journal.
+    pub fn watch(job: Job) {
+        write_running(&job.data_dir, &job.running);
+        let first = CURRENT
+            .lock()
+            .map(|mut current| current.replace((job, None)).is_none())
+            .unwrap_or(false);
+        static STARTED: std::sync::Once = std::sync::Once::new();
+        if !first {
+            return;
+        }
+        STARTED.call_once(|| {
+            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+            unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+                libc::sigemptyset(&mut action.sa_mask);
+                libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut());
+                libc::sigaction(libc::SIGTERM, &action, std::ptr::null_mut());
+            }
+            let _ = std::thread::Builder::new().name("stop".into()).spawn(|| {
+                loop {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if INTERRUPTED.load(Ordering::SeqCst) {
+                        stopped();
+                    }
+                }
+            });
+        });
+    }
+
+    /// The job's latest counts.
+    pub fn progress(p: &JobProgress) {
+        if let Ok(mut current) = CURRENT.lock()
+            && let Some((job, written)) = current.as_mut()
+        {
+            job.running.accepted = p.accepted;
+            job.running.failed = p.failed;
+            if written.is_none_or(|t| t.elapsed() >= EVERY) {
+                *written = Some(Instant::now());
+                write_running(&job.data_dir, &job.running);
+            }
+        }
+    }
+
+    /// The job ended by itself.
+    pub fn done() {
+        if let Ok(mut current) = CURRENT.lock()
+            && let Some((job, _)) = current.take()
+        {
+            clear_running(&job.data_dir);
+        }
+    }
+
+    fn stopped() -> ! {
+        let command: Vec<String> = std::env::args().map(|a| quote(&a)).collect();
+        if let Ok(current) = CURRENT.lock()
+            && let Some((job, _)) = current.as_ref()
+        {
+            let r = &job.running;
+            eprintln!(
+                "\nstopped: job {} ({}) has at least {} of {} units decided ({} accepted, {} failed), kept in {}; the same command resumes it and runs only the rest:\n  {}",
+                r.name,
+                r.job.get(..12).unwrap_or(&r.job),
+                r.accepted + r.failed,
+                r.units,
+                r.accepted,
+                r.failed,
+                job.data_dir.join(crate::jobs::JOURNAL_FILE).display(),
+                command.join(" ")
+            );
+            clear_running(&job.data_dir);
+        } else {
+            eprintln!("\nstopped");
+        }
+        std::process::exit(130)
+    }
+
+    /// `arg` as a shell reads it back.
+    fn quote(arg: &str) -> String {
+        if !arg.is_empty()
+            && arg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./=:@,+".contains(&b))
+        {
+            arg.to_owned()
+        } else {
+            format!("'{}'", arg.replace('\'', "'\\''"))
+        }
+    }
 }

@@ -31,7 +31,7 @@ use crate::schedule::{
     Command, Config, Culprit, Event, Lease, LeaseId, LeaseResult, Penalty, Scheduler, TrustStats,
     Validation,
 };
-use crate::store::{JobRecord, JobStore, MAX_REPUTATIONS, Reputation, StoreError};
+use crate::store::{JobRecord, JobStore, JobTimes, MAX_REPUTATIONS, Reputation, StoreError};
 use crate::validate::trust::TrustConfig;
 use crate::validate::{Outcome, Policy, Verdict, Vote};
 
@@ -235,6 +235,8 @@ pub struct JobSummary {
     pub results: PathBuf,
     /// Wall-clock time of this run.
     pub elapsed: Duration,
+    /// The first failed units, by index, with their errors (at most [`FIRST_FAILED`]).
+    pub first_failed: Vec<(u64, String)>,
 }
 
 impl JobSummary {
@@ -389,6 +391,20 @@ pub fn run_job<W: Workers>(
             profile: PROFILE.to_owned(),
         },
     )?;
+    // First submitted when; a run starting now has not finished, and resumes a cancelled job.
+    let times = match store.times(&job.id)? {
+        Some(t) => JobTimes {
+            finished_ms: None,
+            cancelled: false,
+            ..t
+        },
+        None => JobTimes {
+            started_ms: unix_ms(),
+            finished_ms: None,
+            cancelled: false,
+        },
+    };
+    store.put_times(&job.id, &times)?;
     // Adaptive replication needs real peers: a machine's own slots have no trust to earn.
     let trust = if manifest.redundancy.adaptive && !workers.simulated() {
         let mut trust = store.trust(TrustConfig::default())?;
@@ -578,16 +594,19 @@ pub fn run_job<W: Workers>(
     } else {
         suspect_jobs(store, job.id, scheduler.trust())?
     };
-    if state.redecided > 0 {
-        // Units decided twice have two lines: the file is rewritten from the journal, one line
-        // per unit, in unit order.
-        rewrite_results(store, job, &results_path).map_err(|e| match e {
-            RewriteError::Store(e) => JobError::Store(e),
-            RewriteError::Io(source) => JobError::Results {
-                path: results_path.clone(),
-                source,
-            },
-        })?;
+    // Lines were appended in completion order, and a unit decided twice has two: the file is
+    // rewritten from the journal, one line per unit, in unit order.
+    let first_failed = rewrite_results(store, job, &results_path).map_err(|e| match e {
+        RewriteError::Store(e) => JobError::Store(e),
+        RewriteError::Io(source) => JobError::Results {
+            path: results_path.clone(),
+            source,
+        },
+    })?;
+    if state.accepted + state.failed >= count {
+        let mut times = store.times(&job.id)?.unwrap_or_default();
+        times.finished_ms = Some(unix_ms());
+        store.put_times(&job.id, &times)?;
     }
     progress(&snapshot(&state, workers, &scheduler));
     Ok(JobSummary {
@@ -612,6 +631,7 @@ pub fn run_job<W: Workers>(
         simulated_peers: workers.simulated(),
         results: results_path,
         elapsed: started.elapsed(),
+        first_failed,
     })
 }
 
@@ -684,28 +704,55 @@ fn suspect_jobs(
     Ok(out)
 }
 
+/// Milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 enum RewriteError {
     Store(StoreError),
     Io(std::io::Error),
 }
 
-/// Writes `path` anew from the journal: one line per decided unit, in unit order.
+/// Failed units a summary names.
+pub const FIRST_FAILED: usize = 5;
+
+/// Writes `path` anew from the journal: one line per decided unit, in unit order. Returns the
+/// first failed units (at most [`FIRST_FAILED`]) with their errors.
 fn rewrite_results(
     store: &JobStore,
     job: &JobData,
     path: &std::path::Path,
-) -> Result<(), RewriteError> {
+) -> Result<Vec<(u64, String)>, RewriteError> {
     let tmp = path.with_extension("jsonl.tmp");
     let mut file = BufWriter::new(File::create(&tmp).map_err(RewriteError::Io)?);
+    let mut first_failed = Vec::new();
     for (index, bytes) in store.units(&job.id).map_err(RewriteError::Store)? {
         let record = UnitRecord::decode(&bytes).map_err(RewriteError::Store)?;
         if let Some(unit) = job.units.get(index as usize) {
-            write_line(&mut file, unit, &record).map_err(RewriteError::Io)?;
+            let line = result_line(unit, &record);
+            if line.status == crate::job::results::Status::Failed
+                && first_failed.len() < FIRST_FAILED
+            {
+                first_failed.push((
+                    index,
+                    line.error
+                        .clone()
+                        .unwrap_or_else(|| "no error reported".into()),
+                ));
+            }
+            let mut text = serde_json::to_string(&line)
+                .map_err(|e| RewriteError::Io(std::io::Error::other(e)))?;
+            text.push('\n');
+            file.write_all(text.as_bytes()).map_err(RewriteError::Io)?;
         }
     }
     file.flush().map_err(RewriteError::Io)?;
     file.get_ref().sync_all().map_err(RewriteError::Io)?;
-    std::fs::rename(&tmp, path).map_err(RewriteError::Io)
+    std::fs::rename(&tmp, path).map_err(RewriteError::Io)?;
+    Ok(first_failed)
 }
 
 /// The summary's name for how a unit was validated.
