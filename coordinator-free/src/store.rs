@@ -29,6 +29,10 @@ const TRUST_HOSTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("trust-h
 /// postcard).
 const TRUST_META: TableDefinition<&[u8], &[u8]> = TableDefinition::new("trust-meta");
 const ALERT_KEY: &[u8] = b"alert";
+/// What determines a unit's result (see `job::driver::content_key`) → job id ++ unit index of
+/// a journaled unit that holds it: how a later job finds results it can reuse.
+const RESULTS_BY_CONTENT: TableDefinition<&[u8], &[u8]> =
+    TableDefinition::new("results-by-content");
 /// Job id → its [`JobTimes`] (postcard).
 const JOB_TIMES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("job-times");
 /// Job id → the [`JobSource`] it was submitted from (postcard).
@@ -186,6 +190,7 @@ impl JobStore {
             TRUST_META,
             SOURCES,
             JOB_TIMES,
+            RESULTS_BY_CONTENT,
         ] {
             txn.open_table(table).map_err(db_error)?;
         }
@@ -216,6 +221,33 @@ impl JobStore {
         let txn = self.db.begin_read().map_err(db_error)?;
         let t = txn.open_table(table).map_err(db_error)?;
         Ok(t.get(key).map_err(db_error)?.map(|v| v.value().to_vec()))
+    }
+
+    /// The journaled records holding the results of `wanted` (unit index, content key) that
+    /// `suitable` accepts, read in one transaction; a key whose record is gone is skipped.
+    pub fn reusable(
+        &self,
+        wanted: &[(u64, Digest)],
+        mut suitable: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let content = txn.open_table(RESULTS_BY_CONTENT).map_err(db_error)?;
+        if redb::ReadableTableMetadata::len(&content).map_err(db_error)? == 0 {
+            return Ok(Vec::new());
+        }
+        let units = txn.open_table(UNITS).map_err(db_error)?;
+        let mut out = Vec::new();
+        for (index, key) in wanted {
+            let Some(at) = content.get(key.0.as_slice()).map_err(db_error)? else {
+                continue;
+            };
+            if let Some(record) = units.get(at.value()).map_err(db_error)?
+                && suitable(record.value())
+            {
+                out.push((*index, record.value().to_vec()));
+            }
+        }
+        Ok(out)
     }
 
     /// Records a job (replacing an earlier record of the same id).
@@ -257,6 +289,9 @@ impl JobStore {
                 let mut t = txn.open_table(table).map_err(db_error)?;
                 t.remove(id.0.as_slice()).map_err(db_error)?;
             }
+            let mut t = txn.open_table(RESULTS_BY_CONTENT).map_err(db_error)?;
+            t.retain(|_, unit| !unit.starts_with(&id.0))
+                .map_err(db_error)?;
         }
         txn.commit().map_err(db_error)?;
         Ok(removed)
@@ -317,11 +352,30 @@ impl JobStore {
         now: u64,
         max_peers: u64,
     ) -> Result<(), StoreError> {
+        self.commit_with_content(job, units, &[], changes, now, max_peers)
+    }
+
+    /// [`JobStore::commit`], also recording for each `(content key, unit index)` that the unit
+    /// holds the result of that content, for later jobs to reuse.
+    pub fn commit_with_content(
+        &self,
+        job: &Digest,
+        units: &[(u64, Vec<u8>)],
+        content: &[(Digest, u64)],
+        changes: &[(PeerId, Reputation)],
+        now: u64,
+        max_peers: u64,
+    ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_error)?;
         {
             let mut t = txn.open_table(UNITS).map_err(db_error)?;
             for (index, bytes) in units {
                 t.insert(unit_key(job, *index).as_slice(), bytes.as_slice())
+                    .map_err(db_error)?;
+            }
+            let mut t = txn.open_table(RESULTS_BY_CONTENT).map_err(db_error)?;
+            for (key, index) in content {
+                t.insert(key.0.as_slice(), unit_key(job, *index).as_slice())
                     .map_err(db_error)?;
             }
         }
@@ -569,6 +623,28 @@ mod tests {
             }
         );
         assert_eq!(trust.host(&host).caught, 1);
+    }
+
+    #[test]
+    fn results_are_found_by_content_until_their_job_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(&dir.path().join("journal.redb")).unwrap();
+        let (job, key, other) = (Digest::of(b"job"), Digest::of(b"content"), Digest::of(b"x"));
+        assert!(store.reusable(&[(0, key)], |_| true).unwrap().is_empty());
+        store
+            .commit_with_content(&job, &[(3, record(3))], &[(key, 3)], &[], 0, 10)
+            .unwrap();
+        let wanted = [(7, key), (8, other)];
+        assert_eq!(
+            store.reusable(&wanted, |_| true).unwrap(),
+            vec![(7, record(3))]
+        );
+        assert!(store.reusable(&wanted, |_| false).unwrap().is_empty());
+        store.put_times(&job, &JobTimes::default()).unwrap();
+        assert_eq!(store.forget(&job).unwrap(), 1);
+        assert!(store.units(&job).unwrap().is_empty());
+        assert_eq!(store.times(&job).unwrap(), None);
+        assert!(store.reusable(&wanted, |_| true).unwrap().is_empty());
     }
 
     #[test]

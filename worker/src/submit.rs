@@ -581,6 +581,12 @@ fn print_summary(manifest: &JobManifest, s: &JobSummary, simulated: bool) {
             println!("  unit {index}: {error}");
         }
     }
+    if s.reused > 0 {
+        println!(
+            "{} units reused from earlier jobs with the same module, input and limits (not run again)",
+            s.reused
+        );
+    }
     if s.retried > 0 {
         println!(
             "{} units the journal held as failed by host failures or cancellation were run again",

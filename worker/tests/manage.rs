@@ -252,3 +252,82 @@ fn the_summary_names_the_first_failed_units() {
     }
     assert!(!run.stdout.contains("  unit 5:"), "{}", run.stdout);
 }
+
+/// Results are reused by content: extending a sweep runs only the new points; asking for a
+/// stronger quorum, or changing the module, runs everything again.
+#[test]
+fn extending_a_sweep_reuses_the_units_already_accepted() {
+    let scratch = tempfile::tempdir().unwrap();
+    let root = scratch.path();
+    let first = manifest(root, "sweep", (1, 12), SAMPLES, false);
+    let run = submit_local(root, &first, "out-1", "first");
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(!run.stdout.contains("reused"), "{}", run.stdout);
+
+    // The same sweep extended to 20 points: a new job, of which 12 units are reused.
+    let extended = manifest(root, "sweep", (1, 20), SAMPLES, false);
+    let run = submit_local(root, &extended, "out-2", "extended");
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stdout.contains("12 units reused from earlier jobs"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("8 units run this time"),
+        "{}",
+        run.stdout
+    );
+    let lines = |out: &str| -> Vec<Value> {
+        std::fs::read_to_string(root.join(out).join("results.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (old, new) = (lines("out-1"), lines("out-2"));
+    assert_eq!(new.len(), 20);
+    for (a, b) in old.iter().zip(&new) {
+        assert_eq!(a["input"], b["input"]);
+        assert_eq!(a["output"], b["output"]);
+        assert_eq!(a["digest"], b["digest"]);
+    }
+    for line in &new {
+        check_pi_line(line, SAMPLES);
+    }
+
+    // A stronger quorum is not met by results two hosts agreed on: all run again.
+    let text = std::fs::read_to_string(&extended)
+        .unwrap()
+        .replace("replicas = 2\n", "replicas = 3\nquorum = 3\n");
+    let stricter = root.join("stricter.toml");
+    std::fs::write(&stricter, text).unwrap();
+    let run = submit_local(root, &stricter, "out-3", "stricter");
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(!run.stdout.contains("reused"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("20 units run this time"),
+        "{}",
+        run.stdout
+    );
+
+    // Another module (the same code with a custom section added): all run again.
+    let mut wasm = std::fs::read(example_artifacts::PI).unwrap();
+    wasm.extend_from_slice(&[0, 5, 4, b'n', b'o', b't', b'e']);
+    std::fs::write(root.join("pi-noted.wasm"), &wasm).unwrap();
+    let text = std::fs::read_to_string(&extended).unwrap().replace(
+        &format!("module = {:?}", example_artifacts::PI),
+        "module = \"pi-noted.wasm\"",
+    );
+    assert!(text.contains("pi-noted.wasm"), "{text}");
+    let other = root.join("other.toml");
+    std::fs::write(&other, text).unwrap();
+    let run = submit_local(root, &other, "out-4", "other");
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(!run.stdout.contains("reused"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("20 units run this time"),
+        "{}",
+        run.stdout
+    );
+}

@@ -237,6 +237,8 @@ pub struct JobSummary {
     pub elapsed: Duration,
     /// The first failed units, by index, with their errors (at most [`FIRST_FAILED`]).
     pub first_failed: Vec<(u64, String)>,
+    /// Units whose result was taken from an earlier job's unit of the same content.
+    pub reused: u32,
 }
 
 impl JobSummary {
@@ -426,7 +428,36 @@ pub fn run_job<W: Workers>(
     };
     std::fs::create_dir_all(out_dir).map_err(results_err)?;
     let mut state = State::default();
-    let journal = store.units(&job.id)?;
+    let mut journal = store.units(&job.id)?;
+    // Results reused by content: a unit this job has not journaled whose module, input, limits
+    // and engine profile some earlier job's unit had is taken from that unit's record, when its
+    // validation is as strong as this job asks, and journaled as this job's own.
+    let adaptive = manifest.redundancy.adaptive;
+    let simulated = workers.simulated();
+    state.content_keys = job
+        .units
+        .iter()
+        .map(|u| content_key(job, u, simulated))
+        .collect();
+    let reused = {
+        let journaled: std::collections::BTreeSet<u64> = journal.iter().map(|(i, _)| *i).collect();
+        let wanted: Vec<(u64, Digest)> = state
+            .content_keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| (i as u64, *key))
+            .filter(|(i, _)| !journaled.contains(i))
+            .collect();
+        let found = store.reusable(&wanted, |bytes| {
+            UnitRecord::decode(bytes).is_ok_and(|r| reusable(&r, policy.quorum, adaptive))
+        })?;
+        if !found.is_empty() {
+            store.put_units(&job.id, &found)?;
+            journal.extend(found.iter().cloned());
+            journal.sort_unstable_by_key(|(i, _)| *i);
+        }
+        u32::try_from(found.len()).unwrap_or(u32::MAX)
+    };
     let mut restored = 0u32;
     let mut retried = 0u32;
     let tmp = out_dir.join("results.jsonl.tmp");
@@ -632,6 +663,7 @@ pub fn run_job<W: Workers>(
         results: results_path,
         elapsed: started.elapsed(),
         first_failed,
+        reused,
     })
 }
 
@@ -662,6 +694,50 @@ struct State {
     redecided: u32,
     /// Peers whose alone results were run again in this run.
     caught: std::collections::BTreeSet<PeerId>,
+    /// What determines each unit's result, by unit index.
+    content_keys: Vec<Digest>,
+}
+
+/// What determines a unit's result: the engine profile, the module, the unit's limits, its
+/// input, and whether its replicas ran on real peers or on this machine's own slots (whose
+/// agreement proves less). Two units with the same key produce the same bytes on every honest
+/// peer, whatever job they belong to.
+pub fn content_key(
+    job: &JobData,
+    unit: &crate::job::manifest::UnitInput,
+    simulated: bool,
+) -> Digest {
+    let mut h = blake3::Hasher::new();
+    h.update(b"coordinator-free/unit-result/v1\0");
+    h.update(&(PROFILE.len() as u64).to_le_bytes());
+    h.update(PROFILE.as_bytes());
+    h.update(&job.module.0);
+    let limits = postcard::to_stdvec(&job.limits).unwrap_or_default();
+    h.update(&(limits.len() as u64).to_le_bytes());
+    h.update(&limits);
+    h.update(&[u8::from(simulated)]);
+    h.update(&(unit.bytes.len() as u64).to_le_bytes());
+    h.update(&unit.bytes);
+    Digest(*h.finalize().as_bytes())
+}
+
+/// Whether a journaled record may stand for a unit of a job asking `quorum` agreeing hosts:
+/// an accepted result agreed by at least that many, or, for an adaptive job, one accepted on a
+/// trusted or vouched peer's word (provisional as it was, and re-validated like it if its peer
+/// is caught).
+fn reusable(record: &UnitRecord, quorum: u32, adaptive: bool) -> bool {
+    let Verdict::Accepted { agreeing, .. } = &record.verdict else {
+        return false;
+    };
+    if record.result.is_none() {
+        return false;
+    }
+    match record.validation {
+        Validation::Trusted { .. } | Validation::Vouched { .. } => adaptive,
+        Validation::Quorum | Validation::SpotChecked { .. } | Validation::Revalidated { .. } => {
+            agreeing.len() as u64 >= u64::from(quorum)
+        }
+    }
 }
 
 /// The other jobs of the journal holding units accepted alone by a peer, or a host, caught
@@ -924,7 +1000,18 @@ impl State {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        store.commit(&job.id, &batch, &changed, now, MAX_REPUTATIONS)?;
+        // Accepted results are findable by content, for later jobs to reuse.
+        let content: Vec<(Digest, u64)> = self
+            .pending
+            .iter()
+            .filter(|(_, rec)| matches!(rec.verdict, Verdict::Accepted { .. }))
+            .filter_map(|(i, _)| {
+                self.content_keys
+                    .get(usize::try_from(*i).ok()?)
+                    .map(|key| (*key, *i))
+            })
+            .collect();
+        store.commit_with_content(&job.id, &batch, &content, &changed, now, MAX_REPUTATIONS)?;
         for (index, record) in self.pending.drain(..) {
             // A unit decided again (run anew after its trusted peer was caught) replaces its
             // earlier outcome in the counts.
