@@ -113,7 +113,7 @@ fn every_failure_is_one_line_and_a_documented_exit_code() {
     let wasi = write(
         dir.path(),
         "wasi.wat",
-        br#"(module (import "wasi_snapshot_preview1" "proc_exit" (func (param i32)))
+        br#"(module (import "wasi_snapshot_preview1" "sock_send" (func (param i32 i32 i32 i32 i32) (result i32)))
               (memory (export "memory") 1) (func (export "run") (result i32) i32.const 0))"#,
     );
     fails_with(

@@ -151,7 +151,7 @@ fn a_module_the_sandbox_refuses_is_refused_up_front() {
         ),
         (
             "wasi.wat",
-            br#"(module (import "wasi_snapshot_preview1" "proc_exit" (func (param i32)))
+            br#"(module (import "wasi_snapshot_preview1" "sock_send" (func (param i32 i32 i32 i32 i32) (result i32)))
                   (memory (export "memory") 1) (func (export "run") (result i32) i32.const 0))"#,
             "forbidden import",
         ),
@@ -230,6 +230,36 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     files
+}
+
+/// A plain Rust `std` program built for WASI runs as a job over a directory of files, each
+/// result the same as the program's computation run natively.
+#[test]
+fn a_wasi_program_runs_as_a_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data-files");
+    std::fs::create_dir(&data).unwrap();
+    let texts = ["1 2 3 4 4", "0.5 0.25\n-3e2", "7"];
+    for (i, text) in texts.iter().enumerate() {
+        std::fs::write(data.join(format!("{i}.txt")), text).unwrap();
+    }
+    let manifest = write_manifest(
+        dir.path(),
+        &format!(
+            "name = \"stats\"\nmodule = {:?}\n[inputs]\ndir = \"data-files/\"\n",
+            example_artifacts::STATS_WASI
+        ),
+    );
+    let run = submit(dir.path(), &manifest, "run");
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let lines = results(dir.path());
+    assert_eq!(lines.len(), texts.len());
+    for (line, text) in lines.iter().zip(texts) {
+        let (native, _) = example_stats::summarize(text).unwrap();
+        let native: Value = serde_json::from_str(&native).unwrap();
+        assert_eq!(line["status"], "accepted", "{line}");
+        assert_eq!(line["output"], native, "{text:?}");
+    }
 }
 
 #[test]

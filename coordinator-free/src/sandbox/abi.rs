@@ -34,6 +34,111 @@ struct Import {
     results: &'static [Ty],
 }
 
+/// The functions of WASI preview 1 a module may import (see `wasi.rs`); every other one is
+/// refused before compiling.
+const WASI_IMPORTS: &[Import] = &[
+    Import {
+        name: "args_get",
+        params: &[Ty::I32, Ty::I32],
+        results: &[Ty::I32],
+    },
+    Import {
+        name: "args_sizes_get",
+        params: &[Ty::I32, Ty::I32],
+        results: &[Ty::I32],
+    },
+    Import {
+        name: "environ_get",
+        params: &[Ty::I32, Ty::I32],
+        results: &[Ty::I32],
+    },
+    Import {
+        name: "environ_sizes_get",
+        params: &[Ty::I32, Ty::I32],
+        results: &[Ty::I32],
+    },
+    Import {
+        name: "clock_res_get",
+        params: &[Ty::I32, Ty::I32],
+        results: &[Ty::I32],
+    },
+    Import {
+        name: "clock_time_get",
+        params: &[Ty::I32, Ty::I64, Ty::I32],
+        results: &[Ty::I32],
+    },
+    Import {
+        name: "fd_close",
+        params: &[Ty::I32],
+        results: &[Ty::I32],
+    },
+    Import {
+        name: "fd_fdstat_get",
+        params: &[Ty::I32, Ty::I32],
+        results: &[Ty::I32],
+    },
+    Import {
+        name: "fd_fdstat_set_flags",
+        params: &[Ty::I32, Ty::I32],
+        results: &[Ty::I32],
+    },
+    Import {
+        name: "fd_prestat_get",
+        params: &[Ty::I32, Ty::I32],
+        results: &[Ty::I32],
+    },
+    Import {
+        name: "fd_prestat_dir_name",
+        params: &[Ty::I32, Ty::I32, Ty::I32],
+        results: &[Ty::I32],
+    },
+    Import {
+        name: "fd_read",
+        params: &[Ty::I32, Ty::I32, Ty::I32, Ty::I32],
+        results: &[Ty::I32],
+    },
+    Import {
+        name: "fd_write",
+        params: &[Ty::I32, Ty::I32, Ty::I32, Ty::I32],
+        results: &[Ty::I32],
+    },
+    Import {
+        name: "fd_seek",
+        params: &[Ty::I32, Ty::I64, Ty::I32, Ty::I32],
+        results: &[Ty::I32],
+    },
+    Import {
+        name: "path_open",
+        params: &[
+            Ty::I32,
+            Ty::I32,
+            Ty::I32,
+            Ty::I32,
+            Ty::I32,
+            Ty::I64,
+            Ty::I64,
+            Ty::I32,
+            Ty::I32,
+        ],
+        results: &[Ty::I32],
+    },
+    Import {
+        name: "proc_exit",
+        params: &[Ty::I32],
+        results: &[],
+    },
+    Import {
+        name: "random_get",
+        params: &[Ty::I32, Ty::I32],
+        results: &[Ty::I32],
+    },
+    Import {
+        name: "sched_yield",
+        params: &[],
+        results: &[Ty::I32],
+    },
+];
+
 const IMPORTS: &[Import] = &[
     Import {
         name: "input_len",
@@ -162,13 +267,20 @@ fn check_import(
     import: &wasmparser::Import<'_>,
     types: &[Option<(Vec<ValType>, Vec<ValType>)>],
 ) -> Result<(), UnitError> {
-    if import.module != IMPORT_MODULE {
-        return Err(forbidden(
-            import.module,
-            import.name,
-            format!("only imports from \"{IMPORT_MODULE}\" are allowed"),
-        ));
-    }
+    let list = match import.module {
+        IMPORT_MODULE => IMPORTS,
+        super::wasi::MODULE => WASI_IMPORTS,
+        _ => {
+            return Err(forbidden(
+                import.module,
+                import.name,
+                format!(
+                    "only imports from \"{IMPORT_MODULE}\" and the WASI subset of \"{}\" are allowed",
+                    super::wasi::MODULE
+                ),
+            ));
+        }
+    };
     let TypeRef::Func(index) = import.ty else {
         return Err(forbidden(
             import.module,
@@ -176,11 +288,15 @@ fn check_import(
             "only functions may be imported",
         ));
     };
-    let Some(spec) = IMPORTS.iter().find(|i| i.name == import.name) else {
+    let Some(spec) = list.iter().find(|i| i.name == import.name) else {
         return Err(forbidden(
             import.module,
             import.name,
-            "not a function of the guest ABI",
+            if import.module == IMPORT_MODULE {
+                "not a function of the guest ABI"
+            } else {
+                "not in the WASI subset: no files, sockets, threads or polling"
+            },
         ));
     };
     let Some(Some((params, results))) = usize::try_from(index).ok().and_then(|i| types.get(i))
@@ -218,6 +334,9 @@ pub(crate) enum Stop {
     /// The unit is no longer wanted (its lease was revoked).
     #[error("aborted")]
     Aborted,
+    /// A WASI program called `proc_exit`.
+    #[error("exit {code}")]
+    Exit { code: i32 },
 }
 
 impl Stop {
@@ -231,6 +350,11 @@ impl Stop {
             },
             Self::MemoryLimit { requested, cap } => UnitError::MemoryLimit { requested, cap },
             Self::Aborted => super::aborted_error(),
+            // `proc_exit(0)` is a success, told apart before an error is made of it.
+            Self::Exit { code } => UnitError::GuestFailure {
+                code,
+                message: String::new(),
+            },
         }
     }
 }
@@ -252,6 +376,7 @@ pub(crate) struct HostState {
     pub(crate) memory: Option<Memory>,
     pub(crate) observer: Option<Arc<dyn UnitObserver>>,
     pub(crate) limiter: MemoryLimiter,
+    pub(crate) wasi: super::wasi::WasiState,
 }
 
 /// Enforces the memory cap and tells a deterministic refusal (over the cap) from a host one.
@@ -490,11 +615,11 @@ pub(crate) fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             }))
         },
     )?;
-    Ok(())
+    super::wasi::define(linker)
 }
 
 impl HostState {
-    fn log(&mut self, level: LogLevel, bytes: &[u8]) {
+    pub(crate) fn log(&mut self, level: LogLevel, bytes: &[u8]) {
         let cap = self.limits.log_bytes;
         let line_cap = self.limits.log_line_bytes as usize;
         if self.log_bytes >= cap {
@@ -547,8 +672,16 @@ mod tests {
     fn refuses_other_modules_names_kinds_and_signatures() {
         for (wat, what) in [
             (
-                r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32))))"#,
+                r#"(module (import "env" "memset" (func (param i32 i32 i32) (result i32))))"#,
                 "only imports from",
+            ),
+            (
+                r#"(module (import "wasi_snapshot_preview1" "sock_accept" (func (param i32 i32 i32) (result i32))))"#,
+                "not in the WASI subset",
+            ),
+            (
+                r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32) (result i32))))"#,
+                "signature differs",
             ),
             (
                 r#"(module (import "cf1" "clock" (func (result i64))))"#,

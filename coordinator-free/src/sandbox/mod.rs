@@ -19,6 +19,7 @@ mod executor;
 pub(crate) mod host;
 mod nan;
 mod outcome;
+mod wasi;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -767,6 +768,7 @@ impl Sandbox {
             progress_shown: None,
             memory: None,
             observer: request.observer,
+            wasi: wasi::WasiState::default(),
         };
         let mut store = Store::new(module.pre.module().engine(), state);
         store.limiter(|state| &mut state.limiter);
@@ -821,23 +823,39 @@ impl Sandbox {
             if let Some(budget) = budget {
                 store.set_fuel(budget).map_err(host_error)?;
             }
-            let entry = instance
-                .get_typed_func::<(), i32>(&mut store, ENTRY)
-                .map_err(|e| UnitError::BadModule {
-                    reason: format!("{e:#}"),
-                })?;
-            match entry.call(&mut store, ()) {
-                Ok(0) => Ok(()),
-                Ok(code) => Err(UnitError::GuestFailure {
-                    code,
-                    message: String::new(),
-                }),
-                Err(e) => Err(classify(e, &store, timeout, budget)),
+            let bad = |e: wasmtime::Error| UnitError::BadModule {
+                reason: format!("{e:#}"),
+            };
+            if module.pre.module().get_export(ENTRY).is_some() {
+                let entry = instance
+                    .get_typed_func::<(), i32>(&mut store, ENTRY)
+                    .map_err(bad)?;
+                match entry.call(&mut store, ()) {
+                    Ok(0) => Ok(()),
+                    Ok(code) => Err(UnitError::GuestFailure {
+                        code,
+                        message: String::new(),
+                    }),
+                    Err(e) => Err(classify(e, &store, timeout, budget)),
+                }
+            } else {
+                // A WASI command: returning from `_start` or `proc_exit(0)` is success.
+                let entry = instance
+                    .get_typed_func::<(), ()>(&mut store, wasi::ENTRY)
+                    .map_err(bad)?;
+                match entry.call(&mut store, ()) {
+                    Ok(()) => Ok(()),
+                    Err(e) => match e.downcast_ref::<Stop>() {
+                        Some(Stop::Exit { code: 0 }) => Ok(()),
+                        _ => Err(classify(e, &store, timeout, budget)),
+                    },
+                }
             }
         })();
 
         let fuel_consumed = budget.map(|b| b.saturating_sub(store.get_fuel().unwrap_or(0)));
         let elapsed = started.elapsed();
+        store.data_mut().flush_stderr();
         let state = store.into_data();
         let result = result.map(|()| state.output);
         if let Err(error) = &result {
@@ -914,8 +932,8 @@ fn classify(
 
 fn check_exports(module: &Module) -> Result<(), UnitError> {
     let bad = |reason: String| Err(UnitError::BadModule { reason });
-    match module.get_export(ENTRY) {
-        Some(ExternType::Func(f)) => {
+    match (module.get_export(ENTRY), module.get_export(wasi::ENTRY)) {
+        (Some(ExternType::Func(f)), _) => {
             let params: Vec<ValType> = f.params().collect();
             let results: Vec<ValType> = f.results().collect();
             if !params.is_empty() || results.len() != 1 || !matches!(results[0], ValType::I32) {
@@ -924,8 +942,21 @@ fn check_exports(module: &Module) -> Result<(), UnitError> {
                 ));
             }
         }
-        Some(_) => return bad(format!("the export \"{ENTRY}\" is not a function")),
-        None => return bad(format!("no exported function named \"{ENTRY}\"")),
+        (Some(_), _) => return bad(format!("the export \"{ENTRY}\" is not a function")),
+        (None, Some(ExternType::Func(f))) => {
+            if f.params().len() != 0 || f.results().len() != 0 {
+                return bad(format!(
+                    "the export \"{}\" (a WASI command) must have the type [] -> []",
+                    wasi::ENTRY
+                ));
+            }
+        }
+        (None, _) => {
+            return bad(format!(
+                "no exported function named \"{ENTRY}\" (or \"{}\", for a WASI program)",
+                wasi::ENTRY
+            ));
+        }
     }
     match module.get_export(MEMORY) {
         Some(ExternType::Memory(m)) if !m.is_64() && !m.is_shared() => Ok(()),
