@@ -440,8 +440,9 @@ fn run_on_network(
 /// otherwise (logs and CI).
 struct Display {
     terminal: bool,
+    /// The progress bar, on a terminal.
+    bar: Option<indicatif::ProgressBar>,
     last_plain: Option<Instant>,
-    drawn: bool,
     /// The latest line not yet printed in plain mode, printed at the end.
     unprinted: Option<String>,
     /// The warning that too few hosts take part was printed.
@@ -457,8 +458,8 @@ impl Display {
     fn new() -> Self {
         Self {
             terminal: std::io::stderr().is_terminal(),
+            bar: None,
             last_plain: None,
-            drawn: false,
             unprinted: None,
             warned: false,
             noted_replicas: false,
@@ -468,11 +469,26 @@ impl Display {
 
     /// Prints a line of its own above the progress line.
     fn say(&mut self, line: &str) {
-        if self.drawn {
-            eprintln!();
-            self.drawn = false;
+        match &self.bar {
+            Some(bar) => bar.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
         }
-        eprintln!("{line}");
+    }
+
+    /// The terminal's progress bar: units decided of all, then the counts, rate and ETA.
+    fn bar(&mut self, units: u32) -> &indicatif::ProgressBar {
+        self.bar.get_or_insert_with(|| {
+            let bar = indicatif::ProgressBar::with_draw_target(
+                Some(u64::from(units)),
+                indicatif::ProgressDrawTarget::stderr_with_hz(10),
+            );
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:30.green/white} {pos}/{len} units  {wide_msg}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        })
     }
 
     fn show(&mut self, p: &JobProgress) {
@@ -504,13 +520,16 @@ impl Display {
             self.noted_replicas = true;
             self.say(&line);
         }
+        if self.terminal {
+            let message = progress_message(p);
+            let bar = self.bar(p.units);
+            bar.set_position(u64::from(p.accepted + p.failed));
+            bar.set_message(message);
+            return;
+        }
         let line = progress_line(p);
         let mut err = std::io::stderr().lock();
-        if self.terminal {
-            let _ = write!(err, "\r\x1b[2K{line}");
-            let _ = err.flush();
-            self.drawn = true;
-        } else if self
+        if self
             .last_plain
             .is_none_or(|t| t.elapsed() >= PLAIN_PROGRESS_EVERY)
         {
@@ -523,8 +542,8 @@ impl Display {
     }
 
     fn finish(&mut self) {
-        if self.drawn {
-            eprintln!();
+        if let Some(bar) = self.bar.take() {
+            bar.finish();
         } else if let Some(line) = self.unprinted.take() {
             eprintln!("{line}");
         }
@@ -532,6 +551,14 @@ impl Display {
             eprintln!("{line}");
         }
     }
+}
+
+/// What the progress bar says beside the bar: the counts, peers, rate and ETA.
+fn progress_message(p: &JobProgress) -> String {
+    let line = progress_line(p);
+    // The same words as the plain line, without its leading "done/units units:".
+    line.split_once(": ")
+        .map_or(line.clone(), |(_, rest)| rest.to_owned())
 }
 
 fn progress_line(p: &JobProgress) -> String {

@@ -331,3 +331,42 @@ fn extending_a_sweep_reuses_the_units_already_accepted() {
         run.stdout
     );
 }
+
+/// On a terminal the progress is a bar with the counts beside it; piped, plain lines without
+/// escape codes. The terminal is a pseudo-terminal made by `script` (util-linux).
+#[test]
+fn progress_is_a_bar_on_a_terminal_and_plain_lines_when_piped() {
+    let scratch = tempfile::tempdir().unwrap();
+    let root = scratch.path();
+    let job = manifest(root, "bar", (1, 40), SAMPLES, false);
+    let piped = submit_local(root, &job, "out-piped", "piped");
+    assert_eq!(piped.code, Some(0), "{}", piped.stderr);
+    assert!(!piped.stderr.contains('\u{1b}'), "{}", piped.stderr);
+    assert!(
+        piped.stderr.contains("40/40 units: 40 accepted"),
+        "{}",
+        piped.stderr
+    );
+
+    let typescript = root.join("typescript");
+    let command = format!(
+        "{WORKER} submit {} --cpus 2 --data-dir {} --out {}",
+        job.display(),
+        root.join("data-tty").display(),
+        root.join("out-tty").display()
+    );
+    let status = Command::new("script")
+        .args(["-qec", &command])
+        .arg(&typescript)
+        .env("TERM", "xterm")
+        .env_remove("WORKER_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .expect("script runs");
+    assert!(status.success());
+    let screen = String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).into_owned();
+    assert!(screen.contains('\u{1b}'), "{screen}");
+    assert!(screen.contains("40/40 units  40 accepted"), "{screen}");
+    assert!(screen.contains("=========="), "the bar: {screen}");
+}
