@@ -44,6 +44,8 @@ const SHUTDOWN_LIMIT: Duration = Duration::from_millis(10);
 const JOIN_WAIT: Duration = Duration::from_secs(3);
 /// How long a job may run short of the distinct hosts a unit needs before a warning says so.
 const HOSTS_WARNING_AFTER: Duration = Duration::from_secs(5);
+/// After how long the progress line says the job waits for hosts.
+const HOSTS_NOTED_AFTER: Duration = Duration::from_secs(1);
 /// How often progress is printed as a plain line when stderr is not a terminal.
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -581,7 +583,8 @@ fn progress_line(p: &JobProgress) -> String {
         "{done}/{} units: {} accepted, {} running, {} failed, {} peers, {rate:.1} units/s, ETA {eta}",
         p.units, p.accepted, p.running, p.failed, p.peers
     );
-    if p.short_of_hosts() {
+    // In its first second a job has not heard from its hosts yet: nothing to wait for so far.
+    if p.short_of_hosts() && p.elapsed >= HOSTS_NOTED_AFTER {
         line.push_str(&format!(
             "; waiting for hosts: {} of the {} a unit needs",
             p.hosts, p.quorum
