@@ -143,6 +143,13 @@ pub fn is_host_name(host: &str) -> bool {
         })
 }
 
+/// `HOST:PORT` with a host name (not an IP address) and a port number.
+pub fn host_and_port(text: &str) -> Option<(&str, u16)> {
+    let (host, port) = text.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    (is_host_name(host) && host.parse::<IpAddr>().is_err()).then_some((host, port))
+}
+
 impl FromStr for BootstrapArg {
     type Err = BootstrapError;
 
@@ -154,14 +161,9 @@ impl FromStr for BootstrapArg {
             Some((id, target)) => (Some(id.trim().parse()?), target.trim()),
             None => (None, s.trim()),
         };
-        let bad = || BootstrapError::Addr {
+        let (host, port) = host_and_port(target).ok_or_else(|| BootstrapError::Addr {
             text: target.to_owned(),
-        };
-        let (host, port) = target.rsplit_once(':').ok_or_else(bad)?;
-        let port: u16 = port.parse().map_err(|_| bad())?;
-        if !is_host_name(host) || host.parse::<IpAddr>().is_ok() {
-            return Err(bad());
-        }
+        })?;
         Ok(Self::Name(NamedBootstrap {
             host: host.to_ascii_lowercase(),
             port,

@@ -228,12 +228,8 @@ pub(crate) fn listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
     if let Ok(addr) = text.parse() {
         return Ok(addr);
     }
-    let bad = || format!("{text:?} is not IP:PORT or HOST:PORT");
-    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    if !coordinator_free::node::is_host_name(host) {
-        return Err(bad());
-    }
+    let (host, port) = coordinator_free::node::host_and_port(text)
+        .ok_or_else(|| format!("{text:?} is not IP:PORT or HOST:PORT"))?;
     use std::net::ToSocketAddrs;
     let mut addrs = (host, port)
         .to_socket_addrs()

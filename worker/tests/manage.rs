@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 mod common;
-use common::{WORKER, check_pi_line, finish, manifest, wait_for};
+use common::{WORKER, check_pi_line, finish, manifest, spawn_local_submit, wait_for};
 
 /// Samples per pi unit: small units, so jobs end quickly.
 const SAMPLES: u64 = 20_000;
@@ -33,26 +33,9 @@ fn text(out: &Output) -> String {
     )
 }
 
-fn spawn_local(dir: &Path, job: &Path, out: &str, tag: &str) -> std::process::Child {
-    Command::new(WORKER)
-        .arg("submit")
-        .arg(job)
-        .arg("--out")
-        .arg(dir.join(out))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args(["--cpus", "2"])
-        .env_remove("WORKER_LOG")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(dir.join(format!("{tag}.stdout"))).unwrap())
-        .stderr(std::fs::File::create(dir.join(format!("{tag}.stderr"))).unwrap())
-        .spawn()
-        .expect("worker starts")
-}
-
 fn submit_local(dir: &Path, job: &Path, out: &str, tag: &str) -> common::Run {
     finish(
-        spawn_local(dir, job, out, tag),
+        spawn_local_submit(dir, job, out, tag),
         dir,
         tag,
         Duration::from_secs(120),
@@ -171,7 +154,7 @@ fn a_running_submit_is_cancelled_says_where_it_stopped_and_resumes() {
     let root = scratch.path();
     // Long enough to be caught running: 300 units of about 20 ms, twice each, on two cores.
     let job = manifest(root, "long", (1, 300), 1_500_000, false);
-    let child = spawn_local(root, &job, "out", "first");
+    let child = spawn_local_submit(root, &job, "out", "first");
     wait_for(
         Duration::from_secs(60),
         "the running job in `worker jobs`",
@@ -300,16 +283,7 @@ fn extending_a_sweep_reuses_the_units_already_accepted() {
     let text = std::fs::read_to_string(&extended)
         .unwrap()
         .replace("replicas = 2\n", "replicas = 3\nquorum = 3\n");
-    let stricter = root.join("stricter.toml");
-    std::fs::write(&stricter, text).unwrap();
-    let run = submit_local(root, &stricter, "out-3", "stricter");
-    assert_eq!(run.code, Some(0), "{}", run.stderr);
-    assert!(!run.stdout.contains("reused"), "{}", run.stdout);
-    assert!(
-        run.stdout.contains("20 units run this time"),
-        "{}",
-        run.stdout
-    );
+    runs_all_twenty_again(root, &text, "stricter");
 
     // Another module (the same code with a custom section added): all run again.
     let mut wasm = std::fs::read(example_artifacts::PI).unwrap();
@@ -320,9 +294,14 @@ fn extending_a_sweep_reuses_the_units_already_accepted() {
         "module = \"pi-noted.wasm\"",
     );
     assert!(text.contains("pi-noted.wasm"), "{text}");
-    let other = root.join("other.toml");
-    std::fs::write(&other, text).unwrap();
-    let run = submit_local(root, &other, "out-4", "other");
+    runs_all_twenty_again(root, &text, "other");
+}
+
+/// Submits the manifest `text` as `root/TAG.toml`: none of its 20 units is reused.
+fn runs_all_twenty_again(root: &Path, text: &str, tag: &str) {
+    let job = root.join(format!("{tag}.toml"));
+    std::fs::write(&job, text).unwrap();
+    let run = submit_local(root, &job, &format!("out-{tag}"), tag);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(!run.stdout.contains("reused"), "{}", run.stdout);
     assert!(

@@ -2,7 +2,7 @@
 //! against the native kernels, and a submitter killed with SIGKILL that resumes.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -11,20 +11,7 @@ mod common;
 use common::{Run, check_pi_line, count_before, finish};
 
 fn spawn(dir: &Path, manifest: &Path, tag: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_worker"))
-        .arg("submit")
-        .arg(manifest)
-        .arg("--out")
-        .arg(dir.join("out"))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args(["--cpus", "2"])
-        .env_remove("WORKER_LOG")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(dir.join(format!("{tag}.stdout"))).unwrap())
-        .stderr(std::fs::File::create(dir.join(format!("{tag}.stderr"))).unwrap())
-        .spawn()
-        .expect("worker starts")
+    common::spawn_local_submit(dir, manifest, "out", tag)
 }
 
 fn submit(dir: &Path, manifest: &Path, tag: &str) -> Run {

@@ -809,9 +809,7 @@ fn rewrite_results(
         let record = UnitRecord::decode(&bytes).map_err(RewriteError::Store)?;
         if let Some(unit) = job.units.get(index as usize) {
             let line = result_line(unit, &record);
-            if line.status == crate::job::results::Status::Failed
-                && first_failed.len() < FIRST_FAILED
-            {
+            if line.status == Status::Failed && first_failed.len() < FIRST_FAILED {
                 first_failed.push((
                     index,
                     line.error
@@ -819,10 +817,7 @@ fn rewrite_results(
                         .unwrap_or_else(|| "no error reported".into()),
                 ));
             }
-            let mut text = serde_json::to_string(&line)
-                .map_err(|e| RewriteError::Io(std::io::Error::other(e)))?;
-            text.push('\n');
-            file.write_all(text.as_bytes()).map_err(RewriteError::Io)?;
+            write_result(&mut file, &line).map_err(RewriteError::Io)?;
         }
     }
     file.flush().map_err(RewriteError::Io)?;
@@ -1045,8 +1040,12 @@ impl State {
 
 /// Appends one unit's line to the results file.
 fn write_line(out: &mut impl Write, unit: &UnitInput, record: &UnitRecord) -> std::io::Result<()> {
-    let line = result_line(unit, record);
-    let mut text = serde_json::to_string(&line).map_err(std::io::Error::other)?;
+    write_result(out, &result_line(unit, record))
+}
+
+/// Appends a results line.
+fn write_result(out: &mut impl Write, line: &ResultLine) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(line).map_err(std::io::Error::other)?;
     text.push('\n');
     out.write_all(text.as_bytes())
 }

@@ -249,6 +249,11 @@ fn sizes(caller: &mut Caller<'_, HostState>, count_ptr: i32, size_ptr: i32, args
     )
 }
 
+/// `errno` for one of the three standard streams, `EBADF` for any other descriptor.
+fn standard(fd: i32, errno: i32) -> i32 {
+    if (0..=2).contains(&fd) { errno } else { EBADF }
+}
+
 /// Defines the WASI functions of the subset in `linker`.
 pub(crate) fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
@@ -297,11 +302,7 @@ pub(crate) fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
     linker.func_wrap(MODULE, "fd_close", |_: Caller<'_, HostState>, fd: i32| {
-        if (0..=2).contains(&fd) {
-            SUCCESS
-        } else {
-            EBADF
-        }
+        standard(fd, SUCCESS)
     })?;
     linker.func_wrap(
         MODULE,
@@ -311,13 +312,7 @@ pub(crate) fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         MODULE,
         "fd_fdstat_set_flags",
-        |_: Caller<'_, HostState>, fd: i32, _: i32| {
-            if (0..=2).contains(&fd) {
-                SUCCESS
-            } else {
-                EBADF
-            }
-        },
+        |_: Caller<'_, HostState>, fd: i32, _: i32| standard(fd, SUCCESS),
     )?;
     linker.func_wrap(
         MODULE,
@@ -346,9 +341,7 @@ pub(crate) fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         MODULE,
         "fd_seek",
-        |_: Caller<'_, HostState>, fd: i32, _: i64, _: i32, _: i32| {
-            if (0..=2).contains(&fd) { ESPIPE } else { EBADF }
-        },
+        |_: Caller<'_, HostState>, fd: i32, _: i64, _: i32, _: i32| standard(fd, ESPIPE),
     )?;
     linker.func_wrap(
         MODULE,

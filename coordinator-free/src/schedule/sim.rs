@@ -1203,6 +1203,25 @@ fn wrong_left(o: &Outcomes, warm: &Outcomes) -> u64 {
     (o.accepted_wrong + warm.accepted_wrong).saturating_sub(warm.corrected_on_resume)
 }
 
+/// A scenario of the adaptive tables as run: `units` units over `peers` peers, policy 2/2 with
+/// 6 attempts, under `trust`.
+fn adaptive_config(
+    base: &SimConfig,
+    units: u32,
+    peers: usize,
+    trust: Option<TrustConfig>,
+) -> SimConfig {
+    SimConfig {
+        peers,
+        jobs: 1,
+        units,
+        policy: Policy::new(2, 2, 6),
+        trust,
+        time_limit: Duration::from_secs(3600),
+        ..base.clone()
+    }
+}
+
 /// One row of the adaptive-replication table.
 fn adaptive_row(name: &str, rule: &str, o: &Outcomes, warm: &Outcomes) -> String {
     format!(
@@ -1291,15 +1310,7 @@ fn adaptive_table(
         let mut per_unit_checked = Vec::new();
         for &seed in seeds {
             for (r, (rule, trust)) in rules.iter().enumerate() {
-                let config = SimConfig {
-                    peers,
-                    jobs: 1,
-                    units,
-                    policy: Policy::new(2, 2, 6),
-                    trust: *trust,
-                    time_limit: Duration::from_secs(3600),
-                    ..base.clone()
-                };
+                let config = adaptive_config(base, units, peers, *trust);
                 let (warm, o) = simulate_warm(seed, config);
                 assert!(o.all_finished && o.lost == 0, "{name} {rule}: {o:?}");
                 assert!(
@@ -1377,16 +1388,11 @@ fn sleepers_by_spot_floor() {
         let (mut honest, mut sleepy) = (Vec::new(), Vec::new());
         let (mut ever, mut left, mut caught) = (0, 0, 0);
         for seed in [1u64, 2, 3] {
-            let base = SimConfig {
-                peers: 100,
-                jobs: 1,
-                units: 10_000,
-                policy: Policy::new(2, 2, 6),
+            let no_cheaters = SimConfig {
                 cheaters: 0.0,
-                trust,
-                time_limit: Duration::from_secs(3600),
                 ..SimConfig::default()
             };
+            let base = adaptive_config(&no_cheaters, 10_000, 100, trust);
             let (_, o) = simulate_warm(seed, base.clone());
             honest.push(o.executions as f64 / o.units as f64);
             let (warm, o) = simulate_warm(
@@ -1448,18 +1454,11 @@ fn catch_rule_table(
         for (rule, factor) in [("10 × 4^k", 4), ("10 (flat)", 1)] {
             let (mut per_unit, mut ever, mut ended, mut left, mut rerun) = (0.0, 0, 0, 0, 0);
             for seed in seeds.clone() {
-                let config = SimConfig {
-                    peers,
-                    jobs: 1,
-                    units,
-                    policy: Policy::new(2, 2, 6),
-                    trust: Some(TrustConfig {
-                        catch_factor: factor,
-                        ..TrustConfig::default()
-                    }),
-                    time_limit: Duration::from_secs(3600),
-                    ..base.clone()
+                let trust = TrustConfig {
+                    catch_factor: factor,
+                    ..TrustConfig::default()
                 };
+                let config = adaptive_config(&base, units, peers, Some(trust));
                 let (warm, o) = simulate_warm(seed, config);
                 per_unit += o.executions as f64 / o.units as f64 / runs;
                 ever += o.accepted_wrong_ever + warm.accepted_wrong_ever;
@@ -1524,15 +1523,7 @@ fn alert_table(units: u32, peers: usize, seeds: std::ops::RangeInclusive<u64>) -
             };
             let (mut per_unit, mut ever, mut ended, mut left) = (Vec::new(), 0, 0, 0);
             for seed in seeds.clone() {
-                let config = SimConfig {
-                    peers,
-                    jobs: 1,
-                    units,
-                    policy: Policy::new(2, 2, 6),
-                    trust: Some(trust),
-                    time_limit: Duration::from_secs(3600),
-                    ..base.clone()
-                };
+                let config = adaptive_config(&base, units, peers, Some(trust));
                 let (warm, o) = simulate_warm(seed, config);
                 assert!(o.all_finished && o.lost == 0, "{name}: {o:?}");
                 per_unit.push(o.executions as f64 / o.units as f64);

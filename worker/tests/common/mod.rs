@@ -235,6 +235,25 @@ pub fn spawn_submit(root: &Path, manifest: &Path, via: &Peer, tag: &str) -> Chil
         .expect("worker submit starts")
 }
 
+/// Starts `worker submit MANIFEST` on this machine alone (two cores), results in `dir/OUT`, the
+/// journal in `dir/data`, its output in `dir/TAG.stdout` and `dir/TAG.stderr`.
+pub fn spawn_local_submit(dir: &Path, manifest: &Path, out: &str, tag: &str) -> Child {
+    Command::new(WORKER)
+        .arg("submit")
+        .arg(manifest)
+        .arg("--out")
+        .arg(dir.join(out))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--cpus", "2"])
+        .env_remove("WORKER_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join(format!("{tag}.stdout"))).unwrap())
+        .stderr(std::fs::File::create(dir.join(format!("{tag}.stderr"))).unwrap())
+        .spawn()
+        .expect("worker starts")
+}
+
 /// The lines of `root/out-JOB/results.jsonl` so far.
 pub fn results(root: &Path, job: &str) -> Vec<Value> {
     std::fs::read_to_string(root.join(format!("out-{job}/results.jsonl")))
