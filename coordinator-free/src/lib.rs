@@ -2,6 +2,7 @@
 //! WebAssembly work units in a deterministic sandbox, and validate results by redundant
 //! execution.
 
+pub mod bitset;
 #[cfg(unix)]
 pub mod control;
 pub mod digest;

@@ -126,7 +126,7 @@ impl Scheduler {
         };
         let chance = trust.alone_chance(&peer, &host);
         let streak = trust.streak(&peer, &host);
-        let Some(state) = self.units.get(unit as usize) else {
+        let Some(state) = self.units.get(unit) else {
             return;
         };
         if chance <= 0.0
@@ -138,7 +138,7 @@ impl Scheduler {
         {
             return;
         }
-        if let Some(state) = self.units.get_mut(unit as usize) {
+        if let Some(state) = self.units.get_mut(unit) {
             state.tally = Tally::new(Policy::new(1, 1, 1));
             state.mode = Mode::Alone { peer, host, streak };
             self.trust_stats.alone += 1;
@@ -149,7 +149,11 @@ impl Scheduler {
     /// trusted with it just because its trusted peer could not run it.
     pub(super) fn settle_alone(&mut self, unit: u32) {
         let policy = self.policy;
-        if let Some(state) = self.units.get_mut(unit as usize)
+        if self
+            .units
+            .get(unit)
+            .is_some_and(|s| matches!(s.mode, Mode::Alone { .. }))
+            && let Some(state) = self.units.get_mut(unit)
             && matches!(state.mode, Mode::Alone { .. })
             && state.tally.is_open()
             && state.tally.in_flight() == 0
@@ -163,7 +167,7 @@ impl Scheduler {
     /// validated. `None` when the unit is not decided after all: its alone result goes to a
     /// spot check, or its peer was caught while it ran.
     pub(super) fn judge(&mut self, unit: u32, verdict: &Verdict) -> Option<Validation> {
-        let mode = self.units.get(unit as usize).map(|u| u.mode)?;
+        let mode = self.units.get(unit).map(|u| u.mode)?;
         if self.trust.is_none() {
             return Some(Validation::Quorum);
         }
@@ -231,7 +235,7 @@ impl Scheduler {
             replicas: self.policy.replicas.max(quorum + 1),
             ..self.policy
         };
-        let Some(state) = self.units.get_mut(unit as usize) else {
+        let Some(state) = self.units.get_mut(unit) else {
             return false;
         };
         if !state.tally.extend(stricter) {
@@ -270,7 +274,7 @@ impl Scheduler {
         }
         if self.rng.chance(spot) {
             let checker = self.draw_checker(host);
-            let state = self.units.get_mut(unit as usize)?;
+            let state = self.units.get_mut(unit)?;
             let mut tally = Tally::new(policy);
             // The alone answer stays as the first vote; a second host must agree.
             if tally.start().is_ok() {
@@ -288,7 +292,7 @@ impl Scheduler {
             self.rescan = true;
             return None;
         }
-        let state = self.units.get_mut(unit as usize)?;
+        let state = self.units.get_mut(unit)?;
         state.mode = Mode::Trusted { peer, host };
         self.trust_stats.trusted += 1;
         if vouched {
@@ -331,7 +335,7 @@ impl Scheduler {
             .started
             .iter()
             .filter_map(|&u| {
-                let state = self.units.get(u as usize)?;
+                let state = self.units.get(u)?;
                 let Mode::Spot { checker, .. } = state.mode else {
                     return None;
                 };
@@ -344,7 +348,7 @@ impl Scheduler {
             .collect();
         for (unit, tried) in stale {
             let drawn = self.draw_host(&tried);
-            if let Some(state) = self.units.get_mut(unit as usize)
+            if let Some(state) = self.units.get_mut(unit)
                 && let Mode::Spot { checker, .. } = &mut state.mode
             {
                 *checker = drawn;
@@ -356,7 +360,7 @@ impl Scheduler {
     /// host (it goes first, whatever the pool), `Some(false)` a spot check drawn for another
     /// host that is still here (not while fresh units remain), `None` any other unit.
     pub(super) fn spot_for(&self, unit: u32, host: Host) -> Option<bool> {
-        let state = self.units.get(unit as usize)?;
+        let state = self.units.get(unit)?;
         match state.mode {
             Mode::Spot {
                 checker: Some(checker),
@@ -423,27 +427,34 @@ impl Scheduler {
             return;
         }
         tracing::info!(job = %self.job, %peer, %host, "a trusted peer disagreed with a quorum; its alone results are run again");
-        let suspects: Vec<u32> = self
+        // Spot checks still waiting (the one whose verdict caught the peer is decided by that
+        // verdict), then every result accepted on the word of a key of this host.
+        let mut suspects: Vec<(u32, bool)> = self
             .units
-            .iter()
-            .enumerate()
-            .filter(|(_, u)| match u.mode {
-                Mode::Trusted { host: h, .. } => h == host,
-                // A spot check still waiting; the one whose verdict caught the peer is
-                // decided by that verdict.
-                Mode::Spot { host: h, .. } => h == host && u.tally.is_open(),
-                _ => false,
+            .live()
+            .filter(|(_, u)| {
+                matches!(u.mode, Mode::Spot { host: h, .. } if h == host) && u.tally.is_open()
             })
-            .filter_map(|(i, _)| u32::try_from(i).ok())
+            .map(|(i, _)| (i, false))
             .collect();
-        for unit in suspects {
-            let was_accepted = self
-                .units
-                .get(unit as usize)
-                .is_some_and(|u| matches!(u.mode, Mode::Trusted { .. }));
+        suspects.sort_unstable();
+        for unit in self.trusted_alone.remove(&host).unwrap_or_default() {
+            if self.units.is_closed(unit) {
+                suspects.push((unit, true));
+            }
+        }
+        for (unit, was_accepted) in suspects {
             if was_accepted {
                 self.accepted = self.accepted.saturating_sub(1);
                 self.trust_stats.revalidated += 1;
+                // Its one execution ran on the caught host, which may not run it again.
+                let mut state = self.units.blank();
+                state.tried.push(super::Try {
+                    peer,
+                    host,
+                    failed: false,
+                });
+                self.units.reopen(unit, state);
             }
             self.reopen(unit, Mode::Revalidating { caught: peer }, host);
         }
@@ -454,7 +465,7 @@ impl Scheduler {
     /// running go on counting.
     fn reopen(&mut self, unit: u32, mode: Mode, caught: Host) {
         let policy = self.policy;
-        if let Some(state) = self.units.get_mut(unit as usize) {
+        if let Some(state) = self.units.get_mut(unit) {
             let mut tally = Tally::new(policy);
             let mut settled = None;
             for v in state.tally.votes().iter().filter(|v| v.host != caught) {
@@ -500,7 +511,7 @@ impl Scheduler {
     /// A unit read back from the journal as accepted on the word of `peer`, since caught: it
     /// runs again, never on that peer's host.
     pub(super) fn revalidate_restored(&mut self, unit: u32, peer: PeerId, host: Host) {
-        if let Some(state) = self.units.get_mut(unit as usize) {
+        if let Some(state) = self.units.get_mut(unit) {
             state.tried.push(super::Try {
                 peer,
                 host,
@@ -514,13 +525,8 @@ impl Scheduler {
     /// A unit read back from the journal as accepted alone, still trusted: a catch later in
     /// this job runs it again.
     pub(super) fn restore_mode(&mut self, unit: u32, validation: &Validation) {
-        if let (Validation::Trusted { peer, host, .. }, Some(state)) =
-            (validation, self.units.get_mut(unit as usize))
-        {
-            state.mode = Mode::Trusted {
-                peer: *peer,
-                host: *host,
-            };
+        if let Validation::Trusted { host, .. } = validation {
+            self.trusted_alone.entry(*host).or_default().push(unit);
         }
     }
 }
@@ -670,8 +676,8 @@ mod tests {
         }
         available(&mut s, 1, 20, now);
         let _ = answer_all(&mut s, now, None);
-        let checker_of = |s: &Scheduler, unit: u32| match s.units[unit as usize].mode {
-            Mode::Spot { checker, .. } => checker,
+        let checker_of = |s: &Scheduler, unit: u32| match s.units.get(unit).map(|u| u.mode) {
+            Some(Mode::Spot { checker, .. }) => checker,
             _ => None,
         };
         let spots: Vec<(u32, Host)> = (0..400)

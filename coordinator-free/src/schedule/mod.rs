@@ -48,6 +48,7 @@ mod adaptive;
 mod intake;
 #[cfg(test)]
 mod sim;
+mod units;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -396,9 +397,11 @@ pub struct Scheduler {
     /// Units whose remaining votes closed them when they were reopened, to decide next.
     settled: Vec<(u32, Verdict)>,
     rng: Rng,
-    units: Vec<UnitState>,
+    units: units::UnitTable,
     /// Open units never leased, in unit order.
-    fresh: BTreeSet<u32>,
+    fresh: units::FreshSet,
+    /// Units accepted on a trusted peer's word, by that peer's host, for a catch to run again.
+    trusted_alone: BTreeMap<Host, Vec<u32>>,
     /// Open units leased before that want more executions, in unit order.
     started: BTreeSet<u32>,
     /// Peers that reported room since the last dispatch.
@@ -448,16 +451,18 @@ impl Scheduler {
             trust: None,
             trust_stats: TrustStats::default(),
             settled: Vec::new(),
-            units: (0..units)
-                .map(|_| UnitState {
-                    tally: tally.clone(),
+            units: units::UnitTable::new(
+                units,
+                UnitState {
+                    tally,
                     mode: adaptive::Mode::default(),
                     tried: Vec::new(),
                     active: Vec::new(),
                     issued: 0,
-                })
-                .collect(),
-            fresh: (0..units).collect(),
+                },
+            ),
+            fresh: units::FreshSet::full(units),
+            trusted_alone: BTreeMap::new(),
             started: BTreeSet::new(),
             pending: BTreeSet::new(),
             rescan: false,
@@ -487,11 +492,10 @@ impl Scheduler {
     /// run again.
     pub fn restore(&mut self, unit: u32, verdict: Verdict) -> Result<bool, ScheduleError> {
         let units = self.unit_count();
-        let state = self
-            .units
-            .get_mut(unit as usize)
-            .ok_or(ScheduleError::NoSuchUnit { unit, units })?;
-        if !state.tally.is_open() {
+        if unit >= units {
+            return Err(ScheduleError::NoSuchUnit { unit, units });
+        }
+        if !self.units.get(unit).is_some_and(|s| s.tally.is_open()) {
             return Err(ScheduleError::Validate {
                 unit,
                 source: ValidateError::Closed,
@@ -505,9 +509,9 @@ impl Scheduler {
         } else {
             self.failed += 1;
         }
-        // A final verdict: close the tally without replaying its votes.
-        state.tally.restore(verdict);
-        self.fresh.remove(&unit);
+        // A final verdict: the unit is closed without replaying its votes.
+        self.units.close(unit);
+        self.fresh.remove(unit);
         self.started.remove(&unit);
         self.check_finished();
         Ok(true)
@@ -548,12 +552,18 @@ impl Scheduler {
     }
 
     pub fn unit_count(&self) -> u32 {
-        u32::try_from(self.units.len()).unwrap_or(u32::MAX)
+        self.units.count()
+    }
+
+    /// Units holding a record now: those leased, or reopened, and not decided since. Never
+    /// leased units and decided ones hold none, so this is what the job's memory grows with.
+    pub fn units_held(&self) -> usize {
+        self.units.live_count()
     }
 
     /// The tally of one unit.
     pub fn unit(&self, unit: u32) -> Option<&Tally> {
-        self.units.get(unit as usize).map(|u| &u.tally)
+        self.units.get(unit).map(|u| &u.tally)
     }
 
     /// The unit of a lease `peer` holds now, or held until it expired (and whose late answer
@@ -779,7 +789,7 @@ impl Scheduler {
                             self.stats.leases_declined += 1;
                             self.forget_lease(id, active);
                             let unit = active.unit;
-                            if let Some(state) = self.units.get_mut(unit as usize) {
+                            if let Some(state) = self.units.get_mut(unit) {
                                 // Never run there: the peer may take the unit again later, and
                                 // the execution is taken back rather than counted as failed.
                                 state.tried.retain(|t| t.peer != from);
@@ -826,7 +836,7 @@ impl Scheduler {
             if self.peers.contains_key(&from) {
                 self.pending.insert(from);
             }
-            let Some(state) = self.units.get_mut(active.unit as usize) else {
+            let Some(state) = self.units.get_mut(active.unit) else {
                 return;
             };
             let recorded = state.tally.record(from, active.host, result.outcome);
@@ -841,7 +851,8 @@ impl Scheduler {
             if result.outcome == Outcome::HostFailure {
                 return;
             }
-            let Some(state) = self.units.get_mut(unit as usize) else {
+            let Some(state) = self.units.get_mut(unit) else {
+                self.stats.results_closed += 1;
                 return;
             };
             let recorded = state.tally.record_late(from, host, result.outcome);
@@ -879,7 +890,7 @@ impl Scheduler {
     /// The execution of `unit` on `peer` ended in a host failure: its host may run the unit
     /// again on another peer.
     fn mark_failed(&mut self, unit: u32, peer: PeerId) {
-        if let Some(state) = self.units.get_mut(unit as usize) {
+        if let Some(state) = self.units.get_mut(unit) {
             for t in state.tried.iter_mut().filter(|t| t.peer == peer) {
                 t.failed = true;
             }
@@ -890,7 +901,7 @@ impl Scheduler {
     fn give_up(&mut self, id: LeaseId, active: Active) {
         self.forget_lease(id, active);
         self.mark_failed(active.unit, active.peer);
-        let Some(state) = self.units.get_mut(active.unit as usize) else {
+        let Some(state) = self.units.get_mut(active.unit) else {
             return;
         };
         match state
@@ -926,7 +937,7 @@ impl Scheduler {
         if let Some(host) = self.hosts.get_mut(&active.host) {
             host.leases = host.leases.saturating_sub(1);
         }
-        if let Some(state) = self.units.get_mut(active.unit as usize) {
+        if let Some(state) = self.units.get_mut(active.unit) {
             state.active.retain(|l| *l != id);
         }
     }
@@ -935,10 +946,10 @@ impl Scheduler {
     /// than by being leased calls for a look at every peer.
     fn refresh(&mut self, unit: u32) {
         self.settle_alone(unit);
-        let (wants, fresh) = self.units.get(unit as usize).map_or((false, false), |u| {
+        let (wants, fresh) = self.units.get(unit).map_or((false, false), |u| {
             (u.tally.wanted() > 0, u.tried.is_empty())
         });
-        let was_ready = self.fresh.remove(&unit) | self.started.remove(&unit);
+        let was_ready = self.fresh.remove(unit) | self.started.remove(&unit);
         if wants {
             if fresh {
                 self.fresh.insert(unit);
@@ -961,7 +972,7 @@ impl Scheduler {
             // Not decided after all: a spot check, or a re-run, is wanted first.
             return;
         };
-        self.fresh.remove(&unit);
+        self.fresh.remove(unit);
         self.started.remove(&unit);
         if self.starved {
             self.starved = false;
@@ -969,7 +980,7 @@ impl Scheduler {
         }
         let active = self
             .units
-            .get_mut(unit as usize)
+            .get_mut(unit)
             .map(|u| std::mem::take(&mut u.active))
             .unwrap_or_default();
         let mut revoked: BTreeMap<PeerId, Vec<LeaseId>> = BTreeMap::new();
@@ -993,6 +1004,12 @@ impl Scheduler {
             self.failed += 1;
         }
         tracing::debug!(job = %self.job, unit, accepted = verdict.is_accepted(), "unit decided");
+        // Its state goes: a result accepted on one trusted peer's word is remembered by that
+        // peer's host, which is all a catch needs to run it again.
+        if let Some(adaptive::Mode::Trusted { host, .. }) = self.units.get(unit).map(|s| s.mode) {
+            self.trusted_alone.entry(host).or_default().push(unit);
+        }
+        self.units.close(unit);
         self.out.push_back(Command::Decided {
             unit,
             verdict,
@@ -1013,10 +1030,8 @@ impl Scheduler {
 
     fn cancel(&mut self) {
         for unit in 0..self.unit_count() {
-            let verdict = self
-                .units
-                .get_mut(unit as usize)
-                .and_then(|u| u.tally.abandon());
+            // A unit never leased is abandoned from the blank state, without making it a record.
+            let verdict = self.units.get(unit).and_then(|u| u.tally.clone().abandon());
             if let Some(verdict) = verdict {
                 self.decide(unit, verdict);
             }
@@ -1081,7 +1096,7 @@ impl Scheduler {
             let mut units = self.draw(peer, host, room, min_pool);
             if units.len() < room {
                 if may_start {
-                    let fresh: Vec<u32> = self.fresh.iter().copied().take(window).collect();
+                    let fresh = self.fresh.first(window);
                     let more = self.sample(fresh, room - units.len());
                     units.extend(more);
                 } else if !self.fresh.is_empty() {
@@ -1117,7 +1132,7 @@ impl Scheduler {
         for &u in &self.started {
             if !self
                 .units
-                .get(u as usize)
+                .get(u)
                 .is_some_and(|s| eligible(&s.tried, peer, host))
             {
                 continue;
@@ -1149,7 +1164,7 @@ impl Scheduler {
 
     fn issue(&mut self, peer: PeerId, host: Host, unit: u32, now: Instant) -> Option<Lease> {
         self.maybe_alone(unit, peer, host);
-        let state = self.units.get_mut(unit as usize)?;
+        let state = self.units.get_mut(unit)?;
         state.tally.start().ok()?;
         let id = LeaseId(self.next_lease);
         self.next_lease += 1;
@@ -1800,8 +1815,10 @@ mod tests {
         }
         let submitter = peer(0);
         let mut rounds = 0;
+        let mut most_held = 0;
         while !s.is_finished() && rounds < 100_000 {
             rounds += 1;
+            most_held = most_held.max(s.units_held());
             let mut idle = true;
             while let Some(c) = s.poll_command() {
                 idle = false;
@@ -1870,6 +1887,10 @@ mod tests {
         let p = s.progress();
         assert_eq!(p.accepted, units);
         assert_eq!(s.stats().leases_issued, u64::from(units) * 2);
+        // Records are held by units under way only: three peers of two slots and 64 leases
+        // of prefetch each hold a few hundred at most, never the job.
+        assert!(most_held <= 1_000, "{most_held} unit records held at once");
+        assert_eq!(s.units_held(), 0);
         println!(
             "scheduler core: {units} units x 2 replicas over 3 peers in {:.0} ms ({:.0} units/s, \
              {} dispatch rounds)",
@@ -1877,6 +1898,63 @@ mod tests {
             f64::from(units) / elapsed.as_secs_f64(),
             rounds
         );
+    }
+
+    /// A job of a hundred million units costs bits until its units are leased: the scheduler
+    /// is made, hands out and decides units, and holds records only for those under way.
+    #[test]
+    fn a_hundred_million_units_cost_bits_not_records() {
+        let now = Instant::now();
+        let units = 100_000_000;
+        let mut s = Scheduler::new(job(), units, Policy::new(1, 1, 3), Config::default(), 3);
+        for n in 1..=3u8 {
+            s.handle(
+                Event::Available {
+                    peer: peer(n),
+                    slots: 64,
+                    host: Host::Peer(peer(n)),
+                },
+                now,
+            );
+        }
+        let mut decided = 0u32;
+        for _ in 0..50 {
+            let mut answers: BTreeMap<PeerId, Vec<LeaseResult>> = BTreeMap::new();
+            while let Some(c) = s.poll_command() {
+                match c {
+                    Command::Offer { to, leases, .. } => {
+                        answers
+                            .entry(to)
+                            .or_default()
+                            .extend(leases.iter().map(|l| LeaseResult {
+                                lease: l.id,
+                                outcome: Outcome::Output(Digest::of(&l.unit.to_le_bytes())),
+                            }))
+                    }
+                    Command::Decided { .. } => decided += 1,
+                    _ => {}
+                }
+            }
+            assert!(s.units_held() <= 3 * 64, "{} records", s.units_held());
+            for (from, results) in answers {
+                let slots = results.len() as u32;
+                s.handle(Event::Results { from, results }, now);
+                s.handle(
+                    Event::Available {
+                        peer: from,
+                        slots,
+                        host: Host::Peer(from),
+                    },
+                    now,
+                );
+            }
+        }
+        while let Some(c) = s.poll_command() {
+            decided += u32::from(matches!(c, Command::Decided { .. }));
+        }
+        assert!(decided >= 4_000, "{decided} decided");
+        assert_eq!(s.progress().accepted, decided);
+        assert!(!s.is_finished());
     }
 
     /// Random events from a handful of peers, honest or not, in any order: nothing panics, no
