@@ -29,10 +29,11 @@ const TRUST_HOSTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("trust-h
 /// postcard).
 const TRUST_META: TableDefinition<&[u8], &[u8]> = TableDefinition::new("trust-meta");
 const ALERT_KEY: &[u8] = b"alert";
-/// What determines a unit's result (see `job::driver::content_key`) → job id ++ unit index of
+/// What determines a unit's result — its content context (engine profile, module, limits, where
+/// it ran) ++ its input digest, 64 bytes (see `job::driver::ContentKey`) → job id ++ unit index of
 /// a journaled unit that holds it: how a later job finds results it can reuse.
 const RESULTS_BY_CONTENT: TableDefinition<&[u8], &[u8]> =
-    TableDefinition::new("results-by-content");
+    TableDefinition::new("results-by-content-2");
 /// Job id → its [`JobTimes`] (postcard).
 const JOB_TIMES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("job-times");
 /// Job id → the [`JobSource`] it was submitted from (postcard).
@@ -167,6 +168,9 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     postcard::to_stdvec(value).map_err(db_error)
 }
 
+/// Memory the journal keeps of its pages.
+const CACHE_BYTES: usize = 32 << 20;
+
 impl JobStore {
     /// Opens the store at `path`, creating it (and its directory) if needed.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -177,7 +181,12 @@ impl JobStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| open_error(e.to_string()))?;
         }
-        let db = Database::create(path).map_err(|e| open_error(e.to_string()))?;
+        // redb caches up to 1 GiB of pages by default, which a long job's journal fills: the
+        // submitter's memory would grow with the journal.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| open_error(e.to_string()))?;
         // Create every table once, so readers never meet a missing one.
         let txn = db.begin_write().map_err(db_error)?;
         for table in [
@@ -223,22 +232,37 @@ impl JobStore {
         Ok(t.get(key).map_err(db_error)?.map(|v| v.value().to_vec()))
     }
 
+    /// Whether any result was journaled under this content context (its first 32 bytes of
+    /// key): when none was, no unit of a job with that context can be reused, and the job
+    /// need not look.
+    pub fn has_content(&self, context: &Digest) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let content = txn.open_table(RESULTS_BY_CONTENT).map_err(db_error)?;
+        let mut end = [0xffu8; 64];
+        end[..32].copy_from_slice(&context.0);
+        let mut start = [0u8; 64];
+        start[..32].copy_from_slice(&context.0);
+        let found = content
+            .range(start.as_slice()..=end.as_slice())
+            .map_err(db_error)?
+            .next()
+            .is_some();
+        Ok(found)
+    }
+
     /// The journaled records holding the results of `wanted` (unit index, content key) that
     /// `suitable` accepts, read in one transaction; a key whose record is gone is skipped.
     pub fn reusable(
         &self,
-        wanted: &[(u64, Digest)],
+        wanted: &[(u64, [u8; 64])],
         mut suitable: impl FnMut(&[u8]) -> bool,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let txn = self.db.begin_read().map_err(db_error)?;
         let content = txn.open_table(RESULTS_BY_CONTENT).map_err(db_error)?;
-        if redb::ReadableTableMetadata::len(&content).map_err(db_error)? == 0 {
-            return Ok(Vec::new());
-        }
         let units = txn.open_table(UNITS).map_err(db_error)?;
         let mut out = Vec::new();
         for (index, key) in wanted {
-            let Some(at) = content.get(key.0.as_slice()).map_err(db_error)? else {
+            let Some(at) = content.get(key.as_slice()).map_err(db_error)? else {
                 continue;
             };
             if let Some(record) = units.get(at.value()).map_err(db_error)?
@@ -361,7 +385,7 @@ impl JobStore {
         &self,
         job: &Digest,
         units: &[(u64, Vec<u8>)],
-        content: &[(Digest, u64)],
+        content: &[([u8; 64], u64)],
         changes: &[(PeerId, Reputation)],
         now: u64,
         max_peers: u64,
@@ -375,7 +399,7 @@ impl JobStore {
             }
             let mut t = txn.open_table(RESULTS_BY_CONTENT).map_err(db_error)?;
             for (key, index) in content {
-                t.insert(key.0.as_slice(), unit_key(job, *index).as_slice())
+                t.insert(key.as_slice(), unit_key(job, *index).as_slice())
                     .map_err(db_error)?;
             }
         }
@@ -483,16 +507,28 @@ impl JobStore {
         self.get(UNITS, &unit_key(job, index))
     }
 
-    /// Every finished unit of a job, by index.
+    /// Every finished unit of a job, by index, read at once. A job's own loop reads its
+    /// journal a batch at a time ([`JobStore::units_from`]).
     pub fn units(&self, job: &Digest) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.units_from(job, 0, usize::MAX)
+    }
+
+    /// At most `limit` finished units of a job, by index, from unit `from` on.
+    pub fn units_from(
+        &self,
+        job: &Digest,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let txn = self.db.begin_read().map_err(db_error)?;
         let t = txn.open_table(UNITS).map_err(db_error)?;
-        let start = unit_key(job, 0);
+        let start = unit_key(job, from);
         let end = unit_key(job, u64::MAX);
         let mut out = Vec::new();
         for entry in t
             .range(start.as_slice()..=end.as_slice())
             .map_err(db_error)?
+            .take(limit)
         {
             let (key, value) = entry.map_err(db_error)?;
             let key = key.value();
@@ -629,12 +665,23 @@ mod tests {
     fn results_are_found_by_content_until_their_job_is_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let store = JobStore::open(&dir.path().join("journal.redb")).unwrap();
-        let (job, key, other) = (Digest::of(b"job"), Digest::of(b"content"), Digest::of(b"x"));
+        let job = Digest::of(b"job");
+        let (context, elsewhere) = (Digest::of(b"module"), Digest::of(b"other module"));
+        let key_of = |context: &Digest, input: &[u8]| {
+            let mut key = [0; 64];
+            key[..32].copy_from_slice(&context.0);
+            key[32..].copy_from_slice(&Digest::of(input).0);
+            key
+        };
+        let (key, other) = (key_of(&context, b"content"), key_of(&context, b"x"));
         assert!(store.reusable(&[(0, key)], |_| true).unwrap().is_empty());
+        assert!(!store.has_content(&context).unwrap());
         store
             .commit_with_content(&job, &[(3, record(3))], &[(key, 3)], &[], 0, 10)
             .unwrap();
-        let wanted = [(7, key), (8, other)];
+        assert!(store.has_content(&context).unwrap());
+        assert!(!store.has_content(&elsewhere).unwrap());
+        let wanted = [(7, key), (8, other), (9, key_of(&elsewhere, b"content"))];
         assert_eq!(
             store.reusable(&wanted, |_| true).unwrap(),
             vec![(7, record(3))]
@@ -645,6 +692,7 @@ mod tests {
         assert!(store.units(&job).unwrap().is_empty());
         assert_eq!(store.times(&job).unwrap(), None);
         assert!(store.reusable(&wanted, |_| true).unwrap().is_empty());
+        assert!(!store.has_content(&context).unwrap());
     }
 
     #[test]

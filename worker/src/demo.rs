@@ -68,8 +68,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, Failure> {
         .map_err(host)?;
     let manifest = JobManifest::parse(MANIFEST, &scratch.join("demo.toml"), &scratch)
         .map_err(|e| host(e.into()))?;
-    let units = manifest
-        .units(&scratch.join("demo.toml"))
+    let units = coordinator_free::job::UnitSource::open(&manifest, &scratch.join("demo.toml"))
         .map_err(|e| host(e.into()))?;
     let module: Arc<[u8]> = Arc::from(example_artifacts::SIR_BYTES);
     let module_digest = Digest::of(&module);
@@ -144,7 +143,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, Failure> {
         "coordinator-free demo: {} peers on loopback, job {} of {} units, {} replicas each",
         nodes.len(),
         manifest.name,
-        job.units.len(),
+        job.count(),
         manifest.redundancy.replicas
     );
     for (id, name) in &names {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use clap::{Args, ValueEnum};
 use coordinator_free::digest::Digest;
+use coordinator_free::job::UnitSource;
 use coordinator_free::job::driver::{JobData, UnitRecord, result_line};
 use coordinator_free::job::manifest::JobManifest;
 use coordinator_free::job::results::ResultLine;
@@ -304,7 +305,7 @@ pub fn list(args: JobsArgs) -> Result<ExitCode, Failure> {
 fn job_units(store: &JobStore, job: &Job) -> Option<JobData> {
     let source = store.source(&job.id).ok()??;
     let manifest = JobManifest::load(&source.manifest).ok()?;
-    let units = manifest.units(&source.manifest).ok()?;
+    let units = UnitSource::open(&manifest, &source.manifest).ok()?;
     let file = std::fs::read(&manifest.module).ok()?;
     let wasm = sandbox::module_from_file_bytes(&file).ok()?;
     let data = JobData::new(&manifest, units, Digest::of(&wasm));
@@ -322,23 +323,6 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode, Failure> {
             job.record.name
         );
     }
-    let mut lines = Vec::new();
-    for (index, bytes) in store
-        .units(&job.id)
-        .map_err(|e| Failure::usage(anyhow!(e)))?
-    {
-        let record = UnitRecord::decode(&bytes).map_err(|e| Failure::usage(anyhow!(e)))?;
-        let unit = data
-            .as_ref()
-            .and_then(|d| d.units.get(usize::try_from(index).unwrap_or(usize::MAX)))
-            .cloned()
-            .unwrap_or_else(|| coordinator_free::job::manifest::UnitInput {
-                index,
-                bytes: Vec::new(),
-                origin: Value::Null,
-            });
-        lines.push(result_line(&unit, &record));
-    }
     let mut out: Box<dyn Write> = match &args.out {
         Some(path) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(path)
@@ -347,14 +331,16 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode, Failure> {
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
+    let lines = Lines {
+        store: &store,
+        job: &job.id,
+        data: data.as_ref(),
+    };
     let written = match args.format {
-        Format::Jsonl => write_jsonl(&mut out, &lines),
-        Format::Csv => lines
-            .iter()
-            .map(serde_json::to_value)
-            .collect::<Result<Vec<Value>, _>>()
-            .map_err(std::io::Error::other)
-            .and_then(|values| write_csv(&mut out, &values)),
+        Format::Jsonl => lines.each(&mut |line| write_jsonl(&mut out, &line)),
+        Format::Csv => write_csv(&mut out, &|f| {
+            lines.each(&mut |line| f(serde_json::to_value(line).map_err(std::io::Error::other)?))
+        }),
     };
     match written.and_then(|()| out.flush()) {
         Ok(()) => Ok(ExitCode::SUCCESS),
@@ -366,13 +352,44 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode, Failure> {
     }
 }
 
-fn write_jsonl(out: &mut dyn Write, lines: &[ResultLine]) -> std::io::Result<()> {
-    for line in lines {
-        let text = serde_json::to_string(line).map_err(std::io::Error::other)?;
-        out.write_all(text.as_bytes())?;
-        out.write_all(b"\n")?;
+/// A job's results lines, read from the journal a batch at a time, so printing the results of
+/// a job of any size holds one batch.
+struct Lines<'a> {
+    store: &'a JobStore,
+    job: &'a Digest,
+    /// The job as its manifest yields it now, for each line's input; `None` leaves it out.
+    data: Option<&'a JobData>,
+}
+
+impl Lines<'_> {
+    /// Calls `f` with every line, in unit order.
+    fn each(&self, f: &mut dyn FnMut(ResultLine) -> std::io::Result<()>) -> std::io::Result<()> {
+        let mut from = 0u64;
+        loop {
+            let batch = self
+                .store
+                .units_from(self.job, from, 4096)
+                .map_err(std::io::Error::other)?;
+            let Some(&(last, _)) = batch.last() else {
+                return Ok(());
+            };
+            from = last + 1;
+            for (index, bytes) in batch {
+                let record = UnitRecord::decode(&bytes).map_err(std::io::Error::other)?;
+                let origin = self
+                    .data
+                    .and_then(|d| d.source.origin(index).ok())
+                    .unwrap_or(Value::Null);
+                f(result_line(index, origin, &record))?;
+            }
+        }
     }
-    Ok(())
+}
+
+fn write_jsonl(out: &mut dyn Write, line: &ResultLine) -> std::io::Result<()> {
+    let text = serde_json::to_string(line).map_err(std::io::Error::other)?;
+    out.write_all(text.as_bytes())?;
+    out.write_all(b"\n")
 }
 
 /// The input's own fields: a sweep's parameters, a JSON line's fields (and its line number), a
@@ -402,12 +419,16 @@ fn output_fields(output: Option<&Value>) -> Vec<(String, Value)> {
     }
 }
 
-fn write_csv(out: &mut dyn Write, lines: &[Value]) -> std::io::Result<()> {
+/// Lines as JSON values, handed one at a time to the callback, as often as asked.
+type EachLine<'a> = &'a dyn Fn(&mut dyn FnMut(Value) -> std::io::Result<()>) -> std::io::Result<()>;
+
+/// Writes the lines as CSV, reading them twice: once for the columns, once for the rows.
+fn write_csv(out: &mut dyn Write, each: EachLine<'_>) -> std::io::Result<()> {
     // Columns in order of first appearance: inputs, then outputs (prefixed where a name is
     // taken by an input).
     let mut inputs: Vec<String> = Vec::new();
     let mut outputs: Vec<String> = Vec::new();
-    for line in lines {
+    each(&mut |line| {
         for (k, _) in input_fields(&line["input"]) {
             if !inputs.contains(&k) {
                 inputs.push(k);
@@ -418,7 +439,8 @@ fn write_csv(out: &mut dyn Write, lines: &[Value]) -> std::io::Result<()> {
                 outputs.push(k);
             }
         }
-    }
+        Ok(())
+    })?;
     let out_name = |k: &String| {
         if inputs.contains(k) || ["index", "status", "error", "validated"].contains(&k.as_str()) {
             format!("output.{k}")
@@ -431,7 +453,7 @@ fn write_csv(out: &mut dyn Write, lines: &[Value]) -> std::io::Result<()> {
     header.extend(outputs.iter().map(out_name));
     header.extend(["error".into(), "validated".into()]);
     write_row(out, header.iter().map(String::as_str))?;
-    for line in lines {
+    each(&mut |line| {
         let ins: BTreeMap<String, Value> = input_fields(&line["input"]).into_iter().collect();
         let outs: BTreeMap<String, Value> = output_fields(line.get("output")).into_iter().collect();
         let mut row: Vec<String> = vec![cell(&line["index"]), cell(&line["status"])];
@@ -447,9 +469,8 @@ fn write_csv(out: &mut dyn Write, lines: &[Value]) -> std::io::Result<()> {
         );
         row.push(line.get("error").map_or_else(String::new, cell));
         row.push(line["validated"].get("by").map_or_else(String::new, cell));
-        write_row(out, row.iter().map(String::as_str))?;
-    }
-    Ok(())
+        write_row(out, row.iter().map(String::as_str))
+    })
 }
 
 fn cell(value: &Value) -> String {
@@ -563,12 +584,12 @@ mod tests {
 
     #[test]
     fn csv_flattens_parameters_and_outputs_and_quotes_what_needs_it() {
-        let lines = vec![
+        let lines = [
             serde_json::json!({"index": 0, "status": "accepted", "input": {"params": {"seed": 1, "beta": 0.5}}, "output": {"pi": 3.1, "note": "a, b"}, "validated": {"by": "quorum"}}),
             serde_json::json!({"index": 1, "status": "failed", "input": {"params": {"seed": 2, "beta": 0.5}}, "error": "trap: \"x\"", "validated": null}),
         ];
         let mut out = Vec::new();
-        write_csv(&mut out, &lines).unwrap();
+        write_csv(&mut out, &|f| lines.iter().try_for_each(|l| f(l.clone()))).unwrap();
         let text = String::from_utf8(out).unwrap();
         let rows: Vec<&str> = text.lines().collect();
         assert_eq!(rows[0], "index,status,beta,seed,note,pi,error,validated");

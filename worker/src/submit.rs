@@ -23,7 +23,7 @@ use coordinator_free::host::Placement;
 use coordinator_free::identity::Identity;
 use coordinator_free::job::driver::{JobData, JobProgress, JobSummary, run_job};
 use coordinator_free::job::local::{LocalJob, default_out_dir};
-use coordinator_free::job::{JobManifest, UnitInput};
+use coordinator_free::job::{JobManifest, UnitSource};
 use coordinator_free::node::{
     Bootstrap, BootstrapArg, NetWorkers, Node, NodeConfig, WorkConfig, WorkRunner,
     net_schedule_config,
@@ -84,7 +84,7 @@ pub fn run(args: SubmitArgs) -> Result<ExitCode, Failure> {
 fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Failure> {
     // Everything the user gave is checked before anything runs.
     let manifest = JobManifest::load(&args.manifest).map_err(Failure::usage)?;
-    let units = manifest.units(&args.manifest).map_err(Failure::usage)?;
+    let units = UnitSource::open(&manifest, &args.manifest).map_err(Failure::usage)?;
     let module_file = std::fs::read(&manifest.module)
         .with_context(|| format!("cannot read the module {}", manifest.module.display()))
         .map_err(Failure::usage)?;
@@ -355,7 +355,7 @@ fn running_peer(data_dir: &Path) -> Vec<BootstrapArg> {
 /// Starts a peer of the submitter's own, joins the network and runs the job over it.
 fn run_on_network(
     manifest: &JobManifest,
-    units: Vec<UnitInput>,
+    units: UnitSource,
     module: Arc<[u8]>,
     module_digest: Digest,
     network: &Network<'_>,

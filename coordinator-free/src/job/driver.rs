@@ -21,9 +21,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::bitset::BitSet;
 use crate::digest::Digest;
 use crate::host::Host;
-use crate::job::manifest::{JobManifest, UnitInput};
+use crate::job::inputs::{InputError, UnitSource};
+use crate::job::manifest::JobManifest;
 use crate::job::results::{ResultLine, Status, output_value};
 use crate::peer_id::PeerId;
 use crate::sandbox::{Limits, OutcomeClass, PROFILE, UnitError};
@@ -85,6 +87,9 @@ pub enum JobError {
         /// This worker's.
         current: &'static str,
     },
+    /// A unit's input could not be read, or its file changed since the job started.
+    #[error(transparent)]
+    Input(#[from] InputError),
     /// The manifest's `trusted` file could not be read.
     #[error(transparent)]
     Trusted(crate::job::manifest::ManifestError),
@@ -255,22 +260,32 @@ pub struct JobData {
     pub id: Digest,
     /// The module's digest.
     pub module: Digest,
-    /// Every unit's input, by unit index.
-    pub units: Vec<UnitInput>,
+    /// Where each unit's input comes from, read when the unit needs it.
+    pub source: std::sync::Arc<UnitSource>,
     /// Every unit's limits.
     pub limits: Limits,
 }
 
 impl JobData {
-    /// The job of `manifest` over `units`, whose module has digest `module`; its id is
-    /// [`job_id`](crate::job::local::job_id).
-    pub fn new(manifest: &JobManifest, units: Vec<UnitInput>, module: Digest) -> Self {
+    /// The job of `manifest` over the inputs of `source`, whose module has digest `module`;
+    /// its id is [`job_id`](crate::job::local::job_id).
+    pub fn new(manifest: &JobManifest, source: UnitSource, module: Digest) -> Self {
         Self {
-            id: crate::job::local::job_id(&module, manifest, &units),
+            id: crate::job::local::job_id(&module, manifest, &source),
             module,
-            units,
+            source: std::sync::Arc::new(source),
             limits: manifest.limits.to_limits(),
         }
+    }
+
+    /// How many units the job has.
+    pub fn count(&self) -> u64 {
+        self.source.len()
+    }
+
+    /// Unit `unit`'s input bytes.
+    pub fn input(&self, unit: u32) -> Result<Vec<u8>, JobError> {
+        Ok(self.source.input(u64::from(unit))?)
     }
 }
 
@@ -366,8 +381,8 @@ pub fn run_job<W: Workers>(
     mut progress: impl FnMut(&JobProgress),
 ) -> Result<JobSummary, JobError> {
     let started = Instant::now();
-    let count =
-        u32::try_from(job.units.len()).map_err(|_| JobError::TooManyUnits(job.units.len()))?;
+    let count = u32::try_from(job.count())
+        .map_err(|_| JobError::TooManyUnits(usize::try_from(job.count()).unwrap_or(usize::MAX)))?;
     let policy = Policy::from(manifest.redundancy);
     let config = Config {
         placement: manifest.redundancy.placement,
@@ -427,73 +442,27 @@ pub fn run_job<W: Workers>(
         source,
     };
     std::fs::create_dir_all(out_dir).map_err(results_err)?;
-    let mut state = State::default();
-    let mut journal = store.units(&job.id)?;
-    // Results reused by content: a unit this job has not journaled whose module, input, limits
-    // and engine profile some earlier job's unit had is taken from that unit's record, when its
-    // validation is as strong as this job asks, and journaled as this job's own.
-    let adaptive = manifest.redundancy.adaptive;
-    let simulated = workers.simulated();
-    state.content_keys = job
-        .units
-        .iter()
-        .map(|u| content_key(job, u, simulated))
-        .collect();
-    let reused = {
-        let journaled: std::collections::BTreeSet<u64> = journal.iter().map(|(i, _)| *i).collect();
-        let wanted: Vec<(u64, Digest)> = state
-            .content_keys
-            .iter()
-            .enumerate()
-            .map(|(i, key)| (i as u64, *key))
-            .filter(|(i, _)| !journaled.contains(i))
-            .collect();
-        let found = store.reusable(&wanted, |bytes| {
-            UnitRecord::decode(bytes).is_ok_and(|r| reusable(&r, policy.quorum, adaptive))
-        })?;
-        if !found.is_empty() {
-            store.put_units(&job.id, &found)?;
-            journal.extend(found.iter().cloned());
-            journal.sort_unstable_by_key(|(i, _)| *i);
-        }
-        u32::try_from(found.len()).unwrap_or(u32::MAX)
+    let mut state = State::new(count);
+    state.context = content_context(job, workers.simulated());
+    let restored_from = Restore {
+        job,
+        policy,
+        adaptive: manifest.redundancy.adaptive,
     };
-    let mut restored = 0u32;
-    let mut retried = 0u32;
     let tmp = out_dir.join("results.jsonl.tmp");
-    {
+    let (restored, retried, reused) = {
         let mut file = BufWriter::new(File::create(&tmp).map_err(results_err)?);
-        for (index, bytes) in &journal {
-            let record = UnitRecord::decode(bytes)?;
-            let unit = u32::try_from(*index)
-                .ok()
-                .filter(|u| *u < count)
-                .ok_or(JobError::Journal { index: *index })?;
-            let kept = scheduler
-                .restore_with(unit, record.verdict.clone(), record.validation)
-                .map_err(|_| JobError::Journal { index: *index })?;
-            if !kept {
-                // Failed by the machines, not by the unit, or accepted on the word of a peer
-                // caught lying since: it runs again and its line is written when it is decided
-                // anew.
-                // (The scheduler counts the second kind as re-validated.)
-                if !record.verdict.is_accepted() {
-                    retried += 1;
-                }
-                continue;
-            }
-            state.decided_units.insert(unit, record.succeeded());
-            restored += 1;
-            if record.succeeded() {
-                state.accepted += 1;
-            } else {
-                state.failed += 1;
-            }
-            write_line(&mut file, &job.units[unit as usize], &record).map_err(results_err)?;
-        }
+        let counts = restored_from
+            .run(store, &mut scheduler, &mut state, &mut file)
+            .map_err(|e| match e {
+                RewriteError::Store(e) => JobError::Store(e),
+                RewriteError::Input(e) => JobError::Input(e),
+                RewriteError::Io(source) => results_err(source),
+            })?;
         file.flush().map_err(results_err)?;
         file.get_ref().sync_all().map_err(results_err)?;
-    }
+        counts
+    };
     std::fs::rename(&tmp, &results_path).map_err(results_err)?;
     let mut results = BufWriter::new(
         std::fs::OpenOptions::new()
@@ -502,7 +471,7 @@ pub fn run_job<W: Workers>(
             .map_err(results_err)?,
     );
 
-    let mut ran = vec![false; job.units.len()];
+    let mut ran = BitSet::new(count);
     let mut last_progress = Instant::now();
     state.finished = scheduler.is_finished();
     let snapshot = |state: &State, workers: &W, scheduler: &Scheduler| JobProgress {
@@ -581,7 +550,7 @@ pub fn run_job<W: Workers>(
                 } => {
                     let unit = scheduler.lease_unit(lease, &peer);
                     if let Some(unit) = unit {
-                        ran[unit as usize] = true;
+                        ran.insert(unit);
                     }
                     let outcome = state.answer(&scheduler, peer, unit, result);
                     by_peer
@@ -629,6 +598,7 @@ pub fn run_job<W: Workers>(
     // rewritten from the journal, one line per unit, in unit order.
     let first_failed = rewrite_results(store, job, &results_path).map_err(|e| match e {
         RewriteError::Store(e) => JobError::Store(e),
+        RewriteError::Input(e) => JobError::Input(e),
         RewriteError::Io(source) => JobError::Results {
             path: results_path.clone(),
             source,
@@ -646,7 +616,7 @@ pub fn run_job<W: Workers>(
         accepted: state.accepted,
         failed: state.failed,
         restored,
-        units_run: u32::try_from(ran.iter().filter(|r| **r).count()).unwrap_or(u32::MAX),
+        units_run: ran.count(),
         executions: state.executions,
         dissents: state.dissenters.values().sum(),
         host_failures: state.host_failures,
@@ -667,7 +637,8 @@ pub fn run_job<W: Workers>(
     })
 }
 
-/// The job loop's bookkeeping between scheduler, journal and results file.
+/// The job loop's bookkeeping between scheduler, journal and results file. What it keeps per
+/// unit of the job is bits; per unit under way, what its executions said.
 #[derive(Default)]
 struct State {
     said: BTreeMap<u32, BTreeMap<Digest, Said>>,
@@ -684,31 +655,66 @@ struct State {
     dissenters: BTreeMap<PeerId, u64>,
     /// Reputations changed since the last commit.
     reputations: BTreeMap<PeerId, Reputation>,
-    /// Every unit decided so far (restored or in this run), and whether it succeeded.
-    decided_units: BTreeMap<u32, bool>,
+    /// Every unit decided so far (restored or in this run) ...
+    decided_units: BitSet,
+    /// ... and of those, the ones that succeeded.
+    succeeded: BitSet,
     /// Units decided in this run by how they were validated last.
     validations: BTreeMap<&'static str, u64>,
-    /// How each unit decided in this run was validated last.
-    validated_as: BTreeMap<u32, &'static str>,
+    /// How units decided in this run on one peer's word were validated, the only ones that
+    /// can be decided again (run anew after that peer was caught).
+    provisional: std::collections::HashMap<u32, &'static str>,
     /// Units decided a second time in this run.
     redecided: u32,
     /// Peers whose alone results were run again in this run.
     caught: std::collections::BTreeSet<PeerId>,
-    /// What determines each unit's result, by unit index.
-    content_keys: Vec<Digest>,
+    /// What determines the result of every unit of the job besides its input.
+    context: Digest,
 }
 
-/// What determines a unit's result: the engine profile, the module, the unit's limits, its
-/// input, and whether its replicas ran on real peers or on this machine's own slots (whose
-/// agreement proves less). Two units with the same key produce the same bytes on every honest
-/// peer, whatever job they belong to.
-pub fn content_key(
-    job: &JobData,
-    unit: &crate::job::manifest::UnitInput,
-    simulated: bool,
-) -> Digest {
+impl State {
+    fn new(count: u32) -> Self {
+        Self {
+            decided_units: BitSet::new(count),
+            succeeded: BitSet::new(count),
+            ..Self::default()
+        }
+    }
+
+    /// Records that `unit` is decided, and whether it succeeded; returns how it was decided
+    /// before, if it was.
+    fn mark_decided(&mut self, unit: u32, succeeded: bool) -> Option<bool> {
+        let earlier = self
+            .decided_units
+            .contains(unit)
+            .then(|| self.succeeded.contains(unit));
+        self.decided_units.insert(unit);
+        if succeeded {
+            self.succeeded.insert(unit);
+        } else {
+            self.succeeded.remove(unit);
+        }
+        earlier
+    }
+
+    /// `unit`'s content key.
+    fn content_key(&self, job: &JobData, unit: u32) -> Result<[u8; 64], InputError> {
+        let input = match job.source.known(u64::from(unit)) {
+            Some((_, digest)) => digest,
+            None => Digest::of(&job.source.input(u64::from(unit))?),
+        };
+        Ok(content_key(&self.context, &input))
+    }
+}
+
+/// What determines a unit's result besides its input: the engine profile, the module, the
+/// unit's limits, and whether its replicas ran on real peers or on this machine's own slots
+/// (whose agreement proves less). With the input's digest it makes a unit's content key: two
+/// units with the same key produce the same bytes on every honest peer, whatever job they
+/// belong to.
+pub fn content_context(job: &JobData, simulated: bool) -> Digest {
     let mut h = blake3::Hasher::new();
-    h.update(b"coordinator-free/unit-result/v1\0");
+    h.update(b"coordinator-free/unit-result/v2\0");
     h.update(&(PROFILE.len() as u64).to_le_bytes());
     h.update(PROFILE.as_bytes());
     h.update(&job.module.0);
@@ -716,9 +722,15 @@ pub fn content_key(
     h.update(&(limits.len() as u64).to_le_bytes());
     h.update(&limits);
     h.update(&[u8::from(simulated)]);
-    h.update(&(unit.bytes.len() as u64).to_le_bytes());
-    h.update(&unit.bytes);
     Digest(*h.finalize().as_bytes())
+}
+
+/// A unit's content key: its job's [`content_context`] followed by its input's digest.
+pub fn content_key(context: &Digest, input: &Digest) -> [u8; 64] {
+    let mut key = [0; 64];
+    key[..32].copy_from_slice(&context.0);
+    key[32..].copy_from_slice(&input.0);
+    key
 }
 
 /// Whether a journaled record may stand for a unit of a job asking `quorum` agreeing hosts:
@@ -756,28 +768,41 @@ fn suspect_jobs(
             continue;
         }
         let mut suspect = 0u64;
-        for (_, bytes) in store.units(&id)? {
-            if let Ok(UnitRecord {
-                validation:
-                    Validation::Trusted {
-                        peer,
-                        host,
-                        standing,
-                        ..
-                    },
-                ..
-            }) = UnitRecord::decode(&bytes)
-                && (trust.peer(&peer).caught > standing.0.caught
-                    || trust.host(&host).caught > standing.1.caught)
-            {
-                suspect += 1;
-            }
+        let mut from = 0u64;
+        loop {
+            let batch = store.units_from(&id, from, JOURNAL_BATCH)?;
+            let Some(&(last, _)) = batch.last() else {
+                break;
+            };
+            from = last + 1;
+            suspect += batch
+                .iter()
+                .filter(|(_, bytes)| suspect_record(trust, bytes))
+                .count() as u64;
         }
         if suspect > 0 {
             out.push((record.name, id, suspect));
         }
     }
     Ok(out)
+}
+
+/// Whether a journaled record was accepted on the word of a peer, or a host, caught since.
+fn suspect_record(trust: &crate::validate::trust::Trust, bytes: &[u8]) -> bool {
+    matches!(
+        UnitRecord::decode(bytes),
+        Ok(UnitRecord {
+            validation:
+                Validation::Trusted {
+                    peer,
+                    host,
+                    standing,
+                    ..
+                },
+            ..
+        }) if trust.peer(&peer).caught > standing.0.caught
+            || trust.host(&host).caught > standing.1.caught
+    )
 }
 
 /// Milliseconds since the Unix epoch.
@@ -790,6 +815,157 @@ fn unix_ms() -> u64 {
 enum RewriteError {
     Store(StoreError),
     Io(std::io::Error),
+    Input(InputError),
+}
+
+/// Journal records read per transaction when a job walks its journal.
+const JOURNAL_BATCH: usize = 4096;
+
+/// How a job takes up what the journal holds before it runs anything: its own decided
+/// units, then units of earlier jobs with the same content.
+struct Restore<'a> {
+    job: &'a JobData,
+    policy: Policy,
+    adaptive: bool,
+}
+
+impl Restore<'_> {
+    /// Restores the journal's units into the scheduler and writes their lines to `file`, a
+    /// batch at a time; then looks for results to reuse by content. Returns how many units
+    /// were restored, how many journaled failures run again, and how many were reused.
+    fn run(
+        &self,
+        store: &JobStore,
+        scheduler: &mut Scheduler,
+        state: &mut State,
+        file: &mut impl Write,
+    ) -> Result<(u32, u32, u32), RewriteError> {
+        let count = scheduler.unit_count();
+        let mut journaled = BitSet::new(count);
+        let mut restored = 0u32;
+        let mut retried = 0u32;
+        let mut from = 0u64;
+        loop {
+            let batch = store
+                .units_from(&self.job.id, from, JOURNAL_BATCH)
+                .map_err(RewriteError::Store)?;
+            let Some(&(last, _)) = batch.last() else {
+                break;
+            };
+            for (index, bytes) in &batch {
+                let unit = u32::try_from(*index).ok().filter(|u| *u < count).ok_or(
+                    RewriteError::Store(StoreError::Corrupt {
+                        what: "unit index",
+                        detail: format!("unit {index} of a job of {count}"),
+                    }),
+                )?;
+                journaled.insert(unit);
+                match self.restore_one(scheduler, state, unit, bytes, file)? {
+                    Some(true) => restored += 1,
+                    Some(false) => retried += 1,
+                    None => {}
+                }
+            }
+            from = last + 1;
+        }
+        let reused = self.reuse(store, scheduler, state, &journaled, file)?;
+        Ok((restored + reused, retried, reused))
+    }
+
+    /// Restores one journaled record: `Some(true)` kept, `Some(false)` a failure run again,
+    /// `None` accepted on the word of a peer caught since (run again, counted as
+    /// re-validated by the scheduler).
+    fn restore_one(
+        &self,
+        scheduler: &mut Scheduler,
+        state: &mut State,
+        unit: u32,
+        bytes: &[u8],
+        file: &mut impl Write,
+    ) -> Result<Option<bool>, RewriteError> {
+        let record = UnitRecord::decode(bytes).map_err(RewriteError::Store)?;
+        let kept = scheduler
+            .restore_with(unit, record.verdict.clone(), record.validation)
+            .map_err(|e| {
+                RewriteError::Store(StoreError::Corrupt {
+                    what: "journaled unit",
+                    detail: e.to_string(),
+                })
+            })?;
+        if !kept {
+            // Failed by the machines, not by the unit, or accepted on the word of a peer
+            // caught lying since: it runs again and its line is written when it is decided
+            // anew.
+            return Ok((!record.verdict.is_accepted()).then_some(false));
+        }
+        state.mark_decided(unit, record.succeeded());
+        if record.succeeded() {
+            state.accepted += 1;
+        } else {
+            state.failed += 1;
+        }
+        let origin = self
+            .job
+            .source
+            .origin(u64::from(unit))
+            .map_err(RewriteError::Input)?;
+        write_line(file, u64::from(unit), origin, &record).map_err(RewriteError::Io)?;
+        Ok(Some(true))
+    }
+
+    /// Results reused by content: a unit this job has not journaled whose module, input,
+    /// limits and engine profile some earlier job's unit had is taken from that unit's
+    /// record, when its validation is as strong as this job asks, and journaled as this job's
+    /// own. Looked for only when some result of this module and these limits was ever
+    /// journaled, so a new module costs nothing here.
+    fn reuse(
+        &self,
+        store: &JobStore,
+        scheduler: &mut Scheduler,
+        state: &mut State,
+        journaled: &BitSet,
+        file: &mut impl Write,
+    ) -> Result<u32, RewriteError> {
+        if !store
+            .has_content(&state.context)
+            .map_err(RewriteError::Store)?
+        {
+            return Ok(0);
+        }
+        let (quorum, adaptive) = (self.policy.quorum, self.adaptive);
+        let count = scheduler.unit_count();
+        let mut reused = 0u32;
+        let mut unit = 0u32;
+        while unit < count {
+            let end = unit.saturating_add(JOURNAL_BATCH as u32).min(count);
+            let mut wanted = Vec::new();
+            for u in (unit..end).filter(|u| !journaled.contains(*u)) {
+                let key = state
+                    .content_key(self.job, u)
+                    .map_err(RewriteError::Input)?;
+                wanted.push((u64::from(u), key));
+            }
+            unit = end;
+            let found = store
+                .reusable(&wanted, |bytes| {
+                    UnitRecord::decode(bytes).is_ok_and(|r| reusable(&r, quorum, adaptive))
+                })
+                .map_err(RewriteError::Store)?;
+            if found.is_empty() {
+                continue;
+            }
+            store
+                .put_units(&self.job.id, &found)
+                .map_err(RewriteError::Store)?;
+            for (index, bytes) in &found {
+                let u = u32::try_from(*index).unwrap_or(u32::MAX);
+                if self.restore_one(scheduler, state, u, bytes, file)? == Some(true) {
+                    reused += 1;
+                }
+            }
+        }
+        Ok(reused)
+    }
 }
 
 /// Failed units a summary names.
@@ -805,10 +981,21 @@ fn rewrite_results(
     let tmp = path.with_extension("jsonl.tmp");
     let mut file = BufWriter::new(File::create(&tmp).map_err(RewriteError::Io)?);
     let mut first_failed = Vec::new();
-    for (index, bytes) in store.units(&job.id).map_err(RewriteError::Store)? {
-        let record = UnitRecord::decode(&bytes).map_err(RewriteError::Store)?;
-        if let Some(unit) = job.units.get(index as usize) {
-            let line = result_line(unit, &record);
+    let mut from = 0u64;
+    loop {
+        let batch = store
+            .units_from(&job.id, from, JOURNAL_BATCH)
+            .map_err(RewriteError::Store)?;
+        let Some(&(last, _)) = batch.last() else {
+            break;
+        };
+        for (index, bytes) in batch {
+            if index >= job.count() {
+                continue;
+            }
+            let record = UnitRecord::decode(&bytes).map_err(RewriteError::Store)?;
+            let origin = job.source.origin(index).map_err(RewriteError::Input)?;
+            let line = result_line(index, origin, &record);
             if line.status == Status::Failed && first_failed.len() < FIRST_FAILED {
                 first_failed.push((
                     index,
@@ -819,6 +1006,7 @@ fn rewrite_results(
             }
             write_result(&mut file, &line).map_err(RewriteError::Io)?;
         }
+        from = last + 1;
     }
     file.flush().map_err(RewriteError::Io)?;
     file.get_ref().sync_all().map_err(RewriteError::Io)?;
@@ -914,7 +1102,14 @@ impl State {
         let kind = validation_kind(&validation);
         // A unit decided again (run anew after its trusted peer was caught) counts once, as
         // it was decided last.
-        if let Some(earlier) = self.validated_as.insert(unit, kind)
+        let earlier = self.provisional.remove(&unit);
+        if matches!(
+            validation,
+            Validation::Trusted { .. } | Validation::Vouched { .. }
+        ) {
+            self.provisional.insert(unit, kind);
+        }
+        if let Some(earlier) = earlier
             && let Some(n) = self.validations.get_mut(earlier)
         {
             *n = n.saturating_sub(1);
@@ -996,22 +1191,21 @@ impl State {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         // Accepted results are findable by content, for later jobs to reuse.
-        let content: Vec<(Digest, u64)> = self
+        let mut content = Vec::new();
+        for (index, _) in self
             .pending
             .iter()
             .filter(|(_, rec)| matches!(rec.verdict, Verdict::Accepted { .. }))
-            .filter_map(|(i, _)| {
-                self.content_keys
-                    .get(usize::try_from(*i).ok()?)
-                    .map(|key| (*key, *i))
-            })
-            .collect();
+        {
+            let unit = u32::try_from(*index).unwrap_or(u32::MAX);
+            content.push((self.content_key(job, unit)?, *index));
+        }
         store.commit_with_content(&job.id, &batch, &content, &changed, now, MAX_REPUTATIONS)?;
-        for (index, record) in self.pending.drain(..) {
+        for (index, record) in std::mem::take(&mut self.pending) {
             // A unit decided again (run anew after its trusted peer was caught) replaces its
             // earlier outcome in the counts.
             let unit = u32::try_from(index).unwrap_or(u32::MAX);
-            let earlier = self.decided_units.insert(unit, record.succeeded());
+            let earlier = self.mark_decided(unit, record.succeeded());
             match earlier {
                 Some(true) => self.accepted = self.accepted.saturating_sub(1),
                 Some(false) => self.failed = self.failed.saturating_sub(1),
@@ -1026,11 +1220,10 @@ impl State {
                 self.failed += 1;
             }
             self.decided_now += 1;
-            write_line(results, &job.units[index as usize], &record).map_err(|source| {
-                JobError::Results {
-                    path: results_path.to_owned(),
-                    source,
-                }
+            let origin = job.source.origin(index)?;
+            write_line(results, index, origin, &record).map_err(|source| JobError::Results {
+                path: results_path.to_owned(),
+                source,
             })?;
         }
         self.pending_since = None;
@@ -1039,8 +1232,13 @@ impl State {
 }
 
 /// Appends one unit's line to the results file.
-fn write_line(out: &mut impl Write, unit: &UnitInput, record: &UnitRecord) -> std::io::Result<()> {
-    write_result(out, &result_line(unit, record))
+fn write_line(
+    out: &mut impl Write,
+    index: u64,
+    origin: serde_json::Value,
+    record: &UnitRecord,
+) -> std::io::Result<()> {
+    write_result(out, &result_line(index, origin, record))
 }
 
 /// Appends a results line.
@@ -1051,7 +1249,8 @@ fn write_result(out: &mut impl Write, line: &ResultLine) -> std::io::Result<()> 
 }
 
 /// The results line of a decided unit.
-pub fn result_line(unit: &UnitInput, record: &UnitRecord) -> ResultLine {
+/// `origin` is where the unit's input came from ([`UnitSource::origin`]).
+pub fn result_line(index: u64, origin: serde_json::Value, record: &UnitRecord) -> ResultLine {
     let votes = |v: &[Vote]| v.iter().map(|v| (v.peer, v.digest)).collect::<Vec<_>>();
     match &record.verdict {
         Verdict::Accepted {
@@ -1078,9 +1277,9 @@ pub fn result_line(unit: &UnitInput, record: &UnitRecord) -> ResultLine {
                 evidence.extend(votes(dissenters));
             }
             ResultLine {
-                index: unit.index,
+                index,
                 status,
-                input: unit.origin.clone(),
+                input: origin,
                 output,
                 digest: Some(*digest),
                 agreed: agreeing.iter().map(|w| w.peer).collect(),
@@ -1101,9 +1300,9 @@ pub fn result_line(unit: &UnitInput, record: &UnitRecord) -> ResultLine {
             evidence,
             host_failed,
         } => ResultLine {
-            index: unit.index,
+            index,
             status: Status::Failed,
-            input: unit.origin.clone(),
+            input: origin,
             output: None,
             digest: None,
             agreed: Vec::new(),

@@ -18,7 +18,8 @@ use crate::host::{Host, Placement};
 use crate::job::driver::{
     JobData, JobError, JobProgress, JobSummary, WorkerEvent, Workers, route_commands, run_job,
 };
-use crate::job::manifest::{JobManifest, UnitInput};
+use crate::job::inputs::UnitSource;
+use crate::job::manifest::JobManifest;
 use crate::peer_id::PeerId;
 use crate::sandbox::{Executor, PROFILE, UnitError, UnitRequest, UnitRunner};
 use crate::schedule::{Command, Config, Event, Lease, LeaseId, Scheduler};
@@ -41,22 +42,18 @@ const MAX_SLOTS: u32 = 160;
 pub const LEASE_MARGIN: Duration = Duration::from_secs(120);
 
 /// The job id: the BLAKE3 hash of everything that decides a unit's accepted bytes and how
-/// they are validated — the engine profile, the module, every unit's input, the limits every
+/// they are validated — the engine profile, the module, what the inputs are (a sweep's parameters, the digests of the input files, the bytes of a JSON-lines file: [`UnitSource::digest`]), the limits every
 /// replica runs under (the output cap included) and the redundancy with its placement — and
 /// nothing else (not the name), so re-running the same command finds the same journal, and a
 /// change to any of these starts afresh.
-pub fn job_id(module: &Digest, manifest: &JobManifest, units: &[UnitInput]) -> Digest {
+pub fn job_id(module: &Digest, manifest: &JobManifest, source: &UnitSource) -> Digest {
     let mut h = blake3::Hasher::new();
-    h.update(b"coordinator-free/job/v2\0");
+    h.update(b"coordinator-free/job/v3\0");
     h.update(&(PROFILE.len() as u64).to_le_bytes());
     h.update(PROFILE.as_bytes());
     h.update(&module.0);
-    h.update(&(units.len() as u64).to_le_bytes());
-    for unit in units {
-        h.update(&unit.index.to_le_bytes());
-        h.update(&(unit.bytes.len() as u64).to_le_bytes());
-        h.update(&unit.bytes);
-    }
+    h.update(&source.len().to_le_bytes());
+    h.update(&source.digest().0);
     let l = manifest.limits.to_limits();
     for v in [
         l.memory_bytes,
@@ -166,8 +163,7 @@ where
 
     fn offer(&mut self, to: PeerId, leases: Vec<Lease>, job: &JobData) -> Result<(), JobError> {
         for lease in leases {
-            let input = &job.units[lease.unit as usize].bytes;
-            let mut request = UnitRequest::new(input.clone());
+            let mut request = UnitRequest::new(job.input(lease.unit)?);
             request.limits = job.limits.clone();
             let tx = self.tx.clone();
             let id = lease.id;
@@ -232,7 +228,7 @@ impl<R: UnitRunner> std::fmt::Debug for LocalJob<'_, R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalJob")
             .field("id", &self.job.id)
-            .field("units", &self.job.units.len())
+            .field("units", &self.job.count())
             .finish_non_exhaustive()
     }
 }
@@ -253,13 +249,13 @@ impl<'a, R: UnitRunner> LocalJob<'a, R>
 where
     R::Module: Clone,
 {
-    /// A job over `units` (from [`JobManifest::units`]) of `manifest`, whose module has digest
+    /// A job over the inputs of `source` of `manifest`, whose module has digest
     /// `module_digest` and runs as `module` on `executor`, which holds at most `capacity`
     /// executions at once (its threads plus its queue). Results go to `out_dir`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         manifest: &'a JobManifest,
-        units: Vec<UnitInput>,
+        source: UnitSource,
         module_digest: Digest,
         module: R::Module,
         executor: Executor<R>,
@@ -269,7 +265,7 @@ where
     ) -> Self {
         Self {
             manifest,
-            job: JobData::new(manifest, units, module_digest),
+            job: JobData::new(manifest, source, module_digest),
             module,
             executor,
             capacity: capacity.max(1),
@@ -398,7 +394,7 @@ mod tests {
             })
             .collect();
         let executor = Executor::with_runners(runners, 4).unwrap();
-        let units = manifest.units(Path::new("job.toml")).unwrap();
+        let units = UnitSource::open(manifest, Path::new("job.toml")).unwrap();
         let job = LocalJob::new(
             manifest,
             units,

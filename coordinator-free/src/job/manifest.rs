@@ -11,11 +11,14 @@ use serde::Deserialize;
 use crate::host::Placement;
 use crate::sandbox::{Limits, MAX_MEMORY_BYTES};
 
-/// Most units one job may have. A job's inputs and per-unit scheduling state are held in memory
-/// by the submitter, so this bounds its memory to a few hundred MiB; lazily generated inputs
-/// would let sweeps go further.
+/// Most units a job of input files or JSON lines may have: the submitter keeps a few bytes
+/// per file or line (where it is, and a file's digest).
 pub const MAX_UNITS: u64 = 1_000_000;
-/// Most values one sweep parameter may take.
+/// Most points a sweep may have: its inputs are computed from the unit index and the
+/// submitter keeps a few bits per unit, so this is bounded by the scheduler's unit index and
+/// by the time it takes rather than by memory.
+pub const MAX_SWEEP_UNITS: u64 = 100_000_000;
+/// Most values one sweep parameter may list (a range may have up to [`MAX_SWEEP_UNITS`]).
 pub const MAX_POINTS_PER_PARAMETER: u64 = 1_000_000;
 /// Largest manifest file.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
@@ -153,8 +156,76 @@ impl JobLimits {
 /// parameter's value at that point, keys sorted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sweep {
-    params: Vec<(String, Vec<serde_json::Value>)>,
+    params: Vec<(String, Values)>,
     units: u64,
+}
+
+/// One sweep parameter's values: a list as written, or a range computed a value at a time, so
+/// a range of a hundred million values costs a few numbers.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum Values {
+    /// The values as listed.
+    List(Vec<serde_json::Value>),
+    /// `start + i × step` for `i` below `count`; whole numbers when every bound was one.
+    Step {
+        start: f64,
+        step: f64,
+        count: u64,
+        integers: bool,
+    },
+    /// `count` values evenly spaced from `start` to `stop`.
+    Spaced { start: f64, stop: f64, count: u64 },
+}
+
+impl Values {
+    /// How many values.
+    pub fn len(&self) -> u64 {
+        match self {
+            Self::List(values) => values.len() as u64,
+            Self::Step { count, .. } | Self::Spaced { count, .. } => *count,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The `i`th value.
+    pub fn get(&self, i: u64) -> Option<serde_json::Value> {
+        if i >= self.len() {
+            return None;
+        }
+        Some(match self {
+            Self::List(values) => values.get(usize::try_from(i).ok()?)?.clone(),
+            Self::Step {
+                start,
+                step,
+                integers,
+                ..
+            } => {
+                // Each value from the start, not by accumulation, so no drift.
+                let v = start + i as f64 * step;
+                if *integers {
+                    serde_json::Value::from(v as i64)
+                } else {
+                    serde_json::Value::from(tidy(v))
+                }
+            }
+            Self::Spaced { start, stop, count } => {
+                let v = if *count == 1 {
+                    *start
+                } else {
+                    start + (stop - start) * i as f64 / (count - 1) as f64
+                };
+                serde_json::Value::from(tidy(v))
+            }
+        })
+    }
+
+    /// Every value, in order.
+    pub fn iter(&self) -> impl Iterator<Item = serde_json::Value> + '_ {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
 }
 
 impl Sweep {
@@ -169,7 +240,7 @@ impl Sweep {
     }
 
     /// The parameters and their values, ordered by name.
-    pub fn params(&self) -> &[(String, Vec<serde_json::Value>)] {
+    pub fn params(&self) -> &[(String, Values)] {
         &self.params
     }
 
@@ -181,8 +252,8 @@ impl Sweep {
         let mut rest = index;
         let mut values = Vec::with_capacity(self.params.len());
         for (_, options) in self.params.iter().rev() {
-            let n = options.len() as u64;
-            values.push(options[(rest % n) as usize].clone());
+            let n = options.len();
+            values.push(options.get(rest % n)?);
             rest /= n;
         }
         values.reverse();
@@ -660,94 +731,25 @@ impl JobManifest {
         Ok(())
     }
 
-    /// Every unit's input, in index order. Reading happens lazily; a file that vanished or a
-    /// JSON line that does not parse is an error naming it.
+    /// Every unit's input, in index order, read at once: for tests and small jobs. A job
+    /// reads its inputs as its units need them ([`crate::job::inputs::UnitSource`]). A file
+    /// that vanished or a JSON line that does not parse is an error naming it.
     pub fn units(&self, manifest_path: &Path) -> Result<Vec<UnitInput>, ManifestError> {
-        let check = Check {
-            path: manifest_path,
-        };
-        let read = |field: &str, file: &Path| -> Result<Vec<u8>, ManifestError> {
-            let bytes = std::fs::read(file)
-                .map_err(|e| check.invalid(field, format!("{}: {e}", file.display())))?;
-            if bytes.len() as u64 > MAX_INPUT_BYTES {
-                return Err(
-                    check.invalid(field, format!("{} is over the input cap", file.display()))
-                );
-            }
-            Ok(bytes)
-        };
-        let from_files =
-            |field: &str, files: &[PathBuf]| -> Result<Vec<UnitInput>, ManifestError> {
-                files
-                    .iter()
-                    .enumerate()
-                    .map(|(i, f)| {
-                        Ok(UnitInput {
-                            index: i as u64,
-                            bytes: read(field, f)?,
-                            origin: serde_json::json!({ "file": f.display().to_string() }),
-                        })
-                    })
-                    .collect()
-            };
-        match &self.inputs {
-            InputSpec::Files(files) => from_files("inputs.files", files),
-            InputSpec::Dir(dir) => {
-                let files = dir_files(dir)
-                    .map_err(|e| check.invalid("inputs.dir", format!("{}: {e}", dir.display())))?;
-                from_files("inputs.dir", &files)
-            }
-            InputSpec::JsonLines(file) => {
-                let text = String::from_utf8(read("inputs.jsonl", file)?).map_err(|_| {
-                    check.invalid("inputs.jsonl", format!("{} is not UTF-8", file.display()))
-                })?;
-                let mut units = Vec::new();
-                for (n, line) in text.lines().enumerate() {
-                    let line = line.trim();
-                    if line.is_empty() {
-                        continue;
-                    }
-                    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-                        check.invalid(
-                            "inputs.jsonl",
-                            format!("{} line {}: {e}", file.display(), n + 1),
-                        )
-                    })?;
-                    units.push(UnitInput {
-                        index: units.len() as u64,
-                        bytes: value.to_string().into_bytes(),
-                        origin: serde_json::json!({ "line": n + 1, "input": value }),
-                    });
-                    if units.len() as u64 > MAX_UNITS {
-                        return Err(
-                            check.invalid("inputs.jsonl", format!("more than {MAX_UNITS} lines"))
-                        );
-                    }
-                }
-                if units.is_empty() {
-                    return Err(
-                        check.invalid("inputs.jsonl", format!("{} has no inputs", file.display()))
-                    );
-                }
-                Ok(units)
-            }
-            InputSpec::Sweep(sweep) => Ok((0..sweep.len())
-                .filter_map(|i| {
-                    let point = sweep.point(i)?;
-                    let value = serde_json::Value::Object(point);
-                    Some(UnitInput {
-                        index: i,
-                        bytes: value.to_string().into_bytes(),
-                        origin: serde_json::json!({ "params": value }),
-                    })
+        let source = crate::job::inputs::UnitSource::open(self, manifest_path)?;
+        (0..source.len())
+            .map(|i| {
+                source.unit(i).map_err(|e| ManifestError::Invalid {
+                    path: manifest_path.to_owned(),
+                    field: "inputs".into(),
+                    problem: e.to_string(),
                 })
-                .collect()),
-        }
+            })
+            .collect()
     }
 }
 
 /// Regular files in `dir`, sorted by name, capped at [`MAX_UNITS`].
-fn dir_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+pub(crate) fn dir_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -795,11 +797,7 @@ fn number(
 
 /// The values of one sweep parameter: a list, a range `{ start, stop, step }` (stop included
 /// when the steps land on it), a linear space `{ start, stop, count }`, or a single value.
-fn parameter(
-    check: &Check<'_>,
-    field: &str,
-    value: &toml::Value,
-) -> Result<Vec<serde_json::Value>, ManifestError> {
+fn parameter(check: &Check<'_>, field: &str, value: &toml::Value) -> Result<Values, ManifestError> {
     match value {
         toml::Value::Array(items) => {
             if items.is_empty() {
@@ -811,7 +809,11 @@ fn parameter(
                     format!("more than {MAX_POINTS_PER_PARAMETER} values"),
                 ));
             }
-            items.iter().map(|v| scalar(check, field, v)).collect()
+            items
+                .iter()
+                .map(|v| scalar(check, field, v))
+                .collect::<Result<_, _>>()
+                .map(Values::List)
         }
         toml::Value::Table(table) => {
             if let Some(key) = table
@@ -844,50 +846,41 @@ fn parameter(
                     }
                     // Tolerate rounding so that 0.1..=0.5 step 0.1 includes 0.5.
                     let points = ((stop - start) / step + 1e-9).floor() + 1.0;
-                    if points > MAX_POINTS_PER_PARAMETER as f64 {
-                        return Err(check.invalid(
-                            field,
-                            format!("more than {MAX_POINTS_PER_PARAMETER} values"),
-                        ));
+                    if points > MAX_SWEEP_UNITS as f64 {
+                        return Err(
+                            check.invalid(field, format!("more than {MAX_SWEEP_UNITS} values"))
+                        );
                     }
-                    let points = points as u64;
-                    (0..points)
-                        .map(|i| {
-                            // Each value from the start, not by accumulation, so no drift.
-                            let v = start + i as f64 * step;
-                            if integers {
-                                Ok(serde_json::Value::from(v as i64))
-                            } else {
-                                finite_value(check, field, tidy(v))
-                            }
-                        })
-                        .collect()
+                    let values = Values::Step {
+                        start,
+                        step,
+                        count: points as u64,
+                        integers,
+                    };
+                    finite_ends(check, field, &values)?;
+                    Ok(values)
                 }
                 (None, Some(count)) => {
                     let toml::Value::Integer(count) = count else {
                         return Err(check.invalid(format!("{field}.count"), "must be an integer"));
                     };
-                    if *count < 1 || *count as u64 > MAX_POINTS_PER_PARAMETER {
+                    if *count < 1 || *count as u64 > MAX_SWEEP_UNITS {
                         return Err(check.invalid(
                             format!("{field}.count"),
-                            format!("must be between 1 and {MAX_POINTS_PER_PARAMETER}"),
+                            format!("must be between 1 and {MAX_SWEEP_UNITS}"),
                         ));
                     }
-                    let count = *count as u64;
-                    (0..count)
-                        .map(|i| {
-                            let v = if count == 1 {
-                                start
-                            } else {
-                                start + (stop - start) * i as f64 / (count - 1) as f64
-                            };
-                            finite_value(check, field, tidy(v))
-                        })
-                        .collect()
+                    let values = Values::Spaced {
+                        start,
+                        stop,
+                        count: *count as u64,
+                    };
+                    finite_ends(check, field, &values)?;
+                    Ok(values)
                 }
             }
         }
-        other => Ok(vec![scalar(check, field, other)?]),
+        other => Ok(Values::List(vec![scalar(check, field, other)?])),
     }
 }
 
@@ -903,18 +896,26 @@ fn tidy(v: f64) -> f64 {
         .unwrap_or(v)
 }
 
-/// A computed grid value as JSON. A range whose width or steps leave the finite numbers
-/// (`stop - start` overflows) is refused: JSON has no infinity or NaN, and `serde_json` would
-/// turn them into `null`, an input no manifest asked for.
-fn finite_value(
-    check: &Check<'_>,
-    field: &str,
-    v: f64,
-) -> Result<serde_json::Value, ManifestError> {
-    if !v.is_finite() {
+/// Refuses a range whose width or steps leave the finite numbers (`stop - start` overflows):
+/// JSON has no infinity or NaN, and `serde_json` would turn them into `null`, an input no
+/// manifest asked for. A range's values run from its first to its last, so checking those two
+/// checks them all.
+fn finite_ends(check: &Check<'_>, field: &str, values: &Values) -> Result<(), ManifestError> {
+    let finite = |i: u64| {
+        let v = match values {
+            Values::Step { start, step, .. } => start + i as f64 * step,
+            Values::Spaced { start, stop, count } if *count > 1 => {
+                start + (stop - start) * i as f64 / (count - 1) as f64
+            }
+            Values::Spaced { start, .. } => *start,
+            Values::List(_) => 0.0,
+        };
+        tidy(v).is_finite()
+    };
+    if !finite(0) || !finite(values.len().saturating_sub(1)) {
         return Err(check.invalid(field, "the range's values overflow the finite numbers"));
     }
-    Ok(serde_json::Value::from(v))
+    Ok(())
 }
 
 fn sweep_from(check: &Check<'_>, table: &toml::Table) -> Result<Sweep, ManifestError> {
@@ -929,11 +930,11 @@ fn sweep_from(check: &Check<'_>, table: &toml::Table) -> Result<Sweep, ManifestE
         let values = parameter(check, &field, value)?;
         units = units
             .checked_mul(values.len() as u64)
-            .filter(|&u| u <= MAX_UNITS)
+            .filter(|&u| u <= MAX_SWEEP_UNITS)
             .ok_or_else(|| {
                 check.invalid(
                     "inputs.sweep",
-                    format!("the grid has more than {MAX_UNITS} points"),
+                    format!("the grid has more than {MAX_SWEEP_UNITS} points"),
                 )
             })?;
         params.push((name.clone(), values));
@@ -1057,7 +1058,10 @@ mod tests {
         let InputSpec::Sweep(sweep) = parse(&edge).unwrap().inputs else {
             panic!("a sweep")
         };
-        assert_eq!(sweep.params()[0].1, [serde_json::Value::from(f64::MAX)]);
+        assert_eq!(
+            sweep.params()[0].1.iter().collect::<Vec<_>>(),
+            [serde_json::Value::from(f64::MAX)]
+        );
         // The rounding tolerance takes a third step a hair past `stop`, which is past the
         // largest float.
         let past = SWEEP.replace(

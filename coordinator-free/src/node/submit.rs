@@ -11,7 +11,7 @@
 //! handle and one bounded event channel, whose senders wait when it is full: a worker's
 //! reports then stay in QUIC's flow control rather than in memory.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +28,7 @@ use crate::digest::Digest;
 use crate::host::Host;
 use crate::identity::{AllowList, Identity};
 use crate::job::driver::{JobData, JobError, WorkerEvent, Workers, route_commands};
+use crate::job::inputs::UnitSource;
 use crate::job::proto::{InputRef, JobFrame, JobSpec, MAX_INLINE_INPUT, Offer, WireLease};
 use crate::net::{self, LinkKind, NetConfig, PeerLink, close};
 use crate::peer_id::PeerId;
@@ -295,7 +296,11 @@ struct Link {
 /// the reports the links hand to the job loop (`EVENT_BYTES`), which every link shares.
 #[derive(Debug)]
 struct Blobs {
+    /// Blobs held in memory: the module.
     map: HashMap<Digest, Arc<[u8]>>,
+    /// Inputs too large to travel inline, read from the job's inputs when a worker asks.
+    inputs: std::sync::Mutex<Offered>,
+    source: Option<Arc<UnitSource>>,
     shared: std::sync::Mutex<Sharing>,
     reports: Arc<tokio::sync::Semaphore>,
 }
@@ -304,11 +309,33 @@ impl Default for Blobs {
     fn default() -> Self {
         Self {
             map: HashMap::new(),
+            inputs: Default::default(),
+            source: None,
             shared: Default::default(),
             reports: Arc::new(tokio::sync::Semaphore::new(EVENT_BYTES)),
         }
     }
 }
+
+/// Large inputs named in offers, by digest, and the last ones read: replicas of one unit, and
+/// workers that fetch what another just fetched, are served from memory, within
+/// [`INPUT_CACHE_BYTES`].
+#[derive(Debug, Default)]
+struct Offered {
+    /// The unit whose input has this digest, and its length.
+    units: HashMap<Digest, (u32, u64)>,
+    /// Digests in the order they were first offered, to forget the oldest.
+    order: VecDeque<Digest>,
+    cache: VecDeque<(Digest, Arc<[u8]>)>,
+    cached_bytes: usize,
+}
+
+/// Most large inputs remembered as offered: a worker fetches an input soon after its offer,
+/// and one asking for an input forgotten since is told it is missing and declines the lease,
+/// which is offered again.
+const MAX_OFFERED: usize = 65_536;
+/// Bytes of inputs kept in memory after they were read for a worker.
+const INPUT_CACHE_BYTES: usize = 64 << 20;
 
 /// Who holds which large blob, so later fetchers can be sent to them instead of to us.
 #[derive(Debug, Default)]
@@ -344,10 +371,66 @@ const MAX_HOLDERS: usize = 16;
 const MAX_REDIRECTED: usize = 65_536;
 
 impl Blobs {
+    /// The length of a blob this job serves.
+    fn len(&self, digest: &Digest) -> Option<u64> {
+        if let Some(bytes) = self.map.get(digest) {
+            return Some(bytes.len() as u64);
+        }
+        let inputs = self.inputs.lock().unwrap_or_else(|p| p.into_inner());
+        inputs.units.get(digest).map(|(_, len)| *len)
+    }
+
+    /// Notes that unit `unit`'s input, of `len` bytes, is offered as the blob `digest`.
+    fn offered(&self, digest: Digest, unit: u32, len: u64) {
+        let mut inputs = self.inputs.lock().unwrap_or_else(|p| p.into_inner());
+        if inputs.units.insert(digest, (unit, len)).is_none() {
+            inputs.order.push_back(digest);
+            while inputs.order.len() > MAX_OFFERED {
+                if let Some(old) = inputs.order.pop_front() {
+                    inputs.units.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// The bytes of `digest`: the module, or an offered input read from the job's inputs and
+    /// checked against its digest. Reads files: call it off the async threads.
+    fn bytes(&self, digest: &Digest) -> Option<Arc<[u8]>> {
+        if let Some(bytes) = self.map.get(digest) {
+            return Some(Arc::clone(bytes));
+        }
+        let unit = {
+            let inputs = self.inputs.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, bytes)) = inputs.cache.iter().find(|(d, _)| d == digest) {
+                return Some(Arc::clone(bytes));
+            }
+            inputs.units.get(digest)?.0
+        };
+        let bytes = match self.source.as_ref()?.input(u64::from(unit)) {
+            Ok(bytes) if Digest::of(&bytes) == *digest => Arc::<[u8]>::from(bytes),
+            Ok(_) | Err(_) => {
+                tracing::warn!(unit, %digest, "an input offered as a blob can no longer be read as it was");
+                return None;
+            }
+        };
+        let mut inputs = self.inputs.lock().unwrap_or_else(|p| p.into_inner());
+        if bytes.len() <= INPUT_CACHE_BYTES && !inputs.cache.iter().any(|(d, _)| d == digest) {
+            inputs.cached_bytes += bytes.len();
+            inputs.cache.push_back((*digest, Arc::clone(&bytes)));
+            while inputs.cached_bytes > INPUT_CACHE_BYTES {
+                let Some((_, old)) = inputs.cache.pop_front() else {
+                    break;
+                };
+                inputs.cached_bytes -= old.len();
+            }
+        }
+        Some(bytes)
+    }
+
     /// Where `peer` should fetch `digest` from: a holder, the first time a large blob with
     /// holders is asked for; `None` to serve it here.
     fn holder_for(&self, peer: PeerId, digest: Digest) -> Option<PeerId> {
-        let large = self.map.get(&digest).is_some_and(|b| b.len() >= SHARE_MIN);
+        let large = self.len(&digest).is_some_and(|len| len >= SHARE_MIN as u64);
         let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(missed) = s.redirected.get(&(peer, digest)).copied() {
             if let Some(h) = s.holders.get_mut(&digest) {
@@ -382,7 +465,7 @@ impl Blobs {
     /// of many keys cannot fill the holder list and serve every fetcher bad bytes (fetchers
     /// check the digest and come back here, and a holder that fails one is dropped).
     fn add_holder(&self, digest: Digest, peer: PeerId, addr: SocketAddr) {
-        if self.map.get(&digest).is_none_or(|b| b.len() < SHARE_MIN) {
+        if self.len(&digest).is_none_or(|len| len < SHARE_MIN as u64) {
             return;
         }
         let host = Host::of(addr.ip());
@@ -444,12 +527,6 @@ impl NetWorkers {
         module: Arc<[u8]>,
     ) -> Self {
         let mut map = HashMap::new();
-        for unit in &job.units {
-            if unit.bytes.len() > MAX_INLINE_INPUT {
-                map.entry(Digest::of(&unit.bytes))
-                    .or_insert_with(|| Arc::from(unit.bytes.as_slice()));
-            }
-        }
         let spec = JobSpec::new(job.module, module.len() as u64, &job.limits);
         map.insert(job.module, module);
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
@@ -464,6 +541,7 @@ impl NetWorkers {
             spec,
             blobs: Arc::new(Blobs {
                 map,
+                source: Some(Arc::clone(&job.source)),
                 ..Blobs::default()
             }),
             links: HashMap::new(),
@@ -807,7 +885,11 @@ async fn read_reports(
                     }
                     continue;
                 }
-                let mut bytes = blobs.map.get(&digest).cloned();
+                let read = Arc::clone(&blobs);
+                let mut bytes = tokio::task::spawn_blocking(move || read.bytes(&digest))
+                    .await
+                    .ok()
+                    .flatten();
                 if bytes.is_some() {
                     let sent = sends.entry(digest).or_default();
                     *sent += 1;
@@ -871,28 +953,34 @@ impl Workers for NetWorkers {
             });
             return Ok(());
         };
-        let wire: Vec<WireLease> = leases
-            .iter()
-            .map(|l| {
-                let bytes = &job.units[l.unit as usize].bytes;
-                let input = if bytes.len() <= MAX_INLINE_INPUT {
-                    InputRef::Inline(bytes.clone())
-                } else {
-                    InputRef::Blob {
-                        digest: Digest::of(bytes),
-                        len: bytes.len() as u64,
-                    }
-                };
-                WireLease {
-                    id: l.id,
-                    unit: l.unit,
-                    attempt: l.attempt,
-                    ttl_ms: u64::try_from(l.deadline.saturating_duration_since(now).as_millis())
-                        .unwrap_or(u64::MAX),
-                    input,
+        let mut wire = Vec::with_capacity(leases.len());
+        for l in &leases {
+            // An input file's digest is known from the start: a large one is named, not read.
+            let input = match job.source.known(u64::from(l.unit)) {
+                Some((len, digest)) if len > MAX_INLINE_INPUT as u64 => {
+                    self.blobs.offered(digest, l.unit, len);
+                    InputRef::Blob { digest, len }
                 }
-            })
-            .collect();
+                _ => {
+                    let bytes = job.input(l.unit)?;
+                    if bytes.len() <= MAX_INLINE_INPUT {
+                        InputRef::Inline(bytes)
+                    } else {
+                        let (digest, len) = (Digest::of(&bytes), bytes.len() as u64);
+                        self.blobs.offered(digest, l.unit, len);
+                        InputRef::Blob { digest, len }
+                    }
+                }
+            };
+            wire.push(WireLease {
+                id: l.id,
+                unit: l.unit,
+                attempt: l.attempt,
+                ttl_ms: u64::try_from(l.deadline.saturating_duration_since(now).as_millis())
+                    .unwrap_or(u64::MAX),
+                input,
+            });
+        }
         let frame = JobFrame::Offer(Offer {
             job: self.job,
             spec: self.spec.clone(),

@@ -119,7 +119,8 @@ pub async fn submit(
     manifest: JobManifest,
     store: Arc<JobStore>,
 ) -> JobSummary {
-    let units = manifest.units(&dir.join("job.toml")).expect("units");
+    let units =
+        coordinator_free::job::UnitSource::open(&manifest, &dir.join("job.toml")).expect("units");
     let module: Arc<[u8]> = std::fs::read(&manifest.module).expect("read").into();
     let module_digest = Digest::of(&module);
     let job = JobData::new(&manifest, units, module_digest);

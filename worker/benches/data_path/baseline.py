@@ -78,7 +78,8 @@ class DaskCluster:
         self.client = distributed.Client(self.cluster)
 
     def warm_up(self):
-        self.client.gather([self.client.submit(checksum, b"warm-up", pure=False) for _ in range(WORKERS)])
+        warm_up = [self.client.submit(checksum, b"warm-up", pure=False) for _ in range(WORKERS)]
+        self.client.gather(warm_up)
 
     def run(self, paths):
         # direct=True sends the bytes straight to a worker over TCP (round-robin between the two)
@@ -97,7 +98,7 @@ class DaskCluster:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("system", choices=["ray", "dask"])
-    parser.add_argument("--inputs", type=Path, help="directory of the input files (made if missing)")
+    parser.add_argument("--inputs", type=Path, help="directory of the inputs (made if missing)")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
 
@@ -124,7 +125,8 @@ def main():
                 if list(map(tuple, results)) != expected:
                     sys.exit(f"error: {args.system} run {run} returned wrong checksums")
                 rates.append(total / seconds / 1e6)
-                print(f"{args.system} run {run}: {total} bytes in {seconds:.3f} s = {rates[-1]:.1f} MB/s", flush=True)
+                line = f"{total} bytes in {seconds:.3f} s = {rates[-1]:.1f} MB/s"
+                print(f"{args.system} run {run}: {line}", flush=True)
                 del results
         finally:
             cluster.close()

@@ -15,7 +15,8 @@ venv=${1:-$root/target/data-path-venv}
 python=${PYTHON:-python3}
 
 installed() {
-    [[ -x $venv/bin/python ]] && "$venv/bin/python" - "$RAY_VERSION" "$DASK_VERSION" <<'EOF' 2>/dev/null
+    [[ -x $venv/bin/python ]] &&
+        "$venv/bin/python" - "$RAY_VERSION" "$DASK_VERSION" <<'EOF' 2>/dev/null
 import sys
 from importlib.metadata import version
 ray, dask = sys.argv[1:]
@@ -33,7 +34,7 @@ if ! "$python" -c 'import ensurepip' 2>/dev/null; then
     if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
         apt-get install -y python3-venv
     else
-        echo "error: $python has no ensurepip; install python3-venv (as root: apt-get install -y python3-venv)" >&2
+        echo "error: $python has no ensurepip: as root, apt-get install -y python3-venv" >&2
         exit 1
     fi
 fi

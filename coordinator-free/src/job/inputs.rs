@@ -1,0 +1,471 @@
+//! A job's unit inputs, produced when a unit needs them rather than held for the whole job.
+//!
+//! A sweep computes a point from its index; a JSON-lines file is scanned once for where its
+//! lines start and read back a line at a time; input files are hashed once (their digests make
+//! the job id and name the blobs peers fetch) and read again, and checked against their digest,
+//! when their unit is leased. What stays in memory is a few bytes per line or file, and
+//! nothing per point of a sweep.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::digest::Digest;
+use crate::job::manifest::{
+    InputSpec, JobManifest, MAX_INPUT_BYTES, MAX_UNITS, ManifestError, Sweep, UnitInput,
+};
+
+/// Why a unit's input could not be produced while the job ran.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not what it was when the job started: its results would not be this
+    /// job's.
+    #[error("{path} changed while the job ran; submit it again to run the new contents")]
+    Changed { path: PathBuf },
+    /// No unit has this index.
+    #[error("the job has no unit {0}")]
+    NoSuchUnit(u64),
+}
+
+/// Where each unit's input comes from.
+#[derive(Debug)]
+pub struct UnitSource {
+    kind: Kind,
+    count: u64,
+    digest: Digest,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Sweep(Sweep),
+    Files(Vec<InputFile>),
+    Lines {
+        path: PathBuf,
+        file: File,
+        /// The file's length when scanned, checked again at every read.
+        len: u64,
+        lines: Vec<Line>,
+    },
+    /// Inputs given as bytes (tests and embedded jobs).
+    Bytes(Vec<Vec<u8>>),
+}
+
+#[derive(Debug)]
+struct InputFile {
+    path: PathBuf,
+    len: u64,
+    digest: Digest,
+}
+
+/// A non-empty line of a JSON-lines file: where it starts, its length and its line number.
+#[derive(Debug, Clone, Copy)]
+struct Line {
+    at: u64,
+    len: u32,
+    number: u32,
+}
+
+impl UnitSource {
+    /// The inputs of `manifest` (loaded from `manifest_path`): a JSON-lines file is scanned
+    /// and every line checked to be JSON, input files are hashed. Errors name the field and
+    /// the file or line.
+    pub fn open(manifest: &JobManifest, manifest_path: &Path) -> Result<Self, ManifestError> {
+        let invalid = |field: &str, problem: String| ManifestError::Invalid {
+            path: manifest_path.to_owned(),
+            field: field.to_owned(),
+            problem,
+        };
+        match &manifest.inputs {
+            InputSpec::Sweep(sweep) => Ok(Self::sweep(sweep.clone())),
+            InputSpec::Files(files) => Self::files("inputs.files", files.clone(), &invalid),
+            InputSpec::Dir(dir) => {
+                let files = crate::job::manifest::dir_files(dir)
+                    .map_err(|e| invalid("inputs.dir", format!("{}: {e}", dir.display())))?;
+                Self::files("inputs.dir", files, &invalid)
+            }
+            InputSpec::JsonLines(path) => Self::lines(path, &invalid),
+        }
+    }
+
+    /// The points of a sweep.
+    pub fn sweep(sweep: Sweep) -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(b"sweep\0");
+        for (name, values) in sweep.params() {
+            // A range by its definition, a list by its values: never every value of a range.
+            let text = serde_json::to_string(&(name, values)).unwrap_or_default();
+            h.update(&(text.len() as u64).to_le_bytes());
+            h.update(text.as_bytes());
+        }
+        Self {
+            count: sweep.len(),
+            digest: Digest(*h.finalize().as_bytes()),
+            kind: Kind::Sweep(sweep),
+        }
+    }
+
+    /// Inputs given as bytes, unit `i` the `i`th.
+    pub fn bytes(inputs: Vec<Vec<u8>>) -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(b"bytes\0");
+        for input in &inputs {
+            h.update(&Digest::of(input).0);
+        }
+        Self {
+            count: inputs.len() as u64,
+            digest: Digest(*h.finalize().as_bytes()),
+            kind: Kind::Bytes(inputs),
+        }
+    }
+
+    fn files(
+        field: &str,
+        paths: Vec<PathBuf>,
+        invalid: &dyn Fn(&str, String) -> ManifestError,
+    ) -> Result<Self, ManifestError> {
+        if paths.len() as u64 > MAX_UNITS {
+            return Err(invalid(field, format!("more than {MAX_UNITS} files")));
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(b"files\0");
+        let mut files = Vec::with_capacity(paths.len());
+        for path in paths {
+            let bytes = read_capped(&path).map_err(|e| invalid(field, e.to_string()))?;
+            let digest = Digest::of(&bytes);
+            h.update(&digest.0);
+            files.push(InputFile {
+                len: bytes.len() as u64,
+                path,
+                digest,
+            });
+        }
+        Ok(Self {
+            count: files.len() as u64,
+            digest: Digest(*h.finalize().as_bytes()),
+            kind: Kind::Files(files),
+        })
+    }
+
+    fn lines(
+        path: &Path,
+        invalid: &dyn Fn(&str, String) -> ManifestError,
+    ) -> Result<Self, ManifestError> {
+        let field = "inputs.jsonl";
+        let shown = path.display();
+        let file = File::open(path).map_err(|e| invalid(field, format!("{shown}: {e}")))?;
+        let mut reader = BufReader::with_capacity(1 << 16, &file);
+        let mut h = blake3::Hasher::new();
+        h.update(b"jsonl\0");
+        let mut lines = Vec::new();
+        let mut line = Vec::new();
+        let mut at = 0u64;
+        for number in 1u32.. {
+            line.clear();
+            // A line is read only up to one past the cap, so a file without newlines cannot
+            // make us hold it whole.
+            let read = (&mut reader)
+                .take(MAX_INPUT_BYTES + 1)
+                .read_until(b'\n', &mut line)
+                .map_err(|e| invalid(field, format!("{shown}: {e}")))?;
+            if read == 0 {
+                break;
+            }
+            if read as u64 > MAX_INPUT_BYTES {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{shown} line {number} is over the input cap of {MAX_INPUT_BYTES} bytes"
+                    ),
+                ));
+            }
+            h.update(&line);
+            let text = std::str::from_utf8(&line)
+                .map_err(|_| invalid(field, format!("{shown} line {number} is not UTF-8")))?;
+            if !text.trim().is_empty() {
+                serde_json::from_str::<serde::de::IgnoredAny>(text.trim())
+                    .map_err(|e| invalid(field, format!("{shown} line {number}: {e}")))?;
+                lines.push(Line {
+                    at,
+                    len: read as u32,
+                    number,
+                });
+                if lines.len() as u64 > MAX_UNITS {
+                    return Err(invalid(field, format!("more than {MAX_UNITS} lines")));
+                }
+            }
+            at += read as u64;
+        }
+        if lines.is_empty() {
+            return Err(invalid(field, format!("{shown} has no inputs")));
+        }
+        lines.shrink_to_fit();
+        Ok(Self {
+            count: lines.len() as u64,
+            digest: Digest(*h.finalize().as_bytes()),
+            kind: Kind::Lines {
+                path: path.to_owned(),
+                file,
+                len: at,
+                lines,
+            },
+        })
+    }
+
+    /// How many units.
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// What the inputs are, in one digest: a sweep's parameters, the bytes of a JSON-lines
+    /// file, the digests of the input files. Part of the job id.
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+
+    /// The size and digest of unit `index`'s input when known without producing it (input
+    /// files, hashed when the job started).
+    pub fn known(&self, index: u64) -> Option<(u64, Digest)> {
+        match &self.kind {
+            Kind::Files(files) => files
+                .get(usize::try_from(index).ok()?)
+                .map(|f| (f.len, f.digest)),
+            _ => None,
+        }
+    }
+
+    /// Unit `index`'s input bytes.
+    pub fn input(&self, index: u64) -> Result<Vec<u8>, InputError> {
+        let missing = || InputError::NoSuchUnit(index);
+        let at = usize::try_from(index).map_err(|_| missing())?;
+        match &self.kind {
+            Kind::Sweep(sweep) => sweep.input(index).ok_or_else(missing),
+            Kind::Bytes(inputs) => inputs.get(at).cloned().ok_or_else(missing),
+            Kind::Files(files) => {
+                let f = files.get(at).ok_or_else(missing)?;
+                let bytes = read_capped(&f.path).map_err(|source| InputError::Read {
+                    path: f.path.clone(),
+                    source,
+                })?;
+                if bytes.len() as u64 != f.len || Digest::of(&bytes) != f.digest {
+                    return Err(InputError::Changed {
+                        path: f.path.clone(),
+                    });
+                }
+                Ok(bytes)
+            }
+            Kind::Lines { .. } => {
+                let value = self.line_value(at)?;
+                Ok(value.to_string().into_bytes())
+            }
+        }
+    }
+
+    /// Where unit `index`'s input came from, for its results line: the file, the line number
+    /// and its value, or the sweep point.
+    pub fn origin(&self, index: u64) -> Result<serde_json::Value, InputError> {
+        let missing = || InputError::NoSuchUnit(index);
+        let at = usize::try_from(index).map_err(|_| missing())?;
+        Ok(match &self.kind {
+            Kind::Sweep(sweep) => {
+                let point = sweep.point(index).ok_or_else(missing)?;
+                serde_json::json!({ "params": serde_json::Value::Object(point) })
+            }
+            Kind::Bytes(inputs) => {
+                let input = inputs.get(at).ok_or_else(missing)?;
+                serde_json::json!({ "bytes": input.len() })
+            }
+            Kind::Files(files) => {
+                let f = files.get(at).ok_or_else(missing)?;
+                serde_json::json!({ "file": f.path.display().to_string() })
+            }
+            Kind::Lines { lines, .. } => {
+                let number = lines.get(at).ok_or_else(missing)?.number;
+                serde_json::json!({ "line": number, "input": self.line_value(at)? })
+            }
+        })
+    }
+
+    /// Unit `index` whole: its input and where it came from.
+    pub fn unit(&self, index: u64) -> Result<UnitInput, InputError> {
+        Ok(UnitInput {
+            index,
+            bytes: self.input(index)?,
+            origin: self.origin(index)?,
+        })
+    }
+
+    fn line_value(&self, at: usize) -> Result<serde_json::Value, InputError> {
+        let Kind::Lines {
+            path,
+            file,
+            len,
+            lines,
+        } = &self.kind
+        else {
+            return Err(InputError::NoSuchUnit(at as u64));
+        };
+        let line = lines.get(at).ok_or(InputError::NoSuchUnit(at as u64))?;
+        let read_err = |source| InputError::Read {
+            path: path.clone(),
+            source,
+        };
+        let changed = || InputError::Changed { path: path.clone() };
+        if file.metadata().map_err(read_err)?.len() != *len {
+            return Err(changed());
+        }
+        let mut bytes = vec![0; line.len as usize];
+        file.read_exact_at(&mut bytes, line.at).map_err(read_err)?;
+        let text = std::str::from_utf8(&bytes).map_err(|_| changed())?;
+        serde_json::from_str(text.trim()).map_err(|_| changed())
+    }
+}
+
+/// A file's bytes, refused past the input cap before they are read.
+fn read_capped(path: &Path) -> std::io::Result<Vec<u8>> {
+    let file = File::open(path).map_err(|e| named(path, e))?;
+    let meta = file.metadata().map_err(|e| named(path, e))?;
+    if !meta.is_file() {
+        return Err(named(path, std::io::Error::other("not a file")));
+    }
+    if meta.len() > MAX_INPUT_BYTES {
+        return Err(named(
+            path,
+            std::io::Error::other(format!("over the input cap of {MAX_INPUT_BYTES} bytes")),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_INPUT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| named(path, e))?;
+    if bytes.len() as u64 > MAX_INPUT_BYTES {
+        return Err(named(
+            path,
+            std::io::Error::other("grew past the input cap"),
+        ));
+    }
+    Ok(bytes)
+}
+
+fn named(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(dir: &Path, inputs: &str) -> (JobManifest, PathBuf) {
+        std::fs::write(dir.join("m.wasm"), b"\0asm\x01\0\0\0").unwrap();
+        let text = format!("name = \"t\"\nmodule = \"m.wasm\"\n{inputs}\n");
+        let path = dir.join("job.toml");
+        std::fs::write(&path, &text).unwrap();
+        (JobManifest::load(&path).unwrap(), path)
+    }
+
+    #[test]
+    fn json_lines_are_read_back_one_at_a_time_and_a_changed_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("in.jsonl"),
+            "{\"b\": 2, \"a\": 1}\n\n  \n[1, 2]\n\"last\"",
+        )
+        .unwrap();
+        let (m, path) = manifest(dir.path(), "[inputs]\njsonl = \"in.jsonl\"");
+        let source = UnitSource::open(&m, &path).unwrap();
+        assert_eq!(source.len(), 3);
+        assert_eq!(source.input(0).unwrap(), br#"{"a":1,"b":2}"#);
+        assert_eq!(source.input(1).unwrap(), b"[1,2]");
+        assert_eq!(source.input(2).unwrap(), br#""last""#);
+        assert_eq!(
+            source.origin(1).unwrap(),
+            serde_json::json!({"line": 4, "input": [1, 2]})
+        );
+        assert!(matches!(source.input(3), Err(InputError::NoSuchUnit(3))));
+        assert_eq!(source.known(0), None);
+        // The same bytes make the same digest; an edit makes another, and the open source
+        // refuses to read on.
+        let again = UnitSource::open(&m, &path).unwrap();
+        assert_eq!(again.digest(), source.digest());
+        std::fs::write(dir.path().join("in.jsonl"), "{\"a\": 9}\n").unwrap();
+        assert!(matches!(source.input(0), Err(InputError::Changed { .. })));
+        assert_ne!(
+            UnitSource::open(&m, &path).unwrap().digest(),
+            source.digest()
+        );
+    }
+
+    #[test]
+    fn a_bad_line_is_refused_up_front_with_its_number() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("in.jsonl"), "1\n2\n{oops\n").unwrap();
+        let (m, path) = manifest(dir.path(), "[inputs]\njsonl = \"in.jsonl\"");
+        let err = UnitSource::open(&m, &path).unwrap_err().to_string();
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn input_files_are_hashed_once_and_checked_when_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.bin"), vec![1u8; 100]).unwrap();
+        std::fs::write(dir.path().join("b.bin"), vec![2u8; 200_000]).unwrap();
+        let (m, path) = manifest(dir.path(), "[inputs]\nfiles = [\"a.bin\", \"b.bin\"]");
+        let source = UnitSource::open(&m, &path).unwrap();
+        assert_eq!(source.len(), 2);
+        assert_eq!(
+            source.known(1),
+            Some((200_000, Digest::of(&vec![2u8; 200_000])))
+        );
+        assert_eq!(source.input(0).unwrap(), vec![1u8; 100]);
+        assert_eq!(
+            source.origin(1).unwrap()["file"],
+            dir.path().join("b.bin").display().to_string()
+        );
+        // Same length, other bytes: caught by the digest.
+        std::fs::write(dir.path().join("b.bin"), vec![3u8; 200_000]).unwrap();
+        let err = source.input(1).unwrap_err();
+        assert!(matches!(err, InputError::Changed { .. }), "{err}");
+        assert!(err.to_string().contains("b.bin changed"), "{err}");
+        std::fs::remove_file(dir.path().join("a.bin")).unwrap();
+        assert!(matches!(source.input(0), Err(InputError::Read { .. })));
+    }
+
+    #[test]
+    fn a_sweep_of_a_hundred_million_points_is_computed_not_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, path) = manifest(
+            dir.path(),
+            "[inputs.sweep]\nseed = { start = 1, stop = 100000000, step = 1 }\nscale = 0.5",
+        );
+        let source = UnitSource::open(&m, &path).unwrap();
+        assert_eq!(source.len(), 100_000_000);
+        assert_eq!(
+            source.input(99_999_999).unwrap(),
+            br#"{"scale":0.5,"seed":100000000}"#
+        );
+        assert_eq!(
+            source.origin(0).unwrap(),
+            serde_json::json!({"params": {"scale": 0.5, "seed": 1}})
+        );
+        assert!(source.input(100_000_000).is_err());
+        // Twice as many points is refused, naming the cap.
+        std::fs::write(
+            &path,
+            "name = \"t\"\nmodule = \"m.wasm\"\n[inputs.sweep]\n\
+             seed = { start = 1, stop = 100000000, step = 1 }\nscale = [0.5, 1.0]\n",
+        )
+        .unwrap();
+        let err = JobManifest::load(&path).unwrap_err().to_string();
+        assert!(err.contains("100000000 points"), "{err}");
+    }
+}
