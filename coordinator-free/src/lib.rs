@@ -3,6 +3,7 @@
 //! execution.
 
 pub mod bitset;
+mod bytes;
 #[cfg(unix)]
 pub mod control;
 pub mod digest;

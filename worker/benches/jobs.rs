@@ -230,6 +230,11 @@ fn main() {
         );
         return;
     }
+    // `jobs --data-path` runs only the data path and its baselines.
+    if args.iter().any(|a| a == "--data-path") {
+        data_path();
+        return;
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(dir.path().join("pi.wasm"), example_artifacts::PI_BYTES).expect("module");
@@ -433,4 +438,112 @@ fn main() {
             );
         }
     }
+
+    println!();
+    data_path();
+}
+
+/// Inputs of the data path: this many files of `DATA_INPUT_BYTES` each.
+const DATA_INPUTS: usize = 100;
+const DATA_INPUT_BYTES: usize = 10 << 20;
+
+/// 100 inputs of 10 MiB delivered to two peers (one per core) and checksummed there, against
+/// Dask and Ray doing the same with the same files in the same run. The figure is the inputs'
+/// bytes over the wall time of the whole `worker submit` (start, hashing the inputs, joining,
+/// serving them, results) — for Dask and Ray from the first read to the last result, with the
+/// cluster up and warm.
+fn data_path() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let inputs = dir.path().join("inputs");
+    std::fs::create_dir_all(&inputs).expect("inputs dir");
+    // Incompressible bytes from a fixed seed, so every run and every system moves the same.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    for i in 0..DATA_INPUTS {
+        let mut bytes = vec![0u8; DATA_INPUT_BYTES];
+        for word in bytes.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
+        }
+        std::fs::write(inputs.join(format!("input-{i:03}.bin")), bytes).expect("input");
+    }
+    std::fs::write(
+        dir.path().join("checksum.wat"),
+        include_str!("../../examples/wat/checksum.wat"),
+    )
+    .expect("module");
+    let manifest = format!(
+        "name = \"data\"\nmodule = \"checksum.wat\"\n[inputs]\ndir = \"{}\"\n[redundancy]\nreplicas = 1\nquorum = 1\n[limits]\nmemory_mb = 64\n",
+        inputs.display()
+    );
+    let bytes = (DATA_INPUTS * DATA_INPUT_BYTES) as f64;
+    println!(
+        "# data path: {DATA_INPUTS} inputs of {} MiB to 2 peers (1 per core) on loopback, a checksum each; MB/s = 10^6 bytes/s, median and range of {RUNS} runs",
+        DATA_INPUT_BYTES >> 20
+    );
+    let net = network(2);
+    let via = net.submit_args();
+    let rates: Vec<f64> = (0..RUNS)
+        .map(|_| bytes / submit_with(dir.path(), "data", &manifest, &via).as_secs_f64() / 1e6)
+        .collect();
+    drop(net);
+    print_rate(
+        "worker submit, 2 peers, replicas = 1 (whole process)",
+        rates,
+    );
+    // The baselines run from a virtual environment made by worker/benches/data_path/setup.sh.
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/data-path-venv/bin/python");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/data_path/baseline.py");
+    for system in ["dask", "ray"] {
+        let label = format!(
+            "{}, 2 worker processes",
+            if system == "dask" {
+                "Dask (TCP)"
+            } else {
+                "Ray (shared memory)"
+            }
+        );
+        if !python.exists() {
+            println!("{label:<62} (not set up: worker/benches/data_path/setup.sh)");
+            continue;
+        }
+        let out = Command::new(&python)
+            .arg(&script)
+            .arg(system)
+            .arg("--inputs")
+            .arg(&inputs)
+            .args(["--runs", &RUNS.to_string()])
+            .stderr(Stdio::null())
+            .output()
+            .expect("baseline runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let runs: Vec<f64> = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("RESULT {system} ")))
+            .and_then(|rest| {
+                rest.split_whitespace()
+                    .find_map(|w| w.strip_prefix("runs="))
+            })
+            .map(|list| list.split(',').filter_map(|v| v.parse().ok()).collect())
+            .unwrap_or_default();
+        if runs.is_empty() {
+            println!(
+                "{label:<62} (failed: {})",
+                text.lines().last().unwrap_or("")
+            );
+        } else {
+            print_rate(&label, runs);
+        }
+    }
+}
+
+fn print_rate(label: &str, mut rates: Vec<f64>) {
+    rates.sort_by(f64::total_cmp);
+    println!(
+        "{label:<62} {:>8.0} MB/s  ({:.0}–{:.0})",
+        rates[rates.len() / 2],
+        rates[0],
+        rates[rates.len() - 1]
+    );
 }

@@ -118,7 +118,7 @@ impl JobSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum InputRef {
     /// The bytes themselves (at most [`MAX_INLINE_INPUT`]).
-    Inline(Vec<u8>),
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A blob to fetch.
     Blob { digest: Digest, len: u64 },
 }
@@ -147,6 +147,7 @@ pub struct Offer {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireResult {
     pub lease: LeaseId,
+    #[serde(with = "crate::bytes::result")]
     pub result: Result<Vec<u8>, UnitError>,
 }
 
@@ -213,6 +214,7 @@ struct ChunkPayload {
     digest: Digest,
     total: u64,
     offset: u64,
+    #[serde(with = "serde_bytes")]
     bytes: Vec<u8>,
 }
 
@@ -298,6 +300,52 @@ impl JobFrame {
     }
 }
 
+/// [`ChunkPayload`] as it is sent, borrowing its bytes.
+#[derive(Serialize)]
+struct ChunkPayloadRef<'a> {
+    digest: Digest,
+    total: u64,
+    offset: u64,
+    #[serde(with = "serde_bytes")]
+    bytes: &'a [u8],
+}
+
+impl JobFrame {
+    /// The whole frame of a [`JobFrame::BlobChunk`] of `bytes`, written straight from the
+    /// slice: a blob's bytes are copied once on their way to QUIC, not once per layer.
+    pub fn chunk_frame(
+        digest: Digest,
+        total: u64,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<Vec<u8>, WireError> {
+        let payload = ChunkPayloadRef {
+            digest,
+            total,
+            offset,
+            bytes,
+        };
+        let mut frame = Vec::with_capacity(crate::wire::HEADER_LEN + 64 + bytes.len());
+        frame.extend_from_slice(&[Self::KIND_BLOB_CHUNK, 0, 0, 0, 0]);
+        let mut frame = postcard::to_extend(&payload, frame).map_err(WireError::Encode)?;
+        let len = frame.len() - crate::wire::HEADER_LEN;
+        if len > CHUNK_CAP {
+            return Err(WireError::TooLarge {
+                kind: Self::KIND_BLOB_CHUNK,
+                len,
+                cap: CHUNK_CAP,
+            });
+        }
+        let len = u32::try_from(len).map_err(|_| WireError::TooLarge {
+            kind: Self::KIND_BLOB_CHUNK,
+            len,
+            cap: CHUNK_CAP,
+        })?;
+        frame[1..crate::wire::HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+        Ok(frame)
+    }
+}
+
 fn encode<T: Serialize>(kind: u8, value: &T) -> Result<(u8, Vec<u8>), WireError> {
     Ok((kind, postcard::to_stdvec(value).map_err(WireError::Encode)?))
 }
@@ -359,11 +407,11 @@ impl Message for JobFrame {
                 bytes,
             } => encode(
                 Self::KIND_BLOB_CHUNK,
-                &ChunkPayload {
+                &ChunkPayloadRef {
                     digest: *digest,
                     total: *total,
                     offset: *offset,
-                    bytes: bytes.clone(),
+                    bytes,
                 },
             ),
         }
@@ -526,6 +574,23 @@ mod tests {
                 }
             ),
         ]
+    }
+
+    proptest! {
+        /// A chunk written straight from its bytes is the frame of the same `BlobChunk`.
+        #[test]
+        fn chunk_frames_written_from_slices_match(
+            bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+            total in any::<u64>(),
+            offset in any::<u64>(),
+        ) {
+            let digest = Digest::of(&bytes);
+            let frame = JobFrame::BlobChunk { digest, total, offset, bytes: bytes.clone() };
+            prop_assert_eq!(
+                JobFrame::chunk_frame(digest, total, offset, &bytes).unwrap(),
+                frame.encode_frame().unwrap()
+            );
+        }
     }
 
     proptest! {

@@ -86,6 +86,19 @@ impl Outbox {
     /// Queues `message`, waiting for room.
     pub(crate) async fn send<M: Message>(&self, message: &M) -> Result<(), OutboxError> {
         let (frame, weight) = self.encode(message)?;
+        self.send_weighed(frame, weight).await
+    }
+
+    /// Queues a frame encoded already (a blob chunk written straight from its bytes), waiting
+    /// for room.
+    pub(crate) async fn send_frame(&self, frame: Vec<u8>) -> Result<(), OutboxError> {
+        let weight = u32::try_from(frame.len())
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.max_bytes);
+        self.send_weighed(frame, weight).await
+    }
+
+    async fn send_weighed(&self, frame: Vec<u8>, weight: u32) -> Result<(), OutboxError> {
         let permit = Arc::clone(&self.budget)
             .acquire_many_owned(weight)
             .await

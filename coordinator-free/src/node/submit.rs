@@ -297,7 +297,7 @@ struct Link {
 #[derive(Debug)]
 struct Blobs {
     /// Blobs held in memory: the module.
-    map: HashMap<Digest, Arc<[u8]>>,
+    map: HashMap<Digest, Arc<Vec<u8>>>,
     /// Inputs too large to travel inline, read from the job's inputs when a worker asks.
     inputs: std::sync::Mutex<Offered>,
     source: Option<Arc<UnitSource>>,
@@ -326,7 +326,7 @@ struct Offered {
     units: HashMap<Digest, (u32, u64)>,
     /// Digests in the order they were first offered, to forget the oldest.
     order: VecDeque<Digest>,
-    cache: VecDeque<(Digest, Arc<[u8]>)>,
+    cache: VecDeque<(Digest, Arc<Vec<u8>>)>,
     cached_bytes: usize,
 }
 
@@ -395,7 +395,7 @@ impl Blobs {
 
     /// The bytes of `digest`: the module, or an offered input read from the job's inputs and
     /// checked against its digest. Reads files: call it off the async threads.
-    fn bytes(&self, digest: &Digest) -> Option<Arc<[u8]>> {
+    fn bytes(&self, digest: &Digest) -> Option<Arc<Vec<u8>>> {
         if let Some(bytes) = self.map.get(digest) {
             return Some(Arc::clone(bytes));
         }
@@ -407,7 +407,7 @@ impl Blobs {
             inputs.units.get(digest)?.0
         };
         let bytes = match self.source.as_ref()?.input(u64::from(unit)) {
-            Ok(bytes) if Digest::of(&bytes) == *digest => Arc::<[u8]>::from(bytes),
+            Ok(bytes) if Digest::of(&bytes) == *digest => Arc::new(bytes),
             Ok(_) | Err(_) => {
                 tracing::warn!(unit, %digest, "an input offered as a blob can no longer be read as it was");
                 return None;
@@ -528,7 +528,7 @@ impl NetWorkers {
     ) -> Self {
         let mut map = HashMap::new();
         let spec = JobSpec::new(job.module, module.len() as u64, &job.limits);
-        map.insert(job.module, module);
+        map.insert(job.module, Arc::new(module.to_vec()));
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let (pull_tx, pulls) = mpsc::channel(PULL_QUEUE);
         dialer.pulls.set(Some(pull_tx));
@@ -899,7 +899,7 @@ async fn read_reports(
                         bytes = None;
                     }
                 }
-                if !send_blob(&outbox, digest, bytes.as_deref()).await {
+                if !send_blob(&outbox, digest, bytes.as_deref().map(Vec::as_slice)).await {
                     break;
                 }
                 continue;
@@ -1188,7 +1188,7 @@ mod tests {
 
     #[test]
     fn one_holder_per_host_and_a_holder_fetchers_keep_coming_back_from_is_dropped() {
-        let big: Arc<[u8]> = vec![7u8; SHARE_MIN].into();
+        let big = Arc::new(vec![7u8; SHARE_MIN]);
         let b = Digest::of(&big);
         let blobs = Blobs {
             map: [(b, big)].into_iter().collect(),
@@ -1226,8 +1226,8 @@ mod tests {
 
     #[test]
     fn large_blobs_go_to_holders_once_per_fetcher_and_small_ones_never() {
-        let big: Arc<[u8]> = vec![7u8; SHARE_MIN].into();
-        let small: Arc<[u8]> = vec![1u8; 100].into();
+        let big = Arc::new(vec![7u8; SHARE_MIN]);
+        let small = Arc::new(vec![1u8; 100]);
         let (b, s) = (Digest::of(&big), Digest::of(&small));
         let blobs = Blobs {
             map: [(b, big), (s, small)].into_iter().collect(),

@@ -921,6 +921,14 @@ impl Work {
             self.blob_failed(from, digest, now);
             return;
         }
+        if offset == 0 {
+            // The size is claimed by the submitter and capped by the protocol; reserving up to
+            // 16 MiB at once spares copying the blob as it grows, beyond that it grows as it
+            // arrives.
+            fetch
+                .bytes
+                .reserve_exact(usize::try_from(total.min(16 << 20)).unwrap_or(0));
+        }
         fetch.bytes.extend_from_slice(&bytes);
         fetch.since = now;
         if (fetch.bytes.len() as u64) < fetch.total {
@@ -1354,13 +1362,11 @@ pub(crate) async fn send_blob(outbox: &Outbox, digest: Digest, bytes: Option<&[u
     let mut offset = 0usize;
     loop {
         let end = (offset + MAX_CHUNK).min(bytes.len());
-        let chunk = JobFrame::BlobChunk {
-            digest,
-            total,
-            offset: offset as u64,
-            bytes: bytes[offset..end].to_vec(),
+        let Ok(frame) = JobFrame::chunk_frame(digest, total, offset as u64, &bytes[offset..end])
+        else {
+            return false;
         };
-        if outbox.send(&chunk).await.is_err() {
+        if outbox.send_frame(frame).await.is_err() {
             return false;
         }
         offset = end;
