@@ -9,7 +9,9 @@
 //! Prints (1) the useful-work fraction of a 200-unit Monte Carlo sweep of ~50 ms units — the
 //! native single-core time of all units ÷ cores ÷ wall time — for `worker submit` at replicas 1
 //! and 2, over the network and locally, and for GNU parallel running the natively compiled
-//! kernel; (2) throughput of 10,000 tiny units at replicas 1 and 2. Each figure is the median
+//! kernel; (2) throughput of 10,000 tiny units at replicas 1 and 2; (3) the data path: 100
+//! inputs of 10 MiB delivered to two peers, next to Dask and Ray moving the same files (set up
+//! once with `worker/benches/data_path/setup.sh`; `jobs --data-path` runs this part alone). Each figure is the median
 //! of a few whole runs, each in a fresh data directory (so nothing is resumed). Wall times are
 //! of the whole `worker submit` process: start, joining the network, journal and results.
 //!
