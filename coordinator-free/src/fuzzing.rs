@@ -320,7 +320,8 @@ pub fn manifest(data: &[u8]) {
     assert!(manifest.module.starts_with(base) || manifest.module.is_absolute());
     let r = manifest.redundancy;
     assert!(1 <= r.quorum && r.quorum <= r.replicas && r.replicas <= r.max_attempts);
-    let limits = manifest.limits.to_limits();
+    let limits = manifest.unit_limits();
+    assert!(limits.program.check().is_ok());
     assert!(limits.memory_bytes > 0 && limits.memory_bytes <= crate::sandbox::MAX_MEMORY_BYTES);
     assert!(!limits.timeout.is_zero());
     match &manifest.inputs {

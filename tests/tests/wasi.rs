@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use coordinator_free::sandbox::{
-    Executor, Limits, Metering, Sandbox, SandboxConfig, UnitError, UnitReport, UnitRequest,
+    Executor, Limits, Metering, Program, Sandbox, SandboxConfig, UnitError, UnitReport, UnitRequest,
 };
 use example_artifacts as artifacts;
 
@@ -217,4 +217,85 @@ fn functions_outside_the_subset_are_refused_before_compiling() {
         }
     }
     assert_eq!(sandbox.cache_stats().compiled, 0);
+}
+
+/// `args` is `unit` and then the manifest's arguments, `environ` its variables, each string
+/// NUL-terminated and each pointer where the program asked: a C program's `argv` and
+/// `environ`, the same for every unit of a job.
+#[test]
+fn arguments_and_environment_come_from_the_job() {
+    let module = wat(r#"(module
+          (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes (param i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "args_get" (func $args_get (param i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "environ_sizes_get" (func $env_sizes (param i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "environ_get" (func $env_get (param i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (func $emit (param $ptr i32) (param $len i32)
+            (i32.store (i32.const 0) (local.get $ptr))
+            (i32.store (i32.const 4) (local.get $len))
+            (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
+          (func (export "_start")
+            ;; Counts and sizes at 16.., pointers at 1024 and 1536, strings at 2048 and 4096.
+            (drop (call $args_sizes (i32.const 16) (i32.const 20)))
+            (drop (call $env_sizes (i32.const 24) (i32.const 28)))
+            (drop (call $args_get (i32.const 1024) (i32.const 2048)))
+            (drop (call $env_get (i32.const 1536) (i32.const 4096)))
+            (call $emit (i32.const 16) (i32.const 16))
+            (call $emit (i32.const 1024) (i32.mul (i32.load (i32.const 16)) (i32.const 4)))
+            (call $emit (i32.const 1536) (i32.mul (i32.load (i32.const 24)) (i32.const 4)))
+            (call $emit (i32.const 2048) (i32.load (i32.const 20)))
+            (call $emit (i32.const 4096) (i32.load (i32.const 28)))))"#);
+    let run_with = |program: Program| {
+        let sandbox = Sandbox::new(SandboxConfig::default()).expect("sandbox starts");
+        let prepared = sandbox.prepare(&module, Metering::Off).expect("module");
+        let executor = Executor::new(sandbox.clone(), 1, 1).expect("executor starts");
+        let mut request = UnitRequest::new(Vec::new());
+        request.limits = Limits {
+            output_bytes: 4096,
+            program,
+            ..Limits::default()
+        };
+        let report = executor.run(prepared, request);
+        output(&report).to_vec()
+    };
+    let le = |v: u32| v.to_le_bytes();
+    let mut expected = Vec::new();
+    for v in [3, 5 + 3 + 4, 2, 4 + 6] {
+        expected.extend(le(v));
+    }
+    for p in [2048, 2053, 2056, 4096, 4100] {
+        expected.extend(le(p));
+    }
+    expected.extend(b"unit\0-v\0a b\0K=v\0PATH=\0");
+    let program = Program {
+        args: vec!["-v".into(), "a b".into()],
+        env: vec![("K".into(), "v".into()), ("PATH".into(), String::new())],
+    };
+    assert!(program.check().is_ok());
+    assert_eq!(run_with(program), expected);
+    // Without any: one argument, no environment.
+    let mut bare = Vec::new();
+    for v in [1, 5, 0, 0, 2048] {
+        bare.extend(le(v));
+    }
+    bare.extend(b"unit\0");
+    assert_eq!(run_with(Program::default()), bare);
+    // Strings a C program could not receive are refused.
+    for bad in [
+        Program {
+            args: vec!["a\0b".into()],
+            ..Program::default()
+        },
+        Program {
+            env: vec![("A=B".into(), "c".into())],
+            ..Program::default()
+        },
+        Program {
+            env: vec![("B".into(), "1".into()), ("A".into(), "2".into())],
+            ..Program::default()
+        },
+    ] {
+        assert!(bad.check().is_err(), "{bad:?}");
+    }
 }

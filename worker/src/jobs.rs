@@ -211,17 +211,27 @@ fn resolve(store: &JobStore, text: &str, latest: bool) -> Result<Job, Failure> {
     }
 }
 
-/// Accepted and failed units in the journal.
+/// Accepted and failed units in the journal, read a batch at a time (a job may hold a hundred
+/// million).
 fn counts(store: &JobStore, id: &Digest) -> Result<(u64, u64), Failure> {
     let (mut accepted, mut failed) = (0, 0);
-    for (_, bytes) in store.units(id).map_err(|e| Failure::usage(anyhow!(e)))? {
-        match UnitRecord::decode(&bytes) {
-            Ok(r) if r.succeeded() => accepted += 1,
-            Ok(_) => failed += 1,
-            Err(_) => {}
+    let mut from = 0u64;
+    loop {
+        let batch = store
+            .units_from(id, from, 4096)
+            .map_err(|e| Failure::usage(anyhow!(e)))?;
+        let Some(&(last, _)) = batch.last() else {
+            return Ok((accepted, failed));
+        };
+        from = last + 1;
+        for (_, bytes) in batch {
+            match UnitRecord::decode(&bytes) {
+                Ok(r) if r.succeeded() => accepted += 1,
+                Ok(_) => failed += 1,
+                Err(_) => {}
+            }
         }
     }
-    Ok((accepted, failed))
 }
 
 fn when(ms: u64) -> String {

@@ -249,6 +249,49 @@ fn a_wasi_program_runs_as_a_job() {
     }
 }
 
+/// The manifest's `[wasi]` arguments and environment reach the program on the unit hosts:
+/// a program that writes out its `argv` and `environ` returns them.
+#[test]
+fn a_wasi_programs_arguments_come_from_the_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("args.wat"),
+        r#"(module
+          (import "wasi_snapshot_preview1" "args_sizes_get" (func $as (param i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "args_get" (func $ag (param i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "environ_sizes_get" (func $es (param i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "environ_get" (func $eg (param i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (func $emit (param $ptr i32) (param $len i32)
+            (i32.store (i32.const 0) (local.get $ptr))
+            (i32.store (i32.const 4) (local.get $len))
+            (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
+          (func (export "_start")
+            (drop (call $as (i32.const 16) (i32.const 20)))
+            (drop (call $es (i32.const 24) (i32.const 28)))
+            (drop (call $ag (i32.const 1024) (i32.const 2048)))
+            (drop (call $eg (i32.const 1536) (i32.const 4096)))
+            (call $emit (i32.const 2048) (i32.load (i32.const 20)))
+            (call $emit (i32.const 4096) (i32.load (i32.const 28)))))"#,
+    )
+    .unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        "name = \"args\"\nmodule = \"args.wat\"\n[inputs.sweep]\nn = [1, 2]\n\
+         [wasi]\nargs = [\"--steps\", \"10\"]\nenv = { MODE = \"fast\" }\n",
+    );
+    let run = submit(dir.path(), &manifest, "run");
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let expected = coordinator_free::digest::Digest::of(b"unit\x00--steps\x0010\x00MODE=fast\x00");
+    let lines = results(dir.path());
+    assert_eq!(lines.len(), 2);
+    for line in lines {
+        assert_eq!(line["status"], "accepted", "{line}");
+        assert_eq!(line["digest"], expected.to_hex(), "{line}");
+    }
+}
+
 #[test]
 fn a_bad_manifest_is_refused_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();

@@ -274,7 +274,7 @@ impl JobData {
             id: crate::job::local::job_id(&module, manifest, &source),
             module,
             source: std::sync::Arc::new(source),
-            limits: manifest.limits.to_limits(),
+            limits: manifest.unit_limits(),
         }
     }
 

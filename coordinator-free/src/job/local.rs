@@ -54,7 +54,7 @@ pub fn job_id(module: &Digest, manifest: &JobManifest, source: &UnitSource) -> D
     h.update(&module.0);
     h.update(&source.len().to_le_bytes());
     h.update(&source.digest().0);
-    let l = manifest.limits.to_limits();
+    let l = manifest.unit_limits();
     for v in [
         l.memory_bytes,
         l.input_bytes,
@@ -71,6 +71,10 @@ pub fn job_id(module: &Digest, manifest: &JobManifest, source: &UnitSource) -> D
         b[1..].copy_from_slice(&f.to_le_bytes());
         b
     }));
+    // A program's arguments and environment, each string with its length.
+    let program = postcard::to_stdvec(&l.program).unwrap_or_default();
+    h.update(&(program.len() as u64).to_le_bytes());
+    h.update(&program);
     let r = manifest.redundancy;
     for v in [r.replicas, r.quorum, r.max_attempts] {
         h.update(&v.to_le_bytes());
@@ -415,6 +419,26 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+
+    /// The id covers what decides a unit's bytes, a program's arguments and environment
+    /// included, and not the name.
+    #[test]
+    fn the_job_id_covers_the_programs_arguments_and_not_the_name() {
+        let base = manifest(4);
+        let source = UnitSource::open(&base, Path::new("job.toml")).unwrap();
+        let module = Digest::of(b"module");
+        let id = job_id(&module, &base, &source);
+        let mut renamed = base.clone();
+        renamed.name = "another".into();
+        assert_eq!(job_id(&module, &renamed, &source), id);
+        let mut with_args = base.clone();
+        with_args.program.args = vec!["--fast".into()];
+        assert_ne!(job_id(&module, &with_args, &source), id);
+        let mut with_env = base.clone();
+        with_env.program.env = vec![("K".into(), "v".into())];
+        assert_ne!(job_id(&module, &with_env, &source), id);
+        assert_ne!(job_id(&Digest::of(b"other"), &base, &source), id);
     }
 
     #[test]

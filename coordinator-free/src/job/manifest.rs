@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use std::collections::BTreeMap;
+
 use crate::host::Placement;
 use crate::sandbox::{Limits, MAX_MEMORY_BYTES};
 
@@ -83,6 +85,19 @@ pub struct JobManifest {
     pub trusted: Option<PathBuf>,
     /// Per-unit limits.
     pub limits: JobLimits,
+    /// The arguments and environment of a WASI program (`[wasi] args` and `env`).
+    pub program: crate::sandbox::Program,
+}
+
+impl JobManifest {
+    /// What every replica of every unit runs under: the limits and the program's arguments
+    /// and environment.
+    pub fn unit_limits(&self) -> Limits {
+        Limits {
+            program: self.program.clone(),
+            ..self.limits.to_limits()
+        }
+    }
 }
 
 /// Where a job's inputs come from.
@@ -294,6 +309,18 @@ struct RawManifest {
     redundancy: RawRedundancy,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    wasi: RawWasi,
+}
+
+/// `[wasi]`: what a WASI program is started with.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWasi {
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -640,6 +667,13 @@ impl JobManifest {
             }
         };
 
+        let program = crate::sandbox::Program {
+            args: raw.wasi.args,
+            env: raw.wasi.env.into_iter().collect(),
+        };
+        program
+            .check()
+            .map_err(|problem| check.invalid("wasi", problem))?;
         let l = raw.limits;
         let max_mb = (MAX_MEMORY_BYTES >> 20) as i64;
         let memory_mb = u64::from(check.in_range("limits.memory_mb", l.memory_mb, 1, max_mb)?);
@@ -678,6 +712,7 @@ impl JobManifest {
                 timeout: Duration::from_secs_f64(l.timeout_secs),
                 fuel,
             },
+            program,
         })
     }
 
@@ -1003,6 +1038,31 @@ mod tests {
         [redundancy]
         replicas = 3
     "#;
+
+    #[test]
+    fn a_wasi_programs_arguments_and_environment_come_from_the_manifest() {
+        let m = parse(&format!(
+            "{SWEEP}\n[wasi]\nargs = [\"--steps\", \"100\"]\nenv = {{ OMP_NUM_THREADS = \"1\", LANG = \"C\" }}\n"
+        ))
+        .unwrap();
+        assert_eq!(m.program.args, ["--steps", "100"]);
+        assert_eq!(
+            m.program.env,
+            [
+                ("LANG".to_owned(), "C".to_owned()),
+                ("OMP_NUM_THREADS".to_owned(), "1".to_owned())
+            ]
+        );
+        assert_eq!(m.unit_limits().program, m.program);
+        assert_eq!(
+            parse(SWEEP).unwrap().program,
+            crate::sandbox::Program::default()
+        );
+        let (field, problem) = refusal(&format!("{SWEEP}\n[wasi]\nenv = {{ \"A=B\" = \"1\" }}\n"));
+        assert_eq!(field, "wasi", "{problem}");
+        let (field, problem) = refusal(&format!("{SWEEP}\n[wasi]\nargv = [\"x\"]\n"));
+        assert!(problem.contains("argv"), "{field}: {problem}");
+    }
 
     #[test]
     fn sweep_enumerates_the_cartesian_product_in_a_fixed_order() {

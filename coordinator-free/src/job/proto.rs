@@ -40,7 +40,8 @@ pub const MAX_PROFILE_LEN: usize = 64;
 /// Longest wall-clock limit a job may ask for (a week, as in the manifest).
 pub const MAX_TIMEOUT_MS: u64 = 7 * 86_400_000;
 
-const OFFER_CAP: usize = MAX_LEASES_PER_OFFER * (MAX_INLINE_INPUT + 64) + 4096;
+const OFFER_CAP: usize =
+    MAX_LEASES_PER_OFFER * (MAX_INLINE_INPUT + 64) + 4096 + 2 * crate::sandbox::MAX_PROGRAM_BYTES;
 const IDS_CAP: usize = 64 + MAX_IDS_PER_MESSAGE * 10;
 const REPORT_CAP: usize = 2 * MAX_NETWORK_OUTPUT as usize + MAX_RESULTS_PER_REPORT * 64 + 4096;
 const BLOB_GET_CAP: usize = 64;
@@ -64,6 +65,8 @@ pub struct JobSpec {
     pub fuel: Option<u64>,
     /// Output cap.
     pub output_bytes: u64,
+    /// The arguments and environment of a WASI program.
+    pub program: crate::sandbox::Program,
 }
 
 impl JobSpec {
@@ -78,6 +81,7 @@ impl JobSpec {
             timeout_ms: u64::try_from(limits.timeout.as_millis()).unwrap_or(u64::MAX),
             fuel: limits.fuel,
             output_bytes: limits.output_bytes.min(MAX_NETWORK_OUTPUT),
+            program: limits.program.clone(),
         }
     }
 
@@ -90,6 +94,7 @@ impl JobSpec {
             fuel: self.fuel,
             input_bytes: MAX_INPUT_BYTES,
             output_bytes: self.output_bytes,
+            program: self.program.clone(),
             ..Limits::default()
         }
     }
@@ -109,6 +114,9 @@ impl JobSpec {
         }
         if self.output_bytes > MAX_NETWORK_OUTPUT {
             return Err("output cap over the network cap");
+        }
+        if self.program.check().is_err() {
+            return Err("program arguments or environment out of bounds");
         }
         Ok(())
     }
@@ -494,16 +502,24 @@ mod tests {
             1..MAX_TIMEOUT_MS,
             any::<Option<u64>>(),
             0..MAX_NETWORK_OUTPUT,
+            proptest::collection::vec("[a-z=-]{0,8}", 0..4),
+            proptest::collection::btree_map("[A-Z_]{1,8}", "[ -~]{0,8}", 0..4),
         )
-            .prop_map(|(module, module_len, mem, timeout, fuel, out)| JobSpec {
-                module,
-                module_len,
-                profile: crate::sandbox::PROFILE.to_owned(),
-                memory_bytes: mem,
-                timeout_ms: timeout,
-                fuel,
-                output_bytes: out,
-            })
+            .prop_map(
+                |(module, module_len, mem, timeout, fuel, out, args, env)| JobSpec {
+                    module,
+                    module_len,
+                    profile: crate::sandbox::PROFILE.to_owned(),
+                    memory_bytes: mem,
+                    timeout_ms: timeout,
+                    fuel,
+                    output_bytes: out,
+                    program: crate::sandbox::Program {
+                        args,
+                        env: env.into_iter().collect(),
+                    },
+                },
+            )
     }
 
     fn lease() -> impl Strategy<Value = WireLease> {

@@ -88,6 +88,77 @@ pub struct Limits {
     pub log_bytes: u64,
     /// Longest log line (and failure message) in bytes; longer ones are cut.
     pub log_line_bytes: u64,
+    /// The arguments and environment a WASI program starts with (from the job's manifest).
+    pub program: Program,
+}
+
+/// What a WASI program is started with, the same for every unit of a job: its arguments after
+/// the first (which is always `unit`) and its environment variables.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Program {
+    pub args: Vec<String>,
+    /// Names and values, ordered by name.
+    pub env: Vec<(String, String)>,
+}
+
+/// Most arguments, and most environment variables, a job may give.
+pub const MAX_PROGRAM_ENTRIES: usize = 64;
+/// Most bytes of arguments and environment together.
+pub const MAX_PROGRAM_BYTES: usize = 8 << 10;
+
+impl Program {
+    /// The argument strings as `args_get` hands them out: NUL-terminated, `unit` first.
+    pub(crate) fn argv(&self) -> Vec<Vec<u8>> {
+        std::iter::once("unit")
+            .chain(self.args.iter().map(String::as_str))
+            .map(|a| [a.as_bytes(), b"\0"].concat())
+            .collect()
+    }
+
+    /// The environment as `environ_get` hands it out: `NAME=value`, NUL-terminated.
+    pub(crate) fn environ(&self) -> Vec<Vec<u8>> {
+        self.env
+            .iter()
+            .map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes(), b"\0"].concat())
+            .collect()
+    }
+
+    /// Why this program cannot be run, if it breaks a cap or holds a string a C program could
+    /// not receive (a NUL byte; `=` in a name).
+    pub fn check(&self) -> Result<(), String> {
+        if self.args.len() > MAX_PROGRAM_ENTRIES || self.env.len() > MAX_PROGRAM_ENTRIES {
+            return Err(format!(
+                "more than {MAX_PROGRAM_ENTRIES} arguments or variables"
+            ));
+        }
+        let bytes: usize = self.args.iter().map(String::len).sum::<usize>()
+            + self
+                .env
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        if bytes > MAX_PROGRAM_BYTES {
+            return Err(format!(
+                "more than {MAX_PROGRAM_BYTES} bytes of arguments and variables"
+            ));
+        }
+        if self.args.iter().any(|a| a.contains('\0')) {
+            return Err("an argument holds a NUL byte".into());
+        }
+        if let Some((name, _)) = self
+            .env
+            .iter()
+            .find(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+        {
+            return Err(format!(
+                "the variable {name:?} is empty, or holds `=` or a NUL byte"
+            ));
+        }
+        if self.env.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err("variables must be unique and ordered by name".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for Limits {
@@ -101,6 +172,7 @@ impl Default for Limits {
             checkpoint_bytes: 16 << 20,
             log_bytes: 64 << 10,
             log_line_bytes: 4 << 10,
+            program: Program::default(),
         }
     }
 }

@@ -2,7 +2,8 @@
 //! `std`) or with wasi-libc (C, C++) run unchanged: stdin is the unit's input, stdout its output,
 //! stderr its log. Everything a program could observe is a function of the unit's input:
 //!
-//! * `args` is one argument, `unit`; `environ` is empty.
+//! * `args` is `unit` followed by the manifest's `[wasi] args`; `environ` is its `[wasi] env`
+//!   (both the same for every unit of a job, and part of its id).
 //! * Clocks are virtual: every clock reading advances them by one microsecond, from
 //!   2000-01-01T00:00:00Z for the real-time clock and from zero for the others.
 //! * `random_get` draws from BLAKE3's output stream keyed by the unit's input.
@@ -27,8 +28,6 @@ pub const ENTRY: &str = "_start";
 const EPOCH_2000_NS: u64 = 946_684_800 * 1_000_000_000;
 /// How far every clock reading advances the clocks.
 const TICK_NS: u64 = 1_000;
-/// The one argument a program sees.
-const ARGV0: &[u8] = b"unit\0";
 /// Most iovecs one read or write may name.
 const MAX_IOVECS: u32 = 1024;
 
@@ -234,15 +233,51 @@ fn fd_fdstat_get(caller: &mut Caller<'_, HostState>, fd: i32, ptr: i32) -> i32 {
     errno(put(data, ptr, &stat))
 }
 
-fn sizes(caller: &mut Caller<'_, HostState>, count_ptr: i32, size_ptr: i32, args: bool) -> i32 {
+/// The arguments (`args`) or the environment of the unit's program, NUL-terminated.
+fn strings(state: &HostState, args: bool) -> Vec<Vec<u8>> {
+    if args {
+        state.limits.program.argv()
+    } else {
+        state.limits.program.environ()
+    }
+}
+
+fn data_state<'a>(caller: &'a Caller<'_, HostState>) -> &'a HostState {
+    caller.data()
+}
+
+/// `args_get` and `environ_get`: the strings one after another at `buf`, a pointer to each at
+/// `ptrs`.
+fn copy_strings(caller: &mut Caller<'_, HostState>, ptrs: i32, buf: i32, args: bool) -> i32 {
+    let strings = strings(data_state(caller), args);
     let Some((data, _)) = parts(caller) else {
         return EFAULT;
     };
-    let (count, size) = if args {
-        (1u32, ARGV0.len() as u32)
-    } else {
-        (0, 0)
+    let mut at = buf as u32;
+    for (i, s) in strings.iter().enumerate() {
+        let Some(slot) = (ptrs as u32).checked_add(4 * i as u32) else {
+            return EFAULT;
+        };
+        if let Err(e) =
+            put(data, slot as i32, &at.to_le_bytes()).and_then(|()| put(data, at as i32, s))
+        {
+            return e;
+        }
+        let Some(next) = at.checked_add(s.len() as u32) else {
+            return EFAULT;
+        };
+        at = next;
+    }
+    SUCCESS
+}
+
+fn sizes(caller: &mut Caller<'_, HostState>, count_ptr: i32, size_ptr: i32, args: bool) -> i32 {
+    let strings = strings(data_state(caller), args);
+    let Some((data, _)) = parts(caller) else {
+        return EFAULT;
     };
+    let count = strings.len() as u32;
+    let size = strings.iter().map(Vec::len).sum::<usize>() as u32;
     errno(
         put(data, count_ptr, &count.to_le_bytes())
             .and_then(|()| put(data, size_ptr, &size.to_le_bytes())),
@@ -264,12 +299,7 @@ pub(crate) fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         MODULE,
         "args_get",
-        |mut c: Caller<'_, HostState>, argv: i32, buf: i32| {
-            let Some((data, _)) = parts(&mut c) else {
-                return EFAULT;
-            };
-            errno(put(data, buf, ARGV0).and_then(|()| put(data, argv, &(buf as u32).to_le_bytes())))
-        },
+        |mut c: Caller<'_, HostState>, argv: i32, buf: i32| copy_strings(&mut c, argv, buf, true),
     )?;
     linker.func_wrap(
         MODULE,
@@ -279,7 +309,9 @@ pub(crate) fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         MODULE,
         "environ_get",
-        |_: Caller<'_, HostState>, _: i32, _: i32| SUCCESS,
+        |mut c: Caller<'_, HostState>, environ: i32, buf: i32| {
+            copy_strings(&mut c, environ, buf, false)
+        },
     )?;
     linker.func_wrap(
         MODULE,
