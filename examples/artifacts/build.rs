@@ -17,7 +17,7 @@ const WASI_GUESTS: &[&str] = &["stats"];
 const GUESTS: &[&str] = &["pi", "mandelbrot", "primes", "sir", "echo", "faults"];
 
 /// Hand-written text-format modules under `examples/wat/`.
-const WAT: &[&str] = &["reverse", "noop"];
+const WAT: &[&str] = &["reverse", "noop", "checksum"];
 
 fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));

@@ -146,6 +146,46 @@ fn hand_written_wat_module_runs() {
     assert_eq!(output(run_on(&sandbox, &noop, b"", Limits::default())), b"");
 }
 
+/// The data-path benchmark's unit sums an input's 64-bit little-endian words, then its last
+/// bytes, as native code does: checked on inputs of every tail length and on 10 MiB.
+#[test]
+fn the_checksum_unit_matches_native() {
+    let sandbox = sandbox();
+    let wasm = coordinator_free::sandbox::module_from_file_bytes(artifacts::CHECKSUM_WAT_BYTES)
+        .expect("the checksum converts");
+    let native = |input: &[u8]| {
+        let words = input.chunks_exact(8);
+        let tail: u64 = words.remainder().iter().map(|b| u64::from(*b)).sum();
+        words
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+            .fold(tail, u64::wrapping_add)
+            .to_le_bytes()
+    };
+    let mut state = 1u64;
+    let mut bytes = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 56) as u8
+            })
+            .collect()
+    };
+    for n in [0, 1, 7, 8, 9, 15, 16, 1000, 10 << 20] {
+        let input = bytes(n);
+        let limits = Limits {
+            memory_bytes: 64 << 20,
+            ..Limits::default()
+        };
+        assert_eq!(
+            output(run_on(&sandbox, &wasm, &input, limits)),
+            native(&input),
+            "{n} bytes"
+        );
+    }
+}
+
 #[test]
 fn outputs_are_identical_across_runs_caches_and_metering() {
     let dir = tempfile::tempdir().unwrap();
