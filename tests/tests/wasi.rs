@@ -103,6 +103,10 @@ fn probe(body: &str, exit: i32) -> Vec<u8> {
           (import "wasi_snapshot_preview1" "fd_prestat_get" (func $prestat (param i32 i32) (result i32)))
           (import "wasi_snapshot_preview1" "path_open" (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
           (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes (param i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "args_get" (func $args_get (param i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "environ_sizes_get" (func $env_sizes (param i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "environ_get" (func $env_get (param i32 i32) (result i32)))
           (memory (export "memory") 1)
           (func $emit (param $ptr i32) (param $len i32)
             (i32.store (i32.const 0) (local.get $ptr))
@@ -224,18 +228,8 @@ fn functions_outside_the_subset_are_refused_before_compiling() {
 /// `environ`, the same for every unit of a job.
 #[test]
 fn arguments_and_environment_come_from_the_job() {
-    let module = wat(r#"(module
-          (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes (param i32 i32) (result i32)))
-          (import "wasi_snapshot_preview1" "args_get" (func $args_get (param i32 i32) (result i32)))
-          (import "wasi_snapshot_preview1" "environ_sizes_get" (func $env_sizes (param i32 i32) (result i32)))
-          (import "wasi_snapshot_preview1" "environ_get" (func $env_get (param i32 i32) (result i32)))
-          (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
-          (memory (export "memory") 1)
-          (func $emit (param $ptr i32) (param $len i32)
-            (i32.store (i32.const 0) (local.get $ptr))
-            (i32.store (i32.const 4) (local.get $len))
-            (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
-          (func (export "_start")
+    let module = probe(
+        r#"
             ;; Counts and sizes at 16.., pointers at 1024 and 1536, strings at 2048 and 4096.
             (drop (call $args_sizes (i32.const 16) (i32.const 20)))
             (drop (call $env_sizes (i32.const 24) (i32.const 28)))
@@ -245,7 +239,9 @@ fn arguments_and_environment_come_from_the_job() {
             (call $emit (i32.const 1024) (i32.mul (i32.load (i32.const 16)) (i32.const 4)))
             (call $emit (i32.const 1536) (i32.mul (i32.load (i32.const 24)) (i32.const 4)))
             (call $emit (i32.const 2048) (i32.load (i32.const 20)))
-            (call $emit (i32.const 4096) (i32.load (i32.const 28)))))"#);
+            (call $emit (i32.const 4096) (i32.load (i32.const 28)))"#,
+        0,
+    );
     let run_with = |program: Program| {
         let sandbox = Sandbox::new(SandboxConfig::default()).expect("sandbox starts");
         let prepared = sandbox.prepare(&module, Metering::Off).expect("module");

@@ -406,8 +406,14 @@ impl Blobs {
             }
             inputs.units.get(digest)?.0
         };
-        let bytes = match self.source.as_ref()?.input(u64::from(unit)) {
-            Ok(bytes) if Digest::of(&bytes) == *digest => Arc::new(bytes),
+        let source = self.source.as_ref()?;
+        // An input file's bytes are checked against its digest by the source as it reads
+        // them; only computed inputs are hashed here.
+        let checked = source
+            .known(u64::from(unit))
+            .is_some_and(|(_, known)| known == *digest);
+        let bytes = match source.input(u64::from(unit)) {
+            Ok(bytes) if checked || Digest::of(&bytes) == *digest => Arc::new(bytes),
             Ok(_) | Err(_) => {
                 tracing::warn!(unit, %digest, "an input offered as a blob can no longer be read as it was");
                 return None;

@@ -242,14 +242,10 @@ fn strings(state: &HostState, args: bool) -> Vec<Vec<u8>> {
     }
 }
 
-fn data_state<'a>(caller: &'a Caller<'_, HostState>) -> &'a HostState {
-    caller.data()
-}
-
 /// `args_get` and `environ_get`: the strings one after another at `buf`, a pointer to each at
 /// `ptrs`.
 fn copy_strings(caller: &mut Caller<'_, HostState>, ptrs: i32, buf: i32, args: bool) -> i32 {
-    let strings = strings(data_state(caller), args);
+    let strings = strings(caller.data(), args);
     let Some((data, _)) = parts(caller) else {
         return EFAULT;
     };
@@ -272,7 +268,7 @@ fn copy_strings(caller: &mut Caller<'_, HostState>, ptrs: i32, buf: i32, args: b
 }
 
 fn sizes(caller: &mut Caller<'_, HostState>, count_ptr: i32, size_ptr: i32, args: bool) -> i32 {
-    let strings = strings(data_state(caller), args);
+    let strings = strings(caller.data(), args);
     let Some((data, _)) = parts(caller) else {
         return EFAULT;
     };
