@@ -63,6 +63,15 @@ pub enum StoreError {
     },
 }
 
+/// Journal records read per transaction by [`JobStore::each_unit`].
+pub const UNIT_BATCH: usize = 4096;
+
+impl From<StoreError> for std::io::Error {
+    fn from(e: StoreError) -> Self {
+        std::io::Error::other(e)
+    }
+}
+
 fn db_error(e: impl std::fmt::Display) -> StoreError {
     StoreError::Database(e.to_string())
 }
@@ -507,10 +516,40 @@ impl JobStore {
         self.get(UNITS, &unit_key(job, index))
     }
 
-    /// Every finished unit of a job, by index, read at once. A job's own loop reads its
-    /// journal a batch at a time ([`JobStore::units_from`]).
+    /// Every finished unit of a job, by index, read at once (tests; the code walks the
+    /// journal with [`JobStore::each_unit`]).
+    #[cfg(test)]
     pub fn units(&self, job: &Digest) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.units_from(job, 0, usize::MAX)
+        let mut out = Vec::new();
+        self.each_unit(job, |index, bytes| {
+            out.push((index, bytes.to_vec()));
+            Ok::<_, StoreError>(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with every finished unit of a job, in unit order, reading the journal
+    /// [`UNIT_BATCH`] records per transaction: a job may hold a hundred million, never all in
+    /// memory at once.
+    pub fn each_unit<E: From<StoreError>>(
+        &self,
+        job: &Digest,
+        mut f: impl FnMut(u64, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut from = 0u64;
+        loop {
+            let batch = self.units_from(job, from, UNIT_BATCH)?;
+            let Some(&(last, _)) = batch.last() else {
+                return Ok(());
+            };
+            for (index, bytes) in &batch {
+                f(*index, bytes)?;
+            }
+            match last.checked_add(1) {
+                Some(next) => from = next,
+                None => return Ok(()),
+            }
+        }
     }
 
     /// At most `limit` finished units of a job, by index, from unit `from` on.
@@ -766,6 +805,22 @@ mod tests {
             "only this job's units, by index"
         );
         assert_eq!(store.unit(&job, 1).unwrap(), None);
+        // Walked a batch at a time across batch boundaries, every unit once, in order.
+        let many: Vec<(u64, Vec<u8>)> = (0..2 * UNIT_BATCH as u64 + 7)
+            .map(|i| (i * 3, i.to_le_bytes().to_vec()))
+            .collect();
+        store.put_units(&other, &many[1..]).unwrap();
+        let mut seen = Vec::new();
+        store
+            .each_unit(&other, |index, bytes| {
+                seen.push((index, bytes.to_vec()));
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        let mut expected = many[1..].to_vec();
+        expected.insert(0, (1, b"x".to_vec()));
+        expected.sort();
+        assert_eq!(seen, expected);
         assert_eq!(store.reputation(&peer).unwrap().consecutive_agreements, 5);
         assert_eq!(
             store.reputation(&PeerId::from_bytes([1; 32])).unwrap(),

@@ -215,23 +215,17 @@ fn resolve(store: &JobStore, text: &str, latest: bool) -> Result<Job, Failure> {
 /// million).
 fn counts(store: &JobStore, id: &Digest) -> Result<(u64, u64), Failure> {
     let (mut accepted, mut failed) = (0, 0);
-    let mut from = 0u64;
-    loop {
-        let batch = store
-            .units_from(id, from, 4096)
-            .map_err(|e| Failure::usage(anyhow!(e)))?;
-        let Some(&(last, _)) = batch.last() else {
-            return Ok((accepted, failed));
-        };
-        from = last + 1;
-        for (_, bytes) in batch {
-            match UnitRecord::decode(&bytes) {
+    store
+        .each_unit(id, |_, bytes| {
+            match UnitRecord::decode(bytes) {
                 Ok(r) if r.succeeded() => accepted += 1,
                 Ok(_) => failed += 1,
                 Err(_) => {}
             }
-        }
-    }
+            Ok::<_, coordinator_free::store::StoreError>(())
+        })
+        .map_err(|e| Failure::usage(anyhow!(e)))?;
+    Ok((accepted, failed))
 }
 
 fn when(ms: u64) -> String {
@@ -374,25 +368,14 @@ struct Lines<'a> {
 impl Lines<'_> {
     /// Calls `f` with every line, in unit order.
     fn each(&self, f: &mut dyn FnMut(ResultLine) -> std::io::Result<()>) -> std::io::Result<()> {
-        let mut from = 0u64;
-        loop {
-            let batch = self
-                .store
-                .units_from(self.job, from, 4096)
-                .map_err(std::io::Error::other)?;
-            let Some(&(last, _)) = batch.last() else {
-                return Ok(());
-            };
-            from = last + 1;
-            for (index, bytes) in batch {
-                let record = UnitRecord::decode(&bytes).map_err(std::io::Error::other)?;
-                let origin = self
-                    .data
-                    .and_then(|d| d.source.origin(index).ok())
-                    .unwrap_or(Value::Null);
-                f(result_line(index, origin, &record))?;
-            }
-        }
+        self.store.each_unit(self.job, |index, bytes| {
+            let record = UnitRecord::decode(bytes)?;
+            let origin = self
+                .data
+                .and_then(|d| d.source.origin(index).ok())
+                .unwrap_or(Value::Null);
+            f(result_line(index, origin, &record))
+        })
     }
 }
 

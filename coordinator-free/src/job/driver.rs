@@ -33,7 +33,9 @@ use crate::schedule::{
     Command, Config, Culprit, Event, Lease, LeaseId, LeaseResult, Penalty, Scheduler, TrustStats,
     Validation,
 };
-use crate::store::{JobRecord, JobStore, JobTimes, MAX_REPUTATIONS, Reputation, StoreError};
+use crate::store::{
+    JobRecord, JobStore, JobTimes, MAX_REPUTATIONS, Reputation, StoreError, UNIT_BATCH,
+};
 use crate::validate::trust::TrustConfig;
 use crate::validate::{Outcome, Policy, Verdict, Vote};
 
@@ -768,18 +770,10 @@ fn suspect_jobs(
             continue;
         }
         let mut suspect = 0u64;
-        let mut from = 0u64;
-        loop {
-            let batch = store.units_from(&id, from, JOURNAL_BATCH)?;
-            let Some(&(last, _)) = batch.last() else {
-                break;
-            };
-            from = last + 1;
-            suspect += batch
-                .iter()
-                .filter(|(_, bytes)| suspect_record(trust, bytes))
-                .count() as u64;
-        }
+        store.each_unit(&id, |_, bytes| {
+            suspect += u64::from(suspect_record(trust, bytes));
+            Ok::<_, StoreError>(())
+        })?;
         if suspect > 0 {
             out.push((record.name, id, suspect));
         }
@@ -818,8 +812,11 @@ enum RewriteError {
     Input(InputError),
 }
 
-/// Journal records read per transaction when a job walks its journal.
-const JOURNAL_BATCH: usize = 4096;
+impl From<StoreError> for RewriteError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
 
 /// How a job takes up what the journal holds before it runs anything: its own decided
 /// units, then units of earlier jobs with the same content.
@@ -844,30 +841,23 @@ impl Restore<'_> {
         let mut journaled = BitSet::new(count);
         let mut restored = 0u32;
         let mut retried = 0u32;
-        let mut from = 0u64;
-        loop {
-            let batch = store
-                .units_from(&self.job.id, from, JOURNAL_BATCH)
-                .map_err(RewriteError::Store)?;
-            let Some(&(last, _)) = batch.last() else {
-                break;
-            };
-            for (index, bytes) in &batch {
-                let unit = u32::try_from(*index).ok().filter(|u| *u < count).ok_or(
-                    RewriteError::Store(StoreError::Corrupt {
+        store.each_unit(&self.job.id, |index, bytes| {
+            let unit =
+                u32::try_from(index)
+                    .ok()
+                    .filter(|u| *u < count)
+                    .ok_or(RewriteError::Store(StoreError::Corrupt {
                         what: "unit index",
                         detail: format!("unit {index} of a job of {count}"),
-                    }),
-                )?;
-                journaled.insert(unit);
-                match self.restore_one(scheduler, state, unit, bytes, file)? {
-                    Some(true) => restored += 1,
-                    Some(false) => retried += 1,
-                    None => {}
-                }
+                    }))?;
+            journaled.insert(unit);
+            match self.restore_one(scheduler, state, unit, bytes, file)? {
+                Some(true) => restored += 1,
+                Some(false) => retried += 1,
+                None => {}
             }
-            from = last + 1;
-        }
+            Ok::<_, RewriteError>(())
+        })?;
         let reused = self.reuse(store, scheduler, state, &journaled, file)?;
         Ok((restored + reused, retried, reused))
     }
@@ -937,7 +927,7 @@ impl Restore<'_> {
         let mut reused = 0u32;
         let mut unit = 0u32;
         while unit < count {
-            let end = unit.saturating_add(JOURNAL_BATCH as u32).min(count);
+            let end = unit.saturating_add(UNIT_BATCH as u32).min(count);
             let mut wanted = Vec::new();
             for u in (unit..end).filter(|u| !journaled.contains(*u)) {
                 let key = state
@@ -981,33 +971,23 @@ fn rewrite_results(
     let tmp = path.with_extension("jsonl.tmp");
     let mut file = BufWriter::new(File::create(&tmp).map_err(RewriteError::Io)?);
     let mut first_failed = Vec::new();
-    let mut from = 0u64;
-    loop {
-        let batch = store
-            .units_from(&job.id, from, JOURNAL_BATCH)
-            .map_err(RewriteError::Store)?;
-        let Some(&(last, _)) = batch.last() else {
-            break;
-        };
-        for (index, bytes) in batch {
-            if index >= job.count() {
-                continue;
-            }
-            let record = UnitRecord::decode(&bytes).map_err(RewriteError::Store)?;
-            let origin = job.source.origin(index).map_err(RewriteError::Input)?;
-            let line = result_line(index, origin, &record);
-            if line.status == Status::Failed && first_failed.len() < FIRST_FAILED {
-                first_failed.push((
-                    index,
-                    line.error
-                        .clone()
-                        .unwrap_or_else(|| "no error reported".into()),
-                ));
-            }
-            write_result(&mut file, &line).map_err(RewriteError::Io)?;
+    store.each_unit(&job.id, |index, bytes| {
+        if index >= job.count() {
+            return Ok(());
         }
-        from = last + 1;
-    }
+        let record = UnitRecord::decode(bytes).map_err(RewriteError::Store)?;
+        let origin = job.source.origin(index).map_err(RewriteError::Input)?;
+        let line = result_line(index, origin, &record);
+        if line.status == Status::Failed && first_failed.len() < FIRST_FAILED {
+            first_failed.push((
+                index,
+                line.error
+                    .clone()
+                    .unwrap_or_else(|| "no error reported".into()),
+            ));
+        }
+        write_result(&mut file, &line).map_err(RewriteError::Io)
+    })?;
     file.flush().map_err(RewriteError::Io)?;
     file.get_ref().sync_all().map_err(RewriteError::Io)?;
     std::fs::rename(&tmp, path).map_err(RewriteError::Io)?;
