@@ -187,6 +187,8 @@ const MAX_ADDRS_PER_NAME: usize = 8;
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often bootstrap names are looked up again while the node has peers.
 const RESOLVE_CONNECTED: Duration = Duration::from_secs(300);
+/// How long a node goes without any connection before it says so.
+const ISOLATED_AFTER: Duration = Duration::from_secs(10);
 
 /// Everything a node needs besides its identity.
 #[derive(Debug, Clone)]
@@ -367,6 +369,10 @@ impl Node {
         };
 
         let (isolated, isolated_rx) = tokio::sync::watch::channel(true);
+        tasks.spawn(isolation_log(
+            isolated_rx.clone(),
+            where_to_look(&config.bootstrap, &config.bootstrap_names, mdns.is_some()),
+        ));
         if !config.bootstrap_names.is_empty() {
             tasks.spawn(
                 resolve_loop(
@@ -984,6 +990,51 @@ fn random_seed() -> u64 {
         return wall_clock_ms();
     }
     u64::from_le_bytes(bytes)
+}
+
+/// Where a node looks for peers, for the line that says it found none.
+fn where_to_look(addrs: &[Bootstrap], names: &[NamedBootstrap], mdns: bool) -> String {
+    let mut places: Vec<String> = addrs.iter().map(|b| b.addr.to_string()).collect();
+    places.extend(names.iter().map(ToString::to_string));
+    match (places.is_empty(), mdns) {
+        (true, true) => "on the local network (mDNS; no --bootstrap given)".to_owned(),
+        (true, false) => "anywhere: no --bootstrap given and mDNS is off".to_owned(),
+        (false, true) => format!("{} or on the local network (mDNS)", places.join(", ")),
+        (false, false) => places.join(", "),
+    }
+}
+
+/// Says once when the node has gone [`ISOLATED_AFTER`] without any connection — from its
+/// start, or since it lost its last — and once when it has a peer again: a volunteer whose
+/// bootstrap peers are unreachable should not be left guessing.
+async fn isolation_log(mut isolated: tokio::sync::watch::Receiver<bool>, looked: String) {
+    loop {
+        if isolated.wait_for(|alone| *alone).await.is_err() {
+            return;
+        }
+        let joined = tokio::time::timeout(ISOLATED_AFTER, isolated.wait_for(|alone| !*alone))
+            .await
+            .map(|r| r.is_ok());
+        match joined {
+            Ok(true) => continue,
+            Ok(false) => return,
+            Err(_) => {
+                tracing::warn!(
+                    "no peer reachable {}{looked} after {} s; still trying",
+                    if looked.starts_with("on ") || looked.starts_with("anywhere") {
+                        ""
+                    } else {
+                        "at "
+                    },
+                    ISOLATED_AFTER.as_secs()
+                );
+                if isolated.wait_for(|alone| !*alone).await.is_err() {
+                    return;
+                }
+                tracing::info!("connected to a peer again");
+            }
+        }
+    }
 }
 
 /// Looks the bootstrap names up now, again every `retry` while the node has no connection, and

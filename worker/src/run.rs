@@ -72,6 +72,14 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         .map(AllowList::load)
         .transpose()
         .map_err(Failure::usage)?;
+    if let (Some(list), Some(path)) = (&allow, &args.allow)
+        && list.is_empty()
+    {
+        tracing::warn!(
+            "--allow {}: the file names no peer, so no peer may connect to this one and it can join no network",
+            path.display()
+        );
+    }
 
     let mut config = NodeConfig::new(args.listen);
     for arg in args.bootstrap {

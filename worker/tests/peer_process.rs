@@ -149,3 +149,74 @@ fn run_status_and_id_as_processes() {
     assert!(!dir_a.join("control.sock").exists());
     let _ = &mut a;
 }
+
+/// `child`'s stderr, a line at a time.
+fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Reads lines until one contains every one of `wanted`, or `within` passes; returns whether
+/// one did and what was read.
+fn until(
+    lines: &std::sync::mpsc::Receiver<String>,
+    wanted: &[&str],
+    within: Duration,
+) -> (bool, String) {
+    let deadline = Instant::now() + within;
+    let mut seen = String::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let Ok(line) = lines.recv_timeout(left) else {
+            break;
+        };
+        seen.push_str(&line);
+        seen.push('\n');
+        if wanted.iter().all(|w| line.contains(w)) {
+            return (true, seen);
+        }
+    }
+    (false, seen)
+}
+
+#[test]
+fn an_isolated_peer_and_an_empty_allow_list_say_so() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let allow = tmp.path().join("allow.txt");
+    std::fs::write(&allow, "# nobody yet\n").expect("allow file");
+    let child = Command::new(WORKER)
+        .args(["run", "--listen", "127.0.0.1:0", "--no-mdns", "--data-dir"])
+        .arg(tmp.path().join("a"))
+        .arg("--allow")
+        .arg(&allow)
+        .args(["--bootstrap", "127.0.0.1:9"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn worker run");
+    let mut peer = Peer(child);
+    let lines = stderr_lines(&mut peer.0);
+    let (found, seen) = until(
+        &lines,
+        &["--allow", "names no peer"],
+        Duration::from_secs(15),
+    );
+    assert!(found, "no warning for an empty --allow file:\n{seen}");
+    // Port 9 on loopback has nobody: after ten seconds alone the peer says where it looked.
+    let (found, more) = until(
+        &lines,
+        &["no peer reachable at 127.0.0.1:9"],
+        Duration::from_secs(30),
+    );
+    assert!(found, "no word of being isolated:\n{seen}{more}");
+}
