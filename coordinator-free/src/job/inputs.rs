@@ -2,14 +2,15 @@
 //!
 //! A sweep computes a point from its index; a JSON-lines file is scanned once for where its
 //! lines start and read back a line at a time; input files are hashed once (their digests make
-//! the job id and name the blobs peers fetch) and read again, and checked against their digest,
-//! when their unit is leased. What stays in memory is a few bytes per line or file, and
+//! the job id and name the blobs peers fetch) and read again when their unit is leased, checked
+//! against their digest unless their metadata shows them unchanged since they were hashed. What stays in memory is a few bytes per line or file, and
 //! nothing per point of a sweep.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::digest::Digest;
 use crate::job::manifest::{
@@ -62,6 +63,9 @@ struct InputFile {
     path: PathBuf,
     len: u64,
     digest: Digest,
+    /// Its metadata when hashed, if it had settled: while it matches, serving the file needs
+    /// no second hash (peers check every blob's digest on arrival all the same).
+    stamp: Option<Stamp>,
 }
 
 /// A non-empty line of a JSON-lines file: where it starts, its length and its line number.
@@ -84,11 +88,13 @@ impl UnitSource {
         };
         match &manifest.inputs {
             InputSpec::Sweep(sweep) => Ok(Self::sweep(sweep.clone())),
-            InputSpec::Files(files) => Self::files("inputs.files", files.clone(), &invalid),
+            InputSpec::Files(files) => {
+                Self::files("inputs.files", files.clone(), SETTLED, &invalid)
+            }
             InputSpec::Dir(dir) => {
                 let files = crate::job::manifest::dir_files(dir)
                     .map_err(|e| invalid("inputs.dir", format!("{}: {e}", dir.display())))?;
-                Self::files("inputs.dir", files, &invalid)
+                Self::files("inputs.dir", files, SETTLED, &invalid)
             }
             InputSpec::JsonLines(path) => Self::lines(path, &invalid),
         }
@@ -128,6 +134,7 @@ impl UnitSource {
     fn files(
         field: &str,
         paths: Vec<PathBuf>,
+        settled: Duration,
         invalid: &dyn Fn(&str, String) -> ManifestError,
     ) -> Result<Self, ManifestError> {
         if paths.len() as u64 > MAX_UNITS {
@@ -137,7 +144,8 @@ impl UnitSource {
         h.update(b"files\0");
         let mut files = Vec::with_capacity(paths.len());
         for path in paths {
-            let bytes = read_capped(&path).map_err(|e| invalid(field, e.to_string()))?;
+            let (bytes, stamp) =
+                read_stamped(&path, settled).map_err(|e| invalid(field, e.to_string()))?;
             // Every core hashes: nothing else runs yet, and large inputs are gigabytes.
             let digest = if bytes.len() >= 1 << 20 {
                 Digest(
@@ -154,6 +162,7 @@ impl UnitSource {
                 len: bytes.len() as u64,
                 path,
                 digest,
+                stamp,
             });
         }
         Ok(Self {
@@ -263,11 +272,15 @@ impl UnitSource {
             Kind::Bytes(inputs) => inputs.get(at).cloned().ok_or_else(missing),
             Kind::Files(files) => {
                 let f = files.get(at).ok_or_else(missing)?;
-                let bytes = read_capped(&f.path).map_err(|source| InputError::Read {
+                let read_err = |source| InputError::Read {
                     path: f.path.clone(),
                     source,
-                })?;
-                if bytes.len() as u64 != f.len || Digest::of(&bytes) != f.digest {
+                };
+                let mut file = File::open(&f.path).map_err(read_err)?;
+                let meta = file.metadata().map_err(read_err)?;
+                let unchanged = f.stamp.is_some_and(|s| s == Stamp::of(&meta));
+                let bytes = read_open(&mut file, &meta).map_err(read_err)?;
+                if bytes.len() as u64 != f.len || !unchanged && Digest::of(&bytes) != f.digest {
                     return Err(InputError::Changed {
                         path: f.path.clone(),
                     });
@@ -341,31 +354,70 @@ impl UnitSource {
     }
 }
 
-/// A file's bytes, refused past the input cap before they are read.
-fn read_capped(path: &Path) -> std::io::Result<Vec<u8>> {
-    let file = File::open(path).map_err(|e| named(path, e))?;
-    let meta = file.metadata().map_err(|e| named(path, e))?;
+/// A file's bytes, refused past the input cap before they are read, and its [`Stamp`] when
+/// the file did not change while it was read and had not changed for `settled` before.
+fn read_stamped(path: &Path, settled: Duration) -> std::io::Result<(Vec<u8>, Option<Stamp>)> {
+    let started = SystemTime::now();
+    let mut file = File::open(path).map_err(|e| named(path, e))?;
+    let before = file.metadata().map_err(|e| named(path, e))?;
+    let bytes = read_open(&mut file, &before).map_err(|e| named(path, e))?;
+    let after = file.metadata().map_err(|e| named(path, e))?;
+    let stamp = Stamp::of(&before);
+    let quiet = started
+        .checked_sub(settled)
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .is_some_and(|t| stamp.ctime < (t.as_secs() as i64, i64::from(t.subsec_nanos())));
+    Ok((
+        bytes,
+        (quiet && Stamp::of(&after) == stamp).then_some(stamp),
+    ))
+}
+
+/// The bytes of an open file whose metadata is `meta`, refused past the input cap.
+fn read_open(file: &mut File, meta: &std::fs::Metadata) -> std::io::Result<Vec<u8>> {
     if !meta.is_file() {
-        return Err(named(path, std::io::Error::other("not a file")));
+        return Err(std::io::Error::other("not a file"));
     }
     if meta.len() > MAX_INPUT_BYTES {
-        return Err(named(
-            path,
-            std::io::Error::other(format!("over the input cap of {MAX_INPUT_BYTES} bytes")),
-        ));
+        return Err(std::io::Error::other(format!(
+            "over the input cap of {MAX_INPUT_BYTES} bytes"
+        )));
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(MAX_INPUT_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| named(path, e))?;
+    file.take(MAX_INPUT_BYTES + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > MAX_INPUT_BYTES {
-        return Err(named(
-            path,
-            std::io::Error::other("grew past the input cap"),
-        ));
+        return Err(std::io::Error::other("grew past the input cap"));
     }
     Ok(bytes)
 }
+
+/// What an input file's metadata said when it was hashed. While the file still says the
+/// same, its bytes are the ones hashed: every write moves its change time (`ctime`), which no
+/// user can set back, and a file is stamped only if that time was at least [`SETTLED`] before
+/// the read began, so that a later write cannot share its clock tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// File times come from a coarse clock; a second is far more than its tick.
+const SETTLED: Duration = Duration::from_secs(1);
 
 fn named(path: &Path, e: std::io::Error) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
@@ -422,6 +474,34 @@ mod tests {
         let (m, path) = manifest(dir.path(), "[inputs]\njsonl = \"in.jsonl\"");
         let err = UnitSource::open(&m, &path).unwrap_err().to_string();
         assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn a_settled_file_unchanged_since_it_was_hashed_is_served_without_a_second_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.bin");
+        std::fs::write(&path, vec![1u8; 4096]).unwrap();
+        let invalid = |_: &str, problem: String| panic!("{problem}");
+        // Just written: not settled for a second, so no stamp and every read is hashed.
+        let fresh = UnitSource::files("f", vec![path.clone()], SETTLED, &invalid).unwrap();
+        let Kind::Files(files) = &fresh.kind else {
+            panic!("files")
+        };
+        assert!(files[0].stamp.is_none());
+        // Counted as settled: stamped. A wrong digest in the record shows the read skips the
+        // hash while the stamp matches...
+        let mut source =
+            UnitSource::files("f", vec![path.clone()], Duration::ZERO, &invalid).unwrap();
+        let Kind::Files(files) = &mut source.kind else {
+            panic!("files")
+        };
+        assert!(files[0].stamp.is_some());
+        files[0].digest = Digest::of(b"not these bytes");
+        assert_eq!(source.input(0).unwrap(), vec![1u8; 4096]);
+        // ...and hashes once it does not: a write (same length) moves the change time.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&path, vec![2u8; 4096]).unwrap();
+        assert!(matches!(source.input(0), Err(InputError::Changed { .. })));
     }
 
     #[test]
