@@ -123,7 +123,7 @@ fn reputation_table(record: &[(PeerId, Reputation)], trust: &Trust) -> String {
     if trust.alert() > 0 {
         let _ = writeln!(
             out,
-            "  after a recent catch, the next {} units run alone are spot-checked at {:.0} % at least",
+            "  after a recent catch, the next {} units run alone are spot-checked at {:.0} % at least (the results accepted alone just before it were sent to checks too)",
             trust.alert(),
             trust.config().alert_rate * 100.0
         );

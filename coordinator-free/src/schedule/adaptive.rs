@@ -14,6 +14,8 @@
 //!
 //! [`TrustRule::Checked`]: crate::validate::trust::TrustRule::Checked
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::{Deserialize, Serialize};
 
 use super::Scheduler;
@@ -78,6 +80,19 @@ pub(super) enum Mode {
     },
 }
 
+/// A result accepted alone on a trusted peer's word, remembered while it is among the latest
+/// ones so that a catch can send it to a spot check after all.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Recent {
+    unit: u32,
+    peer: PeerId,
+    host: Host,
+    streak: u32,
+    digest: crate::digest::Digest,
+    /// The chance of a spot check it was judged under.
+    checked: f64,
+}
+
 /// Counters of adaptive replication, for the summary and the simulation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TrustStats {
@@ -95,6 +110,9 @@ pub struct TrustStats {
     pub disputes: u64,
     /// Units accepted alone, then run again because their peer's host was caught.
     pub revalidated: u64,
+    /// Units accepted alone on another host's word, sent to a spot check after all when a
+    /// catch looked back at them.
+    pub looked_back: u64,
 }
 
 impl Scheduler {
@@ -298,6 +316,20 @@ impl Scheduler {
         if vouched {
             return Some(Validation::Vouched { peer });
         }
+        let span = self.trust.as_ref().map_or(0, |t| t.config().alert_span) as usize;
+        if span > 0 {
+            if self.recent_alone.len() >= span {
+                self.recent_alone.pop_front();
+            }
+            self.recent_alone.push_back(Recent {
+                unit,
+                peer,
+                host,
+                streak,
+                digest,
+                checked: spot,
+            });
+        }
         Some(Validation::Trusted {
             peer,
             host,
@@ -458,6 +490,67 @@ impl Scheduler {
             }
             self.reopen(unit, Mode::Revalidating { caught: peer }, host);
         }
+        self.look_back(host);
+    }
+
+    /// A catch proves that liars are among the peers, and the results accepted alone just
+    /// before it were judged while nobody knew: each of the latest ones, of any other host, is
+    /// sent to a spot check with the chance that makes it checked with `look_back_rate` in
+    /// all. Its alone answer stays its first vote, as a spot check's does.
+    fn look_back(&mut self, caught: Host) {
+        let recent = std::mem::take(&mut self.recent_alone);
+        let Some(rate) = self.trust.as_ref().map(|t| t.config().look_back_rate) else {
+            return;
+        };
+        if rate <= 0.0 {
+            return;
+        }
+        let mut checked: BTreeMap<Host, BTreeSet<u32>> = BTreeMap::new();
+        for r in recent {
+            if r.host == caught || !self.units.is_closed(r.unit) || r.checked >= 1.0 {
+                continue;
+            }
+            let more = ((rate - r.checked) / (1.0 - r.checked)).clamp(0.0, 1.0);
+            if !self.rng.chance(more) {
+                continue;
+            }
+            let mut state = self.units.blank();
+            let mut tally = Tally::new(self.policy);
+            if tally.start().is_ok() {
+                let _ = tally.record(r.peer, r.host, Outcome::Output(r.digest));
+            }
+            state.tally = tally;
+            state.tried.push(super::Try {
+                peer: r.peer,
+                host: r.host,
+                failed: false,
+            });
+            state.mode = Mode::Spot {
+                peer: r.peer,
+                host: r.host,
+                streak: r.streak,
+                checker: None,
+            };
+            self.units.reopen(r.unit, state);
+            self.accepted = self.accepted.saturating_sub(1);
+            self.trust_stats.spot_checks += 1;
+            self.trust_stats.looked_back += 1;
+            let checker = self.draw_checker(r.host);
+            if let Some(state) = self.units.get_mut(r.unit)
+                && let Mode::Spot { checker: c, .. } = &mut state.mode
+            {
+                *c = checker;
+            }
+            checked.entry(r.host).or_default().insert(r.unit);
+            self.refresh(r.unit);
+        }
+        // Sent to a check, they no longer rest on their peer's word alone.
+        for (host, units) in checked {
+            if let Some(list) = self.trusted_alone.get_mut(&host) {
+                list.retain(|u| !units.contains(u));
+            }
+        }
+        self.rescan = true;
     }
 
     /// Opens `unit` again under the job's policy with the votes of `caught`'s host dropped;
@@ -707,6 +800,65 @@ mod tests {
                 "unit {unit} drawn for {checker:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_catch_sends_what_other_hosts_just_ran_alone_to_spot_checks() {
+        let now = Instant::now();
+        // Peers 1–4 just trusted (streak 10), peer 5 long trusted (spot chance 1/1000).
+        let mut trust = trusted(4, 10);
+        for _ in 0..1000 {
+            trust.agreed(peer(5), host(5));
+        }
+        let mut s = scheduler(60, trust);
+        available(&mut s, 5, 20, now);
+        let first = answer_all(&mut s, now, None);
+        let alone_5: BTreeSet<u32> = first
+            .iter()
+            .filter_map(|c| match c {
+                Command::Decided {
+                    unit,
+                    validation: Validation::Trusted { peer: p, .. },
+                    ..
+                } if *p == peer(5) => Some(*unit),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            alone_5.len() >= 18,
+            "{} accepted on peer 5's word",
+            alone_5.len()
+        );
+        // Peer 1 lies on everything and is caught by peers 2–4: peer 5's results, accepted
+        // alone just before, are checked by another host after all, and stand.
+        let lie = Outcome::Output(Digest::of(b"a lie"));
+        available(&mut s, 1, 40, now);
+        let _ = answer_all(&mut s, now, Some((peer(1), lie)));
+        let mut after = Vec::new();
+        for p in [2, 3, 4, 5] {
+            available(&mut s, p, 40, now);
+            after.extend(answer_all(&mut s, now, Some((peer(1), lie))));
+        }
+        assert!(s.trust_stats().caught >= 1, "{:?}", s.trust_stats());
+        assert_eq!(s.trust_stats().looked_back, alone_5.len() as u64);
+        let checked: BTreeSet<u32> = after
+            .iter()
+            .filter_map(|c| match c {
+                Command::Decided {
+                    unit,
+                    validation: Validation::SpotChecked { peer: p, .. },
+                    verdict,
+                } if *p == peer(5) => {
+                    assert_eq!(verdict.digest(), Some(Digest::of(&unit.to_le_bytes())));
+                    Some(*unit)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(checked, alone_5);
+        assert!(s.trust().unwrap().is_trusted(&peer(5), &host(5)));
+        assert!(s.is_finished(), "{:?} {:?}", s.trust_stats(), s.progress());
+        assert_eq!(s.progress().accepted, 60);
     }
 
     #[test]

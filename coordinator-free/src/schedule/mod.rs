@@ -402,6 +402,9 @@ pub struct Scheduler {
     fresh: units::FreshSet,
     /// Units accepted on a trusted peer's word, by that peer's host, for a catch to run again.
     trusted_alone: BTreeMap<Host, Vec<u32>>,
+    /// The latest results accepted alone on a trusted peer's word, for a catch to look back
+    /// at (at most the trust table's `alert_span`).
+    recent_alone: VecDeque<adaptive::Recent>,
     /// Open units leased before that want more executions, in unit order.
     started: BTreeSet<u32>,
     /// Peers that reported room since the last dispatch.
@@ -463,6 +466,7 @@ impl Scheduler {
             ),
             fresh: units::FreshSet::full(units),
             trusted_alone: BTreeMap::new(),
+            recent_alone: VecDeque::new(),
             started: BTreeSet::new(),
             pending: BTreeSet::new(),
             rescan: false,

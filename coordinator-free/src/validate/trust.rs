@@ -22,10 +22,13 @@
 //!   spot check counts to the streak like any replicated result. A peer caught — by a spot
 //!   check, or by losing any quorum — loses its trust and its host's, and every unit it (or
 //!   another key of its host) ran alone is run again, replicated, so a lie accepted on trust
-//!   does not survive its author being caught. A catch is also evidence that liars are about:
-//!   for the next `alert_span` units run alone (any peer's) the spot-check chance is at least
-//!   `alert_rate`, so a liar that behaved until now is caught at its next lies with good odds.
-//!   Among honest peers nothing is ever caught, and the alert never costs anything.
+//!   does not survive its author being caught. A catch is also evidence that liars are about,
+//!   and the submitter stops taking anyone's word alone on both sides of it: the last
+//!   `alert_span` results accepted alone before it (any other host's) are spot-checked after
+//!   all (`look_back_rate`), and so are the next `alert_span` units run alone (`alert_rate`).
+//!   A liar that behaved until now is caught at its first lie near a catch, and with it every
+//!   unit it ran alone is run again. Among honest peers nothing is ever caught, and neither
+//!   costs anything.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -64,6 +67,10 @@ pub struct TrustConfig {
     pub alert_rate: f64,
     /// ... for this many alone results judged after the latest catch.
     pub alert_span: u32,
+    /// A catch also looks back: each of the last `alert_span` results accepted alone on
+    /// another host's word is sent to a spot check, so that it has been checked with at least
+    /// this probability in all ([`TrustRule::Checked`]; 0 never looks back).
+    pub look_back_rate: f64,
 }
 
 impl TrustConfig {
@@ -74,6 +81,7 @@ impl TrustConfig {
             reset_on_error: true,
             alert_rate: 0.0,
             alert_span: 0,
+            look_back_rate: 0.0,
             ..Self::default()
         }
     }
@@ -87,8 +95,9 @@ impl Default for TrustConfig {
             spot_floor: 0.05,
             catch_factor: 4,
             reset_on_error: false,
-            alert_rate: 0.5,
+            alert_rate: 1.0,
             alert_span: 2_000,
+            look_back_rate: 1.0,
         }
     }
 }
