@@ -680,6 +680,12 @@ fn print_summary(manifest: &JobManifest, s: &JobSummary, simulated: bool) {
                     s.revalidated
                 );
             }
+            if s.trust.looked_back > 0 {
+                println!(
+                    "  {} units accepted alone just before a catch were sent to spot checks after all",
+                    s.trust.looked_back
+                );
+            }
             for peer in &s.caught {
                 println!("  peer {peer} was caught disagreeing with a quorum while trusted");
             }

@@ -316,7 +316,7 @@ impl Scheduler {
         if vouched {
             return Some(Validation::Vouched { peer });
         }
-        let span = self.trust.as_ref().map_or(0, |t| t.config().alert_span) as usize;
+        let span = self.trust.as_ref().map_or(0, |t| t.config().look_back_span) as usize;
         if span > 0 {
             if self.recent_alone.len() >= span {
                 self.recent_alone.pop_front();
@@ -361,38 +361,47 @@ impl Scheduler {
     /// Spot checks whose checker has run them (a disagreement asks for a further host) or
     /// has left get a checker drawn anew among the hosts that have not run them, so a dispute
     /// over a trusted peer's result is settled as soon as the one it accuses is, not when the
-    /// job runs out of fresh units.
+    /// job runs out of fresh units. Every started unit is looked at only when hosts came or
+    /// went; a unit's own checker is looked at whenever the unit changes
+    /// ([`Scheduler::redraw_checker`]).
     pub(super) fn redraw_checkers(&mut self) {
-        let stale: Vec<(u32, Vec<Host>)> = self
-            .started
-            .iter()
-            .filter_map(|&u| {
-                let state = self.units.get(u)?;
-                let Mode::Spot { checker, .. } = state.mode else {
-                    return None;
-                };
-                let present = checker.is_some_and(|c| {
-                    self.hosts.get(&c).is_some_and(|h| h.peers > 0)
-                        && !state.tried.iter().any(|t| t.host == c)
-                });
-                (!present).then(|| (u, state.tried.iter().map(|t| t.host).collect()))
-            })
-            .collect();
-        for (unit, tried) in stale {
-            let drawn = self.draw_host(&tried);
-            if let Some(state) = self.units.get_mut(unit)
-                && let Mode::Spot { checker, .. } = &mut state.mode
-            {
-                *checker = drawn;
-            }
+        if !std::mem::take(&mut self.hosts_changed) {
+            return;
+        }
+        let started: Vec<u32> = self.started.iter().copied().collect();
+        for unit in started {
+            self.redraw_checker(unit);
+        }
+    }
+
+    /// Draws `unit`'s checker anew if it is a spot check whose checker has run it or is gone.
+    pub(super) fn redraw_checker(&mut self, unit: u32) {
+        let Some(state) = self.units.get(unit) else {
+            return;
+        };
+        let Mode::Spot { checker, .. } = state.mode else {
+            return;
+        };
+        let present = checker.is_some_and(|c| {
+            self.hosts.get(&c).is_some_and(|h| h.peers > 0)
+                && !state.tried.iter().any(|t| t.host == c)
+        });
+        if present {
+            return;
+        }
+        let tried: Vec<Host> = state.tried.iter().map(|t| t.host).collect();
+        let drawn = self.draw_host(&tried);
+        if let Some(state) = self.units.get_mut(unit)
+            && let Mode::Spot { checker, .. } = &mut state.mode
+        {
+            *checker = drawn;
         }
     }
 
     /// How `peer`'s request may take started `unit`: `Some(true)` a spot check drawn for its
     /// host (it goes first, whatever the pool), `Some(false)` a spot check drawn for another
     /// host that is still here (not while fresh units remain), `None` any other unit.
-    pub(super) fn spot_for(&self, unit: u32, host: Host) -> Option<bool> {
-        let state = self.units.get(unit)?;
+    pub(super) fn spot_for(&self, state: &super::UnitState, host: Host) -> Option<bool> {
         match state.mode {
             Mode::Spot {
                 checker: Some(checker),
@@ -542,7 +551,7 @@ impl Scheduler {
                 *c = checker;
             }
             checked.entry(r.host).or_default().insert(r.unit);
-            self.refresh(r.unit);
+            self.checks_waiting.push_back(r.unit);
         }
         // Sent to a check, they no longer rest on their peer's word alone.
         for (host, units) in checked {
@@ -551,6 +560,20 @@ impl Scheduler {
             }
         }
         self.rescan = true;
+    }
+
+    /// Lets units a catch sent to spot checks join the started ones while fewer than half the
+    /// backlog wait there: a dispatch looks at every started unit for every peer with room, so
+    /// the thousands of checks one catch may send must not all wait there at once.
+    pub(super) fn release_checks(&mut self) {
+        let cap = (self.config.max_backlog / 2).max(1);
+        while self.started.len() < cap {
+            let Some(unit) = self.checks_waiting.pop_front() else {
+                break;
+            };
+            self.refresh(unit);
+            self.rescan = true;
+        }
     }
 
     /// Opens `unit` again under the job's policy with the votes of `caught`'s host dropped;

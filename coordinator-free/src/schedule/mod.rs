@@ -403,8 +403,13 @@ pub struct Scheduler {
     /// Units accepted on a trusted peer's word, by that peer's host, for a catch to run again.
     trusted_alone: BTreeMap<Host, Vec<u32>>,
     /// The latest results accepted alone on a trusted peer's word, for a catch to look back
-    /// at (at most the trust table's `alert_span`).
+    /// at (at most the trust table's `look_back_span`, about 100 bytes each).
     recent_alone: VecDeque<adaptive::Recent>,
+    /// Units a catch sent to spot checks, not yet among the started ones (see
+    /// [`Scheduler::release_checks`]).
+    checks_waiting: VecDeque<u32>,
+    /// A host came or went since spot checks' checkers were last looked at.
+    hosts_changed: bool,
     /// Open units leased before that want more executions, in unit order.
     started: BTreeSet<u32>,
     /// Peers that reported room since the last dispatch.
@@ -467,6 +472,8 @@ impl Scheduler {
             fresh: units::FreshSet::full(units),
             trusted_alone: BTreeMap::new(),
             recent_alone: VecDeque::new(),
+            checks_waiting: VecDeque::new(),
+            hosts_changed: false,
             started: BTreeSet::new(),
             pending: BTreeSet::new(),
             rescan: false,
@@ -708,6 +715,7 @@ impl Scheduler {
     fn leave_host(&mut self, host: Host) {
         if let Some(h) = self.hosts.get_mut(&host) {
             h.peers = h.peers.saturating_sub(1);
+            self.hosts_changed |= h.peers == 0;
             if h.peers == 0 && h.leases == 0 && h.record.failures == 0 {
                 self.hosts.remove(&host);
             }
@@ -727,14 +735,13 @@ impl Scheduler {
         if old != host {
             self.leave_host(old);
         }
-        self.hosts
-            .entry(host)
-            .or_insert_with(|| HostState {
-                record: Record::new(limit),
-                leases: 0,
-                peers: 0,
-            })
-            .peers += 1;
+        let state = self.hosts.entry(host).or_insert_with(|| HostState {
+            record: Record::new(limit),
+            leases: 0,
+            peers: 0,
+        });
+        self.hosts_changed |= state.peers == 0;
+        state.peers += 1;
     }
 
     pub fn handle(&mut self, event: Event, now: Instant) {
@@ -959,6 +966,9 @@ impl Scheduler {
                 self.fresh.insert(unit);
             } else {
                 self.started.insert(unit);
+                // A spot check that wants another host: its checker, if it ran it or left,
+                // is drawn anew now.
+                self.redraw_checker(unit);
             }
             self.rescan |= !was_ready;
         }
@@ -1061,6 +1071,7 @@ impl Scheduler {
 
     /// Hands ready units to peers with room, in a random peer order.
     fn dispatch(&mut self, now: Instant) {
+        self.release_checks();
         let pending = std::mem::take(&mut self.pending);
         let rescan = std::mem::take(&mut self.rescan);
         if self.fresh.is_empty() && self.started.is_empty() {
@@ -1134,14 +1145,13 @@ impl Scheduler {
         let mut checks = Vec::new();
         let mut pool = Vec::new();
         for &u in &self.started {
-            if !self
-                .units
-                .get(u)
-                .is_some_and(|s| eligible(&s.tried, peer, host))
-            {
+            let Some(state) = self.units.get(u) else {
+                continue;
+            };
+            if !eligible(&state.tried, peer, host) {
                 continue;
             }
-            match self.spot_for(u, host) {
+            match self.spot_for(state, host) {
                 Some(true) => checks.push(u),
                 Some(false) if !tail => {}
                 _ => pool.push(u),

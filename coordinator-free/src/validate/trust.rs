@@ -24,8 +24,9 @@
 //!   another key of its host) ran alone is run again, replicated, so a lie accepted on trust
 //!   does not survive its author being caught. A catch is also evidence that liars are about,
 //!   and the submitter stops taking anyone's word alone on both sides of it: the last
-//!   `alert_span` results accepted alone before it (any other host's) are spot-checked after
-//!   all (`look_back_rate`), and so are the next `alert_span` units run alone (`alert_rate`).
+//!   `look_back_span` results accepted alone before it (any other host's) are spot-checked
+//!   after all (`look_back_rate`), and so are the next `alert_span` units run alone
+//!   (`alert_rate`).
 //!   A liar that behaved until now is caught at its first lie near a catch, and with it every
 //!   unit it ran alone is run again. Among honest peers nothing is ever caught, and neither
 //!   costs anything.
@@ -67,10 +68,12 @@ pub struct TrustConfig {
     pub alert_rate: f64,
     /// ... for this many alone results judged after the latest catch.
     pub alert_span: u32,
-    /// A catch also looks back: each of the last `alert_span` results accepted alone on
-    /// another host's word is sent to a spot check, so that it has been checked with at least
-    /// this probability in all ([`TrustRule::Checked`]; 0 never looks back).
+    /// A catch also looks back: each of the last `look_back_span` results accepted alone on
+    /// another host's word in this job is sent to a spot check, so that it has been checked
+    /// with at least this probability in all ([`TrustRule::Checked`]; 0 never looks back).
     pub look_back_rate: f64,
+    /// How many of the latest results accepted alone a catch looks back at.
+    pub look_back_span: u32,
 }
 
 impl TrustConfig {
@@ -82,6 +85,7 @@ impl TrustConfig {
             alert_rate: 0.0,
             alert_span: 0,
             look_back_rate: 0.0,
+            look_back_span: 0,
             ..Self::default()
         }
     }
@@ -98,6 +102,7 @@ impl Default for TrustConfig {
             alert_rate: 1.0,
             alert_span: 2_000,
             look_back_rate: 1.0,
+            look_back_span: 100_000,
         }
     }
 }
