@@ -1365,7 +1365,7 @@ fn adaptive_replication_keeps_no_wrong_result_in_a_short_run() {
     assert!(missed.is_empty(), "{missed:#?}");
 }
 
-/// The full table for `BENCHMARKS.md`: 10,000 units per job (about a minute in a debug build).
+/// The full table for `BENCHMARKS.md`: 10,000 units per job (about six minutes in a debug build).
 /// Print it with
 /// `cargo test --release -p coordinator-free --lib adaptive_replication_table -- --nocapture`.
 #[test]
