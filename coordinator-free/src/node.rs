@@ -999,8 +999,8 @@ fn where_to_look(addrs: &[Bootstrap], names: &[NamedBootstrap], mdns: bool) -> S
     match (places.is_empty(), mdns) {
         (true, true) => "on the local network (mDNS; no --bootstrap given)".to_owned(),
         (true, false) => "anywhere: no --bootstrap given and mDNS is off".to_owned(),
-        (false, true) => format!("{} or on the local network (mDNS)", places.join(", ")),
-        (false, false) => places.join(", "),
+        (false, true) => format!("at {} or on the local network (mDNS)", places.join(", ")),
+        (false, false) => format!("at {}", places.join(", ")),
     }
 }
 
@@ -1020,12 +1020,7 @@ async fn isolation_log(mut isolated: tokio::sync::watch::Receiver<bool>, looked:
             Ok(false) => return,
             Err(_) => {
                 tracing::warn!(
-                    "no peer reachable {}{looked} after {} s; still trying",
-                    if looked.starts_with("on ") || looked.starts_with("anywhere") {
-                        ""
-                    } else {
-                        "at "
-                    },
+                    "no peer reachable {looked} after {} s; still trying",
                     ISOLATED_AFTER.as_secs()
                 );
                 if isolated.wait_for(|alone| !*alone).await.is_err() {

@@ -80,6 +80,16 @@ pub(super) enum Mode {
     },
 }
 
+/// The tally of a spot check: the alone answer stays as the first vote, and a second host must
+/// agree.
+fn spot_tally(policy: Policy, peer: PeerId, host: Host, digest: crate::digest::Digest) -> Tally {
+    let mut tally = Tally::new(policy);
+    if tally.start().is_ok() {
+        let _ = tally.record(peer, host, Outcome::Output(digest));
+    }
+    tally
+}
+
 /// A result accepted alone on a trusted peer's word, remembered while it is among the latest
 /// ones so that a catch can send it to a spot check after all.
 #[derive(Debug, Clone, Copy)]
@@ -293,12 +303,7 @@ impl Scheduler {
         if self.rng.chance(spot) {
             let checker = self.draw_checker(host);
             let state = self.units.get_mut(unit)?;
-            let mut tally = Tally::new(policy);
-            // The alone answer stays as the first vote; a second host must agree.
-            if tally.start().is_ok() {
-                let _ = tally.record(peer, host, Outcome::Output(digest));
-            }
-            state.tally = tally;
+            state.tally = spot_tally(policy, peer, host, digest);
             state.mode = Mode::Spot {
                 peer,
                 host,
@@ -524,11 +529,7 @@ impl Scheduler {
                 continue;
             }
             let mut state = self.units.blank();
-            let mut tally = Tally::new(self.policy);
-            if tally.start().is_ok() {
-                let _ = tally.record(r.peer, r.host, Outcome::Output(r.digest));
-            }
-            state.tally = tally;
+            state.tally = spot_tally(self.policy, r.peer, r.host, r.digest);
             state.tried.push(super::Try {
                 peer: r.peer,
                 host: r.host,

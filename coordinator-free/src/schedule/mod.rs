@@ -403,7 +403,7 @@ pub struct Scheduler {
     /// Units accepted on a trusted peer's word, by that peer's host, for a catch to run again.
     trusted_alone: BTreeMap<Host, Vec<u32>>,
     /// The latest results accepted alone on a trusted peer's word, for a catch to look back
-    /// at (at most the trust table's `look_back_span`, about 100 bytes each).
+    /// at (at most the trust table's `look_back_span`, 120 bytes each).
     recent_alone: VecDeque<adaptive::Recent>,
     /// Units a catch sent to spot checks, not yet among the started ones (see
     /// [`Scheduler::release_checks`]).
