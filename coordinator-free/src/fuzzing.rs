@@ -271,21 +271,21 @@ pub fn control_request(data: &[u8]) {
 /// Frames between a worker and its unit host (`sandbox/host.rs`), both directions: batches
 /// as the host reads them and the host's answers as the worker reads them, from one stream.
 pub fn unit_host_frame(data: &[u8]) {
-    use crate::sandbox::host::{FromHost, ReceivedBatch, read_frame, write_frame};
+    use crate::sandbox::host::{FromHost, read_batch, read_frame, write_batch, write_frame};
 
     let mut stream = data;
     // Bounded: every frame read consumes at least its four-byte length.
     for _ in 0..=data.len() / 4 {
-        let Ok(Some(batch)) = read_frame::<ReceivedBatch>(&mut stream) else {
+        let Ok(Some(batch)) = read_batch(&mut stream) else {
             break;
         };
         let mut once = Vec::new();
-        write_frame(&mut once, &batch.as_sent()).expect("a read batch fits a frame");
-        let again: ReceivedBatch = read_frame(&mut &once[..])
+        write_batch(&mut once, &batch.as_sent()).expect("a read batch fits a frame");
+        let again = read_batch(&mut &once[..])
             .expect("a written batch reads")
             .expect("a written batch is a frame");
         let mut twice = Vec::new();
-        write_frame(&mut twice, &again.as_sent()).expect("a read batch fits a frame");
+        write_batch(&mut twice, &again.as_sent()).expect("a read batch fits a frame");
         assert_eq!(once, twice);
     }
 
@@ -627,7 +627,7 @@ fn job_frames() -> Vec<JobFrame> {
             digest: blob,
             total: 10,
             offset: 4,
-            bytes: b"chunk!".to_vec(),
+            bytes: b"chunk!".to_vec().into(),
         },
         JobFrame::BlobMissing { digest: blob },
         JobFrame::BlobAt {

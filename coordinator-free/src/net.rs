@@ -190,10 +190,50 @@ pub fn endpoint(
     server.transport_config(transport(config)?);
     // Peers dial by address and id; a migrating client is not something we need to follow.
     server.migration(false);
-    quinn::Endpoint::server(server, listen).map_err(|source| NetError::Bind {
+    let bind = |source| NetError::Bind {
         addr: listen,
         source,
-    })
+    };
+    let socket = std::net::UdpSocket::bind(listen).map_err(bind)?;
+    widen_socket_buffers(&socket);
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind)
+}
+
+/// Socket buffers asked of the kernel for the endpoint's UDP socket.
+const SOCKET_BUFFER_BYTES: libc::c_int = 4 << 20;
+
+/// A blob arrives as a burst of datagrams faster than one task can read them; the kernel's
+/// default receive buffer (about 200 KiB) drops part of the burst, and QUIC takes the drops
+/// for congestion and slows down. The kernel caps the request at `net.core.rmem_max` (and
+/// `wmem_max`), so on a machine that allows less this asks for less, which is only slower.
+fn widen_socket_buffers(socket: &std::net::UdpSocket) {
+    #[cfg(unix)]
+    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        use std::os::fd::AsRawFd;
+        let bytes = SOCKET_BUFFER_BYTES;
+        // SAFETY: the descriptor is the open socket we own, and the option's value is a c_int
+        // that lives across the call, with its size passed alongside.
+        let failed = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&raw const bytes).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        } != 0;
+        if failed {
+            tracing::debug!(option, "socket buffer not widened");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = socket;
 }
 
 /// Dials `addr`; with `expected` set, the handshake fails unless the remote proves that id.

@@ -56,6 +56,11 @@ pub trait Message: Sized {
     fn encode_payload(&self) -> Result<(u8, Vec<u8>), WireError>;
     /// Decodes a payload whose kind is known and whose length is within the cap.
     fn decode_payload(kind: u8, payload: &[u8]) -> Result<Self, WireError>;
+    /// [`Message::decode_payload`] of a payload read into a buffer of its own: a kind that
+    /// carries bulk bytes may keep them in that buffer rather than copy them out.
+    fn decode_owned(kind: u8, payload: Vec<u8>) -> Result<Self, WireError> {
+        Self::decode_payload(kind, &payload)
+    }
 
     /// The whole frame.
     fn encode_frame(&self) -> Result<Vec<u8>, WireError> {
@@ -136,22 +141,26 @@ pub async fn read<M: Message, R: AsyncRead + Unpin>(
         .await
         .map_err(truncated)?;
     let (kind, len) = check_header::<M>(header)?;
-    // The buffer grows with the bytes that arrive, not with what the header claims: a peer
-    // that announces a large frame and sends nothing holds a few KiB, not the kind's cap.
-    let mut payload = Vec::with_capacity(len.min(INITIAL_READ));
-    (&mut *reader)
-        .take(len as u64)
-        .read_to_end(&mut payload)
-        .await
-        .map_err(truncated)?;
-    if payload.len() < len {
-        return Err(WireError::Truncated);
+    // The buffer is set aside at once up to `READ_AHEAD`, and beyond that grows with the bytes
+    // that arrive, not with what the header claims: a peer that announces a large frame and
+    // sends nothing holds `READ_AHEAD`, not the kind's cap. Reading into spare capacity,
+    // exactly to the frame's end, writes each byte once; a blob chunk as we send them fits the
+    // first buffer whole.
+    let mut payload = Vec::with_capacity(len.min(READ_AHEAD));
+    while payload.len() < len {
+        if payload.len() == payload.capacity() {
+            payload.reserve((len - payload.len()).min(payload.capacity()));
+        }
+        let want = (len - payload.len()) as u64;
+        if (&mut *reader).take(want).read_buf(&mut payload).await? == 0 {
+            return Err(WireError::Truncated);
+        }
     }
-    M::decode_payload(kind, &payload).map(Some)
+    M::decode_owned(kind, payload).map(Some)
 }
 
 /// What a frame's buffer starts at before its bytes arrive.
-const INITIAL_READ: usize = 16 << 10;
+pub const READ_AHEAD: usize = 128 << 10;
 
 fn truncated(err: std::io::Error) -> WireError {
     if err.kind() == std::io::ErrorKind::UnexpectedEof {

@@ -36,7 +36,7 @@ async fn serve_and_collect(link: &mut PeerLink, module: &[u8], leases: usize) ->
                     digest,
                     total: module.len() as u64,
                     offset: 0,
-                    bytes: module.to_vec(),
+                    bytes: module.to_vec().into(),
                 };
                 send(link, &chunk).await;
             }
@@ -197,7 +197,7 @@ async fn a_worker_survives_hostile_submitters() {
         digest,
         total: forged.len() as u64,
         offset: 0,
-        bytes: forged,
+        bytes: forged.into(),
     };
     send(&mut link, &chunk).await;
     let declined = next(&mut link, |f| match f {

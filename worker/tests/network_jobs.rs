@@ -323,7 +323,7 @@ fn a_revoked_lease_stops_its_unit_on_a_worker_run() {
                     digest,
                     total: module.len() as u64,
                     offset: 0,
-                    bytes: module.to_vec(),
+                    bytes: module.to_vec().into(),
                 };
                 wire::write(&mut link.send, &chunk).await.unwrap();
             }

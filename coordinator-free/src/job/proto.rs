@@ -12,6 +12,7 @@
 //! Every frame kind has a cap that the reader checks before reading the payload, and every
 //! message is checked for counts and sizes after decoding ([`JobFrame::check`]).
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
@@ -31,8 +32,12 @@ pub const MAX_RESULTS_PER_REPORT: usize = 256;
 /// Largest output a unit of a network job may produce: the job's output cap is lowered to
 /// this, so an honest output always fits in one report.
 pub const MAX_NETWORK_OUTPUT: u64 = 4 << 20;
-/// Largest blob chunk.
+/// Largest blob chunk taken.
 pub const MAX_CHUNK: usize = 1 << 20;
+/// Size of the chunks a blob is sent in: a chunk's whole frame fits the buffer a reader sets
+/// aside for a frame before its bytes arrive ([`crate::wire::READ_AHEAD`]), so a chunk is read
+/// into its buffer once and never regrown.
+pub const SEND_CHUNK: usize = crate::wire::READ_AHEAD - 128;
 /// Longest error text carried in a result.
 pub const MAX_ERROR_TEXT: usize = 4 << 10;
 /// Longest engine profile name.
@@ -181,7 +186,8 @@ pub enum JobFrame {
         digest: Digest,
         total: u64,
         offset: u64,
-        bytes: Vec<u8>,
+        /// A slice of the frame it arrived in: a chunk's bytes are not copied out of it.
+        bytes: Bytes,
     },
     /// Submitter → worker: the blob is not here.
     BlobMissing { digest: Digest },
@@ -217,13 +223,37 @@ struct BlobAtPayload {
     peer: crate::peer_id::PeerId,
 }
 
+/// A chunk's payload up to its bytes: postcard writes a byte slice as its length (a varint, as
+/// for a `u64`) and then the bytes, so the bytes are the rest of the payload.
 #[derive(Serialize, Deserialize)]
-struct ChunkPayload {
+struct ChunkHead {
     digest: Digest,
     total: u64,
     offset: u64,
-    #[serde(with = "serde_bytes")]
-    bytes: Vec<u8>,
+    len: u64,
+}
+
+/// Decodes a chunk's payload, its bytes left where they are in `payload`.
+fn decode_chunk(kind: u8, payload: Bytes) -> Result<JobFrame, WireError> {
+    let (head, rest): (ChunkHead, &[u8]) = postcard::take_from_bytes(&payload)
+        .map_err(|source| WireError::Malformed { kind, source })?;
+    let rest_len = rest.len();
+    match (rest_len as u64).cmp(&head.len) {
+        std::cmp::Ordering::Less => Err(WireError::Malformed {
+            kind,
+            source: postcard::Error::DeserializeUnexpectedEnd,
+        }),
+        std::cmp::Ordering::Greater => Err(WireError::Trailing {
+            kind,
+            trailing: rest_len - head.len as usize,
+        }),
+        std::cmp::Ordering::Equal => Ok(JobFrame::BlobChunk {
+            digest: head.digest,
+            total: head.total,
+            offset: head.offset,
+            bytes: payload.slice(payload.len() - rest_len..),
+        }),
+    }
 }
 
 impl JobFrame {
@@ -319,38 +349,35 @@ struct ChunkPayloadRef<'a> {
 }
 
 impl JobFrame {
-    /// The whole frame of a [`JobFrame::BlobChunk`] of `bytes`, written straight from the
-    /// slice: a blob's bytes are copied once on their way to QUIC, not once per layer.
+    /// The frame of a [`JobFrame::BlobChunk`] of `bytes` as two pieces, its header and the
+    /// bytes themselves: a blob's bytes reach QUIC without being copied into a frame.
     pub fn chunk_frame(
         digest: Digest,
         total: u64,
         offset: u64,
-        bytes: &[u8],
-    ) -> Result<Vec<u8>, WireError> {
-        let payload = ChunkPayloadRef {
-            digest,
-            total,
-            offset,
-            bytes,
-        };
-        let mut frame = Vec::with_capacity(crate::wire::HEADER_LEN + 64 + bytes.len());
-        frame.extend_from_slice(&[Self::KIND_BLOB_CHUNK, 0, 0, 0, 0]);
-        let mut frame = postcard::to_extend(&payload, frame).map_err(WireError::Encode)?;
-        let len = frame.len() - crate::wire::HEADER_LEN;
-        if len > CHUNK_CAP {
-            return Err(WireError::TooLarge {
-                kind: Self::KIND_BLOB_CHUNK,
-                len,
-                cap: CHUNK_CAP,
-            });
-        }
-        let len = u32::try_from(len).map_err(|_| WireError::TooLarge {
+        bytes: Bytes,
+    ) -> Result<[Bytes; 2], WireError> {
+        let too_large = |len| WireError::TooLarge {
             kind: Self::KIND_BLOB_CHUNK,
             len,
             cap: CHUNK_CAP,
-        })?;
-        frame[1..crate::wire::HEADER_LEN].copy_from_slice(&len.to_be_bytes());
-        Ok(frame)
+        };
+        let head = ChunkHead {
+            digest,
+            total,
+            offset,
+            len: bytes.len() as u64,
+        };
+        let mut frame = Vec::with_capacity(crate::wire::HEADER_LEN + 64);
+        frame.extend_from_slice(&[Self::KIND_BLOB_CHUNK, 0, 0, 0, 0]);
+        let mut frame = postcard::to_extend(&head, frame).map_err(WireError::Encode)?;
+        let len = frame.len() - crate::wire::HEADER_LEN + bytes.len();
+        if len > CHUNK_CAP {
+            return Err(too_large(len));
+        }
+        let len32 = u32::try_from(len).map_err(|_| too_large(len))?;
+        frame[1..crate::wire::HEADER_LEN].copy_from_slice(&len32.to_be_bytes());
+        Ok([Bytes::from(frame), bytes])
     }
 }
 
@@ -419,7 +446,7 @@ impl Message for JobFrame {
                     digest: *digest,
                     total: *total,
                     offset: *offset,
-                    bytes,
+                    bytes: &bytes[..],
                 },
             ),
         }
@@ -466,17 +493,20 @@ impl Message for JobFrame {
                     peer: p.peer,
                 }
             }
-            Self::KIND_BLOB_CHUNK => {
-                let p: ChunkPayload = decode_exact(kind, payload)?;
-                JobFrame::BlobChunk {
-                    digest: p.digest,
-                    total: p.total,
-                    offset: p.offset,
-                    bytes: p.bytes,
-                }
-            }
+            Self::KIND_BLOB_CHUNK => decode_chunk(kind, Bytes::copy_from_slice(payload))?,
             _ => return Err(WireError::UnknownKind { kind }),
         };
+        frame
+            .check()
+            .map_err(|reason| WireError::Invalid { kind, reason })?;
+        Ok(frame)
+    }
+
+    fn decode_owned(kind: u8, payload: Vec<u8>) -> Result<Self, WireError> {
+        if kind != Self::KIND_BLOB_CHUNK {
+            return Self::decode_payload(kind, &payload);
+        }
+        let frame = decode_chunk(kind, Bytes::from(payload))?;
         frame
             .check()
             .map_err(|reason| WireError::Invalid { kind, reason })?;
@@ -586,7 +616,7 @@ mod tests {
                     digest,
                     total: 1000,
                     offset: 1000 - bytes.len() as u64,
-                    bytes,
+                    bytes: bytes.into(),
                 }
             ),
         ]
@@ -601,10 +631,15 @@ mod tests {
             offset in any::<u64>(),
         ) {
             let digest = Digest::of(&bytes);
-            let frame = JobFrame::BlobChunk { digest, total, offset, bytes: bytes.clone() };
+            let frame = JobFrame::BlobChunk { digest, total, offset, bytes: bytes.clone().into() };
+            let [head, body] = JobFrame::chunk_frame(digest, total, offset, bytes.into()).unwrap();
+            let whole = frame.encode_frame().unwrap();
+            prop_assert_eq!([&head[..], &body[..]].concat(), whole.clone());
+            // Read back as a frame arrives, the chunk's bytes are a slice of the payload.
+            let payload = whole[crate::wire::HEADER_LEN..].to_vec();
             prop_assert_eq!(
-                JobFrame::chunk_frame(digest, total, offset, &bytes).unwrap(),
-                frame.encode_frame().unwrap()
+                JobFrame::decode_owned(JobFrame::KIND_BLOB_CHUNK, payload.clone()).ok(),
+                JobFrame::decode_payload(JobFrame::KIND_BLOB_CHUNK, &payload).ok()
             );
         }
     }
@@ -627,12 +662,24 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_as_sent_fits_the_buffer_a_reader_sets_aside() {
+        let [head, body] = JobFrame::chunk_frame(
+            Digest([0xff; 32]),
+            u64::MAX,
+            u64::MAX,
+            Bytes::from(vec![0; SEND_CHUNK]),
+        )
+        .expect("a chunk of the size we send");
+        assert!(head.len() - crate::wire::HEADER_LEN + body.len() <= crate::wire::READ_AHEAD);
+    }
+
+    #[test]
     fn out_of_range_messages_are_refused() {
         let chunk = JobFrame::BlobChunk {
             digest: Digest([0; 32]),
             total: 10,
             offset: 8,
-            bytes: vec![0; 4],
+            bytes: vec![0; 4].into(),
         };
         let bytes = chunk.encode_frame().expect("encode");
         assert!(matches!(

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use quinn::VarInt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
@@ -34,7 +35,9 @@ pub(crate) enum OutboxError {
     Encode,
 }
 
-type Queued = (Vec<u8>, OwnedSemaphorePermit);
+/// A frame as pieces handed to QUIC as they are (quinn takes `Bytes` without copying them): one
+/// piece, or a chunk's header and its bytes.
+type Queued = ([Bytes; 2], OwnedSemaphorePermit);
 
 /// The sending side of a link's queue.
 #[derive(Debug, Clone)]
@@ -60,13 +63,18 @@ impl Outbox {
         )
     }
 
-    fn encode<M: Message>(&self, message: &M) -> Result<(Vec<u8>, u32), OutboxError> {
+    fn encode<M: Message>(&self, message: &M) -> Result<([Bytes; 2], u32), OutboxError> {
         let frame = message.encode_frame().map_err(|_| OutboxError::Encode)?;
-        // A frame larger than the whole budget takes all of it.
-        let weight = u32::try_from(frame.len())
-            .unwrap_or(u32::MAX)
-            .clamp(1, self.max_bytes);
+        let frame = [Bytes::from(frame), Bytes::new()];
+        let weight = self.weight(&frame);
         Ok((frame, weight))
+    }
+
+    /// A frame larger than the whole budget takes all of it.
+    fn weight(&self, frame: &[Bytes; 2]) -> u32 {
+        u32::try_from(frame[0].len() + frame[1].len())
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.max_bytes)
     }
 
     /// Queues `message` if there is room now.
@@ -91,14 +99,12 @@ impl Outbox {
 
     /// Queues a frame encoded already (a blob chunk written straight from its bytes), waiting
     /// for room.
-    pub(crate) async fn send_frame(&self, frame: Vec<u8>) -> Result<(), OutboxError> {
-        let weight = u32::try_from(frame.len())
-            .unwrap_or(u32::MAX)
-            .clamp(1, self.max_bytes);
+    pub(crate) async fn send_frame(&self, frame: [Bytes; 2]) -> Result<(), OutboxError> {
+        let weight = self.weight(&frame);
         self.send_weighed(frame, weight).await
     }
 
-    async fn send_weighed(&self, frame: Vec<u8>, weight: u32) -> Result<(), OutboxError> {
+    async fn send_weighed(&self, frame: [Bytes; 2], weight: u32) -> Result<(), OutboxError> {
         let permit = Arc::clone(&self.budget)
             .acquire_many_owned(weight)
             .await
@@ -124,8 +130,8 @@ pub(crate) async fn write_loop(
     mut send: quinn::SendStream,
     mut queue: mpsc::Receiver<Queued>,
 ) {
-    while let Some((frame, permit)) = queue.recv().await {
-        match tokio::time::timeout(WRITE_TIMEOUT, send.write_all(&frame)).await {
+    while let Some((mut frame, permit)) = queue.recv().await {
+        match tokio::time::timeout(WRITE_TIMEOUT, send.write_all_chunks(&mut frame)).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {
                 tracing::debug!(%err, "write failed");
@@ -155,7 +161,7 @@ mod tests {
             digest: Digest::of(b"x"),
             total: len as u64,
             offset: 0,
-            bytes: vec![7; len],
+            bytes: vec![7; len].into(),
         }
     }
 

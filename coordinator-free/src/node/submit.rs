@@ -772,6 +772,15 @@ impl NetWorkers {
 
 /// Runs a job link to a worker: starts its writer, tells the job loop it is up, then reads the
 /// worker's frames until the link ends.
+/// An input held by the blob cache, handed to QUIC as it is.
+struct SharedInput(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for SharedInput {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 async fn serve_link(
     link: PeerLink,
     conn_id: u64,
@@ -905,7 +914,8 @@ async fn read_reports(
                         bytes = None;
                     }
                 }
-                if !send_blob(&outbox, digest, bytes.as_deref().map(Vec::as_slice)).await {
+                let bytes = bytes.map(|b| bytes::Bytes::from_owner(SharedInput(b)));
+                if !send_blob(&outbox, digest, bytes).await {
                     break;
                 }
                 continue;

@@ -15,6 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use quinn::VarInt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -24,7 +25,7 @@ use super::modules::{ModuleCache, ModuleKey};
 use super::outbox::{Outbox, OutboxError, write_loop};
 use crate::digest::Digest;
 use crate::host::Host;
-use crate::job::proto::{InputRef, JobFrame, JobSpec, MAX_CHUNK, WireLease, WireResult};
+use crate::job::proto::{InputRef, JobFrame, JobSpec, SEND_CHUNK, WireLease, WireResult};
 use crate::net::{PeerLink, close};
 use crate::peer_id::PeerId;
 use crate::sandbox::{
@@ -191,7 +192,7 @@ pub(super) enum WorkInput {
     Fetched {
         submitter: PeerId,
         digest: Digest,
-        bytes: Option<Vec<u8>>,
+        bytes: Option<Arc<[u8]>>,
     },
     /// The membership table, for pulling work from submitters that have not reached us.
     Peers(Vec<crate::control::PeerStatus>),
@@ -302,7 +303,60 @@ struct JobState {
 struct Fetch {
     since: Instant,
     total: u64,
-    bytes: Vec<u8>,
+    bytes: BlobBuffer,
+}
+
+/// A blob being received, written chunk by chunk into the shared buffer the cache and the unit
+/// hosts then use as it is: its bytes are copied once on arrival, never again to grow or to
+/// change hands.
+#[derive(Default)]
+struct BlobBuffer {
+    bytes: Option<Arc<[u8]>>,
+    filled: usize,
+}
+
+impl BlobBuffer {
+    /// Appends the chunk at `offset` of a blob of `total` bytes; false for a chunk out of
+    /// order or past the end (`total` is checked against the blob cap by the frame's decoder).
+    fn push(&mut self, total: u64, offset: u64, chunk: &[u8]) -> bool {
+        let Ok(total) = usize::try_from(total) else {
+            return false;
+        };
+        let end = self.filled.saturating_add(chunk.len());
+        if offset != self.filled as u64 || end > total {
+            return false;
+        }
+        // Zeroed memory comes straight from the system, untouched: a submitter claiming a
+        // large blob and sending little makes us commit only what it sent.
+        let bytes = self
+            .bytes
+            .get_or_insert_with(|| crate::bytes::zeroed(total));
+        let Some(buffer) = Arc::get_mut(bytes) else {
+            return false;
+        };
+        let Some(to) = buffer.get_mut(self.filled..end) else {
+            return false;
+        };
+        to.copy_from_slice(chunk);
+        self.filled = end;
+        true
+    }
+
+    fn len(&self) -> usize {
+        self.filled
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    /// The blob, once every byte has arrived.
+    fn complete(self, total: u64) -> Option<Arc<[u8]>> {
+        if self.filled as u64 != total {
+            return None;
+        }
+        Some(self.bytes.unwrap_or_else(|| Arc::from(&[][..])))
+    }
 }
 
 struct Link {
@@ -894,7 +948,7 @@ impl Work {
             Fetch {
                 since: Instant::now(),
                 total: len,
-                bytes: Vec::new(),
+                bytes: BlobBuffer::default(),
             },
         );
         self.send(&from, JobFrame::BlobGet { digest });
@@ -906,30 +960,18 @@ impl Work {
         digest: Digest,
         total: u64,
         offset: u64,
-        bytes: Vec<u8>,
+        bytes: Bytes,
         now: Instant,
     ) {
         let Some(fetch) = self.fetches.get_mut(&(from, digest)) else {
             return;
         };
-        if total != fetch.total
-            || offset != fetch.bytes.len() as u64
-            || offset.saturating_add(bytes.len() as u64) > total
-        {
+        if total != fetch.total || !fetch.bytes.push(total, offset, &bytes) {
             tracing::warn!(peer = %from, %digest, "blob chunk out of order or of the wrong size");
             self.fetches.remove(&(from, digest));
             self.blob_failed(from, digest, now);
             return;
         }
-        if offset == 0 {
-            // The size is claimed by the submitter and capped by the protocol; reserving up to
-            // 16 MiB at once spares copying the blob as it grows, beyond that it grows as it
-            // arrives.
-            fetch
-                .bytes
-                .reserve_exact(usize::try_from(total.min(16 << 20)).unwrap_or(0));
-        }
-        fetch.bytes.extend_from_slice(&bytes);
         fetch.since = now;
         if (fetch.bytes.len() as u64) < fetch.total {
             return;
@@ -937,11 +979,14 @@ impl Work {
         let Some(fetch) = self.fetches.remove(&(from, digest)) else {
             return;
         };
-        self.blob_arrived(from, digest, fetch.bytes, now);
+        let Some(bytes) = fetch.bytes.complete(total) else {
+            return;
+        };
+        self.blob_arrived(from, digest, bytes, now);
     }
 
     /// A fetched blob is complete: checked against its digest, then cached and put to use.
-    fn blob_arrived(&mut self, from: PeerId, digest: Digest, bytes: Vec<u8>, now: Instant) {
+    fn blob_arrived(&mut self, from: PeerId, digest: Digest, bytes: Arc<[u8]>, now: Instant) {
         if Digest::of(&bytes) != digest {
             tracing::warn!(peer = %from, %digest, "blob does not match its digest");
             self.blob_failed(from, digest, now);
@@ -950,7 +995,7 @@ impl Work {
         // Kept (modules too) so other workers can fetch it from here; jobs waiting for it as
         // their module prepare it as they advance. The submitter learns we hold it only now
         // that it is checked, so it never sends fetchers to a copy still on its way.
-        self.insert_blob(digest, bytes.into());
+        self.insert_blob(digest, bytes);
         self.send(&from, JobFrame::BlobHeld { digest });
         self.advance_all(now);
     }
@@ -975,7 +1020,7 @@ impl Work {
                 wire::write(&mut link.send, &JobFrame::BlobGet { digest })
                     .await
                     .ok()?;
-                let mut bytes = Vec::new();
+                let mut bytes = BlobBuffer::default();
                 while (bytes.len() as u64) < total {
                     match wire::read::<JobFrame, _>(&mut link.recv).await.ok()?? {
                         JobFrame::BlobChunk {
@@ -983,14 +1028,12 @@ impl Work {
                             total: t,
                             offset,
                             bytes: chunk,
-                        } if d == digest && t == total && offset == bytes.len() as u64 => {
-                            bytes.extend_from_slice(&chunk);
-                        }
+                        } if d == digest && t == total && bytes.push(total, offset, &chunk) => {}
                         _ => return None,
                     }
                 }
                 link.conn.close(VarInt::from_u32(close::NORMAL), b"thanks");
-                Some(bytes)
+                bytes.complete(total)
             })
             .await
             .ok()
@@ -1060,8 +1103,8 @@ impl Work {
                     {
                         break;
                     }
-                    let bytes = rx.await.ok().flatten();
-                    if !send_blob(&outbox, digest, bytes.as_deref()).await {
+                    let bytes = rx.await.ok().flatten().map(Bytes::from_owner);
+                    if !send_blob(&outbox, digest, bytes).await {
                         break;
                     }
                 }
@@ -1353,16 +1396,18 @@ impl Work {
     }
 }
 
-/// Serves a blob to a worker in chunks on `outbox`; `None` bytes answer that it is missing.
-pub(crate) async fn send_blob(outbox: &Outbox, digest: Digest, bytes: Option<&[u8]>) -> bool {
+/// Serves a blob to a worker in chunks on `outbox`, each a slice of `bytes`; `None` answers
+/// that it is missing.
+pub(crate) async fn send_blob(outbox: &Outbox, digest: Digest, bytes: Option<Bytes>) -> bool {
     let Some(bytes) = bytes else {
         return outbox.send(&JobFrame::BlobMissing { digest }).await.is_ok();
     };
     let total = bytes.len() as u64;
     let mut offset = 0usize;
     loop {
-        let end = (offset + MAX_CHUNK).min(bytes.len());
-        let Ok(frame) = JobFrame::chunk_frame(digest, total, offset as u64, &bytes[offset..end])
+        let end = (offset + SEND_CHUNK).min(bytes.len());
+        let Ok(frame) =
+            JobFrame::chunk_frame(digest, total, offset as u64, bytes.slice(offset..end))
         else {
             return false;
         };
@@ -1373,5 +1418,30 @@ pub(crate) async fn send_blob(outbox: &Outbox, digest: Digest, bytes: Option<&[u
         if offset >= bytes.len() {
             return true;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blob_is_received_in_order_into_one_buffer() {
+        let mut blob = BlobBuffer::default();
+        assert!(blob.push(10, 0, b"abcd"));
+        // Out of order, again, or past the end: refused, and what arrived is kept.
+        assert!(!blob.push(10, 0, b"abcd"));
+        assert!(!blob.push(10, 6, b"gh"));
+        assert!(!blob.push(10, 4, b"efghijk"));
+        assert_eq!(blob.len(), 4);
+        assert!(blob.push(10, 4, b"efghij"));
+        let bytes = blob.complete(10).expect("every byte arrived");
+        assert_eq!(&bytes[..], b"abcdefghij");
+
+        let mut short = BlobBuffer::default();
+        assert!(short.push(10, 0, b"abc"));
+        assert!(short.complete(10).is_none());
+        let empty = BlobBuffer::default();
+        assert_eq!(empty.complete(0).as_deref(), Some(&[][..]));
     }
 }

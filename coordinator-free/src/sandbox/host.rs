@@ -93,31 +93,106 @@ pub(crate) struct Batch<'a> {
 
 #[derive(Serialize)]
 pub(crate) struct BatchUnit<'a> {
-    #[serde(with = "serde_bytes")]
+    /// In the frame as its length only: the bytes follow the frame (see [`write_batch`]).
+    #[serde(serialize_with = "length_of")]
     pub(crate) input: &'a [u8],
     #[serde(with = "serde_bytes")]
     pub(crate) checkpoint: Option<&'a [u8]>,
     pub(crate) limits: &'a Limits,
 }
 
-/// [`Batch`] as the host reads it: the same fields in the same order, owned.
+fn length_of<S: serde::Serializer>(bytes: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(bytes.len() as u64)
+}
+
+/// [`Batch`]'s frame as the host reads it: the same fields in the same order, owned.
 #[derive(Deserialize)]
-pub(crate) struct ReceivedBatch {
+struct BatchHead {
     digest: Digest,
     #[serde(with = "serde_bytes")]
+    module: Option<Vec<u8>>,
+    metering: Metering,
+    report_start: bool,
+    units: Vec<UnitHead>,
+}
+
+#[derive(Deserialize)]
+struct UnitHead {
+    input_len: u64,
+    #[serde(with = "serde_bytes")]
+    checkpoint: Option<Vec<u8>>,
+    limits: Limits,
+}
+
+/// A whole batch as the host reads it: its frame, and the inputs that follow it.
+pub(crate) struct ReceivedBatch {
+    digest: Digest,
     module: Option<Vec<u8>>,
     metering: Metering,
     report_start: bool,
     units: Vec<ReceivedUnit>,
 }
 
-#[derive(Deserialize)]
 pub(crate) struct ReceivedUnit {
-    #[serde(deserialize_with = "crate::bytes::shared::deserialize")]
     input: Arc<[u8]>,
-    #[serde(with = "serde_bytes")]
     checkpoint: Option<Vec<u8>>,
     limits: Limits,
+}
+
+/// Inputs at least this long are written to the pipe from where they lie; shorter ones join
+/// the frame's buffer, so a batch of small units is still one write.
+const DIRECT_WRITE: usize = 64 << 10;
+
+/// Writes a batch: its frame, then every unit's input bytes in order. A large input goes to the
+/// pipe straight from the worker's copy of it, not through a frame buffer.
+pub(crate) fn write_batch(out: &mut impl Write, batch: &Batch<'_>) -> std::io::Result<()> {
+    let mut bytes = frame_bytes(batch)?;
+    for unit in &batch.units {
+        if unit.input.len() >= DIRECT_WRITE {
+            out.write_all(&bytes)?;
+            bytes.clear();
+            out.write_all(unit.input)?;
+        } else {
+            bytes.extend_from_slice(unit.input);
+        }
+    }
+    if !bytes.is_empty() {
+        out.write_all(&bytes)?;
+    }
+    out.flush()
+}
+
+/// Reads a batch [`write_batch`] wrote; `Ok(None)` at a clean end of stream. Each input is read
+/// straight into the shared buffer the unit runs from, and the inputs of one batch together are
+/// held to the frame cap.
+pub(crate) fn read_batch(input: &mut impl Read) -> std::io::Result<Option<ReceivedBatch>> {
+    let Some(head) = read_frame::<BatchHead>(input)? else {
+        return Ok(None);
+    };
+    let mut left = u64::from(MAX_FRAME);
+    let mut units = Vec::with_capacity(head.units.len());
+    for unit in head.units {
+        left = left
+            .checked_sub(unit.input_len)
+            .ok_or_else(|| std::io::Error::other("a batch's inputs are over the cap"))?;
+        // Within the cap, so it fits a usize.
+        let len = usize::try_from(unit.input_len).map_err(std::io::Error::other)?;
+        let mut bytes = crate::bytes::zeroed(len);
+        let buffer = Arc::get_mut(&mut bytes).ok_or_else(|| std::io::Error::other("shared"))?;
+        input.read_exact(buffer)?;
+        units.push(ReceivedUnit {
+            input: bytes,
+            checkpoint: unit.checkpoint,
+            limits: unit.limits,
+        });
+    }
+    Ok(Some(ReceivedBatch {
+        digest: head.digest,
+        module: head.module,
+        metering: head.metering,
+        report_start: head.report_start,
+        units,
+    }))
 }
 
 impl ReceivedBatch {
@@ -173,14 +248,19 @@ pub(crate) struct Finished {
 /// Writes one frame with a single `write_all`: the length prefix and the body share one buffer,
 /// so an unbuffered pipe sees one write per frame.
 pub(crate) fn write_frame(out: &mut impl Write, message: &impl Serialize) -> std::io::Result<()> {
+    out.write_all(&frame_bytes(message)?)?;
+    out.flush()
+}
+
+/// A frame's bytes: the length, then the message.
+fn frame_bytes(message: &impl Serialize) -> std::io::Result<Vec<u8>> {
     let mut bytes = postcard::to_extend(message, vec![0u8; 4]).map_err(std::io::Error::other)?;
     let len = u32::try_from(bytes.len() - 4)
         .ok()
         .filter(|&l| l <= MAX_FRAME)
         .ok_or_else(|| std::io::Error::other("frame over the cap"))?;
     bytes[..4].copy_from_slice(&len.to_le_bytes());
-    out.write_all(&bytes)?;
-    out.flush()
+    Ok(bytes)
 }
 
 /// Reads one frame; `Ok(None)` at a clean end of stream.
@@ -268,7 +348,7 @@ pub fn serve_unit_host(mut config: SandboxConfig) -> Result<(), SandboxError> {
     };
     let observer: Arc<dyn UnitObserver> = Arc::new(Forward { out: out.clone() });
     loop {
-        let batch: ReceivedBatch = match read_frame(&mut input) {
+        let batch = match read_batch(&mut input) {
             Ok(Some(batch)) => batch,
             Ok(None) => return Ok(()),
             Err(e) if parent_gone(&e) => return Ok(()),
@@ -866,7 +946,7 @@ fn drive(
             })
             .collect(),
     };
-    if let Err(e) = write_frame(&mut running.stdin, &frame) {
+    if let Err(e) = write_batch(&mut running.stdin, &frame) {
         return lost(0, clock, fresh(), format!("stopped taking units: {e}"));
     }
     drop(frame);
@@ -1001,8 +1081,8 @@ mod tests {
             ],
         };
         let mut wire = Vec::new();
-        write_frame(&mut wire, &batch).unwrap();
-        let read: ReceivedBatch = read_frame(&mut &wire[..]).unwrap().unwrap();
+        write_batch(&mut wire, &batch).unwrap();
+        let read = read_batch(&mut &wire[..]).unwrap().unwrap();
         assert_eq!(read.digest, batch.digest);
         assert_eq!(read.module.as_deref(), Some(&b"\0asm"[..]));
         assert_eq!(read.metering, Metering::Fuel);

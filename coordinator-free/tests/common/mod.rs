@@ -315,7 +315,7 @@ pub async fn send_blob(link: &mut PeerLink, digest: Digest, bytes: &[u8]) {
             digest,
             total: bytes.len() as u64,
             offset: (i << 20) as u64,
-            bytes: chunk.to_vec(),
+            bytes: chunk.to_vec().into(),
         };
         wire::write(&mut link.send, &frame)
             .await
