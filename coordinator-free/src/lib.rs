@@ -5,6 +5,8 @@
 pub mod bitset;
 mod bytes;
 #[cfg(unix)]
+pub mod conditions;
+#[cfg(unix)]
 pub mod control;
 pub mod digest;
 /// The bodies of the fuzz targets in `fuzz/`, shared with the corpus replay test; not an API.
