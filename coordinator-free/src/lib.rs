@@ -15,6 +15,8 @@ pub mod fuzzing;
 pub mod host;
 pub mod identity;
 pub mod job;
+#[cfg(unix)]
+pub mod ledger;
 pub mod membership;
 pub mod net;
 #[cfg(unix)]
