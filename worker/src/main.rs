@@ -3,6 +3,7 @@
 
 mod demo;
 mod exec;
+mod history;
 mod id;
 mod jobs;
 mod run;
@@ -45,6 +46,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Print this peer's id (creates the identity key on first use).
     Id(id::IdArgs),
+    /// What this peer has given, day by day: CPU time, units run, verdicts on its answers.
+    History(history::HistoryArgs),
     /// List the jobs submitted from this data directory: name, id, state, counts, times.
     Jobs(jobs::JobsArgs),
     /// Print a job's results again, in unit order, as JSON lines or CSV.
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status::run(args),
         Command::Submit(args) => submit::run(args),
         Command::Id(args) => id::run(args),
+        Command::History(args) => history::run(args),
         Command::Jobs(args) => jobs::list(args),
         Command::Results(args) => jobs::results(args),
         Command::Cancel(args) => jobs::cancel(args),
