@@ -357,6 +357,9 @@ pub trait Workers {
     fn allowed(&self) -> Vec<PeerId> {
         Vec::new()
     }
+    /// Tells `to` the verdict reached on `unit`, which it answered: its answer was `accepted`
+    /// or found wrong. For the volunteer's own record; nothing depends on its arrival.
+    fn judge(&mut self, _to: PeerId, _unit: u32, _accepted: bool) {}
 }
 
 /// What an execution said, kept until its unit is decided.
@@ -1072,7 +1075,22 @@ impl State {
                 unit,
                 verdict,
                 validation,
-            } => self.decided(unit, verdict, validation),
+            } => {
+                if let Verdict::Accepted {
+                    agreeing,
+                    dissenters,
+                    ..
+                } = &verdict
+                {
+                    for w in agreeing {
+                        workers.judge(w.peer, unit, true);
+                    }
+                    for vote in dissenters {
+                        workers.judge(vote.peer, unit, false);
+                    }
+                }
+                self.decided(unit, verdict, validation)
+            }
             Command::Finished { .. } => self.finished = true,
         }
         Ok(())

@@ -194,6 +194,13 @@ pub enum JobFrame {
     /// Worker → submitter: this worker now holds the blob, checked against its digest, and
     /// serves it to other workers on blob links.
     BlobHeld { digest: Digest },
+    /// Submitter → worker: the verdicts reached on units this worker answered, so a volunteer
+    /// can see how much of what it gave was accepted. Counts only; nothing else depends on it.
+    Judged {
+        job: Digest,
+        accepted: Vec<u32>,
+        rejected: Vec<u32>,
+    },
     /// Submitter → worker: fetch the blob from `peer`, which holds it (on a blob link); ask
     /// again here if that fails. It names no address: the fetcher dials `peer` only where it
     /// has itself seen it on an authenticated connection, so a submitter cannot aim the
@@ -215,6 +222,13 @@ struct ReportPayload {
     job: Digest,
     results: Vec<WireResult>,
     want: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct JudgedPayload {
+    job: Digest,
+    accepted: Vec<u32>,
+    rejected: Vec<u32>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -266,6 +280,7 @@ impl JobFrame {
     pub const KIND_BLOB_MISSING: u8 = 22;
     pub const KIND_BLOB_AT: u8 = 23;
     pub const KIND_BLOB_HELD: u8 = 24;
+    pub const KIND_JUDGED: u8 = 25;
 
     /// Checks counts and sizes a decoded message must respect; a message that fails is a
     /// protocol violation.
@@ -295,6 +310,14 @@ impl JobFrame {
             JobFrame::Revoke { leases, .. } | JobFrame::Decline { leases, .. } => {
                 if leases.len() > MAX_IDS_PER_MESSAGE {
                     return Err("too many lease ids");
+                }
+                Ok(())
+            }
+            JobFrame::Judged {
+                accepted, rejected, ..
+            } => {
+                if accepted.len() + rejected.len() > MAX_IDS_PER_MESSAGE {
+                    return Err("too many verdicts");
                 }
                 Ok(())
             }
@@ -389,7 +412,7 @@ impl Message for JobFrame {
     fn cap(kind: u8) -> Option<usize> {
         match kind {
             Self::KIND_OFFER => Some(OFFER_CAP),
-            Self::KIND_REVOKE | Self::KIND_DECLINE => Some(IDS_CAP),
+            Self::KIND_REVOKE | Self::KIND_DECLINE | Self::KIND_JUDGED => Some(IDS_CAP),
             Self::KIND_REPORT => Some(REPORT_CAP),
             Self::KIND_BLOB_GET | Self::KIND_BLOB_MISSING | Self::KIND_BLOB_HELD => {
                 Some(BLOB_GET_CAP)
@@ -428,6 +451,18 @@ impl Message for JobFrame {
             JobFrame::BlobGet { digest } => encode(Self::KIND_BLOB_GET, digest),
             JobFrame::BlobMissing { digest } => encode(Self::KIND_BLOB_MISSING, digest),
             JobFrame::BlobHeld { digest } => encode(Self::KIND_BLOB_HELD, digest),
+            JobFrame::Judged {
+                job,
+                accepted,
+                rejected,
+            } => encode(
+                Self::KIND_JUDGED,
+                &JudgedPayload {
+                    job: *job,
+                    accepted: accepted.clone(),
+                    rejected: rejected.clone(),
+                },
+            ),
             JobFrame::BlobAt { digest, peer } => encode(
                 Self::KIND_BLOB_AT,
                 &BlobAtPayload {
@@ -483,6 +518,14 @@ impl Message for JobFrame {
             Self::KIND_BLOB_MISSING => JobFrame::BlobMissing {
                 digest: decode_exact(kind, payload)?,
             },
+            Self::KIND_JUDGED => {
+                let p: JudgedPayload = decode_exact(kind, payload)?;
+                JobFrame::Judged {
+                    job: p.job,
+                    accepted: p.accepted,
+                    rejected: p.rejected,
+                }
+            }
             Self::KIND_BLOB_HELD => JobFrame::BlobHeld {
                 digest: decode_exact(kind, payload)?,
             },
@@ -607,6 +650,16 @@ mod tests {
             digest().prop_map(|digest| JobFrame::BlobGet { digest }),
             digest().prop_map(|digest| JobFrame::BlobMissing { digest }),
             digest().prop_map(|digest| JobFrame::BlobHeld { digest }),
+            (
+                digest(),
+                proptest::collection::vec(any::<u32>(), 0..64),
+                proptest::collection::vec(any::<u32>(), 0..64)
+            )
+                .prop_map(|(job, accepted, rejected)| JobFrame::Judged {
+                    job,
+                    accepted,
+                    rejected
+                }),
             (digest(), any::<[u8; 32]>()).prop_map(|(digest, peer)| JobFrame::BlobAt {
                 digest,
                 peer: crate::peer_id::PeerId::from_bytes(peer),
@@ -656,7 +709,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_payloads_never_panic_any_job_kind(kind in 14u8..24, payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        fn arbitrary_payloads_never_panic_any_job_kind(kind in 14u8..27, payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let _ = JobFrame::decode_payload(kind, &payload);
         }
     }

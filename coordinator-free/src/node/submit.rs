@@ -29,7 +29,9 @@ use crate::host::Host;
 use crate::identity::{AllowList, Identity};
 use crate::job::driver::{JobData, JobError, WorkerEvent, Workers, route_commands};
 use crate::job::inputs::UnitSource;
-use crate::job::proto::{InputRef, JobFrame, JobSpec, MAX_INLINE_INPUT, Offer, WireLease};
+use crate::job::proto::{
+    InputRef, JobFrame, JobSpec, MAX_IDS_PER_MESSAGE, MAX_INLINE_INPUT, Offer, WireLease,
+};
 use crate::net::{self, LinkKind, NetConfig, PeerLink, close};
 use crate::peer_id::PeerId;
 use crate::reach::{PROBE_TIMEOUT, Reach, Ticket, Vouch};
@@ -512,6 +514,8 @@ pub struct NetWorkers {
     seen: HashSet<PeerId>,
     /// Job links workers opened to us, asking for work.
     pulls: mpsc::Receiver<PeerLink>,
+    /// Verdicts on each worker's answers not yet sent to it: units accepted, units rejected.
+    judged: HashMap<PeerId, (Vec<u32>, Vec<u32>)>,
 }
 
 impl std::fmt::Debug for NetWorkers {
@@ -525,6 +529,21 @@ impl std::fmt::Debug for NetWorkers {
 }
 
 impl NetWorkers {
+    /// Sends `to` the verdicts gathered for it. A full link drops them: they are the
+    /// volunteer's tally, not worth holding up leases and results for.
+    fn send_judged(&mut self, to: PeerId) {
+        let Some((accepted, rejected)) = self.judged.remove(&to) else {
+            return;
+        };
+        if let Some(link) = self.links.get(&to) {
+            let _ = link.outbox.try_send(&JobFrame::Judged {
+                job: self.job,
+                accepted,
+                rejected,
+            });
+        }
+    }
+
     /// Workers for `job`, reached through `dialer` on `runtime`. `module` is the module's bytes.
     pub fn new(
         dialer: JobDialer,
@@ -541,6 +560,7 @@ impl NetWorkers {
         dialer.announce(Some(job.id));
         Self {
             pulls,
+            judged: HashMap::new(),
             dialer,
             runtime,
             job: job.id,
@@ -956,6 +976,10 @@ impl Workers for NetWorkers {
         if now >= self.next_scan {
             self.scan(now)?;
         }
+        let waiting: Vec<PeerId> = self.judged.keys().copied().collect();
+        for peer in waiting {
+            self.send_judged(peer);
+        }
         route_commands(self, scheduler, job, other)
     }
 
@@ -1017,6 +1041,21 @@ impl Workers for NetWorkers {
             }
         }
         Ok(())
+    }
+
+    fn judge(&mut self, to: PeerId, unit: u32, accepted: bool) {
+        if !self.links.contains_key(&to) {
+            return;
+        }
+        let (yes, no) = self.judged.entry(to).or_default();
+        if accepted {
+            yes.push(unit);
+        } else {
+            no.push(unit);
+        }
+        if yes.len() + no.len() >= MAX_IDS_PER_MESSAGE {
+            self.send_judged(to);
+        }
     }
 
     fn revoke(&mut self, to: PeerId, leases: Vec<LeaseId>, _job: &JobData) {

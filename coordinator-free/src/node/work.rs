@@ -721,6 +721,7 @@ impl Work {
                     }
                 }
             }
+            JobFrame::Judged { .. } => {}
             JobFrame::Report { .. }
             | JobFrame::Decline { .. }
             | JobFrame::BlobGet { .. }
