@@ -13,6 +13,7 @@ use coordinator_free::control::SOCKET_FILE;
 use coordinator_free::identity::{AllowList, Identity};
 use coordinator_free::membership::{MAX_CORES, MAX_MEMORY_MB};
 use coordinator_free::node::{BootstrapArg, Donation, Node, NodeConfig, WorkConfig, WorkRunner};
+use coordinator_free::sandbox::UnitHostCommand;
 use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -117,13 +118,11 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
     } else if !args.advertise.is_empty() {
         config.advertise = Some(args.advertise.clone());
     }
-    let donation = donation(&args, &dir, args.max_cache_mb).map_err(internal)?;
+    let donation = donation(&args);
     config.capacity.cores_donated = donation.cores;
     config.capacity.cores_free = donation.cores;
     config.capacity.memory_mb = donation.memory_mb;
-    let Some(command) = donation.unit_host.clone() else {
-        return Err(internal(anyhow!("no unit host command")));
-    };
+    let command = unit_hosts(&dir, &donation, args.max_cache_mb).map_err(internal)?;
     let mut work = WorkConfig::new(WorkRunner::UnitHosts(command), u32::from(donation.cores));
     work.memory_per_slot = donation.memory_per_slot();
     work.max_unit_time = Duration::from_secs(args.max_unit_secs);
@@ -143,6 +142,7 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
             command_line: command_line.clone(),
             file,
             stamp,
+            started: args.clone(),
             last: args,
             dir,
         };
@@ -179,6 +179,8 @@ struct Live {
     command_line: ArgMatches,
     file: Option<crate::config::ConfigFile>,
     stamp: Option<crate::config::Stamp>,
+    /// The settings the peer started with: those that need a restart are still these.
+    started: RunArgs,
     /// The settings last read: changes are reported once, against these.
     last: RunArgs,
     dir: PathBuf,
@@ -215,16 +217,17 @@ impl Live {
             .as_ref()
             .map_or_else(String::new, |f| f.path.display().to_string());
         let next = layered.args;
-        let (before, after) = (as_map(&self.last), as_map(&next));
-        let changed: Vec<&String> = after
+        let (started, before, after) = (as_map(&self.started), as_map(&self.last), as_map(&next));
+        let changed: Vec<&str> = after
             .iter()
             .filter(|(key, value)| before.get(*key) != Some(*value))
-            .map(|(key, _)| key)
+            .map(|(key, _)| key.as_str())
             .collect();
+        // Set back to what the peer runs with, a change that waited is no longer news.
         let waiting: Vec<&str> = changed
             .iter()
-            .map(|k| k.as_str())
-            .filter(|k| !LIVE_KEYS.contains(k))
+            .copied()
+            .filter(|k| !LIVE_KEYS.contains(k) && after.get(*k) != started.get(*k))
             .collect();
         if !waiting.is_empty() {
             tracing::warn!(
@@ -232,10 +235,12 @@ impl Live {
                 waiting.join(", ")
             );
         }
-        if changed.iter().any(|k| LIVE_KEYS.contains(&k.as_str())) {
+        if changed.iter().any(|k| LIVE_KEYS.contains(k)) {
+            let mut donation = donation(&next);
             // Unit hosts keep the cache cap the peer started with.
-            match donation(&next, &self.dir, self.last.max_cache_mb) {
-                Ok(donation) => {
+            match unit_hosts(&self.dir, &donation, self.started.max_cache_mb) {
+                Ok(command) => {
+                    donation.unit_host = Some(command);
                     let (cores, memory_mb) = (donation.cores, donation.memory_mb);
                     match node.donate(donation).await {
                         Ok(()) => tracing::info!(
@@ -282,9 +287,8 @@ pub(crate) fn capacity_of(args: &RunArgs) -> (u16, u32) {
     (cores, memory_mb)
 }
 
-/// What a peer with these settings donates, with the unit host command that goes with it,
-/// warning about settings that work badly.
-fn donation(args: &RunArgs, dir: &std::path::Path, cache_mb: u64) -> anyhow::Result<Donation> {
+/// What a peer with these settings donates, warning about settings that work badly.
+fn donation(args: &RunArgs) -> Donation {
     let (cores, memory_mb) = capacity_of(args);
     let machine = std::thread::available_parallelism().map_or(1, |n| n.get());
     if usize::from(cores) > machine {
@@ -298,21 +302,28 @@ fn donation(args: &RunArgs, dir: &std::path::Path, cache_mb: u64) -> anyhow::Res
             "--memory-mb {memory_mb} leaves {per_core} MiB per donated core: units that need more are declined"
         );
     }
-    let mut donation = Donation {
+    Donation {
         cores,
         memory_mb,
         unit_host: None,
-    };
-    // The memory offered is shared by the donated cores; a unit may use one core's share.
-    donation.unit_host = Some(crate::unit_host_command(
+    }
+}
+
+/// How unit hosts start for `donation`: compiling on at most its cores, each capped at one
+/// core's share of the memory (a unit may use that share) plus what the engine needs.
+fn unit_hosts(
+    dir: &std::path::Path,
+    donation: &Donation,
+    cache_mb: u64,
+) -> anyhow::Result<UnitHostCommand> {
+    crate::unit_host_command(
         dir,
         crate::UnitHostLimits {
-            cores: u32::from(cores),
+            cores: u32::from(donation.cores),
             unit_memory: donation.memory_per_slot(),
             cache_mb,
         },
-    )?);
-    Ok(donation)
+    )
 }
 
 fn internal(error: anyhow::Error) -> Failure {
