@@ -30,5 +30,6 @@ pub mod schedule;
 mod sim_queue;
 pub mod store;
 pub mod text;
+pub mod toml_text;
 pub mod validate;
 pub mod wire;

@@ -8,6 +8,7 @@
 //! accept loop, the mDNS browser. All of them live in the actor's `JoinSet`, so stopping the
 //! actor stops them, and every channel between them is bounded.
 
+mod donate;
 mod mdns;
 mod modules;
 mod outbox;
@@ -38,6 +39,7 @@ use crate::sandbox::SandboxError;
 use crate::wire::{self, Frame, WireError};
 use outbox::{Outbox, OutboxError, write_loop};
 
+pub use donate::Donation;
 pub use submit::{JobDialer, NET_LEASE_MARGIN, NetWorkers, net_schedule_config};
 pub use work::{WorkConfig, WorkRunner};
 
@@ -270,6 +272,8 @@ pub struct Node {
     local_addr: SocketAddr,
     dialer: JobDialer,
     requests: mpsc::Sender<Request>,
+    /// The work task, when this peer runs other peers' units.
+    work: Option<mpsc::Sender<work::WorkInput>>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -278,6 +282,8 @@ enum Request {
     Control(ControlRequest),
     /// Advertise the job this peer submits now (`None`: none).
     Announce(Option<crate::digest::Digest>),
+    /// Advertise this capacity from now on.
+    Donate(Capacity),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -403,6 +409,7 @@ impl Node {
             Some(work) => Some(work::spawn(work, dialer.clone(), &mut tasks)?),
             None => None,
         };
+        let work_handle = work.clone();
         let actor = Actor {
             dialer: dialer.clone(),
             bootstrap: config.bootstrap.iter().map(|b| b.addr).collect(),
@@ -433,6 +440,7 @@ impl Node {
             local_addr,
             dialer,
             requests: requests_tx,
+            work: work_handle,
             task: Some(task),
         })
     }
@@ -579,6 +587,7 @@ impl Actor {
                     Some(Request::Announce(job)) => {
                         self.membership.handle(Event::JobChanged(job), Instant::now());
                     }
+                    Some(Request::Donate(capacity)) => self.donate(capacity),
                     Some(Request::Shutdown(done)) => {
                         self.shutdown().await;
                         let _ = done.send(());

@@ -1,6 +1,7 @@
 //! `worker`: the one binary of coordinator-free. It parses the command line, sets up logging and
 //! calls into the library.
 
+mod config;
 mod demo;
 mod exec;
 mod history;
@@ -13,7 +14,7 @@ mod submit;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +39,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Join the network and donate this machine's spare cores until stopped.
     Run(run::RunArgs),
+    /// Show the settings `worker run` would use with these arguments, and where each comes
+    /// from: a flag, the config file, or the default.
+    Config(config::ConfigArgs),
     /// Run a job across the network (or on this machine alone), redundantly validated, with
     /// results in results.jsonl.
     Submit(submit::SubmitArgs),
@@ -94,13 +98,20 @@ fn main() -> ExitCode {
         std::process::exit(exit::INTERNAL);
     }));
 
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+    // Which flags the user gave, not only their values: they win over the config file.
+    let given = matches
+        .subcommand()
+        .map(|(_, given)| given.clone())
+        .unwrap_or_default();
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Exec(args) => exec::run(args),
         Command::Demo(args) => demo::run(args),
         Command::UnitHost(args) => exec::unit_host(args),
-        Command::Run(args) => run::run(args),
+        Command::Run(_) => run::run(&given),
+        Command::Config(args) => config::show(&args, &given),
         Command::Status(args) => status::run(args),
         Command::Submit(args) => submit::run(args),
         Command::Id(args) => id::run(args),

@@ -5,12 +5,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use anyhow::{Context, anyhow};
-use clap::Args;
+use clap::{ArgMatches, Args};
 use coordinator_free::control::SOCKET_FILE;
 use coordinator_free::identity::{AllowList, Identity};
 use coordinator_free::membership::{MAX_CORES, MAX_MEMORY_MB};
-use coordinator_free::node::{BootstrapArg, Node, NodeConfig, WorkConfig, WorkRunner};
+use coordinator_free::node::{BootstrapArg, Donation, Node, NodeConfig, WorkConfig, WorkRunner};
+use coordinator_free::sandbox::UnitHostCommand;
+use serde::Serialize;
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{Failure, exit};
 
@@ -21,23 +26,30 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:7401";
 /// declined: worth a warning.
 const MIN_USEFUL_MB_PER_CORE: u32 = 256;
 
-#[derive(Args)]
+#[derive(Args, Clone, Debug, Serialize)]
 pub struct RunArgs {
+    /// Settings file (TOML; default: $XDG_CONFIG_HOME/coordinator-free/worker.toml). Every
+    /// flag below is a key of the same name in snake_case; a flag given here wins over its key.
+    /// Edits (and SIGHUP) apply while the peer runs.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
     /// Address to accept peers on (`IP:PORT` or `HOST:PORT`; port 0 picks a free one).
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN, value_parser = crate::listen_addr)]
     listen: SocketAddr,
     /// A peer to join through: `IP:PORT` or `HOST:PORT` (looked up at start and again while
     /// no peer answers), either optionally as `ID@...` to also check its identity. Repeatable.
     #[arg(long, value_name = "[ID@]ADDR")]
+    #[serde(serialize_with = "crate::config::as_texts")]
     bootstrap: Vec<BootstrapArg>,
     /// Where the identity key and caches live (default: ~/.local/share/coordinator-free).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Cores to donate (default: all of this machine's).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_CORES)))]
     cpus: Option<u16>,
     /// Memory to offer, in MiB (default: 512 per donated core).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_MEMORY_MB)))]
     memory_mb: Option<u32>,
     /// Longest a unit may run here, in seconds: jobs whose units may run longer are declined
     /// and run elsewhere.
@@ -62,8 +74,21 @@ pub struct RunArgs {
     allow: Option<PathBuf>,
 }
 
-pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
-    let dir = crate::data_dir(args.data_dir)
+/// Settings a running peer takes from an edited config file; the others apply at its next
+/// start.
+const LIVE_KEYS: [&str; 2] = ["cpus", "memory_mb"];
+
+/// How often the config file is looked at for changes.
+const CONFIG_POLL: Duration = Duration::from_secs(2);
+
+/// `worker run` with the flags of `command_line`, layered over the config file.
+pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
+    let file = crate::config::ConfigFile::of(command_line);
+    // Taken before the file is read, so an edit made meanwhile is seen by the first poll.
+    let stamp = file.as_ref().and_then(|f| crate::config::stamp(&f.path));
+    let layered = crate::config::layer(command_line).map_err(Failure::usage)?;
+    let args = layered.args.clone();
+    let dir = crate::data_dir(args.data_dir.clone())
         .ok_or_else(|| Failure::usage(anyhow!("no data directory: pass --data-dir DIR")))?;
     let identity = Identity::load_or_create(&dir).map_err(Failure::usage)?;
     let allow = args
@@ -82,7 +107,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     }
 
     let mut config = NodeConfig::new(args.listen);
-    for arg in args.bootstrap {
+    for arg in args.bootstrap.iter().cloned() {
         config.add_bootstrap(arg);
     }
     config.mdns = !args.no_mdns;
@@ -91,70 +116,214 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     if args.dial_out_only {
         config.advertise = Some(Vec::new());
     } else if !args.advertise.is_empty() {
-        config.advertise = Some(args.advertise);
+        config.advertise = Some(args.advertise.clone());
     }
-    if let Some(cpus) = args.cpus {
-        if cpus == 0 || cpus > MAX_CORES {
-            return Err(Failure::usage(anyhow!(
-                "--cpus must be between 1 and {MAX_CORES}"
-            )));
-        }
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if usize::from(cpus) > cores {
-            tracing::warn!(
-                "--cpus {cpus} is more than this machine's {cores} cores: units will share cores and each run slower"
-            );
-        }
-        config.capacity.cores_donated = cpus;
-        config.capacity.cores_free = cpus;
-        config.capacity.memory_mb = 512 * u32::from(cpus);
-    }
-    if let Some(memory_mb) = args.memory_mb {
-        if memory_mb == 0 || memory_mb > MAX_MEMORY_MB {
-            return Err(Failure::usage(anyhow!(
-                "--memory-mb must be between 1 and {MAX_MEMORY_MB}"
-            )));
-        }
-        let per_core = memory_mb / u32::from(config.capacity.cores_donated.max(1));
-        if per_core < MIN_USEFUL_MB_PER_CORE {
-            tracing::warn!(
-                "--memory-mb {memory_mb} leaves {per_core} MiB per donated core: units that need more are declined"
-            );
-        }
-        config.capacity.memory_mb = memory_mb;
-    }
-
-    // The memory offered is shared by the donated cores; a unit may use one core's share.
-    let memory_per_slot = (u64::from(config.capacity.memory_mb) << 20)
-        / u64::from(config.capacity.cores_donated.max(1));
-    let command = crate::unit_host_command(
-        &dir,
-        crate::UnitHostLimits {
-            cores: u32::from(config.capacity.cores_donated),
-            unit_memory: memory_per_slot,
-            cache_mb: args.max_cache_mb,
-        },
-    )
-    .map_err(internal)?;
-    let mut work = WorkConfig::new(
-        WorkRunner::UnitHosts(command),
-        u32::from(config.capacity.cores_donated),
-    );
-    work.memory_per_slot = memory_per_slot;
-    work.max_unit_time = std::time::Duration::from_secs(args.max_unit_secs);
+    let donation = donation(&args);
+    config.capacity.cores_donated = donation.cores;
+    config.capacity.cores_free = donation.cores;
+    config.capacity.memory_mb = donation.memory_mb;
+    let command = unit_hosts(&dir, &donation, args.max_cache_mb).map_err(internal)?;
+    let mut work = WorkConfig::new(WorkRunner::UnitHosts(command), u32::from(donation.cores));
+    work.memory_per_slot = donation.memory_per_slot();
+    work.max_unit_time = Duration::from_secs(args.max_unit_secs);
     config.work = Some(work);
 
     let runtime = crate::peer_runtime().map_err(internal)?;
     runtime.block_on(async move {
+        // Before the node answers anyone: from then on a SIGHUP reloads, never kills.
+        let mut hangup = signal(SignalKind::hangup())
+            .context("cannot watch SIGHUP")
+            .map_err(internal)?;
         let node = Node::start(identity, config)
             .await
             .map_err(Failure::usage)?;
         println!("peer {} listening on {}", node.id(), node.local_addr());
-        wait_for_stop().await.map_err(internal)?;
+        let mut live = Live {
+            command_line: command_line.clone(),
+            file,
+            stamp,
+            started: args.clone(),
+            last: args,
+            dir,
+        };
+        let stop = wait_for_stop();
+        tokio::pin!(stop);
+        let mut poll = tokio::time::interval(CONFIG_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                stopped = &mut stop => {
+                    stopped.map_err(internal)?;
+                    break;
+                }
+                _ = hangup.recv() => {
+                    tracing::info!("SIGHUP: reading the config file again");
+                    live.reload(&node).await;
+                }
+                _ = poll.tick() => {
+                    if live.file_changed() {
+                        live.reload(&node).await;
+                    }
+                }
+            }
+        }
         tracing::info!("stopping");
         node.shutdown().await;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// What a running peer needs to apply an edited config file.
+struct Live {
+    /// The flags given at start: they keep winning over the file.
+    command_line: ArgMatches,
+    file: Option<crate::config::ConfigFile>,
+    stamp: Option<crate::config::Stamp>,
+    /// The settings the peer started with: those that need a restart are still these.
+    started: RunArgs,
+    /// The settings last read: changes are reported once, against these.
+    last: RunArgs,
+    dir: PathBuf,
+}
+
+impl Live {
+    fn file_changed(&mut self) -> bool {
+        let Some(file) = &self.file else {
+            return false;
+        };
+        let now = crate::config::stamp(&file.path);
+        now != std::mem::replace(&mut self.stamp, now)
+    }
+
+    /// Reads the settings again: a file that cannot be used is one warning and changes
+    /// nothing; the donated capacity is applied at once; other changes are named as waiting
+    /// for the next start.
+    async fn reload(&mut self, node: &Node) {
+        if let Some(file) = &self.file {
+            self.stamp = crate::config::stamp(&file.path);
+        }
+        let layered = match crate::config::layer(&self.command_line) {
+            Ok(layered) => layered,
+            Err(err) => {
+                tracing::warn!(
+                    "{}; the running settings stay",
+                    coordinator_free::node::error_chain(&err)
+                );
+                return;
+            }
+        };
+        let where_ = self
+            .file
+            .as_ref()
+            .map_or_else(String::new, |f| f.path.display().to_string());
+        let next = layered.args;
+        let (started, before, after) = (as_map(&self.started), as_map(&self.last), as_map(&next));
+        let changed: Vec<&str> = after
+            .iter()
+            .filter(|(key, value)| before.get(*key) != Some(*value))
+            .map(|(key, _)| key.as_str())
+            .collect();
+        // Set back to what the peer runs with, a change that waited is no longer news.
+        let waiting: Vec<&str> = changed
+            .iter()
+            .copied()
+            .filter(|k| !LIVE_KEYS.contains(k) && after.get(*k) != started.get(*k))
+            .collect();
+        if !waiting.is_empty() {
+            tracing::warn!(
+                "{} changed in {where_}; applies at the next start",
+                waiting.join(", ")
+            );
+        }
+        if changed.iter().any(|k| LIVE_KEYS.contains(k)) {
+            let mut donation = donation(&next);
+            // Unit hosts keep the cache cap the peer started with.
+            match unit_hosts(&self.dir, &donation, self.started.max_cache_mb) {
+                Ok(command) => {
+                    donation.unit_host = Some(command);
+                    let (cores, memory_mb) = (donation.cores, donation.memory_mb);
+                    match node.donate(donation).await {
+                        Ok(()) => tracing::info!(
+                            cores,
+                            memory_mb,
+                            "donation changed in {where_}; applied"
+                        ),
+                        Err(err) => tracing::warn!(%err, "cannot apply the new donation"),
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!("{err:#}; the running settings stay");
+                    return;
+                }
+            }
+        }
+        // Settings that wait for a restart are reported once, not at every reload.
+        self.last = next;
+    }
+}
+
+/// The settings as a map from key to value, to see which changed.
+fn as_map(args: &RunArgs) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(args) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    }
+}
+
+/// This machine's cores, as a peer donates them when not told otherwise.
+fn machine_cores() -> u16 {
+    std::thread::available_parallelism()
+        .map_or(1, |n| u16::try_from(n.get()).unwrap_or(MAX_CORES))
+        .min(MAX_CORES)
+}
+
+/// Cores and MiB a peer with these settings donates: `cpus`, else every core; `memory_mb`,
+/// else 512 per donated core.
+pub(crate) fn capacity_of(args: &RunArgs) -> (u16, u32) {
+    let cores = args.cpus.unwrap_or_else(machine_cores);
+    let memory_mb = args
+        .memory_mb
+        .unwrap_or_else(|| 512u32.saturating_mul(u32::from(cores)).min(MAX_MEMORY_MB));
+    (cores, memory_mb)
+}
+
+/// What a peer with these settings donates, warning about settings that work badly.
+fn donation(args: &RunArgs) -> Donation {
+    let (cores, memory_mb) = capacity_of(args);
+    let machine = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if usize::from(cores) > machine {
+        tracing::warn!(
+            "--cpus {cores} is more than this machine's {machine} cores: units will share cores and each run slower"
+        );
+    }
+    let per_core = memory_mb / u32::from(cores.max(1));
+    if args.memory_mb.is_some() && per_core < MIN_USEFUL_MB_PER_CORE {
+        tracing::warn!(
+            "--memory-mb {memory_mb} leaves {per_core} MiB per donated core: units that need more are declined"
+        );
+    }
+    Donation {
+        cores,
+        memory_mb,
+        unit_host: None,
+    }
+}
+
+/// How unit hosts start for `donation`: compiling on at most its cores, each capped at one
+/// core's share of the memory (a unit may use that share) plus what the engine needs.
+fn unit_hosts(
+    dir: &std::path::Path,
+    donation: &Donation,
+    cache_mb: u64,
+) -> anyhow::Result<UnitHostCommand> {
+    crate::unit_host_command(
+        dir,
+        crate::UnitHostLimits {
+            cores: u32::from(donation.cores),
+            unit_memory: donation.memory_per_slot(),
+            cache_mb,
+        },
+    )
 }
 
 fn internal(error: anyhow::Error) -> Failure {

@@ -23,6 +23,8 @@ fn spawn_peer(dir: &Path, extra: &[&str]) -> Peer {
         .args(["run", "--listen", "127.0.0.1:0", "--no-mdns", "--data-dir"])
         .arg(dir)
         .args(extra)
+        // No config file: the user's own must not change what a test runs.
+        .env("XDG_CONFIG_HOME", dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -394,89 +394,6 @@ impl Default for RawLimits {
 }
 
 /// Builds `Invalid` errors for one manifest.
-/// Longest manifest line quoted under an error.
-const MAX_QUOTED_LINE: usize = 160;
-
-/// A TOML error as a person reads it: where, which field, what is wrong in words, and the line
-/// with the spot marked on the lines below.
-fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
-    let message = in_words(err.message().trim());
-    let Some(span) = err.span() else {
-        return message;
-    };
-    let (Some(before), Some(_)) = (text.get(..span.start), text.get(span.start..)) else {
-        return message;
-    };
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let line_end = text[span.start..]
-        .find('\n')
-        .map_or(text.len(), |i| span.start + i);
-    let line = text[line_start..line_end].trim_end_matches('\r');
-    let number = before.matches('\n').count() + 1;
-    let column = before[line_start..].chars().count() + 1;
-    let field = field_on_line(&text[..line_start], line)
-        .map(|f| format!(", field `{f}`"))
-        .unwrap_or_default();
-    let mut out = format!("line {number}, column {column}{field}: {message}");
-    if line.chars().count() <= MAX_QUOTED_LINE {
-        let marked = text
-            .get(span.start..span.end.min(line_start + line.len()).max(span.start))
-            .map_or(1, |m| m.chars().count().max(1));
-        let gutter = number.to_string();
-        out.push_str(&format!(
-            "\n  {gutter} | {line}\n  {} | {}{}",
-            " ".repeat(gutter.len()),
-            " ".repeat(column - 1),
-            "^".repeat(marked)
-        ));
-    }
-    out
-}
-
-/// Serde's names of Rust types, in the words of the manifest's reader.
-fn in_words(message: &str) -> String {
-    let mut out = message.to_owned();
-    for (rust, words) in [
-        ("i64", "a whole number"),
-        ("u64", "a whole number"),
-        ("u32", "a whole number"),
-        ("u16", "a whole number"),
-        ("f64", "a number"),
-    ] {
-        out = out.replace(&format!("expected {rust}"), &format!("expected {words}"));
-    }
-    out
-}
-
-/// The dotted name of the key set on `line` (a `key = value` line), under the last table
-/// header in `above`.
-fn field_on_line(above: &str, line: &str) -> Option<String> {
-    let (key, _) = line.split_once('=')?;
-    let key = key.trim();
-    let bare = |k: &str| {
-        !k.is_empty()
-            && k.split('.').all(|part| {
-                let part = part.trim();
-                !part.is_empty()
-                    && part
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            })
-    };
-    if !bare(key) {
-        return None;
-    }
-    let table = above.lines().rev().map(str::trim).find_map(|l| {
-        l.strip_prefix('[')
-            .and_then(|l| l.split(']').next())
-            .map(|t| t.trim_start_matches('[').trim().to_owned())
-    });
-    Some(match table {
-        Some(table) if bare(&table) => format!("{table}.{key}"),
-        _ => key.to_owned(),
-    })
-}
-
 struct Check<'a> {
     path: &'a Path,
 }
@@ -576,7 +493,7 @@ impl JobManifest {
     pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Self, ManifestError> {
         let raw: RawManifest = toml::from_str(text).map_err(|e| ManifestError::Syntax {
             path: path.to_owned(),
-            message: describe_toml_error(text, &e),
+            message: crate::toml_text::describe(text, &e),
         })?;
         let check = Check { path };
 

@@ -21,6 +21,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+mod resize;
+
 use super::modules::{ModuleCache, ModuleKey};
 use super::outbox::{Outbox, OutboxError, write_loop};
 use crate::digest::Digest;
@@ -198,6 +200,8 @@ pub(super) enum WorkInput {
     Peers(Vec<crate::control::PeerStatus>),
     /// Asks what the donated cores are doing.
     Status(tokio::sync::oneshot::Sender<crate::control::WorkStatus>),
+    /// The peer donates this from now on.
+    Donate(super::Donation),
 }
 
 #[derive(Debug)]
@@ -382,6 +386,8 @@ struct Work {
     next_pull: Instant,
     tamper: bool,
     tamper_switch: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// How unit hosts are started, kept to start more of them when the slots change.
+    unit_host: Option<UnitHostCommand>,
     memory_per_slot: u64,
     max_unit_time: Duration,
     /// Units the intake starts at once: the slots, or more when units are short.
@@ -436,6 +442,10 @@ pub(super) fn spawn(
         next_pull: Instant::now() + PULL_EVERY,
         tamper: config.tamper,
         tamper_switch: config.tamper_switch.clone(),
+        unit_host: match &config.runner {
+            WorkRunner::UnitHosts(command) => Some(command.clone()),
+            WorkRunner::InProcess(_) => None,
+        },
         memory_per_slot: config.memory_per_slot,
         max_unit_time: config.max_unit_time,
         at_once: config.slots,
@@ -556,6 +566,7 @@ impl Work {
                     jobs: u32::try_from(self.jobs.len()).unwrap_or(u32::MAX),
                 });
             }
+            WorkInput::Donate(donation) => self.resize(donation, now),
         }
     }
 

@@ -676,4 +676,63 @@ mod tests {
         assert_eq!((intake.running(), intake.queued()), (0, 0));
         assert_eq!(intake.want(&peer(2)), 8);
     }
+
+    #[test]
+    fn fewer_slots_stop_no_running_unit_and_start_none_until_under_the_cap() {
+        let now = Instant::now();
+        let deadline = now + Duration::from_secs(60);
+        let job = Digest::of(b"job");
+        let mut intake = Intake::new(IntakeConfig {
+            slots: 3,
+            max_queued_per_submitter: 100,
+            ..IntakeConfig::default()
+        });
+        intake.handle(
+            IntakeEvent::Offer {
+                from: peer(1),
+                job,
+                leases: leases(0, 10, deadline),
+            },
+            now,
+        );
+        let runs = |commands: &[IntakeCommand]| -> Vec<LeaseId> {
+            commands
+                .iter()
+                .filter_map(|c| match c {
+                    IntakeCommand::Run(t) => Some(t.lease.id),
+                    _ => None,
+                })
+                .collect()
+        };
+        let started = runs(&drain(&mut intake));
+        assert_eq!(started.len(), 3);
+        intake.handle(IntakeEvent::SlotsChanged(1), now);
+        let after_shrink = drain(&mut intake);
+        assert!(
+            !after_shrink
+                .iter()
+                .any(|c| matches!(c, IntakeCommand::Abort { .. } | IntakeCommand::Run(_))),
+            "{after_shrink:?}"
+        );
+        let done = |intake: &mut Intake, lease: LeaseId| {
+            intake.handle(
+                IntakeEvent::Done {
+                    submitter: peer(1),
+                    job,
+                    lease,
+                    outcome: Outcome::HostFailure,
+                },
+                now,
+            );
+            runs(&drain(intake)).len()
+        };
+        // Three run where one fits: the first two to end start nothing, the third one does.
+        assert_eq!(done(&mut intake, started[0]), 0);
+        assert_eq!(done(&mut intake, started[1]), 0);
+        assert_eq!(done(&mut intake, started[2]), 1);
+        assert_eq!(intake.running(), 1);
+        intake.handle(IntakeEvent::SlotsChanged(3), now);
+        assert_eq!(runs(&drain(&mut intake)).len(), 2);
+        assert_eq!(intake.running(), 3);
+    }
 }

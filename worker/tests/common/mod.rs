@@ -101,6 +101,8 @@ pub fn start_peer_at(root: &Path, name: &str, bootstrap: Option<&Peer>, listen: 
         .arg("--data-dir")
         .arg(root.join(name))
         .env_remove("WORKER_LOG")
+        // No config file: the user's own must not change what a test runs.
+        .env("XDG_CONFIG_HOME", root)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(root.join(format!("{name}.stderr"))).unwrap());
