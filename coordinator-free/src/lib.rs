@@ -25,6 +25,7 @@ pub mod schedule;
 #[cfg(test)]
 mod sim_queue;
 pub mod store;
+pub mod suspend;
 pub mod text;
 pub mod validate;
 pub mod wire;

@@ -5,6 +5,7 @@ mod demo;
 mod exec;
 mod id;
 mod jobs;
+mod pause;
 mod run;
 mod status;
 mod submit;
@@ -43,6 +44,11 @@ enum Command {
     /// Ask the running peer for its identity, known peers and the work it runs, and list the
     /// peers that disagreed with accepted results of jobs submitted from this data directory.
     Status(status::StatusArgs),
+    /// Stop the running peer's units at once and take no new ones, until `worker resume` or
+    /// for a while (`--for 2h`); kept across restarts.
+    Pause(pause::PauseArgs),
+    /// End a pause: the stopped units continue and the peer takes leases again.
+    Resume(pause::ResumeArgs),
     /// Print this peer's id (creates the identity key on first use).
     Id(id::IdArgs),
     /// List the jobs submitted from this data directory: name, id, state, counts, times.
@@ -100,6 +106,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Status(args) => status::run(args),
         Command::Submit(args) => submit::run(args),
+        Command::Pause(args) => pause::pause(args),
+        Command::Resume(args) => pause::resume(args),
         Command::Id(args) => id::run(args),
         Command::Jobs(args) => jobs::list(args),
         Command::Results(args) => jobs::results(args),

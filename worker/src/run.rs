@@ -142,6 +142,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     );
     work.memory_per_slot = memory_per_slot;
     work.max_unit_time = std::time::Duration::from_secs(args.max_unit_secs);
+    work.pause_dir = Some(dir.clone());
     config.work = Some(work);
 
     let runtime = crate::peer_runtime().map_err(internal)?;
@@ -150,11 +151,25 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
             .await
             .map_err(Failure::usage)?;
         println!("peer {} listening on {}", node.id(), node.local_addr());
+        say_if_paused(&node).await;
         wait_for_stop().await.map_err(internal)?;
         tracing::info!("stopping");
         node.shutdown().await;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// A peer that starts paused (a pause recorded before this start) says so, or the volunteer
+/// would wonder why it takes no work.
+async fn say_if_paused(node: &Node) {
+    if let Ok(report) = node.status().await
+        && report
+            .work
+            .as_ref()
+            .is_some_and(|w| !w.suspended.is_empty())
+    {
+        println!("{}", crate::pause::state_line(&report));
+    }
 }
 
 fn internal(error: anyhow::Error) -> Failure {
