@@ -630,10 +630,11 @@ impl Work {
         match self.suspension.set(reason, on, now) {
             Transition::Suspended => {
                 tracing::info!(%reason, "work suspended");
+                // The advert first: whoever sees the hosts stopped sees no free core either.
+                self.suspended_tx.send_replace(true);
                 self.host_switch.set_stopped(true);
                 self.intake.set_suspended(true, now);
                 self.next_hand_back = now;
-                self.suspended_tx.send_replace(true);
                 self.tell_submitters();
             }
             Transition::Resumed => {

@@ -621,6 +621,27 @@ fn signal(pid: u32, signal: libc::c_int) {
     }
 }
 
+/// Makes the host die (SIGKILL) when the thread that started it ends, as it does when the peer
+/// is killed outright: a host stopped by a suspension would not notice its pipes closing and
+/// would stay behind, stopped, for good. Set in the child before it runs the program, so no
+/// moment is left in which the host could be stopped without it.
+fn die_with_parent(command: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs in the child between fork and exec; prctl is one system call,
+        // safe to make there, and touches no memory of ours.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
+}
+
 /// Stops and continues together every unit host started under it: a volunteer's machine is
 /// taken back at once (SIGSTOP), and the units continue where they were (SIGCONT), their
 /// deadlines moved by the time they were stopped. A host started while the switch is off is
@@ -769,12 +790,14 @@ impl UnitHost {
 
     fn start(&mut self) -> std::io::Result<&mut Running> {
         if self.running.is_none() {
-            let mut child = Command::new(&self.command.program)
+            let mut command = Command::new(&self.command.program);
+            command
                 .args(&self.command.args)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()?;
+                .stderr(Stdio::inherit());
+            die_with_parent(&mut command);
+            let mut child = command.spawn()?;
             let pid = child.id();
             let stdin = child.stdin.take();
             let stdout = child.stdout.take();
