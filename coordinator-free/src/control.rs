@@ -2,7 +2,9 @@
 //!
 //! A Unix socket inside the data directory, mode 0600 in a 0700 directory, so only the user
 //! who runs the peer (and root) can reach it; nothing is exposed on the network. The protocol
-//! is one request line (`status`) answered by one JSON document, then the server closes.
+//! is one request line answered by one JSON document, then the server closes: `status`;
+//! `pause` (until `resume`) or `pause SECS`; `resume`. Each answers with the status report as
+//! it is after the request, or `{"error": "..."}`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -65,6 +67,19 @@ pub struct WorkStatus {
     pub submitters: u32,
     /// Jobs this peer holds leases or state for.
     pub jobs: u32,
+    /// Why the donated cores are suspended now; empty while they work.
+    #[serde(default)]
+    pub suspended: Vec<crate::suspend::Reason>,
+    /// When the current suspension began, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub suspended_since_ms: Option<u64>,
+    /// When the user's pause ends by itself, in milliseconds since the Unix epoch; `None` with
+    /// `paused_by_user` among the reasons is a pause until `worker resume`.
+    #[serde(default)]
+    pub pause_until_ms: Option<u64>,
+    /// Leases handed back to their submitters because a suspension outlasted their slack.
+    #[serde(default)]
+    pub handed_back: u64,
 }
 
 /// One known peer, from its latest advert.
@@ -115,10 +130,23 @@ pub enum ControlError {
     Refused(String),
 }
 
+/// A change to the user's pause asked over the control socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseChange {
+    /// Pause for this long, or until resumed when `None`.
+    Pause(Option<Duration>),
+    Resume,
+}
+
 /// A request from a control client to the node that owns the state.
 #[derive(Debug)]
 pub(crate) enum ControlRequest {
     Status(oneshot::Sender<StatusReport>),
+    /// Pause or resume; answered with the status after the change, or why it failed.
+    Pause {
+        change: PauseChange,
+        reply: oneshot::Sender<Result<StatusReport, String>>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -201,6 +229,15 @@ async fn answer(
                 }),
             }
         }
+        ClientRequest::Pause(secs) => {
+            change(&requests, PauseChange::Pause(secs.map(Duration::from_secs))).await
+        }
+        ClientRequest::Resume => change(&requests, PauseChange::Resume).await,
+        ClientRequest::BadPause(argument) => serde_json::to_vec(&ErrorReply {
+            error: format!(
+                "pause takes whole seconds from 1 to {MAX_PAUSE_SECS}, not {argument:?}"
+            ),
+        }),
         ClientRequest::Unknown(request) => serde_json::to_vec(&ErrorReply {
             error: format!("unknown request {request:?}"),
         }),
@@ -211,10 +248,37 @@ async fn answer(
     Ok(())
 }
 
+/// Asks the node for a pause change and renders its answer.
+async fn change(
+    requests: &mpsc::Sender<ControlRequest>,
+    change: PauseChange,
+) -> serde_json::Result<Vec<u8>> {
+    let (reply, rx) = oneshot::channel();
+    let answer = match requests.send(ControlRequest::Pause { change, reply }).await {
+        Ok(()) => rx
+            .await
+            .unwrap_or_else(|_| Err("the peer is shutting down".into())),
+        Err(_) => Err("the peer is shutting down".into()),
+    };
+    match answer {
+        Ok(report) => serde_json::to_vec(&report),
+        Err(error) => serde_json::to_vec(&ErrorReply { error }),
+    }
+}
+
+/// Longest pause with an end asked over the socket, in seconds.
+pub(crate) const MAX_PAUSE_SECS: u64 = crate::suspend::MAX_PAUSE.as_secs();
+
 /// What a control client asked for, as read from its request line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ClientRequest {
     Status,
+    /// Pause for this many seconds, or until resumed.
+    Pause(Option<u64>),
+    Resume,
+    /// `pause` with an argument that is not a number of seconds in range, cut like
+    /// [`ClientRequest::Unknown`]'s.
+    BadPause(String),
     /// Anything else, cut to [`MAX_ECHOED_CHARS`] characters for the refusal.
     Unknown(String),
 }
@@ -231,9 +295,17 @@ pub(crate) async fn read_request(
     BufReader::new(reader.take(MAX_REQUEST as u64))
         .read_line(&mut line)
         .await?;
-    Ok(match line.trim() {
-        "status" => ClientRequest::Status,
-        other => ClientRequest::Unknown(other.chars().take(MAX_ECHOED_CHARS).collect()),
+    let echo = |text: &str| text.chars().take(MAX_ECHOED_CHARS).collect();
+    let mut words = line.split_whitespace();
+    Ok(match (words.next(), words.next(), words.next()) {
+        (Some("status"), None, None) => ClientRequest::Status,
+        (Some("resume"), None, None) => ClientRequest::Resume,
+        (Some("pause"), None, None) => ClientRequest::Pause(None),
+        (Some("pause"), Some(secs), None) => match secs.parse::<u64>() {
+            Ok(secs) if (1..=MAX_PAUSE_SECS).contains(&secs) => ClientRequest::Pause(Some(secs)),
+            _ => ClientRequest::BadPause(echo(secs)),
+        },
+        _ => ClientRequest::Unknown(echo(line.trim())),
     })
 }
 
@@ -250,6 +322,31 @@ pub(crate) fn parse_reply(reply: &[u8]) -> Result<StatusReport, ControlError> {
 
 /// Asks the peer running with data directory `dir` for its status.
 pub async fn status(dir: &Path) -> Result<StatusReport, ControlError> {
+    ask(dir, "status").await
+}
+
+/// Pauses the peer running with data directory `dir` for `length`, or until resumed when
+/// `None`; answers with its status after the change.
+pub async fn pause(dir: &Path, length: Option<Duration>) -> Result<StatusReport, ControlError> {
+    match length {
+        // Whole seconds on the wire, at least one: a pause is never shorter than asked.
+        Some(length) => {
+            let secs = length
+                .as_secs()
+                .saturating_add(u64::from(length.subsec_nanos() > 0))
+                .clamp(1, MAX_PAUSE_SECS);
+            ask(dir, &format!("pause {secs}")).await
+        }
+        None => ask(dir, "pause").await,
+    }
+}
+
+/// Resumes the peer running with data directory `dir` from the user's pause.
+pub async fn resume(dir: &Path) -> Result<StatusReport, ControlError> {
+    ask(dir, "resume").await
+}
+
+async fn ask(dir: &Path, request: &str) -> Result<StatusReport, ControlError> {
     let path = dir.join(SOCKET_FILE);
     tokio::time::timeout(CLIENT_TIMEOUT, async {
         let mut stream =
@@ -266,7 +363,7 @@ pub async fn status(dir: &Path) -> Result<StatusReport, ControlError> {
                         source,
                     },
                 })?;
-        stream.write_all(b"status\n").await?;
+        stream.write_all(format!("{request}\n").as_bytes()).await?;
         let mut reply = Vec::new();
         stream.take(MAX_REPLY).read_to_end(&mut reply).await?;
         parse_reply(&reply)
@@ -299,6 +396,64 @@ mod tests {
             ClientRequest::Unknown(String::new())
         );
         assert!(read_request(&b"\xff\xfe\n"[..]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn pause_and_resume_requests_take_only_seconds_in_range() {
+        assert_eq!(request(b"pause\n").await, ClientRequest::Pause(None));
+        assert_eq!(request(b"pause 90\n").await, ClientRequest::Pause(Some(90)));
+        assert_eq!(request(b" resume \n").await, ClientRequest::Resume);
+        let max = format!("pause {MAX_PAUSE_SECS}\n");
+        assert_eq!(
+            request(max.as_bytes()).await,
+            ClientRequest::Pause(Some(MAX_PAUSE_SECS))
+        );
+        for bad in ["0", "-1", "1.5", "90s", "99999999999999999999999999"] {
+            let line = format!("pause {bad}\n");
+            assert_eq!(
+                request(line.as_bytes()).await,
+                ClientRequest::BadPause(bad.chars().take(MAX_ECHOED_CHARS).collect()),
+                "{bad}"
+            );
+        }
+        let beyond = format!("pause {}\n", MAX_PAUSE_SECS + 1);
+        assert!(matches!(
+            request(beyond.as_bytes()).await,
+            ClientRequest::BadPause(_)
+        ));
+        assert_eq!(
+            request(b"pause 5 6\n").await,
+            ClientRequest::Unknown("pause 5 6".into())
+        );
+        assert_eq!(
+            request(b"resume now\n").await,
+            ClientRequest::Unknown("resume now".into())
+        );
+    }
+
+    #[test]
+    fn a_work_status_from_an_older_peer_still_parses() {
+        let old = br#"{"slots":2,"running":1,"queued":0,"completed":5,"submitters":1,"jobs":1}"#;
+        let status: WorkStatus = serde_json::from_slice(old).expect("parses");
+        assert!(status.suspended.is_empty());
+        assert_eq!(status.pause_until_ms, None);
+        let new = WorkStatus {
+            suspended: vec![
+                crate::suspend::Reason::PausedByUser,
+                crate::suspend::Reason::TooHot,
+            ],
+            suspended_since_ms: Some(1),
+            ..status
+        };
+        let json = serde_json::to_string(&new).expect("serialises");
+        assert!(
+            json.contains(r#""suspended":["paused_by_user","too_hot"]"#),
+            "{json}"
+        );
+        assert_eq!(
+            serde_json::from_str::<WorkStatus>(&json).expect("parses"),
+            new
+        );
     }
 
     #[test]

@@ -255,7 +255,11 @@ pub fn control_request(data: &[u8]) {
             let line = read.split(|&b| b == b'\n').next().unwrap_or_default();
             assert_eq!(std::str::from_utf8(line).map(str::trim), Ok("status"));
         }
-        Ok(ClientRequest::Unknown(echo)) => {
+        Ok(ClientRequest::Pause(secs)) => {
+            assert!(secs.is_none_or(|s| (1..=crate::control::MAX_PAUSE_SECS).contains(&s)));
+        }
+        Ok(ClientRequest::Resume) => {}
+        Ok(ClientRequest::BadPause(echo)) | Ok(ClientRequest::Unknown(echo)) => {
             assert!(echo.chars().count() <= MAX_ECHOED_CHARS);
             assert_ne!(echo, "status");
         }
@@ -669,6 +673,7 @@ fn control_seeds() -> Vec<Vec<u8>> {
             completed: 10,
             submitters: 1,
             jobs: 1,
+            ..WorkStatus::default()
         }),
     };
     vec![

@@ -29,6 +29,7 @@ pub mod schedule;
 #[cfg(test)]
 mod sim_queue;
 pub mod store;
+pub mod suspend;
 pub mod text;
 pub mod toml_text;
 pub mod validate;

@@ -41,7 +41,7 @@ use outbox::{Outbox, OutboxError, write_loop};
 
 pub use donate::Donation;
 pub use submit::{JobDialer, NET_LEASE_MARGIN, NetWorkers, net_schedule_config};
-pub use work::{WorkConfig, WorkRunner};
+pub use work::{SuspendSwitch, WorkConfig, WorkRunner};
 
 /// Inputs queued for the actor from all connection tasks together.
 const INPUT_QUEUE: usize = 1024;
@@ -274,6 +274,7 @@ pub struct Node {
     requests: mpsc::Sender<Request>,
     /// The work task, when this peer runs other peers' units.
     work: Option<mpsc::Sender<work::WorkInput>>,
+    suspend: Option<SuspendSwitch>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -405,18 +406,25 @@ impl Node {
                 Instant::now(),
             ))),
         };
+        // The work side says whether it is suspended; the actor advertises no free cores
+        // meanwhile.
+        let (suspended_tx, suspended_rx) = tokio::sync::watch::channel(false);
         let work = match config.work {
-            Some(work) => Some(work::spawn(work, dialer.clone(), &mut tasks)?),
+            Some(work) => Some(work::spawn(work, dialer.clone(), suspended_tx, &mut tasks)?),
             None => None,
         };
         let work_handle = work.clone();
+        let suspend = work.clone().map(SuspendSwitch::new);
         let actor = Actor {
             dialer: dialer.clone(),
             bootstrap: config.bootstrap.iter().map(|b| b.addr).collect(),
             resolved: vec![Vec::new(); config.bootstrap_names.len()],
             isolated,
             dialer_pulls: pulls,
+            suspended: work.is_some().then_some(suspended_rx),
             work,
+            capacity: config.capacity,
+            advertised_suspended: false,
             me: id,
             membership,
             allow,
@@ -441,6 +449,7 @@ impl Node {
             dialer,
             requests: requests_tx,
             work: work_handle,
+            suspend,
             task: Some(task),
         })
     }
@@ -461,6 +470,13 @@ impl Node {
 
     pub async fn status(&self) -> Result<StatusReport, NodeError> {
         self.dialer.status().await
+    }
+
+    /// The switch that suspends and resumes this peer's donated work for a reason, for the
+    /// parts that watch the machine (idle, battery, time windows, load, heat); `None` when the
+    /// peer runs no units.
+    pub fn suspend_switch(&self) -> Option<SuspendSwitch> {
+        self.suspend.clone()
     }
 
     /// Closes every connection with a goodbye and stops all tasks.
@@ -533,6 +549,13 @@ struct Actor {
     dialer_pulls: submit::PullInbox,
     /// The work task, when this peer runs other peers' units.
     work: Option<mpsc::Sender<work::WorkInput>>,
+    /// Whether the work task is suspended: the advert then says no core is free. `None` when
+    /// there is no work task (or it ended).
+    suspended: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The capacity this peer was started with, advertised while its work is not suspended.
+    capacity: Capacity,
+    /// Whether the advert says the work is suspended (no core free).
+    advertised_suspended: bool,
     me: PeerId,
     membership: Membership<crate::identity::KeyAuth>,
     allow: Option<Arc<AllowList>>,
@@ -562,6 +585,8 @@ impl Actor {
             tokio::select! {
                 request = requests.recv() => match request {
                     Some(Request::Control(ControlRequest::Status(reply))) => {
+                        // A change the work task made just now shows in this report already.
+                        self.follow_suspension();
                         let mut report = self.status();
                         match &self.work {
                             // The work task answers on its own time; the actor does not wait.
@@ -584,6 +609,9 @@ impl Actor {
                             }
                         }
                     }
+                    Some(Request::Control(ControlRequest::Pause { change, reply })) => {
+                        self.pause(change, reply);
+                    }
                     Some(Request::Announce(job)) => {
                         self.membership.handle(Event::JobChanged(job), Instant::now());
                     }
@@ -599,6 +627,11 @@ impl Actor {
                     }
                 },
                 Some(input) = inputs.recv() => self.on_input(input),
+                changed = suspension_changed(&mut self.suspended) => match changed {
+                    Ok(()) => self.follow_suspension(),
+                    // The work task ended: nothing will change any more.
+                    Err(_) => self.suspended = None,
+                },
                 () = tokio::time::sleep_until(wake) => {
                     self.membership.handle_timeout(Instant::now());
                 }
@@ -615,6 +648,69 @@ impl Actor {
             self.isolated
                 .send_if_modified(|was| std::mem::replace(was, alone) != alone);
         }
+    }
+
+    /// Re-signs the advert when the work task's suspension changed: no core is free while it
+    /// is suspended, so submitters look elsewhere.
+    fn follow_suspension(&mut self) {
+        let Some(rx) = &mut self.suspended else {
+            return;
+        };
+        let suspended = *rx.borrow_and_update();
+        if suspended == self.advertised_suspended {
+            return;
+        }
+        self.advertised_suspended = suspended;
+        let capacity = Capacity {
+            cores_free: if suspended {
+                0
+            } else {
+                self.capacity.cores_free
+            },
+            ..self.capacity
+        };
+        tracing::debug!(
+            suspended,
+            cores_free = capacity.cores_free,
+            "advert follows the work side"
+        );
+        self.membership
+            .handle(Event::CapacityChanged(capacity), Instant::now());
+    }
+
+    /// Hands a pause or resume to the work task, and answers with the status after it.
+    fn pause(
+        &mut self,
+        change: control::PauseChange,
+        reply: oneshot::Sender<Result<StatusReport, String>>,
+    ) {
+        let Some(work) = &self.work else {
+            let _ = reply.send(Err(
+                "this peer donates no cores: there is no work to pause".into()
+            ));
+            return;
+        };
+        let (tx, rx) = oneshot::channel();
+        if work
+            .try_send(work::WorkInput::Pause { change, reply: tx })
+            .is_err()
+        {
+            let _ = reply.send(Err("the peer is busy; try again".into()));
+            return;
+        }
+        let dialer = self.dialer.clone();
+        self.tasks.spawn(async move {
+            let answer = match tokio::time::timeout(STATUS_WAIT, rx).await {
+                Ok(Ok(Ok(()))) => dialer
+                    .status()
+                    .await
+                    .map_err(|_| "the peer is shutting down".to_owned()),
+                Ok(Ok(Err(err))) => Err(err),
+                Ok(Err(_)) => Err("the peer is shutting down".into()),
+                Err(_) => Err("the peer did not answer in time".into()),
+            };
+            let _ = reply.send(answer);
+        });
     }
 
     fn on_input(&mut self, input: Input) {
@@ -852,6 +948,16 @@ impl Actor {
         if let Some(path) = self.control_path.take() {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+/// Waits for the work task's suspension to change; never, when there is no work task.
+async fn suspension_changed(
+    rx: &mut Option<tokio::sync::watch::Receiver<bool>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }
 

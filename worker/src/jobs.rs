@@ -228,7 +228,7 @@ fn counts(store: &JobStore, id: &Digest) -> Result<(u64, u64), Failure> {
     Ok((accepted, failed))
 }
 
-fn when(ms: u64) -> String {
+pub(crate) fn when(ms: u64) -> String {
     let secs = ms / 1000;
     let days = secs / 86_400;
     let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(0));

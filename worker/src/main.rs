@@ -7,6 +7,7 @@ mod exec;
 mod history;
 mod id;
 mod jobs;
+mod pause;
 mod run;
 mod status;
 mod submit;
@@ -48,6 +49,11 @@ enum Command {
     /// Ask the running peer for its identity, known peers and the work it runs, and list the
     /// peers that disagreed with accepted results of jobs submitted from this data directory.
     Status(status::StatusArgs),
+    /// Stop the running peer's units at once and take no new ones, until `worker resume` or
+    /// for a while (`--for 2h`); kept across restarts.
+    Pause(pause::PauseArgs),
+    /// End a pause: the stopped units continue and the peer takes leases again.
+    Resume(pause::ResumeArgs),
     /// Print this peer's id (creates the identity key on first use).
     Id(id::IdArgs),
     /// What this peer has given, day by day: CPU time, units run, verdicts on its answers.
@@ -114,6 +120,8 @@ fn main() -> ExitCode {
         Command::Config(args) => config::show(&args, &given),
         Command::Status(args) => status::run(args),
         Command::Submit(args) => submit::run(args),
+        Command::Pause(args) => pause::pause(args),
+        Command::Resume(args) => pause::resume(args),
         Command::Id(args) => id::run(args),
         Command::History(args) => history::run(args),
         Command::Jobs(args) => jobs::list(args),

@@ -126,6 +126,7 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
     let mut work = WorkConfig::new(WorkRunner::UnitHosts(command), u32::from(donation.cores));
     work.memory_per_slot = donation.memory_per_slot();
     work.max_unit_time = Duration::from_secs(args.max_unit_secs);
+    work.pause_dir = Some(dir.clone());
     config.work = Some(work);
 
     let runtime = crate::peer_runtime().map_err(internal)?;
@@ -138,6 +139,7 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
             .await
             .map_err(Failure::usage)?;
         println!("peer {} listening on {}", node.id(), node.local_addr());
+        say_if_paused(&node).await;
         let mut live = Live {
             command_line: command_line.clone(),
             file,
@@ -324,6 +326,19 @@ fn unit_hosts(
             cache_mb,
         },
     )
+}
+
+/// A peer that starts paused (a pause recorded before this start) says so, or the volunteer
+/// would wonder why it takes no work.
+async fn say_if_paused(node: &Node) {
+    if let Ok(report) = node.status().await
+        && report
+            .work
+            .as_ref()
+            .is_some_and(|w| !w.suspended.is_empty())
+    {
+        println!("{}", crate::pause::state_line(&report));
+    }
 }
 
 fn internal(error: anyhow::Error) -> Failure {

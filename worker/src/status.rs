@@ -201,6 +201,14 @@ fn table(report: &StatusReport) -> String {
             "work       {}/{} slots busy, {} queued, {} units done, {} jobs from {} submitters",
             w.running, w.slots, w.queued, w.completed, w.jobs, w.submitters
         );
+        let _ = writeln!(out, "state      {}", crate::pause::state_line(report));
+        if w.handed_back > 0 {
+            let _ = writeln!(
+                out,
+                "           {} leases handed back to their submitters during suspensions",
+                w.handed_back
+            );
+        }
     }
     let _ = writeln!(
         out,

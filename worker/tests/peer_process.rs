@@ -222,3 +222,119 @@ fn an_isolated_peer_and_an_empty_allow_list_say_so() {
     );
     assert!(found, "no word of being isolated:\n{seen}{more}");
 }
+
+/// A request line written straight to the control socket, and the reply.
+fn control_line(dir: &Path, line: &str) -> Value {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(dir.join("control.sock")).expect("socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream.write_all(line.as_bytes()).expect("request");
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).expect("reply");
+    serde_json::from_slice(&reply).expect("a JSON reply")
+}
+
+fn suspended(status: &Value) -> Vec<String> {
+    status["work"]["suspended"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64
+}
+
+#[test]
+fn pause_and_resume_a_running_peer_and_keep_the_pause_across_restarts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("p");
+    let pause_file = dir.join("pause");
+    let stdout = |out: &Output| String::from_utf8_lossy(&out.stdout).into_owned();
+
+    // No peer yet: the pause is recorded, and the first start is paused.
+    let out = worker(&["pause", "--for", "1h"], &dir);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("the pause is recorded"), "{out:?}");
+    assert!(pause_file.exists());
+    let bad = worker(&["pause", "--for", "10x"], &dir);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a duration"));
+
+    let peer = spawn_peer(&dir, &["--cpus", "1"]);
+    let status = wait_for_status(&dir, |s| s["work"].is_object());
+    assert_eq!(suspended(&status), vec!["paused_by_user"], "{status}");
+    assert_eq!(status["cores_free"], 0, "{status}");
+    let until = status["work"]["pause_until_ms"].as_u64().expect("an end");
+    let hour = 3_600_000;
+    assert!(until > now_ms() + hour - 120_000 && until < now_ms() + hour + 1000);
+    let text = stdout(&worker(&["status"], &dir));
+    assert!(
+        text.contains("suspended: paused by user") && text.contains("the pause ends"),
+        "{text}"
+    );
+
+    // Resume: work again, the record gone.
+    let out = worker(&["resume"], &dir);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out).trim(), "running");
+    let status = wait_for_status(&dir, |s| suspended(s).is_empty());
+    assert_eq!(status["cores_free"], 1, "{status}");
+    assert!(!pause_file.exists());
+    assert!(stdout(&worker(&["status"], &dir)).contains("state      running"));
+
+    // An indefinite pause, then a restart: still paused.
+    let out = worker(&["pause"], &dir);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout(&out).contains("suspended: paused by user")
+            && stdout(&out).contains("until `worker resume`"),
+        "{out:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&pause_file).expect("pause file"),
+        "indefinite\n"
+    );
+    drop(peer);
+    let peer = spawn_peer(&dir, &["--cpus", "1"]);
+    let status = wait_for_status(&dir, |s| s["work"].is_object());
+    assert_eq!(suspended(&status), vec!["paused_by_user"], "{status}");
+    assert!(status["work"]["pause_until_ms"].is_null(), "{status}");
+
+    // Malformed requests get clear refusals, and the peer stays up.
+    let refused = control_line(&dir, "pause soon\n");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("whole seconds")),
+        "{refused}"
+    );
+    let refused = control_line(&dir, "resume everything\n");
+    assert!(refused["error"].as_str().is_some(), "{refused}");
+    // A timed pause replaces the indefinite one and ends by itself.
+    let reply = control_line(&dir, "pause 2\n");
+    assert!(reply["work"]["pause_until_ms"].is_u64(), "{reply}");
+    let status = wait_for_status(&dir, |s| suspended(s).is_empty());
+    assert_eq!(status["cores_free"], 1, "{status}");
+    assert!(!pause_file.exists(), "an ended pause leaves no record");
+
+    // A pause file that does not parse keeps the next start paused, until resumed.
+    drop(peer);
+    std::fs::write(&pause_file, b"\xff\x00 until tomorrow").expect("write");
+    let _peer = spawn_peer(&dir, &["--cpus", "1"]);
+    let status = wait_for_status(&dir, |s| s["work"].is_object());
+    assert_eq!(suspended(&status), vec!["paused_by_user"], "{status}");
+    let out = worker(&["resume"], &dir);
+    assert_eq!(stdout(&out).trim(), "running", "{out:?}");
+    assert!(!pause_file.exists());
+}

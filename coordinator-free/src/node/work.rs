@@ -10,10 +10,17 @@
 //! Everything a submitter sends is bounded: jobs per peer, leases waiting for blobs, blobs in
 //! flight and blob bytes cached, results waiting for their report. What does not fit is
 //! declined, never queued without bound.
+//!
+//! The task also owns the peer's [`Suspension`]: while any reason holds, the unit hosts are
+//! stopped (SIGSTOP, their deadlines frozen), nothing starts, offers are declined, no
+//! submitter is pulled, the reports ask for no lease and the advert shows no free core. A
+//! held lease whose slack the suspension has used up is handed back (declined, its stopped
+//! unit killed) so its submitter re-issues it at once: see [`Work::hand_back`].
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use quinn::VarInt;
@@ -25,16 +32,18 @@ mod resize;
 
 use super::modules::{ModuleCache, ModuleKey};
 use super::outbox::{Outbox, OutboxError, write_loop};
+use crate::control::PauseChange;
 use crate::digest::Digest;
 use crate::host::Host;
 use crate::job::proto::{InputRef, JobFrame, JobSpec, SEND_CHUNK, WireLease, WireResult};
 use crate::net::{PeerLink, close};
 use crate::peer_id::PeerId;
 use crate::sandbox::{
-    Abort, Executor, HostedModule, Metering, OutcomeClass, PROFILE, PreparedModule, Sandbox,
-    SandboxConfig, SandboxError, UnitError, UnitHost, UnitHostCommand, UnitRequest,
+    Abort, Executor, HostSwitch, HostedModule, Metering, OutcomeClass, PROFILE, PreparedModule,
+    Sandbox, SandboxConfig, SandboxError, UnitError, UnitHost, UnitHostCommand, UnitRequest,
 };
 use crate::schedule::{Intake, IntakeCommand, IntakeConfig, IntakeEvent, Lease, LeaseId};
+use crate::suspend::{Pause, Reason, Suspension, Transition};
 use crate::validate::Outcome;
 use crate::wire;
 
@@ -114,6 +123,8 @@ pub const DEFAULT_MAX_UNIT_TIME: Duration = Duration::from_secs(86_400);
 const SHORT_UNIT: Duration = Duration::from_millis(1);
 /// How many units per slot are started at once when units are short.
 const SHORT_UNITS_PER_SLOT: u32 = 16;
+/// How often a suspended worker looks for held leases whose slack is used up.
+const HAND_BACK_EVERY: Duration = Duration::from_millis(500);
 
 /// How this peer runs units.
 #[derive(Debug, Clone)]
@@ -149,6 +160,10 @@ pub struct WorkConfig {
     /// turn liar once it has earned trust.
     #[doc(hidden)]
     pub tamper_switch: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// The data directory whose pause file (`suspend::PAUSE_FILE`) records the user's pause:
+    /// read at start, written on every pause and resume. `None`: pauses last until the peer
+    /// stops.
+    pub pause_dir: Option<PathBuf>,
 }
 
 impl WorkConfig {
@@ -163,7 +178,31 @@ impl WorkConfig {
             max_unit_time: DEFAULT_MAX_UNIT_TIME,
             tamper: false,
             tamper_switch: None,
+            pause_dir: None,
         }
+    }
+}
+
+/// Suspends and resumes a peer's donated work for one [`Reason`] at a time: what watches the
+/// machine (idle, battery, time windows, load, heat) holds one and says when its condition
+/// starts and stops. The work resumes once no reason holds.
+#[derive(Debug, Clone)]
+pub struct SuspendSwitch {
+    work: mpsc::Sender<WorkInput>,
+}
+
+impl SuspendSwitch {
+    pub(super) fn new(work: mpsc::Sender<WorkInput>) -> Self {
+        Self { work }
+    }
+
+    /// `reason` holds (`on`) or no longer does. Waits for room in the work task's queue, so
+    /// no change is lost and changes apply in the order made.
+    pub async fn set(&self, reason: Reason, on: bool) -> Result<(), super::NodeError> {
+        self.work
+            .send(WorkInput::SetSuspended { reason, on })
+            .await
+            .map_err(|_| super::NodeError::Stopped)
     }
 }
 
@@ -202,6 +241,16 @@ pub(super) enum WorkInput {
     Status(tokio::sync::oneshot::Sender<crate::control::WorkStatus>),
     /// The peer donates this from now on.
     Donate(super::Donation),
+    /// A reason to suspend the work holds now, or no longer does.
+    SetSuspended {
+        reason: Reason,
+        on: bool,
+    },
+    /// The user pauses or resumes; the answer says whether the pause was recorded.
+    Pause {
+        change: PauseChange,
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
 }
 
 #[derive(Debug)]
@@ -226,13 +275,16 @@ enum Exec {
 }
 
 impl Exec {
-    fn start(config: &WorkConfig) -> Result<Self, SandboxError> {
+    fn start(config: &WorkConfig, switch: &HostSwitch) -> Result<Self, SandboxError> {
         // Room for the short units started several per slot.
         let depth = (config.slots * SHORT_UNITS_PER_SLOT) as usize + 2;
         Ok(match &config.runner {
-            WorkRunner::UnitHosts(command) => {
-                Exec::Hosts(Executor::unit_hosts(command, config.slots as usize, depth)?)
-            }
+            WorkRunner::UnitHosts(command) => Exec::Hosts(Executor::unit_hosts_with_switch(
+                command,
+                config.slots as usize,
+                depth,
+                switch,
+            )?),
             WorkRunner::InProcess(sandbox) => {
                 let mut sandbox_config = sandbox.clone();
                 sandbox_config.max_concurrent_units =
@@ -369,6 +421,9 @@ struct Link {
     outbox: Outbox,
     /// The submitter's host, from the address its link comes from.
     host: Host,
+    /// The job this link carries (one per link), from its first offer: reports that are not
+    /// answers, as when work is suspended or resumes, name it.
+    job: Option<Digest>,
 }
 
 /// Inputs of leases handed to the intake, until they start.
@@ -397,7 +452,8 @@ struct Work {
     max_prefetch: u32,
     /// Running time of recent units (moving average), which sizes the prefetch.
     unit_time: Option<Duration>,
-    started: HashMap<LeaseKey, Instant>,
+    /// When each running lease started, and its deadline.
+    started: HashMap<LeaseKey, (Instant, Instant)>,
     intake: Intake,
     exec: Option<Exec>,
     links: HashMap<PeerId, Link>,
@@ -419,15 +475,29 @@ struct Work {
     next_sweep: Instant,
     /// Blob links being served, by the host they come from.
     blob_links: HashMap<Host, Arc<()>>,
+    /// Why the donated cores are not working now, if they are not.
+    suspension: Suspension,
+    /// The user's pause, while one holds: what it was asked as, and when it ends here.
+    pause: Option<(Pause, Option<Instant>)>,
+    pause_dir: Option<PathBuf>,
+    /// Stops and continues the unit hosts.
+    host_switch: HostSwitch,
+    /// Tells the node's actor whether the work is suspended, for the advert.
+    suspended_tx: tokio::sync::watch::Sender<bool>,
+    /// Leases handed back because a suspension outlasted their slack.
+    handed_back: u64,
+    next_hand_back: Instant,
 }
 
 /// Starts the work task in `tasks`; returns the sender job links are handed to.
 pub(super) fn spawn(
     config: WorkConfig,
     dialer: super::JobDialer,
+    suspended_tx: tokio::sync::watch::Sender<bool>,
     tasks: &mut JoinSet<()>,
 ) -> Result<mpsc::Sender<WorkInput>, SandboxError> {
-    let exec = Exec::start(&config)?;
+    let host_switch = HostSwitch::new();
+    let exec = Exec::start(&config, &host_switch)?;
     let (tx, rx) = mpsc::channel(INPUT_QUEUE);
     let intake = Intake::new(IntakeConfig {
         slots: config.slots,
@@ -435,7 +505,7 @@ pub(super) fn spawn(
         max_queued_per_submitter: (config.prefetch as usize).max(64),
         ..IntakeConfig::default()
     });
-    let work = Work {
+    let mut work = Work {
         dialer,
         pull_seen: HashMap::new(),
         pull_tried: HashMap::new(),
@@ -471,9 +541,25 @@ pub(super) fn spawn(
         tasks: JoinSet::new(),
         next_sweep: Instant::now() + SWEEP_EVERY,
         blob_links: HashMap::new(),
+        suspension: Suspension::new(),
+        pause: None,
+        pause_dir: config.pause_dir.clone(),
+        host_switch,
+        suspended_tx,
+        handed_back: 0,
+        next_hand_back: Instant::now(),
     };
+    work.restore_pause();
     tasks.spawn(work.run(rx).instrument(tracing::debug_span!("work")));
     Ok(tx)
+}
+
+impl Drop for Work {
+    /// A work task aborted with the node (not ended by its queue closing) still continues its
+    /// stopped hosts and lets go of the unit threads off the runtime.
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl Work {
@@ -482,6 +568,12 @@ impl Work {
             let mut wake = self.next_sweep.min(self.next_pull);
             if let Some(at) = self.intake.poll_timeout() {
                 wake = wake.min(at);
+            }
+            if let Some((_, Some(ends))) = self.pause {
+                wake = wake.min(ends);
+            }
+            if self.suspension.is_suspended() {
+                wake = wake.min(self.next_hand_back);
             }
             tokio::select! {
                 input = inputs.recv() => match input {
@@ -497,6 +589,15 @@ impl Work {
                     if now >= self.next_pull {
                         self.look_for_submitters(now);
                     }
+                    if self.pause.is_some_and(|(_, ends)| ends.is_some_and(|at| at <= now)) {
+                        tracing::info!("the pause has ended");
+                        self.pause = None;
+                        self.forget_pause();
+                        self.set_suspended(Reason::PausedByUser, false, now);
+                    }
+                    if self.suspension.is_suspended() && now >= self.next_hand_back {
+                        self.hand_back(now);
+                    }
                 }
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
             }
@@ -507,6 +608,8 @@ impl Work {
 
     /// Stops the unit threads off the async runtime: a running unit may take a while.
     fn stop(&mut self) {
+        // Stopped hosts would not see their pipes close; they are killed as the threads end.
+        self.host_switch.set_stopped(false);
         if let Some(exec) = self.exec.take() {
             let _ = std::thread::Builder::new()
                 .name("cf-work-stop".into())
@@ -557,16 +660,207 @@ impl Work {
                 }
             }
             WorkInput::Status(reply) => {
-                let _ = reply.send(crate::control::WorkStatus {
-                    slots: self.slots,
-                    running: u32::try_from(self.intake.running()).unwrap_or(u32::MAX),
-                    queued: u32::try_from(self.intake.queued()).unwrap_or(u32::MAX),
-                    completed: self.completed,
-                    submitters: u32::try_from(self.links.len()).unwrap_or(u32::MAX),
-                    jobs: u32::try_from(self.jobs.len()).unwrap_or(u32::MAX),
-                });
+                let _ = reply.send(self.status(now));
             }
             WorkInput::Donate(donation) => self.resize(donation, now),
+            WorkInput::SetSuspended { reason, on } => self.set_suspended(reason, on, now),
+            WorkInput::Pause { change, reply } => {
+                let _ = reply.send(self.change_pause(change, now));
+            }
+        }
+    }
+
+    fn status(&self, now: Instant) -> crate::control::WorkStatus {
+        let wall = SystemTime::now();
+        crate::control::WorkStatus {
+            slots: self.slots,
+            running: u32::try_from(self.intake.running()).unwrap_or(u32::MAX),
+            queued: u32::try_from(self.intake.queued()).unwrap_or(u32::MAX),
+            completed: self.completed,
+            submitters: u32::try_from(self.links.len()).unwrap_or(u32::MAX),
+            jobs: u32::try_from(self.jobs.len()).unwrap_or(u32::MAX),
+            suspended: self.suspension.reasons(),
+            suspended_since_ms: self.suspension.since().map(|since| {
+                let ago = now.saturating_duration_since(since);
+                crate::suspend::unix_ms(wall.checked_sub(ago).unwrap_or(wall))
+            }),
+            pause_until_ms: self.pause.and_then(|(pause, _)| pause.until_ms()),
+            handed_back: self.handed_back,
+        }
+    }
+
+    /// A reason to suspend holds now or no longer does; the first to hold stops the work, the
+    /// last to go continues it.
+    fn set_suspended(&mut self, reason: Reason, on: bool, now: Instant) {
+        match self.suspension.set(reason, on, now) {
+            Transition::Suspended => {
+                tracing::info!(%reason, "work suspended");
+                // The advert first: whoever sees the hosts stopped sees no free core either.
+                self.suspended_tx.send_replace(true);
+                self.host_switch.set_stopped(true);
+                self.intake.set_suspended(true, now);
+                self.next_hand_back = now;
+                self.tell_submitters();
+            }
+            Transition::Resumed => {
+                tracing::info!(%reason, "work resumed");
+                self.host_switch.set_stopped(false);
+                self.intake.set_suspended(false, now);
+                self.suspended_tx.send_replace(false);
+                self.tell_submitters();
+            }
+            Transition::Unchanged => {
+                tracing::debug!(%reason, on, reasons = ?self.suspension.reasons(), "suspension reasons changed");
+            }
+        }
+    }
+
+    /// Tells every linked submitter how many leases this peer takes now (none while
+    /// suspended), in a report without answers.
+    fn tell_submitters(&mut self) {
+        let links: Vec<(PeerId, Digest)> = self
+            .links
+            .iter()
+            .filter_map(|(peer, link)| link.job.map(|job| (*peer, job)))
+            .collect();
+        for (peer, job) in links {
+            let want = self.intake.want(&peer);
+            self.send(
+                &peer,
+                JobFrame::Report {
+                    job,
+                    results: Vec::new(),
+                    want,
+                },
+            );
+        }
+    }
+
+    /// Applies the pause recorded in the data directory when the peer starts. A pause file
+    /// that cannot be read keeps the peer paused: the volunteer asked for a pause, and only
+    /// `worker resume` (which replaces the file) should end it.
+    fn restore_pause(&mut self) {
+        let Some(dir) = self.pause_dir.clone() else {
+            return;
+        };
+        let now = Instant::now();
+        let pause = match crate::suspend::read_pause(&dir) {
+            Ok(None) => return,
+            Ok(Some(pause)) if pause.is_over(SystemTime::now()) => {
+                self.forget_pause();
+                return;
+            }
+            Ok(Some(pause)) => pause,
+            Err(err) => {
+                tracing::warn!(
+                    err = %super::error_chain(&err),
+                    "the recorded pause cannot be read; staying paused until `worker resume`"
+                );
+                Pause::Indefinite
+            }
+        };
+        tracing::info!(?pause, "paused by the user before this start");
+        self.pause = Some((pause, ends_at(pause, now)));
+        self.set_suspended(Reason::PausedByUser, true, now);
+    }
+
+    /// The user's pause or resume: recorded in the data directory first, so a pause the peer
+    /// takes is one it still has after a restart.
+    fn change_pause(&mut self, change: PauseChange, now: Instant) -> Result<(), String> {
+        match change {
+            PauseChange::Pause(length) => {
+                let pause = Pause::lasting(length, SystemTime::now()).map_err(|e| e.to_string())?;
+                if let Some(dir) = &self.pause_dir {
+                    // A small file written and renamed on this task: pauses are rare, and
+                    // writing here keeps a quick pause-resume-pause in order.
+                    crate::suspend::write_pause(dir, pause).map_err(|e| super::error_chain(&e))?;
+                }
+                self.pause = Some((pause, ends_at(pause, now)));
+                self.set_suspended(Reason::PausedByUser, true, now);
+            }
+            PauseChange::Resume => {
+                if let Some(dir) = &self.pause_dir {
+                    crate::suspend::clear_pause(dir).map_err(|e| super::error_chain(&e))?;
+                }
+                self.pause = None;
+                self.set_suspended(Reason::PausedByUser, false, now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the pause file of a pause that has ended by itself.
+    fn forget_pause(&self) {
+        if let Some(dir) = &self.pause_dir
+            && let Err(err) = crate::suspend::clear_pause(dir)
+        {
+            tracing::warn!(err = %super::error_chain(&err), "cannot remove the ended pause");
+        }
+    }
+
+    /// Hands back every held lease whose slack the suspension has used up, so its submitter
+    /// re-issues it at once instead of waiting for its deadline.
+    ///
+    /// The rule: a lease goes back once the time left to its deadline is less than the most
+    /// its unit may still need — its whole timeout while it waits (for blobs or a slot), its
+    /// timeout less what it ran before it was stopped while it runs. Past that point even a
+    /// resume now could not promise the result in time; until then a short suspension (the
+    /// user typing a few minutes) costs the job nothing. Over the network a lease's slack is
+    /// about `NET_LEASE_MARGIN` (a minute), less what it waited here.
+    fn hand_back(&mut self, now: Instant) {
+        self.next_hand_back = now + HAND_BACK_EVERY;
+        let since = self.suspension.since().unwrap_or(now);
+        let timeout = |jobs: &HashMap<Key, JobState>, key: &Key| {
+            jobs.get(key)
+                .map_or(MAX_UNIT_TIME, |j| Duration::from_millis(j.spec.timeout_ms))
+        };
+        let late =
+            |deadline: Instant, need: Duration| deadline.saturating_duration_since(now) < need;
+        let mut back: HashMap<Key, Vec<LeaseId>> = HashMap::new();
+        for (key, state) in &mut self.jobs {
+            let need = Duration::from_millis(state.spec.timeout_ms);
+            state.waiting.retain(|(lease, at)| {
+                let keep = !late(*at + Duration::from_millis(lease.ttl_ms), need);
+                if !keep {
+                    back.entry(*key).or_default().push(lease.id);
+                }
+                keep
+            });
+        }
+        let mut revoke: HashMap<Key, Vec<LeaseId>> = HashMap::new();
+        for (key, ready) in &self.ready {
+            let job = (key.0, key.1);
+            if late(ready.deadline, timeout(&self.jobs, &job)) {
+                revoke.entry(job).or_default().push(key.2);
+            }
+        }
+        for (key, (at, deadline)) in &self.started {
+            let job = (key.0, key.1);
+            let ran = since.saturating_duration_since(*at);
+            if late(*deadline, timeout(&self.jobs, &job).saturating_sub(ran)) {
+                revoke.entry(job).or_default().push(key.2);
+            }
+        }
+        for ((from, job), leases) in revoke {
+            for id in &leases {
+                self.ready.remove(&(from, job, *id));
+            }
+            // The intake forgets them and asks for running ones to be aborted: their stopped
+            // unit hosts are killed.
+            self.intake.handle(
+                IntakeEvent::Revoke {
+                    from,
+                    job,
+                    leases: leases.clone(),
+                },
+                now,
+            );
+            back.entry((from, job)).or_default().extend(leases);
+        }
+        for ((to, job), leases) in back {
+            tracing::info!(peer = %to, %job, leases = leases.len(), "suspended past the leases' slack; handed back");
+            self.handed_back += leases.len() as u64;
+            self.decline(to, job, leases);
         }
     }
 
@@ -574,7 +868,9 @@ impl Work {
     /// actor may be waiting for this task at the same moment).
     fn look_for_submitters(&mut self, now: Instant) {
         self.next_pull = now + PULL_EVERY;
-        let idle = self.intake.running() < self.at_once as usize && self.intake.queued() == 0;
+        let idle = self.intake.running() < self.at_once as usize
+            && self.intake.queued() == 0
+            && !self.suspension.is_suspended();
         if !idle {
             return;
         }
@@ -678,6 +974,7 @@ impl Work {
                 quic: link.conn,
                 outbox,
                 host,
+                job: None,
             },
         );
     }
@@ -751,6 +1048,23 @@ impl Work {
         now: Instant,
     ) {
         let key = (from, job);
+        if let Some(link) = self.links.get_mut(&from) {
+            link.job = Some(job);
+        }
+        if self.suspension.is_suspended() {
+            tracing::debug!(peer = %from, leases = leases.len(), "offer declined: work is suspended");
+            self.decline(from, job, leases.iter().map(|l| l.id).collect());
+            // And no more until this peer says it takes leases again.
+            self.send(
+                &from,
+                JobFrame::Report {
+                    job,
+                    results: Vec::new(),
+                    want: 0,
+                },
+            );
+            return;
+        }
         if spec.profile != PROFILE {
             tracing::info!(peer = %from, profile = %spec.profile, "job for another engine profile declined");
             self.decline(from, job, leases.iter().map(|l| l.id).collect());
@@ -1200,7 +1514,7 @@ impl Work {
             return;
         }
         self.completed += 1;
-        if let Some(at) = self.started.remove(&key) {
+        if let Some((at, _)) = self.started.remove(&key) {
             let took = now.saturating_duration_since(at);
             let avg = self.unit_time.map_or(took, |avg| (avg * 7 + took) / 8);
             self.unit_time = Some(avg);
@@ -1272,7 +1586,7 @@ impl Work {
         self.answers
             .retain(|_, (_, at)| now.duration_since(*at) < ANSWER_TTL);
         self.started
-            .retain(|_, at| now.duration_since(*at) < ANSWER_TTL + MAX_UNIT_TIME);
+            .retain(|_, (at, _)| now.duration_since(*at) < ANSWER_TTL + MAX_UNIT_TIME);
         self.drop_idle_jobs();
     }
 
@@ -1330,7 +1644,7 @@ impl Work {
         let abort = Abort::new();
         request.abort = Some(abort.clone());
         self.aborts.insert(key, abort);
-        self.started.insert(key, Instant::now());
+        self.started.insert(key, (Instant::now(), ready.deadline));
         let tx = self.inputs_tx.clone();
         let (submitter, job, lease) = key;
         let submitted = exec.submit(module, request, move |result| {
@@ -1405,6 +1719,22 @@ impl Work {
                 want,
             },
         );
+    }
+}
+
+/// When a pause started at `now` ends, on this clock; `None` for one until resumed.
+fn ends_at(pause: Pause, now: Instant) -> Option<Instant> {
+    match pause {
+        Pause::Indefinite => None,
+        Pause::Until(until) => {
+            let left = until
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            Some(
+                now.checked_add(left)
+                    .unwrap_or(now + crate::suspend::MAX_PAUSE),
+            )
+        }
     }
 }
 

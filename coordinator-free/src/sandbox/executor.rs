@@ -241,6 +241,19 @@ impl Executor<UnitHost> {
             .collect();
         Self::with_runners(runners, queue_depth)
     }
+
+    /// Like [`Executor::unit_hosts`], every host stopped and continued by `switch`.
+    pub fn unit_hosts_with_switch(
+        command: &UnitHostCommand,
+        threads: usize,
+        queue_depth: usize,
+        switch: &super::HostSwitch,
+    ) -> Result<Self, SandboxError> {
+        let runners = (0..threads.max(1))
+            .map(|_| UnitHost::with_switch(command.clone(), switch.clone()))
+            .collect();
+        Self::with_runners(runners, queue_depth)
+    }
 }
 
 impl<R: UnitRunner> Executor<R> {

@@ -527,6 +527,9 @@ struct Watch {
     aborted: bool,
     /// The parent let go of the host; the watchdog thread ends.
     closed: bool,
+    /// The host was stopped (SIGSTOP) at this instant and has not been continued: the time
+    /// until `deadline` does not run meanwhile.
+    stopped_at: Option<Instant>,
 }
 
 impl Watchdog {
@@ -541,6 +544,31 @@ impl Watchdog {
             watch.sleep = Sleep::Awake;
             if watch.closed {
                 return;
+            }
+            if watch.stopped_at.is_some() {
+                // A stopped unit's clock does not run; only a revocation ends it (a stopped
+                // process dies of SIGKILL all the same).
+                if watch.deadline.is_some()
+                    && watch.abort.as_ref().is_some_and(super::Abort::is_aborted)
+                {
+                    let _ = watch.child.kill();
+                    watch.aborted = true;
+                    watch.deadline = None;
+                    continue;
+                }
+                if watch.abort.is_some() && watch.deadline.is_some() {
+                    let until = Instant::now() + ABORT_POLL;
+                    watch.sleep = Sleep::Until(until);
+                    watch = self
+                        .wake
+                        .wait_timeout(watch, ABORT_POLL)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                } else {
+                    watch.sleep = Sleep::Forever;
+                    watch = self.wake.wait(watch).unwrap_or_else(|p| p.into_inner());
+                }
+                continue;
             }
             match watch.deadline {
                 Some(deadline) => {
@@ -584,6 +612,12 @@ impl Watchdog {
         if watch.expired || watch.aborted || watch.closed {
             return false;
         }
+        // Armed while stopped: continuing adds the whole stop to the deadline, so the part of
+        // it before now is taken off here.
+        let deadline = match watch.stopped_at {
+            Some(at) => deadline.checked_sub(at.elapsed()).unwrap_or(deadline),
+            None => deadline,
+        };
         watch.deadline = Some(deadline);
         watch.abort = abort.cloned();
         let wake = match watch.sleep {
@@ -610,6 +644,31 @@ impl Watchdog {
         self.lock().expired
     }
 
+    /// Stops the host (SIGSTOP) or continues it (SIGCONT). The running unit's deadline moves
+    /// later by the time it was stopped: time the volunteer took back is not the unit's.
+    fn set_stopped(&self, stop: bool) {
+        let mut watch = self.lock();
+        if watch.closed {
+            return;
+        }
+        let now = Instant::now();
+        match (stop, watch.stopped_at) {
+            (true, None) => {
+                signal(watch.child.id(), libc::SIGSTOP);
+                watch.stopped_at = Some(now);
+            }
+            (false, Some(at)) => {
+                signal(watch.child.id(), libc::SIGCONT);
+                let stopped = now.saturating_duration_since(at);
+                watch.deadline = watch.deadline.map(|d| deadline(d, stopped));
+                watch.stopped_at = None;
+            }
+            _ => return,
+        }
+        drop(watch);
+        self.wake.notify_one();
+    }
+
     fn aborted(&self) -> bool {
         self.lock().aborted
     }
@@ -627,6 +686,85 @@ impl Watchdog {
         drop(watch);
         self.wake.notify_one();
         status
+    }
+}
+
+/// Sends `signal` to the unit host `pid`. Only called under the watchdog's lock before the
+/// child is reaped, so the id cannot name another process.
+fn signal(pid: u32, signal: libc::c_int) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) reads no memory of ours; `pid` is our own unreaped child.
+    if unsafe { libc::kill(pid, signal) } != 0 {
+        tracing::debug!(pid, signal, err = %std::io::Error::last_os_error(), "cannot signal a unit host");
+    }
+}
+
+/// Makes the host die (SIGKILL) when the thread that started it ends, as it does when the peer
+/// is killed outright: a host stopped by a suspension would not notice its pipes closing and
+/// would stay behind, stopped, for good. Set in the child before it runs the program, so no
+/// moment is left in which the host could be stopped without it.
+fn die_with_parent(command: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs in the child between fork and exec; prctl is one system call,
+        // safe to make there, and touches no memory of ours.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
+}
+
+/// Stops and continues together every unit host started under it: a volunteer's machine is
+/// taken back at once (SIGSTOP), and the units continue where they were (SIGCONT), their
+/// deadlines moved by the time they were stopped. A host started while the switch is off is
+/// stopped as soon as it starts.
+#[derive(Debug, Clone, Default)]
+pub struct HostSwitch(Arc<Mutex<Switch>>);
+
+#[derive(Debug, Default)]
+struct Switch {
+    stopped: bool,
+    hosts: Vec<std::sync::Weak<Watchdog>>,
+}
+
+impl HostSwitch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Switch> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops (`true`) or continues (`false`) every live unit host under this switch.
+    pub fn set_stopped(&self, stop: bool) {
+        let mut switch = self.lock();
+        switch.stopped = stop;
+        switch.hosts.retain(|h| h.strong_count() > 0);
+        for host in switch.hosts.iter().filter_map(std::sync::Weak::upgrade) {
+            host.set_stopped(stop);
+        }
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.lock().stopped
+    }
+
+    fn register(&self, host: &Arc<Watchdog>) {
+        let mut switch = self.lock();
+        switch.hosts.retain(|h| h.strong_count() > 0);
+        switch.hosts.push(Arc::downgrade(host));
+        if switch.stopped {
+            host.set_stopped(true);
+        }
     }
 }
 
@@ -665,6 +803,8 @@ pub struct UnitHost {
     /// A batch is under way. Still set when the next one begins means the last was abandoned
     /// half-way (a report callback panicked), and the host's pending frames belong to nobody.
     in_batch: bool,
+    /// Stops and continues this host with the others of its peer.
+    switch: Option<HostSwitch>,
 }
 
 impl Drop for UnitHost {
@@ -712,7 +852,15 @@ impl UnitHost {
             command,
             running: None,
             in_batch: false,
+            switch: None,
         }
+    }
+
+    /// A handle like [`UnitHost::new`] whose host processes `switch` stops and continues.
+    pub fn with_switch(command: UnitHostCommand, switch: HostSwitch) -> Self {
+        let mut host = Self::new(command);
+        host.switch = Some(switch);
+        host
     }
 
     /// The host's process id, while one runs.
@@ -722,12 +870,14 @@ impl UnitHost {
 
     fn start(&mut self) -> std::io::Result<&mut Running> {
         if self.running.is_none() {
-            let mut child = Command::new(&self.command.program)
+            let mut command = Command::new(&self.command.program);
+            command
                 .args(&self.command.args)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()?;
+                .stderr(Stdio::inherit());
+            die_with_parent(&mut command);
+            let mut child = command.spawn()?;
             let pid = child.id();
             let stdin = child.stdin.take();
             let stdout = child.stdout.take();
@@ -749,6 +899,7 @@ impl UnitHost {
                     expired: false,
                     aborted: false,
                     closed: false,
+                    stopped_at: None,
                 }),
                 wake: Condvar::new(),
             });
@@ -763,6 +914,9 @@ impl UnitHost {
             {
                 watchdog.close();
                 return Err(e);
+            }
+            if let Some(switch) = &self.switch {
+                switch.register(&watchdog);
             }
             self.running = Some(Running {
                 pid,

@@ -41,7 +41,7 @@ use compile::CompileSlots;
 
 pub use abi::{ENTRY, IMPORT_MODULE, MEMORY, PROGRESS_INTERVAL, check_imports};
 pub use executor::{Executor, ExecutorBusy, UnitRunner};
-pub use host::{HostedModule, UnitHost, UnitHostCommand, serve_unit_host};
+pub use host::{HostSwitch, HostedModule, UnitHost, UnitHostCommand, serve_unit_host};
 pub use outcome::{OutcomeClass, TrapKind, UnitError};
 
 /// The engine profile every result is produced under. Peers only compare results of the same

@@ -140,6 +140,8 @@ pub struct Intake {
     flush_at: Option<Instant>,
     out: VecDeque<IntakeCommand>,
     stats: IntakeStats,
+    /// The volunteer took the machine back: nothing starts and no lease is asked for.
+    suspended: bool,
 }
 
 impl Intake {
@@ -153,7 +155,19 @@ impl Intake {
             flush_at: None,
             out: VecDeque::new(),
             stats: IntakeStats::default(),
+            suspended: false,
         }
+    }
+
+    /// Suspends the intake (nothing starts, [`Intake::want`] is 0) or resumes it, starting
+    /// what is queued.
+    pub fn set_suspended(&mut self, suspended: bool, now: Instant) {
+        self.suspended = suspended;
+        self.start(now);
+    }
+
+    pub fn is_suspended(&self) -> bool {
+        self.suspended
     }
 
     pub fn config(&self) -> &IntakeConfig {
@@ -182,6 +196,9 @@ impl Intake {
     /// How many more leases this peer takes from `submitter` now: what it needs to keep
     /// `prefetch` queued for it.
     pub fn want(&self, submitter: &PeerId) -> u32 {
+        if self.suspended {
+            return 0;
+        }
         let queued = self.queues.get(submitter).map_or(0, |q| q.tasks.len());
         if !self.queues.contains_key(submitter) && self.queues.len() >= self.config.max_submitters {
             return 0;
@@ -339,7 +356,7 @@ impl Intake {
 
     /// Fills free slots, one submitter at a time in turn.
     fn start(&mut self, now: Instant) {
-        while self.running.len() < self.config.slots as usize {
+        while !self.suspended && self.running.len() < self.config.slots as usize {
             let Some(submitter) = self.turn.pop_front() else {
                 break;
             };
@@ -734,5 +751,41 @@ mod tests {
         intake.handle(IntakeEvent::SlotsChanged(3), now);
         assert_eq!(runs(&drain(&mut intake)).len(), 2);
         assert_eq!(intake.running(), 3);
+    }
+
+    #[test]
+    fn a_suspended_intake_starts_nothing_and_wants_nothing() {
+        let now = Instant::now();
+        let deadline = now + Duration::from_secs(60);
+        let job = Digest::of(b"job");
+        let mut intake = Intake::new(IntakeConfig {
+            slots: 2,
+            ..IntakeConfig::default()
+        });
+        intake.set_suspended(true, now);
+        assert!(intake.is_suspended());
+        assert_eq!(intake.want(&peer(1)), 0);
+        intake.handle(
+            IntakeEvent::Offer {
+                from: peer(1),
+                job,
+                leases: leases(0, 3, deadline),
+            },
+            now,
+        );
+        assert!(
+            !drain(&mut intake)
+                .iter()
+                .any(|c| matches!(c, IntakeCommand::Run(_)))
+        );
+        assert_eq!((intake.running(), intake.queued()), (0, 3));
+        // Resumed, it fills its slots with what waited.
+        intake.set_suspended(false, now);
+        let started = drain(&mut intake)
+            .iter()
+            .filter(|c| matches!(c, IntakeCommand::Run(_)))
+            .count();
+        assert_eq!(started, 2);
+        assert_eq!(intake.want(&peer(1)), 7);
     }
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use super::{Exec, SHORT_UNIT, SHORT_UNITS_PER_SLOT, Work};
 use crate::node::Donation;
-use crate::sandbox::{Executor, SandboxError, UnitHostCommand};
+use crate::sandbox::{Executor, HostSwitch, SandboxError, UnitHostCommand};
 use crate::schedule::IntakeEvent;
 
 impl Work {
@@ -27,7 +27,7 @@ impl Work {
             match self
                 .exec
                 .as_ref()
-                .and_then(|exec| exec.resized(slots, command))
+                .and_then(|exec| exec.resized(slots, command, &self.host_switch))
             {
                 Some(Ok(exec)) => {
                     if let Some(old) = self.exec.replace(exec) {
@@ -63,15 +63,18 @@ impl Exec {
     /// An executor like this one with `slots` threads: unit hosts started by `command`, or the
     /// same in-process sandbox (whose prepared modules stay valid). `None` when this executor
     /// runs unit hosts and no command is known.
+    /// New unit hosts answer to the peer's `switch`, so a suspension stops them too.
     fn resized(
         &self,
         slots: u32,
         command: Option<&UnitHostCommand>,
+        switch: &HostSwitch,
     ) -> Option<Result<Exec, SandboxError>> {
         let depth = (slots * SHORT_UNITS_PER_SLOT) as usize + 2;
         Some(match (self, command) {
             (Exec::Hosts(_), Some(command)) => {
-                Executor::unit_hosts(command, slots as usize, depth).map(Exec::Hosts)
+                Executor::unit_hosts_with_switch(command, slots as usize, depth, switch)
+                    .map(Exec::Hosts)
             }
             (Exec::Hosts(_), None) => return None,
             (Exec::InProcess(_, sandbox), _) => {
