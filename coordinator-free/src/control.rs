@@ -52,6 +52,16 @@ pub struct StatusReport {
     pub work: Option<WorkStatus>,
 }
 
+/// What a peer gave: time its donated cores ran units, units run to an answer, and the
+/// verdicts submitters returned on them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Given {
+    pub unit_secs: u64,
+    pub units_run: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+}
+
 /// What a peer's donated cores are doing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkStatus {
@@ -80,6 +90,15 @@ pub struct WorkStatus {
     /// Leases handed back to their submitters because a suspension outlasted their slack.
     #[serde(default)]
     pub handed_back: u64,
+    /// Where idle time is read from (`logind`, `input devices`, `unknown`), once the machine
+    /// is watched.
+    #[serde(default)]
+    pub idle_source: Option<String>,
+    /// What this peer gave today (local time) and in all.
+    #[serde(default)]
+    pub given_today: Given,
+    #[serde(default)]
+    pub given_total: Given,
 }
 
 /// One known peer, from its latest advert.

@@ -1,5 +1,5 @@
-//! What this peer has given: CPU time, units run, and units whose result a submitter accepted,
-//! per local day, kept in the data directory across restarts.
+//! What this peer has given: how long its donated cores ran units, units run, and units whose
+//! result a submitter accepted, per local day, kept in the data directory across restarts.
 //!
 //! A small JSON file, rewritten whole (to a temporary file, then renamed) when the counts
 //! changed and [`Ledger::save`] is called: `worker history` reads it whether or not the peer
@@ -23,8 +23,9 @@ const MAX_FILE: u64 = 8 << 20;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Totals {
-    /// CPU time the units used, in seconds.
-    pub cpu_secs: f64,
+    /// How long donated cores ran units, in seconds: each unit from its start to its answer
+    /// (a unit stopped by a suspension counts the time it was stopped, too).
+    pub unit_secs: f64,
     /// Units run to an answer (a result or the unit's own failure).
     pub units_run: u64,
     /// Units whose answer a submitter accepted.
@@ -35,7 +36,7 @@ pub struct Totals {
 
 impl Totals {
     fn add(&mut self, other: &Totals) {
-        self.cpu_secs += other.cpu_secs;
+        self.unit_secs += other.unit_secs;
         self.units_run += other.units_run;
         self.accepted += other.accepted;
         self.rejected += other.rejected;
@@ -112,11 +113,11 @@ impl Ledger {
         })
     }
 
-    /// A unit ran to an answer on `day`, using `cpu`.
-    pub fn ran(&mut self, day: &str, cpu: Duration) {
+    /// A unit ran to an answer on `day`, for `took`.
+    pub fn ran(&mut self, day: &str, took: Duration) {
         let totals = self.day(day);
         totals.units_run += 1;
-        totals.cpu_secs += cpu.as_secs_f64();
+        totals.unit_secs += took.as_secs_f64();
     }
 
     /// A submitter judged one of our answers.
@@ -268,7 +269,7 @@ mod tests {
         assert_eq!(days[1].1.rejected, 1);
         let total = again.total();
         assert_eq!(total.units_run, 3);
-        assert!((total.cpu_secs - 4.5).abs() < 1e-9);
+        assert!((total.unit_secs - 4.5).abs() < 1e-9);
         assert_eq!(Ledger::read(dir.path()).expect("reads").total(), total);
     }
 

@@ -38,6 +38,14 @@ pub struct FileKeys {
     advertise: Option<Vec<String>>,
     dial_out_only: Option<bool>,
     allow: Option<PathBuf>,
+    only_when_idle: Option<bool>,
+    idle_after: Option<u32>,
+    suspend_above_cpu_percent: Option<u8>,
+    run_on_battery: Option<bool>,
+    max_temperature_c: Option<u8>,
+    windows: Option<Vec<String>>,
+    max_cpu_percent: Option<u8>,
+    max_cpu_percent_idle: Option<u8>,
 }
 
 impl FileKeys {

@@ -1,5 +1,5 @@
-//! `worker history`: what this peer has given, day by day — CPU time, units run, and the
-//! verdicts submitters returned on its answers. Read from the data directory, so it works
+//! `worker history`: what this peer has given, day by day — how long its cores ran units,
+//! units run, and the verdicts submitters returned on its answers. Read from the data directory, so it works
 //! whether or not the peer runs.
 
 use std::path::PathBuf;
@@ -44,7 +44,7 @@ pub fn run(args: HistoryArgs) -> Result<ExitCode, Failure> {
     }
     println!(
         "{:<12} {:>12} {:>10} {:>10} {:>10}",
-        "day", "CPU time", "units run", "accepted", "rejected"
+        "day", "unit time", "units run", "accepted", "rejected"
     );
     let earlier = ledger.earlier();
     if earlier.units_run > 0 {
@@ -59,7 +59,7 @@ pub fn run(args: HistoryArgs) -> Result<ExitCode, Failure> {
 
 fn totals_json(t: &Totals) -> serde_json::Value {
     serde_json::json!({
-        "cpu_secs": t.cpu_secs,
+        "unit_secs": t.unit_secs,
         "units_run": t.units_run,
         "accepted": t.accepted,
         "rejected": t.rejected,
@@ -69,7 +69,7 @@ fn totals_json(t: &Totals) -> serde_json::Value {
 fn row(label: &str, t: &Totals) -> String {
     format!(
         "{label:<12} {:>12} {:>10} {:>10} {:>10}",
-        cpu_time(t.cpu_secs),
+        unit_time(t.unit_secs),
         t.units_run,
         t.accepted,
         t.rejected
@@ -77,7 +77,7 @@ fn row(label: &str, t: &Totals) -> String {
 }
 
 /// `2 h 05 min`, `4 min 10 s`, `12.3 s`.
-fn cpu_time(secs: f64) -> String {
+pub(crate) fn unit_time(secs: f64) -> String {
     let secs = secs.max(0.0);
     let whole = secs as u64;
     if whole >= 3600 {
@@ -94,10 +94,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cpu_time_reads_as_hours_minutes_or_seconds() {
-        assert_eq!(cpu_time(12.34), "12.3 s");
-        assert_eq!(cpu_time(250.0), "4 min 10 s");
-        assert_eq!(cpu_time(7500.0), "2 h 05 min");
-        assert_eq!(cpu_time(-1.0), "0.0 s");
+    fn unit_time_reads_as_hours_minutes_or_seconds() {
+        assert_eq!(unit_time(12.34), "12.3 s");
+        assert_eq!(unit_time(250.0), "4 min 10 s");
+        assert_eq!(unit_time(7500.0), "2 h 05 min");
+        assert_eq!(unit_time(-1.0), "0.0 s");
     }
 }

@@ -56,7 +56,7 @@ enum Command {
     Resume(pause::ResumeArgs),
     /// Print this peer's id (creates the identity key on first use).
     Id(id::IdArgs),
-    /// What this peer has given, day by day: CPU time, units run, verdicts on its answers.
+    /// What this peer has given, day by day: time its cores ran units, units run, verdicts on its answers.
     History(history::HistoryArgs),
     /// List the jobs submitted from this data directory: name, id, state, counts, times.
     Jobs(jobs::JobsArgs),

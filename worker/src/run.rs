@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use clap::{ArgMatches, Args};
+use coordinator_free::conditions::{Conditions, Window};
 use coordinator_free::control::SOCKET_FILE;
 use coordinator_free::identity::{AllowList, Identity};
 use coordinator_free::membership::{MAX_CORES, MAX_MEMORY_MB};
@@ -72,7 +73,72 @@ pub struct RunArgs {
     /// Lab mode: a file of peer ids (one per line); only they may connect.
     #[arg(long, value_name = "FILE")]
     allow: Option<PathBuf>,
+    /// Work only while nobody uses this machine: no keyboard or mouse input for --idle-after.
+    #[arg(long)]
+    only_when_idle: bool,
+    /// Minutes without keyboard or mouse input after which the machine counts as idle.
+    #[arg(long, value_name = "MINUTES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=1440))]
+    idle_after: u32,
+    /// Stop work while other programs use more than this share of the machine's CPU, in
+    /// percent (BOINC's default is 25).
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
+    suspend_above_cpu_percent: Option<u8>,
+    /// Work while the machine runs on its battery too.
+    #[arg(long)]
+    run_on_battery: bool,
+    /// Stop work while the machine's hottest sensor is at or above this, in °C.
+    #[arg(long, value_name = "CELSIUS", value_parser = clap::value_parser!(u8).range(30..=120))]
+    max_temperature_c: Option<u8>,
+    /// Work only inside this weekly window, in local time: "Mon-Fri 18:00-08:00", "Sat-Sun",
+    /// "22:00-06:00". Repeatable; none means any time.
+    #[arg(long, value_name = "WINDOW", value_parser = window_text)]
+    windows: Vec<String>,
+    /// Let the units use at most this share of each donated core's time while someone uses the
+    /// machine, in percent: the unit hosts are stopped and continued several times a second.
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
+    max_cpu_percent: Option<u8>,
+    /// The same while the machine is idle (default: all of it).
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
+    max_cpu_percent_idle: Option<u8>,
 }
+
+/// A window as given, once it parses.
+fn window_text(text: &str) -> Result<String, String> {
+    Window::parse(text)
+        .map(|_| text.trim().to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// When the peer may work, from its settings.
+fn conditions(args: &RunArgs) -> Conditions {
+    Conditions {
+        only_when_idle: args.only_when_idle,
+        idle_after: Duration::from_secs(60 * u64::from(args.idle_after)),
+        suspend_above_cpu_percent: args.suspend_above_cpu_percent.map(f64::from),
+        run_on_battery: args.run_on_battery,
+        max_temperature_c: args.max_temperature_c.map(f64::from),
+        // Each was checked as it was read.
+        windows: args
+            .windows
+            .iter()
+            .filter_map(|w| Window::parse(w).ok())
+            .collect(),
+        max_cpu_percent: args.max_cpu_percent,
+        max_cpu_percent_idle: args.max_cpu_percent_idle,
+    }
+}
+
+/// Settings of when to work: a running peer applies them from an edited config file.
+const CONDITION_KEYS: [&str; 8] = [
+    "only_when_idle",
+    "idle_after",
+    "suspend_above_cpu_percent",
+    "run_on_battery",
+    "max_temperature_c",
+    "windows",
+    "max_cpu_percent",
+    "max_cpu_percent_idle",
+];
 
 /// Settings a running peer takes from an edited config file; the others apply at its next
 /// start.
@@ -126,7 +192,7 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
     let mut work = WorkConfig::new(WorkRunner::UnitHosts(command), u32::from(donation.cores));
     work.memory_per_slot = donation.memory_per_slot();
     work.max_unit_time = Duration::from_secs(args.max_unit_secs);
-    work.pause_dir = Some(dir.clone());
+    work.data_dir = Some(dir.clone());
     config.work = Some(work);
 
     let runtime = crate::peer_runtime().map_err(internal)?;
@@ -140,7 +206,12 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
             .map_err(Failure::usage)?;
         println!("peer {} listening on {}", node.id(), node.local_addr());
         say_if_paused(&node).await;
+        let (when, settings) = tokio::sync::watch::channel(conditions(&args));
+        if let Some(switch) = node.suspend_switch() {
+            tokio::spawn(coordinator_free::conditions::watch(switch, settings));
+        }
         let mut live = Live {
+            when,
             command_line: command_line.clone(),
             file,
             stamp,
@@ -177,6 +248,8 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
 
 /// What a running peer needs to apply an edited config file.
 struct Live {
+    /// When the peer may work, for the task that watches the machine.
+    when: tokio::sync::watch::Sender<Conditions>,
     /// The flags given at start: they keep winning over the file.
     command_line: ArgMatches,
     file: Option<crate::config::ConfigFile>,
@@ -229,13 +302,21 @@ impl Live {
         let waiting: Vec<&str> = changed
             .iter()
             .copied()
-            .filter(|k| !LIVE_KEYS.contains(k) && after.get(*k) != started.get(*k))
+            .filter(|k| {
+                !LIVE_KEYS.contains(k)
+                    && !CONDITION_KEYS.contains(k)
+                    && after.get(*k) != started.get(*k)
+            })
             .collect();
         if !waiting.is_empty() {
             tracing::warn!(
                 "{} changed in {where_}; applies at the next start",
                 waiting.join(", ")
             );
+        }
+        if changed.iter().any(|k| CONDITION_KEYS.contains(k)) {
+            self.when.send_replace(conditions(&next));
+            tracing::info!("when to work changed in {where_}; applied");
         }
         if changed.iter().any(|k| LIVE_KEYS.contains(k)) {
             let mut donation = donation(&next);

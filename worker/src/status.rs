@@ -202,6 +202,20 @@ fn table(report: &StatusReport) -> String {
             w.running, w.slots, w.queued, w.completed, w.jobs, w.submitters
         );
         let _ = writeln!(out, "state      {}", crate::pause::state_line(report));
+        if let Some(source) = &w.idle_source {
+            let _ = writeln!(out, "idle from  {source}");
+        }
+        let _ = writeln!(
+            out,
+            "given      today {} units in {}, {} accepted; in all {} units in {}, {} accepted, {} rejected",
+            w.given_today.units_run,
+            crate::history::unit_time(w.given_today.unit_secs as f64),
+            w.given_today.accepted,
+            w.given_total.units_run,
+            crate::history::unit_time(w.given_total.unit_secs as f64),
+            w.given_total.accepted,
+            w.given_total.rejected
+        );
         if w.handed_back > 0 {
             let _ = writeln!(
                 out,

@@ -9,10 +9,12 @@
 //! a CPU-percentage cap.
 
 pub mod probe;
+mod watch;
 mod window;
 
 use std::time::{Duration, Instant};
 
+pub use watch::{POLL, watch};
 pub use window::{LocalTime, Window, WindowError};
 
 /// What a volunteer allows. The defaults run whenever the worker runs, except on battery.
@@ -30,6 +32,11 @@ pub struct Conditions {
     pub max_temperature_c: Option<f64>,
     /// Weekly windows work may run in; none means any time.
     pub windows: Vec<Window>,
+    /// Share of the CPU time the unit hosts may use while someone uses the machine (or when
+    /// that cannot be told), in percent; `None` is all of it.
+    pub max_cpu_percent: Option<u8>,
+    /// The same while the machine is idle.
+    pub max_cpu_percent_idle: Option<u8>,
 }
 
 impl Default for Conditions {
@@ -41,6 +48,8 @@ impl Default for Conditions {
             run_on_battery: false,
             max_temperature_c: None,
             windows: Vec::new(),
+            max_cpu_percent: None,
+            max_cpu_percent_idle: None,
         }
     }
 }
@@ -171,6 +180,21 @@ impl Gate {
                 .local_time
                 .is_none_or(|t| !c.windows.iter().any(|w| w.contains(t)));
         self.holds
+    }
+}
+
+impl Gate {
+    /// The CPU cap that applies after `reading`: the idle one only when the machine is known
+    /// to have been idle for `idle_after`.
+    pub fn cpu_cap(&self, reading: &Reading) -> Option<u8> {
+        let c = &self.conditions;
+        let idle = reading.idle_for.is_some_and(|idle| idle >= c.idle_after);
+        if idle {
+            c.max_cpu_percent_idle
+        } else {
+            c.max_cpu_percent
+        }
+        .filter(|p| *p < 100)
     }
 }
 
@@ -364,6 +388,23 @@ mod tests {
             ..reading()
         };
         assert!(gate.observe(&unknown, now).outside_window);
+    }
+
+    #[test]
+    fn the_cpu_cap_follows_whether_the_machine_is_idle() {
+        let gate = Gate::new(Conditions {
+            max_cpu_percent: Some(40),
+            max_cpu_percent_idle: Some(100),
+            idle_after: Duration::from_secs(60),
+            ..Conditions::default()
+        });
+        let idle = |secs: Option<u64>| Reading {
+            idle_for: secs.map(Duration::from_secs),
+            ..reading()
+        };
+        assert_eq!(gate.cpu_cap(&idle(Some(5))), Some(40));
+        assert_eq!(gate.cpu_cap(&idle(None)), Some(40));
+        assert_eq!(gate.cpu_cap(&idle(Some(60))), None);
     }
 
     #[test]

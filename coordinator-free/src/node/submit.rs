@@ -847,13 +847,24 @@ async fn serve_link(
     let _ = writer.await;
 }
 
+/// How long a job's links stay open after it ends, for the frames still queued on them (the
+/// last verdicts) to go out; each link's writer closes it sooner once its queue is written.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
+
 impl Drop for NetWorkers {
     fn drop(&mut self) {
         self.dialer.pulls.set(None);
         self.dialer.announce(None);
+        let waiting: Vec<PeerId> = self.judged.keys().copied().collect();
+        for peer in waiting {
+            self.send_judged(peer);
+        }
         for (_, link) in self.links.drain() {
-            link.quic
-                .close(VarInt::from_u32(close::NORMAL), b"job over");
+            let quic = link.quic;
+            self.runtime.spawn(async move {
+                tokio::time::sleep(CLOSE_GRACE).await;
+                quic.close(VarInt::from_u32(close::NORMAL), b"job over");
+            });
         }
         for task in &self.tasks {
             task.abort();

@@ -32,10 +32,12 @@ mod resize;
 
 use super::modules::{ModuleCache, ModuleKey};
 use super::outbox::{Outbox, OutboxError, write_loop};
+use crate::conditions::DutyCycle;
 use crate::control::PauseChange;
 use crate::digest::Digest;
 use crate::host::Host;
 use crate::job::proto::{InputRef, JobFrame, JobSpec, SEND_CHUNK, WireLease, WireResult};
+use crate::ledger::{Ledger, today};
 use crate::net::{PeerLink, close};
 use crate::peer_id::PeerId;
 use crate::sandbox::{
@@ -160,10 +162,10 @@ pub struct WorkConfig {
     /// turn liar once it has earned trust.
     #[doc(hidden)]
     pub tamper_switch: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
-    /// The data directory whose pause file (`suspend::PAUSE_FILE`) records the user's pause:
-    /// read at start, written on every pause and resume. `None`: pauses last until the peer
-    /// stops.
-    pub pause_dir: Option<PathBuf>,
+    /// The data directory: its pause file (`suspend::PAUSE_FILE`) records the user's pause
+    /// (read at start, written on every pause and resume) and its ledger what this peer gave
+    /// (`ledger::LEDGER_FILE`). `None`: pauses last until the peer stops, and nothing is kept.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl WorkConfig {
@@ -178,7 +180,7 @@ impl WorkConfig {
             max_unit_time: DEFAULT_MAX_UNIT_TIME,
             tamper: false,
             tamper_switch: None,
-            pause_dir: None,
+            data_dir: None,
         }
     }
 }
@@ -201,6 +203,22 @@ impl SuspendSwitch {
     pub async fn set(&self, reason: Reason, on: bool) -> Result<(), super::NodeError> {
         self.work
             .send(WorkInput::SetSuspended { reason, on })
+            .await
+            .map_err(|_| super::NodeError::Stopped)
+    }
+
+    /// Holds the unit hosts to `percent` of the CPU time (under 100), or lets them run (`None`).
+    pub async fn set_cpu_cap(&self, percent: Option<u8>) -> Result<(), super::NodeError> {
+        self.work
+            .send(WorkInput::CpuCap(percent))
+            .await
+            .map_err(|_| super::NodeError::Stopped)
+    }
+
+    /// Where whatever watches the machine reads its idle time from (`worker status` says).
+    pub async fn set_idle_source(&self, source: &'static str) -> Result<(), super::NodeError> {
+        self.work
+            .send(WorkInput::IdleSource(source))
             .await
             .map_err(|_| super::NodeError::Stopped)
     }
@@ -241,6 +259,10 @@ pub(super) enum WorkInput {
     Status(tokio::sync::oneshot::Sender<crate::control::WorkStatus>),
     /// The peer donates this from now on.
     Donate(super::Donation),
+    /// Where the machine's idle time is read from, for status.
+    IdleSource(&'static str),
+    /// Run the unit hosts this share of the time (a percentage under 100), or always (`None`).
+    CpuCap(Option<u8>),
     /// A reason to suspend the work holds now, or no longer does.
     SetSuspended {
         reason: Reason,
@@ -479,7 +501,7 @@ struct Work {
     suspension: Suspension,
     /// The user's pause, while one holds: what it was asked as, and when it ends here.
     pause: Option<(Pause, Option<Instant>)>,
-    pause_dir: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
     /// Stops and continues the unit hosts.
     host_switch: HostSwitch,
     /// Tells the node's actor whether the work is suspended, for the advert.
@@ -487,6 +509,38 @@ struct Work {
     /// Leases handed back because a suspension outlasted their slack.
     handed_back: u64,
     next_hand_back: Instant,
+    /// Where idle time is read from, once the machine is watched.
+    idle_source: Option<&'static str>,
+    /// A CPU cap under 100 %: the rhythm, when it began, whether it has the hosts stopped
+    /// now, and when its phase changes next.
+    duty: Option<Duty>,
+    /// What this peer gave, kept in the data directory.
+    ledger: Option<Ledger>,
+    /// The unit of each running lease, so its answer can be judged later.
+    unit_of: HashMap<LeaseKey, u32>,
+    /// Units answered per submitter and job, and not yet judged: what a submitter's verdicts
+    /// may count. Bounded, oldest forgotten first.
+    answered: HashMap<Key, (std::collections::HashSet<u32>, VecDeque<u32>)>,
+}
+
+/// A CPU cap's state in the work task.
+struct Duty {
+    cycle: DutyCycle,
+    began: Instant,
+    off: bool,
+    next: Instant,
+}
+
+/// Most answered units remembered per job for their verdicts.
+const MAX_ANSWERED_PER_JOB: usize = 4096;
+
+fn given(t: &crate::ledger::Totals) -> crate::control::Given {
+    crate::control::Given {
+        unit_secs: t.unit_secs as u64,
+        units_run: t.units_run,
+        accepted: t.accepted,
+        rejected: t.rejected,
+    }
 }
 
 /// Starts the work task in `tasks`; returns the sender job links are handed to.
@@ -543,11 +597,16 @@ pub(super) fn spawn(
         blob_links: HashMap::new(),
         suspension: Suspension::new(),
         pause: None,
-        pause_dir: config.pause_dir.clone(),
+        data_dir: config.data_dir.clone(),
         host_switch,
         suspended_tx,
         handed_back: 0,
         next_hand_back: Instant::now(),
+        idle_source: None,
+        duty: None,
+        ledger: config.data_dir.as_deref().map(Ledger::open),
+        unit_of: HashMap::new(),
+        answered: HashMap::new(),
     };
     work.restore_pause();
     tasks.spawn(work.run(rx).instrument(tracing::debug_span!("work")));
@@ -575,6 +634,9 @@ impl Work {
             if self.suspension.is_suspended() {
                 wake = wake.min(self.next_hand_back);
             }
+            if let Some(duty) = &self.duty {
+                wake = wake.min(duty.next);
+            }
             tokio::select! {
                 input = inputs.recv() => match input {
                     Some(input) => self.on_input(input),
@@ -598,6 +660,9 @@ impl Work {
                     if self.suspension.is_suspended() && now >= self.next_hand_back {
                         self.hand_back(now);
                     }
+                    if self.duty.as_ref().is_some_and(|d| now >= d.next) {
+                        self.duty_step(now);
+                    }
                 }
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
             }
@@ -608,6 +673,7 @@ impl Work {
 
     /// Stops the unit threads off the async runtime: a running unit may take a while.
     fn stop(&mut self) {
+        self.save_ledger();
         // Stopped hosts would not see their pipes close; they are killed as the threads end.
         self.host_switch.set_stopped(false);
         if let Some(exec) = self.exec.take() {
@@ -664,6 +730,8 @@ impl Work {
             }
             WorkInput::Donate(donation) => self.resize(donation, now),
             WorkInput::SetSuspended { reason, on } => self.set_suspended(reason, on, now),
+            WorkInput::IdleSource(source) => self.idle_source = Some(source),
+            WorkInput::CpuCap(percent) => self.set_cpu_cap(percent, now),
             WorkInput::Pause { change, reply } => {
                 let _ = reply.send(self.change_pause(change, now));
             }
@@ -686,6 +754,17 @@ impl Work {
             }),
             pause_until_ms: self.pause.and_then(|(pause, _)| pause.until_ms()),
             handed_back: self.handed_back,
+            idle_source: self.idle_source.map(str::to_string),
+            given_today: self
+                .ledger
+                .as_ref()
+                .and_then(|l| l.days().find(|(d, _)| *d == today()).map(|(_, t)| given(t)))
+                .unwrap_or_default(),
+            given_total: self
+                .ledger
+                .as_ref()
+                .map(|l| given(&l.total()))
+                .unwrap_or_default(),
         }
     }
 
@@ -704,7 +783,8 @@ impl Work {
             }
             Transition::Resumed => {
                 tracing::info!(%reason, "work resumed");
-                self.host_switch.set_stopped(false);
+                self.host_switch
+                    .set_stopped(self.duty.as_ref().is_some_and(|d| d.off));
                 self.intake.set_suspended(false, now);
                 self.suspended_tx.send_replace(false);
                 self.tell_submitters();
@@ -740,7 +820,7 @@ impl Work {
     /// that cannot be read keeps the peer paused: the volunteer asked for a pause, and only
     /// `worker resume` (which replaces the file) should end it.
     fn restore_pause(&mut self) {
-        let Some(dir) = self.pause_dir.clone() else {
+        let Some(dir) = self.data_dir.clone() else {
             return;
         };
         let now = Instant::now();
@@ -770,7 +850,7 @@ impl Work {
         match change {
             PauseChange::Pause(length) => {
                 let pause = Pause::lasting(length, SystemTime::now()).map_err(|e| e.to_string())?;
-                if let Some(dir) = &self.pause_dir {
+                if let Some(dir) = &self.data_dir {
                     // A small file written and renamed on this task: pauses are rare, and
                     // writing here keeps a quick pause-resume-pause in order.
                     crate::suspend::write_pause(dir, pause).map_err(|e| super::error_chain(&e))?;
@@ -779,7 +859,7 @@ impl Work {
                 self.set_suspended(Reason::PausedByUser, true, now);
             }
             PauseChange::Resume => {
-                if let Some(dir) = &self.pause_dir {
+                if let Some(dir) = &self.data_dir {
                     crate::suspend::clear_pause(dir).map_err(|e| super::error_chain(&e))?;
                 }
                 self.pause = None;
@@ -791,7 +871,7 @@ impl Work {
 
     /// Removes the pause file of a pause that has ended by itself.
     fn forget_pause(&self) {
-        if let Some(dir) = &self.pause_dir
+        if let Some(dir) = &self.data_dir
             && let Err(err) = crate::suspend::clear_pause(dir)
         {
             tracing::warn!(err = %super::error_chain(&err), "cannot remove the ended pause");
@@ -1029,7 +1109,11 @@ impl Work {
                     }
                 }
             }
-            JobFrame::Judged { .. } => {}
+            JobFrame::Judged {
+                job,
+                accepted,
+                rejected,
+            } => self.on_judged(from, job, accepted, rejected),
             JobFrame::Report { .. }
             | JobFrame::Decline { .. }
             | JobFrame::BlobGet { .. }
@@ -1508,14 +1592,17 @@ impl Work {
             mut result,
         } = done;
         let key = (submitter, job, lease);
+        let unit = self.unit_of.remove(&key);
         if self.aborts.remove(&key).is_none() {
             // Revoked: the intake forgot it, and nobody wants its answer.
             self.started.remove(&key);
             return;
         }
         self.completed += 1;
+        let mut ran_for = Duration::ZERO;
         if let Some((at, _)) = self.started.remove(&key) {
             let took = now.saturating_duration_since(at);
+            ran_for = took;
             let avg = self.unit_time.map_or(took, |avg| (avg * 7 + took) / 8);
             self.unit_time = Some(avg);
             let per_slot = (QUEUE_TARGET.as_nanos() / avg.as_nanos().max(1))
@@ -1546,6 +1633,14 @@ impl Work {
             Err(e) if e.class() == OutcomeClass::HostFailure => Outcome::HostFailure,
             Err(e) => Outcome::deterministic_error(&postcard::to_stdvec(e).unwrap_or_default()),
         };
+        if !matches!(outcome, Outcome::HostFailure) {
+            if let Some(ledger) = &mut self.ledger {
+                ledger.ran(&today(), ran_for);
+            }
+            if let Some(unit) = unit {
+                self.remember_answered((submitter, job), unit);
+            }
+        }
         self.answers.insert((submitter, job, lease), (result, now));
         self.intake.handle(
             IntakeEvent::Done {
@@ -1556,6 +1651,92 @@ impl Work {
             },
             now,
         );
+    }
+
+    /// Holds the unit hosts to `percent` of the time: stopped and continued on the rhythm of a
+    /// [`DutyCycle`] (the stops freeze the units' deadlines as a suspension's do). `None` or 100
+    /// lets them run.
+    fn set_cpu_cap(&mut self, percent: Option<u8>, now: Instant) {
+        let cycle = percent.filter(|p| *p < 100).map(DutyCycle::new);
+        if cycle == self.duty.as_ref().map(|d| d.cycle) {
+            return;
+        }
+        if let Some(old) = self.duty.take()
+            && old.off
+            && !self.suspension.is_suspended()
+        {
+            self.host_switch.set_stopped(false);
+        }
+        if let Some(cycle) = cycle {
+            tracing::info!(
+                percent = cycle.percent(),
+                "unit hosts held to a share of the CPU"
+            );
+            self.duty = Some(Duty {
+                cycle,
+                began: now,
+                off: false,
+                next: now,
+            });
+            self.duty_step(now);
+        }
+    }
+
+    /// The duty cycle's phase changed: stop or continue the hosts, unless a suspension holds
+    /// them stopped anyway.
+    fn duty_step(&mut self, now: Instant) {
+        let suspended = self.suspension.is_suspended();
+        let Some(duty) = &mut self.duty else {
+            return;
+        };
+        let (on, left) = duty.cycle.phase(now.saturating_duration_since(duty.began));
+        duty.next = now + left.unwrap_or(Duration::from_secs(1));
+        if duty.off != on {
+            return;
+        }
+        duty.off = !on;
+        if !suspended {
+            self.host_switch.set_stopped(!on);
+        }
+    }
+
+    /// Keeps `unit` as answered for `key`'s submitter, to count its verdict when it comes.
+    fn remember_answered(&mut self, key: Key, unit: u32) {
+        let (set, order) = self.answered.entry(key).or_default();
+        if set.insert(unit) {
+            order.push_back(unit);
+        }
+        while order.len() > MAX_ANSWERED_PER_JOB {
+            if let Some(old) = order.pop_front() {
+                set.remove(&old);
+            }
+        }
+    }
+
+    /// A submitter's verdicts on our answers: each counted once, and only for a unit we
+    /// answered for it, so a submitter cannot inflate the record.
+    fn on_judged(&mut self, from: PeerId, job: Digest, accepted: Vec<u32>, rejected: Vec<u32>) {
+        let Some((set, _)) = self.answered.get_mut(&(from, job)) else {
+            return;
+        };
+        let day = today();
+        for (units, ok) in [(accepted, true), (rejected, false)] {
+            for unit in units {
+                if set.remove(&unit)
+                    && let Some(ledger) = &mut self.ledger
+                {
+                    ledger.judged(&day, ok);
+                }
+            }
+        }
+    }
+
+    fn save_ledger(&mut self) {
+        if let Some(ledger) = &mut self.ledger
+            && let Err(err) = ledger.save()
+        {
+            tracing::warn!(err = %super::error_chain(&err), "cannot keep the record of what this peer gave");
+        }
     }
 
     fn submitter_gone(&mut self, peer: PeerId, now: Instant) {
@@ -1571,6 +1752,12 @@ impl Work {
     /// started, answers whose report never came, jobs with nothing left.
     fn sweep(&mut self, now: Instant) {
         self.next_sweep = now + SWEEP_EVERY;
+        self.save_ledger();
+        let (started, aborts) = (&self.started, &self.aborts);
+        self.unit_of
+            .retain(|key, _| started.contains_key(key) || aborts.contains_key(key));
+        let jobs = &self.jobs;
+        self.answered.retain(|key, _| jobs.contains_key(key));
         self.ready.retain(|_, r| r.deadline > now);
         let stale: Vec<(PeerId, Digest)> = self
             .fetches
@@ -1645,6 +1832,7 @@ impl Work {
         request.abort = Some(abort.clone());
         self.aborts.insert(key, abort);
         self.started.insert(key, (Instant::now(), ready.deadline));
+        self.unit_of.insert(key, task.lease.unit);
         let tx = self.inputs_tx.clone();
         let (submitter, job, lease) = key;
         let submitted = exec.submit(module, request, move |result| {
