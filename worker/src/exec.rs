@@ -77,7 +77,6 @@ pub struct UnitHostArgs {
 
 /// `worker unit-host`: the child side of [`UnitHost`].
 pub fn unit_host(args: UnitHostArgs) -> Result<ExitCode, Failure> {
-    die_with_parent();
     if let Some(nice) = args.nice {
         lower_priority(nice).map_err(|e| Failure {
             error: anyhow!(e).context("cannot lower the unit host's priority"),
@@ -112,22 +111,6 @@ pub fn unit_host(args: UnitHostArgs) -> Result<ExitCode, Failure> {
             error: e.into(),
             code: exit::HOST_FAILURE,
         })
-}
-
-/// Makes this unit host die with the peer thread that started it. A host stopped by a
-/// suspension does not notice its pipes closing, so a peer killed outright (SIGKILL) would
-/// otherwise leave it behind, stopped, for good.
-fn die_with_parent() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl(PR_SET_PDEATHSIG) sets a flag of this process and getppid reads one; neither
-    // touches memory of ours.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-        // The parent went before the flag was set: nobody is left to serve.
-        if libc::getppid() == 1 {
-            std::process::exit(0);
-        }
-    }
 }
 
 /// Caps the memory this process may map writable and private (`RLIMIT_DATA`): heap, thread
