@@ -97,11 +97,12 @@ impl Probe {
         self.idle.name()
     }
 
-    /// One reading. Blocks for as long as `loginctl` takes (at most a few seconds): call it
-    /// off the async runtime.
-    pub fn read(&mut self) -> Reading {
+    /// One reading, with the idle time only if `idle` (it may cost a `loginctl` call). Blocks
+    /// for as long as `loginctl` takes (at most a few seconds): call it off the async runtime.
+    pub fn read(&mut self, idle: bool) -> Reading {
         let now = SystemTime::now();
         let idle_for = match &mut self.idle {
+            _ if !idle => None,
             IdleSource::Logind => logind_idle(now),
             IdleSource::InputDevices(watch) => Some(watch.idle_for(Instant::now())),
             IdleSource::Unknown => None,
@@ -468,7 +469,7 @@ mod tests {
             IdleSource::Unknown,
             1,
         );
-        let reading = probe.read();
+        let reading = probe.read(true);
         assert_eq!(reading.idle_for, None);
         assert_eq!(reading.other_cpu_percent, None);
         assert_eq!(reading.on_battery, Some(false));

@@ -49,8 +49,10 @@ pub async fn watch(switch: SuspendSwitch, mut settings: watch::Receiver<Conditio
                 "only_when_idle is set, but this machine's idle time cannot be read (no logind session hints, no readable input device): no work until it can be"
             );
         }
+        let c = gate.conditions();
+        let idle = c.only_when_idle || c.max_cpu_percent_idle.is_some();
         let Ok((back, reading)) = tokio::task::spawn_blocking(move || {
-            let reading = probe.read();
+            let reading = probe.read(idle);
             (probe, reading)
         })
         .await
