@@ -9,6 +9,7 @@ mod id;
 mod jobs;
 mod pause;
 mod run;
+mod service;
 mod status;
 mod submit;
 
@@ -56,6 +57,8 @@ enum Command {
     Resume(pause::ResumeArgs),
     /// Print this peer's id (creates the identity key on first use).
     Id(id::IdArgs),
+    /// Run `worker run` as a systemd service: `worker service install [--user]`, `uninstall`.
+    Service(service::ServiceArgs),
     /// What this peer has given, day by day: time its cores ran units, units run, verdicts on its answers.
     History(history::HistoryArgs),
     /// List the jobs submitted from this data directory: name, id, state, counts, times.
@@ -124,6 +127,7 @@ fn main() -> ExitCode {
         Command::Resume(args) => pause::resume(args),
         Command::Id(args) => id::run(args),
         Command::History(args) => history::run(args),
+        Command::Service(args) => service::run(args),
         Command::Jobs(args) => jobs::list(args),
         Command::Results(args) => jobs::results(args),
         Command::Cancel(args) => jobs::cancel(args),

@@ -252,3 +252,43 @@ fn a_cpu_cap_stops_and_continues_the_unit_hosts_for_their_share() {
         "stopped {share:.2} of the time"
     );
 }
+
+#[test]
+fn a_user_service_is_installed_and_uninstalled() {
+    let home = tempfile::tempdir().unwrap();
+    let worker = |args: &[&str]| {
+        Command::new(WORKER)
+            .args(args)
+            .env("HOME", home.path())
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("XDG_DATA_HOME")
+            .output()
+            .unwrap()
+    };
+    let out = worker(&["service", "install", "--user"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("systemctl --user daemon-reload"), "{said}");
+    let unit = home
+        .path()
+        .join(".config/systemd/user/coordinator-free-worker.service");
+    let text = std::fs::read_to_string(&unit).expect("the unit is written");
+    let data = home.path().join(".local/share/coordinator-free");
+    assert!(data.is_dir(), "the data directory exists for the sandbox");
+    assert!(
+        text.contains(&format!("run --data-dir {}", data.display())),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l == "NoNewPrivileges=yes"), "{text}");
+    assert!(text.lines().any(|l| l == "ProtectSystem=strict"), "{text}");
+    let out = worker(&["service", "uninstall", "--user"]);
+    assert!(out.status.success());
+    assert!(!unit.exists());
+    // The system unit can be looked at without root.
+    let out = worker(&["service", "install", "--print"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("DynamicUser=yes"));
+}
