@@ -494,3 +494,86 @@ async fn a_suspension_past_the_slack_hands_leases_back_and_the_job_completes_els
     second.shutdown().await;
     submitter.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_at_the_machine_stops_the_units_within_a_second_and_idleness_resumes_them() {
+    use coordinator_free::conditions::probe::{IdleSource, Probe};
+    use coordinator_free::conditions::{Conditions, watch_with};
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let tag = tmp.path().join("idle-tag");
+    let submitter = start_submitter().await;
+    let worker = start_worker(Some(&submitter), &tag).await;
+    // The machine as the watcher reads it: input reported from here, and no battery, no
+    // thermal zone (an empty /sys).
+    let last_input = Arc::new(std::sync::Mutex::new(
+        Instant::now()
+            .checked_sub(Duration::from_secs(3600))
+            .unwrap_or_else(Instant::now),
+    ));
+    let sys = tmp.path().join("sys");
+    std::fs::create_dir_all(&sys).expect("sys");
+    let probe = Probe::with_roots(
+        "/proc",
+        &sys,
+        IdleSource::Reported(last_input.clone()),
+        std::process::id(),
+    );
+    let idle_after = Duration::from_secs(2);
+    let (_settings, conditions) = tokio::sync::watch::channel(Conditions {
+        only_when_idle: true,
+        idle_after,
+        ..Conditions::default()
+    });
+    tokio::spawn(watch_with(
+        worker.suspend_switch().expect("a worker has a switch"),
+        conditions,
+        probe,
+    ));
+    wait_until(
+        Duration::from_secs(20),
+        "the peers know each other",
+        || async { cores_free_seen_by(&submitter, worker.id()).await == Some(1) },
+    )
+    .await;
+    let done = submit(&submitter, tmp.path(), pi_job(tmp.path(), 1, 60), None);
+    let pid = running_host(&tag, &worker).await;
+
+    // Someone touches the keyboard: the unit host stops within a second.
+    *last_input.lock().expect("lock") = Instant::now();
+    let touched = Instant::now();
+    wait_until(Duration::from_secs(3), "the unit host stopped", || async {
+        state_of(pid) == Some('T')
+    })
+    .await;
+    let latency = touched.elapsed();
+    println!("unit host stopped {latency:?} after the input");
+    assert!(
+        latency <= Duration::from_secs(1),
+        "stopped after {latency:?}"
+    );
+    let report = worker.status().await.expect("status");
+    let work = report.work.expect("work status");
+    assert!(
+        work.suspended.contains(&Reason::UserActive),
+        "{:?}",
+        work.suspended
+    );
+    assert_eq!(work.idle_source.as_deref(), Some("reported"));
+
+    // Nobody for `idle_after`: the same unit continues and the job completes, correct.
+    wait_until(
+        Duration::from_secs(10),
+        "the unit host continued",
+        || async { state_of(pid).is_some_and(|s| s != 'T') },
+    )
+    .await;
+    assert!(touched.elapsed() >= idle_after);
+    let summary = tokio::time::timeout(Duration::from_secs(120), done)
+        .await
+        .expect("the job ends")
+        .expect("the job's thread answers")
+        .expect("the job succeeds");
+    assert_eq!(summary.accepted, 1);
+    check_results(tmp.path(), 1);
+}

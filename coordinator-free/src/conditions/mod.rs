@@ -14,7 +14,7 @@ mod window;
 
 use std::time::{Duration, Instant};
 
-pub use watch::{POLL, watch};
+pub use watch::{POLL, watch, watch_with};
 pub use window::{LocalTime, Window, WindowError};
 
 /// What a volunteer allows. The defaults run whenever the worker runs, except on battery.

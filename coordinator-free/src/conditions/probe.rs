@@ -16,6 +16,9 @@ use super::{LocalTime, Reading};
 const LOGINCTL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most bytes read from a `loginctl` call or a `/sys` or `/proc` file.
 const MAX_READ: u64 = 64 << 10;
+/// Other programs' CPU use is measured over at least this long: a spike of a fraction of a
+/// second is not "busy".
+pub const CPU_WINDOW: Duration = Duration::from_secs(2);
 /// Most sessions asked about, and input devices watched.
 const MAX_SESSIONS: usize = 64;
 const MAX_DEVICES: usize = 64;
@@ -27,6 +30,8 @@ pub enum IdleSource {
     Logind,
     /// Events on `/dev/input/event*` (readable by root or the `input` group).
     InputDevices(InputWatch),
+    /// The last input as the program embedding the library reports it.
+    Reported(std::sync::Arc<std::sync::Mutex<Instant>>),
     Unknown,
 }
 
@@ -36,6 +41,7 @@ impl IdleSource {
         match self {
             IdleSource::Logind => "logind",
             IdleSource::InputDevices(_) => "input devices",
+            IdleSource::Reported(_) => "reported",
             IdleSource::Unknown => "unknown",
         }
     }
@@ -61,10 +67,13 @@ pub struct Probe {
     /// This process's id: it and its children (the unit hosts) are "ours".
     pid: u32,
     last_cpu: Option<CpuSample>,
+    /// Other programs' CPU use over the last window.
+    cpu_percent: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
 struct CpuSample {
+    at: Instant,
     total: u64,
     busy: u64,
     /// Our processes' CPU time by pid.
@@ -90,6 +99,7 @@ impl Probe {
             idle,
             pid,
             last_cpu: None,
+            cpu_percent: None,
         }
     }
 
@@ -105,14 +115,26 @@ impl Probe {
             _ if !idle => None,
             IdleSource::Logind => logind_idle(now),
             IdleSource::InputDevices(watch) => Some(watch.idle_for(Instant::now())),
+            IdleSource::Reported(last) => {
+                let last = *last.lock().unwrap_or_else(|p| p.into_inner());
+                Some(Instant::now().saturating_duration_since(last))
+            }
             IdleSource::Unknown => None,
         };
-        let sample = self.cpu_sample();
-        let other_cpu_percent = match (&self.last_cpu, &sample) {
-            (Some(before), Some(after)) => other_cpu_percent(before, after),
-            _ => None,
-        };
-        self.last_cpu = sample;
+        // Sampled anew only once the window has passed; in between, the last figure stands.
+        let due = self
+            .last_cpu
+            .as_ref()
+            .is_none_or(|last| last.at.elapsed() >= CPU_WINDOW);
+        if due {
+            let sample = self.cpu_sample();
+            self.cpu_percent = match (&self.last_cpu, &sample) {
+                (Some(before), Some(after)) => other_cpu_percent(before, after),
+                _ => None,
+            };
+            self.last_cpu = sample;
+        }
+        let other_cpu_percent = self.cpu_percent;
         Reading {
             idle_for,
             other_cpu_percent,
@@ -144,7 +166,12 @@ impl Probe {
                 ours.insert(pid, cpu);
             }
         }
-        Some(CpuSample { total, busy, ours })
+        Some(CpuSample {
+            at: Instant::now(),
+            total,
+            busy,
+            ours,
+        })
     }
 }
 
@@ -419,11 +446,13 @@ mod tests {
     #[test]
     fn other_programs_cpu_is_the_machines_busy_time_less_ours() {
         let before = CpuSample {
+            at: Instant::now(),
             total: 1000,
             busy: 100,
             ours: HashMap::from([(10, 50), (11, 0)]),
         };
         let after = CpuSample {
+            at: Instant::now(),
             total: 2000,
             busy: 900,
             // 11 used 400 ticks, 12 started and used 100: ours is 500 of the 800 busy.

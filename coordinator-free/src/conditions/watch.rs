@@ -12,16 +12,28 @@ use super::{Conditions, Gate, Holds};
 use crate::node::SuspendSwitch;
 use crate::suspend::Reason;
 
-/// How often the machine is looked at (Folding@home polls every 2 s).
-pub const POLL: Duration = Duration::from_secs(2);
+/// How often the machine is looked at: twice a second, so the volunteer's machine is theirs
+/// again within a second of a key press (Folding@home polls every 2 s). Other programs' CPU
+/// use is measured over longer spells ([`super::probe::CPU_WINDOW`]).
+pub const POLL: Duration = Duration::from_millis(500);
 
-/// Watches the machine until the peer stops (its switch is gone) or `settings` is dropped.
+/// Watches this machine until the peer stops (its switch is gone) or `settings` is dropped.
 /// New settings (an edited config file) apply from the next look.
-pub async fn watch(switch: SuspendSwitch, mut settings: watch::Receiver<Conditions>) {
+pub async fn watch(switch: SuspendSwitch, settings: watch::Receiver<Conditions>) {
     // Finding the idle source may ask logind, which can take a moment.
-    let Ok(mut probe) = tokio::task::spawn_blocking(Probe::system).await else {
+    let Ok(probe) = tokio::task::spawn_blocking(Probe::system).await else {
         return;
     };
+    watch_with(switch, settings, probe).await;
+}
+
+/// [`watch`] with readings from `probe`: a program embedding the library may report input
+/// itself ([`super::probe::IdleSource::Reported`]), and tests drive the machine's state.
+pub async fn watch_with(
+    switch: SuspendSwitch,
+    mut settings: watch::Receiver<Conditions>,
+    mut probe: Probe,
+) {
     let source = probe.idle_source();
     tracing::info!(idle = source, "watching the machine for when to work");
     if switch.set_idle_source(source).await.is_err() {
