@@ -52,6 +52,22 @@ pub struct StatusReport {
     pub work: Option<WorkStatus>,
 }
 
+/// Most running units a status lists.
+pub const MAX_LISTED_UNITS: usize = 64;
+
+/// A unit running on this peer for a submitter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningUnit {
+    pub submitter: PeerId,
+    pub job: crate::digest::Digest,
+    /// The unit's index in its job.
+    pub unit: u32,
+    /// The module's digest.
+    pub module: crate::digest::Digest,
+    /// How long it has run, suspensions included.
+    pub running_ms: u64,
+}
+
 /// What a peer gave: time its donated cores ran units, units run to an answer, and the
 /// verdicts submitters returned on them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +115,9 @@ pub struct WorkStatus {
     pub given_today: Given,
     #[serde(default)]
     pub given_total: Given,
+    /// The units running now, longest running first (at most [`MAX_LISTED_UNITS`]).
+    #[serde(default)]
+    pub units: Vec<RunningUnit>,
 }
 
 /// One known peer, from its latest advert.

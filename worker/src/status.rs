@@ -202,6 +202,18 @@ fn table(report: &StatusReport) -> String {
             w.running, w.slots, w.queued, w.completed, w.jobs, w.submitters
         );
         let _ = writeln!(out, "state      {}", crate::pause::state_line(report));
+        for u in &w.units {
+            let short = |text: String| text.chars().take(12).collect::<String>();
+            let _ = writeln!(
+                out,
+                "running    unit {} of job {} from {}, module {}, for {}",
+                u.unit,
+                short(u.job.to_string()),
+                short(u.submitter.to_string()),
+                short(u.module.to_string()),
+                crate::history::unit_time(u.running_ms as f64 / 1000.0)
+            );
+        }
         if let Some(source) = &w.idle_source {
             let _ = writeln!(out, "idle from  {source}");
         }

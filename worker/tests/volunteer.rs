@@ -253,6 +253,29 @@ fn a_cpu_cap_stops_and_continues_the_unit_hosts_for_their_share() {
         (Some(a), Some(b)) => Some((b - a) as f64 / 100.0 / since.elapsed().as_secs_f64()),
         _ => None,
     };
+    // `worker status` names the unit that runs.
+    let dir = root.path().join("w");
+    let report = status(&dir);
+    let units = report["work"]["units"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let module =
+        coordinator_free::digest::Digest::of(&std::fs::read(example_artifacts::PI).unwrap());
+    assert_eq!(units.len(), 1, "{report}");
+    assert_eq!(units[0]["unit"], 0, "{report}");
+    assert_eq!(units[0]["module"], module.to_string(), "{report}");
+    assert!(
+        units[0]["running_ms"].as_u64().is_some_and(|ms| ms >= 3000),
+        "{report}"
+    );
+    let table = Command::new(WORKER)
+        .args(["status", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("running    unit 0 of job"), "{table}");
     let _ = submit.kill();
     let _ = submit.wait();
     assert!(seen > 300, "the host ran all along ({seen} looks)");

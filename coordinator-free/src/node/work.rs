@@ -765,6 +765,7 @@ impl Work {
                 .as_ref()
                 .map(|l| given(&l.total()))
                 .unwrap_or_default(),
+            units: self.running_units(now),
         }
     }
 
@@ -1698,6 +1699,28 @@ impl Work {
         if !suspended {
             self.host_switch.set_stopped(!on);
         }
+    }
+
+    /// The units running now, longest running first.
+    fn running_units(&self, now: Instant) -> Vec<crate::control::RunningUnit> {
+        let mut units: Vec<crate::control::RunningUnit> = self
+            .started
+            .iter()
+            .filter_map(|(key, (at, _))| {
+                let (submitter, job, _) = *key;
+                Some(crate::control::RunningUnit {
+                    submitter,
+                    job,
+                    unit: *self.unit_of.get(key)?,
+                    module: self.jobs.get(&(submitter, job))?.spec.module,
+                    running_ms: u64::try_from(now.saturating_duration_since(*at).as_millis())
+                        .unwrap_or(u64::MAX),
+                })
+            })
+            .collect();
+        units.sort_by_key(|u| std::cmp::Reverse(u.running_ms));
+        units.truncate(crate::control::MAX_LISTED_UNITS);
+        units
     }
 
     /// Keeps `unit` as answered for `key`'s submitter, to count its verdict when it comes.
