@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -141,6 +141,11 @@ impl Ledger {
         self.saved.days.entry(day.to_string()).or_default()
     }
 
+    /// One day's totals (none on record: zero).
+    pub fn on(&self, day: &str) -> Totals {
+        self.saved.days.get(day).copied().unwrap_or_default()
+    }
+
     /// Every day on record, oldest first.
     pub fn days(&self) -> impl Iterator<Item = (&str, &Totals)> {
         self.saved.days.iter().map(|(d, t)| (d.as_str(), t))
@@ -218,31 +223,21 @@ fn is_date(text: &str) -> bool {
             .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
 }
 
-/// Today's local date, `YYYY-MM-DD` (UTC where the local time cannot be had).
+/// Today's local date, `YYYY-MM-DD`.
 pub fn today() -> String {
     date_of(SystemTime::now())
 }
 
 fn date_of(now: SystemTime) -> String {
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let Ok(t) = libc::time_t::try_from(secs) else {
-        return "1970-01-01".into();
-    };
-    // SAFETY: `tm` is a plain C struct for which all zeroes is valid; the reentrant
-    // `localtime_r` (or `gmtime_r`) writes only into it.
-    let tm = unsafe {
-        let mut tm: libc::tm = std::mem::zeroed();
-        if libc::localtime_r(&t, &mut tm).is_null() && libc::gmtime_r(&t, &mut tm).is_null() {
-            return "1970-01-01".into();
-        }
-        tm
-    };
-    format!(
-        "{:04}-{:02}-{:02}",
-        tm.tm_year + 1900,
-        tm.tm_mon + 1,
-        tm.tm_mday
-    )
+    match crate::conditions::probe::local_tm(now) {
+        Some(tm) => format!(
+            "{:04}-{:02}-{:02}",
+            tm.tm_year + 1900,
+            tm.tm_mon + 1,
+            tm.tm_mday
+        ),
+        None => "1970-01-01".into(),
+    }
 }
 
 #[cfg(test)]

@@ -271,21 +271,23 @@ fn read_small(path: &Path) -> Option<String> {
 
 /// The local day of the week and time of day, from the C library's idea of the time zone.
 pub fn local_time(now: SystemTime) -> Option<LocalTime> {
-    let secs = now.duration_since(UNIX_EPOCH).ok()?.as_secs();
-    let t = libc::time_t::try_from(secs).ok()?;
-    // SAFETY: `tm` is a plain C struct for which all zeroes is a valid value, and
-    // `localtime_r` writes only into it (the reentrant form: no shared static buffer).
-    let tm = unsafe {
-        let mut tm: libc::tm = std::mem::zeroed();
-        if libc::localtime_r(&t, &mut tm).is_null() {
-            return None;
-        }
-        tm
-    };
+    let tm = local_tm(now)?;
     // tm_wday counts from Sunday.
     let weekday = u8::try_from((tm.tm_wday + 6) % 7).ok()?;
     let minute = u16::try_from(tm.tm_hour * 60 + tm.tm_min).ok()?;
     Some(LocalTime::new(weekday, minute))
+}
+
+/// `now` broken down in local time by the C library; `None` where it cannot say.
+pub(crate) fn local_tm(now: SystemTime) -> Option<libc::tm> {
+    let secs = now.duration_since(UNIX_EPOCH).ok()?.as_secs();
+    let t = libc::time_t::try_from(secs).ok()?;
+    // SAFETY: `tm` is a plain C struct for which all zeroes is a valid value, and
+    // `localtime_r` writes only into it (the reentrant form: no shared static buffer).
+    unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        (!libc::localtime_r(&t, &mut tm).is_null()).then_some(tm)
+    }
 }
 
 /// How long every user session has been idle, from logind; `None` when logind cannot be asked.

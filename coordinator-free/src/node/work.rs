@@ -516,6 +516,9 @@ struct Work {
     duty: Option<Duty>,
     /// What this peer gave, kept in the data directory.
     ledger: Option<Ledger>,
+    /// The local date the ledger counts under, read again at every sweep rather than for
+    /// every unit.
+    today: String,
     /// The unit of each running lease, so its answer can be judged later.
     unit_of: HashMap<LeaseKey, u32>,
     /// Units answered per submitter and job, and not yet judged: what a submitter's verdicts
@@ -605,6 +608,7 @@ pub(super) fn spawn(
         idle_source: None,
         duty: None,
         ledger: config.data_dir.as_deref().map(Ledger::open),
+        today: today(),
         unit_of: HashMap::new(),
         answered: HashMap::new(),
     };
@@ -758,7 +762,7 @@ impl Work {
             given_today: self
                 .ledger
                 .as_ref()
-                .and_then(|l| l.days().find(|(d, _)| *d == today()).map(|(_, t)| given(t)))
+                .map(|l| given(&l.on(&self.today)))
                 .unwrap_or_default(),
             given_total: self
                 .ledger
@@ -1636,7 +1640,7 @@ impl Work {
         };
         if !matches!(outcome, Outcome::HostFailure) {
             if let Some(ledger) = &mut self.ledger {
-                ledger.ran(&today(), ran_for);
+                ledger.ran(&self.today, ran_for);
             }
             if let Some(unit) = unit {
                 self.remember_answered((submitter, job), unit);
@@ -1742,13 +1746,12 @@ impl Work {
         let Some((set, _)) = self.answered.get_mut(&(from, job)) else {
             return;
         };
-        let day = today();
         for (units, ok) in [(accepted, true), (rejected, false)] {
             for unit in units {
                 if set.remove(&unit)
                     && let Some(ledger) = &mut self.ledger
                 {
-                    ledger.judged(&day, ok);
+                    ledger.judged(&self.today, ok);
                 }
             }
         }
@@ -1775,6 +1778,7 @@ impl Work {
     /// started, answers whose report never came, jobs with nothing left.
     fn sweep(&mut self, now: Instant) {
         self.next_sweep = now + SWEEP_EVERY;
+        self.today = today();
         self.save_ledger();
         let (started, aborts) = (&self.started, &self.aborts);
         self.unit_of
