@@ -32,5 +32,6 @@ pub mod store;
 pub mod suspend;
 pub mod text;
 pub mod toml_text;
+pub mod ui;
 pub mod validate;
 pub mod wire;

@@ -472,6 +472,14 @@ impl Node {
         self.dialer.status().await
     }
 
+    /// A handle that asks this node for its status and steers the user's pause from inside the
+    /// process, as the control socket does from outside (the web page uses it).
+    pub fn control(&self) -> NodeControl {
+        NodeControl {
+            requests: self.requests.clone(),
+        }
+    }
+
     /// The switch that suspends and resumes this peer's donated work for a reason, for the
     /// parts that watch the machine (idle, battery, time windows, load, heat); `None` when the
     /// peer runs no units.
@@ -488,6 +496,43 @@ impl Node {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+    }
+}
+
+/// Asks a running node for its status and changes the user's pause; cheap to clone. Requests
+/// after the node stopped fail with [`NodeError::Stopped`].
+#[derive(Debug, Clone)]
+pub struct NodeControl {
+    requests: mpsc::Sender<Request>,
+}
+
+impl NodeControl {
+    /// A handle whose node has stopped: every request fails.
+    #[cfg(test)]
+    pub(crate) fn stopped() -> Self {
+        let (requests, _) = mpsc::channel(1);
+        NodeControl { requests }
+    }
+
+    pub async fn status(&self) -> Result<StatusReport, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Control(ControlRequest::Status(tx)))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Pauses (for a while, or until resumed) or resumes; answers with the status after the
+    /// change, or why it could not be made.
+    pub async fn pause(&self, change: control::PauseChange) -> Result<StatusReport, String> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Control(ControlRequest::Pause { change, reply }))
+            .await
+            .map_err(|_| "the peer is shutting down".to_owned())?;
+        rx.await
+            .unwrap_or_else(|_| Err("the peer is shutting down".into()))
     }
 }
 

@@ -46,6 +46,8 @@ pub struct FileKeys {
     windows: Option<Vec<String>>,
     max_cpu_percent: Option<u8>,
     max_cpu_percent_idle: Option<u8>,
+    ui: Option<String>,
+    ui_remote: Option<bool>,
 }
 
 impl FileKeys {

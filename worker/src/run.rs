@@ -100,6 +100,15 @@ pub struct RunArgs {
     /// The same while the machine is idle (default: all of it).
     #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
     max_cpu_percent_idle: Option<u8>,
+    /// Serve a web page of this peer's state, units, contribution and peers, with a pause
+    /// button, at this address (`127.0.0.1:PORT`; port 0 picks a free one). It needs the token
+    /// printed at start, kept in the data directory's `ui-token`.
+    #[arg(long, value_name = "IP:PORT")]
+    ui: Option<SocketAddr>,
+    /// Let --ui take an address other machines can reach (the token still guards it, but it
+    /// travels unencrypted).
+    #[arg(long, requires = "ui")]
+    ui_remote: bool,
 }
 
 /// A window as given, once it parses.
@@ -205,6 +214,10 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
             .await
             .map_err(Failure::usage)?;
         println!("peer {} listening on {}", node.id(), node.local_addr());
+        let page = match args.ui {
+            Some(addr) => Some(serve_page(&node, addr, args.ui_remote, &dir).await?),
+            None => None,
+        };
         say_if_paused(&node).await;
         let (when, settings) = tokio::sync::watch::channel(conditions(&args));
         if let Some(switch) = node.suspend_switch() {
@@ -241,6 +254,9 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
             }
         }
         tracing::info!("stopping");
+        if let Some(page) = page {
+            page.abort();
+        }
         node.shutdown().await;
         Ok(ExitCode::SUCCESS)
     })
@@ -407,6 +423,25 @@ fn unit_hosts(
             cache_mb,
         },
     )
+}
+
+/// Binds the web page and serves it beside the node; prints where to open it.
+async fn serve_page(
+    node: &Node,
+    addr: SocketAddr,
+    remote: bool,
+    dir: &std::path::Path,
+) -> Result<tokio::task::JoinHandle<()>, Failure> {
+    let ui = coordinator_free::ui::Ui::bind(addr, remote, dir)
+        .await
+        .map_err(Failure::usage)?;
+    println!("web page at {}", ui.url());
+    let source = coordinator_free::ui::PageSource {
+        node: node.control(),
+        data_dir: Some(dir.to_path_buf()),
+        job: None,
+    };
+    Ok(tokio::spawn(ui.serve(source)))
 }
 
 /// A peer that starts paused (a pause recorded before this start) says so, or the volunteer

@@ -31,6 +31,7 @@ use coordinator_free::node::{
 use coordinator_free::sandbox::{self, Executor, HostedModule, Metering};
 use coordinator_free::schedule::Culprit;
 use coordinator_free::store::{JobSource, JobStore};
+use coordinator_free::ui::JobView;
 
 use crate::{Failure, exit};
 
@@ -73,6 +74,10 @@ pub struct SubmitArgs {
     /// Do not look for peers on the local network (network jobs).
     #[arg(long)]
     no_mdns: bool,
+    /// Serve a web page of the job's progress and the peers at this loopback address
+    /// (`127.0.0.1:PORT`; network jobs); it needs the token printed at start.
+    #[arg(long, value_name = "IP:PORT")]
+    ui: Option<SocketAddr>,
 }
 
 pub fn run(args: SubmitArgs) -> Result<ExitCode, Failure> {
@@ -205,6 +210,11 @@ fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Fa
             job.id(),
             cpus
         );
+        if args.ui.is_some() {
+            eprintln!(
+                "--ui: a job on this machine alone has no web page; it serves one when it runs across the network"
+            );
+        }
         let mut display = Display::new();
         let summary = job
             .run(|p| display.show(p))
@@ -218,6 +228,7 @@ fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Fa
             mdns: !args.no_mdns,
             cpus,
             data_dir: &data_dir,
+            ui: args.ui,
         };
         let summary = run_on_network(
             &manifest,
@@ -260,6 +271,7 @@ fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Fa
                 bootstrap: args.bootstrap.clone(),
                 listen: args.listen,
                 no_mdns: args.no_mdns,
+                ui: args.ui,
             };
             match submit(again, Some(id)) {
                 Ok(code) => succeeded &= code == ExitCode::SUCCESS,
@@ -328,6 +340,7 @@ struct Network<'a> {
     mdns: bool,
     cpus: u32,
     data_dir: &'a Path,
+    ui: Option<SocketAddr>,
 }
 
 /// The peer running on `data_dir`, as a bootstrap address, if one answers.
@@ -423,13 +436,39 @@ fn run_on_network(
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let (progress, watched) = tokio::sync::watch::channel(None);
+    let page = match network.ui {
+        Some(addr) => {
+            let ui = runtime
+                .block_on(coordinator_free::ui::Ui::bind(
+                    addr,
+                    false,
+                    network.data_dir,
+                ))
+                .map_err(Failure::usage)?;
+            eprintln!("web page at {}", ui.url());
+            Some(runtime.spawn(ui.serve(coordinator_free::ui::PageSource {
+                node: node.control(),
+                data_dir: None,
+                job: Some(watched),
+            })))
+        }
+        None => None,
+    };
     let mut workers = NetWorkers::new(node.job_dialer(), runtime.handle().clone(), &job, module);
     let config = net_schedule_config(&workers.spec().limits());
     let mut display = Display::new();
+    let id = job.id.to_hex();
     let summary = run_job(manifest, &job, config, &mut workers, store, out_dir, |p| {
+        if page.is_some() {
+            progress.send_replace(Some(JobView::new(&manifest.name, &id, p)));
+        }
         display.show(p)
     });
     display.finish();
+    if let Some(page) = page {
+        page.abort();
+    }
     drop(workers);
     // The results are durable; goodbyes to the peers get a moment, not the full drain.
     runtime.block_on(async {

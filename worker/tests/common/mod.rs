@@ -95,6 +95,17 @@ impl Peer {
 /// Starts `worker run` on `listen` with the data directory `root/NAME` and one core, its
 /// stderr in `root/NAME.stderr`, joining through `bootstrap` if given.
 pub fn start_peer_at(root: &Path, name: &str, bootstrap: Option<&Peer>, listen: &str) -> Peer {
+    start_peer_reading(root, name, bootstrap, listen, 0).0
+}
+
+/// [`start_peer_at`], returning also the `more` lines the peer prints after its address.
+pub fn start_peer_reading(
+    root: &Path,
+    name: &str,
+    bootstrap: Option<&Peer>,
+    listen: &str,
+    more: usize,
+) -> (Peer, Vec<String>) {
     let mut command = Command::new(WORKER);
     command
         .args(["run", "--listen", listen, "--no-mdns", "--cpus", "1"])
@@ -114,20 +125,29 @@ pub fn start_peer_at(root: &Path, name: &str, bootstrap: Option<&Peer>, listen: 
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
+        let mut reader = BufReader::new(stdout);
+        for _ in 0..=more {
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
     });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("worker run prints its address");
+    let mut lines = (0..=more).map(|_| {
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("worker run prints its address")
+    });
+    let line = lines.next().expect("a first line");
     let words: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(words.get(2), Some(&"listening"), "{line}");
-    Peer {
+    let peer = Peer {
         child,
         id: words[1].to_owned(),
         addr: words[4].to_owned(),
-    }
+    };
+    let more = lines.collect();
+    (peer, more)
 }
 
 /// When the lying peer made by a test alters its outputs.
