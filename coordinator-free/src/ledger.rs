@@ -147,7 +147,7 @@ impl Ledger {
     }
 
     /// Every day on record, oldest first.
-    pub fn days(&self) -> impl Iterator<Item = (&str, &Totals)> {
+    pub fn days(&self) -> impl DoubleEndedIterator<Item = (&str, &Totals)> {
         self.saved.days.iter().map(|(d, t)| (d.as_str(), t))
     }
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{start_peer_reading, status, wait_for};
+use common::{reasons, start_peer_reading, status, wait_for, write_config};
 use serde_json::{Value, json};
 
 /// Samples per unit of the pi job: a second or two of one core.
@@ -23,10 +23,8 @@ const SAMPLES: u64 = 500_000_000;
 /// Starts a peer whose config file asks for the page on a free loopback port; returns the peer,
 /// its data directory and the page's address with its token.
 fn peer_with_page(root: &Path, listen: &str) -> (common::Peer, PathBuf, String) {
-    let config = root.join("coordinator-free");
-    std::fs::create_dir_all(&config).unwrap();
     // The page comes from the config file's key, as a volunteer would set it.
-    std::fs::write(config.join("worker.toml"), "ui = \"127.0.21.1:0\"\n").unwrap();
+    write_config(root, "ui = \"127.0.21.1:0\"\n");
     let (peer, lines) = start_peer_reading(root, "w", None, listen, 1);
     let url = lines[0]
         .trim()
@@ -62,17 +60,6 @@ fn http(host: &str, head: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (code, body)
-}
-
-fn reasons(dir: &Path) -> Vec<String> {
-    status(dir)["work"]["suspended"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|r| r.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[test]
@@ -367,21 +354,13 @@ fn in_a_real_browser_the_page_shows_the_state_and_its_buttons_pause_and_resume_t
         ),
     )
     .unwrap();
-    let submit = Command::new(common::WORKER)
-        .arg("submit")
-        .arg(&manifest)
-        .arg("--out")
-        .arg(root.path().join("out"))
-        .arg("--data-dir")
-        .arg(root.path().join("submitter"))
-        .args(["--bootstrap", &peer.bootstrap(), "--cpus", "0", "--no-mdns"])
-        .args(["--listen", "127.0.21.4:0", "--ui", "127.0.21.4:0"])
-        .env_remove("WORKER_LOG")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(root.path().join("submit.stdout")).unwrap())
-        .stderr(std::fs::File::create(root.path().join("submit.stderr")).unwrap())
-        .spawn()
-        .unwrap();
+    let submit = common::spawn_submit_with(
+        root.path(),
+        &manifest,
+        &peer,
+        "submit",
+        &["--listen", "127.0.21.4:0", "--ui", "127.0.21.4:0"],
+    );
     let mut submit = KilledOnDrop(Some(submit));
     wait_for(
         Duration::from_secs(60),
@@ -463,7 +442,7 @@ fn in_a_real_browser_the_page_shows_the_state_and_its_buttons_pause_and_resume_t
         Duration::from_secs(120),
     );
     assert_eq!(run.code, Some(0), "{}", run.stderr);
-    let results = std::fs::read_to_string(root.path().join("out/results.jsonl")).unwrap();
+    let results = std::fs::read_to_string(root.path().join("out-pi/results.jsonl")).unwrap();
     assert_eq!(results.matches("\"accepted\"").count(), 3, "{results}");
     wait_for(
         Duration::from_secs(10),

@@ -4,31 +4,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-use common::{WORKER, start_peer_at, status, wait_for};
+use common::{WORKER, reasons, start_peer_at, status, wait_for, write_config};
 use serde_json::Value;
-
-/// The peer's suspension reasons in `worker status --json`.
-fn reasons(dir: &Path) -> Vec<String> {
-    status(dir)["work"]["suspended"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|r| r.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Writes the config file a peer started by `start_peer_at(root, …)` reads.
-fn write_config(root: &Path, text: &str) {
-    let dir = root.join("coordinator-free");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("worker.toml"), text).unwrap();
-}
 
 #[test]
 fn outside_its_window_the_peer_stops_and_an_edited_window_lets_it_work() {

@@ -17,13 +17,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quinn::VarInt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use super::outbox::{Outbox, write_loop};
 use super::{NodeError, Request, end_of_reading, error_chain, work::send_blob};
-use crate::control::{ControlRequest, StatusReport};
+use crate::control::StatusReport;
 use crate::digest::Digest;
 use crate::host::Host;
 use crate::identity::{AllowList, Identity};
@@ -230,12 +230,11 @@ impl JobDialer {
     }
 
     pub(super) async fn status(&self) -> Result<StatusReport, NodeError> {
-        let (tx, rx) = oneshot::channel();
-        self.requests
-            .send(Request::Control(ControlRequest::Status(tx)))
-            .await
-            .map_err(|_| NodeError::Stopped)?;
-        rx.await.map_err(|_| NodeError::Stopped)
+        super::NodeControl {
+            requests: self.requests.clone(),
+        }
+        .status()
+        .await
     }
 
     /// Advertises `job` as the job this peer submits now, so workers it cannot reach ask it for

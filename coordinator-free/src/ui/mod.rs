@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::control::{MAX_PAUSE_SECS, PauseChange, PeerStatus, StatusReport};
+use crate::control::{Given, MAX_PAUSE_SECS, PauseChange, PeerStatus, StatusReport, WorkStatus};
 use crate::ledger::{Ledger, Totals};
 use crate::node::NodeControl;
 use http::{Request, Response};
@@ -266,31 +266,6 @@ struct GivenView {
     total: Totals,
 }
 
-impl GivenView {
-    /// Takes today's and the total counts from the running peer.
-    fn live(&mut self, today: &crate::control::Given, total: &crate::control::Given) {
-        let totals = |g: &crate::control::Given| Totals {
-            unit_secs: g.unit_secs as f64,
-            units_run: g.units_run,
-            accepted: g.accepted,
-            rejected: g.rejected,
-        };
-        self.today = totals(today);
-        self.total = totals(total);
-        let day = crate::ledger::today();
-        match self.days.last_mut() {
-            Some((last, t)) if *last == day => *t = self.today,
-            _ if today.units_run > 0 => {
-                self.days.push((day, self.today));
-                if self.days.len() > CHART_DAYS {
-                    self.days.remove(0);
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
 #[derive(Debug, Serialize)]
 struct ErrorReply {
     error: String,
@@ -406,11 +381,10 @@ impl Server {
         };
         let peers_total = status.peers.len();
         status.peers = take_listed(std::mem::take(&mut status.peers));
-        let mut given = self.source.data_dir.as_deref().and_then(given_view);
-        // The running peer's counts are newer than its last save of the ledger.
-        if let (Some(given), Some(work)) = (&mut given, &status.work) {
-            given.live(&work.given_today, &work.given_total);
-        }
+        let given = match (self.source.data_dir.as_deref(), &status.work) {
+            (Some(dir), Some(work)) => given_view(dir, work),
+            _ => None,
+        };
         let job = self
             .source
             .job
@@ -479,21 +453,31 @@ fn take_listed(mut peers: Vec<PeerStatus>) -> Vec<PeerStatus> {
     peers
 }
 
-/// The ledger of `dir` for the chart; a damaged one (which the peer sets aside and starts
-/// over from) draws no chart rather than failing the page.
-fn given_view(dir: &Path) -> Option<GivenView> {
+/// What the peer gave: today's and the total counts from the running peer (newer than its last
+/// save of the ledger), the earlier days from the ledger of `dir`. A damaged ledger (which the
+/// peer sets aside and starts over from) draws no chart rather than failing the page.
+fn given_view(dir: &Path, work: &WorkStatus) -> Option<GivenView> {
     let ledger = Ledger::read(dir).ok()?;
+    let totals = |g: &Given| Totals {
+        unit_secs: g.unit_secs as f64,
+        units_run: g.units_run,
+        accepted: g.accepted,
+        rejected: g.rejected,
+    };
+    let (today, total) = (totals(&work.given_today), totals(&work.given_total));
+    let day = crate::ledger::today();
     let mut days: Vec<(String, Totals)> = ledger
         .days()
-        .map(|(day, totals)| (day.to_string(), *totals))
+        .filter(|(d, _)| *d != day)
+        .rev()
+        .take(CHART_DAYS - 1)
+        .map(|(d, t)| (d.to_string(), *t))
         .collect();
-    let skip = days.len().saturating_sub(CHART_DAYS);
-    days.drain(..skip);
-    Some(GivenView {
-        days,
-        today: ledger.on(&crate::ledger::today()),
-        total: ledger.total(),
-    })
+    days.reverse();
+    if today.units_run > 0 {
+        days.push((day, today));
+    }
+    Some(GivenView { days, today, total })
 }
 
 #[cfg(test)]
@@ -514,6 +498,11 @@ mod tests {
 
     fn request(head: &str) -> Request {
         http::parse_head(head.as_bytes()).expect("parses")
+    }
+
+    /// The status `s` answers the request `head` with.
+    async fn status_of(s: &Server, head: &str) -> u16 {
+        s.route(&request(head)).await.status
     }
 
     #[test]
@@ -559,17 +548,13 @@ mod tests {
             && v.contains(&token)
             && v.contains("HttpOnly")
             && v.contains("SameSite=Strict")));
-        let wrong = s
-            .route(&request(&format!(
-                "GET /?token={} HTTP/1.1\r\n{host}",
-                "ab".repeat(31)
-            )))
-            .await;
-        assert_eq!(wrong.status, 403);
+        let short = "ab".repeat(31);
         assert_eq!(
-            s.route(&request(&format!("GET / HTTP/1.1\r\n{host}")))
-                .await
-                .status,
+            status_of(&s, &format!("GET /?token={short} HTTP/1.1\r\n{host}")).await,
+            403
+        );
+        assert_eq!(
+            status_of(&s, &format!("GET / HTTP/1.1\r\n{host}")).await,
             403
         );
         let page = s
@@ -579,42 +564,41 @@ mod tests {
             .await;
         assert_eq!(page.status, 200);
         assert!(String::from_utf8_lossy(&page.body).contains(&token));
-        // The API does not take the cookie: only the header the page's own script sends.
-        for head in [
-            format!("GET /api/state HTTP/1.1\r\n{host}\r\nCookie: {COOKIE}={token}"),
-            format!("POST /api/pause HTTP/1.1\r\n{host}\r\nCookie: {COOKIE}={token}"),
-            format!("POST /api/resume HTTP/1.1\r\n{host}\r\nAuthorization: Bearer nope"),
-            format!(
-                "POST /api/pause HTTP/1.1\r\n{host}\r\nAuthorization: Bearer {token}\r\nSec-Fetch-Site: cross-site"
+        let bearer = format!("Authorization: Bearer {token}");
+        for (head, expected) in [
+            // The API does not take the cookie: only the header the page's own script sends.
+            (
+                format!("GET /api/state HTTP/1.1\r\n{host}\r\nCookie: {COOKIE}={token}"),
+                403,
+            ),
+            (
+                format!("POST /api/pause HTTP/1.1\r\n{host}\r\nCookie: {COOKIE}={token}"),
+                403,
+            ),
+            (
+                format!("POST /api/resume HTTP/1.1\r\n{host}\r\nAuthorization: Bearer nope"),
+                403,
+            ),
+            (
+                format!(
+                    "POST /api/pause HTTP/1.1\r\n{host}\r\n{bearer}\r\nSec-Fetch-Site: cross-site"
+                ),
+                403,
+            ),
+            (
+                format!("POST /api/pause?secs=0 HTTP/1.1\r\n{host}\r\n{bearer}"),
+                400,
+            ),
+            (format!("DELETE /api/state HTTP/1.1\r\n{host}"), 405),
+            (format!("GET /etc/passwd HTTP/1.1\r\n{host}"), 404),
+            // The node behind this test server is gone: a clear error, not a hang or a panic.
+            (
+                format!("GET /api/state HTTP/1.1\r\n{host}\r\n{bearer}"),
+                503,
             ),
         ] {
-            assert_eq!(s.route(&request(&head)).await.status, 403, "{head}");
+            assert_eq!(status_of(&s, &head).await, expected, "{head}");
         }
-        let bad_secs = s
-            .route(&request(&format!(
-                "POST /api/pause?secs=0 HTTP/1.1\r\n{host}\r\nAuthorization: Bearer {token}"
-            )))
-            .await;
-        assert_eq!(bad_secs.status, 400);
-        assert_eq!(
-            s.route(&request(&format!("DELETE /api/state HTTP/1.1\r\n{host}")))
-                .await
-                .status,
-            405
-        );
-        assert_eq!(
-            s.route(&request(&format!("GET /etc/passwd HTTP/1.1\r\n{host}")))
-                .await
-                .status,
-            404
-        );
-        // The node behind this test server is gone: a clear error, not a hang or a panic.
-        let gone = s
-            .route(&request(&format!(
-                "GET /api/state HTTP/1.1\r\n{host}\r\nAuthorization: Bearer {token}"
-            )))
-            .await;
-        assert_eq!(gone.status, 503);
     }
 
     #[test]
@@ -637,6 +621,46 @@ mod tests {
         assert_ne!(new, token);
         assert!(same_token(&new, &new.clone()));
         assert!(!same_token(&new[..63], &new));
+    }
+
+    #[test]
+    fn the_chart_takes_earlier_days_from_the_ledger_and_today_from_the_peer() {
+        let dir = tempfile::tempdir().expect("dir");
+        let today = crate::ledger::today();
+        let mut ledger = Ledger::open(dir.path());
+        for day in 1..=70 {
+            ledger.ran(
+                &format!("2000-{:02}-{:02}", 1 + day / 28, 1 + day % 28),
+                Duration::from_secs(day),
+            );
+        }
+        // Saved before the last units: the file is behind the running peer.
+        ledger.ran(&today, Duration::from_secs(5));
+        ledger.save().expect("saved");
+        let live = Given {
+            unit_secs: 9,
+            units_run: 3,
+            accepted: 2,
+            rejected: 0,
+        };
+        let work = WorkStatus {
+            given_today: live,
+            given_total: Given {
+                units_run: 74,
+                ..live
+            },
+            ..WorkStatus::default()
+        };
+        let view = given_view(dir.path(), &work).expect("a view");
+        assert_eq!(view.days.len(), CHART_DAYS);
+        let (last_day, last) = view.days.last().expect("today");
+        assert_eq!((last_day.as_str(), last.units_run), (today.as_str(), 3));
+        assert_eq!(view.today.unit_secs, 9.0);
+        assert_eq!(view.total.units_run, 74);
+        // The earliest days left are the latest of the ledger's, in order.
+        assert!(view.days.windows(2).all(|w| w[0].0 < w[1].0));
+        std::fs::write(dir.path().join(crate::ledger::LEDGER_FILE), "{not json").expect("damage");
+        assert!(given_view(dir.path(), &work).is_none());
     }
 
     #[test]

@@ -201,6 +201,25 @@ pub fn status(dir: &Path) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
+/// The peer's suspension reasons in `worker status --json --data-dir DIR`.
+pub fn reasons(dir: &Path) -> Vec<String> {
+    status(dir)["work"]["suspended"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| r.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Writes the config file a peer started by `start_peer_at(root, …)` reads.
+pub fn write_config(root: &Path, text: &str) {
+    let dir = root.join("coordinator-free");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("worker.toml"), text).unwrap();
+}
+
 /// Polls `check` every 100 ms; the test fails if it is not true within `limit`.
 pub fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -238,6 +257,17 @@ pub fn manifest(
 /// results in `root/out-NAME` (NAME the manifest's file stem) and its output in
 /// `root/TAG.stdout` and `root/TAG.stderr`.
 pub fn spawn_submit(root: &Path, manifest: &Path, via: &Peer, tag: &str) -> Child {
+    spawn_submit_with(root, manifest, via, tag, &[])
+}
+
+/// [`spawn_submit`] with `extra` arguments after the others.
+pub fn spawn_submit_with(
+    root: &Path,
+    manifest: &Path,
+    via: &Peer,
+    tag: &str,
+    extra: &[&str],
+) -> Child {
     Command::new(WORKER)
         .arg("submit")
         .arg(manifest)
@@ -249,6 +279,7 @@ pub fn spawn_submit(root: &Path, manifest: &Path, via: &Peer, tag: &str) -> Chil
         .arg("--data-dir")
         .arg(root.join("submitter"))
         .args(["--bootstrap", &via.bootstrap(), "--cpus", "0", "--no-mdns"])
+        .args(extra)
         .env_remove("WORKER_LOG")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(root.join(format!("{tag}.stdout"))).unwrap())
