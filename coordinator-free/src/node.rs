@@ -310,6 +310,7 @@ impl Node {
             }
         };
         let local_addr = endpoint.local_addr().map_err(NodeError::LocalAddr)?;
+        let loopback_server = net::loopback_server(&identity, allow.clone(), &config.net)?;
         let addrs = config
             .advertise
             .clone()
@@ -343,8 +344,13 @@ impl Node {
         let (requests_tx, requests_rx) = mpsc::channel(16);
         let mut tasks = JoinSet::new();
         tasks.spawn(
-            accept_loop(endpoint.clone(), config.net.clone(), inputs_tx.clone())
-                .instrument(tracing::debug_span!("accept")),
+            accept_loop(
+                endpoint.clone(),
+                config.net.clone(),
+                loopback_server,
+                inputs_tx.clone(),
+            )
+            .instrument(tracing::debug_span!("accept")),
         );
 
         let mut control_path = None;
@@ -1006,7 +1012,12 @@ async fn suspension_changed(
     }
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, net: NetConfig, inputs: mpsc::Sender<Input>) {
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    net: NetConfig,
+    loopback: Arc<quinn::ServerConfig>,
+    inputs: mpsc::Sender<Input>,
+) {
     let permits = Arc::new(Semaphore::new(net.max_handshakes));
     let mut handshakes = JoinSet::new();
     loop {
@@ -1020,10 +1031,11 @@ async fn accept_loop(endpoint: quinn::Endpoint, net: NetConfig, inputs: mpsc::Se
                 };
                 let net = net.clone();
                 let inputs = inputs.clone();
+                let loopback = Arc::clone(&loopback);
                 let span = tracing::debug_span!("accept", remote = %incoming.remote_address());
                 handshakes.spawn(async move {
                     let _permit = permit;
-                    match net::accept(incoming, &net).await {
+                    match net::accept(incoming, &net, Some(&loopback)).await {
                         Ok(link) => {
                             let _ = inputs.send(Input::Established(link)).await;
                         }

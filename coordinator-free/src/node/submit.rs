@@ -1151,7 +1151,7 @@ mod tests {
         let accepting = tokio::spawn(async move {
             let incoming = submitter_end.accept().await.expect("incoming");
             (
-                net::accept(incoming, &NetConfig::default()).await,
+                net::accept(incoming, &NetConfig::default(), None).await,
                 submitter_end,
             )
         });
