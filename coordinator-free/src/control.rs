@@ -60,12 +60,18 @@ pub const MAX_LISTED_UNITS: usize = 64;
 pub struct RunningUnit {
     pub submitter: PeerId,
     pub job: crate::digest::Digest,
+    /// The job's name as its submitter gave it (control characters escaped).
+    #[serde(default)]
+    pub job_name: String,
     /// The unit's index in its job.
     pub unit: u32,
     /// The module's digest.
     pub module: crate::digest::Digest,
     /// How long it has run, suspensions included.
     pub running_ms: u64,
+    /// The last progress the unit reported: done of total, in its own units.
+    #[serde(default)]
+    pub progress: Option<(u64, u64)>,
 }
 
 /// What a peer gave: time its donated cores ran units, units run to an answer, and the

@@ -576,6 +576,7 @@ fn job_frames() -> Vec<JobFrame> {
     let spec = JobSpec::new(Digest::of(b"module"), 4096, &Limits::default());
     vec![
         JobFrame::Offer(Offer {
+            name: "test".into(),
             job,
             spec,
             leases: vec![

@@ -36,10 +36,10 @@ use crate::peer_id::{PEER_ID_LEN, PeerId};
 pub const ALPN: &[u8] = b"cf/2";
 /// ALPN protocol id of job links: connections that carry one job's leases, results and blobs,
 /// apart from the membership connection.
-pub const JOB_ALPN: &[u8] = b"cf-job/3";
+pub const JOB_ALPN: &[u8] = b"cf-job/4";
 /// ALPN protocol id of a job link a worker opens to a submitter to ask for work (the reverse
 /// of [`JOB_ALPN`], for workers the submitter cannot dial).
-pub const PULL_ALPN: &[u8] = b"cf-pull/3";
+pub const PULL_ALPN: &[u8] = b"cf-pull/4";
 /// ALPN protocol id of a blob link: a worker fetching a blob from another worker that holds it.
 pub const BLOB_ALPN: &[u8] = b"cf-blob/2";
 /// The name every dial presents as SNI. Identity comes from the certificate key, never from a

@@ -24,6 +24,7 @@ fn offer(job: Digest, module: &[u8], leases: std::ops::Range<u64>, timeout: Dura
         ..Limits::default()
     };
     JobFrame::Offer(Offer {
+        name: "test".into(),
         job,
         spec: JobSpec::new(Digest::of(module), module.len() as u64, &limits),
         leases: leases

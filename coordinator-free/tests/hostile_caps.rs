@@ -86,6 +86,7 @@ async fn a_submitter_takes_at_most_eight_pull_links_from_one_host() {
 
 fn blob_offer(job: &str, module: &[u8], inputs: &[Vec<u8>]) -> JobFrame {
     JobFrame::Offer(Offer {
+        name: "test".into(),
         job: Digest::of(job.as_bytes()),
         spec: JobSpec::new(Digest::of(module), module.len() as u64, &Limits::default()),
         leases: inputs

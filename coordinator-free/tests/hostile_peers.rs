@@ -55,6 +55,7 @@ async fn serve_and_collect(link: &mut PeerLink, module: &[u8], leases: usize) ->
 
 async fn offer_blob_input(link: &mut PeerLink, module: &[u8], input: &[u8], lease: u64) {
     let frame = JobFrame::Offer(Offer {
+        name: "test".into(),
         job: Digest::of(b"a shared blob"),
         spec: JobSpec::new(Digest::of(module), module.len() as u64, &Limits::default()),
         leases: vec![WireLease {
@@ -458,6 +459,7 @@ async fn the_same_module_under_another_fuel_setting_still_runs() {
         ..Limits::default()
     };
     let frame = JobFrame::Offer(Offer {
+        name: "test".into(),
         job: Digest::of(b"the same module, metered"),
         spec: JobSpec::new(Digest::of(&module), module.len() as u64, &fueled),
         leases: vec![WireLease {
@@ -553,6 +555,7 @@ async fn a_revoked_running_unit_is_stopped_and_never_reported() {
         ..Limits::default()
     };
     let offer = JobFrame::Offer(Offer {
+        name: "test".into(),
         job,
         spec: JobSpec::new(Digest::of(&spin), spin.len() as u64, &slow),
         leases: vec![WireLease {

@@ -230,6 +230,7 @@ async fn a_worker_declines_units_longer_than_it_allows_and_others_run_them() {
             ..Limits::default()
         };
         JobFrame::Offer(Offer {
+            name: "test".into(),
             job: Digest::of(format!("a job of {timeout:?} units").as_bytes()),
             spec: JobSpec::new(Digest::of(&module), module.len() as u64, &limits),
             leases: vec![WireLease {

@@ -104,6 +104,7 @@ async fn adverts_and_blob_at_frames_naming_a_bystander_make_a_handful_of_datagra
     let module = reverse_module();
     let input = vec![7u8; 1 << 20];
     let offer = JobFrame::Offer(Offer {
+        name: "test".into(),
         job,
         spec: JobSpec::new(Digest::of(&module), module.len() as u64, &Limits::default()),
         leases: vec![WireLease {

@@ -92,6 +92,7 @@ async fn a_64_mib_input_crosses_a_125_ms_path_and_its_unit_runs() {
         .map(|i| (i * 7 + i / 4096) as u8)
         .collect();
     let offer = JobFrame::Offer(Offer {
+        name: "test".into(),
         job: Digest::of(b"a job far away"),
         spec: JobSpec::new(Digest::of(&module), module.len() as u64, &Limits::default()),
         leases: vec![WireLease {

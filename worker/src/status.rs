@@ -204,14 +204,18 @@ fn table(report: &StatusReport) -> String {
         let _ = writeln!(out, "state      {}", crate::pause::state_line(report));
         for u in &w.units {
             let short = |text: String| text.chars().take(12).collect::<String>();
+            let job = match u.job_name.as_str() {
+                "" => short(u.job.to_string()),
+                name => format!("{name} ({})", short(u.job.to_string())),
+            };
             let _ = writeln!(
                 out,
-                "running    unit {} of job {} from {}, module {}, for {}",
+                "running    unit {} of job {job} from {}, module {}, for {}{}",
                 u.unit,
-                short(u.job.to_string()),
                 short(u.submitter.to_string()),
                 short(u.module.to_string()),
-                crate::history::unit_time(u.running_ms as f64 / 1000.0)
+                crate::history::unit_time(u.running_ms as f64 / 1000.0),
+                progress_text(u.progress)
             );
         }
         if let Some(source) = &w.idle_source {
@@ -263,4 +267,17 @@ fn table(report: &StatusReport) -> String {
         }
     }
     out
+}
+
+/// A unit's reported progress as `worker status` shows it: a share when the unit gave a total,
+/// else the count it reported; nothing when it reported none.
+fn progress_text(progress: Option<(u64, u64)>) -> String {
+    match progress {
+        Some((done, total)) if total > 0 => {
+            let percent = (done.min(total) as f64 / total as f64) * 100.0;
+            format!(", {percent:.0} % done")
+        }
+        Some((done, _)) => format!(", {done} done"),
+        None => String::new(),
+    }
 }

@@ -308,6 +308,7 @@ fn a_revoked_lease_stops_its_unit_on_a_worker_run() {
         };
         let offer = |leases| {
             JobFrame::Offer(Offer {
+                name: "test".into(),
                 job,
                 spec: JobSpec::new(Digest::of(module), module.len() as u64, &limits),
                 leases,

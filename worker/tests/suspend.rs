@@ -257,6 +257,7 @@ async fn offer_two(worker: &Node) -> (Vec<LeaseId>, Option<u32>) {
     let module = example_artifacts::PI_BYTES;
     let job = Digest::of(b"a job offered while suspended");
     let offer = JobFrame::Offer(Offer {
+        name: "test".into(),
         job,
         spec: JobSpec::new(Digest::of(module), module.len() as u64, &Limits::default()),
         leases: (0..2)

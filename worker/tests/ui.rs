@@ -371,6 +371,15 @@ fn in_a_real_browser_the_page_shows_the_state_and_its_buttons_pause_and_resume_t
                     == json!(1)
         },
     );
+    // The row names the job as its submitter called it.
+    let job_cell = browser.eval(
+        &page,
+        "document.querySelector('#units tbody tr').cells[1].textContent",
+    );
+    assert!(
+        job_cell.as_str().is_some_and(|t| t.starts_with("pi (")),
+        "job cell: {job_cell}"
+    );
 
     browser.eval(&page, "document.getElementById('pause').click()");
     wait_for(

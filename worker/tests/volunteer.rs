@@ -245,6 +245,18 @@ fn a_cpu_cap_stops_and_continues_the_unit_hosts_for_their_share() {
     assert_eq!(units.len(), 1, "{report}");
     assert_eq!(units[0]["unit"], 0, "{report}");
     assert_eq!(units[0]["module"], module.to_string(), "{report}");
+    // The job's name travels in the offer; the unit's progress comes from its host.
+    assert_eq!(units[0]["job_name"], "long", "{report}");
+    let progress = units[0]["progress"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        progress.get(1).and_then(|t| t.as_u64()),
+        Some(4_000_000_000),
+        "{report}"
+    );
+    assert!(
+        progress[0].as_u64().is_some_and(|done| done > 0),
+        "{report}"
+    );
     assert!(
         units[0]["running_ms"].as_u64().is_some_and(|ms| ms >= 3000),
         "{report}"
@@ -255,7 +267,8 @@ fn a_cpu_cap_stops_and_continues_the_unit_hosts_for_their_share() {
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.contains("running    unit 0 of job"), "{table}");
+    assert!(table.contains("running    unit 0 of job long ("), "{table}");
+    assert!(table.contains(" % done"), "{table}");
     let _ = submit.kill();
     let _ = submit.wait();
     assert!(seen > 300, "the host ran all along ({seen} looks)");

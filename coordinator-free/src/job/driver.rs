@@ -260,6 +260,8 @@ impl JobSummary {
 pub struct JobData {
     /// The job id.
     pub id: Digest,
+    /// The manifest's name, which workers show their volunteers.
+    pub name: String,
     /// The module's digest.
     pub module: Digest,
     /// Where each unit's input comes from, read when the unit needs it.
@@ -274,6 +276,7 @@ impl JobData {
     pub fn new(manifest: &JobManifest, source: UnitSource, module: Digest) -> Self {
         Self {
             id: crate::job::local::job_id(&module, manifest, &source),
+            name: manifest.name.clone(),
             module,
             source: std::sync::Arc::new(source),
             limits: manifest.unit_limits(),

@@ -42,11 +42,15 @@ pub const SEND_CHUNK: usize = crate::wire::READ_AHEAD - 128;
 pub const MAX_ERROR_TEXT: usize = 4 << 10;
 /// Longest engine profile name.
 pub const MAX_PROFILE_LEN: usize = 64;
+/// Longest job name an offer carries (a manifest's name is at most this long).
+pub const MAX_JOB_NAME: usize = 64;
 /// Longest wall-clock limit a job may ask for (a week, as in the manifest).
 pub const MAX_TIMEOUT_MS: u64 = 7 * 86_400_000;
 
-const OFFER_CAP: usize =
-    MAX_LEASES_PER_OFFER * (MAX_INLINE_INPUT + 64) + 4096 + 2 * crate::sandbox::MAX_PROGRAM_BYTES;
+const OFFER_CAP: usize = MAX_LEASES_PER_OFFER * (MAX_INLINE_INPUT + 64)
+    + 4096
+    + MAX_JOB_NAME
+    + 2 * crate::sandbox::MAX_PROGRAM_BYTES;
 const IDS_CAP: usize = 64 + MAX_IDS_PER_MESSAGE * 10;
 const REPORT_CAP: usize = 2 * MAX_NETWORK_OUTPUT as usize + MAX_RESULTS_PER_REPORT * 64 + 4096;
 const BLOB_GET_CAP: usize = 64;
@@ -151,6 +155,9 @@ pub struct WireLease {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Offer {
     pub job: Digest,
+    /// The job's name as its submitter gave it, shown to the volunteer whose peer runs it;
+    /// at most [`MAX_JOB_NAME`] bytes, and worth nothing else.
+    pub name: String,
     pub spec: JobSpec,
     pub leases: Vec<WireLease>,
 }
@@ -288,6 +295,9 @@ impl JobFrame {
         match self {
             JobFrame::Offer(offer) => {
                 offer.spec.check()?;
+                if offer.name.len() > MAX_JOB_NAME {
+                    return Err("job name too long");
+                }
                 if offer.leases.len() > MAX_LEASES_PER_OFFER {
                     return Err("too many leases in one offer");
                 }
@@ -619,8 +629,14 @@ mod tests {
     fn frame() -> impl Strategy<Value = JobFrame> {
         let ids = proptest::collection::vec(any::<u64>().prop_map(LeaseId), 0..32);
         prop_oneof![
-            (digest(), spec(), proptest::collection::vec(lease(), 0..16))
-                .prop_map(|(job, spec, leases)| JobFrame::Offer(Offer { job, spec, leases })),
+            (digest(), spec(), proptest::collection::vec(lease(), 0..16)).prop_map(
+                |(job, spec, leases)| JobFrame::Offer(Offer {
+                    job,
+                    name: "test".into(),
+                    spec,
+                    leases
+                })
+            ),
             (digest(), ids.clone()).prop_map(|(job, leases)| JobFrame::Revoke { job, leases }),
             (digest(), ids).prop_map(|(job, leases)| JobFrame::Decline { job, leases }),
             (
@@ -742,6 +758,7 @@ mod tests {
         let mut spec = JobSpec::new(Digest([0; 32]), 10, &Limits::default());
         spec.memory_bytes = MAX_MEMORY_BYTES + 1;
         let offer = JobFrame::Offer(Offer {
+            name: "test".into(),
             job: Digest([1; 32]),
             spec,
             leases: Vec::new(),

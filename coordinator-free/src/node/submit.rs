@@ -497,6 +497,7 @@ pub struct NetWorkers {
     dialer: JobDialer,
     runtime: tokio::runtime::Handle,
     job: Digest,
+    name: String,
     spec: JobSpec,
     blobs: Arc<Blobs>,
     links: HashMap<PeerId, Link>,
@@ -563,6 +564,7 @@ impl NetWorkers {
             dialer,
             runtime,
             job: job.id,
+            name: job.name.clone(),
             spec,
             blobs: Arc::new(Blobs {
                 map,
@@ -1033,6 +1035,7 @@ impl Workers for NetWorkers {
         }
         let frame = JobFrame::Offer(Offer {
             job: self.job,
+            name: self.name.clone(),
             spec: self.spec.clone(),
             leases: wire,
         });

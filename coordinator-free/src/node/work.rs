@@ -36,7 +36,7 @@ use crate::conditions::DutyCycle;
 use crate::control::PauseChange;
 use crate::digest::Digest;
 use crate::host::Host;
-use crate::job::proto::{InputRef, JobFrame, JobSpec, SEND_CHUNK, WireLease, WireResult};
+use crate::job::proto::{InputRef, JobFrame, JobSpec, Offer, SEND_CHUNK, WireLease, WireResult};
 use crate::ledger::{Ledger, today};
 use crate::net::{PeerLink, close};
 use crate::peer_id::PeerId;
@@ -371,7 +371,25 @@ type LeaseKey = (PeerId, Digest, LeaseId);
 /// An execution's answer and when it ended.
 type Answer = (Result<Vec<u8>, UnitError>, Instant);
 
+/// The last progress a running unit reported, as its observer hears it on the unit's thread.
+#[derive(Debug, Default)]
+struct UnitProgress(std::sync::Mutex<Option<(u64, u64)>>);
+
+impl UnitProgress {
+    fn get(&self) -> Option<(u64, u64)> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl crate::sandbox::UnitObserver for UnitProgress {
+    fn progress(&self, done: u64, total: u64) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((done, total));
+    }
+}
+
 struct JobState {
+    /// The name its submitter gave it, for the volunteer's eyes only.
+    name: String,
     spec: JobSpec,
     /// Leases waiting for the module or their input, in arrival order, each with when it was
     /// received (its time left counts from then).
@@ -474,8 +492,8 @@ struct Work {
     max_prefetch: u32,
     /// Running time of recent units (moving average), which sizes the prefetch.
     unit_time: Option<Duration>,
-    /// When each running lease started, and its deadline.
-    started: HashMap<LeaseKey, (Instant, Instant)>,
+    /// When each running lease started, its deadline, and the progress its unit reported.
+    started: HashMap<LeaseKey, (Instant, Instant, Arc<UnitProgress>)>,
     intake: Intake,
     exec: Option<Exec>,
     links: HashMap<PeerId, Link>,
@@ -919,7 +937,7 @@ impl Work {
                 revoke.entry(job).or_default().push(key.2);
             }
         }
-        for (key, (at, deadline)) in &self.started {
+        for (key, (at, deadline, _)) in &self.started {
             let job = (key.0, key.1);
             let ran = since.saturating_duration_since(*at);
             if late(*deadline, timeout(&self.jobs, &job).saturating_sub(ran)) {
@@ -1075,7 +1093,7 @@ impl Work {
 
     fn on_frame(&mut self, from: PeerId, frame: JobFrame, now: Instant) {
         match frame {
-            JobFrame::Offer(offer) => self.on_offer(from, offer.job, offer.spec, offer.leases, now),
+            JobFrame::Offer(offer) => self.on_offer(from, offer, now),
             JobFrame::Revoke { job, leases } => {
                 for id in &leases {
                     self.ready.remove(&(from, job, *id));
@@ -1128,14 +1146,13 @@ impl Work {
         }
     }
 
-    fn on_offer(
-        &mut self,
-        from: PeerId,
-        job: Digest,
-        spec: JobSpec,
-        leases: Vec<WireLease>,
-        now: Instant,
-    ) {
+    fn on_offer(&mut self, from: PeerId, offer: Offer, now: Instant) {
+        let Offer {
+            job,
+            name,
+            spec,
+            leases,
+        } = offer;
         let key = (from, job);
         if let Some(link) = self.links.get_mut(&from) {
             link.job = Some(job);
@@ -1203,6 +1220,7 @@ impl Work {
             self.jobs.insert(
                 key,
                 JobState {
+                    name: crate::text::escape_controls(&name).into_owned(),
                     spec: spec.clone(),
                     waiting: VecDeque::new(),
                 },
@@ -1605,7 +1623,7 @@ impl Work {
         }
         self.completed += 1;
         let mut ran_for = Duration::ZERO;
-        if let Some((at, _)) = self.started.remove(&key) {
+        if let Some((at, ..)) = self.started.remove(&key) {
             let took = now.saturating_duration_since(at);
             ran_for = took;
             let avg = self.unit_time.map_or(took, |avg| (avg * 7 + took) / 8);
@@ -1710,13 +1728,16 @@ impl Work {
         let mut units: Vec<crate::control::RunningUnit> = self
             .started
             .iter()
-            .filter_map(|(key, (at, _))| {
+            .filter_map(|(key, (at, _, progress))| {
                 let (submitter, job, _) = *key;
+                let state = self.jobs.get(&(submitter, job))?;
                 Some(crate::control::RunningUnit {
                     submitter,
                     job,
+                    job_name: state.name.clone(),
                     unit: *self.unit_of.get(key)?,
-                    module: self.jobs.get(&(submitter, job))?.spec.module,
+                    module: state.spec.module,
+                    progress: progress.get(),
                     running_ms: u64::try_from(now.saturating_duration_since(*at).as_millis())
                         .unwrap_or(u64::MAX),
                 })
@@ -1800,7 +1821,7 @@ impl Work {
         self.answers
             .retain(|_, (_, at)| now.duration_since(*at) < ANSWER_TTL);
         self.started
-            .retain(|_, (at, _)| now.duration_since(*at) < ANSWER_TTL + MAX_UNIT_TIME);
+            .retain(|_, (at, ..)| now.duration_since(*at) < ANSWER_TTL + MAX_UNIT_TIME);
         self.drop_idle_jobs();
     }
 
@@ -1857,8 +1878,11 @@ impl Work {
         request.limits = limits;
         let abort = Abort::new();
         request.abort = Some(abort.clone());
+        let progress = Arc::new(UnitProgress::default());
+        request.observer = Some(progress.clone());
         self.aborts.insert(key, abort);
-        self.started.insert(key, (Instant::now(), ready.deadline));
+        self.started
+            .insert(key, (Instant::now(), ready.deadline, progress));
         self.unit_of.insert(key, task.lease.unit);
         let tx = self.inputs_tx.clone();
         let (submitter, job, lease) = key;

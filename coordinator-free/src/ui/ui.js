@@ -27,6 +27,14 @@ function duration(ms) {
   return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
 }
 
+// A unit's reported progress, [done, total]: a share when it gave a total.
+function progress(p) {
+  if (!p) return "";
+  const [done, total] = p;
+  if (total > 0) return Math.round(100 * Math.min(done, total) / total) + " %";
+  return done + " done";
+}
+
 function hours(secs) { return (secs / 3600).toFixed(secs < 360 ? 2 : 1) + " CPU h"; }
 
 function clock(ms) { return new Date(ms).toLocaleString(); }
@@ -104,7 +112,8 @@ function drawState(status) {
     work.completed + " run since start, " + work.handed_back + " handed back" +
     (work.idle_source ? "; idle time read from: " + work.idle_source : "");
   rows($("units").tBodies[0], work.units, (u) =>
-    [short(u.submitter), short(u.job), String(u.unit), short(u.module), duration(u.running_ms)]);
+    [short(u.submitter), u.job_name ? u.job_name + " (" + short(u.job) + ")" : short(u.job),
+     String(u.unit), short(u.module), duration(u.running_ms), progress(u.progress)]);
 }
 
 function drawGiven(given, work) {

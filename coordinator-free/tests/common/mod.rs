@@ -268,6 +268,7 @@ pub fn offer(module: &[u8], leases: usize) -> JobFrame {
 /// An offer of `leases` leases of job `job`, with small inline inputs.
 pub fn offer_job(job: Digest, module: &[u8], leases: usize) -> JobFrame {
     JobFrame::Offer(Offer {
+        name: "test".into(),
         job,
         spec: JobSpec::new(Digest::of(module), module.len() as u64, &Limits::default()),
         leases: (0..leases)
