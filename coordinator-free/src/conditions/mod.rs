@@ -8,6 +8,7 @@
 //! few seconds. [`probe`] takes the readings on Linux; [`DutyCycle`] is the on/off rhythm of
 //! a CPU-percentage cap.
 
+mod dbus;
 pub mod probe;
 mod watch;
 mod window;

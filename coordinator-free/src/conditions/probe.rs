@@ -1,33 +1,30 @@
-//! Readings of the machine for [`super::Gate`], on Linux: logind (or the input devices) for
-//! idle time, `/proc` for other programs' CPU use, `/sys` for power and temperature, and the
-//! C library for local time. Anything that cannot be read is `None`, never a guess; on other
-//! systems every reading but the local time is `None`.
+//! Readings of the machine for [`super::Gate`], on Linux: logind over D-Bus (or the input
+//! devices) for idle time, `/proc` for other programs' CPU use, `/sys` for power and
+//! temperature, and the C library for local time. Anything that cannot be read is `None`, never
+//! a guess; on other systems every reading but the local time is `None`.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::dbus::{self, BusError, Connection, Value};
 use super::{LocalTime, Reading};
 
-/// Longest a `loginctl` call may take before the reading is given up.
-const LOGINCTL_TIMEOUT: Duration = Duration::from_secs(2);
-/// Most bytes read from a `loginctl` call or a `/sys` or `/proc` file.
+/// Most bytes read from a `/sys` or `/proc` file.
 const MAX_READ: u64 = 64 << 10;
 /// Other programs' CPU use is measured over at least this long: a spike of a fraction of a
 /// second is not "busy".
 pub const CPU_WINDOW: Duration = Duration::from_secs(2);
-/// Most sessions asked about, and input devices watched.
-const MAX_SESSIONS: usize = 64;
+/// Most input devices watched.
 const MAX_DEVICES: usize = 64;
 
 /// Where idle time comes from.
 #[derive(Debug)]
 pub enum IdleSource {
     /// logind's `IdleHint`/`IdleSinceHint`, which the desktop sets on Wayland and X11 alike.
-    Logind,
+    Logind(Logind),
     /// Events on `/dev/input/event*` (readable by root or the `input` group).
     InputDevices(InputWatch),
     /// The last input as the program embedding the library reports it.
@@ -39,7 +36,7 @@ impl IdleSource {
     /// The words `worker status` shows.
     pub fn name(&self) -> &'static str {
         match self {
-            IdleSource::Logind => "logind",
+            IdleSource::Logind(_) => "logind",
             IdleSource::InputDevices(_) => "input devices",
             IdleSource::Reported(_) => "reported",
             IdleSource::Unknown => "unknown",
@@ -48,8 +45,9 @@ impl IdleSource {
 
     /// The first source that works here.
     pub fn detect() -> Self {
-        if logind_idle(SystemTime::now()).is_some() {
-            return IdleSource::Logind;
+        let mut logind = Logind::system();
+        if logind.idle_for(SystemTime::now()).is_some() {
+            return IdleSource::Logind(logind);
         }
         match InputWatch::open(Path::new("/dev/input")) {
             Some(watch) => IdleSource::InputDevices(watch),
@@ -107,13 +105,14 @@ impl Probe {
         self.idle.name()
     }
 
-    /// One reading, with the idle time only if `idle` (it may cost a `loginctl` call). Blocks
-    /// for as long as `loginctl` takes (at most a few seconds): call it off the async runtime.
+    /// One reading, with the idle time only if `idle` (it may cost a call to logind). Blocks
+    /// for as long as the system bus takes to answer (at most a few seconds): call it off the
+    /// async runtime.
     pub fn read(&mut self, idle: bool) -> Reading {
         let now = SystemTime::now();
         let idle_for = match &mut self.idle {
             _ if !idle => None,
-            IdleSource::Logind => logind_idle(now),
+            IdleSource::Logind(logind) => logind.idle_for(now),
             IdleSource::InputDevices(watch) => Some(watch.idle_for(Instant::now())),
             IdleSource::Reported(last) => {
                 let last = *last.lock().unwrap_or_else(|p| p.into_inner());
@@ -290,92 +289,87 @@ pub(crate) fn local_tm(now: SystemTime) -> Option<libc::tm> {
     }
 }
 
-/// How long every user session has been idle, from logind; `None` when logind cannot be asked.
-/// With no user session at all, nobody is at the machine.
-fn logind_idle(now: SystemTime) -> Option<Duration> {
-    let list = loginctl(&["list-sessions", "--no-legend"])?;
-    let mut idle = Duration::MAX;
-    for id in session_ids(&list).into_iter().take(MAX_SESSIONS) {
-        let Some(props) = loginctl(&[
-            "show-session",
-            &id,
-            "-p",
-            "Class",
-            "-p",
-            "IdleHint",
-            "-p",
-            "IdleSinceHint",
-        ]) else {
-            continue;
+/// logind's idle hint, asked over a connection to the system bus that is kept between
+/// readings and made again when it fails.
+#[derive(Debug)]
+pub struct Logind {
+    /// Where the system bus listens; `None` where its address is not one this client reads.
+    socket: Option<PathBuf>,
+    bus: Option<Connection>,
+}
+
+const LOGIND: &str = "org.freedesktop.login1";
+const LOGIND_PATH: &str = "/org/freedesktop/login1";
+const LOGIND_MANAGER: &str = "org.freedesktop.login1.Manager";
+
+impl Logind {
+    /// logind on the system bus named by `DBUS_SYSTEM_BUS_ADDRESS`, or at its usual socket.
+    pub fn system() -> Self {
+        let address = std::env::var_os("DBUS_SYSTEM_BUS_ADDRESS");
+        let socket = dbus::system_bus_path(address.as_ref().map(|a| a.to_str().unwrap_or("")));
+        Self::at(socket)
+    }
+
+    /// logind on the bus listening at `socket`.
+    pub fn at(socket: Option<PathBuf>) -> Self {
+        Self { socket, bus: None }
+    }
+
+    /// How long the machine has been idle; `None` when logind cannot be asked. The manager's
+    /// hint covers every session: idle only when all are (or there is none, so nobody is at the
+    /// machine), and not while a program holds an idle inhibitor.
+    pub fn idle_for(&mut self, now: SystemTime) -> Option<Duration> {
+        let (mut bus, fresh) = match self.bus.take() {
+            Some(bus) => (bus, false),
+            None => (self.connect()?, true),
         };
-        if let Some(session) = session_idle(&props, now) {
-            idle = idle.min(session);
+        let mut answer = ask_logind(&mut bus, now);
+        if !fresh && answer.as_ref().is_err_and(|e| !e.keeps_connection()) {
+            // A connection that served before and now does not answer (the bus restarted or
+            // stalled) is made again, once per reading.
+            bus = self.connect()?;
+            answer = ask_logind(&mut bus, now);
         }
-    }
-    Some(idle)
-}
-
-/// Session ids: the first word of each line of `loginctl list-sessions --no-legend`.
-fn session_ids(list: &str) -> Vec<String> {
-    list.lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|id| id.chars().all(|c| c.is_ascii_alphanumeric()))
-        .map(str::to_string)
-        .collect()
-}
-
-/// One session's idle time from `loginctl show-session` properties: a user session that is
-/// not idle has been idle for no time; greeters and other classes are nobody at the machine.
-fn session_idle(props: &str, now: SystemTime) -> Option<Duration> {
-    let value = |key: &str| {
-        props
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-    };
-    if value("Class").is_some_and(|c| c != "user") {
-        return None;
-    }
-    match value("IdleHint")? {
-        "no" => Some(Duration::ZERO),
-        "yes" => {
-            let since = Duration::from_micros(value("IdleSinceHint")?.parse().ok()?);
-            let now = now.duration_since(UNIX_EPOCH).ok()?;
-            Some(now.saturating_sub(since))
-        }
-        _ => None,
-    }
-}
-
-/// Runs `loginctl` with a deadline; its output, or `None` if it fails or takes too long.
-fn loginctl(args: &[&str]) -> Option<String> {
-    let mut child = Command::new("loginctl")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let deadline = Instant::now() + LOGINCTL_TIMEOUT;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => break,
-            Ok(Some(_)) | Err(_) => return None,
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
+        match answer {
+            Ok(idle) => {
+                self.bus = Some(bus);
+                Some(idle)
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => {
+                tracing::trace!(error = %e, "no idle hint from logind");
+                if e.keeps_connection() {
+                    self.bus = Some(bus);
+                }
+                None
+            }
         }
     }
-    let mut out = String::new();
-    child
-        .stdout
-        .take()?
-        .take(MAX_READ)
-        .read_to_string(&mut out)
-        .ok()?;
-    Some(out)
+
+    fn connect(&self) -> Option<Connection> {
+        Connection::open(self.socket.as_deref()?)
+            .map_err(|e| tracing::trace!(error = %e, "no connection to the system bus"))
+            .ok()
+    }
+}
+
+/// logind's `IdleHint` and, when idle, its `IdleSinceHint`.
+fn ask_logind(bus: &mut Connection, now: SystemTime) -> Result<Duration, BusError> {
+    let mut property = |name| bus.property(LOGIND, LOGIND_PATH, LOGIND_MANAGER, name);
+    match property("IdleHint")? {
+        Value::Bool(false) => Ok(Duration::ZERO),
+        Value::Bool(true) => match property("IdleSinceHint")? {
+            Value::U64(micros) => Ok(idle_since(micros, now)),
+            _ => Err(BusError::UnexpectedReply),
+        },
+        _ => Err(BusError::UnexpectedReply),
+    }
+}
+
+/// Time since `IdleSinceHint`, microseconds since the Unix epoch on the realtime clock; none
+/// if the clock has gone back past it.
+fn idle_since(micros: u64, now: SystemTime) -> Duration {
+    let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    now.saturating_sub(Duration::from_micros(micros))
 }
 
 /// Keyboard and mouse activity seen on the input devices this process may read.
@@ -431,6 +425,7 @@ impl InputWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
     #[test]
     fn machine_and_process_cpu_are_read_from_proc_lines() {
@@ -509,28 +504,66 @@ mod tests {
     }
 
     #[test]
-    fn logind_sessions_give_the_machines_idle_time() {
-        let list = "    2 1000 alice seat0 tty2\n   c1  120 gdm   seat0 tty1\nbad;id 0 x\n";
-        assert_eq!(session_ids(list), vec!["2".to_string(), "c1".to_string()]);
+    fn logind_idle_time_runs_from_its_idle_since_hint() {
         let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let idle = |hint: &str, since_secs: u64, class: &str| {
-            let props = format!(
-                "Class={class}\nIdleHint={hint}\nIdleSinceHint={}\n",
-                since_secs * 1_000_000
-            );
-            session_idle(&props, now)
+        let since = |secs: u64| idle_since(secs * 1_000_000, now);
+        assert_eq!(since(1_000_000 - 300), Duration::from_secs(300));
+        assert_eq!(since(1_000_000), Duration::ZERO);
+        // A hint in the future (the clock went back): not idle at all.
+        assert_eq!(since(2_000_000), Duration::ZERO);
+        // Idle with no hint of since when: idle since the epoch, as long as can be.
+        assert_eq!(since(0), Duration::from_secs(1_000_000));
+    }
+
+    #[test]
+    fn logind_is_asked_over_the_bus_and_its_absence_is_no_answer() {
+        use crate::conditions::dbus::tests::{Daemon, fake_bus, g};
+
+        let dir = tempfile::tempdir().expect("dir");
+        let socket = dir.path().join("bus");
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let since = Duration::from_secs(1_700_000_000 - 90);
+        let mut idle_since_hint = g("t");
+        idle_since_hint.extend_from_slice(&[0; 5]);
+        idle_since_hint.extend_from_slice(&(since.as_micros() as u64).to_le_bytes());
+        let bus = fake_bus(
+            &socket,
+            vec![
+                ("v", vec![1, b'b', 0, 0, 1, 0, 0, 0]),
+                ("v", idle_since_hint),
+                ("v", vec![1, b'b', 0, 0, 0, 0, 0, 0]),
+            ],
+        );
+        let mut logind = Logind::at(Some(socket.clone()));
+        assert_eq!(logind.idle_for(now), Some(Duration::from_secs(90)));
+        // The same connection again.
+        assert_eq!(logind.idle_for(now), Some(Duration::ZERO));
+        let calls = bus.join().expect("the bus served");
+        assert_eq!(calls.len(), 4, "Hello and three property reads");
+        let text = String::from_utf8_lossy(&calls[2]).into_owned();
+        for word in [LOGIND, LOGIND_PATH, LOGIND_MANAGER, "IdleSinceHint"] {
+            assert!(text.contains(word), "{word} in {text:?}");
+        }
+        // The fake bus has gone: the connection is made again, fails, and there is no answer.
+        assert_eq!(logind.idle_for(now), None);
+        assert!(logind.bus.is_none());
+
+        // No bus at all, and no usable address: no answer, at once.
+        let started = Instant::now();
+        assert_eq!(Logind::at(Some(socket)).idle_for(now), None);
+        assert_eq!(Logind::at(None).idle_for(now), None);
+        assert!(started.elapsed() < Duration::from_secs(1));
+
+        // A real bus without logind on it answers with an error; the connection is kept.
+        let Some(daemon) = Daemon::start() else {
+            eprintln!("skipped the real bus: no dbus-daemon (apt-get install dbus)");
+            return;
         };
-        assert_eq!(idle("no", 0, "user"), Some(Duration::ZERO));
-        assert_eq!(
-            idle("yes", 1_000_000 - 300, "user"),
-            Some(Duration::from_secs(300))
-        );
-        assert_eq!(idle("yes", 0, "greeter"), None);
-        assert_eq!(session_idle("IdleHint=maybe\n", now), None);
-        assert_eq!(
-            session_idle("IdleHint=yes\nIdleSinceHint=soon\n", now),
-            None
-        );
+        let started = Instant::now();
+        let mut logind = Logind::at(Some(daemon.socket.clone()));
+        assert_eq!(logind.idle_for(now), None);
+        assert!(logind.bus.is_some());
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 
     #[test]
