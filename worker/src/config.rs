@@ -33,7 +33,9 @@ pub struct FileKeys {
     cpus: Option<u16>,
     memory_mb: Option<u32>,
     max_unit_secs: Option<u64>,
-    max_cache_mb: Option<u64>,
+    /// Named `max_cache_mb` before it covered everything the peer stores.
+    #[serde(alias = "max_cache_mb")]
+    max_disk_mb: Option<u64>,
     no_mdns: Option<bool>,
     advertise: Option<Vec<String>>,
     dial_out_only: Option<bool>,
@@ -516,7 +518,7 @@ mod tests {
     #[test]
     fn a_flag_beats_the_file_and_the_file_beats_the_default() {
         let layered = settings(
-            "cpus = 3\nmax_cache_mb = 10\nbootstrap = [\"127.0.0.1:9\", \"lab.example.org:7401\"]\nno_mdns = true\n",
+            "cpus = 3\nmax_disk_mb = 10\nbootstrap = [\"127.0.0.1:9\", \"lab.example.org:7401\"]\nno_mdns = true\n",
             &["--cpus", "1", "--bootstrap", "127.0.0.1:8"],
         )
         .expect("settings");
@@ -529,8 +531,8 @@ mod tests {
             serde_json::json!(["127.0.0.1:8"])
         );
         assert_eq!(source(&layered, "bootstrap"), Source::Flag);
-        assert_eq!(value(&layered, "max_cache_mb"), 10);
-        assert_eq!(source(&layered, "max_cache_mb"), Source::File);
+        assert_eq!(value(&layered, "max_disk_mb"), 10);
+        assert_eq!(source(&layered, "max_disk_mb"), Source::File);
         assert_eq!(value(&layered, "no_mdns"), true);
         assert_eq!(source(&layered, "no_mdns"), Source::File);
         assert_eq!(value(&layered, "listen"), "0.0.0.0:7401");

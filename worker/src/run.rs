@@ -56,9 +56,12 @@ pub struct RunArgs {
     /// and run elsewhere.
     #[arg(long, value_name = "SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
     max_unit_secs: u64,
-    /// Most disk space for compiled modules, in MiB; the least recently used go first.
-    #[arg(long, value_name = "N", default_value_t = crate::DEFAULT_CACHE_MB, value_parser = clap::value_parser!(u64).range(1..))]
-    max_cache_mb: u64,
+    /// Most disk space, in MiB, for everything this peer keeps in its data directory as a
+    /// volunteer: its key, the record of what it gave, and compiled modules, which are removed
+    /// least recently used first to stay under it. A submitter's job journal is the user's own
+    /// results and is not counted.
+    #[arg(long, alias = "max-cache-mb", value_name = "N", default_value_t = crate::DEFAULT_CACHE_MB, value_parser = clap::value_parser!(u64).range(1..))]
+    max_disk_mb: u64,
     /// Do not announce or look for peers on the local network.
     #[arg(long)]
     no_mdns: bool,
@@ -197,7 +200,9 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
     config.capacity.cores_donated = donation.cores;
     config.capacity.cores_free = donation.cores;
     config.capacity.memory_mb = donation.memory_mb;
-    let command = unit_hosts(&dir, &donation, args.max_cache_mb).map_err(internal)?;
+    let cache_mb =
+        cache_budget(&dir, args.max_disk_mb).map_err(|e| Failure::usage(anyhow::anyhow!(e)))?;
+    let command = unit_hosts(&dir, &donation, cache_mb).map_err(internal)?;
     let mut work = WorkConfig::new(WorkRunner::UnitHosts(command), u32::from(donation.cores));
     work.memory_per_slot = donation.memory_per_slot();
     work.max_unit_time = Duration::from_secs(args.max_unit_secs);
@@ -231,6 +236,7 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
             started: args.clone(),
             last: args,
             dir,
+            cache_mb,
         };
         let stop = wait_for_stop();
         tokio::pin!(stop);
@@ -275,6 +281,8 @@ struct Live {
     /// The settings last read: changes are reported once, against these.
     last: RunArgs,
     dir: PathBuf,
+    /// The compiled modules' share of `max_disk_mb`, fixed at start.
+    cache_mb: u64,
 }
 
 impl Live {
@@ -337,7 +345,7 @@ impl Live {
         if changed.iter().any(|k| LIVE_KEYS.contains(k)) {
             let mut donation = donation(&next);
             // Unit hosts keep the cache cap the peer started with.
-            match unit_hosts(&self.dir, &donation, self.started.max_cache_mb) {
+            match unit_hosts(&self.dir, &donation, self.cache_mb) {
                 Ok(command) => {
                     donation.unit_host = Some(command);
                     let (cores, memory_mb) = (donation.cores, donation.memory_mb);
@@ -410,6 +418,42 @@ fn donation(args: &RunArgs) -> Donation {
 
 /// How unit hosts start for `donation`: compiling on at most its cores, each capped at one
 /// core's share of the memory (a unit may use that share) plus what the engine needs.
+/// Room kept for the record of what this peer gave to grow: a day's entry is about 100 bytes,
+/// and the record keeps ten years of days.
+const LEDGER_GROWTH_MB: u64 = 1;
+/// Most entries of the data directory looked at when adding up its size.
+const MAX_DIR_ENTRIES: usize = 10_000;
+
+/// The compiled modules' share of `max_disk_mb`: what is left after everything else the peer
+/// keeps in `dir` (its key, the record of what it gave, the web page's token, a pause) and
+/// room for the record to grow. A submitter's job journal and identity are the user's, not
+/// the volunteer peer's, and are left out.
+fn cache_budget(dir: &std::path::Path, max_disk_mb: u64) -> Result<u64, String> {
+    let mut others = 0u64;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten().take(MAX_DIR_ENTRIES) {
+            if entry.file_name() == "submit.redb" {
+                continue;
+            }
+            // Files only: the module cache is a directory, as is a submitter's identity, and
+            // the volunteer peer keeps no other.
+            if let Ok(meta) = entry.metadata()
+                && meta.is_file()
+            {
+                others = others.saturating_add(meta.len());
+            }
+        }
+    }
+    let others_mb = others.div_ceil(1 << 20) + LEDGER_GROWTH_MB;
+    match max_disk_mb.checked_sub(others_mb) {
+        Some(left) if left >= 1 => Ok(left),
+        _ => Err(format!(
+            "--max-disk-mb {max_disk_mb} leaves no room for compiled modules: this peer's other files in {} take up to {others_mb} MiB",
+            dir.display()
+        )),
+    }
+}
+
 fn unit_hosts(
     dir: &std::path::Path,
     donation: &Donation,
@@ -480,4 +524,33 @@ async fn wait_for_stop() -> anyhow::Result<()> {
         .await
         .context("cannot watch Ctrl-C")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compiled_modules_get_what_the_peers_other_files_leave_of_the_disk_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        std::fs::write(path.join("identity.key"), [0u8; 64]).unwrap();
+        std::fs::write(path.join("given.json"), vec![b' '; 1500 << 10]).unwrap();
+        // A submitter's journal is the user's results, not the volunteer peer's store.
+        std::fs::write(path.join("submit.redb"), vec![0u8; 5 << 20]).unwrap();
+        std::fs::create_dir(path.join("modules")).unwrap();
+        std::fs::write(path.join("modules").join("m"), vec![0u8; 3 << 20]).unwrap();
+        // 1.5 MiB of files round up to 2, and the record of gifts may grow by 1.
+        assert_eq!(cache_budget(path, 1024), Ok(1021));
+        assert_eq!(cache_budget(path, 4), Ok(1));
+        let refused = cache_budget(path, 3).unwrap_err();
+        assert!(
+            refused.contains("--max-disk-mb 3 leaves no room"),
+            "{refused}"
+        );
+        assert!(refused.contains("up to 3 MiB"), "{refused}");
+        // A fresh data directory: only the room to grow is set aside.
+        let fresh = tempfile::tempdir().unwrap();
+        assert_eq!(cache_budget(&fresh.path().join("absent"), 1024), Ok(1023));
+    }
 }

@@ -155,8 +155,8 @@ fn worker_config_shows_each_setting_with_its_source() {
     assert_eq!(setting("cpus")["source"], "file");
     assert_eq!(setting("memory_mb")["value"], 800);
     assert_eq!(setting("memory_mb")["source"], "flag");
-    assert_eq!(setting("max_cache_mb")["value"], 1024);
-    assert_eq!(setting("max_cache_mb")["source"], "default");
+    assert_eq!(setting("max_disk_mb")["value"], 1024);
+    assert_eq!(setting("max_disk_mb")["source"], "default");
     // Relative to the file's directory, not to where the command runs.
     assert_eq!(
         setting("data_dir")["value"],
@@ -181,8 +181,8 @@ fn worker_config_shows_each_setting_with_its_source() {
         "{table}"
     );
     assert_eq!(
-        row("max_cache_mb"),
-        ["max_cache_mb", "1024", "default"],
+        row("max_disk_mb"),
+        ["max_disk_mb", "1024", "default"],
         "{table}"
     );
     assert_eq!(row("allow"), ["allow", "-", "default"], "{table}");
