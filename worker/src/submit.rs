@@ -469,9 +469,10 @@ fn run_on_network(
     if let Some(page) = page {
         page.abort();
     }
-    drop(workers);
-    // The results are durable; goodbyes to the peers get a moment, not the full drain.
+    // The results are durable; the workers get the last verdicts, and goodbyes to the peers
+    // a moment, not the full drain.
     runtime.block_on(async {
+        workers.close().await;
         let _ = tokio::time::timeout(SHUTDOWN_LIMIT, node.shutdown()).await;
     });
     summary.map_err(|e| internal(anyhow!(e)))

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::VarInt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::net::close;
 use crate::wire::Message;
@@ -45,22 +45,46 @@ pub(crate) struct Outbox {
     tx: mpsc::Sender<Queued>,
     budget: Arc<Semaphore>,
     max_bytes: u32,
+    finish: Arc<Notify>,
+}
+
+/// The receiving side of a link's queue, which [`write_loop`] drains.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    rx: mpsc::Receiver<Queued>,
+    finish: Arc<Notify>,
+}
+
+#[cfg(test)]
+impl Inbox {
+    pub(crate) async fn recv(&mut self) -> Option<Queued> {
+        self.rx.recv().await
+    }
 }
 
 impl Outbox {
     /// A queue of at most `frames` frames and `bytes` bytes, and its receiving end for
     /// [`write_loop`].
-    pub(crate) fn new(frames: usize, bytes: u32) -> (Self, mpsc::Receiver<Queued>) {
+    pub(crate) fn new(frames: usize, bytes: u32) -> (Self, Inbox) {
         let (tx, rx) = mpsc::channel(frames.max(1));
         let max_bytes = bytes.max(1);
+        let finish = Arc::new(Notify::new());
         (
             Self {
                 tx,
                 budget: Arc::new(Semaphore::new(max_bytes as usize)),
                 max_bytes,
+                finish: Arc::clone(&finish),
             },
-            rx,
+            Inbox { rx, finish },
         )
+    }
+
+    /// Asks the writer to write what is queued now, finish the stream, wait for the peer to
+    /// acknowledge all of it (at most [`LINGER`]) and close the connection, whoever else still
+    /// holds this queue's sender.
+    pub(crate) fn finish(&self) {
+        self.finish.notify_one();
     }
 
     fn encode<M: Message>(&self, message: &M) -> Result<([Bytes; 2], u32), OutboxError> {
@@ -122,15 +146,25 @@ impl Outbox {
     }
 }
 
-/// Writes the queued frames in order. When every sender is dropped, flushes, finishes the
-/// stream, waits briefly for the peer to read it and closes the connection. A write that takes
-/// longer than [`WRITE_TIMEOUT`] closes the connection at once.
-pub(crate) async fn write_loop(
-    conn: quinn::Connection,
-    mut send: quinn::SendStream,
-    mut queue: mpsc::Receiver<Queued>,
-) {
-    while let Some((mut frame, permit)) = queue.recv().await {
+/// Writes the queued frames in order. When every sender is dropped, or one asks it to
+/// ([`Outbox::finish`]), writes what is queued, finishes the stream, waits briefly for the peer
+/// to acknowledge it and closes the connection. A write that takes longer than
+/// [`WRITE_TIMEOUT`] closes the connection at once.
+pub(crate) async fn write_loop(conn: quinn::Connection, mut send: quinn::SendStream, queue: Inbox) {
+    let Inbox { mut rx, finish } = queue;
+    loop {
+        let next = tokio::select! {
+            // What was queued before the ask is written first.
+            biased;
+            next = rx.recv() => next,
+            () = finish.notified() => {
+                rx.close();
+                rx.recv().await
+            }
+        };
+        let Some((mut frame, permit)) = next else {
+            break;
+        };
         match tokio::time::timeout(WRITE_TIMEOUT, send.write_all_chunks(&mut frame)).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {
@@ -196,5 +230,59 @@ mod tests {
         assert_eq!(outbox.try_send(&chunk(10)), Err(OutboxError::Full));
         drop(rx.recv().await);
         outbox.try_send(&chunk(10)).expect("room again");
+    }
+
+    /// Asked to finish, the writer writes every frame queued before the ask and finishes the
+    /// stream, though a sender is still held; the reader gets them all, then the stream's end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_finished_queue_is_written_out_and_its_stream_ends() {
+        use crate::identity::Identity;
+        use crate::net::{self, LinkKind, NetConfig};
+
+        let config = NetConfig::default();
+        let (a, b) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+        let any = "127.0.0.1:0".parse().unwrap();
+        let a_end = net::endpoint(&a, None, any, &config).unwrap();
+        let b_end = net::endpoint(&b, None, any, &config).unwrap();
+        let at = b_end.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            let incoming = b_end.accept().await.expect("incoming");
+            (
+                net::accept(incoming, &NetConfig::default(), None).await,
+                b_end,
+            )
+        });
+        let link = net::dial_for(&a_end, &a, None, at, Some(b.id()), &config, LinkKind::Job)
+            .await
+            .expect("dialed");
+        let (accepted, _b_end) = accepting.await.unwrap();
+        let mut accepted = accepted.expect("accepted");
+
+        let (outbox, inbox) = Outbox::new(16, 1 << 20);
+        for len in [10, 20, 30] {
+            outbox.try_send(&chunk(len)).expect("room");
+        }
+        outbox.finish();
+        let writer = tokio::spawn(write_loop(link.conn.clone(), link.send, inbox));
+        let mut lens = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(frame) = crate::wire::read::<JobFrame, _>(&mut accepted.recv)
+                .await
+                .expect("a frame or the end")
+            {
+                if let JobFrame::BlobChunk { bytes, .. } = frame {
+                    lens.push(bytes.len());
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "the stream ended");
+        assert_eq!(lens, [10, 20, 30]);
+        tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the writer ended")
+            .expect("task");
+        // The sender is still held, and the queue takes no more.
+        assert_eq!(outbox.try_send(&chunk(1)), Err(OutboxError::Closed));
     }
 }

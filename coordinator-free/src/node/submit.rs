@@ -852,14 +852,55 @@ async fn serve_link(
 /// last verdicts) to go out; each link's writer closes it sooner once its queue is written.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
-impl Drop for NetWorkers {
-    fn drop(&mut self) {
-        self.dialer.pulls.set(None);
-        self.dialer.announce(None);
+/// Longest [`NetWorkers::close`] waits for its links to deliver what is queued on them: the
+/// writer's own wait for the peer's acknowledgement, and a little more.
+const CLOSE_LIMIT: Duration = Duration::from_millis(1500);
+
+impl NetWorkers {
+    /// Ends the job's links: the last verdicts are sent, each link's queue is written and its
+    /// stream finished, and the future returned waits (at most [`CLOSE_LIMIT`]) until the
+    /// workers have acknowledged it all. A process about to exit awaits it, so the last
+    /// verdicts are not lost with it; dropping `NetWorkers` instead closes the links after
+    /// [`CLOSE_GRACE`] without anyone waiting.
+    pub fn close(mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.send_all_judged();
+        for link in self.links.values() {
+            link.outbox.finish();
+        }
+        self.links.clear();
+        // Links that end report it to nobody: no task waits on a full event queue.
+        let (_, closed) = mpsc::channel(1);
+        self.events_rx = closed;
+        let mut tasks = std::mem::take(&mut self.tasks);
+        drop(self);
+        async move {
+            let ended = tokio::time::timeout(CLOSE_LIMIT, async {
+                for task in &mut tasks {
+                    let _ = task.await;
+                }
+            })
+            .await;
+            if ended.is_err() {
+                for task in &tasks {
+                    task.abort();
+                }
+            }
+        }
+    }
+
+    fn send_all_judged(&mut self) {
         let waiting: Vec<PeerId> = self.judged.keys().copied().collect();
         for peer in waiting {
             self.send_judged(peer);
         }
+    }
+}
+
+impl Drop for NetWorkers {
+    fn drop(&mut self) {
+        self.dialer.pulls.set(None);
+        self.dialer.announce(None);
+        self.send_all_judged();
         for (_, link) in self.links.drain() {
             let quic = link.quic;
             self.runtime.spawn(async move {
