@@ -32,6 +32,7 @@ pub struct FileKeys {
     data_dir: Option<PathBuf>,
     cpus: Option<u16>,
     memory_mb: Option<u32>,
+    memory_mb_idle: Option<u32>,
     max_unit_secs: Option<u64>,
     /// Named `max_cache_mb` before it covered everything the peer stores.
     #[serde(alias = "max_cache_mb")]

@@ -49,9 +49,15 @@ pub struct RunArgs {
     /// Cores to donate (default: all of this machine's).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_CORES)))]
     cpus: Option<u16>,
-    /// Memory to offer, in MiB (default: 512 per donated core).
+    /// Memory to offer, in MiB (default: 512 per donated core); while the machine is in use
+    /// when --memory-mb-idle is given.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_MEMORY_MB)))]
     memory_mb: Option<u32>,
+    /// Memory to offer while nobody has used the machine for --idle-after minutes, in MiB
+    /// (default: the same as --memory-mb). Units already running keep the share they started
+    /// with; new ones get the new share.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_MEMORY_MB)))]
+    memory_mb_idle: Option<u32>,
     /// Longest a unit may run here, in seconds: jobs whose units may run longer are declined
     /// and run elsewhere.
     #[arg(long, value_name = "SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
@@ -137,11 +143,12 @@ fn conditions(args: &RunArgs) -> Conditions {
             .collect(),
         max_cpu_percent: args.max_cpu_percent,
         max_cpu_percent_idle: args.max_cpu_percent_idle,
+        memory_mb_idle: args.memory_mb_idle,
     }
 }
 
 /// Settings of when to work: a running peer applies them from an edited config file.
-const CONDITION_KEYS: [&str; 8] = [
+const CONDITION_KEYS: [&str; 9] = [
     "only_when_idle",
     "idle_after",
     "suspend_above_cpu_percent",
@@ -150,11 +157,12 @@ const CONDITION_KEYS: [&str; 8] = [
     "windows",
     "max_cpu_percent",
     "max_cpu_percent_idle",
+    "memory_mb_idle",
 ];
 
 /// Settings a running peer takes from an edited config file; the others apply at its next
 /// start.
-const LIVE_KEYS: [&str; 2] = ["cpus", "memory_mb"];
+const LIVE_KEYS: [&str; 3] = ["cpus", "memory_mb", "memory_mb_idle"];
 
 /// How often the config file is looked at for changes.
 const CONFIG_POLL: Duration = Duration::from_secs(2);
@@ -196,7 +204,7 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
     } else if !args.advertise.is_empty() {
         config.advertise = Some(args.advertise.clone());
     }
-    let donation = donation(&args);
+    let donation = donation(&args, None);
     config.capacity.cores_donated = donation.cores;
     config.capacity.cores_free = donation.cores;
     config.capacity.memory_mb = donation.memory_mb;
@@ -225,8 +233,11 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
         };
         say_if_paused(&node).await;
         let (when, settings) = tokio::sync::watch::channel(conditions(&args));
+        let (memory_tx, mut memory) = tokio::sync::watch::channel(None);
         if let Some(switch) = node.suspend_switch() {
-            tokio::spawn(coordinator_free::conditions::watch(switch, settings));
+            tokio::spawn(coordinator_free::conditions::watch(
+                switch, settings, memory_tx,
+            ));
         }
         let mut live = Live {
             when,
@@ -237,6 +248,7 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
             last: args,
             dir,
             cache_mb,
+            idle_memory: None,
         };
         let stop = wait_for_stop();
         tokio::pin!(stop);
@@ -256,6 +268,15 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
                     if live.file_changed() {
                         live.reload(&node).await;
                     }
+                }
+                Ok(()) = memory.changed() => {
+                    live.idle_memory = *memory.borrow_and_update();
+                    let why = if live.idle_memory.is_some() {
+                        "the machine is idle"
+                    } else {
+                        "the machine is in use"
+                    };
+                    live.donate(&node, why).await;
                 }
             }
         }
@@ -283,6 +304,8 @@ struct Live {
     dir: PathBuf,
     /// The compiled modules' share of `max_disk_mb`, fixed at start.
     cache_mb: u64,
+    /// The memory offered while the machine is idle, while it is (`memory_mb_idle`).
+    idle_memory: Option<u32>,
 }
 
 impl Live {
@@ -342,30 +365,33 @@ impl Live {
             self.when.send_replace(conditions(&next));
             tracing::info!("when to work changed in {where_}; applied");
         }
-        if changed.iter().any(|k| LIVE_KEYS.contains(k)) {
-            let mut donation = donation(&next);
-            // Unit hosts keep the cache cap the peer started with.
-            match unit_hosts(&self.dir, &donation, self.cache_mb) {
-                Ok(command) => {
-                    donation.unit_host = Some(command);
-                    let (cores, memory_mb) = (donation.cores, donation.memory_mb);
-                    match node.donate(donation).await {
-                        Ok(()) => tracing::info!(
-                            cores,
-                            memory_mb,
-                            "donation changed in {where_}; applied"
-                        ),
-                        Err(err) => tracing::warn!(%err, "cannot apply the new donation"),
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!("{err:#}; the running settings stay");
-                    return;
-                }
-            }
-        }
+        let redonate = changed.iter().any(|k| LIVE_KEYS.contains(k));
         // Settings that wait for a restart are reported once, not at every reload.
         self.last = next;
+        if redonate {
+            // The idle amount applies from the next look at the machine.
+            if self.last.memory_mb_idle.is_none() {
+                self.idle_memory = None;
+            }
+            self.donate(node, &format!("{where_} changed")).await;
+        }
+    }
+
+    /// Donates what the last settings say, with the idle memory while the machine is idle.
+    async fn donate(&self, node: &Node, why: &str) {
+        let mut donation = donation(&self.last, self.idle_memory);
+        // Unit hosts keep the cache cap the peer started with.
+        match unit_hosts(&self.dir, &donation, self.cache_mb) {
+            Ok(command) => {
+                donation.unit_host = Some(command);
+                let (cores, memory_mb) = (donation.cores, donation.memory_mb);
+                match node.donate(donation).await {
+                    Ok(()) => tracing::info!(cores, memory_mb, "donation applied: {why}"),
+                    Err(err) => tracing::warn!(%err, "cannot apply the new donation"),
+                }
+            }
+            Err(err) => tracing::warn!("{err:#}; the running settings stay"),
+        }
     }
 }
 
@@ -394,9 +420,11 @@ pub(crate) fn capacity_of(args: &RunArgs) -> (u16, u32) {
     (cores, memory_mb)
 }
 
-/// What a peer with these settings donates, warning about settings that work badly.
-fn donation(args: &RunArgs) -> Donation {
-    let (cores, memory_mb) = capacity_of(args);
+/// What a peer with these settings donates, warning about settings that work badly; with
+/// `idle_memory`, that much memory in place of `memory_mb`.
+fn donation(args: &RunArgs, idle_memory: Option<u32>) -> Donation {
+    let (cores, in_use) = capacity_of(args);
+    let memory_mb = idle_memory.unwrap_or(in_use);
     let machine = std::thread::available_parallelism().map_or(1, |n| n.get());
     if usize::from(cores) > machine {
         tracing::warn!(
@@ -416,8 +444,6 @@ fn donation(args: &RunArgs) -> Donation {
     }
 }
 
-/// How unit hosts start for `donation`: compiling on at most its cores, each capped at one
-/// core's share of the memory (a unit may use that share) plus what the engine needs.
 /// Room kept for the record of what this peer gave to grow: a day's entry is about 100 bytes,
 /// and the record keeps ten years of days.
 const LEDGER_GROWTH_MB: u64 = 1;
@@ -454,6 +480,8 @@ fn cache_budget(dir: &std::path::Path, max_disk_mb: u64) -> Result<u64, String> 
     }
 }
 
+/// How unit hosts start for `donation`: compiling on at most its cores, each capped at one
+/// core's share of the memory (a unit may use that share) plus what the engine needs.
 fn unit_hosts(
     dir: &std::path::Path,
     donation: &Donation,

@@ -524,13 +524,18 @@ async fn input_at_the_machine_stops_the_units_within_a_second_and_idleness_resum
     let (_settings, conditions) = tokio::sync::watch::channel(Conditions {
         only_when_idle: true,
         idle_after,
+        memory_mb_idle: Some(4096),
         ..Conditions::default()
     });
+    // The memory to offer, as the watcher publishes it for `worker run` to donate.
+    let (memory_tx, memory) = tokio::sync::watch::channel(None);
     tokio::spawn(watch_with(
         worker.suspend_switch().expect("a worker has a switch"),
         conditions,
         probe,
+        memory_tx,
     ));
+    let offered = || *memory.borrow();
     wait_until(
         Duration::from_secs(20),
         "the peers know each other",
@@ -539,6 +544,7 @@ async fn input_at_the_machine_stops_the_units_within_a_second_and_idleness_resum
     .await;
     let done = submit(&submitter, tmp.path(), pi_job(tmp.path(), 1, 60), None);
     let pid = running_host(&tag, &worker).await;
+    assert_eq!(offered(), Some(4096), "idle: the idle amount of memory");
 
     // Someone touches the keyboard: the unit host stops within a second.
     *last_input.lock().expect("lock") = Instant::now();
@@ -561,6 +567,7 @@ async fn input_at_the_machine_stops_the_units_within_a_second_and_idleness_resum
         work.suspended
     );
     assert_eq!(work.idle_source.as_deref(), Some("reported"));
+    assert_eq!(offered(), None, "in use: the in-use amount of memory");
 
     // Nobody for `idle_after`: the same unit continues and the job completes, correct.
     wait_until(
@@ -570,6 +577,7 @@ async fn input_at_the_machine_stops_the_units_within_a_second_and_idleness_resum
     )
     .await;
     assert!(touched.elapsed() >= idle_after);
+    assert_eq!(offered(), Some(4096), "idle again");
     let summary = tokio::time::timeout(Duration::from_secs(120), done)
         .await
         .expect("the job ends")

@@ -221,7 +221,8 @@ fn a_cpu_cap_stops_and_continues_the_unit_hosts_for_their_share() {
     };
     let (ticks_before, since) = (cpu_ticks(host), std::time::Instant::now());
     let (mut stopped, mut seen) = (0, 0);
-    for _ in 0..400 {
+    // Ten seconds of looks, as the CPU cap is specified over.
+    for _ in 0..1000 {
         if let Some(s) = state(host) {
             seen += 1;
             stopped += usize::from(s == 'T');
@@ -271,7 +272,7 @@ fn a_cpu_cap_stops_and_continues_the_unit_hosts_for_their_share() {
     assert!(table.contains(" % done"), "{table}");
     let _ = submit.kill();
     let _ = submit.wait();
-    assert!(seen > 300, "the host ran all along ({seen} looks)");
+    assert!(seen > 800, "the host ran all along ({seen} looks)");
     // 50 % on: stopped about half the time, whatever the machine's load (the CPU it gets while
     // on depends on what else runs).
     let share = stopped as f64 / seen as f64;

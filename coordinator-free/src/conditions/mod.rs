@@ -38,6 +38,9 @@ pub struct Conditions {
     pub max_cpu_percent: Option<u8>,
     /// The same while the machine is idle.
     pub max_cpu_percent_idle: Option<u8>,
+    /// Memory to offer while the machine is idle, in MiB, in place of what is offered while
+    /// someone uses it; `None` offers the same at all times.
+    pub memory_mb_idle: Option<u32>,
 }
 
 impl Default for Conditions {
@@ -51,6 +54,7 @@ impl Default for Conditions {
             windows: Vec::new(),
             max_cpu_percent: None,
             max_cpu_percent_idle: None,
+            memory_mb_idle: None,
         }
     }
 }
@@ -196,6 +200,14 @@ impl Gate {
             c.max_cpu_percent
         }
         .filter(|p| *p < 100)
+    }
+
+    /// The memory to offer after `reading`: the idle amount only when the machine is known to
+    /// have been idle for `idle_after`; `None` is what is offered while it is in use.
+    pub fn memory_cap(&self, reading: &Reading) -> Option<u32> {
+        let c = &self.conditions;
+        let idle = reading.idle_for.is_some_and(|idle| idle >= c.idle_after);
+        c.memory_mb_idle.filter(|_| idle)
     }
 }
 
@@ -406,6 +418,25 @@ mod tests {
         assert_eq!(gate.cpu_cap(&idle(Some(5))), Some(40));
         assert_eq!(gate.cpu_cap(&idle(None)), Some(40));
         assert_eq!(gate.cpu_cap(&idle(Some(60))), None);
+    }
+
+    #[test]
+    fn the_memory_offered_follows_whether_the_machine_is_idle() {
+        let gate = Gate::new(Conditions {
+            memory_mb_idle: Some(8192),
+            idle_after: Duration::from_secs(60),
+            ..Conditions::default()
+        });
+        let idle = |secs: Option<u64>| Reading {
+            idle_for: secs.map(Duration::from_secs),
+            ..reading()
+        };
+        assert_eq!(gate.memory_cap(&idle(Some(59))), None);
+        // Unknown is not idle: no more memory on a guess.
+        assert_eq!(gate.memory_cap(&idle(None)), None);
+        assert_eq!(gate.memory_cap(&idle(Some(60))), Some(8192));
+        let same = Gate::new(Conditions::default());
+        assert_eq!(same.memory_cap(&idle(Some(3600))), None);
     }
 
     #[test]

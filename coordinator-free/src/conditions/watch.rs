@@ -18,13 +18,19 @@ use crate::suspend::Reason;
 pub const POLL: Duration = Duration::from_millis(500);
 
 /// Watches this machine until the peer stops (its switch is gone) or `settings` is dropped.
-/// New settings (an edited config file) apply from the next look.
-pub async fn watch(switch: SuspendSwitch, settings: watch::Receiver<Conditions>) {
+/// New settings (an edited config file) apply from the next look. The memory to offer, which
+/// may differ while the machine is idle, is published on `memory`
+/// ([`Gate::memory_cap`](super::Gate::memory_cap)): what donates it applies it.
+pub async fn watch(
+    switch: SuspendSwitch,
+    settings: watch::Receiver<Conditions>,
+    memory: watch::Sender<Option<u32>>,
+) {
     // Finding the idle source may ask logind, which can take a moment.
     let Ok(probe) = tokio::task::spawn_blocking(Probe::system).await else {
         return;
     };
-    watch_with(switch, settings, probe).await;
+    watch_with(switch, settings, probe, memory).await;
 }
 
 /// [`watch`] with readings from `probe`: a program embedding the library may report input
@@ -33,6 +39,7 @@ pub async fn watch_with(
     switch: SuspendSwitch,
     mut settings: watch::Receiver<Conditions>,
     mut probe: Probe,
+    memory: watch::Sender<Option<u32>>,
 ) {
     let source = probe.idle_source();
     tracing::info!(idle = source, "watching the machine for when to work");
@@ -62,7 +69,8 @@ pub async fn watch_with(
             );
         }
         let c = gate.conditions();
-        let idle = c.only_when_idle || c.max_cpu_percent_idle.is_some();
+        let idle =
+            c.only_when_idle || c.max_cpu_percent_idle.is_some() || c.memory_mb_idle.is_some();
         let Ok((back, reading)) = tokio::task::spawn_blocking(move || {
             let reading = probe.read(idle);
             (probe, reading)
@@ -80,6 +88,8 @@ pub async fn watch_with(
             }
             cap = now_cap;
         }
+        let now_memory = gate.memory_cap(&reading);
+        memory.send_if_modified(|m| std::mem::replace(m, now_memory) != now_memory);
         for (reason, was, now) in [
             (Reason::UserActive, held.user_active, holds.user_active),
             (Reason::OnBattery, held.on_battery, holds.on_battery),
