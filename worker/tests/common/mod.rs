@@ -268,7 +268,20 @@ pub fn spawn_submit_with(
     tag: &str,
     extra: &[&str],
 ) -> Child {
-    Command::new(WORKER)
+    let mut command = Command::new(WORKER);
+    // A test that fails before it waits for the submitter must not leave it running (one that
+    // waits for hosts would wait for ever): it is killed when the test's thread ends.
+    // SAFETY: prctl(2) only sets this process's parent-death signal; it allocates nothing and
+    // is async-signal-safe, as a pre_exec closure must be.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
         .arg("submit")
         .arg(manifest)
         .arg("--out")
