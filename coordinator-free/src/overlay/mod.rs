@@ -13,7 +13,9 @@
 //!   keep-alives under an idle timeout). A closed connection with a `Disconnect` before it
 //!   moves the peer to the passive view; one that timed out drops the peer altogether;
 //! * repairs ask passive peers to become neighbours, with `High` priority when the active view
-//!   is empty (such a request is not refused for lack of room) and `Low` otherwise;
+//!   holds at most one neighbour (such a request is not refused for lack of room; the paper
+//!   waits for an empty view, which leaves pairs of peers holding only each other cut off) and
+//!   `Low` otherwise; a passive peer asked is not asked again for `ask_again_after`;
 //! * every `shuffle_interval` a peer sends a sample of both views on a random walk; the peer
 //!   where it ends answers with a sample of its passive view, and both merge what they got.
 //!
@@ -23,8 +25,10 @@
 //! * each view holds at most `active_per_host` (1) / `passive_per_host` (2) peers per host,
 //!   so identities from H hosts fill at most H active slots and 2H passive ones;
 //! * `outbound_min` (2) active slots are for neighbours this peer chose itself from its passive
-//!   view; requests from others fill the remaining slots, and may displace only the most recent
-//!   inbound neighbour, never an outbound one and never one older than `established_after`;
+//!   view; requests from others fill the remaining slots and may displace only an inbound
+//!   neighbour, at most once per `displace_every` (30 s), and a recent one whenever there is
+//!   any, so a flood of requests gains a slot now and then, not the view; a stranger's join
+//!   walk never costs a neighbour held longer than `established_after`;
 //! * passive entries are ranked by history (once a neighbour, then first seen): a newcomer
 //!   never displaces an entry with more history, and repairs prefer the longer-known of two
 //!   random candidates.
@@ -86,8 +90,11 @@ pub struct Config {
     /// A request, a stray connection or a shuffle with no answer after this long is given up.
     /// Default 5 s.
     pub request_timeout: Duration,
-    /// An inbound neighbour held this long is no longer displaced by requests. Default 60 s.
+    /// An inbound neighbour held this long is no longer displaced to make room for a
+    /// stranger's join walk. Default 60 s.
     pub established_after: Duration,
+    /// Others' requests displace a neighbour at most this often. Default 30 s.
+    pub displace_every: Duration,
     /// Delay between repair attempts after a refusal, doubling up to the maximum. Default
     /// 500 ms to 30 s.
     pub repair_min: Duration,
@@ -113,6 +120,7 @@ impl Default for Config {
             shuffle_passive: 4,
             request_timeout: Duration::from_secs(5),
             established_after: Duration::from_secs(60),
+            displace_every: Duration::from_secs(30),
             repair_min: Duration::from_millis(500),
             repair_max: Duration::from_secs(30),
             ask_again_after: Duration::from_secs(60),
@@ -216,6 +224,10 @@ pub struct Overlay {
     next_shuffle: Instant,
     next_repair: Instant,
     repair_delay: Duration,
+    /// When a request from another peer last displaced a neighbour.
+    last_forced: Option<Instant>,
+    /// Set while a `Join` is admitted.
+    joining: bool,
     stats: Stats,
 }
 
@@ -245,6 +257,8 @@ impl Overlay {
             shuffle: None,
             next_shuffle: now + first_shuffle,
             next_repair: now,
+            last_forced: None,
+            joining: false,
             stats: Stats::default(),
         }
     }
@@ -264,6 +278,11 @@ impl Overlay {
     /// The neighbours.
     pub fn active(&self) -> impl Iterator<Item = PeerId> + '_ {
         self.active.entries.iter().map(|e| e.info.id)
+    }
+
+    /// The neighbours, each with whether this peer chose it.
+    pub fn neighbors(&self) -> impl Iterator<Item = (PeerId, bool)> + '_ {
+        self.active.entries.iter().map(|e| (e.info.id, e.outbound))
     }
 
     pub fn active_len(&self) -> usize {
@@ -575,11 +594,18 @@ impl Overlay {
                 .checked_sub(self.config.established_after)
                 .unwrap_or(now);
             let owed = outbound && self.active.outbound() < self.config.outbound_min;
-            // Our own pick owed a slot, or a peer about to be cut off, may take an inbound
-            // neighbour's place: a recent one if there is any, so a burst of such requests
-            // mostly displaces itself rather than those held for long.
-            let victim = if owed || priority == Priority::High {
+            // Our own pick owed a slot may take any inbound neighbour's place. A peer about to
+            // be cut off may too, but others' requests displace a neighbour at most once per
+            // `displace_every`, so a flood of them gains a slot now and then, not the view;
+            // a recent neighbour goes first, so such requests mostly displace each other.
+            let victim = if owed {
                 self.active.inbound_victim(&mut self.rng, established, true)
+            } else if priority == Priority::High && (self.joining || self.may_displace(now)) {
+                let victim = self.active.inbound_victim(&mut self.rng, established, true);
+                if victim.is_some() && !self.joining {
+                    self.last_forced = Some(now);
+                }
+                victim
             } else {
                 None
             };
@@ -718,6 +744,11 @@ impl Overlay {
         }
     }
 
+    fn may_displace(&self, now: Instant) -> bool {
+        self.last_forced
+            .is_none_or(|t| t + self.config.displace_every <= now)
+    }
+
     /// Whether a walk's newcomer from `host` may be offered a slot: a free one, or one held by
     /// an inbound neighbour not yet established. A stranger's walk never costs a neighbour held
     /// for long.
@@ -725,15 +756,16 @@ impl Overlay {
         if self.active.per_host(host) >= self.config.active_per_host {
             return false;
         }
-        self.active.len() < self.config.active_view || {
-            let established = now
-                .checked_sub(self.config.established_after)
-                .unwrap_or(now);
-            self.active
-                .entries
-                .iter()
-                .any(|e| !e.outbound && e.since > established)
-        }
+        self.active.len() < self.config.active_view
+            || self.may_displace(now) && {
+                let established = now
+                    .checked_sub(self.config.established_after)
+                    .unwrap_or(now);
+                self.active
+                    .entries
+                    .iter()
+                    .any(|e| !e.outbound && e.since > established)
+            }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -985,7 +1017,8 @@ impl Overlay {
                 };
                 self.request(info, request, now, out);
             }
-            None if self.active.is_empty()
+            // Cut off, or nearly, with nobody left to ask: back to a contact.
+            None if self.active.len() <= 1
                 && self.pending.is_empty()
                 && !self.contacts.is_empty() =>
             {

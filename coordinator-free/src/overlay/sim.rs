@@ -133,6 +133,8 @@ pub struct Shape {
     /// Share of honest peers' active and passive entries that are Sybils.
     pub sybil_active_slots: f64,
     pub sybil_passive_slots: f64,
+    /// Share of the neighbours honest peers chose themselves that are Sybils.
+    pub sybil_outbound_slots: f64,
 }
 
 /// What a run measured.
@@ -757,14 +759,16 @@ impl Sim {
             ..Shape::default()
         };
         let (mut majority, mut sybil_active, mut sybil_passive) = (0usize, 0usize, 0usize);
+        let mut sybil_outbound = 0usize;
         let (mut active_total, mut passive_total, mut outbound_total) = (0usize, 0usize, 0usize);
         for &i in &self.live_honest {
             let node = &self.nodes[i as usize];
             let mut sybils = 0;
-            for id in node.overlay.active() {
+            for (id, outbound) in node.overlay.neighbors() {
                 let j = index_of(&id);
                 if self.nodes[j as usize].sybil {
                     sybils += 1;
+                    sybil_outbound += usize::from(outbound);
                 }
                 if honest(j as usize) {
                     let (a, b) = (find(&mut parent, i), find(&mut parent, j));
@@ -802,6 +806,7 @@ impl Sim {
         s.sybil_majority = majority as f64 / live;
         s.sybil_active_slots = sybil_active as f64 / active_total.max(1) as f64;
         s.sybil_passive_slots = sybil_passive as f64 / passive_total.max(1) as f64;
+        s.sybil_outbound_slots = sybil_outbound as f64 / outbound_total.max(1) as f64;
         if s.active_min == usize::MAX {
             s.active_min = 0;
         }
@@ -968,6 +973,7 @@ mod tests {
                 ..SimConfig::issue(600, seed)
             };
             let r = run(cfg);
+            eprintln!("seed {seed}: {r:?}");
             for (name, s) in [
                 ("joins", r.after_joins),
                 ("churn", r.after_churn),
