@@ -7,7 +7,8 @@
 //! cargo run --release -p coordinator-free --example overlay_sim -- 100000 1
 //! ```
 //!
-//! Arguments: the number of honest peers (default 10,000) and the seed (default 1).
+//! Arguments: the number of honest peers (default 10,000), the seed (default 1), and how many
+//! well-known peers everyone bootstraps from (default 0: from any peer that has joined).
 
 use std::process::ExitCode;
 
@@ -19,11 +20,25 @@ fn main() -> ExitCode {
         None => Some(default),
         Some(text) => text.replace('_', "").parse().ok(),
     };
-    let (Some(peers), Some(seed)) = (parse(args.next(), 10_000), parse(args.next(), 1)) else {
-        eprintln!("usage: overlay_sim [PEERS] [SEED]");
+    let (Some(peers), Some(seed), Some(bootstrap)) = (
+        parse(args.next(), 10_000),
+        parse(args.next(), 1),
+        parse(args.next(), 0),
+    ) else {
+        eprintln!("usage: overlay_sim [PEERS] [SEED] [BOOTSTRAP_PEERS]");
         return ExitCode::FAILURE;
     };
-    let cfg = SimConfig::issue(peers as usize, seed);
+    let cfg = SimConfig {
+        bootstrap: bootstrap as usize,
+        ..SimConfig::issue(peers as usize, seed)
+    };
+    println!(
+        "bootstrap from {}",
+        match cfg.bootstrap {
+            0 => "any peer that has joined".to_string(),
+            n => format!("one of the first {n} peers"),
+        }
+    );
     println!(
         "{} honest peers, seed {}, loss {:.0} %, churn {:.0} %/min, {} Sybils from {} hosts",
         cfg.peers,

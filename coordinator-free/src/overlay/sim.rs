@@ -46,6 +46,9 @@ pub struct SimConfig {
     pub max_delay: Duration,
     /// The honest peers join one after another over this time.
     pub join_over: Duration,
+    /// With `n` > 0, every peer bootstraps from one of the first `n` peers still alive, as
+    /// from a configured bootstrap list; with 0, from any peer that has joined.
+    pub bootstrap: usize,
     /// Idle time after the joins; bytes are measured over its second half.
     pub settle: Duration,
     /// Time with churn before the flood.
@@ -72,6 +75,7 @@ impl SimConfig {
             min_delay: Duration::from_millis(10),
             max_delay: Duration::from_millis(150),
             join_over: Duration::from_secs(60),
+            bootstrap: 0,
             settle: Duration::from_secs(180),
             churn_for: Duration::from_secs(180),
             churn_per_minute: 0.10,
@@ -374,6 +378,15 @@ impl Sim {
     /// A bootstrap contact for a new peer: a live honest peer that has joined (has a
     /// neighbour), as a configured bootstrap peer would be; any live one if none is found.
     fn contact(&mut self) -> Option<u32> {
+        let listed = self.cfg.bootstrap.min(self.nodes.len());
+        if listed > 0 {
+            let alive: Vec<u32> = (0..listed as u32)
+                .filter(|&i| self.nodes[i as usize].alive && !self.nodes[i as usize].sybil)
+                .collect();
+            if let Some(&pick) = self.rng.choose(&alive) {
+                return Some(pick);
+            }
+        }
         let mut any = None;
         for _ in 0..32 {
             let pick = self.rng.choose(&self.live_honest).copied()?;
