@@ -21,12 +21,12 @@ pub mod membership;
 pub mod net;
 #[cfg(unix)]
 pub mod node;
+pub mod overlay;
 pub mod peer_id;
 pub mod reach;
 pub mod rng;
 pub mod sandbox;
 pub mod schedule;
-#[cfg(test)]
 mod sim_queue;
 pub mod store;
 pub mod suspend;

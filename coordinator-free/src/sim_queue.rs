@@ -59,6 +59,7 @@ impl<E> EventQueue<E> {
     }
 
     /// When the next event is due.
+    #[cfg(test)]
     pub(crate) fn next_at(&self) -> Option<Duration> {
         self.heap.peek().map(|Reverse(s)| s.at)
     }

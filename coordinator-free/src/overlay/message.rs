@@ -1,0 +1,281 @@
+//! The overlay's wire messages and their caps.
+//!
+//! Every list a peer can send is a [`PeerList`], whose decoder stops at [`MAX_LIST_PEERS`]
+//! entries instead of trusting the length prefix, and every message fits in
+//! [`MAX_MESSAGE_BYTES`], so the framing layer can refuse longer frames unread.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::de::{SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::peer_id::PeerId;
+
+/// Most peers in one shuffle or shuffle reply. The default shuffle sends 8 (the sender, 3
+/// active and 4 passive); the cap leaves room for larger configurations without letting one
+/// message flood a passive view.
+pub const MAX_LIST_PEERS: usize = 32;
+/// Longest random walk a peer follows, whatever the message asks; every peer also clamps a
+/// walk to its own configured length.
+pub const MAX_WALK: u8 = 16;
+/// Upper bound on an encoded message (checked by a test for the largest one within the caps).
+pub const MAX_MESSAGE_BYTES: usize = 2048;
+
+/// A peer as the overlay knows it: its identity and the address it accepts connections on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub id: PeerId,
+    pub addr: SocketAddr,
+}
+
+/// How badly the sender wants the neighbour: `High` when its active view is empty (the paper's
+/// rule, so an isolated peer always finds a way back in), `Low` otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Priority {
+    High,
+    Low,
+}
+
+/// A list of peers whose decoder refuses more than [`MAX_LIST_PEERS`] entries without
+/// allocating for the length the sender claimed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerList(pub Vec<PeerInfo>);
+
+impl Serialize for PeerList {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for PeerList {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Bounded;
+        impl<'de> Visitor<'de> for Bounded {
+            type Value = PeerList;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "at most {MAX_LIST_PEERS} peers")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PeerList, A::Error> {
+                let hint = seq.size_hint().unwrap_or(0);
+                if hint > MAX_LIST_PEERS {
+                    return Err(serde::de::Error::invalid_length(hint, &self));
+                }
+                let mut peers = Vec::with_capacity(hint);
+                while let Some(peer) = seq.next_element()? {
+                    if peers.len() == MAX_LIST_PEERS {
+                        return Err(serde::de::Error::invalid_length(peers.len() + 1, &self));
+                    }
+                    peers.push(peer);
+                }
+                Ok(PeerList(peers))
+            }
+        }
+        deserializer.deserialize_seq(Bounded)
+    }
+}
+
+/// HyParView's messages. The sender's identity is the connection's (mutual TLS), so only the
+/// address it listens on travels with a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OverlayMessage {
+    /// "Let me in": sent by a new peer to a contact over a fresh connection.
+    Join { addr: SocketAddr },
+    /// A new peer's join walking the active views; `ttl` counts the hops left.
+    ForwardJoin { joiner: PeerInfo, ttl: u8 },
+    /// "Be my neighbour", over a fresh connection.
+    Neighbor {
+        addr: SocketAddr,
+        priority: Priority,
+    },
+    /// The answer to `Join` or `Neighbor`. A refusal is followed by the connection closing.
+    NeighborReply { accepted: bool },
+    /// "You are no longer my neighbour" (the sender stays alive: keep it as a passive peer).
+    Disconnect,
+    /// A sample of the sender's views walking the active views; the peer where the walk ends
+    /// answers `origin` directly. `nonce` ties the reply to the request.
+    Shuffle {
+        nonce: u64,
+        origin: PeerInfo,
+        ttl: u8,
+        peers: PeerList,
+    },
+    /// A sample of the answering peer's passive view, over a short-lived connection.
+    ShuffleReply { nonce: u64, peers: PeerList },
+}
+
+/// Why an overlay message was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("overlay message of {len} bytes exceeds the {MAX_MESSAGE_BYTES}-byte cap")]
+    TooLarge { len: usize },
+    #[error("malformed overlay message")]
+    Malformed(#[source] postcard::Error),
+    #[error("overlay message has {trailing} trailing bytes")]
+    Trailing { trailing: usize },
+    #[error("walk of {ttl} hops is longer than {MAX_WALK}")]
+    WalkTooLong { ttl: u8 },
+    #[error("encoding an overlay message failed")]
+    Encode(#[source] postcard::Error),
+}
+
+impl OverlayMessage {
+    /// Checks what postcard cannot: walk lengths. List lengths are already bounded by
+    /// [`PeerList`]'s decoder.
+    pub fn validate(&self) -> Result<(), MessageError> {
+        match self {
+            Self::ForwardJoin { ttl, .. } | Self::Shuffle { ttl, .. } if *ttl > MAX_WALK => {
+                Err(MessageError::WalkTooLong { ttl: *ttl })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, MessageError> {
+        let bytes = postcard::to_allocvec(self).map_err(MessageError::Encode)?;
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(MessageError::TooLarge { len: bytes.len() });
+        }
+        Ok(bytes)
+    }
+
+    /// The length of the encoding, without allocating (what the simulator charges a sender).
+    pub fn encoded_len(&self) -> usize {
+        let mut buf = [0u8; MAX_MESSAGE_BYTES];
+        // Messages built by the state machine are within the caps; an over-long one would be
+        // refused by `encode` and is charged the cap here.
+        postcard::to_slice(self, &mut buf).map_or(MAX_MESSAGE_BYTES, |b| b.len())
+    }
+
+    /// Decodes and validates one message from untrusted bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(MessageError::TooLarge { len: bytes.len() });
+        }
+        let (msg, rest): (Self, _) =
+            postcard::take_from_bytes(bytes).map_err(MessageError::Malformed)?;
+        if !rest.is_empty() {
+            return Err(MessageError::Trailing {
+                trailing: rest.len(),
+            });
+        }
+        msg.validate()?;
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv6Addr, SocketAddrV6};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn widest(n: u8) -> PeerInfo {
+        PeerInfo {
+            id: PeerId::from_bytes([n; 32]),
+            addr: SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::new(
+                    0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff,
+                ),
+                u16::MAX,
+                0,
+                0,
+            )),
+        }
+    }
+
+    fn all_kinds() -> Vec<OverlayMessage> {
+        let full = PeerList((0..MAX_LIST_PEERS as u8).map(widest).collect());
+        vec![
+            OverlayMessage::Join {
+                addr: widest(0).addr,
+            },
+            OverlayMessage::ForwardJoin {
+                joiner: widest(1),
+                ttl: MAX_WALK,
+            },
+            OverlayMessage::Neighbor {
+                addr: widest(2).addr,
+                priority: Priority::High,
+            },
+            OverlayMessage::NeighborReply { accepted: true },
+            OverlayMessage::Disconnect,
+            OverlayMessage::Shuffle {
+                nonce: u64::MAX,
+                origin: widest(3),
+                ttl: MAX_WALK,
+                peers: full.clone(),
+            },
+            OverlayMessage::ShuffleReply {
+                nonce: u64::MAX,
+                peers: full,
+            },
+        ]
+    }
+
+    #[test]
+    fn every_kind_round_trips_within_the_cap() {
+        for msg in all_kinds() {
+            let bytes = msg.encode().unwrap();
+            assert!(bytes.len() <= MAX_MESSAGE_BYTES, "{msg:?}: {}", bytes.len());
+            assert_eq!(msg.encoded_len(), bytes.len());
+            assert_eq!(OverlayMessage::decode(&bytes).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn an_over_long_list_is_refused_before_it_is_collected() {
+        let msg = OverlayMessage::ShuffleReply {
+            nonce: 1,
+            peers: PeerList((0..=MAX_LIST_PEERS as u8).map(widest).collect()),
+        };
+        let bytes = postcard::to_allocvec(&msg).unwrap();
+        assert!(matches!(
+            OverlayMessage::decode(&bytes),
+            Err(MessageError::Malformed(_) | MessageError::TooLarge { .. })
+        ));
+        // A length prefix claiming four billion peers in a few bytes.
+        let mut forged = postcard::to_allocvec(&OverlayMessage::ShuffleReply {
+            nonce: 1,
+            peers: PeerList::default(),
+        })
+        .unwrap();
+        forged.pop();
+        forged.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(OverlayMessage::decode(&forged).is_err());
+    }
+
+    #[test]
+    fn long_walks_and_trailing_bytes_are_refused() {
+        let walk = OverlayMessage::ForwardJoin {
+            joiner: widest(1),
+            ttl: MAX_WALK + 1,
+        };
+        let bytes = postcard::to_allocvec(&walk).unwrap();
+        assert!(matches!(
+            OverlayMessage::decode(&bytes),
+            Err(MessageError::WalkTooLong { .. })
+        ));
+        let mut bytes = OverlayMessage::Disconnect.encode().unwrap();
+        bytes.push(0);
+        assert!(matches!(
+            OverlayMessage::decode(&bytes),
+            Err(MessageError::Trailing { trailing: 1 })
+        ));
+        assert!(matches!(
+            OverlayMessage::decode(&vec![0; MAX_MESSAGE_BYTES + 1]),
+            Err(MessageError::TooLarge { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = OverlayMessage::decode(&bytes);
+        }
+    }
+}
