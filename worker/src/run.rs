@@ -204,6 +204,7 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
     } else if !args.advertise.is_empty() {
         config.advertise = Some(args.advertise.clone());
     }
+    warn_about_donation(&args);
     let donation = donation(&args, None);
     config.capacity.cores_donated = donation.cores;
     config.capacity.cores_free = donation.cores;
@@ -369,6 +370,7 @@ impl Live {
         // Settings that wait for a restart are reported once, not at every reload.
         self.last = next;
         if redonate {
+            warn_about_donation(&self.last);
             // The idle amount applies from the next look at the machine.
             if self.last.memory_mb_idle.is_none() {
                 self.idle_memory = None;
@@ -420,11 +422,21 @@ pub(crate) fn capacity_of(args: &RunArgs) -> (u16, u32) {
     (cores, memory_mb)
 }
 
-/// What a peer with these settings donates, warning about settings that work badly; with
-/// `idle_memory`, that much memory in place of `memory_mb`.
+/// What a peer with these settings donates; with `idle_memory`, that much memory in place of
+/// `memory_mb`.
 fn donation(args: &RunArgs, idle_memory: Option<u32>) -> Donation {
     let (cores, in_use) = capacity_of(args);
-    let memory_mb = idle_memory.unwrap_or(in_use);
+    Donation {
+        cores,
+        memory_mb: idle_memory.unwrap_or(in_use),
+        unit_host: None,
+    }
+}
+
+/// Warns about donation settings that work badly: once at start and once per config change,
+/// not each time the machine turns idle or busy.
+fn warn_about_donation(args: &RunArgs) {
+    let (cores, memory_mb) = capacity_of(args);
     let machine = std::thread::available_parallelism().map_or(1, |n| n.get());
     if usize::from(cores) > machine {
         tracing::warn!(
@@ -436,11 +448,6 @@ fn donation(args: &RunArgs, idle_memory: Option<u32>) -> Donation {
         tracing::warn!(
             "--memory-mb {memory_mb} leaves {per_core} MiB per donated core: units that need more are declined"
         );
-    }
-    Donation {
-        cores,
-        memory_mb,
-        unit_host: None,
     }
 }
 
