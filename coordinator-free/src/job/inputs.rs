@@ -143,23 +143,15 @@ impl UnitSource {
         let mut h = blake3::Hasher::new();
         h.update(b"files\0");
         let mut files = Vec::with_capacity(paths.len());
+        // One buffer for every file: a fresh allocation per file costs a page fault and a
+        // zeroed page for every 4 KiB read, as much time as the hashing on large inputs.
+        let mut buf = Vec::new();
         for path in paths {
-            let (bytes, stamp) =
-                read_stamped(&path, settled).map_err(|e| invalid(field, e.to_string()))?;
-            // Every core hashes: nothing else runs yet, and large inputs are gigabytes.
-            let digest = if bytes.len() >= 1 << 20 {
-                Digest(
-                    *blake3::Hasher::new()
-                        .update_rayon(&bytes)
-                        .finalize()
-                        .as_bytes(),
-                )
-            } else {
-                Digest::of(&bytes)
-            };
+            let (len, digest, stamp) = hash_stamped(&path, settled, &mut buf)
+                .map_err(|e| invalid(field, e.to_string()))?;
             h.update(&digest.0);
             files.push(InputFile {
-                len: bytes.len() as u64,
+                len,
                 path,
                 digest,
                 stamp,
@@ -356,11 +348,105 @@ impl UnitSource {
 
 /// A file's bytes, refused past the input cap before they are read, and its [`Stamp`] when
 /// the file did not change while it was read and had not changed for `settled` before.
-fn read_stamped(path: &Path, settled: Duration) -> std::io::Result<(Vec<u8>, Option<Stamp>)> {
+/// Bytes read and hashed at a time when a small input file is hashed.
+const HASH_CHUNK: usize = 1 << 20;
+/// Input files at least this long are hashed from a read-only mapping: reading them into a
+/// buffer first costs a copy of every byte, on one core, before the hashing can use both.
+const MAP_AT_LEAST: u64 = 1 << 20;
+
+/// A file mapped read-only for as long as this value lives.
+struct Mapped {
+    at: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapped {
+    /// Maps the first `len` bytes of `file` (its length when it was opened), with every page
+    /// read in at once rather than on first touch.
+    fn of(file: &File, len: u64) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let len = usize::try_from(len).map_err(std::io::Error::other)?;
+        // SAFETY: a fresh private read-only mapping of a descriptor we hold open; no memory
+        // of ours is touched, and a failure is reported as MAP_FAILED.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { at, len })
+    }
+
+    /// The mapped bytes. Shortening the file while they are read would fault the process (as
+    /// any tool that maps files): the window is the few milliseconds one file takes to hash,
+    /// at the start of a job, on the submitter's own files. A file that changes in any other
+    /// way is caught by its stamp (read before and after) and, unstamped, by its digest.
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `at` is a live mapping of `len` readable bytes until `drop`.
+        unsafe { std::slice::from_raw_parts(self.at.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `of` made; no slice of it outlives `self`.
+        unsafe {
+            libc::munmap(self.at, self.len);
+        }
+    }
+}
+
+/// The length and digest of the file at `path`, read through `buf`, with its stamp if the
+/// file was settled and did not change while it was read.
+fn hash_stamped(
+    path: &Path,
+    settled: Duration,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<(u64, Digest, Option<Stamp>)> {
     let started = SystemTime::now();
     let mut file = File::open(path).map_err(|e| named(path, e))?;
     let before = file.metadata().map_err(|e| named(path, e))?;
-    let bytes = read_open(&mut file, &before).map_err(|e| named(path, e))?;
+    if !before.is_file() {
+        return Err(named(path, std::io::Error::other("not a file")));
+    }
+    if before.len() > MAX_INPUT_BYTES {
+        return Err(named(
+            path,
+            std::io::Error::other(format!("over the input cap of {MAX_INPUT_BYTES} bytes")),
+        ));
+    }
+    let mut hasher = blake3::Hasher::new();
+    let len = if before.len() >= MAP_AT_LEAST {
+        let mapped = Mapped::of(&file, before.len()).map_err(|e| named(path, e))?;
+        // Every core hashes: nothing else runs yet, and large inputs are gigabytes.
+        hasher.update_rayon(mapped.bytes());
+        before.len()
+    } else {
+        buf.resize(HASH_CHUNK.min(before.len() as usize).max(1), 0);
+        let mut len = 0u64;
+        loop {
+            let read = file.read(buf).map_err(|e| named(path, e))?;
+            if read == 0 {
+                break;
+            }
+            len += read as u64;
+            if len > MAX_INPUT_BYTES {
+                return Err(named(
+                    path,
+                    std::io::Error::other("grew past the input cap"),
+                ));
+            }
+            hasher.update(&buf[..read]);
+        }
+        len
+    };
     let after = file.metadata().map_err(|e| named(path, e))?;
     let stamp = Stamp::of(&before);
     let quiet = started
@@ -368,7 +454,8 @@ fn read_stamped(path: &Path, settled: Duration) -> std::io::Result<(Vec<u8>, Opt
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .is_some_and(|t| stamp.ctime < (t.as_secs() as i64, i64::from(t.subsec_nanos())));
     Ok((
-        bytes,
+        len,
+        Digest(*hasher.finalize().as_bytes()),
         (quiet && Stamp::of(&after) == stamp).then_some(stamp),
     ))
 }
@@ -528,6 +615,34 @@ mod tests {
         assert!(err.to_string().contains("b.bin changed"), "{err}");
         std::fs::remove_file(dir.path().join("a.bin")).unwrap();
         assert!(matches!(source.input(0), Err(InputError::Read { .. })));
+    }
+
+    #[test]
+    fn large_files_hashed_from_a_mapping_get_the_digest_of_their_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        // Over the mapping threshold, not a whole number of chunks; and one just under it.
+        let large: Vec<u8> = (0..(3 << 20) + 12_345u32)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let small = vec![7u8; (MAP_AT_LEAST - 1) as usize];
+        std::fs::write(dir.path().join("a.bin"), &large).unwrap();
+        std::fs::write(dir.path().join("b.bin"), &small).unwrap();
+        std::fs::write(dir.path().join("c.bin"), b"").unwrap();
+        let (m, path) = manifest(
+            dir.path(),
+            "[inputs]\nfiles = [\"a.bin\", \"b.bin\", \"c.bin\"]",
+        );
+        let source = UnitSource::open(&m, &path).unwrap();
+        assert_eq!(
+            source.known(0),
+            Some((large.len() as u64, Digest::of(&large)))
+        );
+        assert_eq!(
+            source.known(1),
+            Some((small.len() as u64, Digest::of(&small)))
+        );
+        assert_eq!(source.known(2), Some((0, Digest::of(b""))));
+        assert_eq!(source.input(0).unwrap(), large);
     }
 
     #[test]
