@@ -50,6 +50,9 @@ pub struct StatusReport {
     /// The units this peer runs for others, when it donates cores.
     #[serde(default)]
     pub work: Option<WorkStatus>,
+    /// Bytes this peer's links moved, by kind.
+    #[serde(default)]
+    pub traffic: crate::traffic::TrafficReport,
 }
 
 /// Most running units a status lists.

@@ -676,6 +676,7 @@ fn control_seeds() -> Vec<Vec<u8>> {
             jobs: 1,
             ..WorkStatus::default()
         }),
+        traffic: Default::default(),
     };
     vec![
         b"status\n".to_vec(),

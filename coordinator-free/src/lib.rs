@@ -32,6 +32,7 @@ pub mod store;
 pub mod suspend;
 pub mod text;
 pub mod toml_text;
+pub mod traffic;
 pub mod ui;
 pub mod validate;
 pub mod wire;

@@ -310,7 +310,6 @@ impl Node {
             }
         };
         let local_addr = endpoint.local_addr().map_err(NodeError::LocalAddr)?;
-        let loopback_server = net::loopback_server(&identity, allow.clone(), &config.net)?;
         let addrs = config
             .advertise
             .clone()
@@ -344,13 +343,8 @@ impl Node {
         let (requests_tx, requests_rx) = mpsc::channel(16);
         let mut tasks = JoinSet::new();
         tasks.spawn(
-            accept_loop(
-                endpoint.clone(),
-                config.net.clone(),
-                loopback_server,
-                inputs_tx.clone(),
-            )
-            .instrument(tracing::debug_span!("accept")),
+            accept_loop(endpoint.clone(), config.net.clone(), inputs_tx.clone())
+                .instrument(tracing::debug_span!("accept")),
         );
 
         let mut control_path = None;
@@ -386,6 +380,7 @@ impl Node {
             isolated_rx.clone(),
             where_to_look(&config.bootstrap, &config.bootstrap_names, mdns.is_some()),
         ));
+        tasks.spawn(traffic_snapshots(config.net.traffic.clone()));
         if !config.bootstrap_names.is_empty() {
             tasks.spawn(
                 resolve_loop(
@@ -964,6 +959,7 @@ impl Actor {
             seq: local.seq,
             connections: self.conns.len(),
             work: None,
+            traffic: self.dialer.traffic().report(Instant::now()),
             peers: self
                 .membership
                 .peers()
@@ -1012,12 +1008,7 @@ async fn suspension_changed(
     }
 }
 
-async fn accept_loop(
-    endpoint: quinn::Endpoint,
-    net: NetConfig,
-    loopback: Arc<quinn::ServerConfig>,
-    inputs: mpsc::Sender<Input>,
-) {
+async fn accept_loop(endpoint: quinn::Endpoint, net: NetConfig, inputs: mpsc::Sender<Input>) {
     let permits = Arc::new(Semaphore::new(net.max_handshakes));
     let mut handshakes = JoinSet::new();
     loop {
@@ -1031,11 +1022,10 @@ async fn accept_loop(
                 };
                 let net = net.clone();
                 let inputs = inputs.clone();
-                let loopback = Arc::clone(&loopback);
                 let span = tracing::debug_span!("accept", remote = %incoming.remote_address());
                 handshakes.spawn(async move {
                     let _permit = permit;
-                    match net::accept(incoming, &net, Some(&loopback)).await {
+                    match net::accept(incoming, &net).await {
                         Ok(link) => {
                             let _ = inputs.send(Input::Established(link)).await;
                         }
@@ -1179,6 +1169,17 @@ fn where_to_look(addrs: &[Bootstrap], names: &[NamedBootstrap], mdns: bool) -> S
 /// Says once when the node has gone [`ISOLATED_AFTER`] without any connection — from its
 /// start, or since it lost its last — and once when it has a peer again: a volunteer whose
 /// bootstrap peers are unreachable should not be left guessing.
+/// Samples the node's traffic meter now and then, so a status asked for once still has a
+/// rate to show and closed links are counted and let go.
+async fn traffic_snapshots(traffic: crate::traffic::Traffic) {
+    let mut tick = tokio::time::interval(crate::traffic::SNAPSHOT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        traffic.sample(Instant::now());
+    }
+}
+
 async fn isolation_log(mut isolated: tokio::sync::watch::Receiver<bool>, looked: String) {
     loop {
         if isolated.wait_for(|alone| *alone).await.is_err() {

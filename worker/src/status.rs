@@ -246,6 +246,7 @@ fn table(report: &StatusReport) -> String {
         report.peers.len(),
         report.connections
     );
+    out.push_str(&traffic_lines(&report.traffic));
     if !report.peers.is_empty() {
         let _ = writeln!(out);
         let _ = writeln!(
@@ -269,6 +270,47 @@ fn table(report: &StatusReport) -> String {
     out
 }
 
+/// What the peer's links cost, by kind: the rates of the last minute and the totals since
+/// start.
+fn traffic_lines(t: &coordinator_free::traffic::TrafficReport) -> String {
+    let mut out = String::new();
+    let window = if t.window_secs > 0 {
+        format!("per second over the last {} s", t.window_secs)
+    } else {
+        "per second: not measured yet".to_owned()
+    };
+    let _ = writeln!(
+        out,
+        "traffic    {:<11} {:>11} {:>11}   {window}; since start",
+        "", "sent", "received"
+    );
+    for (name, k) in [
+        ("membership", &t.membership),
+        ("jobs", &t.jobs),
+        ("blobs", &t.blobs),
+    ] {
+        let _ = writeln!(
+            out,
+            "           {name:<11} {:>9}/s {:>9}/s   {} sent, {} received",
+            byte_count(k.sent_per_sec as f64),
+            byte_count(k.received_per_sec as f64),
+            byte_count(k.total.sent as f64),
+            byte_count(k.total.received as f64),
+        );
+    }
+    out
+}
+
+/// Bytes in decimal units, as network rates are quoted.
+fn byte_count(bytes: f64) -> String {
+    match bytes {
+        b if b < 1e3 => format!("{b:.0} B"),
+        b if b < 1e6 => format!("{:.1} KB", b / 1e3),
+        b if b < 1e9 => format!("{:.1} MB", b / 1e6),
+        b => format!("{:.2} GB", b / 1e9),
+    }
+}
+
 /// A unit's reported progress as `worker status` shows it: a share when the unit gave a total,
 /// else the count it reported; nothing when it reported none.
 fn progress_text(progress: Option<(u64, u64)>) -> String {
@@ -279,5 +321,39 @@ fn progress_text(progress: Option<(u64, u64)>) -> String {
         }
         Some((done, _)) => format!(", {done} done"),
         None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coordinator_free::traffic::{Bytes, KindTraffic, TrafficReport};
+
+    #[test]
+    fn traffic_is_shown_per_kind_in_decimal_units() {
+        assert_eq!(byte_count(999.0), "999 B");
+        assert_eq!(byte_count(1_500.0), "1.5 KB");
+        assert_eq!(byte_count(612_000_000.0), "612.0 MB");
+        assert_eq!(byte_count(3.2e9), "3.20 GB");
+        let report = TrafficReport {
+            window_secs: 60,
+            membership: KindTraffic {
+                total: Bytes {
+                    sent: 52_000,
+                    received: 48_000,
+                },
+                sent_per_sec: 430,
+                received_per_sec: 410,
+            },
+            ..TrafficReport::default()
+        };
+        let text = traffic_lines(&report);
+        assert!(text.contains("over the last 60 s"), "{text}");
+        let line = text.lines().find(|l| l.contains("membership")).unwrap();
+        assert!(line.contains("430 B/s"), "{line}");
+        assert!(line.contains("52.0 KB sent, 48.0 KB received"), "{line}");
+        assert!(text.lines().any(|l| l.trim_start().starts_with("blobs")));
+        let fresh = traffic_lines(&TrafficReport::default());
+        assert!(fresh.contains("not measured yet"), "{fresh}");
     }
 }

@@ -106,6 +106,33 @@ fn run_status_and_id_as_processes() {
     });
     assert_eq!(seen_b["peers"][0]["id"].as_str(), Some(id_a.as_str()));
 
+    // What the links cost, by kind: membership traffic both ways, with a rate; no job ran.
+    let costed = wait_for_status(&dir_a, |s| {
+        let m = &s["traffic"]["membership"];
+        m["total"]["sent"].as_u64() > Some(0)
+            && m["total"]["received"].as_u64() > Some(0)
+            && m["sent_per_sec"].as_u64() > Some(0)
+    });
+    assert!(
+        costed["traffic"]["window_secs"].as_u64() > Some(0),
+        "{costed}"
+    );
+    for kind in ["jobs", "blobs"] {
+        assert_eq!(
+            costed["traffic"][kind]["total"]["sent"].as_u64(),
+            Some(0),
+            "{costed}"
+        );
+    }
+    let text = worker(&["status"], &dir_a);
+    let text = String::from_utf8_lossy(&text.stdout);
+    let membership = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("membership"))
+        .unwrap_or_else(|| panic!("no membership traffic line in\n{text}"));
+    assert!(membership.contains("/s"), "{membership}");
+    assert!(text.contains("traffic "), "{text}");
+
     // A second peer on the same data directory is refused with one line.
     let out = Command::new(WORKER)
         .args(["run", "--listen", "127.0.0.1:0", "--no-mdns", "--data-dir"])

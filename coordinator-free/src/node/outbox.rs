@@ -247,10 +247,7 @@ mod tests {
         let at = b_end.local_addr().unwrap();
         let accepting = tokio::spawn(async move {
             let incoming = b_end.accept().await.expect("incoming");
-            (
-                net::accept(incoming, &NetConfig::default(), None).await,
-                b_end,
-            )
+            (net::accept(incoming, &NetConfig::default()).await, b_end)
         });
         let link = net::dial_for(&a_end, &a, None, at, Some(b.id()), &config, LinkKind::Job)
             .await

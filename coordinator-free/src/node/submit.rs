@@ -156,6 +156,11 @@ fn lock(reach: &Mutex<Reach>) -> std::sync::MutexGuard<'_, Reach> {
 }
 
 impl JobDialer {
+    /// The node's traffic meter.
+    pub(crate) fn traffic(&self) -> &crate::traffic::Traffic {
+        &self.net.traffic
+    }
+
     /// This peer's id.
     pub fn id(&self) -> PeerId {
         self.me
@@ -304,6 +309,8 @@ struct Blobs {
     source: Option<Arc<UnitSource>>,
     shared: std::sync::Mutex<Sharing>,
     reports: Arc<tokio::sync::Semaphore>,
+    /// The node's meter, told which bytes of the job links were blobs.
+    traffic: crate::traffic::Traffic,
 }
 
 impl Default for Blobs {
@@ -314,6 +321,7 @@ impl Default for Blobs {
             source: None,
             shared: Default::default(),
             reports: Arc::new(tokio::sync::Semaphore::new(EVENT_BYTES)),
+            traffic: Default::default(),
         }
     }
 }
@@ -558,6 +566,7 @@ impl NetWorkers {
         let (pull_tx, pulls) = mpsc::channel(PULL_QUEUE);
         dialer.pulls.set(Some(pull_tx));
         dialer.announce(Some(job.id));
+        let traffic = dialer.traffic().clone();
         Self {
             pulls,
             judged: HashMap::new(),
@@ -569,6 +578,7 @@ impl NetWorkers {
             blobs: Arc::new(Blobs {
                 map,
                 source: Some(Arc::clone(&job.source)),
+                traffic,
                 ..Blobs::default()
             }),
             links: HashMap::new(),
@@ -988,9 +998,11 @@ async fn read_reports(
                     }
                 }
                 let bytes = bytes.map(|b| bytes::Bytes::from_owner(SharedInput(b)));
+                let len = bytes.as_ref().map_or(0, |b| b.len() as u64);
                 if !send_blob(&outbox, digest, bytes).await {
                     break;
                 }
+                blobs.traffic.blob_payload(len, 0);
                 continue;
             }
             Ok(Some(JobFrame::BlobHeld { digest })) => {
@@ -1195,7 +1207,7 @@ mod tests {
         let accepting = tokio::spawn(async move {
             let incoming = submitter_end.accept().await.expect("incoming");
             (
-                net::accept(incoming, &NetConfig::default(), None).await,
+                net::accept(incoming, &NetConfig::default()).await,
                 submitter_end,
             )
         });

@@ -1399,6 +1399,7 @@ impl Work {
         let Some(fetch) = self.fetches.get_mut(&(from, digest)) else {
             return;
         };
+        self.dialer.traffic().blob_payload(0, bytes.len() as u64);
         if total != fetch.total || !fetch.bytes.push(total, offset, &bytes) {
             tracing::warn!(peer = %from, %digest, "blob chunk out of order or of the wrong size");
             self.fetches.remove(&(from, digest));
