@@ -6,8 +6,12 @@
 //! ```
 //!
 //! Prints, for each N: the time from spawning N peers (all bootstrapping through the first) until
-//! every peer's table holds the other N − 1; then the resident memory of the idle peers; then
-//! the QUIC + TLS 1.3 + hello set-up time of one connection to a running peer.
+//! every peer's table holds the other N − 1; the resident memory of the idle peers; what an
+//! idle peer sends, from the traffic counters `worker status` reports (QUIC's UDP payload
+//! bytes, by kind), over 20 s; and the wall time of a 400-unit job of no-op units submitted
+//! through the first peer, with how many peers ran its units. Then the QUIC + TLS 1.3 + hello
+//! set-up time of one connection to a running peer. Each peer listens on a loopback address
+//! of its own (127.0.40.1, 127.0.40.2, ...), so each is a host of its own to the others.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -23,6 +27,10 @@ const WORKER: &str = env!("CARGO_BIN_EXE_worker");
 /// Longest a run may take to converge before it is reported as a failure.
 const CONVERGE_LIMIT: Duration = Duration::from_secs(120);
 const SETUP_SAMPLES: usize = 50;
+/// How long idle traffic is measured over.
+const IDLE_WINDOW: Duration = Duration::from_secs(20);
+/// Units of the job run on the converged network.
+const JOB_UNITS: u64 = 400;
 
 struct Peer {
     child: Child,
@@ -78,6 +86,11 @@ fn spawn(dir: &Path, listen: SocketAddr, bootstrap: Option<&str>) -> Peer {
     }
 }
 
+/// Peer `i`'s loopback address.
+fn address(i: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(127, 0, 40 + (i / 250) as u8, 1 + (i % 250) as u8)
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -121,15 +134,15 @@ async fn converge(n: usize) -> (Run, Vec<Peer>, tempfile::TempDir) {
     for dir in &dirs[1..] {
         let _ = worker_id(dir);
     }
-    let first_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let first_addr = SocketAddr::from((address(0), free_port()));
     let bootstrap = format!("{first_id}@{first_addr}");
 
     let start = Instant::now();
     let mut peers = vec![spawn(&dirs[0], first_addr, None)];
-    for dir in &dirs[1..] {
+    for (i, dir) in dirs.iter().enumerate().skip(1) {
         peers.push(spawn(
             dir,
-            "127.0.0.1:0".parse().expect("addr"),
+            SocketAddr::from((address(i), 0)),
             Some(&bootstrap),
         ));
     }
@@ -163,6 +176,84 @@ async fn converge(n: usize) -> (Run, Vec<Peer>, tempfile::TempDir) {
         peers,
         tmp,
     )
+}
+
+/// Bytes each peer sent per second over [`IDLE_WINDOW`]: all kinds, and membership alone.
+async fn idle_sent(peers: &[Peer]) -> (Vec<f64>, Vec<f64>) {
+    let sent = |t: &coordinator_free::traffic::TrafficReport| {
+        (
+            t.membership.total.sent + t.jobs.total.sent + t.blobs.total.sent,
+            t.membership.total.sent,
+        )
+    };
+    let mut before = Vec::with_capacity(peers.len());
+    for peer in peers {
+        before.push(
+            control::status(&peer.dir)
+                .await
+                .ok()
+                .map(|s| (Instant::now(), sent(&s.traffic))),
+        );
+    }
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let (mut all, mut membership) = (Vec::new(), Vec::new());
+    for (peer, before) in peers.iter().zip(before) {
+        let (Some((t0, (all0, m0))), Ok(status)) = (before, control::status(&peer.dir).await)
+        else {
+            continue;
+        };
+        let secs = t0.elapsed().as_secs_f64();
+        let (all1, m1) = sent(&status.traffic);
+        all.push(all1.saturating_sub(all0) as f64 / secs);
+        membership.push(m1.saturating_sub(m0) as f64 / secs);
+    }
+    (all, membership)
+}
+
+/// Submits a job of no-op units through the first peer; its wall time and the number of peers
+/// that ran its units, from the summary.
+fn run_job(bootstrap: &str) -> (Duration, Option<usize>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("noop.wat"),
+        include_str!("../../examples/wat/noop.wat"),
+    )
+    .expect("module");
+    std::fs::write(
+        dir.path().join("job.toml"),
+        format!(
+            "name = \"many\"\nmodule = \"noop.wat\"\n[inputs.sweep]\nseed = {{ start = 1, stop = {JOB_UNITS}, step = 1 }}\n[redundancy]\nreplicas = 1\nquorum = 1\n"
+        ),
+    )
+    .expect("manifest");
+    let start = Instant::now();
+    let out = Command::new(WORKER)
+        .arg("submit")
+        .arg(dir.path().join("job.toml"))
+        .args([
+            "--bootstrap",
+            bootstrap,
+            "--cpus",
+            "0",
+            "--no-mdns",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("worker submit");
+    let wall = start.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let took_part = text
+        .lines()
+        .find_map(|l| {
+            l.split("; ")
+                .find_map(|p| p.strip_suffix(" peers took part"))
+        })
+        .and_then(|n| n.trim().parse().ok());
+    (wall, took_part.filter(|_| out.status.success()))
 }
 
 async fn setup_times(target: &Peer) -> Vec<f64> {
@@ -217,8 +308,8 @@ fn main() {
     runtime.block_on(async {
         println!("worker binary: {WORKER}");
         println!();
-        println!("| peers | all control sockets up | converged (every table N-1) | idle RSS median | idle RSS max |");
-        println!("|---|---|---|---|---|");
+        println!("| peers | all control sockets up | converged (every table N-1) | idle RSS median | idle RSS max | idle B/s sent per peer: median / max | of it membership: median / max | {JOB_UNITS} no-op units: wall, peers that ran some |");
+        println!("|---|---|---|---|---|---|---|---|");
         let mut last = None;
         for &n in &sizes {
             let (mut run, peers, tmp) = converge(n).await;
@@ -227,13 +318,27 @@ fn main() {
                 .map_or("did not converge".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()));
             let rss_median = median(&mut run.rss_kib) / 1024.0;
             let rss_max = run.rss_kib.iter().copied().fold(0.0, f64::max) / 1024.0;
+            let (mut all, mut membership) = idle_sent(&peers).await;
+            let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+            let (all_max, membership_max) = (max(&all), max(&membership));
+            let bootstrap = {
+                let first = control::status(&peers[0].dir).await.expect("first peer's status");
+                format!("{}@{}", first.id, first.listen)
+            };
+            let (wall, took_part) = run_job(&bootstrap);
             println!(
-                "| {} | {:.2} s | {} | {:.1} MiB | {:.1} MiB |",
+                "| {} | {:.2} s | {} | {:.1} MiB | {:.1} MiB | {:.0} / {:.0} | {:.0} / {:.0} | {:.2} s, {} |",
                 run.n,
                 run.all_up.as_secs_f64(),
                 converged,
                 rss_median,
-                rss_max
+                rss_max,
+                median(&mut all),
+                all_max,
+                median(&mut membership),
+                membership_max,
+                wall.as_secs_f64(),
+                took_part.map_or("failed".to_owned(), |n| n.to_string()),
             );
             last = Some((peers, tmp));
         }
