@@ -51,7 +51,11 @@ fn forged_advert(identity: &Identity, at: SocketAddr, job: Digest) -> GossipedAd
         cores_free: 64,
         memory_mb: 65_536,
         profile: coordinator_free::sandbox::PROFILE_VERSION,
-        seq: 1,
+        // Issued now: an advert dated far from the receiver's clock is refused unread.
+        seq: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_millis() as u64,
         // An advertised job makes every idle worker dial its submitter for work.
         job: Some(job),
     };

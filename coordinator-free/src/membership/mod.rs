@@ -76,8 +76,14 @@ pub struct Config {
     /// `heartbeat_interval` plus the time gossip needs to cross the network, or live peers get
     /// dropped. Default 6 s.
     pub dead_after: Duration,
-    /// How long a dropped peer's tombstone blocks stale adverts. Default 60 s.
+    /// How long a dropped peer's tombstone blocks stale adverts. Must exceed `max_clock_skew`
+    /// plus `dead_after`: a replayed advert is then refused by the tombstone while it is young
+    /// and by its signed issue time once the tombstone is gone. Default 10 min.
     pub tombstone_ttl: Duration,
+    /// An advert's `seq` is its owner's wall-clock time in milliseconds when it issued it,
+    /// covered by the signature; one issued longer ago than this by our clock, or this far in
+    /// the future, is refused. It is how far apart two peers' clocks may be. Default 5 min.
+    pub max_clock_skew: Duration,
     /// Below this many connections (open plus dialing) random known peers are dialed. Default 4.
     pub min_connections: usize,
     /// Hard cap on open connections; connections beyond it are refused. Default 8.
@@ -101,7 +107,8 @@ impl Default for Config {
             gossip_fanout: 2,
             heartbeat_interval: Duration::from_secs(2),
             dead_after: Duration::from_secs(6),
-            tombstone_ttl: Duration::from_secs(60),
+            tombstone_ttl: Duration::from_secs(600),
+            max_clock_skew: Duration::from_secs(300),
             min_connections: 4,
             max_connections: 8,
             shuffle_interval: Duration::from_secs(10),
@@ -129,8 +136,11 @@ pub struct LocalPeer {
     pub id: PeerId,
     pub addrs: Vec<SocketAddr>,
     pub capacity: Capacity,
-    /// First `seq` of this run. Pass the wall-clock time in milliseconds so that a restarted
-    /// peer outranks the tombstones its previous run left behind.
+    /// The wall-clock time, in milliseconds since the Unix epoch, at the `now` the state
+    /// machine is created with: every `seq` this peer issues is its wall clock then (or one
+    /// more than the last, should the clock step back), so a restarted peer outranks the
+    /// tombstones its previous run left behind and others can tell a replayed advert's age
+    /// from its signed bytes.
     pub initial_seq: u64,
 }
 
@@ -199,6 +209,8 @@ pub struct Stats {
     pub messages_rejected: u64,
     pub connections_refused: u64,
     pub peers_expired: u64,
+    /// Adverts whose signed issue time was further from our clock than `max_clock_skew`.
+    pub adverts_out_of_time: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -237,6 +249,8 @@ pub struct Membership<A> {
     auth: A,
     rng: Rng,
     local: SignedAdvert,
+    /// This peer's wall clock: milliseconds since the epoch at an instant.
+    wall: (Instant, u64),
     table: BTreeMap<PeerId, Entry>,
     tombstones: BTreeMap<PeerId, Tombstone>,
     links: BTreeMap<PeerId, Link>,
@@ -284,6 +298,7 @@ fn age_ms(now: Instant, since: Instant) -> u32 {
 
 impl<A: AdvertAuth> Membership<A> {
     pub fn new(config: Config, local: LocalPeer, auth: A, seed: u64, now: Instant) -> Self {
+        let local_wall = local.initial_seq;
         let advert = sanitize(Advert {
             peer: local.id,
             addrs: local.addrs,
@@ -314,6 +329,7 @@ impl<A: AdvertAuth> Membership<A> {
             auth,
             rng,
             local: signed,
+            wall: (now, local_wall),
             table: BTreeMap::new(),
             tombstones: BTreeMap::new(),
             links: BTreeMap::new(),
@@ -402,7 +418,7 @@ impl<A: AdvertAuth> Membership<A> {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         if now >= self.next_heartbeat {
-            self.reissue(|_| {});
+            self.reissue(now, |_| {});
             self.next_heartbeat += self.config.heartbeat_interval;
             if self.next_heartbeat <= now {
                 // The driver fell behind; skip the missed beats instead of bursting.
@@ -437,22 +453,29 @@ impl<A: AdvertAuth> Membership<A> {
             Event::DialFailed { addr } => self.dialing.retain(|d| d.addr != addr),
             Event::Message { from, msg } => self.on_message(from, msg, now),
             Event::Discovered { addr, peer } => self.on_discovered(addr, peer, now),
-            Event::CapacityChanged(c) => self.reissue(|a| {
+            Event::CapacityChanged(c) => self.reissue(now, |a| {
                 a.cores_donated = c.cores_donated;
                 a.cores_free = c.cores_free;
                 a.memory_mb = c.memory_mb;
                 a.profile = c.profile;
             }),
-            Event::AddrsChanged(addrs) => self.reissue(|a| a.addrs = addrs),
-            Event::JobChanged(job) => self.reissue(|a| a.job = job),
+            Event::AddrsChanged(addrs) => self.reissue(now, |a| a.addrs = addrs),
+            Event::JobChanged(job) => self.reissue(now, |a| a.job = job),
         }
     }
 
     /// Applies `change` to the local advert under a new `seq` and re-signs it.
-    fn reissue(&mut self, change: impl FnOnce(&mut Advert)) {
+    /// This peer's wall clock at `now`, in milliseconds since the epoch.
+    fn wall_ms(&self, now: Instant) -> u64 {
+        let (at, ms) = self.wall;
+        let since = now.saturating_duration_since(at).as_millis();
+        ms.saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
+    }
+
+    fn reissue(&mut self, now: Instant, change: impl FnOnce(&mut Advert)) {
         let mut advert = self.local.advert.clone();
         change(&mut advert);
-        advert.seq = advert.seq.saturating_add(1);
+        advert.seq = advert.seq.saturating_add(1).max(self.wall_ms(now));
         match SignedAdvert::sign(sanitize(advert), &self.auth) {
             Ok(signed) => self.local = signed,
             Err(err) => tracing::warn!(%err, "local advert failed to sign"),
@@ -904,13 +927,22 @@ impl<A: AdvertAuth> Membership<A> {
             if seq >= self.local.advert.seq && signed.verify(&self.auth).is_ok() {
                 tracing::debug!(seq, "own advert from an earlier run; jumping past it");
                 self.local.advert.seq = seq;
-                self.reissue(|_| {});
+                self.reissue(now, |_| {});
             }
             return;
         }
         let age = Duration::from_millis(u64::from(age_ms));
         if age >= self.config.dead_after {
             self.stats.adverts_stale += 1;
+            return;
+        }
+        // The signed issue time, whatever age the relayer claims: an old advert replayed
+        // after its owner died stays old. One from the future is refused too, so a peer with
+        // a clock far ahead cannot make its adverts outlive it.
+        let wall = self.wall_ms(now);
+        let skew = u64::try_from(self.config.max_clock_skew.as_millis()).unwrap_or(u64::MAX);
+        if seq.saturating_add(skew) < wall || seq > wall.saturating_add(skew) {
+            self.stats.adverts_out_of_time += 1;
             return;
         }
         let issued = now.checked_sub(age).unwrap_or(now);
@@ -1261,7 +1293,8 @@ mod tests {
             now += Duration::from_millis(100);
             m.handle_timeout(now);
         }
-        assert_eq!(m.local_advert().advert.seq, seq0 + 2);
+        // Two beats, at 2 s and 4 s: each seq is the wall clock in milliseconds then.
+        assert_eq!(m.local_advert().advert.seq, seq0 + 4_000);
         assert_eq!(m.local_advert().verify(&FakeAuth { me: id(2) }), Ok(()));
         m.handle(
             Event::CapacityChanged(Capacity {
@@ -1275,8 +1308,63 @@ mod tests {
         let advert = &m.local_advert().advert;
         assert_eq!(
             (advert.seq, advert.cores_free, advert.profile),
-            (seq0 + 3, 4, 2)
+            (seq0 + 5_000, 4, 2)
         );
+        // Within one millisecond a change still moves seq on.
+        m.handle(Event::JobChanged(None), now);
+        assert_eq!(m.local_advert().advert.seq, seq0 + 5_001);
+    }
+
+    /// A relayer replays a dead peer's last validly signed advert, claiming it is fresh, after
+    /// the tombstone is gone: the signed issue time gives it away. An advert dated far ahead is
+    /// refused as well, and one within the clock skew is taken.
+    #[test]
+    fn a_replayed_advert_never_revives_a_dead_peer() {
+        let t0 = Instant::now();
+        let config = Config::default();
+        // Our clock reads 1,000,000 ms at t0.
+        let local = LocalPeer {
+            id: id(1),
+            addrs: vec![addr(1)],
+            capacity: capacity(),
+            initial_seq: 1_000_000,
+        };
+        let mut m = Membership::new(config.clone(), local, FakeAuth { me: id(1) }, 1, t0);
+        m.handle(
+            Event::Connected {
+                peer: id(2),
+                addr: addr(2),
+                inbound: true,
+            },
+            t0,
+        );
+        let push = |m: &mut Membership<FakeAuth>, seq: u64, now: Instant| {
+            let msg = MembershipMessage::Adverts(vec![gossiped(7, seq)]);
+            m.handle(Event::Message { from: id(2), msg }, now);
+        };
+        // Peer 7 issued its last advert at 1,000,000 ms, then crashed.
+        push(&mut m, 1_000_000, t0);
+        assert_eq!(m.peers().count(), 1);
+        let mut now = t0;
+        while now < t0 + config.dead_after + Duration::from_secs(2) {
+            now += Duration::from_millis(100);
+            m.handle_timeout(now);
+        }
+        assert_eq!(m.peers().count(), 0, "expired");
+        // Past the tombstone's life the same bytes come back with age 0.
+        let later = t0 + config.tombstone_ttl + config.dead_after + Duration::from_secs(1);
+        m.handle_timeout(later);
+        assert_eq!(m.tombstone_count(), 0);
+        push(&mut m, 1_000_000, later);
+        assert_eq!(m.peers().count(), 0, "a replay revived a dead peer");
+        assert_eq!(m.stats().adverts_out_of_time, 1);
+        // Ten minutes ahead of our clock: refused; a few seconds ahead: taken.
+        let wall_later = 1_000_000 + later.duration_since(t0).as_millis() as u64;
+        push(&mut m, wall_later + 600_000, later);
+        assert_eq!(m.peers().count(), 0);
+        assert_eq!(m.stats().adverts_out_of_time, 2);
+        push(&mut m, wall_later + 3_000, later);
+        assert_eq!(m.peers().count(), 1);
     }
 
     #[test]

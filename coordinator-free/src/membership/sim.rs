@@ -169,7 +169,8 @@ impl Sim {
                 memory_mb: 2048,
                 profile: 1,
             },
-            initial_seq: 0,
+            // One wall clock for every peer: the virtual time since the run began.
+            initial_seq: u64::try_from(self.now.as_millis()).unwrap_or(u64::MAX),
         };
         let seed = self.rng.next_u64();
         let now = self.instant();
