@@ -42,6 +42,8 @@ pub const JOB_ALPN: &[u8] = b"cf-job/4";
 pub const PULL_ALPN: &[u8] = b"cf-pull/4";
 /// ALPN protocol id of a blob link: a worker fetching a blob from another worker that holds it.
 pub const BLOB_ALPN: &[u8] = b"cf-blob/2";
+/// ALPN protocol id of an overlay link: the partial-view overlay's messages (`overlay`).
+pub const OVERLAY_ALPN: &[u8] = b"cf-overlay/1";
 /// The name every dial presents as SNI. Identity comes from the certificate key, never from a
 /// name, so this is a constant.
 pub const SERVER_NAME: &str = "coordinator-free";
@@ -240,7 +242,7 @@ impl Identity {
             .with_client_cert_verifier(verifier)
             .with_single_cert(vec![self.cert.clone()], self.private_key())
             .map_err(IdentityError::Tls)?;
-        config.alpn_protocols = [ALPN, JOB_ALPN, PULL_ALPN, BLOB_ALPN]
+        config.alpn_protocols = [ALPN, JOB_ALPN, PULL_ALPN, BLOB_ALPN, OVERLAY_ALPN]
             .iter()
             .map(|p| p.to_vec())
             .collect();

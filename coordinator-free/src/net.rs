@@ -13,8 +13,8 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, RecvStream, SendStream, TransportConfig, VarInt};
 
 use crate::identity::{
-    ALPN, AllowList, BLOB_ALPN, Identity, IdentityError, JOB_ALPN, PULL_ALPN, SERVER_NAME,
-    connection_peer_id,
+    ALPN, AllowList, BLOB_ALPN, Identity, IdentityError, JOB_ALPN, OVERLAY_ALPN, PULL_ALPN,
+    SERVER_NAME, connection_peer_id,
 };
 use crate::membership::MAX_MESSAGE_BYTES;
 use crate::peer_id::PeerId;
@@ -126,6 +126,8 @@ pub enum LinkKind {
     Pull,
     /// A worker fetching a blob from another worker that holds it.
     Blob,
+    /// The partial-view overlay: neighbours, and short-lived links for shuffle replies.
+    Overlay,
 }
 
 impl LinkKind {
@@ -135,6 +137,7 @@ impl LinkKind {
             LinkKind::Job => JOB_ALPN,
             LinkKind::Pull => PULL_ALPN,
             LinkKind::Blob => BLOB_ALPN,
+            LinkKind::Overlay => OVERLAY_ALPN,
         }
     }
 }
@@ -187,7 +190,7 @@ fn transport(
 ) -> Result<Arc<TransportConfig>, NetError> {
     let mut t = TransportConfig::default();
     if let Some((remote, kind)) = dialed
-        && kind != LinkKind::Membership
+        && matches!(kind, LinkKind::Job | LinkKind::Pull | LinkKind::Blob)
         && is_loopback(remote)
     {
         let mut mtu = quinn::MtuDiscoveryConfig::default();
@@ -368,10 +371,11 @@ async fn greet(conn: Connection, inbound: bool, traffic: &Traffic) -> Result<Pee
             Some(p) if p == JOB_ALPN => LinkKind::Job,
             Some(p) if p == PULL_ALPN => LinkKind::Pull,
             Some(p) if p == BLOB_ALPN => LinkKind::Blob,
+            Some(p) if p == OVERLAY_ALPN => LinkKind::Overlay,
             _ => LinkKind::Membership,
         };
         traffic.track(kind, &conn);
-        if kind != LinkKind::Membership {
+        if matches!(kind, LinkKind::Job | LinkKind::Pull | LinkKind::Blob) {
             conn.set_receive_window(VarInt::from_u32(LINK_WINDOW));
         }
         let mut send = conn.open_uni().await?;

@@ -22,7 +22,7 @@ use crate::net::LinkKind;
 /// The kinds traffic is reported by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrafficKind {
-    /// Peer discovery and liveness: membership links.
+    /// Peer discovery and liveness: membership and overlay links.
     Membership,
     /// Leases, results and job adverts on job and pull links.
     Jobs,
@@ -33,7 +33,7 @@ pub enum TrafficKind {
 impl TrafficKind {
     fn of(link: LinkKind) -> Self {
         match link {
-            LinkKind::Membership => Self::Membership,
+            LinkKind::Membership | LinkKind::Overlay => Self::Membership,
             LinkKind::Job | LinkKind::Pull => Self::Jobs,
             LinkKind::Blob => Self::Blobs,
         }

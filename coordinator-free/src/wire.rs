@@ -40,6 +40,8 @@ pub enum WireError {
     Invalid { kind: u8, reason: &'static str },
     #[error("invalid membership message")]
     Membership(#[source] MessageError),
+    #[error("malformed overlay message")]
+    Overlay(#[source] crate::overlay::MessageError),
     #[error("stream ended inside a frame")]
     Truncated,
     #[error("cannot encode a frame")]
@@ -199,11 +201,14 @@ impl Hello {
 pub enum Frame {
     Hello(Hello),
     Membership(MembershipMessage),
+    /// A partial-view overlay message, on an overlay link.
+    Overlay(crate::overlay::OverlayMessage),
 }
 
 impl Frame {
     pub const KIND_HELLO: u8 = 1;
     pub const KIND_MEMBERSHIP: u8 = 2;
+    pub const KIND_OVERLAY: u8 = 3;
 }
 
 impl Message for Frame {
@@ -211,6 +216,7 @@ impl Message for Frame {
         match kind {
             Self::KIND_HELLO => Some(MAX_HELLO_BYTES),
             Self::KIND_MEMBERSHIP => Some(MAX_MESSAGE_BYTES),
+            Self::KIND_OVERLAY => Some(crate::overlay::MAX_MESSAGE_BYTES),
             _ => None,
         }
     }
@@ -225,6 +231,10 @@ impl Message for Frame {
                 Self::KIND_MEMBERSHIP,
                 msg.encode().map_err(WireError::Membership)?,
             )),
+            Frame::Overlay(msg) => Ok((
+                Self::KIND_OVERLAY,
+                msg.encode().map_err(WireError::Overlay)?,
+            )),
         }
     }
 
@@ -234,6 +244,10 @@ impl Message for Frame {
             Self::KIND_MEMBERSHIP => MembershipMessage::decode(payload)
                 .map(Frame::Membership)
                 .map_err(WireError::Membership),
+            Self::KIND_OVERLAY => crate::overlay::OverlayMessage::decode(payload)
+                .and_then(|msg| msg.validate().map(|()| msg))
+                .map(Frame::Overlay)
+                .map_err(WireError::Overlay),
             _ => Err(WireError::UnknownKind { kind }),
         }
     }
