@@ -77,6 +77,12 @@ fn shape_rows(name: &str, s: &Shape) {
         s.sybil_active_slots * 100.0,
         s.sybil_passive_slots * 100.0,
     );
+    if s.outside > 0 {
+        println!(
+            "|   outside it: {} peers in {} components, the largest of {} | | | | | | | | |",
+            s.outside, s.other_components, s.second_component
+        );
+    }
 }
 
 fn print_report(r: &Report) {

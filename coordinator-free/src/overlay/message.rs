@@ -90,8 +90,10 @@ pub enum OverlayMessage {
         addr: SocketAddr,
         priority: Priority,
     },
-    /// The answer to `Join` or `Neighbor`. A refusal is followed by the connection closing.
-    NeighborReply { accepted: bool },
+    /// The answer to `Join` or `Neighbor`. A refusal is followed by the connection closing and
+    /// names a few other peers to try (gossipsub's peer exchange on prune), so a peer whose
+    /// passive view knows only full peers, or only its own group, learns of more.
+    NeighborReply { accepted: bool, peers: PeerList },
     /// "You are no longer my neighbour" (the sender stays alive: keep it as a passive peer).
     Disconnect,
     /// A sample of the sender's views walking the active views; the peer where the walk ends
@@ -202,7 +204,10 @@ mod tests {
                 addr: widest(2).addr,
                 priority: Priority::High,
             },
-            OverlayMessage::NeighborReply { accepted: true },
+            OverlayMessage::NeighborReply {
+                accepted: false,
+                peers: full.clone(),
+            },
             OverlayMessage::Disconnect,
             OverlayMessage::Shuffle {
                 nonce: u64::MAX,

@@ -61,6 +61,13 @@ pub const MAX_CONTACTS: usize = 16;
 pub const MAX_STRAYS: usize = 16;
 /// Most of our own requests (join or neighbour) in flight at once.
 const MAX_PENDING: usize = 2;
+/// Most shuffles taken per second from peers that are not neighbours (a contact's, sent over a
+/// short-lived connection); more are dropped, so a bootstrap peer's work stays bounded.
+const MAX_STRANGER_SHUFFLES: u32 = 10;
+/// Longest wait between repairs while the active view is empty.
+const ISOLATED_REPAIR_MAX: Duration = Duration::from_secs(2);
+/// Passive peers named in a refusal.
+const REFUSAL_PEERS: usize = 4;
 
 /// Sizes, caps and timers. The defaults were chosen with the simulator (`overlay::sim`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +109,14 @@ pub struct Config {
     /// A passive peer asked to be a neighbour is not asked again before this long, so repairs
     /// go round the view instead of asking the same full peers over and over. Default 60 s.
     pub ask_again_after: Duration,
+    /// How often a peer whose view is full trades one of its own picks for a passive peer
+    /// that has room (jittered ±25 %), so groups that split off find the rest again. Zero
+    /// turns it off. Default 60 s.
+    pub rewire_interval: Duration,
+    /// How often a shuffle goes through a bootstrap contact instead of a neighbour (jittered
+    /// ±25 %), so a group cut off from the rest learns of it again. Zero turns it off.
+    /// Default 300 s.
+    pub contact_shuffle_interval: Duration,
 }
 
 impl Default for Config {
@@ -124,6 +139,8 @@ impl Default for Config {
             repair_min: Duration::from_millis(500),
             repair_max: Duration::from_secs(30),
             ask_again_after: Duration::from_secs(60),
+            rewire_interval: Duration::from_secs(60),
+            contact_shuffle_interval: Duration::from_secs(300),
         }
     }
 }
@@ -182,7 +199,12 @@ pub struct Stats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Request {
     Join,
-    Neighbor { priority: Priority, outbound: bool },
+    Neighbor {
+        priority: Priority,
+        outbound: bool,
+    },
+    /// A low-priority request of our own that, once accepted, replaces one of our own picks.
+    Rewire,
 }
 
 #[derive(Debug, Clone)]
@@ -228,6 +250,10 @@ pub struct Overlay {
     last_forced: Option<Instant>,
     /// Set while a `Join` is admitted.
     joining: bool,
+    next_rewire: Instant,
+    next_contact_shuffle: Instant,
+    /// Shuffles from non-neighbours taken in the second that began at the instant.
+    stranger_shuffles: (Instant, u32),
     stats: Stats,
 }
 
@@ -243,6 +269,9 @@ impl Overlay {
         config.shuffle_passive = config.shuffle_passive.min(MAX_LIST_PEERS / 2 - 1);
         let mut rng = Rng::seed_from_u64(seed);
         let first_shuffle = rng.duration_between(Duration::ZERO, config.shuffle_interval);
+        let first_rewire = rng.duration_between(Duration::ZERO, config.rewire_interval);
+        let first_contact_shuffle =
+            rng.duration_between(Duration::ZERO, config.contact_shuffle_interval);
         Self {
             repair_delay: config.repair_min,
             config,
@@ -259,6 +288,9 @@ impl Overlay {
             next_repair: now,
             last_forced: None,
             joining: false,
+            next_rewire: now + first_rewire,
+            next_contact_shuffle: now + first_contact_shuffle,
+            stranger_shuffles: (now, 0),
             stats: Stats::default(),
         }
     }
@@ -312,6 +344,12 @@ impl Overlay {
     /// When to deliver the next [`Event::Timer`].
     pub fn poll_timeout(&self) -> Instant {
         let mut at = self.next_shuffle;
+        if !self.config.rewire_interval.is_zero() {
+            at = at.min(self.next_rewire);
+        }
+        if !self.config.contact_shuffle_interval.is_zero() && !self.contacts.is_empty() {
+            at = at.min(self.next_contact_shuffle);
+        }
         if self.wants_neighbor() {
             at = at.min(self.next_repair);
         }
@@ -371,6 +409,10 @@ impl Overlay {
                     addr: self.me.addr,
                     priority,
                 },
+                Request::Rewire => OverlayMessage::Neighbor {
+                    addr: self.me.addr,
+                    priority: Priority::Low,
+                },
             };
             out.push(Command::Send { to: peer, msg });
             return;
@@ -423,11 +465,12 @@ impl Overlay {
         if let Some(at) = self.pending.iter().position(|p| p.info.id == peer) {
             let p = self.pending.swap_remove(at);
             self.close_unless_neighbor(peer, out);
-            if p.request != Request::Join {
+            match p.request {
+                // A dead rewire candidate costs nothing but the next rewire's wait.
+                Request::Rewire => {}
                 // Another candidate at once: this one was dead, not unwilling.
-                self.next_repair = now;
-            } else {
-                self.refused(p.request, now);
+                Request::Neighbor { .. } => self.next_repair = now,
+                Request::Join => self.refused(p.request, now),
             }
         }
     }
@@ -451,8 +494,8 @@ impl Overlay {
             OverlayMessage::Neighbor { addr, priority } => {
                 self.on_neighbor(from, addr, priority, now, out);
             }
-            OverlayMessage::NeighborReply { accepted } => {
-                self.on_neighbor_reply(from, accepted, now, out);
+            OverlayMessage::NeighborReply { accepted, peers } => {
+                self.on_neighbor_reply(from, accepted, peers, now, out);
             }
             OverlayMessage::Disconnect => self.on_disconnect(from, now, out),
             OverlayMessage::Shuffle {
@@ -483,7 +526,7 @@ impl Overlay {
         };
         let host = stray.or_else(|| pending.as_ref().and_then(|p| p.host))?;
         let outbound = pending.map(|p| match p.request {
-            Request::Join => true,
+            Request::Join | Request::Rewire => true,
             Request::Neighbor { outbound, .. } => outbound,
         });
         Some((host, outbound))
@@ -511,7 +554,10 @@ impl Overlay {
             self.stats.bad_address += 1;
             out.push(Command::Send {
                 to: from,
-                msg: OverlayMessage::NeighborReply { accepted: false },
+                msg: OverlayMessage::NeighborReply {
+                    accepted: false,
+                    peers: PeerList::default(),
+                },
             });
             out.push(Command::Disconnect(from));
             return;
@@ -534,7 +580,7 @@ impl Overlay {
             now,
             out,
         );
-        self.reply(from, accepted, out);
+        self.reply(from, accepted, true, out);
     }
 
     fn on_neighbor(
@@ -546,7 +592,7 @@ impl Overlay {
         out: &mut Vec<Command>,
     ) {
         if self.active.contains(&from) {
-            self.reply(from, true, out);
+            self.reply(from, true, false, out);
             return;
         }
         let Some((host, ours)) = self.requester(from) else {
@@ -555,13 +601,22 @@ impl Overlay {
         };
         let info = PeerInfo { id: from, addr };
         let accepted = self.admit(info, host, priority, ours.unwrap_or(false), now, out);
-        self.reply(from, accepted, out);
+        self.reply(from, accepted, false, out);
     }
 
-    fn reply(&mut self, to: PeerId, accepted: bool, out: &mut Vec<Command>) {
+    /// Answers a request; a refusal, and the acceptance of a newcomer's `Join`, name a few
+    /// passive peers, so the requester has others to ask.
+    fn reply(&mut self, to: PeerId, accepted: bool, join: bool, out: &mut Vec<Command>) {
+        let peers = if accepted && !join {
+            PeerList::default()
+        } else {
+            let mut peers = self.passive.sample(&mut self.rng, REFUSAL_PEERS);
+            peers.retain(|p| p.id != to);
+            PeerList(peers)
+        };
         out.push(Command::Send {
             to,
-            msg: OverlayMessage::NeighborReply { accepted },
+            msg: OverlayMessage::NeighborReply { accepted, peers },
         });
         if !accepted {
             self.stats.refused += 1;
@@ -644,6 +699,7 @@ impl Overlay {
         &mut self,
         from: PeerId,
         accepted: bool,
+        peers: PeerList,
         now: Instant,
         out: &mut Vec<Command>,
     ) {
@@ -660,7 +716,12 @@ impl Overlay {
         let (priority, outbound) = match p.request {
             Request::Join => (Priority::High, true),
             Request::Neighbor { priority, outbound } => (priority, outbound),
+            Request::Rewire => (Priority::Low, true),
         };
+        self.merge(peers.0.into_iter(), &[], now);
+        if accepted && p.request == Request::Rewire && !self.active.contains(&from) {
+            self.make_room_for_rewire(from, now, out);
+        }
         // Our side applies its own rules too: the view may have filled while we waited.
         if accepted && self.admit(p.info, host, priority, outbound, now, out) {
             self.repair_delay = self.config.repair_min;
@@ -779,7 +840,10 @@ impl Overlay {
         now: Instant,
         out: &mut Vec<Command>,
     ) {
-        if !self.active.contains(&from) {
+        // A neighbour's walk, or a stranger's own shuffle (sent to it as a contact).
+        let taken =
+            self.active.contains(&from) || origin.id == from && self.take_stranger_shuffle(now);
+        if !taken {
             self.stats.unsolicited += 1;
             return;
         }
@@ -886,38 +950,48 @@ impl Overlay {
 
     /// A request of ours came to nothing: back off before the next.
     fn refused(&mut self, request: Request, now: Instant) {
+        if request == Request::Rewire {
+            return;
+        }
         if request == Request::Join {
             self.next_contact = self.next_contact.wrapping_add(1);
         }
-        self.repair_delay = (self.repair_delay * 2).min(self.config.repair_max);
+        // A peer with no neighbour at all keeps asking quickly: it is cut off, and the refusals
+        // it gets name other peers to try.
+        let max = if self.active.is_empty() {
+            self.config.repair_max.min(ISOLATED_REPAIR_MAX)
+        } else {
+            self.config.repair_max
+        };
+        self.repair_delay = (self.repair_delay * 2).min(max);
         self.next_repair = now + self.repair_delay;
     }
 
-    fn pending_neighbors(&self) -> (usize, usize) {
-        let mut all = 0;
-        let mut outbound = 0;
-        for p in &self.pending {
-            all += 1;
-            if matches!(
-                p.request,
-                Request::Join | Request::Neighbor { outbound: true, .. }
-            ) {
-                outbound += 1;
-            }
-        }
-        (all, outbound)
+    /// Our requests in flight that would fill a free slot.
+    fn pending_neighbors(&self) -> usize {
+        self.pending
+            .iter()
+            .filter(|p| p.request != Request::Rewire)
+            .count()
     }
 
+    /// Whether the view has room to repair. A full view short of its own picks is not
+    /// repaired at the repair pace: its rewires (`rewire_interval`) trade inbound neighbours
+    /// for picks of its own, without a stream of refused requests to full peers.
     fn wants_neighbor(&self) -> bool {
-        let (all, outbound) = self.pending_neighbors();
-        self.active.len() + all < self.config.active_view
-            || self.active.outbound() + outbound < self.config.outbound_min
+        self.active.len() + self.pending_neighbors() < self.config.active_view
     }
 
     fn maintain(&mut self, now: Instant, out: &mut Vec<Command>) {
         self.expire(now, out);
         if now >= self.next_shuffle {
             self.start_shuffle(now, out);
+        }
+        if now >= self.next_contact_shuffle && !self.config.contact_shuffle_interval.is_zero() {
+            self.contact_shuffle(now, out);
+        }
+        if now >= self.next_rewire && !self.config.rewire_interval.is_zero() {
+            self.rewire(now, out);
         }
         if now >= self.next_repair && self.wants_neighbor() && self.pending.len() < MAX_PENDING {
             self.repair(now, out);
@@ -958,13 +1032,19 @@ impl Overlay {
         let Some(target) = self.active.random_except(&mut self.rng, None) else {
             return;
         };
+        let msg = self.shuffle_request(&target.id, now);
+        out.push(Command::Send { to: target.id, msg });
+    }
+
+    /// A shuffle of our sample to walk from `target`, now outstanding.
+    fn shuffle_request(&mut self, target: &PeerId, now: Instant) -> OverlayMessage {
         let mut peers = vec![self.me];
         let mut neighbors: Vec<PeerInfo> = self
             .active
             .entries
             .iter()
             .map(|e| e.info)
-            .filter(|i| i.id != target.id)
+            .filter(|i| i.id != *target)
             .collect();
         self.rng.shuffle(&mut neighbors);
         peers.extend(neighbors.into_iter().take(self.config.shuffle_active));
@@ -979,15 +1059,96 @@ impl Overlay {
             sent,
             deadline: now + self.config.request_timeout * 2,
         });
-        out.push(Command::Send {
-            to: target.id,
-            msg: OverlayMessage::Shuffle {
-                nonce,
-                origin: self.me,
-                ttl: self.config.shuffle_walk,
-                peers: PeerList(peers),
-            },
+        OverlayMessage::Shuffle {
+            nonce,
+            origin: self.me,
+            ttl: self.config.shuffle_walk,
+            peers: PeerList(peers),
+        }
+    }
+
+    /// Now and then a shuffle starts at a bootstrap contact, over a short-lived connection, and
+    /// walks its neighbours: the only way a group that split off from the rest, whose own
+    /// shuffles walk inside it, learns of the rest again.
+    fn contact_shuffle(&mut self, now: Instant, out: &mut Vec<Command>) {
+        self.next_contact_shuffle = now + self.jittered(self.config.contact_shuffle_interval);
+        if self.contacts.is_empty() || self.shuffle.is_some() {
+            return;
+        }
+        let contact = self.contacts[self.rng.index(self.contacts.len())];
+        let msg = self.shuffle_request(&contact.id, now);
+        out.push(if self.active.contains(&contact.id) {
+            Command::Send {
+                to: contact.id,
+                msg,
+            }
+        } else {
+            Command::SendOnce { to: contact, msg }
         });
+    }
+
+    /// Whether a shuffle from a non-neighbour may be taken now.
+    fn take_stranger_shuffle(&mut self, now: Instant) -> bool {
+        let (since, count) = &mut self.stranger_shuffles;
+        if *since + Duration::from_secs(1) <= now {
+            *since = now;
+            *count = 0;
+        }
+        *count += 1;
+        *count <= MAX_STRANGER_SHUFFLES
+    }
+
+    fn jittered(&mut self, interval: Duration) -> Duration {
+        let jitter = interval / 4;
+        self.rng
+            .duration_between(interval - jitter, interval + jitter)
+    }
+
+    /// A full view trades one of our own picks for a passive peer with room now and then
+    /// (gossipsub's opportunistic grafting, on one slot): the request is low priority, so
+    /// only a peer with a free slot takes it, and the trade happens only once it accepted.
+    /// Links of a group that split off then reach the rest whenever the group's passive views
+    /// know of it, and the active graph keeps being re-randomised at a constant cost.
+    fn rewire(&mut self, now: Instant, out: &mut Vec<Command>) {
+        self.next_rewire = now + self.jittered(self.config.rewire_interval);
+        if self.active.len() < self.config.active_view
+            || self.pending.len() >= MAX_PENDING
+            || self.pending.iter().any(|p| p.request == Request::Rewire)
+        {
+            return;
+        }
+        let active = &self.active;
+        let pending = &self.pending;
+        let fresh = now.checked_sub(self.config.ask_again_after);
+        let candidate = self.passive.pick(&mut self.rng, |e| {
+            e.asked.is_none_or(|t| fresh.is_some_and(|f| t <= f))
+                && !active.contains(&e.info.id)
+                && !pending.iter().any(|p| p.info.id == e.info.id)
+                && active.per_host(&e.host) < self.config.active_per_host
+        });
+        if let Some(info) = candidate {
+            self.request(info, Request::Rewire, now, out);
+        }
+    }
+
+    /// A rewire was accepted: one of our own picks gives up its slot, or, short of our own
+    /// picks, an inbound neighbour does (`admit` makes that room).
+    fn make_room_for_rewire(&mut self, keep: PeerId, now: Instant, out: &mut Vec<Command>) {
+        if self.active.len() < self.config.active_view
+            || self.active.outbound() < self.config.outbound_min
+        {
+            return;
+        }
+        let ours: Vec<PeerId> = self
+            .active
+            .entries
+            .iter()
+            .filter(|e| e.outbound && e.info.id != keep)
+            .map(|e| e.info.id)
+            .collect();
+        if let Some(&victim) = self.rng.choose(&ours) {
+            self.drop_neighbor(victim, now, out);
+        }
     }
 
     fn repair(&mut self, now: Instant, out: &mut Vec<Command>) {
@@ -1090,7 +1251,10 @@ mod tests {
         out.iter().any(|c| {
             *c == Command::Send {
                 to: peer,
-                msg: OverlayMessage::NeighborReply { accepted: true },
+                msg: OverlayMessage::NeighborReply {
+                    accepted: true,
+                    peers: PeerList::default(),
+                },
             }
         })
     }
@@ -1118,7 +1282,10 @@ mod tests {
         ov.handle(
             Event::Message {
                 from: peer.id,
-                msg: OverlayMessage::NeighborReply { accepted: true },
+                msg: OverlayMessage::NeighborReply {
+                    accepted: true,
+                    peers: PeerList::default(),
+                },
             },
             now,
             &mut out,
@@ -1389,6 +1556,8 @@ mod tests {
         for n in 3..=5 {
             ask(&mut ov, info(n), Priority::Low, start);
         }
+        // Not the moment of a rewire, which might pick the newcomer.
+        ov.next_rewire = later + Duration::from_secs(1000);
         let mut out = Vec::new();
         ov.handle(
             Event::Message {
@@ -1441,7 +1610,10 @@ mod tests {
         ov.handle(
             Event::Message {
                 from: id(12),
-                msg: OverlayMessage::NeighborReply { accepted: true },
+                msg: OverlayMessage::NeighborReply {
+                    accepted: true,
+                    peers: PeerList::default(),
+                },
             },
             later,
             &mut out,
@@ -1625,7 +1797,8 @@ mod tests {
                 stranger.id,
                 OverlayMessage::Shuffle {
                     nonce: 1,
-                    origin: stranger,
+                    // Not its own: a walk a stranger claims to relay.
+                    origin: info(55),
                     ttl: 0,
                     peers: PeerList(vec![info(52)]),
                 },
@@ -1639,7 +1812,10 @@ mod tests {
             ),
             (
                 stranger.id,
-                OverlayMessage::NeighborReply { accepted: true },
+                OverlayMessage::NeighborReply {
+                    accepted: true,
+                    peers: PeerList::default(),
+                },
             ),
             (
                 stranger.id,
@@ -1743,6 +1919,201 @@ mod tests {
     }
 
     #[test]
+    fn a_full_view_trades_one_of_its_own_picks_for_a_passive_peer_with_room() {
+        let start = Instant::now();
+        let mut ov = overlay(0, start);
+        choose(&mut ov, info(1), start);
+        choose(&mut ov, info(2), start);
+        for n in 3..=5 {
+            ask(&mut ov, info(n), Priority::Low, start);
+        }
+        ov.keep_passive(info(9), Host::of(info(9).addr.ip()), true, start, &[]);
+        let at = ov.next_rewire;
+        ov.next_shuffle = at + Duration::from_secs(1000);
+        let mut out = Vec::new();
+        ov.handle(Event::Timer, at, &mut out);
+        assert_eq!(out, vec![Command::Connect(info(9))]);
+        out.clear();
+        ov.handle(
+            Event::ConnectionUp {
+                peer: id(9),
+                addr: info(9).addr,
+            },
+            at,
+            &mut out,
+        );
+        // Asked with low priority: only a peer with room takes it.
+        assert!(out.contains(&Command::Send {
+            to: id(9),
+            msg: OverlayMessage::Neighbor {
+                addr: info(0).addr,
+                priority: Priority::Low,
+            },
+        }));
+        out.clear();
+        ov.handle(
+            Event::Message {
+                from: id(9),
+                msg: OverlayMessage::NeighborReply {
+                    accepted: true,
+                    peers: PeerList::default(),
+                },
+            },
+            at,
+            &mut out,
+        );
+        assert!(ov.active.get(&id(9)).is_some_and(|e| e.outbound));
+        assert_eq!(ov.active_len(), 5);
+        assert_eq!(ov.outbound_len(), 2);
+        // One of the earlier picks went back to the passive view; inbound neighbours stayed.
+        let gone: Vec<u32> = [1, 2]
+            .into_iter()
+            .filter(|&n| !ov.active.contains(&id(n)))
+            .collect();
+        assert_eq!(gone.len(), 1);
+        assert!(ov.passive.contains(&id(gone[0])));
+        assert!((3..=5).all(|n| ov.active.contains(&id(n))));
+        // A refused rewire changes nothing and does not slow repairs down.
+        let delay = ov.repair_delay;
+        let at = ov.next_rewire;
+        ov.next_shuffle = at + Duration::from_secs(1000);
+        ov.keep_passive(info(10), Host::of(info(10).addr.ip()), true, at, &[]);
+        let mut out = Vec::new();
+        ov.handle(Event::Timer, at, &mut out);
+        let asked = ov
+            .pending
+            .iter()
+            .find(|p| p.request == Request::Rewire)
+            .unwrap();
+        let asked = asked.info;
+        ov.handle(
+            Event::ConnectionUp {
+                peer: asked.id,
+                addr: asked.addr,
+            },
+            at,
+            &mut out,
+        );
+        ov.handle(
+            Event::Message {
+                from: asked.id,
+                msg: OverlayMessage::NeighborReply {
+                    accepted: false,
+                    peers: PeerList(vec![info(11)]),
+                },
+            },
+            at,
+            &mut out,
+        );
+        assert_eq!(ov.active_len(), 5);
+        assert_eq!(ov.repair_delay, delay);
+        // The refusal's peers are kept to try later.
+        assert!(ov.passive.contains(&id(11)));
+    }
+
+    #[test]
+    fn a_refusal_and_a_join_name_other_peers_to_try() {
+        let now = Instant::now();
+        let mut ov = overlay(0, now);
+        for n in 1..=5 {
+            ask(&mut ov, info(n), Priority::Low, now);
+        }
+        for n in 20..30 {
+            ov.keep_passive(info(n), Host::of(info(n).addr.ip()), true, now, &[]);
+        }
+        let out = ask(&mut ov, info(6), Priority::Low, now);
+        let named = out.iter().find_map(|c| match c {
+            Command::Send {
+                to,
+                msg:
+                    OverlayMessage::NeighborReply {
+                        accepted: false,
+                        peers,
+                    },
+            } if *to == id(6) => Some(peers.0.clone()),
+            _ => None,
+        });
+        let named = named.expect("a refusal");
+        assert_eq!(named.len(), REFUSAL_PEERS);
+        assert!(named.iter().all(|p| (20..30).any(|n| p.id == id(n))));
+        // A newcomer's join is answered with peers too, to start its passive view.
+        let mut out = Vec::new();
+        let joiner = info(40);
+        ov.handle(
+            Event::ConnectionUp {
+                peer: joiner.id,
+                addr: joiner.addr,
+            },
+            now,
+            &mut out,
+        );
+        ov.handle(
+            Event::Message {
+                from: joiner.id,
+                msg: OverlayMessage::Join { addr: joiner.addr },
+            },
+            now,
+            &mut out,
+        );
+        assert!(out.iter().any(|c| matches!(
+            c,
+            Command::Send {
+                msg: OverlayMessage::NeighborReply { accepted: true, peers },
+                ..
+            } if !peers.0.is_empty()
+        )));
+    }
+
+    #[test]
+    fn a_shuffle_goes_through_a_contact_now_and_then_and_strangers_are_rationed() {
+        let now = Instant::now();
+        let mut ov = overlay(0, now);
+        ask(&mut ov, info(1), Priority::Low, now);
+        let mut out = Vec::new();
+        ov.handle(Event::Contact(info(7)), now, &mut out);
+        let at = ov.next_contact_shuffle.max(now);
+        ov.next_shuffle = at + Duration::from_secs(1000);
+        ov.next_rewire = at + Duration::from_secs(1000);
+        out.clear();
+        ov.handle(Event::Timer, at, &mut out);
+        assert!(
+            out.iter().any(|c| matches!(
+                c,
+                Command::SendOnce {
+                    to,
+                    msg: OverlayMessage::Shuffle { origin, .. },
+                } if to.id == id(7) && origin.id == id(0)
+            )),
+            "{out:?}"
+        );
+        // A stranger's own shuffle is taken (it walks on, or is answered), a few a second.
+        let mut ov = overlay(0, now);
+        let mut answered = 0;
+        for n in 100..130 {
+            let mut out = Vec::new();
+            ov.handle(
+                Event::Message {
+                    from: id(n),
+                    msg: OverlayMessage::Shuffle {
+                        nonce: 1,
+                        origin: info(n),
+                        ttl: 0,
+                        peers: PeerList(vec![info(n + 100)]),
+                    },
+                },
+                now,
+                &mut out,
+            );
+            answered += out
+                .iter()
+                .filter(|c| matches!(c, Command::SendOnce { .. }))
+                .count();
+        }
+        assert_eq!(answered, MAX_STRANGER_SHUFFLES as usize);
+        assert!(ov.passive.contains(&id(100)));
+    }
+
+    #[test]
     fn arbitrary_events_never_break_the_bounds() {
         use proptest::prelude::*;
         use proptest::test_runner::{Config as RunnerConfig, TestRunner};
@@ -1758,7 +2129,10 @@ mod tests {
                 addr: info(u32::from(n) % 40).addr,
                 priority: if high { Priority::High } else { Priority::Low },
             }),
-            any::<bool>().prop_map(|accepted| OverlayMessage::NeighborReply { accepted }),
+            any::<bool>().prop_map(|accepted| OverlayMessage::NeighborReply {
+                accepted,
+                peers: PeerList(vec![info(30)]),
+            }),
             Just(OverlayMessage::Disconnect),
             (
                 any::<u16>(),

@@ -127,6 +127,12 @@ pub struct Shape {
     /// Largest connected component of live honest peers over the active views (links to
     /// Sybils not counted), as a share of the live honest peers.
     pub largest_component: f64,
+    /// Live honest peers outside the largest component, and how many other components they
+    /// form (a peer with no honest neighbour is a component of its own).
+    pub outside: usize,
+    pub other_components: usize,
+    /// The second largest component, in peers.
+    pub second_component: usize,
     pub active_min: usize,
     pub active_mean: f64,
     pub active_max: usize,
@@ -253,6 +259,8 @@ struct Sim {
 }
 
 const NOT_LIVE: u32 = u32::MAX;
+/// Bootstrap contacts each peer is given, as a bootstrap list of a few addresses.
+const CONTACTS: usize = 3;
 /// A dial to a dead address fails after the handshake timeout.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -399,19 +407,18 @@ impl Sim {
     }
 
     fn start(&mut self, node: u32) {
-        let contact = self.contact();
+        let contacts: Vec<u32> = (0..CONTACTS).filter_map(|_| self.contact()).collect();
         let n = &mut self.nodes[node as usize];
         n.alive = true;
         if !n.sybil {
             self.live_at[node as usize] = self.live_honest.len() as u32;
             self.live_honest.push(node);
         }
-        if let Some(contact) = contact {
+        for &contact in &contacts {
             let info = self.nodes[contact as usize].info;
             self.feed(node, Event::Contact(info));
-        } else {
-            self.arm_timer(node);
         }
+        self.arm_timer(node);
     }
 
     fn crash(&mut self, node: u32) {
@@ -528,6 +535,10 @@ impl Sim {
             OverlayMessage::ShuffleReply { nonce, peers } => OverlayMessage::ShuffleReply {
                 nonce,
                 peers: sybils(peers, &mut self.rng),
+            },
+            OverlayMessage::NeighborReply { accepted, .. } => OverlayMessage::NeighborReply {
+                accepted,
+                peers: sybils(PeerList(vec![self.nodes[0].info; 4]), &mut self.rng),
             },
             other => other,
         }
@@ -812,7 +823,13 @@ impl Sim {
             sizes[root as usize] += 1;
         }
         let live = self.live_honest.len().max(1) as f64;
-        s.largest_component = f64::from(sizes.iter().copied().max().unwrap_or(0)) / live;
+        let mut nonzero: Vec<u32> = sizes.iter().copied().filter(|&c| c > 0).collect();
+        nonzero.sort_unstable_by(|a, b| b.cmp(a));
+        let largest = nonzero.first().copied().unwrap_or(0);
+        s.largest_component = f64::from(largest) / live;
+        s.outside = self.live_honest.len() - largest as usize;
+        s.other_components = nonzero.len().saturating_sub(1);
+        s.second_component = nonzero.get(1).copied().unwrap_or(0) as usize;
         s.active_mean = active_total as f64 / live;
         s.outbound_mean = outbound_total as f64 / live;
         s.passive_mean = passive_total as f64 / live;
