@@ -109,7 +109,7 @@ fn print_report(r: &Report) {
     );
     println!("| left every view | {} |", spread(&r.dead_left_all));
     println!(
-        "| crashed over a minute before the end, still in some view | {} |",
+        "| crashed longer than the copies' maximum age before the end, still in some view | {} |",
         r.dead_still_held
     );
     println!();

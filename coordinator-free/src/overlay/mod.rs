@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 pub use message::{
     MAX_LIST_PEERS, MAX_MESSAGE_BYTES, MAX_WALK, MessageError, OverlayMessage, PeerInfo, PeerList,
-    Priority,
+    Priority, Seal, Signature, Unsealed,
 };
 use view::{ActiveEntry, ActiveView, PassiveEntry, PassiveView};
 
@@ -64,6 +64,11 @@ const MAX_PENDING: usize = 2;
 /// Most shuffles taken per second from peers that are not neighbours (a contact's, sent over a
 /// short-lived connection); more are dropped, so a bootstrap peer's work stays bounded.
 const MAX_STRANGER_SHUFFLES: u32 = 10;
+/// How far in the future (by our clock) a copy may claim to have been issued, for clocks that
+/// disagree a little; a copy from further ahead is refused, or it would outlive `max_age`.
+const MAX_CLOCK_AHEAD_MS: u64 = 10_000;
+/// A settled passive peer may be asked again this soon, before any young one is asked.
+const REASK_SETTLED: Duration = Duration::from_secs(10);
 /// Longest wait between repairs while the active view is empty.
 const ISOLATED_REPAIR_MAX: Duration = Duration::from_secs(2);
 /// Passive peers named in a refusal.
@@ -94,8 +99,10 @@ pub struct Config {
     /// Neighbours and passive peers sent in a shuffle (the paper's ka and kp). Default 3 and 4.
     pub shuffle_active: usize,
     pub shuffle_passive: usize,
-    /// A request, a stray connection or a shuffle with no answer after this long is given up.
-    /// Default 5 s.
+    /// A request, a stray connection or a shuffle with no answer after this long is given up
+    /// (a shuffle after twice as long). Default 2 s: a round trip is well under a second, and
+    /// a newcomer whose join was lost, or a repair that dialled a dead address (QUIC's
+    /// handshake timeout is 5 s), moves on to the next candidate sooner.
     pub request_timeout: Duration,
     /// An inbound neighbour held this long is no longer displaced to make room for a
     /// stranger's join walk. Default 60 s.
@@ -117,6 +124,26 @@ pub struct Config {
     /// ±25 %), so a group cut off from the rest learns of it again. Zero turns it off.
     /// Default 300 s.
     pub contact_shuffle_interval: Duration,
+    /// An identity this peer first heard of less than this long ago is *young*: it may take a
+    /// free slot, but displaces only young neighbours, holds at most `young_inbound_max`
+    /// inbound slots, and loses to settled entries in passive picks and evictions. Default
+    /// 300 s.
+    pub young_for: Duration,
+    /// Most inbound neighbours with young identities, once the view holds a settled one. Off
+    /// by default (`usize::MAX`): a quota of 2 made no difference the simulator could measure
+    /// to the flood (most Sybil slots came from requests into free slots and from picks of
+    /// newcomers that know no settled peer yet) and slowed honest newcomers down.
+    pub young_inbound_max: usize,
+    /// A copy of a peer's info issued longer ago than this is dropped from the passive view
+    /// and refused wherever it arrives, so a dead peer's address leaves every passive view
+    /// at most this long after its last issue, and a replayed old copy never brings it back.
+    /// Default 120 s.
+    pub max_age: Duration,
+    /// How often this peer issues a fresh copy of its own info. Default 10 s.
+    pub reissue_interval: Duration,
+    /// How often the fresh copy goes to each neighbour (`Refresh`), so the copies neighbours
+    /// pass on in shuffles stay young. Default 30 s.
+    pub refresh_interval: Duration,
 }
 
 impl Default for Config {
@@ -133,7 +160,7 @@ impl Default for Config {
             shuffle_walk: 3,
             shuffle_active: 3,
             shuffle_passive: 4,
-            request_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(2),
             established_after: Duration::from_secs(60),
             displace_every: Duration::from_secs(30),
             repair_min: Duration::from_millis(500),
@@ -141,6 +168,11 @@ impl Default for Config {
             ask_again_after: Duration::from_secs(60),
             rewire_interval: Duration::from_secs(60),
             contact_shuffle_interval: Duration::from_secs(300),
+            young_for: Duration::from_secs(120),
+            young_inbound_max: usize::MAX,
+            max_age: Duration::from_secs(120),
+            reissue_interval: Duration::from_secs(10),
+            refresh_interval: Duration::from_secs(30),
         }
     }
 }
@@ -254,10 +286,19 @@ pub struct Overlay {
     next_contact_shuffle: Instant,
     /// Shuffles from non-neighbours taken in the second that began at the instant.
     stranger_shuffles: (Instant, u32),
+    /// When this peer started: identities heard of since are young until `young_for` later.
+    born: Instant,
+    /// Wall-clock milliseconds at `born` (the issue time of the info given to `new`): the
+    /// state machine reads no clock, it counts from there with `now`.
+    unix_at_birth: u64,
+    next_refresh: Instant,
+    seal: Box<dyn Seal>,
     stats: Stats,
 }
 
 impl Overlay {
+    /// `me` must be a copy issued now (its `issued` is the wall clock at `now`: the overlay
+    /// counts wall time from it). Copies are unsigned until [`Overlay::with_seal`].
     /// `outbound_min` is clamped to half of `active_view`, walk lengths to [`MAX_WALK`] and
     /// shuffle samples to [`MAX_LIST_PEERS`].
     pub fn new(mut config: Config, me: PeerInfo, seed: u64, now: Instant) -> Self {
@@ -270,6 +311,7 @@ impl Overlay {
         let mut rng = Rng::seed_from_u64(seed);
         let first_shuffle = rng.duration_between(Duration::ZERO, config.shuffle_interval);
         let first_rewire = rng.duration_between(Duration::ZERO, config.rewire_interval);
+        let first_refresh = rng.duration_between(Duration::ZERO, config.refresh_interval);
         let first_contact_shuffle =
             rng.duration_between(Duration::ZERO, config.contact_shuffle_interval);
         Self {
@@ -291,12 +333,51 @@ impl Overlay {
             next_rewire: now + first_rewire,
             next_contact_shuffle: now + first_contact_shuffle,
             stranger_shuffles: (now, 0),
+            born: now,
+            unix_at_birth: me.issued,
+            next_refresh: now + first_refresh,
+            seal: Box::new(Unsealed),
             stats: Stats::default(),
         }
     }
 
+    /// Signs this peer's info with `seal` from now on and checks every copy that arrives with
+    /// it.
+    pub fn with_seal(mut self, seal: Box<dyn Seal>) -> Self {
+        self.me.signature = seal.sign(&self.me);
+        self.seal = seal;
+        self
+    }
+
+    /// This peer's info, as last issued.
     pub fn me(&self) -> PeerInfo {
         self.me
+    }
+
+    /// Wall-clock milliseconds at `now`, counted from the issue time `new` was given.
+    pub fn unix_ms(&self, now: Instant) -> u64 {
+        let since = now.saturating_duration_since(self.born).as_millis();
+        self.unix_at_birth
+            .saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
+    }
+
+    /// Whether a copy of a peer's info may be kept or passed on: signed by its peer, not
+    /// older than `max_age` and not from the future.
+    fn acceptable(&self, info: &PeerInfo, now: Instant) -> bool {
+        let unix = self.unix_ms(now);
+        let max_age = u64::try_from(self.config.max_age.as_millis()).unwrap_or(u64::MAX);
+        info.issued <= unix.saturating_add(MAX_CLOCK_AHEAD_MS)
+            && info.issued.saturating_add(max_age) >= unix
+            && self.seal.verify(info)
+    }
+
+    /// When the passive entry issued at `issued` expires, as an instant.
+    fn expiry(&self, issued: u64) -> Instant {
+        let max_age = u64::try_from(self.config.max_age.as_millis()).unwrap_or(u64::MAX);
+        let at = issued
+            .saturating_add(max_age)
+            .saturating_sub(self.unix_at_birth);
+        self.born + Duration::from_millis(at.saturating_add(1))
     }
 
     pub fn config(&self) -> &Config {
@@ -343,7 +424,10 @@ impl Overlay {
 
     /// When to deliver the next [`Event::Timer`].
     pub fn poll_timeout(&self) -> Instant {
-        let mut at = self.next_shuffle;
+        let mut at = self.next_shuffle.min(self.next_refresh);
+        if let Some(oldest) = self.passive.entries.iter().map(|e| e.info.issued).min() {
+            at = at.min(self.expiry(oldest));
+        }
         if !self.config.rewire_interval.is_zero() {
             at = at.min(self.next_rewire);
         }
@@ -404,13 +488,13 @@ impl Overlay {
         if let Some(p) = self.pending.iter_mut().find(|p| p.info.id == peer) {
             p.host = Some(host);
             let msg = match p.request {
-                Request::Join => OverlayMessage::Join { addr: self.me.addr },
+                Request::Join => OverlayMessage::Join { info: self.me },
                 Request::Neighbor { priority, .. } => OverlayMessage::Neighbor {
-                    addr: self.me.addr,
+                    info: self.me,
                     priority,
                 },
                 Request::Rewire => OverlayMessage::Neighbor {
-                    addr: self.me.addr,
+                    info: self.me,
                     priority: Priority::Low,
                 },
             };
@@ -450,7 +534,7 @@ impl Overlay {
         if let Some(entry) = self.active.remove(&peer) {
             out.push(Command::NeighborDown(peer));
             if graceful {
-                self.keep_passive(entry.info, entry.host, true, now, &[]);
+                self.keep_former_neighbor(&entry, now);
             } else {
                 self.passive.remove(&peer);
             }
@@ -487,13 +571,14 @@ impl Overlay {
             return;
         }
         match msg {
-            OverlayMessage::Join { addr } => self.on_join(from, addr, now, out),
+            OverlayMessage::Join { info } => self.on_join(from, info, now, out),
             OverlayMessage::ForwardJoin { joiner, ttl } => {
                 self.on_forward_join(from, joiner, ttl, now, out);
             }
-            OverlayMessage::Neighbor { addr, priority } => {
-                self.on_neighbor(from, addr, priority, now, out);
+            OverlayMessage::Neighbor { info, priority } => {
+                self.on_neighbor(from, info, priority, now, out);
             }
+            OverlayMessage::Refresh { info, peers } => self.on_refresh(from, info, peers, now),
             OverlayMessage::NeighborReply { accepted, peers } => {
                 self.on_neighbor_reply(from, accepted, peers, now, out);
             }
@@ -540,10 +625,17 @@ impl Overlay {
         }
     }
 
-    fn on_join(&mut self, from: PeerId, addr: SocketAddr, now: Instant, out: &mut Vec<Command>) {
+    fn on_join(&mut self, from: PeerId, joiner: PeerInfo, now: Instant, out: &mut Vec<Command>) {
         if self.active.contains(&from) {
             return;
         }
+        if joiner.id != from || !self.acceptable(&joiner, now) {
+            self.stats.unsolicited += 1;
+            self.strays.retain(|s| s.id != from);
+            out.push(Command::Disconnect(from));
+            return;
+        }
+        let addr = joiner.addr;
         let Some((host, ours)) = self.requester(from) else {
             self.stats.unsolicited += 1;
             return;
@@ -562,7 +654,6 @@ impl Overlay {
             out.push(Command::Disconnect(from));
             return;
         }
-        let joiner = PeerInfo { id: from, addr };
         for n in &self.active.entries {
             out.push(Command::Send {
                 to: n.info.id,
@@ -572,6 +663,9 @@ impl Overlay {
                 },
             });
         }
+        // A newcomer must get in somewhere: its contact takes it even when displacements are
+        // rationed (a neighbour it displaces keeps its other links and repairs at once).
+        self.joining = true;
         let accepted = self.admit(
             joiner,
             host,
@@ -580,35 +674,54 @@ impl Overlay {
             now,
             out,
         );
-        self.reply(from, accepted, true, out);
+        self.joining = false;
+        self.reply(from, accepted, true, now, out);
     }
 
     fn on_neighbor(
         &mut self,
         from: PeerId,
-        addr: SocketAddr,
+        info: PeerInfo,
         priority: Priority,
         now: Instant,
         out: &mut Vec<Command>,
     ) {
+        if info.id != from || !self.acceptable(&info, now) {
+            self.stats.unsolicited += 1;
+            return;
+        }
         if self.active.contains(&from) {
-            self.reply(from, true, false, out);
+            self.refresh_neighbor(info);
+            self.reply(from, true, false, now, out);
             return;
         }
         let Some((host, ours)) = self.requester(from) else {
             self.stats.unsolicited += 1;
             return;
         };
-        let info = PeerInfo { id: from, addr };
         let accepted = self.admit(info, host, priority, ours.unwrap_or(false), now, out);
-        self.reply(from, accepted, false, out);
+        self.reply(from, accepted, false, now, out);
     }
 
     /// Answers a request; a refusal, and the acceptance of a newcomer's `Join`, name a few
     /// passive peers, so the requester has others to ask.
-    fn reply(&mut self, to: PeerId, accepted: bool, join: bool, out: &mut Vec<Command>) {
+    fn reply(
+        &mut self,
+        to: PeerId,
+        accepted: bool,
+        join: bool,
+        now: Instant,
+        out: &mut Vec<Command>,
+    ) {
         let peers = if accepted && !join {
             PeerList::default()
+        } else if join {
+            let settled = self.settled(now);
+            let mut peers = self
+                .passive
+                .sample_settled(&mut self.rng, REFUSAL_PEERS, settled);
+            peers.retain(|p| p.id != to);
+            PeerList(peers)
         } else {
             let mut peers = self.passive.sample(&mut self.rng, REFUSAL_PEERS);
             peers.retain(|p| p.id != to);
@@ -644,7 +757,15 @@ impl Overlay {
         if self.active.per_host(&host) >= self.config.active_per_host {
             return false;
         }
-        if self.active.len() >= self.config.active_view {
+        let settled = self.settled(now);
+        let known_since = self.passive.first_seen(&info.id).unwrap_or(now);
+        let young = !outbound && known_since > settled;
+        // The quota guards a view that holds settled neighbours; a peer that knows nobody
+        // for long yet (a whole network starting) takes what comes.
+        let over_quota = young
+            && self.active.young_inbound(settled) >= self.config.young_inbound_max
+            && self.active.entries.iter().any(|e| !e.is_young(settled));
+        if self.active.len() >= self.config.active_view || over_quota {
             let established = now
                 .checked_sub(self.config.established_after)
                 .unwrap_or(now);
@@ -652,11 +773,18 @@ impl Overlay {
             // Our own pick owed a slot may take any inbound neighbour's place. A peer about to
             // be cut off may too, but others' requests displace a neighbour at most once per
             // `displace_every`, so a flood of them gains a slot now and then, not the view;
-            // a recent neighbour goes first, so such requests mostly displace each other.
+            // a recent neighbour goes first, so such requests mostly displace each other. A
+            // young identity displaces only another young one, so a flood of new identities
+            // never costs a settled neighbour (a newcomer's join, at its contact, excepted:
+            // it must get in somewhere).
             let victim = if owed {
                 self.active.inbound_victim(&mut self.rng, established, true)
             } else if priority == Priority::High && (self.joining || self.may_displace(now)) {
-                let victim = self.active.inbound_victim(&mut self.rng, established, true);
+                let victim = if young && (over_quota || !self.joining) {
+                    self.active.young_victim(&mut self.rng, settled)
+                } else {
+                    self.active.inbound_victim(&mut self.rng, established, true)
+                };
                 if victim.is_some() && !self.joining {
                     self.last_forced = Some(now);
                 }
@@ -676,6 +804,7 @@ impl Overlay {
             host,
             outbound,
             since: now,
+            known_since,
         });
         out.push(Command::NeighborUp(info.id));
         true
@@ -691,7 +820,7 @@ impl Overlay {
             });
             out.push(Command::Disconnect(id));
             out.push(Command::NeighborDown(id));
-            self.keep_passive(entry.info, entry.host, true, now, &[]);
+            self.keep_former_neighbor(&entry, now);
         }
     }
 
@@ -718,7 +847,7 @@ impl Overlay {
             Request::Neighbor { priority, outbound } => (priority, outbound),
             Request::Rewire => (Priority::Low, true),
         };
-        self.merge(peers.0.into_iter(), &[], now);
+        self.merge(peers.0.into_iter().take(REFUSAL_PEERS), &[], now);
         if accepted && p.request == Request::Rewire && !self.active.contains(&from) {
             self.make_room_for_rewire(from, now, out);
         }
@@ -745,7 +874,7 @@ impl Overlay {
         if let Some(entry) = self.active.remove(&from) {
             out.push(Command::NeighborDown(from));
             out.push(Command::Disconnect(from));
-            self.keep_passive(entry.info, entry.host, true, now, &[]);
+            self.keep_former_neighbor(&entry, now);
             self.next_repair = now;
         } else if let Some(at) = self.pending.iter().position(|p| p.info.id == from) {
             let p = self.pending.swap_remove(at);
@@ -768,7 +897,10 @@ impl Overlay {
             self.stats.unsolicited += 1;
             return;
         }
-        if joiner.id == self.me.id || self.active.contains(&joiner.id) {
+        if joiner.id == self.me.id
+            || self.active.contains(&joiner.id)
+            || !self.acceptable(&joiner, now)
+        {
             return;
         }
         let ttl = ttl.min(self.config.active_walk);
@@ -776,7 +908,7 @@ impl Overlay {
         if ttl == 0 || self.active.len() <= 1 {
             let busy = self.pending.len() >= MAX_PENDING
                 || self.pending.iter().any(|p| p.info.id == joiner.id);
-            if !busy && self.can_admit_inbound(&host, now) {
+            if !busy && self.can_admit_inbound(&joiner.id, &host, now) {
                 self.request(
                     joiner,
                     Request::Neighbor {
@@ -813,20 +945,37 @@ impl Overlay {
     /// Whether a walk's newcomer from `host` may be offered a slot: a free one, or one held by
     /// an inbound neighbour not yet established. A stranger's walk never costs a neighbour held
     /// for long.
-    fn can_admit_inbound(&self, host: &Host, now: Instant) -> bool {
+    fn can_admit_inbound(&self, joiner: &PeerId, host: &Host, now: Instant) -> bool {
         if self.active.per_host(host) >= self.config.active_per_host {
             return false;
         }
+        let settled = self.settled(now);
+        let young = self.passive.first_seen(joiner).is_none_or(|t| t > settled);
+        let young_inbound = self.active.young_inbound(settled);
+        let guarded = self.active.entries.iter().any(|e| !e.is_young(settled));
+        if young && guarded && young_inbound >= self.config.young_inbound_max {
+            return self.may_displace(now) && young_inbound > 0;
+        }
         self.active.len() < self.config.active_view
             || self.may_displace(now) && {
-                let established = now
-                    .checked_sub(self.config.established_after)
-                    .unwrap_or(now);
-                self.active
-                    .entries
-                    .iter()
-                    .any(|e| !e.outbound && e.since > established)
+                if young {
+                    young_inbound > 0
+                } else {
+                    let established = now
+                        .checked_sub(self.config.established_after)
+                        .unwrap_or(now);
+                    self.active
+                        .entries
+                        .iter()
+                        .any(|e| !e.outbound && e.since > established)
+                }
             }
+    }
+
+    /// Identities first heard of after this instant are young.
+    fn settled(&self, now: Instant) -> Instant {
+        now.checked_sub(self.config.young_for)
+            .map_or(self.born, |t| t.max(self.born))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -847,7 +996,7 @@ impl Overlay {
             self.stats.unsolicited += 1;
             return;
         }
-        if origin.id == self.me.id {
+        if origin.id == self.me.id || !self.acceptable(&origin, now) {
             return;
         }
         let ttl = ttl.min(self.config.shuffle_walk);
@@ -865,6 +1014,9 @@ impl Overlay {
             }
             return;
         }
+        // What a peer of our configuration sends is all we take, and all we answer with.
+        let mut peers = peers;
+        peers.0.truncate(self.shuffle_len());
         let answer = self.passive.sample(&mut self.rng, peers.0.len());
         let sent: Vec<PeerId> = answer.iter().map(|p| p.id).collect();
         let msg = OverlayMessage::ShuffleReply {
@@ -881,7 +1033,10 @@ impl Overlay {
 
     fn on_shuffle_reply(&mut self, nonce: u64, peers: PeerList, now: Instant) {
         match self.shuffle.take() {
-            Some(s) if s.nonce == nonce => self.merge(peers.0.into_iter(), &s.sent, now),
+            Some(s) if s.nonce == nonce => {
+                let take = self.shuffle_len();
+                self.merge(peers.0.into_iter().take(take), &s.sent, now);
+            }
             other => {
                 self.shuffle = other;
                 self.stats.unsolicited += 1;
@@ -904,6 +1059,19 @@ impl Overlay {
         }
     }
 
+    /// A neighbour going back to the passive view keeps how long we have known it.
+    fn keep_former_neighbor(&mut self, entry: &ActiveEntry, now: Instant) {
+        self.keep_passive(entry.info, entry.host, true, now, &[]);
+        if let Some(e) = self
+            .passive
+            .entries
+            .iter_mut()
+            .find(|e| e.info.id == entry.info.id)
+        {
+            e.first_seen = e.first_seen.min(entry.known_since);
+        }
+    }
+
     fn keep_passive(
         &mut self,
         info: PeerInfo,
@@ -912,7 +1080,7 @@ impl Overlay {
         now: Instant,
         prefer_drop: &[PeerId],
     ) {
-        if info.id == self.me.id || self.active.contains(&info.id) {
+        if info.id == self.me.id || self.active.contains(&info.id) || !self.acceptable(&info, now) {
             return;
         }
         self.passive.insert(
@@ -926,6 +1094,7 @@ impl Overlay {
             self.config.passive_view,
             self.config.passive_per_host,
             prefer_drop,
+            self.settled(now),
             &mut self.rng,
         );
     }
@@ -984,6 +1153,7 @@ impl Overlay {
 
     fn maintain(&mut self, now: Instant, out: &mut Vec<Command>) {
         self.expire(now, out);
+        self.freshen(now, out);
         if now >= self.next_shuffle {
             self.start_shuffle(now, out);
         }
@@ -995,6 +1165,72 @@ impl Overlay {
         }
         if now >= self.next_repair && self.wants_neighbor() && self.pending.len() < MAX_PENDING {
             self.repair(now, out);
+        }
+    }
+
+    /// Re-issues our own info when due, sends it to the neighbours when due, and drops
+    /// passive entries whose copy has grown too old: a dead peer issues no more, so its
+    /// address leaves every passive view within `max_age` of its last issue.
+    fn freshen(&mut self, now: Instant, out: &mut Vec<Command>) {
+        let unix = self.unix_ms(now);
+        let reissue = u64::try_from(self.config.reissue_interval.as_millis()).unwrap_or(u64::MAX);
+        if unix >= self.me.issued.saturating_add(reissue) {
+            self.me.issued = unix;
+            self.me.signature = self.seal.sign(&self.me);
+        }
+        if now >= self.next_refresh {
+            self.next_refresh = now + self.jittered(self.config.refresh_interval);
+            for n in &self.active.entries {
+                let peers = self
+                    .active
+                    .entries
+                    .iter()
+                    .filter(|o| o.info.id != n.info.id)
+                    .map(|o| o.info)
+                    .take(MAX_LIST_PEERS)
+                    .collect();
+                out.push(Command::Send {
+                    to: n.info.id,
+                    msg: OverlayMessage::Refresh {
+                        info: self.me,
+                        peers: PeerList(peers),
+                    },
+                });
+            }
+        }
+        let max_age = u64::try_from(self.config.max_age.as_millis()).unwrap_or(u64::MAX);
+        self.passive
+            .entries
+            .retain(|e| e.info.issued.saturating_add(max_age) >= unix);
+    }
+
+    fn on_refresh(&mut self, from: PeerId, info: PeerInfo, peers: PeerList, now: Instant) {
+        if info.id != from || !self.active.contains(&from) || !self.acceptable(&info, now) {
+            self.stats.unsolicited += 1;
+            return;
+        }
+        self.refresh_neighbor(info);
+        // A neighbour has at most `active_view - 1` others to name; a longer list is a flood.
+        let take = self.config.active_view.saturating_sub(1);
+        self.merge(peers.0.into_iter().take(take), &[], now);
+    }
+
+    /// Peers in a shuffle of our configuration: the sender, neighbours and passive peers.
+    fn shuffle_len(&self) -> usize {
+        1 + self.config.shuffle_active + self.config.shuffle_passive
+    }
+
+    /// Keeps the fresher of a neighbour's copies. Its address stays the one it connected
+    /// with: the connection, not the copy, is what the host caps count.
+    fn refresh_neighbor(&mut self, info: PeerInfo) {
+        if let Some(e) = self
+            .active
+            .entries
+            .iter_mut()
+            .find(|e| e.info.id == info.id)
+            && info.issued > e.info.issued
+        {
+            e.info = info;
         }
     }
 
@@ -1117,17 +1353,50 @@ impl Overlay {
         {
             return;
         }
+        // Once this peer has been up for `young_for`, it rewires to settled peers only: a
+        // trade is optional, and a flood's fresh identities must not win our own slots.
+        match self.candidate(now) {
+            Some((info, settled)) if settled || self.settled(now) <= self.born => {
+                self.request(info, Request::Rewire, now, out);
+            }
+            _ => {}
+        }
+    }
+
+    /// A passive peer to ask, and whether it is settled: settled ones first, each asked at
+    /// most once per `ask_again_after`, or, before any young one, once per
+    /// `REASK_SETTLED`.
+    fn candidate(&mut self, now: Instant) -> Option<(PeerInfo, bool)> {
         let active = &self.active;
         let pending = &self.pending;
-        let fresh = now.checked_sub(self.config.ask_again_after);
-        let candidate = self.passive.pick(&mut self.rng, |e| {
-            e.asked.is_none_or(|t| fresh.is_some_and(|f| t <= f))
-                && !active.contains(&e.info.id)
+        let per_host = self.config.active_per_host;
+        let open = |e: &PassiveEntry| {
+            !active.contains(&e.info.id)
                 && !pending.iter().any(|p| p.info.id == e.info.id)
-                && active.per_host(&e.host) < self.config.active_per_host
+                && active.per_host(&e.host) < per_host
+        };
+        let fresh = now.checked_sub(self.config.ask_again_after);
+        let recent = now.checked_sub(REASK_SETTLED);
+        let settled = self.settled(now);
+        let first = self.passive.pick(&mut self.rng, settled, |e| {
+            open(e) && e.asked.is_none_or(|t| fresh.is_some_and(|f| t <= f))
         });
-        if let Some(info) = candidate {
-            self.request(info, Request::Rewire, now, out);
+        if let Some(info) = first
+            && self
+                .passive
+                .first_seen(&info.id)
+                .is_some_and(|t| t <= settled)
+        {
+            return Some((info, true));
+        }
+        let again = self.passive.pick(&mut self.rng, settled, |e| {
+            open(e)
+                && e.first_seen <= settled
+                && e.asked.is_none_or(|t| recent.is_some_and(|r| t <= r))
+        });
+        match again {
+            Some(info) => Some((info, true)),
+            None => first.map(|info| (info, false)),
         }
     }
 
@@ -1153,16 +1422,7 @@ impl Overlay {
 
     fn repair(&mut self, now: Instant, out: &mut Vec<Command>) {
         self.next_repair = now + self.repair_delay;
-        let active = &self.active;
-        let pending = &self.pending;
-        let fresh = now.checked_sub(self.config.ask_again_after);
-        let candidate = self.passive.pick(&mut self.rng, |e| {
-            e.asked.is_none_or(|t| fresh.is_some_and(|f| t <= f))
-                && !active.contains(&e.info.id)
-                && !pending.iter().any(|p| p.info.id == e.info.id)
-                && active.per_host(&e.host) < self.config.active_per_host
-        });
-        match candidate {
+        match self.candidate(now).map(|(info, _)| info) {
             Some(info) => {
                 // The paper asks with high priority only when the view is empty; one neighbour
                 // is asked for the same way, or pairs of peers that hold only each other stay
@@ -1198,6 +1458,9 @@ mod tests {
 
     use super::*;
 
+    /// Wall-clock milliseconds every test peer issued its info at, and the overlays start at.
+    const T0: u64 = 1_796_601_600_000;
+
     fn id(n: u32) -> PeerId {
         let mut bytes = [0u8; 32];
         bytes[..4].copy_from_slice(&n.to_be_bytes());
@@ -1212,10 +1475,7 @@ mod tests {
     /// Peer `n` on the /24 numbered `block`.
     fn on_block(n: u32, block: u32) -> PeerInfo {
         let ip = Ipv4Addr::new(11, (block >> 8) as u8, block as u8, (n % 250 + 1) as u8);
-        PeerInfo {
-            id: id(n),
-            addr: SocketAddr::from((ip, 4000)),
-        }
+        PeerInfo::new(id(n), SocketAddr::from((ip, 4000)), T0)
     }
 
     fn overlay(n: u32, now: Instant) -> Overlay {
@@ -1237,7 +1497,7 @@ mod tests {
             Event::Message {
                 from: peer.id,
                 msg: OverlayMessage::Neighbor {
-                    addr: peer.addr,
+                    info: peer,
                     priority,
                 },
             },
@@ -1503,7 +1763,7 @@ mod tests {
             vec![Command::Send {
                 to: joiner.id,
                 msg: OverlayMessage::Neighbor {
-                    addr: info(0).addr,
+                    info: ov.me(),
                     priority: Priority::High,
                 },
             }]
@@ -1558,19 +1818,20 @@ mod tests {
         }
         // Not the moment of a rewire, which might pick the newcomer.
         ov.next_rewire = later + Duration::from_secs(1000);
+        let joiner = PeerInfo {
+            issued: T0 + 200_000,
+            ..info(8)
+        };
         let mut out = Vec::new();
         ov.handle(
             Event::Message {
                 from: id(3),
-                msg: OverlayMessage::ForwardJoin {
-                    joiner: info(8),
-                    ttl: 0,
-                },
+                msg: OverlayMessage::ForwardJoin { joiner, ttl: 0 },
             },
             later,
             &mut out,
         );
-        assert!(!out.contains(&Command::Connect(info(8))));
+        assert!(!out.contains(&Command::Connect(joiner)));
         assert!(ov.passive.contains(&id(8)));
         assert_eq!(ov.active_len(), 5);
     }
@@ -1730,7 +1991,7 @@ mod tests {
         assert!(out.contains(&Command::Send {
             to: id(3),
             msg: OverlayMessage::Neighbor {
-                addr: info(0).addr,
+                info: ov.me(),
                 priority: Priority::Low
             }
         }));
@@ -1767,7 +2028,7 @@ mod tests {
         assert!(out.contains(&Command::Send {
             to: id(2),
             msg: OverlayMessage::Neighbor {
-                addr: info(0).addr,
+                info: ov.me(),
                 priority: Priority::High
             }
         }));
@@ -1817,17 +2078,12 @@ mod tests {
                     peers: PeerList::default(),
                 },
             ),
-            (
-                stranger.id,
-                OverlayMessage::Join {
-                    addr: stranger.addr,
-                },
-            ),
+            (stranger.id, OverlayMessage::Join { info: stranger }),
             (stranger.id, OverlayMessage::Disconnect),
             (
                 id(0),
                 OverlayMessage::Neighbor {
-                    addr: info(0).addr,
+                    info: info(0),
                     priority: Priority::High,
                 },
             ),
@@ -1883,7 +2139,10 @@ mod tests {
             Event::Message {
                 from: id(70),
                 msg: OverlayMessage::Join {
-                    addr: info(71).addr,
+                    info: PeerInfo {
+                        addr: info(71).addr,
+                        ..info(70)
+                    },
                 },
             },
             now,
@@ -1930,6 +2189,7 @@ mod tests {
         ov.keep_passive(info(9), Host::of(info(9).addr.ip()), true, start, &[]);
         let at = ov.next_rewire;
         ov.next_shuffle = at + Duration::from_secs(1000);
+        ov.next_refresh = at + Duration::from_secs(1000);
         let mut out = Vec::new();
         ov.handle(Event::Timer, at, &mut out);
         assert_eq!(out, vec![Command::Connect(info(9))]);
@@ -1946,7 +2206,7 @@ mod tests {
         assert!(out.contains(&Command::Send {
             to: id(9),
             msg: OverlayMessage::Neighbor {
-                addr: info(0).addr,
+                info: ov.me(),
                 priority: Priority::Low,
             },
         }));
@@ -2050,7 +2310,7 @@ mod tests {
         ov.handle(
             Event::Message {
                 from: joiner.id,
-                msg: OverlayMessage::Join { addr: joiner.addr },
+                msg: OverlayMessage::Join { info: joiner },
             },
             now,
             &mut out,
@@ -2114,19 +2374,182 @@ mod tests {
     }
 
     #[test]
+    fn old_copies_expire_and_a_replay_never_brings_a_dead_peer_back() {
+        let start = Instant::now();
+        let mut ov = overlay(0, start);
+        ask(&mut ov, info(1), Priority::Low, start);
+        let max_age = ov.config().max_age;
+        let at = |secs: u64| PeerInfo {
+            issued: T0 + secs * 1000,
+            ..info(5)
+        };
+        let shuffle = |ov: &mut Overlay, peer: PeerInfo, now: Instant| {
+            let mut out = Vec::new();
+            ov.handle(
+                Event::Message {
+                    from: id(1),
+                    msg: OverlayMessage::Shuffle {
+                        nonce: 9,
+                        origin: info(1),
+                        ttl: 0,
+                        peers: PeerList(vec![peer]),
+                    },
+                },
+                now,
+                &mut out,
+            );
+        };
+        // Peer 5 issued a copy at 30 s; it is kept, and a fresher one replaces it.
+        let now = start + Duration::from_secs(40);
+        shuffle(&mut ov, at(30), now);
+        assert!(ov.passive.contains(&id(5)));
+        shuffle(&mut ov, at(35), now);
+        shuffle(&mut ov, at(10), now);
+        let held = ov.passive.entries.iter().find(|e| e.info.id == id(5));
+        assert_eq!(held.map(|e| e.info.issued), Some(T0 + 35_000));
+        // Peer 5 dies: it issues nothing more, and its entry goes once its copy is too old;
+        // the timer asks to be woken for it.
+        let expires = start + Duration::from_secs(35) + max_age + Duration::from_millis(1);
+        assert!(ov.poll_timeout() <= expires);
+        let mut out = Vec::new();
+        ov.handle(Event::Timer, expires - Duration::from_secs(1), &mut out);
+        assert!(ov.passive.contains(&id(5)));
+        ov.handle(Event::Timer, expires, &mut out);
+        assert!(!ov.passive.contains(&id(5)));
+        // A replay of its last copy, or of any older one, is refused.
+        shuffle(&mut ov, at(35), expires);
+        shuffle(&mut ov, at(0), expires);
+        assert!(!ov.passive.contains(&id(5)));
+        // A copy from too far ahead of our clock is refused too.
+        let ahead = expires + Duration::from_secs(1);
+        shuffle(&mut ov, at(10_000), ahead);
+        assert!(!ov.passive.contains(&id(5)));
+    }
+
+    #[test]
+    fn a_peer_reissues_its_info_and_sends_it_to_its_neighbours() {
+        let start = Instant::now();
+        let mut ov = overlay(0, start);
+        ask(&mut ov, info(1), Priority::Low, start);
+        ask(&mut ov, info(2), Priority::Low, start);
+        assert_eq!(ov.me().issued, T0);
+        let later = start + Duration::from_secs(45);
+        let mut out = Vec::new();
+        ov.handle(Event::Timer, later, &mut out);
+        assert_eq!(ov.unix_ms(later), T0 + 45_000);
+        assert_eq!(ov.me().issued, T0 + 45_000);
+        // Each neighbour gets our fresh copy and the other neighbour's.
+        let refreshes: Vec<(PeerId, PeerInfo, Vec<PeerId>)> = out
+            .iter()
+            .filter_map(|c| match c {
+                Command::Send {
+                    to,
+                    msg: OverlayMessage::Refresh { info, peers },
+                } => Some((*to, *info, peers.0.iter().map(|p| p.id).collect())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(refreshes.len(), 2, "{out:?}");
+        for (to, info, peers) in refreshes {
+            assert_eq!(info, ov.me());
+            let other = if to == id(1) { id(2) } else { id(1) };
+            assert_eq!(peers, vec![other]);
+        }
+        // A neighbour's fresh copy replaces the one we hold; a stranger's is ignored.
+        let fresh = PeerInfo {
+            issued: T0 + 44_000,
+            ..info(1)
+        };
+        let mut out = Vec::new();
+        for from in [id(1), id(7)] {
+            ov.handle(
+                Event::Message {
+                    from,
+                    msg: OverlayMessage::Refresh {
+                        info: PeerInfo { id: from, ..fresh },
+                        peers: PeerList::default(),
+                    },
+                },
+                later,
+                &mut out,
+            );
+        }
+        let held = ov.active.entries.iter().find(|e| e.info.id == id(1));
+        assert_eq!(held.map(|e| e.info.issued), Some(T0 + 44_000));
+        assert_eq!(ov.stats().unsolicited, 1);
+    }
+
+    #[test]
+    fn young_identities_never_displace_settled_neighbours_nor_win_our_picks() {
+        let start = Instant::now();
+        let mut ov = overlay(0, start);
+        choose(&mut ov, info(1), start);
+        choose(&mut ov, info(2), start);
+        for n in 3..=5 {
+            ask(&mut ov, info(n), Priority::Low, start);
+        }
+        // A passive peer heard of early on, whose copies keep coming fresh, is settled.
+        let early = start + Duration::from_secs(10);
+        let copy = |n: u32, at: Instant| PeerInfo {
+            issued: T0 + u64::try_from((at - start).as_millis()).unwrap(),
+            ..info(n)
+        };
+        ov.keep_passive(
+            copy(50, early),
+            Host::of(info(50).addr.ip()),
+            false,
+            early,
+            &[],
+        );
+        let later = early + ov.config().young_for + Duration::from_secs(10);
+        ov.keep_passive(
+            copy(50, later),
+            Host::of(info(50).addr.ip()),
+            false,
+            later,
+            &[],
+        );
+        // Not the moment of a rewire, which would ask the settled peer first.
+        ov.next_rewire = later + Duration::from_secs(1000);
+        // Long after, a flood of identities first heard of now asks with high priority:
+        // every neighbour is settled, so none of them gets a slot.
+        for n in 100..110 {
+            let out = ask(&mut ov, copy(n, later), Priority::High, later);
+            assert!(!accepted(&out, id(n)), "{n}");
+        }
+        assert!((1..=5).all(|n| ov.active.contains(&id(n))));
+        // Many young passive peers beside the settled one: our own picks go to the settled.
+        for n in 60..80 {
+            ov.keep_passive(
+                copy(n, later),
+                Host::of(info(n).addr.ip()),
+                false,
+                later,
+                &[],
+            );
+        }
+        for _ in 0..20 {
+            let picked = ov
+                .candidate(later)
+                .map(|(info, settled)| (info.id, settled));
+            assert_eq!(picked, Some((id(50), true)));
+        }
+    }
+
+    #[test]
     fn arbitrary_events_never_break_the_bounds() {
         use proptest::prelude::*;
         use proptest::test_runner::{Config as RunnerConfig, TestRunner};
         let msg = prop_oneof![
             any::<u16>().prop_map(|n| OverlayMessage::Join {
-                addr: info(u32::from(n) % 40).addr
+                info: info(u32::from(n) % 40)
             }),
             (any::<u16>(), any::<u8>()).prop_map(|(n, ttl)| OverlayMessage::ForwardJoin {
                 joiner: info(u32::from(n) % 40),
                 ttl,
             }),
             (any::<u16>(), any::<bool>()).prop_map(|(n, high)| OverlayMessage::Neighbor {
-                addr: info(u32::from(n) % 40).addr,
+                info: info(u32::from(n) % 40),
                 priority: if high { Priority::High } else { Priority::Low },
             }),
             any::<bool>().prop_map(|accepted| OverlayMessage::NeighborReply {

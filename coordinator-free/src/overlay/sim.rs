@@ -162,7 +162,8 @@ pub struct Report {
     pub dead_left_active: Spread,
     /// From a crash until no live peer's active or passive view holds the peer.
     pub dead_left_all: Spread,
-    /// Peers crashed at least a minute before the end that some view still held at the end.
+    /// Peers crashed longer than the overlay's `max_age` (and a second) before the end that
+    /// some view still held at the end: none, if copies expire as they should.
     pub dead_still_held: usize,
     pub crashed: usize,
     pub messages: u64,
@@ -259,6 +260,8 @@ struct Sim {
 }
 
 const NOT_LIVE: u32 = u32::MAX;
+/// Wall-clock milliseconds at the start of a run (2026-12-07).
+const SIM_EPOCH_MS: u64 = 1_796_601_600_000;
 /// Bootstrap contacts each peer is given, as a bootstrap list of a few addresses.
 const CONTACTS: usize = 3;
 /// A dial to a dead address fails after the handshake timeout.
@@ -329,6 +332,11 @@ impl Sim {
         self.base + self.now
     }
 
+    /// The simulated wall clock: every peer's clock agrees.
+    fn unix_ms(&self) -> u64 {
+        SIM_EPOCH_MS + self.now.as_millis() as u64
+    }
+
     fn delay(&mut self) -> Duration {
         self.rng
             .duration_between(self.cfg.min_delay, self.cfg.max_delay)
@@ -345,10 +353,7 @@ impl Sim {
                 )
             }),
         );
-        let info = PeerInfo {
-            id: peer_id(index),
-            addr,
-        };
+        let info = PeerInfo::new(peer_id(index), addr, self.unix_ms());
         let config = if sybil {
             // Caps are for honest peers; a Sybil takes every neighbour it can get.
             Config {
@@ -357,6 +362,7 @@ impl Sim {
                 outbound_min: 15,
                 active_per_host: usize::MAX,
                 passive_per_host: usize::MAX,
+                young_inbound_max: usize::MAX,
                 repair_max: Duration::from_secs(2),
                 ..self.cfg.overlay.clone()
             }
@@ -512,13 +518,14 @@ impl Sim {
             PeerList(
                 (0..n)
                     .filter_map(|_| rng.choose(&self.sybil_ids).copied())
-                    .map(|i| self.nodes[i as usize].info)
+                    // Fresh copies: each Sybil re-issues its own info like anyone.
+                    .map(|i| self.nodes[i as usize].overlay.me())
                     .collect(),
             )
         };
         match msg {
-            OverlayMessage::Neighbor { addr, .. } => OverlayMessage::Neighbor {
-                addr,
+            OverlayMessage::Neighbor { info, .. } => OverlayMessage::Neighbor {
+                info,
                 priority: Priority::High,
             },
             OverlayMessage::Shuffle {
@@ -534,6 +541,10 @@ impl Sim {
             },
             OverlayMessage::ShuffleReply { nonce, peers } => OverlayMessage::ShuffleReply {
                 nonce,
+                peers: sybils(peers, &mut self.rng),
+            },
+            OverlayMessage::Refresh { info, peers } => OverlayMessage::Refresh {
+                info,
                 peers: sybils(peers, &mut self.rng),
             },
             OverlayMessage::NeighborReply { accepted, .. } => OverlayMessage::NeighborReply {
@@ -873,7 +884,9 @@ impl Sim {
                 self.report.flood = self.close_window(self.cfg.flood_for);
                 self.report.after_flood = self.shape();
                 let mark = self.mark_held();
-                let long_ago = self.now.saturating_sub(Duration::from_secs(60));
+                let long_ago = self
+                    .now
+                    .saturating_sub(self.cfg.overlay.max_age + Duration::from_secs(1));
                 self.report.dead_still_held = self
                     .nodes
                     .iter()
@@ -1002,6 +1015,7 @@ mod tests {
                 flood_for: Duration::from_secs(60),
                 ..SimConfig::issue(600, seed)
             };
+            let cfg_max_age = cfg.overlay.max_age;
             let r = run(cfg);
             eprintln!("seed {seed}: {r:?}");
             for (name, s) in [
@@ -1013,7 +1027,7 @@ mod tests {
                 assert!(s.active_mean >= 4.0, "{name}: {s:?}");
             }
             assert!(r.after_joins.largest_component >= 0.999, "{r:?}");
-            assert!(r.after_churn.largest_component >= 0.99, "{r:?}");
+            assert!(r.after_churn.largest_component >= 0.998, "{r:?}");
             // Honest peers whose only neighbours are Sybils count as cut off.
             assert!(r.after_flood.largest_component >= 0.97, "{r:?}");
             assert!(r.idle.mean < 2000.0, "{:?}", r.idle);
@@ -1022,8 +1036,18 @@ mod tests {
             // All but those crashed in the last seconds of the run.
             assert!(r.dead_left_active.count + 10 >= r.crashed, "{r:?}");
             assert!(r.dead_left_active.max <= 8.0, "{:?}", r.dead_left_active);
+            // A dead peer's last copy expires `max_age` after it was issued, so it leaves
+            // every passive view within that of its crash.
+            let max_age = cfg_max_age.as_secs_f64();
+            assert!(
+                r.dead_left_all.max <= max_age + 1.0,
+                "{:?}",
+                r.dead_left_all
+            );
+            assert!(r.dead_left_all.count >= 10, "{:?}", r.dead_left_all);
+            assert_eq!(r.dead_still_held, 0, "{r:?}");
             // Short of the issue's 1 %: see BENCHMARKS.md.
-            assert!(r.after_flood.sybil_majority < 0.08, "{:?}", r.after_flood);
+            assert!(r.after_flood.sybil_majority < 0.07, "{:?}", r.after_flood);
         }
     }
 }
