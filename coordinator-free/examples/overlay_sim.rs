@@ -79,8 +79,12 @@ fn shape_rows(name: &str, s: &Shape) {
     );
     if s.outside > 0 {
         println!(
-            "|   outside it: {} peers in {} components, the largest of {} | | | | | | | | |",
-            s.outside, s.other_components, s.second_component
+            "|   outside it: {} peers ({} of them started less than {} s ago) in {} components, the largest of {} | | | | | | | | |",
+            s.outside,
+            s.outside_joining,
+            sim::JOINING.as_secs(),
+            s.other_components,
+            s.second_component
         );
     }
 }

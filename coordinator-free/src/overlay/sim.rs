@@ -133,6 +133,9 @@ pub struct Shape {
     pub other_components: usize,
     /// The second largest component, in peers.
     pub second_component: usize,
+    /// Of the peers outside the largest component, those that started less than
+    /// [`JOINING`] ago: joins under way, not peers the overlay lost.
+    pub outside_joining: usize,
     pub active_min: usize,
     pub active_mean: f64,
     pub active_max: usize,
@@ -226,6 +229,7 @@ struct Node {
     timer_at: Option<Instant>,
     sent: u64,
     crashed_at: Option<Duration>,
+    started: Duration,
 }
 
 #[derive(Debug)]
@@ -260,6 +264,8 @@ struct Sim {
 }
 
 const NOT_LIVE: u32 = u32::MAX;
+/// A peer started less than this long ago and not yet connected is counted as joining.
+pub const JOINING: Duration = Duration::from_secs(2);
 /// Wall-clock milliseconds at the start of a run (2026-12-07).
 const SIM_EPOCH_MS: u64 = 1_796_601_600_000;
 /// Bootstrap contacts each peer is given, as a bootstrap list of a few addresses.
@@ -380,6 +386,7 @@ impl Sim {
             timer_at: None,
             sent: 0,
             crashed_at: None,
+            started: Duration::ZERO,
         });
         self.active_holders.push(0);
         self.live_at.push(NOT_LIVE);
@@ -416,6 +423,7 @@ impl Sim {
         let contacts: Vec<u32> = (0..CONTACTS).filter_map(|_| self.contact()).collect();
         let n = &mut self.nodes[node as usize];
         n.alive = true;
+        n.started = self.now;
         if !n.sybil {
             self.live_at[node as usize] = self.live_honest.len() as u32;
             self.live_honest.push(node);
@@ -829,9 +837,11 @@ impl Sim {
             s.active_max = s.active_max.max(len);
         }
         let mut sizes = vec![0u32; n];
+        let mut roots = Vec::with_capacity(self.live_honest.len());
         for &i in &self.live_honest {
             let root = find(&mut parent, i);
             sizes[root as usize] += 1;
+            roots.push((i, root));
         }
         let live = self.live_honest.len().max(1) as f64;
         let mut nonzero: Vec<u32> = sizes.iter().copied().filter(|&c| c > 0).collect();
@@ -839,6 +849,14 @@ impl Sim {
         let largest = nonzero.first().copied().unwrap_or(0);
         s.largest_component = f64::from(largest) / live;
         s.outside = self.live_honest.len() - largest as usize;
+        let main = sizes.iter().position(|&c| c == largest && c > 0);
+        s.outside_joining = roots
+            .iter()
+            .filter(|&&(i, root)| {
+                main.is_some_and(|m| root as usize != m)
+                    && self.now.saturating_sub(self.nodes[i as usize].started) < JOINING
+            })
+            .count();
         s.other_components = nonzero.len().saturating_sub(1);
         s.second_component = nonzero.get(1).copied().unwrap_or(0) as usize;
         s.active_mean = active_total as f64 / live;
