@@ -118,6 +118,22 @@ fn print_report(r: &Report) {
     );
     println!();
     println!(
+        "| job adverts (PlumTree, {} published) | |",
+        r.advert_reach.count + r.adverts_short
+    );
+    println!("|---|---|");
+    let reach = &r.advert_reach;
+    println!(
+        "| reached 99 % of live honest peers: p50 / p99 / max | {:.1} / {:.1} / {:.1} s |",
+        reach.p50, reach.p99, reach.max
+    );
+    println!("| never reached 99 % | {} |", r.adverts_short);
+    println!(
+        "| broadcast bytes sent per advert per live honest peer | {:.0} |",
+        r.advert_bytes_per_peer
+    );
+    println!();
+    println!(
         "{} messages ({} lost or undeliverable), {} events, {:.1} s of real time",
         r.messages,
         r.lost,

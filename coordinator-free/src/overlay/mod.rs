@@ -60,6 +60,7 @@
 //! current time to [`Overlay::handle`], wakes it at [`Overlay::poll_timeout`], and carries out
 //! the [`Command`]s it returns.
 
+pub mod broadcast;
 mod fresh;
 mod message;
 mod neighbor;
