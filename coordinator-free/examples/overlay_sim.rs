@@ -77,6 +77,16 @@ fn shape_rows(name: &str, s: &Shape) {
         s.sybil_active_slots * 100.0,
         s.sybil_passive_slots * 100.0,
     );
+    if s.outside > 0 {
+        println!(
+            "|   outside it: {} peers ({} of them started less than {} s ago) in {} components, the largest of {} | | | | | | | | |",
+            s.outside,
+            s.outside_joining,
+            sim::JOINING.as_secs(),
+            s.other_components,
+            s.second_component
+        );
+    }
 }
 
 fn print_report(r: &Report) {
@@ -103,8 +113,24 @@ fn print_report(r: &Report) {
     );
     println!("| left every view | {} |", spread(&r.dead_left_all));
     println!(
-        "| crashed over a minute before the end, still in some view | {} |",
+        "| crashed longer than the copies' maximum age before the end, still in some view | {} |",
         r.dead_still_held
+    );
+    println!();
+    println!(
+        "| job adverts (PlumTree, {} published) | |",
+        r.advert_reach.count + r.adverts_short
+    );
+    println!("|---|---|");
+    let reach = &r.advert_reach;
+    println!(
+        "| reached 99 % of live honest peers: p50 / p99 / max | {:.1} / {:.1} / {:.1} s |",
+        reach.p50, reach.p99, reach.max
+    );
+    println!("| never reached 99 % | {} |", r.adverts_short);
+    println!(
+        "| broadcast bytes sent per advert per live honest peer | {:.0} |",
+        r.advert_bytes_per_peer
     );
     println!();
     println!(

@@ -398,6 +398,20 @@ impl AdvertAuth for KeyAuth {
     }
 }
 
+/// The overlay's peer infos are sealed with the same key: a copy's id, address and issue time
+/// under the peer's own signature.
+impl crate::overlay::Seal for KeyAuth {
+    fn sign(&self, info: &crate::overlay::PeerInfo) -> crate::overlay::Signature {
+        let mut signature = [0u8; 64];
+        signature.copy_from_slice(self.key.sign(&info.signed_bytes()).as_ref());
+        crate::overlay::Signature(signature)
+    }
+
+    fn verify(&self, info: &crate::overlay::PeerInfo) -> bool {
+        verify_ed25519(&info.id, &info.signed_bytes(), &info.signature.0)
+    }
+}
+
 /// Whether `sig` is `peer`'s Ed25519 signature over `message`.
 pub fn verify_ed25519(peer: &PeerId, message: &[u8], sig: &[u8]) -> bool {
     UnparsedPublicKey::new(&signature::ED25519, peer.as_bytes())
@@ -781,6 +795,28 @@ pub(crate) mod der {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn overlay_infos_are_sealed_by_their_peer_only() {
+        use crate::overlay::{PeerInfo, Seal};
+        let a = super::Identity::generate().unwrap();
+        let b = super::Identity::generate().unwrap();
+        let addr = "192.0.2.7:7401".parse().unwrap();
+        let mut info = PeerInfo::new(a.id(), addr, 1_700_000_000_000);
+        info.signature = Seal::sign(&a.advert_auth(), &info);
+        // Anyone checks it with any key handle: the id names the key.
+        assert!(Seal::verify(&b.advert_auth(), &info));
+        // Another issue time, address or signer is refused.
+        let mut later = info;
+        later.issued += 1;
+        assert!(!Seal::verify(&b.advert_auth(), &later));
+        let mut moved = info;
+        moved.addr = "192.0.2.8:7401".parse().unwrap();
+        assert!(!Seal::verify(&a.advert_auth(), &moved));
+        let mut forged = PeerInfo::new(a.id(), addr, 1_700_000_000_000);
+        forged.signature = Seal::sign(&b.advert_auth(), &forged);
+        assert!(!Seal::verify(&a.advert_auth(), &forged));
+    }
+
     use super::*;
 
     #[test]

@@ -137,9 +137,10 @@ pub(crate) fn spawn(
 ) {
     let (inputs_tx, inputs_rx) = mpsc::channel(INPUTS);
     let (neighbours, neighbours_rx) = mpsc::channel(NEIGHBOUR_EVENTS);
+    let seal = Box::new(dialing.identity.advert_auth());
     let driver = OverlayDriver {
         me: me.id,
-        overlay: Overlay::new(config, me, seed, Instant::now()),
+        overlay: Overlay::new(config, me, seed, Instant::now()).with_seal(seal),
         dialing,
         links: HashMap::new(),
         pending_dials: HashSet::new(),
@@ -429,12 +430,10 @@ pub(crate) async fn accept_overlay_links(
     }
 }
 
-/// The address a peer listens on, as the overlay advertises it.
+/// This peer's info as the overlay is started with: its address, issued now (the overlay
+/// counts wall time from it and signs it with the seal it is given).
 pub(crate) fn info(identity: &Identity, addr: SocketAddr) -> PeerInfo {
-    PeerInfo {
-        id: identity.id(),
-        addr,
-    }
+    PeerInfo::new(identity.id(), addr, super::wall_clock_ms())
 }
 
 #[cfg(test)]

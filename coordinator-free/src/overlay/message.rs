@@ -15,18 +15,121 @@ use crate::peer_id::PeerId;
 /// Most peers in one shuffle or shuffle reply. The default shuffle sends 8 (the sender, 3
 /// active and 4 passive); the cap leaves room for larger configurations without letting one
 /// message flood a passive view.
-pub const MAX_LIST_PEERS: usize = 32;
+pub const MAX_LIST_PEERS: usize = 24;
 /// Longest random walk a peer follows, whatever the message asks; every peer also clamps a
 /// walk to its own configured length.
 pub const MAX_WALK: u8 = 16;
 /// Upper bound on an encoded message (checked by a test for the largest one within the caps).
-pub const MAX_MESSAGE_BYTES: usize = 2048;
+pub const MAX_MESSAGE_BYTES: usize = 4096;
 
-/// A peer as the overlay knows it: its identity and the address it accepts connections on.
+/// A peer as the overlay knows it: its identity, the address it accepts connections on, when
+/// it issued this copy, and its signature over all three, so a copy's age cannot be forged:
+/// whoever relays a copy can only relay it as old as it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PeerInfo {
     pub id: PeerId,
     pub addr: SocketAddr,
+    /// Wall-clock time of issue, milliseconds since the Unix epoch, by the peer's own clock.
+    pub issued: u64,
+    pub signature: Signature,
+}
+
+impl PeerInfo {
+    /// An unsigned copy issued at `issued` (the signature is all zeros until a [`Seal`] signs
+    /// it).
+    pub fn new(id: PeerId, addr: SocketAddr, issued: u64) -> Self {
+        Self {
+            id,
+            addr,
+            issued,
+            signature: Signature::default(),
+        }
+    }
+
+    /// The bytes the signature covers: a domain prefix, then id, address and issue time as
+    /// postcard encodes them.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut bytes = b"coordinator-free overlay peer info v1".to_vec();
+        // Encoding a fixed-size struct into a vector cannot fail.
+        if let Ok(body) = postcard::to_allocvec(&(self.id, self.addr, self.issued)) {
+            bytes.extend_from_slice(&body);
+        }
+        bytes
+    }
+}
+
+/// An Ed25519 signature: 64 bytes on the wire, no length prefix.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Signature(pub [u8; 64]);
+
+impl Default for Signature {
+    fn default() -> Self {
+        Self([0; 64])
+    }
+}
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signature({:02x}{:02x}…)", self.0[0], self.0[1])
+    }
+}
+
+impl Serialize for Signature {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let mut tuple = serializer.serialize_tuple(64)?;
+        for byte in &self.0 {
+            tuple.serialize_element(byte)?;
+        }
+        tuple.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Signature {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Bytes64;
+        impl<'de> Visitor<'de> for Bytes64 {
+            type Value = Signature;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "64 signature bytes")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Signature, A::Error> {
+                let mut out = [0u8; 64];
+                for (i, byte) in out.iter_mut().enumerate() {
+                    *byte = seq
+                        .next_element()?
+                        .ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                }
+                Ok(Signature(out))
+            }
+        }
+        deserializer.deserialize_tuple(64, Bytes64)
+    }
+}
+
+/// Signs this peer's own [`PeerInfo`] whenever it is re-issued and checks every copy that
+/// arrives. The driver gives the overlay one that uses the peer's Ed25519 key; the state
+/// machine only calls it, so it stays free of IO.
+pub trait Seal: fmt::Debug + Send {
+    fn sign(&self, info: &PeerInfo) -> Signature;
+    fn verify(&self, info: &PeerInfo) -> bool;
+}
+
+/// Signs nothing and accepts every copy: for simulations and tests, where identities are not
+/// keys. The signature's 64 bytes still travel, so traffic estimates count them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unsealed;
+
+impl Seal for Unsealed {
+    fn sign(&self, _info: &PeerInfo) -> Signature {
+        Signature::default()
+    }
+
+    fn verify(&self, _info: &PeerInfo) -> bool {
+        true
+    }
 }
 
 /// How badly the sender wants the neighbour: `High` when its active view is empty (the paper's
@@ -77,21 +180,21 @@ impl<'de> Deserialize<'de> for PeerList {
     }
 }
 
-/// HyParView's messages. The sender's identity is the connection's (mutual TLS), so only the
-/// address it listens on travels with a request.
+/// HyParView's messages. The sender's identity is the connection's (mutual TLS); a request
+/// carries the sender's info, which must name that identity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OverlayMessage {
-    /// "Let me in": sent by a new peer to a contact over a fresh connection.
-    Join { addr: SocketAddr },
+    /// "Let me in": sent by a new peer to a contact over a fresh connection, with a fresh copy
+    /// of its info.
+    Join { info: PeerInfo },
     /// A new peer's join walking the active views; `ttl` counts the hops left.
     ForwardJoin { joiner: PeerInfo, ttl: u8 },
     /// "Be my neighbour", over a fresh connection.
-    Neighbor {
-        addr: SocketAddr,
-        priority: Priority,
-    },
-    /// The answer to `Join` or `Neighbor`. A refusal is followed by the connection closing.
-    NeighborReply { accepted: bool },
+    Neighbor { info: PeerInfo, priority: Priority },
+    /// The answer to `Join` or `Neighbor`. A refusal is followed by the connection closing and
+    /// names a few other peers to try (gossipsub's peer exchange on prune), so a peer whose
+    /// passive view knows only full peers, or only its own group, learns of more.
+    NeighborReply { accepted: bool, peers: PeerList },
     /// "You are no longer my neighbour" (the sender stays alive: keep it as a passive peer).
     Disconnect,
     /// A sample of the sender's views walking the active views; the peer where the walk ends
@@ -104,6 +207,10 @@ pub enum OverlayMessage {
     },
     /// A sample of the answering peer's passive view, over a short-lived connection.
     ShuffleReply { nonce: u64, peers: PeerList },
+    /// A fresh copy of the sender's info, sent to its neighbours now and then so the copies
+    /// they pass on in shuffles stay young, with the fresh copies of its other neighbours, so
+    /// passive views keep filling with live peers as old copies expire.
+    Refresh { info: PeerInfo, peers: PeerList },
 }
 
 /// Why an overlay message was refused.
@@ -185,24 +292,31 @@ mod tests {
                 0,
                 0,
             )),
+            issued: u64::MAX,
+            signature: Signature([0xff; 64]),
         }
     }
 
     fn all_kinds() -> Vec<OverlayMessage> {
         let full = PeerList((0..MAX_LIST_PEERS as u8).map(widest).collect());
         vec![
-            OverlayMessage::Join {
-                addr: widest(0).addr,
-            },
+            OverlayMessage::Join { info: widest(0) },
             OverlayMessage::ForwardJoin {
                 joiner: widest(1),
                 ttl: MAX_WALK,
             },
             OverlayMessage::Neighbor {
-                addr: widest(2).addr,
+                info: widest(2),
                 priority: Priority::High,
             },
-            OverlayMessage::NeighborReply { accepted: true },
+            OverlayMessage::Refresh {
+                info: widest(4),
+                peers: PeerList((0..MAX_LIST_PEERS as u8 - 1).map(widest).collect()),
+            },
+            OverlayMessage::NeighborReply {
+                accepted: false,
+                peers: full.clone(),
+            },
             OverlayMessage::Disconnect,
             OverlayMessage::Shuffle {
                 nonce: u64::MAX,

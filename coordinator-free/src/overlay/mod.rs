@@ -19,6 +19,25 @@
 //! * every `shuffle_interval` a peer sends a sample of both views on a random walk; the peer
 //!   where it ends answers with a sample of its passive view, and both merge what they got.
 //!
+//! Groups that split off heal at a constant cost per peer (`neighbor.rs`, `shuffle.rs`):
+//!
+//! * a refusal, and the acceptance of a `Join`, name a few passive peers to try (gossipsub's
+//!   peer exchange), so a peer whose passive view knows only full peers learns of others;
+//! * every `rewire_interval` (60 s) a full view asks one passive peer with low priority, and
+//!   only if it accepts (it had room) gives up one of its own picks for it: links keep being
+//!   re-randomised, and reach past a split whenever a passive view knows the other side;
+//! * every `contact_shuffle_interval` (300 s) a shuffle starts at a bootstrap contact, over a
+//!   short-lived connection, so a group whose own shuffles walk only inside it learns of the
+//!   rest; a peer takes at most 10 such shuffles from strangers a second.
+//!
+//! Copies of a peer's info carry their issue time and the peer's signature over it
+//! (`fresh.rs`): each peer re-issues its own every `reissue_interval` (10 s) and sends it to
+//! its neighbours every `refresh_interval` (30 s) with its other neighbours' copies; a copy older
+//! than `max_age` (120 s) is refused and dropped from the passive view, the fresher of two
+//! copies wins, so a dead peer leaves every passive view within `max_age` of its last issue
+//! and a replay never brings it back. The wall clock is counted from the issue time of the
+//! info `new` is given; a [`Seal`] signs and checks copies (the driver's uses the peer's key).
+//!
 //! Against floods of cheap identities, every entry carries its [`Host`] (the /24 or /48 it
 //! connects from, as the hostile-peer defences group peers), and:
 //!
@@ -29,15 +48,23 @@
 //!   neighbour, at most once per `displace_every` (30 s), and a recent one whenever there is
 //!   any, so a flood of requests gains a slot now and then, not the view; a stranger's join
 //!   walk never costs a neighbour held longer than `established_after`;
-//! * passive entries are ranked by history (once a neighbour, then first seen): a newcomer
-//!   never displaces an entry with more history, and repairs prefer the longer-known of two
-//!   random candidates.
+//! * an identity first heard of less than `young_for` (120 s) ago is *young*: it displaces
+//!   only young neighbours, and passive entries are ranked settled first (then, among settled
+//!   ones, former neighbours): a young entry never displaces a settled one, not even one just
+//!   sent away in a shuffle, and repairs and rewires ask settled peers first (rewires, once
+//!   this peer has been up for `young_for`, only them);
+//! * every list a peer takes is cut to what a peer of its own configuration sends (a shuffle's
+//!   8, a refresh's 4, a refusal's 4), so one flooding neighbour adds few entries at a time.
 //!
 //! The state machine does no IO and reads no clock: the driver reports [`Event`]s with the
 //! current time to [`Overlay::handle`], wakes it at [`Overlay::poll_timeout`], and carries out
 //! the [`Command`]s it returns.
 
+pub mod broadcast;
+mod fresh;
 mod message;
+mod neighbor;
+mod shuffle;
 pub mod sim;
 mod view;
 
@@ -46,7 +73,7 @@ use std::time::{Duration, Instant};
 
 pub use message::{
     MAX_LIST_PEERS, MAX_MESSAGE_BYTES, MAX_WALK, MessageError, OverlayMessage, PeerInfo, PeerList,
-    Priority,
+    Priority, Seal, Signature, Unsealed,
 };
 use view::{ActiveEntry, ActiveView, PassiveEntry, PassiveView};
 
@@ -61,6 +88,18 @@ pub const MAX_CONTACTS: usize = 16;
 pub const MAX_STRAYS: usize = 16;
 /// Most of our own requests (join or neighbour) in flight at once.
 const MAX_PENDING: usize = 2;
+/// Most shuffles taken per second from peers that are not neighbours (a contact's, sent over a
+/// short-lived connection); more are dropped, so a bootstrap peer's work stays bounded.
+const MAX_STRANGER_SHUFFLES: u32 = 10;
+/// How far in the future (by our clock) a copy may claim to have been issued, for clocks that
+/// disagree a little; a copy from further ahead is refused, or it would outlive `max_age`.
+const MAX_CLOCK_AHEAD_MS: u64 = 10_000;
+/// A settled passive peer may be asked again this soon, before any young one is asked.
+const REASK_SETTLED: Duration = Duration::from_secs(10);
+/// Longest wait between repairs while the active view is empty.
+const ISOLATED_REPAIR_MAX: Duration = Duration::from_secs(2);
+/// Passive peers named in a refusal.
+const REFUSAL_PEERS: usize = 4;
 
 /// Sizes, caps and timers. The defaults were chosen with the simulator (`overlay::sim`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,8 +126,10 @@ pub struct Config {
     /// Neighbours and passive peers sent in a shuffle (the paper's ka and kp). Default 3 and 4.
     pub shuffle_active: usize,
     pub shuffle_passive: usize,
-    /// A request, a stray connection or a shuffle with no answer after this long is given up.
-    /// Default 5 s.
+    /// A request, a stray connection or a shuffle with no answer after this long is given up
+    /// (a shuffle after twice as long). Default 2 s: a round trip is well under a second, and
+    /// a newcomer whose join was lost, or a repair that dialled a dead address (QUIC's
+    /// handshake timeout is 5 s), moves on to the next candidate sooner.
     pub request_timeout: Duration,
     /// An inbound neighbour held this long is no longer displaced to make room for a
     /// stranger's join walk. Default 60 s.
@@ -102,6 +143,34 @@ pub struct Config {
     /// A passive peer asked to be a neighbour is not asked again before this long, so repairs
     /// go round the view instead of asking the same full peers over and over. Default 60 s.
     pub ask_again_after: Duration,
+    /// How often a peer whose view is full trades one of its own picks for a passive peer
+    /// that has room (jittered ±25 %), so groups that split off find the rest again. Zero
+    /// turns it off. Default 60 s.
+    pub rewire_interval: Duration,
+    /// How often a shuffle goes through a bootstrap contact instead of a neighbour (jittered
+    /// ±25 %), so a group cut off from the rest learns of it again. Zero turns it off.
+    /// Default 300 s.
+    pub contact_shuffle_interval: Duration,
+    /// An identity this peer first heard of less than this long ago is *young*: it may take a
+    /// free slot, but displaces only young neighbours, holds at most `young_inbound_max`
+    /// inbound slots, and loses to settled entries in passive picks and evictions. Default
+    /// 300 s.
+    pub young_for: Duration,
+    /// Most inbound neighbours with young identities, once the view holds a settled one. Off
+    /// by default (`usize::MAX`): a quota of 2 made no difference the simulator could measure
+    /// to the flood (most Sybil slots came from requests into free slots and from picks of
+    /// newcomers that know no settled peer yet) and slowed honest newcomers down.
+    pub young_inbound_max: usize,
+    /// A copy of a peer's info issued longer ago than this is dropped from the passive view
+    /// and refused wherever it arrives, so a dead peer's address leaves every passive view
+    /// at most this long after its last issue, and a replayed old copy never brings it back.
+    /// Default 120 s.
+    pub max_age: Duration,
+    /// How often this peer issues a fresh copy of its own info. Default 10 s.
+    pub reissue_interval: Duration,
+    /// How often the fresh copy goes to each neighbour (`Refresh`), so the copies neighbours
+    /// pass on in shuffles stay young. Default 30 s.
+    pub refresh_interval: Duration,
 }
 
 impl Default for Config {
@@ -118,12 +187,19 @@ impl Default for Config {
             shuffle_walk: 3,
             shuffle_active: 3,
             shuffle_passive: 4,
-            request_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(2),
             established_after: Duration::from_secs(60),
             displace_every: Duration::from_secs(30),
             repair_min: Duration::from_millis(500),
             repair_max: Duration::from_secs(30),
             ask_again_after: Duration::from_secs(60),
+            rewire_interval: Duration::from_secs(60),
+            contact_shuffle_interval: Duration::from_secs(300),
+            young_for: Duration::from_secs(120),
+            young_inbound_max: usize::MAX,
+            max_age: Duration::from_secs(120),
+            reissue_interval: Duration::from_secs(10),
+            refresh_interval: Duration::from_secs(30),
         }
     }
 }
@@ -182,7 +258,12 @@ pub struct Stats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Request {
     Join,
-    Neighbor { priority: Priority, outbound: bool },
+    Neighbor {
+        priority: Priority,
+        outbound: bool,
+    },
+    /// A low-priority request of our own that, once accepted, replaces one of our own picks.
+    Rewire,
 }
 
 #[derive(Debug, Clone)]
@@ -228,10 +309,23 @@ pub struct Overlay {
     last_forced: Option<Instant>,
     /// Set while a `Join` is admitted.
     joining: bool,
+    next_rewire: Instant,
+    next_contact_shuffle: Instant,
+    /// Shuffles from non-neighbours taken in the second that began at the instant.
+    stranger_shuffles: (Instant, u32),
+    /// When this peer started: identities heard of since are young until `young_for` later.
+    born: Instant,
+    /// Wall-clock milliseconds at `born` (the issue time of the info given to `new`): the
+    /// state machine reads no clock, it counts from there with `now`.
+    unix_at_birth: u64,
+    next_refresh: Instant,
+    seal: Box<dyn Seal>,
     stats: Stats,
 }
 
 impl Overlay {
+    /// `me` must be a copy issued now (its `issued` is the wall clock at `now`: the overlay
+    /// counts wall time from it). Copies are unsigned until [`Overlay::with_seal`].
     /// `outbound_min` is clamped to half of `active_view`, walk lengths to [`MAX_WALK`] and
     /// shuffle samples to [`MAX_LIST_PEERS`].
     pub fn new(mut config: Config, me: PeerInfo, seed: u64, now: Instant) -> Self {
@@ -243,6 +337,10 @@ impl Overlay {
         config.shuffle_passive = config.shuffle_passive.min(MAX_LIST_PEERS / 2 - 1);
         let mut rng = Rng::seed_from_u64(seed);
         let first_shuffle = rng.duration_between(Duration::ZERO, config.shuffle_interval);
+        let first_rewire = rng.duration_between(Duration::ZERO, config.rewire_interval);
+        let first_refresh = rng.duration_between(Duration::ZERO, config.refresh_interval);
+        let first_contact_shuffle =
+            rng.duration_between(Duration::ZERO, config.contact_shuffle_interval);
         Self {
             repair_delay: config.repair_min,
             config,
@@ -259,10 +357,26 @@ impl Overlay {
             next_repair: now,
             last_forced: None,
             joining: false,
+            next_rewire: now + first_rewire,
+            next_contact_shuffle: now + first_contact_shuffle,
+            stranger_shuffles: (now, 0),
+            born: now,
+            unix_at_birth: me.issued,
+            next_refresh: now + first_refresh,
+            seal: Box::new(Unsealed),
             stats: Stats::default(),
         }
     }
 
+    /// Signs this peer's info with `seal` from now on and checks every copy that arrives with
+    /// it.
+    pub fn with_seal(mut self, seal: Box<dyn Seal>) -> Self {
+        self.me.signature = seal.sign(&self.me);
+        self.seal = seal;
+        self
+    }
+
+    /// This peer's info, as last issued.
     pub fn me(&self) -> PeerInfo {
         self.me
     }
@@ -311,7 +425,16 @@ impl Overlay {
 
     /// When to deliver the next [`Event::Timer`].
     pub fn poll_timeout(&self) -> Instant {
-        let mut at = self.next_shuffle;
+        let mut at = self.next_shuffle.min(self.next_refresh);
+        if let Some(oldest) = self.passive.entries.iter().map(|e| e.info.issued).min() {
+            at = at.min(self.expiry(oldest));
+        }
+        if !self.config.rewire_interval.is_zero() {
+            at = at.min(self.next_rewire);
+        }
+        if !self.config.contact_shuffle_interval.is_zero() && !self.contacts.is_empty() {
+            at = at.min(self.next_contact_shuffle);
+        }
         if self.wants_neighbor() {
             at = at.min(self.next_repair);
         }
@@ -342,96 +465,6 @@ impl Overlay {
         self.maintain(now, out);
     }
 
-    fn on_contact(&mut self, info: PeerInfo, now: Instant) {
-        if info.id == self.me.id || self.contacts.iter().any(|c| c.id == info.id) {
-            return;
-        }
-        if self.contacts.len() == MAX_CONTACTS {
-            self.contacts.remove(0);
-        }
-        self.contacts.push(info);
-        if self.active.is_empty() && self.pending.is_empty() {
-            self.next_repair = now;
-        }
-    }
-
-    fn on_connection_up(
-        &mut self,
-        peer: PeerId,
-        addr: SocketAddr,
-        now: Instant,
-        out: &mut Vec<Command>,
-    ) {
-        let host = Host::of(addr.ip());
-        if let Some(p) = self.pending.iter_mut().find(|p| p.info.id == peer) {
-            p.host = Some(host);
-            let msg = match p.request {
-                Request::Join => OverlayMessage::Join { addr: self.me.addr },
-                Request::Neighbor { priority, .. } => OverlayMessage::Neighbor {
-                    addr: self.me.addr,
-                    priority,
-                },
-            };
-            out.push(Command::Send { to: peer, msg });
-            return;
-        }
-        if self.active.contains(&peer) || self.strays.iter().any(|s| s.id == peer) {
-            return;
-        }
-        if peer == self.me.id || self.strays.len() >= MAX_STRAYS {
-            self.stats.strays_closed += 1;
-            out.push(Command::Disconnect(peer));
-            return;
-        }
-        self.strays.push(Stray {
-            id: peer,
-            host,
-            since: now,
-        });
-    }
-
-    fn on_connection_down(
-        &mut self,
-        peer: PeerId,
-        graceful: bool,
-        now: Instant,
-        out: &mut Vec<Command>,
-    ) {
-        self.strays.retain(|s| s.id != peer);
-        if let Some(at) = self.pending.iter().position(|p| p.info.id == peer) {
-            let p = self.pending.swap_remove(at);
-            if !graceful {
-                self.passive.remove(&peer);
-            }
-            self.refused(p.request, now);
-        }
-        if let Some(entry) = self.active.remove(&peer) {
-            out.push(Command::NeighborDown(peer));
-            if graceful {
-                self.keep_passive(entry.info, entry.host, true, now, &[]);
-            } else {
-                self.passive.remove(&peer);
-            }
-            // A lost neighbour is repaired at once.
-            self.repair_delay = self.config.repair_min;
-            self.next_repair = now;
-        }
-    }
-
-    fn on_dial_failed(&mut self, peer: PeerId, now: Instant, out: &mut Vec<Command>) {
-        self.passive.remove(&peer);
-        if let Some(at) = self.pending.iter().position(|p| p.info.id == peer) {
-            let p = self.pending.swap_remove(at);
-            self.close_unless_neighbor(peer, out);
-            if p.request != Request::Join {
-                // Another candidate at once: this one was dead, not unwilling.
-                self.next_repair = now;
-            } else {
-                self.refused(p.request, now);
-            }
-        }
-    }
-
     fn on_message(
         &mut self,
         from: PeerId,
@@ -444,15 +477,16 @@ impl Overlay {
             return;
         }
         match msg {
-            OverlayMessage::Join { addr } => self.on_join(from, addr, now, out),
+            OverlayMessage::Join { info } => self.on_join(from, info, now, out),
             OverlayMessage::ForwardJoin { joiner, ttl } => {
                 self.on_forward_join(from, joiner, ttl, now, out);
             }
-            OverlayMessage::Neighbor { addr, priority } => {
-                self.on_neighbor(from, addr, priority, now, out);
+            OverlayMessage::Neighbor { info, priority } => {
+                self.on_neighbor(from, info, priority, now, out);
             }
-            OverlayMessage::NeighborReply { accepted } => {
-                self.on_neighbor_reply(from, accepted, now, out);
+            OverlayMessage::Refresh { info, peers } => self.on_refresh(from, info, peers, now),
+            OverlayMessage::NeighborReply { accepted, peers } => {
+                self.on_neighbor_reply(from, accepted, peers, now, out);
             }
             OverlayMessage::Disconnect => self.on_disconnect(from, now, out),
             OverlayMessage::Shuffle {
@@ -467,457 +501,17 @@ impl Overlay {
         }
     }
 
-    /// The host of a connection a request arrived on, and whether we asked for it (our own
-    /// outbound request crossing theirs); `None` when no connection is known.
-    fn requester(&mut self, from: PeerId) -> Option<(Host, Option<bool>)> {
-        let stray = self
-            .strays
-            .iter()
-            .position(|s| s.id == from)
-            .map(|at| self.strays.swap_remove(at).host);
-        let pending = match self.pending.iter().position(|p| p.info.id == from) {
-            Some(at) if self.pending[at].host.is_some() || stray.is_some() => {
-                Some(self.pending.swap_remove(at))
-            }
-            _ => None,
-        };
-        let host = stray.or_else(|| pending.as_ref().and_then(|p| p.host))?;
-        let outbound = pending.map(|p| match p.request {
-            Request::Join => true,
-            Request::Neighbor { outbound, .. } => outbound,
-        });
-        Some((host, outbound))
-    }
-
-    /// Closes a connection kept for a request or a stray, unless the peer became a neighbour
-    /// over it meanwhile.
-    fn close_unless_neighbor(&self, peer: PeerId, out: &mut Vec<Command>) {
-        if !self.active.contains(&peer) {
-            out.push(Command::Disconnect(peer));
-        }
-    }
-
-    fn on_join(&mut self, from: PeerId, addr: SocketAddr, now: Instant, out: &mut Vec<Command>) {
-        if self.active.contains(&from) {
-            return;
-        }
-        let Some((host, ours)) = self.requester(from) else {
-            self.stats.unsolicited += 1;
-            return;
-        };
-        // The address the newcomer will be known by must be on the host it connects from,
-        // or one host could spread identities under other hosts' names.
-        if Host::of(addr.ip()) != host {
-            self.stats.bad_address += 1;
-            out.push(Command::Send {
-                to: from,
-                msg: OverlayMessage::NeighborReply { accepted: false },
-            });
-            out.push(Command::Disconnect(from));
-            return;
-        }
-        let joiner = PeerInfo { id: from, addr };
-        for n in &self.active.entries {
-            out.push(Command::Send {
-                to: n.info.id,
-                msg: OverlayMessage::ForwardJoin {
-                    joiner,
-                    ttl: self.config.active_walk,
-                },
-            });
-        }
-        let accepted = self.admit(
-            joiner,
-            host,
-            Priority::High,
-            ours.unwrap_or(false),
-            now,
-            out,
-        );
-        self.reply(from, accepted, out);
-    }
-
-    fn on_neighbor(
-        &mut self,
-        from: PeerId,
-        addr: SocketAddr,
-        priority: Priority,
-        now: Instant,
-        out: &mut Vec<Command>,
-    ) {
-        if self.active.contains(&from) {
-            self.reply(from, true, out);
-            return;
-        }
-        let Some((host, ours)) = self.requester(from) else {
-            self.stats.unsolicited += 1;
-            return;
-        };
-        let info = PeerInfo { id: from, addr };
-        let accepted = self.admit(info, host, priority, ours.unwrap_or(false), now, out);
-        self.reply(from, accepted, out);
-    }
-
-    fn reply(&mut self, to: PeerId, accepted: bool, out: &mut Vec<Command>) {
-        out.push(Command::Send {
-            to,
-            msg: OverlayMessage::NeighborReply { accepted },
-        });
-        if !accepted {
-            self.stats.refused += 1;
-            out.push(Command::Disconnect(to));
-        }
-    }
-
-    /// Whether `info` may become a neighbour now, making room if the rules allow it; on
-    /// success the peer is in the active view.
-    fn admit(
-        &mut self,
-        info: PeerInfo,
-        host: Host,
-        priority: Priority,
-        outbound: bool,
-        now: Instant,
-        out: &mut Vec<Command>,
-    ) -> bool {
-        if info.id == self.me.id {
-            return false;
-        }
-        if self.active.contains(&info.id) {
-            return true;
-        }
-        if self.active.per_host(&host) >= self.config.active_per_host {
-            return false;
-        }
-        if self.active.len() >= self.config.active_view {
-            let established = now
-                .checked_sub(self.config.established_after)
-                .unwrap_or(now);
-            let owed = outbound && self.active.outbound() < self.config.outbound_min;
-            // Our own pick owed a slot may take any inbound neighbour's place. A peer about to
-            // be cut off may too, but others' requests displace a neighbour at most once per
-            // `displace_every`, so a flood of them gains a slot now and then, not the view;
-            // a recent neighbour goes first, so such requests mostly displace each other.
-            let victim = if owed {
-                self.active.inbound_victim(&mut self.rng, established, true)
-            } else if priority == Priority::High && (self.joining || self.may_displace(now)) {
-                let victim = self.active.inbound_victim(&mut self.rng, established, true);
-                if victim.is_some() && !self.joining {
-                    self.last_forced = Some(now);
-                }
-                victim
-            } else {
-                None
-            };
-            let Some(victim) = victim else {
-                return false;
-            };
-            self.drop_neighbor(victim, now, out);
-        }
-        self.passive.remove(&info.id);
-        self.strays.retain(|s| s.id != info.id);
-        self.active.entries.push(ActiveEntry {
-            info,
-            host,
-            outbound,
-            since: now,
-        });
-        out.push(Command::NeighborUp(info.id));
-        true
-    }
-
-    /// Ends a neighbourship by our choice: the peer is told, keeps our slot in its passive
-    /// view, and stays in ours.
-    fn drop_neighbor(&mut self, id: PeerId, now: Instant, out: &mut Vec<Command>) {
-        if let Some(entry) = self.active.remove(&id) {
-            out.push(Command::Send {
-                to: id,
-                msg: OverlayMessage::Disconnect,
-            });
-            out.push(Command::Disconnect(id));
-            out.push(Command::NeighborDown(id));
-            self.keep_passive(entry.info, entry.host, true, now, &[]);
-        }
-    }
-
-    fn on_neighbor_reply(
-        &mut self,
-        from: PeerId,
-        accepted: bool,
-        now: Instant,
-        out: &mut Vec<Command>,
-    ) {
-        let Some(at) = self
-            .pending
-            .iter()
-            .position(|p| p.info.id == from && p.host.is_some())
-        else {
-            self.stats.unsolicited += 1;
-            return;
-        };
-        let p = self.pending.swap_remove(at);
-        let host = p.host.unwrap_or(Host::Peer(from));
-        let (priority, outbound) = match p.request {
-            Request::Join => (Priority::High, true),
-            Request::Neighbor { priority, outbound } => (priority, outbound),
-        };
-        // Our side applies its own rules too: the view may have filled while we waited.
-        if accepted && self.admit(p.info, host, priority, outbound, now, out) {
-            self.repair_delay = self.config.repair_min;
-            return;
-        }
-        if self.active.contains(&from) {
-            return;
-        }
-        if accepted {
-            out.push(Command::Send {
-                to: from,
-                msg: OverlayMessage::Disconnect,
-            });
-        }
-        out.push(Command::Disconnect(from));
-        self.keep_passive(p.info, host, false, now, &[]);
-        self.refused(p.request, now);
-    }
-
-    fn on_disconnect(&mut self, from: PeerId, now: Instant, out: &mut Vec<Command>) {
-        if let Some(entry) = self.active.remove(&from) {
-            out.push(Command::NeighborDown(from));
-            out.push(Command::Disconnect(from));
-            self.keep_passive(entry.info, entry.host, true, now, &[]);
-            self.next_repair = now;
-        } else if let Some(at) = self.pending.iter().position(|p| p.info.id == from) {
-            let p = self.pending.swap_remove(at);
-            self.close_unless_neighbor(from, out);
-            self.refused(p.request, now);
-        } else {
-            self.stats.unsolicited += 1;
-        }
-    }
-
-    fn on_forward_join(
-        &mut self,
-        from: PeerId,
-        joiner: PeerInfo,
-        ttl: u8,
-        now: Instant,
-        out: &mut Vec<Command>,
-    ) {
-        if !self.active.contains(&from) {
-            self.stats.unsolicited += 1;
-            return;
-        }
-        if joiner.id == self.me.id || self.active.contains(&joiner.id) {
-            return;
-        }
-        let ttl = ttl.min(self.config.active_walk);
-        let host = Host::of(joiner.addr.ip());
-        if ttl == 0 || self.active.len() <= 1 {
-            let busy = self.pending.len() >= MAX_PENDING
-                || self.pending.iter().any(|p| p.info.id == joiner.id);
-            if !busy && self.can_admit_inbound(&host, now) {
-                self.request(
-                    joiner,
-                    Request::Neighbor {
-                        priority: Priority::High,
-                        outbound: false,
-                    },
-                    now,
-                    out,
-                );
-            } else {
-                self.keep_passive(joiner, host, false, now, &[]);
-            }
-            return;
-        }
-        if ttl == self.config.passive_walk {
-            self.keep_passive(joiner, host, false, now, &[]);
-        }
-        if let Some(next) = self.active.random_except(&mut self.rng, Some(&from)) {
-            out.push(Command::Send {
-                to: next.id,
-                msg: OverlayMessage::ForwardJoin {
-                    joiner,
-                    ttl: ttl - 1,
-                },
-            });
-        }
-    }
-
-    fn may_displace(&self, now: Instant) -> bool {
-        self.last_forced
-            .is_none_or(|t| t + self.config.displace_every <= now)
-    }
-
-    /// Whether a walk's newcomer from `host` may be offered a slot: a free one, or one held by
-    /// an inbound neighbour not yet established. A stranger's walk never costs a neighbour held
-    /// for long.
-    fn can_admit_inbound(&self, host: &Host, now: Instant) -> bool {
-        if self.active.per_host(host) >= self.config.active_per_host {
-            return false;
-        }
-        self.active.len() < self.config.active_view
-            || self.may_displace(now) && {
-                let established = now
-                    .checked_sub(self.config.established_after)
-                    .unwrap_or(now);
-                self.active
-                    .entries
-                    .iter()
-                    .any(|e| !e.outbound && e.since > established)
-            }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn on_shuffle(
-        &mut self,
-        from: PeerId,
-        nonce: u64,
-        origin: PeerInfo,
-        ttl: u8,
-        peers: PeerList,
-        now: Instant,
-        out: &mut Vec<Command>,
-    ) {
-        if !self.active.contains(&from) {
-            self.stats.unsolicited += 1;
-            return;
-        }
-        if origin.id == self.me.id {
-            return;
-        }
-        let ttl = ttl.min(self.config.shuffle_walk);
-        if ttl > 0 && self.active.len() > 1 {
-            if let Some(next) = self.active.random_except(&mut self.rng, Some(&from)) {
-                out.push(Command::Send {
-                    to: next.id,
-                    msg: OverlayMessage::Shuffle {
-                        nonce,
-                        origin,
-                        ttl: ttl - 1,
-                        peers,
-                    },
-                });
-            }
-            return;
-        }
-        let answer = self.passive.sample(&mut self.rng, peers.0.len());
-        let sent: Vec<PeerId> = answer.iter().map(|p| p.id).collect();
-        let msg = OverlayMessage::ShuffleReply {
-            nonce,
-            peers: PeerList(answer),
-        };
-        out.push(if self.active.contains(&origin.id) {
-            Command::Send { to: origin.id, msg }
-        } else {
-            Command::SendOnce { to: origin, msg }
-        });
-        self.merge(std::iter::once(origin).chain(peers.0), &sent, now);
-    }
-
-    fn on_shuffle_reply(&mut self, nonce: u64, peers: PeerList, now: Instant) {
-        match self.shuffle.take() {
-            Some(s) if s.nonce == nonce => self.merge(peers.0.into_iter(), &s.sent, now),
-            other => {
-                self.shuffle = other;
-                self.stats.unsolicited += 1;
-            }
-        }
-    }
-
-    fn merge(
-        &mut self,
-        peers: impl Iterator<Item = PeerInfo>,
-        prefer_drop: &[PeerId],
-        now: Instant,
-    ) {
-        for info in peers.take(MAX_LIST_PEERS + 1) {
-            if info.id == self.me.id || self.active.contains(&info.id) {
-                continue;
-            }
-            let host = Host::of(info.addr.ip());
-            self.keep_passive(info, host, false, now, prefer_drop);
-        }
-    }
-
-    fn keep_passive(
-        &mut self,
-        info: PeerInfo,
-        host: Host,
-        verified: bool,
-        now: Instant,
-        prefer_drop: &[PeerId],
-    ) {
-        if info.id == self.me.id || self.active.contains(&info.id) {
-            return;
-        }
-        self.passive.insert(
-            PassiveEntry {
-                info,
-                host,
-                first_seen: now,
-                verified,
-                asked: None,
-            },
-            self.config.passive_view,
-            self.config.passive_per_host,
-            prefer_drop,
-            &mut self.rng,
-        );
-    }
-
-    fn request(&mut self, info: PeerInfo, request: Request, now: Instant, out: &mut Vec<Command>) {
-        if let Some(e) = self
-            .passive
-            .entries
-            .iter_mut()
-            .find(|e| e.info.id == info.id)
-        {
-            e.asked = Some(now);
-        }
-        self.pending.push(Pending {
-            info,
-            request,
-            host: None,
-            deadline: now + self.config.request_timeout,
-        });
-        out.push(Command::Connect(info));
-    }
-
-    /// A request of ours came to nothing: back off before the next.
-    fn refused(&mut self, request: Request, now: Instant) {
-        if request == Request::Join {
-            self.next_contact = self.next_contact.wrapping_add(1);
-        }
-        self.repair_delay = (self.repair_delay * 2).min(self.config.repair_max);
-        self.next_repair = now + self.repair_delay;
-    }
-
-    fn pending_neighbors(&self) -> (usize, usize) {
-        let mut all = 0;
-        let mut outbound = 0;
-        for p in &self.pending {
-            all += 1;
-            if matches!(
-                p.request,
-                Request::Join | Request::Neighbor { outbound: true, .. }
-            ) {
-                outbound += 1;
-            }
-        }
-        (all, outbound)
-    }
-
-    fn wants_neighbor(&self) -> bool {
-        let (all, outbound) = self.pending_neighbors();
-        self.active.len() + all < self.config.active_view
-            || self.active.outbound() + outbound < self.config.outbound_min
-    }
-
     fn maintain(&mut self, now: Instant, out: &mut Vec<Command>) {
         self.expire(now, out);
+        self.freshen(now, out);
         if now >= self.next_shuffle {
             self.start_shuffle(now, out);
+        }
+        if now >= self.next_contact_shuffle && !self.config.contact_shuffle_interval.is_zero() {
+            self.contact_shuffle(now, out);
+        }
+        if now >= self.next_rewire && !self.config.rewire_interval.is_zero() {
+            self.rewire(now, out);
         }
         if now >= self.next_repair && self.wants_neighbor() && self.pending.len() < MAX_PENDING {
             self.repair(now, out);
@@ -948,85 +542,10 @@ impl Overlay {
         }
     }
 
-    fn start_shuffle(&mut self, now: Instant, out: &mut Vec<Command>) {
-        let jitter = self.config.shuffle_interval / 4;
-        self.next_shuffle = now
-            + self.rng.duration_between(
-                self.config.shuffle_interval - jitter,
-                self.config.shuffle_interval + jitter,
-            );
-        let Some(target) = self.active.random_except(&mut self.rng, None) else {
-            return;
-        };
-        let mut peers = vec![self.me];
-        let mut neighbors: Vec<PeerInfo> = self
-            .active
-            .entries
-            .iter()
-            .map(|e| e.info)
-            .filter(|i| i.id != target.id)
-            .collect();
-        self.rng.shuffle(&mut neighbors);
-        peers.extend(neighbors.into_iter().take(self.config.shuffle_active));
-        let passive = self
-            .passive
-            .sample(&mut self.rng, self.config.shuffle_passive);
-        let sent = passive.iter().map(|p| p.id).collect();
-        peers.extend(passive);
-        let nonce = self.rng.next_u64();
-        self.shuffle = Some(OutstandingShuffle {
-            nonce,
-            sent,
-            deadline: now + self.config.request_timeout * 2,
-        });
-        out.push(Command::Send {
-            to: target.id,
-            msg: OverlayMessage::Shuffle {
-                nonce,
-                origin: self.me,
-                ttl: self.config.shuffle_walk,
-                peers: PeerList(peers),
-            },
-        });
-    }
-
-    fn repair(&mut self, now: Instant, out: &mut Vec<Command>) {
-        self.next_repair = now + self.repair_delay;
-        let active = &self.active;
-        let pending = &self.pending;
-        let fresh = now.checked_sub(self.config.ask_again_after);
-        let candidate = self.passive.pick(&mut self.rng, |e| {
-            e.asked.is_none_or(|t| fresh.is_some_and(|f| t <= f))
-                && !active.contains(&e.info.id)
-                && !pending.iter().any(|p| p.info.id == e.info.id)
-                && active.per_host(&e.host) < self.config.active_per_host
-        });
-        match candidate {
-            Some(info) => {
-                // The paper asks with high priority only when the view is empty; one neighbour
-                // is asked for the same way, or pairs of peers that hold only each other stay
-                // cut off from the rest (measured with the simulator).
-                let priority = if self.active.len() <= 1 {
-                    Priority::High
-                } else {
-                    Priority::Low
-                };
-                let request = Request::Neighbor {
-                    priority,
-                    outbound: true,
-                };
-                self.request(info, request, now, out);
-            }
-            // Cut off, or nearly, with nobody left to ask: back to a contact.
-            None if self.active.len() <= 1
-                && self.pending.is_empty()
-                && !self.contacts.is_empty() =>
-            {
-                let contact = self.contacts[self.next_contact % self.contacts.len()];
-                self.request(contact, Request::Join, now, out);
-            }
-            None => {}
-        }
+    fn jittered(&mut self, interval: Duration) -> Duration {
+        let jitter = interval / 4;
+        self.rng
+            .duration_between(interval - jitter, interval + jitter)
     }
 }
 
@@ -1037,32 +556,37 @@ mod tests {
 
     use super::*;
 
-    fn id(n: u32) -> PeerId {
+    /// Wall-clock milliseconds every test peer issued its info at, and the overlays start at.
+    pub(super) const T0: u64 = 1_796_601_600_000;
+
+    pub(super) fn id(n: u32) -> PeerId {
         let mut bytes = [0u8; 32];
         bytes[..4].copy_from_slice(&n.to_be_bytes());
         PeerId::from_bytes(bytes)
     }
 
     /// Peer `n` on a public /24 of its own.
-    fn info(n: u32) -> PeerInfo {
+    pub(super) fn info(n: u32) -> PeerInfo {
         on_block(n, n)
     }
 
     /// Peer `n` on the /24 numbered `block`.
-    fn on_block(n: u32, block: u32) -> PeerInfo {
+    pub(super) fn on_block(n: u32, block: u32) -> PeerInfo {
         let ip = Ipv4Addr::new(11, (block >> 8) as u8, block as u8, (n % 250 + 1) as u8);
-        PeerInfo {
-            id: id(n),
-            addr: SocketAddr::from((ip, 4000)),
-        }
+        PeerInfo::new(id(n), SocketAddr::from((ip, 4000)), T0)
     }
 
-    fn overlay(n: u32, now: Instant) -> Overlay {
+    pub(super) fn overlay(n: u32, now: Instant) -> Overlay {
         Overlay::new(Config::default(), info(n), u64::from(n), now)
     }
 
     /// Hands `ov` an inbound neighbour request from `peer` and returns the commands.
-    fn ask(ov: &mut Overlay, peer: PeerInfo, priority: Priority, now: Instant) -> Vec<Command> {
+    pub(super) fn ask(
+        ov: &mut Overlay,
+        peer: PeerInfo,
+        priority: Priority,
+        now: Instant,
+    ) -> Vec<Command> {
         let mut out = Vec::new();
         ov.handle(
             Event::ConnectionUp {
@@ -1076,7 +600,7 @@ mod tests {
             Event::Message {
                 from: peer.id,
                 msg: OverlayMessage::Neighbor {
-                    addr: peer.addr,
+                    info: peer,
                     priority,
                 },
             },
@@ -1086,17 +610,20 @@ mod tests {
         out
     }
 
-    fn accepted(out: &[Command], peer: PeerId) -> bool {
+    pub(super) fn accepted(out: &[Command], peer: PeerId) -> bool {
         out.iter().any(|c| {
             *c == Command::Send {
                 to: peer,
-                msg: OverlayMessage::NeighborReply { accepted: true },
+                msg: OverlayMessage::NeighborReply {
+                    accepted: true,
+                    peers: PeerList::default(),
+                },
             }
         })
     }
 
     /// Makes `ov` choose `peer` itself: its own request, accepted.
-    fn choose(ov: &mut Overlay, peer: PeerInfo, now: Instant) {
+    pub(super) fn choose(ov: &mut Overlay, peer: PeerInfo, now: Instant) {
         let mut out = Vec::new();
         ov.request(
             peer,
@@ -1118,7 +645,10 @@ mod tests {
         ov.handle(
             Event::Message {
                 from: peer.id,
-                msg: OverlayMessage::NeighborReply { accepted: true },
+                msg: OverlayMessage::NeighborReply {
+                    accepted: true,
+                    peers: PeerList::default(),
+                },
             },
             now,
             &mut out,
@@ -1127,16 +657,16 @@ mod tests {
     }
 
     /// Synchronous in-order delivery between a few overlays, no loss.
-    struct Net {
-        now: Instant,
-        nodes: BTreeMap<PeerId, Overlay>,
-        infos: BTreeMap<PeerId, PeerInfo>,
-        conns: BTreeSet<(PeerId, PeerId)>,
-        queue: VecDeque<(PeerId, Event)>,
+    pub(super) struct Net {
+        pub(super) now: Instant,
+        pub(super) nodes: BTreeMap<PeerId, Overlay>,
+        pub(super) infos: BTreeMap<PeerId, PeerInfo>,
+        pub(super) conns: BTreeSet<(PeerId, PeerId)>,
+        pub(super) queue: VecDeque<(PeerId, Event)>,
     }
 
     impl Net {
-        fn new(n: u32) -> Self {
+        pub(super) fn new(n: u32) -> Self {
             let now = Instant::now();
             Self {
                 now,
@@ -1147,11 +677,11 @@ mod tests {
             }
         }
 
-        fn link(a: PeerId, b: PeerId) -> (PeerId, PeerId) {
+        pub(super) fn link(a: PeerId, b: PeerId) -> (PeerId, PeerId) {
             (a.min(b), a.max(b))
         }
 
-        fn pump(&mut self) {
+        pub(super) fn pump(&mut self) {
             let mut steps = 0;
             while let Some((to, event)) = self.queue.pop_front() {
                 steps += 1;
@@ -1167,7 +697,7 @@ mod tests {
             }
         }
 
-        fn carry(&mut self, from: PeerId, cmd: Command) {
+        pub(super) fn carry(&mut self, from: PeerId, cmd: Command) {
             match cmd {
                 Command::Connect(peer) => {
                     if !self.nodes.contains_key(&peer.id) {
@@ -1212,7 +742,7 @@ mod tests {
         }
 
         /// Advances the clock and wakes every peer.
-        fn tick(&mut self, by: Duration) {
+        pub(super) fn tick(&mut self, by: Duration) {
             self.now += by;
             let ids: Vec<PeerId> = self.nodes.keys().copied().collect();
             for id in ids {
@@ -1221,7 +751,7 @@ mod tests {
             self.pump();
         }
 
-        fn check_symmetric(&self) {
+        pub(super) fn check_symmetric(&self) {
             for (a, node) in &self.nodes {
                 for b in node.active() {
                     assert!(
@@ -1232,7 +762,7 @@ mod tests {
             }
         }
 
-        fn component(&self) -> usize {
+        pub(super) fn component(&self) -> usize {
             let start = *self.nodes.keys().next().unwrap();
             let mut seen = BTreeSet::from([start]);
             let mut todo = vec![start];
@@ -1271,183 +801,6 @@ mod tests {
             assert!(node.passive().all(|p| !node.active.contains(&p)));
             assert!(node.outbound_len() <= node.active_len());
         }
-    }
-
-    #[test]
-    fn forward_join_walks_the_configured_length() {
-        let now = Instant::now();
-        let mut ov = overlay(0, now);
-        for n in 1..=3 {
-            assert!(accepted(&ask(&mut ov, info(n), Priority::Low, now), id(n)));
-        }
-        let joiner = info(99);
-        let walk = |ov: &mut Overlay, ttl: u8| {
-            let mut out = Vec::new();
-            ov.handle(
-                Event::Message {
-                    from: id(1),
-                    msg: OverlayMessage::ForwardJoin { joiner, ttl },
-                },
-                now,
-                &mut out,
-            );
-            out
-        };
-        // Mid-walk: one hop shorter, never back to the sender, not kept.
-        for (ttl, next) in [(6, 5), (5, 4), (16, 5)] {
-            let out = walk(&mut ov, ttl);
-            assert_eq!(out.len(), 1, "{out:?}");
-            match &out[0] {
-                Command::Send {
-                    to,
-                    msg: OverlayMessage::ForwardJoin { ttl, .. },
-                } => {
-                    assert_ne!(*to, id(1));
-                    assert_eq!(*ttl, next);
-                }
-                other => panic!("{other:?}"),
-            }
-            assert!(!ov.passive.contains(&joiner.id));
-        }
-        // At the passive walk length the newcomer is kept as a passive peer.
-        let out = walk(&mut ov, 3);
-        assert!(matches!(
-            out[0],
-            Command::Send {
-                msg: OverlayMessage::ForwardJoin { ttl: 2, .. },
-                ..
-            }
-        ));
-        assert!(ov.passive.contains(&joiner.id));
-        // Where the walk ends, this peer offers itself with high priority.
-        let out = walk(&mut ov, 0);
-        assert_eq!(out, vec![Command::Connect(joiner)]);
-        let mut out = Vec::new();
-        ov.handle(
-            Event::ConnectionUp {
-                peer: joiner.id,
-                addr: joiner.addr,
-            },
-            now,
-            &mut out,
-        );
-        assert_eq!(
-            out,
-            vec![Command::Send {
-                to: joiner.id,
-                msg: OverlayMessage::Neighbor {
-                    addr: info(0).addr,
-                    priority: Priority::High,
-                },
-            }]
-        );
-    }
-
-    #[test]
-    fn a_full_view_refuses_low_priority_and_gives_high_priority_an_inbound_slot() {
-        let start = Instant::now();
-        let mut ov = overlay(0, start);
-        choose(&mut ov, info(1), start);
-        choose(&mut ov, info(2), start);
-        for n in 3..=5 {
-            let at = start + Duration::from_secs(u64::from(n));
-            assert!(accepted(&ask(&mut ov, info(n), Priority::Low, at), id(n)));
-        }
-        assert_eq!(ov.active_len(), 5);
-        let now = start + Duration::from_secs(10);
-        let out = ask(&mut ov, info(6), Priority::Low, now);
-        assert!(!accepted(&out, id(6)));
-        assert!(out.contains(&Command::Disconnect(id(6))));
-        // High priority takes an inbound neighbour's slot, never an outbound one's.
-        let out = ask(&mut ov, info(7), Priority::High, now);
-        assert!(accepted(&out, id(7)));
-        let gone: Vec<u32> = (3..=5)
-            .filter(|&n| {
-                out.contains(&Command::Send {
-                    to: id(n),
-                    msg: OverlayMessage::Disconnect,
-                })
-            })
-            .collect();
-        assert_eq!(gone.len(), 1, "{out:?}");
-        assert!(ov.passive.contains(&id(gone[0])));
-        // A burst of requesters long after the others joined only displaces itself.
-        let established = start + Duration::from_secs(100);
-        for n in 100..150 {
-            ask(&mut ov, info(n), Priority::High, established);
-            assert_eq!(ov.active_len(), 5);
-            assert!(ov.active.contains(&id(1)) && ov.active.contains(&id(2)));
-            let held = (3..=7).filter(|&k| ov.active.contains(&id(k))).count();
-            assert_eq!(held, 2, "{n}");
-        }
-        // Once every inbound neighbour is established, a stranger's join walk no longer
-        // earns a slot: the newcomer is only kept as a passive peer.
-        let later = start + Duration::from_secs(200);
-        let mut ov = overlay(0, start);
-        choose(&mut ov, info(1), start);
-        choose(&mut ov, info(2), start);
-        for n in 3..=5 {
-            ask(&mut ov, info(n), Priority::Low, start);
-        }
-        let mut out = Vec::new();
-        ov.handle(
-            Event::Message {
-                from: id(3),
-                msg: OverlayMessage::ForwardJoin {
-                    joiner: info(8),
-                    ttl: 0,
-                },
-            },
-            later,
-            &mut out,
-        );
-        assert!(!out.contains(&Command::Connect(info(8))));
-        assert!(ov.passive.contains(&id(8)));
-        assert_eq!(ov.active_len(), 5);
-    }
-
-    #[test]
-    fn own_picks_may_displace_inbound_neighbours_until_the_outbound_quota_is_met() {
-        let start = Instant::now();
-        let mut ov = overlay(0, start);
-        for n in 1..=5 {
-            ask(&mut ov, info(n), Priority::Low, start);
-        }
-        let later = start + Duration::from_secs(300);
-        choose(&mut ov, info(10), later);
-        choose(&mut ov, info(11), later);
-        assert_eq!(ov.active_len(), 5);
-        assert_eq!(ov.outbound_len(), 2);
-        // The quota is met: a third pick of our own is not owed a slot.
-        let mut out = Vec::new();
-        ov.request(
-            info(12),
-            Request::Neighbor {
-                priority: Priority::Low,
-                outbound: true,
-            },
-            later,
-            &mut out,
-        );
-        ov.handle(
-            Event::ConnectionUp {
-                peer: id(12),
-                addr: info(12).addr,
-            },
-            later,
-            &mut out,
-        );
-        out.clear();
-        ov.handle(
-            Event::Message {
-                from: id(12),
-                msg: OverlayMessage::NeighborReply { accepted: true },
-            },
-            later,
-            &mut out,
-        );
-        assert!(!ov.active.contains(&id(12)));
-        assert!(out.contains(&Command::Disconnect(id(12))));
     }
 
     #[test]
@@ -1492,119 +845,6 @@ mod tests {
     }
 
     #[test]
-    fn a_shuffle_swaps_samples_between_both_ends() {
-        let mut net = Net::new(2);
-        // One neighbour each, so neither tries the made-up passive peers below.
-        let config = Config {
-            active_view: 1,
-            ..Config::default()
-        };
-        for n in 0..2 {
-            let node = Overlay::new(config.clone(), info(n), u64::from(n), net.now);
-            net.nodes.insert(id(n), node);
-        }
-        let (a, b) = (id(0), id(1));
-        net.queue.push_back((b, Event::Contact(info(0))));
-        net.pump();
-        assert!(net.nodes[&a].active.contains(&b));
-        let now = net.now;
-        for n in 10..14 {
-            let node = net.nodes.get_mut(&a).unwrap();
-            node.keep_passive(info(n), Host::of(info(n).addr.ip()), false, now, &[]);
-        }
-        for n in 20..24 {
-            let node = net.nodes.get_mut(&b).unwrap();
-            node.keep_passive(info(n), Host::of(info(n).addr.ip()), false, now, &[]);
-        }
-        // Whoever shuffles first, both end up knowing the other's passive peers.
-        net.tick(Duration::from_secs(120));
-        let a_knows: BTreeSet<PeerId> = net.nodes[&a].passive().collect();
-        let b_knows: BTreeSet<PeerId> = net.nodes[&b].passive().collect();
-        assert!((20..24).all(|n| a_knows.contains(&id(n))), "{a_knows:?}");
-        assert!((10..14).all(|n| b_knows.contains(&id(n))), "{b_knows:?}");
-        assert!(net.nodes[&a].shuffle.is_none() || net.nodes[&b].shuffle.is_none());
-    }
-
-    #[test]
-    fn a_failed_neighbour_is_forgotten_and_replaced_from_the_passive_view() {
-        let now = Instant::now();
-        let mut ov = overlay(0, now);
-        ask(&mut ov, info(1), Priority::Low, now);
-        ask(&mut ov, info(2), Priority::Low, now);
-        ask(&mut ov, info(4), Priority::Low, now);
-        ov.keep_passive(info(3), Host::of(info(3).addr.ip()), true, now, &[]);
-        let later = now + Duration::from_secs(100);
-        let mut out = Vec::new();
-        ov.handle(
-            Event::ConnectionDown {
-                peer: id(1),
-                graceful: false,
-            },
-            later,
-            &mut out,
-        );
-        assert!(out.contains(&Command::NeighborDown(id(1))));
-        assert!(!ov.passive.contains(&id(1)));
-        assert!(out.contains(&Command::Connect(info(3))));
-        out.clear();
-        ov.handle(
-            Event::ConnectionUp {
-                peer: id(3),
-                addr: info(3).addr,
-            },
-            later,
-            &mut out,
-        );
-        assert!(out.contains(&Command::Send {
-            to: id(3),
-            msg: OverlayMessage::Neighbor {
-                addr: info(0).addr,
-                priority: Priority::Low
-            }
-        }));
-        // A graceful close keeps the peer for later repairs; with one neighbour left the next
-        // request is high priority.
-        let mut out = Vec::new();
-        ov.handle(
-            Event::ConnectionDown {
-                peer: id(4),
-                graceful: false,
-            },
-            later,
-            &mut out,
-        );
-        out.clear();
-        ov.handle(
-            Event::ConnectionDown {
-                peer: id(2),
-                graceful: true,
-            },
-            later,
-            &mut out,
-        );
-        assert!(ov.passive.contains(&id(2)));
-        assert!(out.contains(&Command::Connect(info(2))), "{out:?}");
-        ov.handle(
-            Event::ConnectionUp {
-                peer: id(2),
-                addr: info(2).addr,
-            },
-            later,
-            &mut out,
-        );
-        assert!(out.contains(&Command::Send {
-            to: id(2),
-            msg: OverlayMessage::Neighbor {
-                addr: info(0).addr,
-                priority: Priority::High
-            }
-        }));
-        // A dial that fails forgets the address.
-        ov.handle(Event::DialFailed { peer: id(3) }, later, &mut out);
-        assert!(!ov.passive.contains(&id(3)));
-    }
-
-    #[test]
     fn hostile_messages_change_nothing_and_state_stays_bounded() {
         let now = Instant::now();
         let mut ov = overlay(0, now);
@@ -1625,7 +865,8 @@ mod tests {
                 stranger.id,
                 OverlayMessage::Shuffle {
                     nonce: 1,
-                    origin: stranger,
+                    // Not its own: a walk a stranger claims to relay.
+                    origin: info(55),
                     ttl: 0,
                     peers: PeerList(vec![info(52)]),
                 },
@@ -1639,19 +880,17 @@ mod tests {
             ),
             (
                 stranger.id,
-                OverlayMessage::NeighborReply { accepted: true },
-            ),
-            (
-                stranger.id,
-                OverlayMessage::Join {
-                    addr: stranger.addr,
+                OverlayMessage::NeighborReply {
+                    accepted: true,
+                    peers: PeerList::default(),
                 },
             ),
+            (stranger.id, OverlayMessage::Join { info: stranger }),
             (stranger.id, OverlayMessage::Disconnect),
             (
                 id(0),
                 OverlayMessage::Neighbor {
-                    addr: info(0).addr,
+                    info: info(0),
                     priority: Priority::High,
                 },
             ),
@@ -1707,7 +946,10 @@ mod tests {
             Event::Message {
                 from: id(70),
                 msg: OverlayMessage::Join {
-                    addr: info(71).addr,
+                    info: PeerInfo {
+                        addr: info(71).addr,
+                        ..info(70)
+                    },
                 },
             },
             now,
@@ -1748,17 +990,20 @@ mod tests {
         use proptest::test_runner::{Config as RunnerConfig, TestRunner};
         let msg = prop_oneof![
             any::<u16>().prop_map(|n| OverlayMessage::Join {
-                addr: info(u32::from(n) % 40).addr
+                info: info(u32::from(n) % 40)
             }),
             (any::<u16>(), any::<u8>()).prop_map(|(n, ttl)| OverlayMessage::ForwardJoin {
                 joiner: info(u32::from(n) % 40),
                 ttl,
             }),
             (any::<u16>(), any::<bool>()).prop_map(|(n, high)| OverlayMessage::Neighbor {
-                addr: info(u32::from(n) % 40).addr,
+                info: info(u32::from(n) % 40),
                 priority: if high { Priority::High } else { Priority::Low },
             }),
-            any::<bool>().prop_map(|accepted| OverlayMessage::NeighborReply { accepted }),
+            any::<bool>().prop_map(|accepted| OverlayMessage::NeighborReply {
+                accepted,
+                peers: PeerList(vec![info(30)]),
+            }),
             Just(OverlayMessage::Disconnect),
             (
                 any::<u16>(),

@@ -19,6 +19,9 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use super::broadcast::{
+    Broadcast, BroadcastCommand, BroadcastConfig, BroadcastEvent, BroadcastMessage,
+};
 use super::{Command, Config, Event, Overlay, OverlayMessage, PeerInfo, PeerList, Priority};
 use crate::peer_id::PeerId;
 use crate::rng::Rng;
@@ -61,6 +64,11 @@ pub struct SimConfig {
     pub sybil_hosts: usize,
     /// Time with churn after the flood.
     pub flood_for: Duration,
+    /// Job adverts broadcast (PlumTree over the active views), one every 30 s from a random
+    /// live honest peer, starting 15 s into the churn.
+    pub adverts: usize,
+    /// Bytes of each advert's payload.
+    pub advert_bytes: usize,
     pub overlay: Config,
 }
 
@@ -82,6 +90,8 @@ impl SimConfig {
             sybil_share: 0.10,
             sybil_hosts: 20,
             flood_for: Duration::from_secs(120),
+            adverts: 8,
+            advert_bytes: 300,
             overlay: Config::default(),
         }
     }
@@ -127,6 +137,15 @@ pub struct Shape {
     /// Largest connected component of live honest peers over the active views (links to
     /// Sybils not counted), as a share of the live honest peers.
     pub largest_component: f64,
+    /// Live honest peers outside the largest component, and how many other components they
+    /// form (a peer with no honest neighbour is a component of its own).
+    pub outside: usize,
+    pub other_components: usize,
+    /// The second largest component, in peers.
+    pub second_component: usize,
+    /// Of the peers outside the largest component, those that started less than
+    /// [`JOINING`] ago: joins under way, not peers the overlay lost.
+    pub outside_joining: usize,
     pub active_min: usize,
     pub active_mean: f64,
     pub active_max: usize,
@@ -156,7 +175,8 @@ pub struct Report {
     pub dead_left_active: Spread,
     /// From a crash until no live peer's active or passive view holds the peer.
     pub dead_left_all: Spread,
-    /// Peers crashed at least a minute before the end that some view still held at the end.
+    /// Peers crashed longer than the overlay's `max_age` (and a second) before the end that
+    /// some view still held at the end: none, if copies expire as they should.
     pub dead_still_held: usize,
     pub crashed: usize,
     pub messages: u64,
@@ -164,6 +184,12 @@ pub struct Report {
     pub events: u64,
     /// Real time the run took.
     pub wall: Duration,
+    /// From an advert's publication until 99 % of the live honest peers had it.
+    pub advert_reach: Spread,
+    /// Adverts that never reached 99 % of the live honest peers.
+    pub adverts_short: usize,
+    /// Broadcast bytes sent by honest peers per advert, per live honest peer.
+    pub advert_bytes_per_peer: f64,
 }
 
 #[derive(Debug)]
@@ -197,6 +223,16 @@ enum SimEvent {
     },
     Second,
     Churn,
+    BroadcastDeliver {
+        to: u32,
+        from: u32,
+        msg: BroadcastMessage,
+    },
+    BroadcastTimer {
+        node: u32,
+        at: Instant,
+    },
+    Publish,
     Phase(Phase),
 }
 
@@ -219,6 +255,16 @@ struct Node {
     timer_at: Option<Instant>,
     sent: u64,
     crashed_at: Option<Duration>,
+    started: Duration,
+    broadcast: Broadcast,
+    broadcast_timer_at: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Advert {
+    published: Duration,
+    reached: usize,
+    reach: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -250,9 +296,17 @@ struct Sim {
     out: Vec<Command>,
     seen: Vec<u32>,
     seen_mark: u32,
+    adverts: Vec<Advert>,
+    broadcast_bytes: u64,
 }
 
 const NOT_LIVE: u32 = u32::MAX;
+/// A peer started less than this long ago and not yet connected is counted as joining.
+pub const JOINING: Duration = Duration::from_secs(2);
+/// Wall-clock milliseconds at the start of a run (2026-12-07).
+const SIM_EPOCH_MS: u64 = 1_796_601_600_000;
+/// Bootstrap contacts each peer is given, as a bootstrap list of a few addresses.
+const CONTACTS: usize = 3;
 /// A dial to a dead address fails after the handshake timeout.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -314,11 +368,18 @@ impl Sim {
             out: Vec::new(),
             seen: Vec::new(),
             seen_mark: 0,
+            adverts: Vec::new(),
+            broadcast_bytes: 0,
         }
     }
 
     fn instant(&self) -> Instant {
         self.base + self.now
+    }
+
+    /// The simulated wall clock: every peer's clock agrees.
+    fn unix_ms(&self) -> u64 {
+        SIM_EPOCH_MS + self.now.as_millis() as u64
     }
 
     fn delay(&mut self) -> Duration {
@@ -337,10 +398,7 @@ impl Sim {
                 )
             }),
         );
-        let info = PeerInfo {
-            id: peer_id(index),
-            addr,
-        };
+        let info = PeerInfo::new(peer_id(index), addr, self.unix_ms());
         let config = if sybil {
             // Caps are for honest peers; a Sybil takes every neighbour it can get.
             Config {
@@ -349,6 +407,7 @@ impl Sim {
                 outbound_min: 15,
                 active_per_host: usize::MAX,
                 passive_per_host: usize::MAX,
+                young_inbound_max: usize::MAX,
                 repair_max: Duration::from_secs(2),
                 ..self.cfg.overlay.clone()
             }
@@ -366,6 +425,9 @@ impl Sim {
             timer_at: None,
             sent: 0,
             crashed_at: None,
+            started: Duration::ZERO,
+            broadcast: Broadcast::new(BroadcastConfig::default()),
+            broadcast_timer_at: None,
         });
         self.active_holders.push(0);
         self.live_at.push(NOT_LIVE);
@@ -399,19 +461,19 @@ impl Sim {
     }
 
     fn start(&mut self, node: u32) {
-        let contact = self.contact();
+        let contacts: Vec<u32> = (0..CONTACTS).filter_map(|_| self.contact()).collect();
         let n = &mut self.nodes[node as usize];
         n.alive = true;
+        n.started = self.now;
         if !n.sybil {
             self.live_at[node as usize] = self.live_honest.len() as u32;
             self.live_honest.push(node);
         }
-        if let Some(contact) = contact {
+        for &contact in &contacts {
             let info = self.nodes[contact as usize].info;
             self.feed(node, Event::Contact(info));
-        } else {
-            self.arm_timer(node);
         }
+        self.arm_timer(node);
     }
 
     fn crash(&mut self, node: u32) {
@@ -505,13 +567,14 @@ impl Sim {
             PeerList(
                 (0..n)
                     .filter_map(|_| rng.choose(&self.sybil_ids).copied())
-                    .map(|i| self.nodes[i as usize].info)
+                    // Fresh copies: each Sybil re-issues its own info like anyone.
+                    .map(|i| self.nodes[i as usize].overlay.me())
                     .collect(),
             )
         };
         match msg {
-            OverlayMessage::Neighbor { addr, .. } => OverlayMessage::Neighbor {
-                addr,
+            OverlayMessage::Neighbor { info, .. } => OverlayMessage::Neighbor {
+                info,
                 priority: Priority::High,
             },
             OverlayMessage::Shuffle {
@@ -528,6 +591,14 @@ impl Sim {
             OverlayMessage::ShuffleReply { nonce, peers } => OverlayMessage::ShuffleReply {
                 nonce,
                 peers: sybils(peers, &mut self.rng),
+            },
+            OverlayMessage::Refresh { info, peers } => OverlayMessage::Refresh {
+                info,
+                peers: sybils(peers, &mut self.rng),
+            },
+            OverlayMessage::NeighborReply { accepted, .. } => OverlayMessage::NeighborReply {
+                accepted,
+                peers: sybils(PeerList(vec![self.nodes[0].info; 4]), &mut self.rng),
             },
             other => other,
         }
@@ -577,12 +648,110 @@ impl Sim {
                 if let Some(held) = self.active_holders.get_mut(index_of(&peer) as usize) {
                     *held += 1;
                 }
+                self.feed_broadcast(node, BroadcastEvent::NeighborUp(peer));
             }
             Command::NeighborDown(peer) => {
                 if let Some(held) = self.active_holders.get_mut(index_of(&peer) as usize) {
                     *held = held.saturating_sub(1);
                 }
+                self.feed_broadcast(node, BroadcastEvent::NeighborDown(peer));
             }
+        }
+    }
+
+    /// Drives a peer's broadcast state; Sybils run none (they forward no advert).
+    fn feed_broadcast(&mut self, node: u32, event: BroadcastEvent) {
+        let n = &self.nodes[node as usize];
+        if !n.alive || n.sybil {
+            return;
+        }
+        let now = self.instant();
+        let unix = self.unix_ms();
+        let mut out = Vec::new();
+        self.nodes[node as usize]
+            .broadcast
+            .handle(event, now, unix, &mut out);
+        for cmd in out {
+            match cmd {
+                BroadcastCommand::Send { to, msg } => {
+                    let to = index_of(&to);
+                    let bytes = msg.encoded_len() as u64 + PACKET_OVERHEAD;
+                    self.nodes[node as usize].sent += bytes;
+                    self.broadcast_bytes += bytes;
+                    self.report.messages += 1;
+                    let valid = (to as usize) < self.nodes.len();
+                    if !valid
+                        || self.connected(node, to).is_none()
+                        || self.rng.chance(self.cfg.loss)
+                    {
+                        self.report.lost += 1;
+                        continue;
+                    }
+                    let at = self.now + self.delay();
+                    self.queue.push(
+                        at,
+                        SimEvent::BroadcastDeliver {
+                            to,
+                            from: node,
+                            msg,
+                        },
+                    );
+                }
+                BroadcastCommand::Deliver { id, .. } => self.delivered(node, id),
+            }
+        }
+        let n = &mut self.nodes[node as usize];
+        if let Some(at) = n.broadcast.poll_timeout() {
+            let at = at.max(now + Duration::from_millis(1));
+            if n.broadcast_timer_at.is_none_or(|t| at < t || t <= now) {
+                n.broadcast_timer_at = Some(at);
+                self.queue
+                    .push(at - self.base, SimEvent::BroadcastTimer { node, at });
+            }
+        }
+    }
+
+    fn delivered(&mut self, node: u32, id: [u8; 32]) {
+        let k = u32::from_le_bytes([id[0], id[1], id[2], id[3]]) as usize;
+        let Some(advert) = self.adverts.get_mut(k) else {
+            return;
+        };
+        if self.live_at[node as usize] == NOT_LIVE {
+            return;
+        }
+        advert.reached += 1;
+        let need = (self.live_honest.len() as f64 * 0.99).ceil() as usize;
+        if advert.reach.is_none() && advert.reached >= need {
+            advert.reach = Some(self.now - advert.published);
+        }
+    }
+
+    fn publish(&mut self) {
+        let Some(&origin) = self.rng.choose(&self.live_honest) else {
+            return;
+        };
+        let k = self.adverts.len() as u32;
+        let mut id = [0u8; 32];
+        id[..4].copy_from_slice(&k.to_le_bytes());
+        id[4..12].copy_from_slice(&self.rng.next_u64().to_le_bytes());
+        self.adverts.push(Advert {
+            published: self.now,
+            reached: 0,
+            reach: None,
+        });
+        let expires = self.unix_ms() + 600_000;
+        let payload = vec![0xad; self.cfg.advert_bytes];
+        self.feed_broadcast(
+            origin,
+            BroadcastEvent::Publish {
+                id,
+                expires,
+                payload,
+            },
+        );
+        if self.adverts.len() < self.cfg.adverts {
+            self.queue
+                .push(self.now + Duration::from_secs(30), SimEvent::Publish);
         }
     }
 
@@ -807,12 +976,28 @@ impl Sim {
             s.active_max = s.active_max.max(len);
         }
         let mut sizes = vec![0u32; n];
+        let mut roots = Vec::with_capacity(self.live_honest.len());
         for &i in &self.live_honest {
             let root = find(&mut parent, i);
             sizes[root as usize] += 1;
+            roots.push((i, root));
         }
         let live = self.live_honest.len().max(1) as f64;
-        s.largest_component = f64::from(sizes.iter().copied().max().unwrap_or(0)) / live;
+        let mut nonzero: Vec<u32> = sizes.iter().copied().filter(|&c| c > 0).collect();
+        nonzero.sort_unstable_by(|a, b| b.cmp(a));
+        let largest = nonzero.first().copied().unwrap_or(0);
+        s.largest_component = f64::from(largest) / live;
+        s.outside = self.live_honest.len() - largest as usize;
+        let main = sizes.iter().position(|&c| c == largest && c > 0);
+        s.outside_joining = roots
+            .iter()
+            .filter(|&&(i, root)| {
+                main.is_some_and(|m| root as usize != m)
+                    && self.now.saturating_sub(self.nodes[i as usize].started) < JOINING
+            })
+            .count();
+        s.other_components = nonzero.len().saturating_sub(1);
+        s.second_component = nonzero.get(1).copied().unwrap_or(0) as usize;
         s.active_mean = active_total as f64 / live;
         s.outbound_mean = outbound_total as f64 / live;
         s.passive_mean = passive_total as f64 / live;
@@ -856,7 +1041,9 @@ impl Sim {
                 self.report.flood = self.close_window(self.cfg.flood_for);
                 self.report.after_flood = self.shape();
                 let mark = self.mark_held();
-                let long_ago = self.now.saturating_sub(Duration::from_secs(60));
+                let long_ago = self
+                    .now
+                    .saturating_sub(self.cfg.overlay.max_age + Duration::from_secs(1));
                 self.report.dead_still_held = self
                     .nodes
                     .iter()
@@ -882,6 +1069,10 @@ impl Sim {
         let end = flood + cfg.flood_for;
         self.queue.push(idle, SimEvent::Phase(Phase::IdleWindow));
         self.queue.push(churn, SimEvent::Phase(Phase::ChurnStart));
+        if cfg.adverts > 0 {
+            self.queue
+                .push(churn + Duration::from_secs(15), SimEvent::Publish);
+        }
         self.queue.push(flood, SimEvent::Phase(Phase::Flood));
         self.queue.push(end, SimEvent::Phase(Phase::End));
         self.queue.push(Duration::from_secs(1), SimEvent::Second);
@@ -929,6 +1120,25 @@ impl Sim {
                         self.second();
                     }
                 }
+                SimEvent::BroadcastDeliver { to, from, msg } => {
+                    if self.connected(to, from).is_some() {
+                        let from = self.nodes[from as usize].info.id;
+                        self.feed_broadcast(to, BroadcastEvent::Message { from, msg });
+                    } else {
+                        self.report.lost += 1;
+                    }
+                }
+                SimEvent::BroadcastTimer { node, at } => {
+                    if self.nodes[node as usize].broadcast_timer_at == Some(at) {
+                        self.nodes[node as usize].broadcast_timer_at = None;
+                        self.feed_broadcast(node, BroadcastEvent::Timer);
+                    }
+                }
+                SimEvent::Publish => {
+                    if self.now < end {
+                        self.publish();
+                    }
+                }
                 SimEvent::Churn => {
                     if self.now < end {
                         self.churn();
@@ -945,6 +1155,18 @@ impl Sim {
         self.report.peers = cfg.peers;
         self.report.dead_left_active = Spread::of(std::mem::take(&mut self.left_active));
         self.report.dead_left_all = Spread::of(std::mem::take(&mut self.left_all));
+        self.report.advert_reach = Spread::of(
+            self.adverts
+                .iter()
+                .filter_map(|a| a.reach.map(|d| d.as_secs_f64()))
+                .collect(),
+        );
+        self.report.adverts_short = self.adverts.iter().filter(|a| a.reach.is_none()).count();
+        if !self.adverts.is_empty() {
+            self.report.advert_bytes_per_peer = self.broadcast_bytes as f64
+                / self.adverts.len() as f64
+                / self.live_honest.len().max(1) as f64;
+        }
         self.report.wall = wall.elapsed();
         self.report
     }
@@ -985,6 +1207,7 @@ mod tests {
                 flood_for: Duration::from_secs(60),
                 ..SimConfig::issue(600, seed)
             };
+            let cfg_max_age = cfg.overlay.max_age;
             let r = run(cfg);
             eprintln!("seed {seed}: {r:?}");
             for (name, s) in [
@@ -996,7 +1219,7 @@ mod tests {
                 assert!(s.active_mean >= 4.0, "{name}: {s:?}");
             }
             assert!(r.after_joins.largest_component >= 0.999, "{r:?}");
-            assert!(r.after_churn.largest_component >= 0.99, "{r:?}");
+            assert!(r.after_churn.largest_component >= 0.998, "{r:?}");
             // Honest peers whose only neighbours are Sybils count as cut off.
             assert!(r.after_flood.largest_component >= 0.97, "{r:?}");
             assert!(r.idle.mean < 2000.0, "{:?}", r.idle);
@@ -1005,8 +1228,23 @@ mod tests {
             // All but those crashed in the last seconds of the run.
             assert!(r.dead_left_active.count + 10 >= r.crashed, "{r:?}");
             assert!(r.dead_left_active.max <= 8.0, "{:?}", r.dead_left_active);
+            // A dead peer's last copy expires `max_age` after it was issued, so it leaves
+            // every passive view within that of its crash.
+            let max_age = cfg_max_age.as_secs_f64();
+            assert!(
+                r.dead_left_all.max <= max_age + 1.0,
+                "{:?}",
+                r.dead_left_all
+            );
+            assert!(r.dead_left_all.count >= 10, "{:?}", r.dead_left_all);
+            assert_eq!(r.dead_still_held, 0, "{r:?}");
+            // Adverts reach 99 % of the live honest peers within 10 s of virtual time; one sent
+            // during the flood may not, when more than 1 % of them hold only Sybils.
+            assert!(r.adverts_short <= 1, "{r:?}");
+            assert!(r.advert_reach.count >= 3, "{:?}", r.advert_reach);
+            assert!(r.advert_reach.max <= 10.0, "{:?}", r.advert_reach);
             // Short of the issue's 1 %: see BENCHMARKS.md.
-            assert!(r.after_flood.sybil_majority < 0.08, "{:?}", r.after_flood);
+            assert!(r.after_flood.sybil_majority < 0.07, "{:?}", r.after_flood);
         }
     }
 }

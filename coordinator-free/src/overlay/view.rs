@@ -21,6 +21,15 @@ pub struct ActiveEntry {
     pub outbound: bool,
     /// When the neighbour entered the view.
     pub since: Instant,
+    /// When this peer first heard of the neighbour (as a passive entry, or when it asked).
+    pub known_since: Instant,
+}
+
+impl ActiveEntry {
+    /// An identity first heard of after `settled`: one of a flood's, or a newcomer's.
+    pub fn is_young(&self, settled: Instant) -> bool {
+        self.known_since > settled
+    }
 }
 
 /// A peer known by address only, kept for repairs and shuffles.
@@ -37,9 +46,14 @@ pub struct PassiveEntry {
 }
 
 impl PassiveEntry {
-    /// Orders entries by how much history they carry: verified ones first, then the oldest.
-    fn history(&self) -> (bool, std::cmp::Reverse<Instant>) {
-        (self.verified, std::cmp::Reverse(self.first_seen))
+    /// Orders entries by how much history they carry: those first heard of before `settled`
+    /// first, and among them those that were neighbours. Having been a neighbour counts only
+    /// for a settled identity: a flood's identities get inbound slots and are sent back to
+    /// the passive view all the time. Within a rank all are alike, so picks spread over the
+    /// view instead of all peers asking the same longest-known few.
+    fn history(&self, settled: Instant) -> (bool, bool) {
+        let old = self.first_seen <= settled;
+        (old, old && self.verified)
     }
 }
 
@@ -77,6 +91,25 @@ impl ActiveView {
 
     pub fn outbound(&self) -> usize {
         self.entries.iter().filter(|e| e.outbound).count()
+    }
+
+    /// Inbound neighbours whose identity is young.
+    pub fn young_inbound(&self, settled: Instant) -> usize {
+        self.entries
+            .iter()
+            .filter(|e| !e.outbound && e.is_young(settled))
+            .count()
+    }
+
+    /// A young inbound neighbour drawn at random: the only kind a young identity may displace.
+    pub fn young_victim(&self, rng: &mut Rng, settled: Instant) -> Option<PeerId> {
+        let young: Vec<PeerId> = self
+            .entries
+            .iter()
+            .filter(|e| !e.outbound && e.is_young(settled))
+            .map(|e| e.info.id)
+            .collect();
+        rng.choose(&young).copied()
     }
 
     /// The inbound neighbour to give up for a newcomer: one drawn among those that joined after
@@ -148,8 +181,9 @@ impl PassiveView {
     }
 
     /// Adds `entry` under the view's cap and the per-host cap. A full view makes room by
-    /// dropping an entry drawn from `prefer_drop` if there is one (the peers just sent away in
-    /// a shuffle, as the paper does), otherwise the one with less history of two drawn at
+    /// dropping an entry drawn from `prefer_drop` if there is one with no more history than
+    /// the newcomer (the peers just sent away in a shuffle, as the paper does; settled ones
+    /// stay, or shuffles would turn the whole view over in minutes), otherwise the one with less history of two drawn at
     /// random; a newcomer never displaces an entry with more history than itself.
     /// Returns whether the entry is now in the view.
     pub fn insert(
@@ -158,12 +192,13 @@ impl PassiveView {
         cap: usize,
         per_host: usize,
         prefer_drop: &[PeerId],
+        settled: Instant,
         rng: &mut Rng,
     ) -> bool {
         if let Some(known) = self.entries.iter_mut().find(|e| e.info.id == entry.info.id) {
             known.verified |= entry.verified;
-            if entry.verified {
-                // A confirmed address replaces a hearsay one.
+            // The fresher copy wins, never an older one: a replay cannot roll an entry back.
+            if entry.info.issued > known.info.issued {
                 known.info = entry.info;
                 known.host = entry.host;
             }
@@ -179,16 +214,19 @@ impl PassiveView {
         let victim = self
             .entries
             .iter()
-            .position(|e| prefer_drop.contains(&e.info.id))
+            .position(|e| {
+                prefer_drop.contains(&e.info.id) && e.history(settled) <= entry.history(settled)
+            })
             .or_else(|| {
                 let a = rng.index(self.entries.len());
                 let b = rng.index(self.entries.len());
-                let weaker = if self.entries[a].history() <= self.entries[b].history() {
+                let weaker = if self.entries[a].history(settled) <= self.entries[b].history(settled)
+                {
                     a
                 } else {
                     b
                 };
-                (self.entries[weaker].history() <= entry.history()).then_some(weaker)
+                (self.entries[weaker].history(settled) <= entry.history(settled)).then_some(weaker)
             });
         match victim {
             Some(at) => {
@@ -210,17 +248,54 @@ impl PassiveView {
         picks[..n].iter().map(|&i| self.entries[i].info).collect()
     }
 
-    /// A candidate for a new outbound neighbour: of two entries drawn among those `usable`
-    /// accepts, the one with more history, so fresh identities rarely win against peers this
-    /// one has known for long, while the choice stays spread over the whole view.
-    pub fn pick(&self, rng: &mut Rng, usable: impl Fn(&PassiveEntry) -> bool) -> Option<PeerInfo> {
-        let candidates: Vec<&PassiveEntry> = self.entries.iter().filter(|e| usable(e)).collect();
-        if candidates.is_empty() {
-            return None;
+    /// A candidate for a new outbound neighbour: drawn among those `usable` accepts with the
+    /// most history, so fresh identities never win against peers this one has known for
+    /// long, while the choice stays spread over the entries of that rank.
+    pub fn pick(
+        &self,
+        rng: &mut Rng,
+        settled: Instant,
+        usable: impl Fn(&PassiveEntry) -> bool,
+    ) -> Option<PeerInfo> {
+        let best = self
+            .entries
+            .iter()
+            .filter(|e| usable(e))
+            .map(|e| e.history(settled))
+            .max()?;
+        let candidates: Vec<&PassiveEntry> = self
+            .entries
+            .iter()
+            .filter(|e| usable(e) && e.history(settled) == best)
+            .collect();
+        rng.choose(&candidates).map(|e| e.info)
+    }
+
+    /// Up to `n` distinct entries drawn at random, settled ones first: what a contact hands a
+    /// newcomer, who takes them as settled too.
+    pub fn sample_settled(&self, rng: &mut Rng, n: usize, settled: Instant) -> Vec<PeerInfo> {
+        let mut old: Vec<PeerInfo> = Vec::new();
+        let mut young: Vec<PeerInfo> = Vec::new();
+        for e in &self.entries {
+            if e.first_seen <= settled {
+                old.push(e.info);
+            } else {
+                young.push(e.info);
+            }
         }
-        let a = candidates[rng.index(candidates.len())];
-        let b = candidates[rng.index(candidates.len())];
-        Some(if a.history() >= b.history() { a } else { b }.info)
+        rng.shuffle(&mut old);
+        rng.shuffle(&mut young);
+        old.extend(young);
+        old.truncate(n);
+        old
+    }
+
+    /// When this peer first heard of `id`, if it is in the view.
+    pub fn first_seen(&self, id: &PeerId) -> Option<Instant> {
+        self.entries
+            .iter()
+            .find(|e| e.info.id == *id)
+            .map(|e| e.first_seen)
     }
 }
 
@@ -234,10 +309,7 @@ mod tests {
     fn entry(n: u8, block: u8, age_s: u64, base: Instant, verified: bool) -> PassiveEntry {
         let ip = Ipv4Addr::new(1, 2, block, n);
         PassiveEntry {
-            info: PeerInfo {
-                id: PeerId::from_bytes([n; 32]),
-                addr: SocketAddr::from((ip, 4000)),
-            },
+            info: PeerInfo::new(PeerId::from_bytes([n; 32]), SocketAddr::from((ip, 4000)), 1),
             host: Host::of(ip.into()),
             first_seen: base + Duration::from_secs(1000 - age_s),
             verified,
@@ -248,49 +320,87 @@ mod tests {
     #[test]
     fn passive_caps_per_host_and_in_total() {
         let base = Instant::now();
+        let settled = base;
         let mut rng = Rng::seed_from_u64(1);
         let mut view = PassiveView::default();
-        assert!(view.insert(entry(1, 7, 5, base, false), 4, 2, &[], &mut rng));
-        assert!(view.insert(entry(2, 7, 5, base, false), 4, 2, &[], &mut rng));
+        assert!(view.insert(entry(1, 7, 5, base, false), 4, 2, &[], settled, &mut rng));
+        assert!(view.insert(entry(2, 7, 5, base, false), 4, 2, &[], settled, &mut rng));
         // A third identity from the same /24 is refused.
-        assert!(!view.insert(entry(3, 7, 5, base, false), 4, 2, &[], &mut rng));
-        assert!(view.insert(entry(4, 8, 5, base, false), 4, 2, &[], &mut rng));
-        assert!(view.insert(entry(5, 9, 5, base, false), 4, 2, &[], &mut rng));
+        assert!(!view.insert(entry(3, 7, 5, base, false), 4, 2, &[], settled, &mut rng));
+        assert!(view.insert(entry(4, 8, 5, base, false), 4, 2, &[], settled, &mut rng));
+        assert!(view.insert(entry(5, 9, 5, base, false), 4, 2, &[], settled, &mut rng));
         assert_eq!(view.len(), 4);
         // Re-inserting a known peer neither grows the view nor counts against the caps.
-        assert!(view.insert(entry(5, 9, 5, base, true), 4, 2, &[], &mut rng));
+        assert!(view.insert(entry(5, 9, 5, base, true), 4, 2, &[], settled, &mut rng));
         assert_eq!(view.len(), 4);
     }
 
     #[test]
     fn a_fresh_identity_never_displaces_an_older_or_verified_entry() {
         let base = Instant::now();
+        // Entries first seen 500 s before the end are settled, those of 1 s are not.
+        let settled = base + Duration::from_secs(1000 - 300);
         let mut rng = Rng::seed_from_u64(2);
         let mut view = PassiveView::default();
         for n in 0..8 {
-            assert!(view.insert(entry(n, n, 500, base, n % 2 == 0), 8, 1, &[], &mut rng));
+            assert!(view.insert(
+                entry(n, n, 500, base, n % 2 == 0),
+                8,
+                1,
+                &[],
+                settled,
+                &mut rng
+            ));
         }
         for n in 100..200 {
-            assert!(!view.insert(entry(n, n, 1, base, false), 8, 1, &[], &mut rng));
+            assert!(!view.insert(entry(n, n, 1, base, false), 8, 1, &[], settled, &mut rng));
         }
         assert!((0..8).all(|n| view.contains(&PeerId::from_bytes([n; 32]))));
-        // Entries named to drop (those sent away in a shuffle) go first.
+        // Entries named to drop (those sent away in a shuffle) go first, but a settled one
+        // only for a settled newcomer.
         let sent = [PeerId::from_bytes([3; 32])];
-        assert!(view.insert(entry(150, 150, 1, base, false), 8, 1, &sent, &mut rng));
+        assert!(!view.insert(
+            entry(150, 150, 1, base, false),
+            8,
+            1,
+            &sent,
+            settled,
+            &mut rng
+        ));
+        assert!(view.contains(&sent[0]));
+        assert!(view.insert(
+            entry(151, 151, 500, base, false),
+            8,
+            1,
+            &sent,
+            settled,
+            &mut rng
+        ));
         assert!(!view.contains(&sent[0]));
+        // A fresher copy of a known entry replaces it; an older one never does.
+        let mut newer = entry(151, 151, 500, base, false);
+        newer.info.issued = 5;
+        assert!(view.insert(newer, 8, 1, &[], settled, &mut rng));
+        let mut older = newer;
+        older.info.issued = 2;
+        assert!(view.insert(older, 8, 1, &[], settled, &mut rng));
+        let kept = view.entries.iter().find(|e| e.info.id == newer.info.id);
+        assert_eq!(kept.map(|e| e.info.issued), Some(5));
     }
 
     #[test]
     fn inbound_victims_spare_outbound_and_established_neighbours() {
         let base = Instant::now();
         let mk = |n: u8, outbound: bool, at: u64| ActiveEntry {
-            info: PeerInfo {
-                id: PeerId::from_bytes([n; 32]),
-                addr: SocketAddr::from((Ipv4Addr::new(1, 1, n, 1), 1)),
-            },
+            info: PeerInfo::new(
+                PeerId::from_bytes([n; 32]),
+                SocketAddr::from((Ipv4Addr::new(1, 1, n, 1), 1)),
+                1,
+            ),
             host: Host::of(Ipv4Addr::new(1, 1, n, 1).into()),
             outbound,
             since: base + Duration::from_secs(at),
+            known_since: base,
         };
         let view = ActiveView {
             entries: vec![mk(1, true, 90), mk(2, false, 10), mk(3, false, 50)],
