@@ -1,6 +1,6 @@
 //! Runs the overlay simulation at the scale of a volunteer network and prints what it
 //! measured: the scenario of the internet-scale issue (5 % loss, 10 % of the peers churned per
-//! minute, a flood of 10 % fresh identities from 20 hosts).
+//! minute, a flood of 10 % fresh identities from 20 hosts, a job advert broadcast every 30 s).
 //!
 //! ```sh
 //! cargo run --release -p coordinator-free --example overlay_sim -- 10000 1

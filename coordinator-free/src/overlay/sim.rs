@@ -1,6 +1,7 @@
 //! A deterministic simulation of the overlay at the scale of a volunteer network.
 //!
-//! Every peer runs an [`Overlay`] on an in-memory network in virtual time: messages get a
+//! Every peer runs an [`Overlay`] (and a [`Broadcast`] for job adverts, driven by the
+//! overlay's neighbour changes) on an in-memory network in virtual time: messages get a
 //! random delay and may be lost, connections take a round trip to open, a crashed peer's
 //! connections time out at its neighbours as QUIC's keep-alives would (2 s pings under a 6 s
 //! idle timeout), and dials to a dead peer fail after the 5 s handshake timeout. Everything
@@ -8,9 +9,11 @@
 //!
 //! A run has four phases: honest peers join; the network idles; a share of the peers crashes
 //! and is replaced by fresh joiners every minute; then, with churn going on, a flood of Sybil
-//! identities from a few hosts joins at once. Sybils run the same state machine without caps
-//! and lie where it helps them: every neighbour request they send claims high priority, and
-//! every shuffle they send or answer lists only Sybils.
+//! identities from a few hosts joins at once. Every peer is given three bootstrap contacts, and
+//! from 15 s into the churn a random live peer publishes a job advert every 30 s. Sybils run
+//! the same overlay without caps and lie where it helps them: every neighbour request they
+//! send claims high priority, every shuffle, refresh and refusal they send or answer lists only
+//! Sybils (fresh copies), and they forward no advert.
 //!
 //! Peers live in a `Vec` indexed by the number in their id; views are small vectors; the only
 //! whole-network passes are the once-a-second scan for dead peers still held somewhere and the
