@@ -32,7 +32,7 @@ pub mod close {
 }
 
 /// Connection timing and limits.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct NetConfig {
     /// Keep-alive pings, well below `idle_timeout` so a silent peer (crashed, unplugged) is
     /// noticed by the idle timer rather than by TCP-like retransmission back-off. Default 2 s.

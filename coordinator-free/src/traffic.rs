@@ -151,15 +151,6 @@ impl std::fmt::Debug for Traffic {
     }
 }
 
-/// Two configurations are alike whatever meter they count into: a meter is not a setting.
-impl PartialEq for Traffic {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for Traffic {}
-
 impl Traffic {
     fn meter(&self) -> std::sync::MutexGuard<'_, Meter> {
         // Only additions happen under the lock: a panic elsewhere leaves the counts usable.

@@ -413,15 +413,7 @@ fn hash_stamped(
     let started = SystemTime::now();
     let mut file = File::open(path).map_err(|e| named(path, e))?;
     let before = file.metadata().map_err(|e| named(path, e))?;
-    if !before.is_file() {
-        return Err(named(path, std::io::Error::other("not a file")));
-    }
-    if before.len() > MAX_INPUT_BYTES {
-        return Err(named(
-            path,
-            std::io::Error::other(format!("over the input cap of {MAX_INPUT_BYTES} bytes")),
-        ));
-    }
+    admit(&before).map_err(|e| named(path, e))?;
     let mut hasher = blake3::Hasher::new();
     let len = if before.len() >= MAP_AT_LEAST {
         let mapped = Mapped::of(&file, before.len()).map_err(|e| named(path, e))?;
@@ -460,8 +452,8 @@ fn hash_stamped(
     ))
 }
 
-/// The bytes of an open file whose metadata is `meta`, refused past the input cap.
-fn read_open(file: &mut File, meta: &std::fs::Metadata) -> std::io::Result<Vec<u8>> {
+/// Whether a file whose metadata is `meta` may be an input: a regular file within the cap.
+fn admit(meta: &std::fs::Metadata) -> std::io::Result<()> {
     if !meta.is_file() {
         return Err(std::io::Error::other("not a file"));
     }
@@ -470,6 +462,12 @@ fn read_open(file: &mut File, meta: &std::fs::Metadata) -> std::io::Result<Vec<u
             "over the input cap of {MAX_INPUT_BYTES} bytes"
         )));
     }
+    Ok(())
+}
+
+/// The bytes of an open file whose metadata is `meta`, refused past the input cap.
+fn read_open(file: &mut File, meta: &std::fs::Metadata) -> std::io::Result<Vec<u8>> {
+    admit(meta)?;
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.take(MAX_INPUT_BYTES + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > MAX_INPUT_BYTES {
