@@ -53,6 +53,9 @@ pub struct StatusReport {
     /// Bytes this peer's links moved, by kind.
     #[serde(default)]
     pub traffic: crate::traffic::TrafficReport,
+    /// The overlay's views and adverts, when the peer finds others through one.
+    #[serde(default)]
+    pub overlay: Option<OverlayStatus>,
 }
 
 /// Most running units a status lists.
@@ -146,6 +149,48 @@ pub struct PeerStatus {
     /// The job it is submitting now, if any.
     #[serde(default)]
     pub job: Option<crate::digest::Digest>,
+    /// How this peer knows of it.
+    #[serde(default)]
+    pub known_by: KnownBy,
+}
+
+/// How a peer in a status came to be known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KnownBy {
+    /// Its advert, in the full table every peer holds.
+    #[default]
+    Table,
+    /// A neighbour in the overlay's active view.
+    Neighbour,
+    /// An address in the overlay's passive view.
+    Passive,
+    /// A job advert it broadcast.
+    Advert,
+}
+
+impl KnownBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Table => "table",
+            Self::Neighbour => "neighbour",
+            Self::Passive => "passive",
+            Self::Advert => "advert",
+        }
+    }
+}
+
+/// What the overlay holds, when the peer runs one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayStatus {
+    /// Neighbours, and addresses kept for repair.
+    pub active: usize,
+    pub passive: usize,
+    /// Submitters whose current adverts were heard.
+    pub adverts_heard: usize,
+    /// Adverts passed on, and refused (forged, out of time, stale, or over a link's rate).
+    pub adverts_relayed: u64,
+    pub adverts_refused: u64,
 }
 
 /// Why the control endpoint could not be served or asked.

@@ -737,6 +737,7 @@ fn control_seeds() -> Vec<Vec<u8>> {
             seq: 3,
             connected: true,
             job: Some(crate::digest::Digest::of(b"job")),
+            known_by: crate::control::KnownBy::Table,
         }],
         work: Some(WorkStatus {
             slots: 4,
@@ -748,6 +749,13 @@ fn control_seeds() -> Vec<Vec<u8>> {
             ..WorkStatus::default()
         }),
         traffic: Default::default(),
+        overlay: Some(crate::control::OverlayStatus {
+            active: 4,
+            passive: 21,
+            adverts_heard: 2,
+            adverts_relayed: 9,
+            adverts_refused: 1,
+        }),
     };
     vec![
         b"status\n".to_vec(),

@@ -15,6 +15,7 @@ pub mod fuzzing;
 pub mod host;
 pub mod identity;
 pub mod job;
+pub mod job_advert;
 #[cfg(unix)]
 pub mod ledger;
 pub mod membership;

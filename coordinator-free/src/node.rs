@@ -12,9 +12,6 @@ mod donate;
 mod mdns;
 mod modules;
 mod outbox;
-// The overlay's driver, tested on its own; the node starts it once the overlay replaces
-// full-table membership.
-#[allow(dead_code)]
 mod overlay;
 mod submit;
 mod work;
@@ -32,7 +29,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
-use crate::control::{self, ControlError, ControlRequest, PeerStatus, StatusReport};
+use crate::control::{self, ControlError, ControlRequest, KnownBy, PeerStatus, StatusReport};
 use crate::identity::{AllowList, Identity};
 use crate::membership::{
     self, Capacity, Command, Event, LocalPeer, MAX_ADVERT_ADDRS, Membership, MembershipMessage,
@@ -196,6 +193,46 @@ const RESOLVE_CONNECTED: Duration = Duration::from_secs(300);
 /// How long a node goes without any connection before it says so.
 const ISOLATED_AFTER: Duration = Duration::from_secs(10);
 
+/// How a node finds other peers and the work they offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Discovery {
+    /// Every peer holds every other peer's signed advert (capacity and job), gossiped in full:
+    /// a lab-sized network, where each peer sees all the others at once.
+    #[default]
+    Table,
+    /// A partial-view overlay (a few neighbours, a few dozen addresses), whatever the network's
+    /// size; jobs are found through adverts broadcast over it, and idle workers pull.
+    Overlay,
+}
+
+impl FromStr for Discovery {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "table" => Ok(Self::Table),
+            "overlay" => Ok(Self::Overlay),
+            _ => Err(format!("{s:?} is neither \"table\" nor \"overlay\"")),
+        }
+    }
+}
+
+/// The job a submitter offers, as its advert states it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobNotice {
+    pub job: crate::digest::Digest,
+    /// Memory one unit may use.
+    pub memory_bytes: u64,
+    /// How many more workers the submitter would link to.
+    pub wanted: u32,
+}
+
+/// How long a job advert broadcast over the overlay lives, and how often it is issued again
+/// while the job runs.
+const ADVERT_LIFETIME: Duration = Duration::from_secs(60);
+const ADVERT_REISSUE: Duration = Duration::from_secs(20);
+
 /// Everything a node needs besides its identity.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -217,6 +254,8 @@ pub struct NodeConfig {
     /// The addresses to advertise instead of the ones found from `listen`; an empty list says
     /// this peer cannot be dialed (it then reaches others, and submitters, by dialing out).
     pub advertise: Option<Vec<SocketAddr>>,
+    /// Full tables or the overlay.
+    pub discovery: Discovery,
 }
 
 impl NodeConfig {
@@ -249,6 +288,7 @@ impl NodeConfig {
             net: NetConfig::default(),
             work: None,
             advertise: None,
+            discovery: Discovery::default(),
         }
     }
 }
@@ -286,7 +326,7 @@ pub struct Node {
 enum Request {
     Control(ControlRequest),
     /// Advertise the job this peer submits now (`None`: none).
-    Announce(Option<crate::digest::Digest>),
+    Announce(Option<JobNotice>),
     /// Advertise this capacity from now on.
     Donate(Capacity),
     Shutdown(oneshot::Sender<()>),
@@ -333,14 +373,16 @@ impl Node {
             random_seed(),
             now,
         );
-        for b in &config.bootstrap {
-            membership.handle(
-                Event::Discovered {
-                    addr: b.addr,
-                    peer: b.peer,
-                },
-                now,
-            );
+        if config.discovery == Discovery::Table {
+            for b in &config.bootstrap {
+                membership.handle(
+                    Event::Discovered {
+                        addr: b.addr,
+                        peer: b.peer,
+                    },
+                    now,
+                );
+            }
         }
 
         let (inputs_tx, inputs_rx) = mpsc::channel(INPUT_QUEUE);
@@ -420,7 +462,37 @@ impl Node {
         };
         let work_handle = work.clone();
         let suspend = work.clone().map(SuspendSwitch::new);
+        let overlay = match config.discovery {
+            Discovery::Table => None,
+            Discovery::Overlay => {
+                let me = overlay::info(&identity, addrs.first().copied().unwrap_or(local_addr));
+                let handle = overlay::spawn(
+                    me,
+                    crate::overlay::Config::default(),
+                    random_seed(),
+                    overlay::Dialing {
+                        endpoint: endpoint.clone(),
+                        identity: Arc::clone(&identity),
+                        allow: allow.clone(),
+                        net: config.net.clone(),
+                    },
+                );
+                for b in &config.bootstrap {
+                    let _ = handle.inputs.try_send(overlay::OverlayInput::ContactAddr {
+                        addr: b.addr,
+                        peer: b.peer,
+                    });
+                }
+                Some(OverlayPart {
+                    handle,
+                    heard: crate::job_advert::AdvertBook::default(),
+                    announced: None,
+                    next_publish: None,
+                })
+            }
+        };
         let actor = Actor {
+            overlay,
             dialer: dialer.clone(),
             bootstrap: config.bootstrap.iter().map(|b| b.addr).collect(),
             resolved: vec![Vec::new(); config.bootstrap_names.len()],
@@ -585,7 +657,35 @@ struct Conn {
     outbox: Outbox,
 }
 
+/// The overlay's part of the actor, when the node runs one.
+struct OverlayPart {
+    handle: overlay::OverlayHandle,
+    /// The newest advert of each submitter heard, for status.
+    heard: crate::job_advert::AdvertBook,
+    /// The job this peer submits, while it does.
+    announced: Option<JobNotice>,
+    /// When its advert is issued again.
+    next_publish: Option<Instant>,
+}
+
+impl Drop for OverlayPart {
+    fn drop(&mut self) {
+        // A node dropped without shutdown stops like a crashed one: no goodbyes.
+        self.handle.task.abort();
+    }
+}
+
+/// The next advert the overlay delivered; never, without an overlay.
+async fn next_advert(overlay: &mut Option<OverlayPart>) -> Option<crate::job_advert::JobAdvert> {
+    match overlay {
+        Some(part) => part.handle.adverts.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 struct Actor {
+    /// The partial-view overlay, when the node finds peers through one instead of full tables.
+    overlay: Option<OverlayPart>,
     /// Dials through the node's [`crate::reach::Reach`] book, like every other dial here.
     dialer: JobDialer,
     /// The operator's bootstrap addresses: dialed without being confirmed first.
@@ -627,11 +727,14 @@ impl Actor {
     ) {
         self.flush();
         loop {
-            let wake = self
+            let mut wake = self
                 .membership
                 .poll_timeout()
-                .map(tokio::time::Instant::from_std)
-                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(60));
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+            if let Some(at) = self.overlay.as_ref().and_then(|o| o.next_publish) {
+                wake = wake.min(at);
+            }
+            let wake = tokio::time::Instant::from_std(wake);
             tokio::select! {
                 request = requests.recv() => match request {
                     Some(Request::Control(ControlRequest::Status(reply))) => {
@@ -662,9 +765,7 @@ impl Actor {
                     Some(Request::Control(ControlRequest::Pause { change, reply })) => {
                         self.pause(change, reply);
                     }
-                    Some(Request::Announce(job)) => {
-                        self.membership.handle(Event::JobChanged(job), Instant::now());
-                    }
+                    Some(Request::Announce(notice)) => self.announce(notice),
                     Some(Request::Donate(capacity)) => self.donate(capacity),
                     Some(Request::Shutdown(done)) => {
                         self.shutdown().await;
@@ -683,8 +784,18 @@ impl Actor {
                     Err(_) => self.suspended = None,
                 },
                 () = tokio::time::sleep_until(wake) => {
-                    self.membership.handle_timeout(Instant::now());
+                    let now = Instant::now();
+                    self.membership.handle_timeout(now);
+                    if self
+                        .overlay
+                        .as_ref()
+                        .and_then(|o| o.next_publish)
+                        .is_some_and(|at| at <= now)
+                    {
+                        self.publish_advert(now);
+                    }
                 }
+                Some(advert) = next_advert(&mut self.overlay) => self.on_advert(advert),
                 Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     if let Err(err) = joined
                         && err.is_panic()
@@ -694,7 +805,10 @@ impl Actor {
                 }
             }
             self.flush();
-            let alone = self.conns.is_empty();
+            let alone = match &self.overlay {
+                Some(o) => o.handle.views.borrow().active.is_empty(),
+                None => self.conns.is_empty(),
+            };
             self.isolated
                 .send_if_modified(|was| std::mem::replace(was, alone) != alone);
         }
@@ -778,16 +892,12 @@ impl Actor {
                     self.membership.handle(Event::Disconnected { peer }, now);
                 }
             }
-            Input::Discovered { addr, peer } => {
-                self.membership
-                    .handle(Event::Discovered { addr, peer }, now);
-            }
+            Input::Discovered { addr, peer } => self.discovered(addr, peer, now),
             Input::Resolved { index, addrs, peer } => {
                 if let Some(slot) = self.resolved.get_mut(index) {
                     slot.clone_from(&addrs);
                     for addr in addrs {
-                        self.membership
-                            .handle(Event::Discovered { addr, peer }, now);
+                        self.discovered(addr, peer, now);
                     }
                 }
             }
@@ -806,9 +916,26 @@ impl Actor {
             return;
         }
         if link.kind == LinkKind::Overlay {
-            // The overlay does not run in the node yet (`overlay`, `node::overlay`).
+            match &self.overlay {
+                Some(o) => {
+                    if let Err(err) = o
+                        .handle
+                        .inputs
+                        .try_send(overlay::OverlayInput::Accepted(link))
+                        && let overlay::OverlayInput::Accepted(link) = err.into_inner()
+                    {
+                        link.conn.close(VarInt::from_u32(close::NORMAL), b"busy");
+                    }
+                }
+                None => link
+                    .conn
+                    .close(VarInt::from_u32(close::NORMAL), b"no overlay here"),
+            }
+            return;
+        }
+        if link.kind == LinkKind::Membership && self.overlay.is_some() {
             link.conn
-                .close(VarInt::from_u32(close::NORMAL), b"no overlay here");
+                .close(VarInt::from_u32(close::NORMAL), b"overlay only");
             return;
         }
         if link.kind == LinkKind::Blob {
@@ -891,6 +1018,89 @@ impl Actor {
         self.membership.handle(event, now);
     }
 
+    /// A bootstrap, resolved or mDNS address: for whichever of membership and overlay runs.
+    fn discovered(&mut self, addr: SocketAddr, peer: Option<PeerId>, now: Instant) {
+        match &self.overlay {
+            Some(o) => {
+                let _ = o
+                    .handle
+                    .inputs
+                    .try_send(overlay::OverlayInput::ContactAddr { addr, peer });
+            }
+            None => self
+                .membership
+                .handle(Event::Discovered { addr, peer }, now),
+        }
+    }
+
+    /// The job this peer submits changed: in its membership advert, or in adverts broadcast
+    /// over the overlay from now on.
+    fn announce(&mut self, notice: Option<JobNotice>) {
+        let now = Instant::now();
+        match &mut self.overlay {
+            Some(o) => {
+                o.announced = notice;
+                o.next_publish = notice.map(|_| now);
+                self.publish_advert(now);
+            }
+            None => self
+                .membership
+                .handle(Event::JobChanged(notice.map(|n| n.job)), now),
+        }
+    }
+
+    /// Broadcasts a fresh advert of the job this peer submits, and sets when to do it again.
+    fn publish_advert(&mut self, now: Instant) {
+        let addrs: Vec<SocketAddr> = self
+            .membership
+            .local_advert()
+            .advert
+            .addrs
+            .iter()
+            .take(crate::job_advert::MAX_ADVERT_ADDRS)
+            .copied()
+            .collect();
+        let identity = Arc::clone(&self.dialer.identity);
+        let Some(o) = &mut self.overlay else {
+            return;
+        };
+        let Some(notice) = o.announced else {
+            o.next_publish = None;
+            return;
+        };
+        o.next_publish = Some(now + ADVERT_REISSUE);
+        let issued = wall_clock_ms();
+        let mut advert = crate::job_advert::JobAdvert {
+            submitter: self.me,
+            addrs,
+            job: notice.job,
+            profile: crate::sandbox::PROFILE_VERSION,
+            memory_bytes: notice.memory_bytes,
+            wanted: notice.wanted,
+            network_size: 0,
+            issued,
+            expires: issued + ADVERT_LIFETIME.as_millis() as u64,
+            signature: crate::overlay::Signature::default(),
+        };
+        advert.sign(|bytes| identity.sign(bytes));
+        tracing::debug!(job = %notice.job, "job advert broadcast");
+        let _ = o
+            .handle
+            .inputs
+            .try_send(overlay::OverlayInput::Publish(advert));
+    }
+
+    /// An advert the overlay delivered: kept for status, handed to the work task, which pulls
+    /// when it has room.
+    fn on_advert(&mut self, advert: crate::job_advert::JobAdvert) {
+        if let Some(o) = &mut self.overlay {
+            let _ = o.heard.admit(advert.clone(), wall_clock_ms());
+        }
+        if let Some(work) = &self.work {
+            let _ = work.try_send(work::WorkInput::Advert(advert));
+        }
+    }
+
     /// Carries out every command the state machine has queued.
     fn flush(&mut self) {
         while let Some(command) = self.membership.poll_command() {
@@ -958,6 +1168,27 @@ impl Actor {
 
     fn status(&self) -> StatusReport {
         let local = &self.membership.local_advert().advert;
+        let (connections, peers) = match &self.overlay {
+            Some(o) => self.overlay_peers(o),
+            None => (
+                self.conns.len(),
+                self.membership
+                    .peers()
+                    .map(|a| PeerStatus {
+                        id: a.peer,
+                        addrs: self.membership.dial_addrs(&a.peer),
+                        cores_donated: a.cores_donated,
+                        cores_free: a.cores_free,
+                        memory_mb: a.memory_mb,
+                        profile: a.profile,
+                        seq: a.seq,
+                        connected: self.conns.contains_key(&a.peer),
+                        job: a.job,
+                        known_by: KnownBy::Table,
+                    })
+                    .collect(),
+            ),
+        };
         StatusReport {
             id: self.me,
             listen: self.local_addr,
@@ -967,29 +1198,80 @@ impl Actor {
             memory_mb: local.memory_mb,
             profile: local.profile,
             seq: local.seq,
-            connections: self.conns.len(),
+            connections,
             work: None,
             traffic: self.dialer.traffic().report(Instant::now()),
-            peers: self
-                .membership
-                .peers()
-                .map(|a| PeerStatus {
-                    id: a.peer,
-                    addrs: self.membership.dial_addrs(&a.peer),
-                    cores_donated: a.cores_donated,
-                    cores_free: a.cores_free,
-                    memory_mb: a.memory_mb,
-                    profile: a.profile,
-                    seq: a.seq,
-                    connected: self.conns.contains_key(&a.peer),
-                    job: a.job,
-                })
-                .collect(),
+            peers,
+            overlay: self.overlay.as_ref().map(|o| {
+                let views = o.handle.views.borrow();
+                control::OverlayStatus {
+                    active: views.active.len(),
+                    passive: views.passive.len(),
+                    adverts_heard: o.heard.len(),
+                    adverts_relayed: views.adverts_relayed,
+                    adverts_refused: views.adverts_refused,
+                }
+            }),
         }
+    }
+
+    /// The peers of the overlay's views and the submitters whose adverts were heard: what this
+    /// peer knows without full tables. Capacity is known only from adverts (submitters).
+    fn overlay_peers(&self, o: &OverlayPart) -> (usize, Vec<PeerStatus>) {
+        let views = o.handle.views.borrow();
+        let now_ms = wall_clock_ms();
+        let mut peers: std::collections::BTreeMap<PeerId, PeerStatus> = views
+            .addrs
+            .iter()
+            .map(|&(id, addr)| {
+                let active = views.active.contains(&id);
+                let status = PeerStatus {
+                    id,
+                    addrs: vec![addr],
+                    cores_donated: 0,
+                    cores_free: 0,
+                    memory_mb: 0,
+                    profile: 0,
+                    seq: 0,
+                    connected: active,
+                    job: None,
+                    known_by: if active {
+                        KnownBy::Neighbour
+                    } else {
+                        KnownBy::Passive
+                    },
+                };
+                (id, status)
+            })
+            .collect();
+        for advert in o.heard.current(now_ms) {
+            let entry = peers.entry(advert.submitter).or_insert_with(|| PeerStatus {
+                id: advert.submitter,
+                addrs: advert.addrs.clone(),
+                cores_donated: 0,
+                cores_free: 0,
+                memory_mb: 0,
+                profile: advert.profile,
+                seq: advert.issued,
+                connected: false,
+                job: None,
+                known_by: KnownBy::Advert,
+            });
+            entry.job = Some(advert.job);
+            entry.profile = advert.profile;
+            entry.seq = advert.issued;
+        }
+        (views.active.len(), peers.into_values().collect())
     }
 
     async fn shutdown(&mut self) {
         tracing::info!("shutting down");
+        if let Some(mut o) = self.overlay.take() {
+            // Its driver says goodbye on every link once its inputs are gone.
+            let (closed, _) = mpsc::channel(1);
+            drop(std::mem::replace(&mut o.handle.inputs, closed));
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, &mut o.handle.task).await;
+        }
         for (_, conn) in self.conns.drain() {
             conn.conn
                 .close(VarInt::from_u32(close::NORMAL), b"shutdown");
@@ -1074,7 +1356,7 @@ async fn read_loop(
                 conn.close(VarInt::from_u32(close::PROTOCOL), b"unexpected hello");
                 break;
             }
-            Ok(Some(Frame::Overlay(_))) => {
+            Ok(Some(Frame::Overlay(_) | Frame::Broadcast(_))) => {
                 tracing::warn!("peer sent an overlay message on a membership link; closing");
                 conn.close(VarInt::from_u32(close::PROTOCOL), b"unexpected frame");
                 break;

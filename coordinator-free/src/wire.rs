@@ -203,12 +203,15 @@ pub enum Frame {
     Membership(MembershipMessage),
     /// A partial-view overlay message, on an overlay link.
     Overlay(crate::overlay::OverlayMessage),
+    /// A job advert's broadcast (PlumTree) message, on an overlay link.
+    Broadcast(crate::overlay::broadcast::BroadcastMessage),
 }
 
 impl Frame {
     pub const KIND_HELLO: u8 = 1;
     pub const KIND_MEMBERSHIP: u8 = 2;
     pub const KIND_OVERLAY: u8 = 3;
+    pub const KIND_BROADCAST: u8 = 4;
 }
 
 impl Message for Frame {
@@ -216,7 +219,7 @@ impl Message for Frame {
         match kind {
             Self::KIND_HELLO => Some(MAX_HELLO_BYTES),
             Self::KIND_MEMBERSHIP => Some(MAX_MESSAGE_BYTES),
-            Self::KIND_OVERLAY => Some(crate::overlay::MAX_MESSAGE_BYTES),
+            Self::KIND_OVERLAY | Self::KIND_BROADCAST => Some(crate::overlay::MAX_MESSAGE_BYTES),
             _ => None,
         }
     }
@@ -235,6 +238,10 @@ impl Message for Frame {
                 Self::KIND_OVERLAY,
                 msg.encode().map_err(WireError::Overlay)?,
             )),
+            Frame::Broadcast(msg) => Ok((
+                Self::KIND_BROADCAST,
+                msg.encode().map_err(WireError::Overlay)?,
+            )),
         }
     }
 
@@ -245,8 +252,10 @@ impl Message for Frame {
                 .map(Frame::Membership)
                 .map_err(WireError::Membership),
             Self::KIND_OVERLAY => crate::overlay::OverlayMessage::decode(payload)
-                .and_then(|msg| msg.validate().map(|()| msg))
                 .map(Frame::Overlay)
+                .map_err(WireError::Overlay),
+            Self::KIND_BROADCAST => crate::overlay::broadcast::BroadcastMessage::decode(payload)
+                .map(Frame::Broadcast)
                 .map_err(WireError::Overlay),
             _ => Err(WireError::UnknownKind { kind }),
         }

@@ -3,10 +3,12 @@
 //! ```sh
 //! cargo bench -p worker --bench network                 # N = 10 and 50
 //! cargo bench -p worker --bench network -- 10 20 100    # other sizes
+//! cargo bench -p worker --bench network -- overlay 50 200   # peers on the overlay
 //! ```
 //!
 //! Prints, for each N: the time from spawning N peers (all bootstrapping through the first) until
-//! every peer's table holds the other N − 1; the resident memory of the idle peers; what an
+//! every peer's table holds the other N − 1 (with `overlay`: until every peer has a neighbour
+//! and the neighbours link all N into one overlay); the resident memory of the idle peers; what an
 //! idle peer sends, from the traffic counters `worker status` reports (QUIC's UDP payload
 //! bytes, by kind), over 20 s; and the wall time of a 400-unit job of no-op units submitted
 //! through the first peer, with how many peers ran its units. Then the QUIC + TLS 1.3 + hello
@@ -35,6 +37,15 @@ const JOB_UNITS: u64 = 400;
 struct Peer {
     child: Child,
     dir: PathBuf,
+}
+
+/// Whether peers run the overlay (`overlay` among the arguments) rather than full tables.
+fn overlay() -> bool {
+    std::env::args().any(|a| a == "overlay")
+}
+
+fn discovery() -> &'static str {
+    if overlay() { "overlay" } else { "table" }
 }
 
 impl Drop for Peer {
@@ -67,10 +78,18 @@ fn free_port() -> u16 {
 
 fn spawn(dir: &Path, listen: SocketAddr, bootstrap: Option<&str>) -> Peer {
     let mut cmd = Command::new(WORKER);
-    cmd.args(["run", "--no-mdns", "--cpus", "1", "--listen"])
-        .arg(listen.to_string())
-        .arg("--data-dir")
-        .arg(dir);
+    cmd.args([
+        "run",
+        "--no-mdns",
+        "--cpus",
+        "1",
+        "--discovery",
+        discovery(),
+        "--listen",
+    ])
+    .arg(listen.to_string())
+    .arg("--data-dir")
+    .arg(dir);
     if let Some(b) = bootstrap {
         cmd.args(["--bootstrap", b]);
     }
@@ -110,13 +129,44 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
     values.get(i).copied().unwrap_or(f64::NAN)
 }
 
-/// How many peers each of `peers` knows; `None` where the control socket is not up yet.
-async fn table_sizes(peers: &[Peer]) -> Vec<Option<usize>> {
-    let mut sizes = Vec::with_capacity(peers.len());
+/// Each peer's status; `None` where the control socket is not up yet.
+async fn statuses(peers: &[Peer]) -> Vec<Option<control::StatusReport>> {
+    let mut out = Vec::with_capacity(peers.len());
     for peer in peers {
-        sizes.push(control::status(&peer.dir).await.ok().map(|s| s.peers.len()));
+        out.push(control::status(&peer.dir).await.ok());
     }
-    sizes
+    out
+}
+
+/// Whether the network has converged: every table holds the other `n - 1`, or on the overlay,
+/// every peer has a neighbour and the neighbours link all `n` together.
+fn converged(reports: &[Option<control::StatusReport>], n: usize) -> bool {
+    let Some(reports) = reports
+        .iter()
+        .map(Option::as_ref)
+        .collect::<Option<Vec<_>>>()
+    else {
+        return false;
+    };
+    if !overlay() {
+        return reports.iter().all(|r| r.peers.len() == n - 1);
+    }
+    let index: std::collections::HashMap<PeerId, usize> =
+        reports.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
+    let mut seen = vec![false; reports.len()];
+    let mut stack = vec![0];
+    seen[0] = true;
+    while let Some(i) = stack.pop() {
+        for p in reports[i].peers.iter().filter(|p| p.connected) {
+            if let Some(&j) = index.get(&p.id)
+                && !seen[j]
+            {
+                seen[j] = true;
+                stack.push(j);
+            }
+        }
+    }
+    seen.iter().all(|s| *s) && reports.iter().all(|r| r.connections > 0)
 }
 
 struct Run {
@@ -149,11 +199,11 @@ async fn converge(n: usize) -> (Run, Vec<Peer>, tempfile::TempDir) {
     let mut all_up = None;
     let mut converged = None;
     while start.elapsed() < CONVERGE_LIMIT {
-        let sizes = table_sizes(&peers).await;
-        if all_up.is_none() && sizes.iter().all(Option::is_some) {
+        let reports = statuses(&peers).await;
+        if all_up.is_none() && reports.iter().all(Option::is_some) {
             all_up = Some(start.elapsed());
         }
-        if sizes.iter().all(|s| *s == Some(n - 1)) {
+        if converged(&reports, n) {
             converged = Some(start.elapsed());
             break;
         }
@@ -236,6 +286,8 @@ fn run_job(bootstrap: &str) -> (Duration, Option<usize>) {
             "--cpus",
             "0",
             "--no-mdns",
+            "--discovery",
+            discovery(),
             "--data-dir",
         ])
         .arg(dir.path().join("data"))
@@ -308,7 +360,8 @@ fn main() {
     runtime.block_on(async {
         println!("worker binary: {WORKER}");
         println!();
-        println!("| peers | all control sockets up | converged (every table N-1) | idle RSS median | idle RSS max | idle B/s sent per peer: median / max | of it membership: median / max | {JOB_UNITS} no-op units: wall, peers that ran some |");
+        println!("discovery: {}", discovery());
+        println!("| peers | all control sockets up | converged ({}) | idle RSS median | idle RSS max | idle B/s sent per peer: median / max | of it membership: median / max | {JOB_UNITS} no-op units: wall, peers that ran some |", if overlay() { "one connected overlay" } else { "every table N-1" });
         println!("|---|---|---|---|---|---|---|---|");
         let mut last = None;
         for &n in &sizes {

@@ -41,6 +41,7 @@ pub struct FileKeys {
     advertise: Option<Vec<String>>,
     dial_out_only: Option<bool>,
     allow: Option<PathBuf>,
+    discovery: Option<String>,
     only_when_idle: Option<bool>,
     idle_after: Option<u32>,
     suspend_above_cpu_percent: Option<u8>,

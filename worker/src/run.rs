@@ -82,6 +82,10 @@ pub struct RunArgs {
     /// Lab mode: a file of peer ids (one per line); only they may connect.
     #[arg(long, value_name = "FILE")]
     allow: Option<PathBuf>,
+    /// How peers are found: "table" (every peer holds every other, for labs) or "overlay" (a
+    /// few neighbours each, job adverts broadcast, for networks of any size).
+    #[arg(long, value_name = "table|overlay", default_value = "table")]
+    discovery: coordinator_free::node::Discovery,
     /// Work only while nobody uses this machine: no keyboard or mouse input for --idle-after.
     #[arg(long)]
     only_when_idle: bool,
@@ -198,6 +202,7 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
     }
     config.mdns = !args.no_mdns;
     config.allow = allow;
+    config.discovery = args.discovery;
     config.control_socket = Some(dir.join(SOCKET_FILE));
     if args.dial_out_only {
         config.advertise = Some(Vec::new());

@@ -74,6 +74,9 @@ pub struct SubmitArgs {
     /// Do not look for peers on the local network (network jobs).
     #[arg(long)]
     no_mdns: bool,
+    /// How peers are found (network jobs): "table" or "overlay", as the network's peers do.
+    #[arg(long, value_name = "table|overlay", default_value = "table")]
+    discovery: coordinator_free::node::Discovery,
     /// Serve a web page of the job's progress and the peers at this loopback address
     /// (`127.0.0.1:PORT`; network jobs); it needs the token printed at start.
     #[arg(long, value_name = "IP:PORT")]
@@ -226,6 +229,7 @@ fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Fa
             bootstrap,
             listen: args.listen,
             mdns: !args.no_mdns,
+            discovery: args.discovery,
             cpus,
             data_dir: &data_dir,
             ui: args.ui,
@@ -271,6 +275,7 @@ fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Fa
                 bootstrap: args.bootstrap.clone(),
                 listen: args.listen,
                 no_mdns: args.no_mdns,
+                discovery: args.discovery,
                 ui: args.ui,
             };
             match submit(again, Some(id)) {
@@ -338,6 +343,7 @@ struct Network<'a> {
     bootstrap: Vec<BootstrapArg>,
     listen: SocketAddr,
     mdns: bool,
+    discovery: coordinator_free::node::Discovery,
     cpus: u32,
     data_dir: &'a Path,
     ui: Option<SocketAddr>,
@@ -383,6 +389,7 @@ fn run_on_network(
         config.add_bootstrap(arg.clone());
     }
     config.mdns = network.mdns;
+    config.discovery = network.discovery;
     let cores = u16::try_from(network.cpus).unwrap_or(u16::MAX);
     config.capacity.cores_donated = cores;
     config.capacity.cores_free = cores;

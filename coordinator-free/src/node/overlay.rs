@@ -7,8 +7,12 @@
 //! link's liveness is QUIC's (keep-alives under the idle timeout): a link that timed out is a
 //! failed neighbour, one the remote closed is a neighbour that left.
 //!
-//! Not yet started by the node, which still runs full-table membership: the driver is tested
-//! here on its own, with real peers on loopback.
+//! It also owns the job adverts' broadcast ([`Broadcast`], PlumTree over the active view). A
+//! gossiped advert is checked before the state machine sees it — it must decode, carry its
+//! submitter's valid signature, match the id and expiry it travels under, and be newer than
+//! what is known of that submitter ([`AdvertBook`]) — so nothing unsigned, forged, expired or
+//! replayed is forwarded; a neighbour that forwards a forgery is dropped, since honest peers
+//! check before forwarding. Each link may bring at most [`GOSSIP_RATE`] new adverts a second.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -16,13 +20,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quinn::VarInt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::outbox::{Outbox, write_loop};
 use crate::identity::{AllowList, Identity};
+use crate::job_advert::{AdvertBook, AdvertError, JobAdvert};
 use crate::net::{self, LinkKind, NetConfig, PeerLink, close};
+use crate::overlay::broadcast::{
+    Broadcast, BroadcastCommand, BroadcastConfig, BroadcastEvent, BroadcastMessage,
+};
 use crate::overlay::{Command, Config, Event, Overlay, OverlayMessage, PeerInfo};
 use crate::peer_id::PeerId;
 use crate::wire::{self, Frame};
@@ -32,19 +40,40 @@ const LINK_FRAMES: usize = 32;
 const LINK_BYTES: u32 = 64 << 10;
 /// Inputs queued for the actor.
 const INPUTS: usize = 256;
-/// Neighbour changes queued for whoever follows them; later ones are dropped when it lags.
-const NEIGHBOUR_EVENTS: usize = 64;
+/// Adverts delivered to the node and not yet taken; later ones are dropped when it lags (the
+/// submitter re-issues its advert).
+const DELIVERED: usize = 64;
 /// Longest a short-lived link waits for its one message to be acknowledged.
 const SEND_ONCE_LINGER: Duration = Duration::from_secs(5);
+/// New adverts a link may bring per second, and in a burst: far above what honest submitters
+/// re-issue, far below what would let one neighbour flood the network.
+pub(crate) const GOSSIP_RATE: f64 = 10.0;
+const GOSSIP_BURST: f64 = 40.0;
+/// How often bootstrap addresses whose peer is not known yet are dialed again while this peer
+/// has no neighbour.
+const CONTACT_RETRY: Duration = Duration::from_secs(5);
+/// Most bootstrap addresses remembered.
+const MAX_CONTACT_ADDRS: usize = 64;
 
 /// What the actor hears.
 pub(crate) enum OverlayInput {
     /// An overlay link someone dialed to us.
     Accepted(PeerLink),
-    /// A bootstrap peer.
-    Contact(PeerInfo),
+    /// A bootstrap or discovered address, with the peer expected there when known.
+    ContactAddr {
+        addr: SocketAddr,
+        peer: Option<PeerId>,
+    },
+    /// A dial to a contact address ended.
+    ContactDialed {
+        addr: SocketAddr,
+        link: Option<PeerLink>,
+    },
+    /// Broadcast this peer's own advert (signed by it).
+    Publish(JobAdvert),
     /// The views as they are now.
-    Views(oneshot::Sender<Views>),
+    #[cfg(test)]
+    Views(tokio::sync::oneshot::Sender<Views>),
     Dialed {
         peer: PeerId,
         link: Option<PeerLink>,
@@ -53,6 +82,11 @@ pub(crate) enum OverlayInput {
         peer: PeerId,
         conn: u64,
         msg: OverlayMessage,
+    },
+    Broadcast {
+        peer: PeerId,
+        conn: u64,
+        msg: BroadcastMessage,
     },
     Closed {
         peer: PeerId,
@@ -66,13 +100,21 @@ pub(crate) enum OverlayInput {
 pub(crate) struct Views {
     pub active: Vec<PeerId>,
     pub passive: Vec<PeerId>,
+    /// Where each peer of either view accepts connections, as its latest info says.
+    pub addrs: Vec<(PeerId, SocketAddr)>,
+    /// Adverts relayed, and refused (forged, out of time, stale or over a link's rate).
+    pub adverts_relayed: u64,
+    pub adverts_refused: u64,
 }
 
-/// A neighbour joined or left the active view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum NeighbourChange {
-    Up(PeerId),
-    Down(PeerId),
+/// What the node holds of a running driver.
+pub(crate) struct OverlayHandle {
+    pub inputs: mpsc::Sender<OverlayInput>,
+    /// Adverts heard for the first time, checked.
+    pub adverts: mpsc::Receiver<JobAdvert>,
+    /// The views, updated as they change.
+    pub views: tokio::sync::watch::Receiver<Views>,
+    pub task: tokio::task::JoinHandle<()>,
 }
 
 /// How the driver dials.
@@ -106,67 +148,108 @@ struct Link {
     inbound: bool,
     conn: quinn::Connection,
     outbox: Outbox,
+    /// New adverts this link may still bring now, and when that was last counted.
+    gossip_budget: (f64, Instant),
+}
+
+impl Link {
+    /// Takes one new advert from the link's budget, if any is left.
+    fn take_gossip(&mut self, now: Instant) -> bool {
+        let (tokens, at) = &mut self.gossip_budget;
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * GOSSIP_RATE).min(GOSSIP_BURST);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// The actor.
 pub(crate) struct OverlayDriver {
     me: PeerId,
     overlay: Overlay,
+    broadcast: Broadcast,
+    /// The newest advert of each submitter relayed, so replays and older copies stop here.
+    book: AdvertBook,
     dialing: Dialing,
     links: HashMap<PeerId, Link>,
     pending_dials: HashSet<PeerId>,
+    /// Bootstrap addresses whose peer is not known, dialed again while this peer is alone.
+    contact_addrs: Vec<SocketAddr>,
+    contact_dials: HashSet<SocketAddr>,
+    next_contact_retry: Instant,
     next_conn: u64,
     /// For the actor's own tasks; weak, so the actor ends when every outside sender is gone.
     inputs_tx: mpsc::WeakSender<OverlayInput>,
-    neighbours: mpsc::Sender<NeighbourChange>,
+    delivered: mpsc::Sender<JobAdvert>,
+    views: tokio::sync::watch::Sender<Views>,
+    relayed: u64,
+    refused: u64,
     tasks: JoinSet<()>,
     commands: Vec<Command>,
+    broadcast_commands: Vec<BroadcastCommand>,
 }
 
-/// Starts the driver for the peer `me`; returns where to send it inputs and where neighbour
-/// changes come out. It runs until every sender of inputs is dropped.
-pub(crate) fn spawn(
-    me: PeerInfo,
-    config: Config,
-    seed: u64,
-    dialing: Dialing,
-) -> (
-    mpsc::Sender<OverlayInput>,
-    mpsc::Receiver<NeighbourChange>,
-    tokio::task::JoinHandle<()>,
-) {
+/// Starts the driver for the peer `me`. It runs until every sender of inputs is dropped.
+pub(crate) fn spawn(me: PeerInfo, config: Config, seed: u64, dialing: Dialing) -> OverlayHandle {
     let (inputs_tx, inputs_rx) = mpsc::channel(INPUTS);
-    let (neighbours, neighbours_rx) = mpsc::channel(NEIGHBOUR_EVENTS);
+    let (delivered, adverts) = mpsc::channel(DELIVERED);
+    let (views, views_rx) = tokio::sync::watch::channel(Views::default());
     let seal = Box::new(dialing.identity.advert_auth());
     let driver = OverlayDriver {
         me: me.id,
         overlay: Overlay::new(config, me, seed, Instant::now()).with_seal(seal),
+        broadcast: Broadcast::new(BroadcastConfig::default()),
+        book: AdvertBook::default(),
         dialing,
         links: HashMap::new(),
         pending_dials: HashSet::new(),
+        contact_addrs: Vec::new(),
+        contact_dials: HashSet::new(),
+        next_contact_retry: Instant::now(),
         next_conn: 0,
         inputs_tx: inputs_tx.downgrade(),
-        neighbours,
+        delivered,
+        views,
+        relayed: 0,
+        refused: 0,
         tasks: JoinSet::new(),
         commands: Vec::new(),
+        broadcast_commands: Vec::new(),
     };
     let span = tracing::debug_span!("overlay", peer = %me.id);
-    let handle = tokio::spawn(driver.run(inputs_rx).instrument(span));
-    (inputs_tx, neighbours_rx, handle)
+    let task = tokio::spawn(driver.run(inputs_rx).instrument(span));
+    OverlayHandle {
+        inputs: inputs_tx,
+        adverts,
+        views: views_rx,
+        task,
+    }
 }
 
 impl OverlayDriver {
     async fn run(mut self, mut inputs: mpsc::Receiver<OverlayInput>) {
         loop {
-            let wake = tokio::time::Instant::from_std(self.overlay.poll_timeout());
+            let mut wake = self.overlay.poll_timeout();
+            if let Some(at) = self.broadcast.poll_timeout() {
+                wake = wake.min(at);
+            }
+            if self.overlay.active_len() == 0 && !self.contact_addrs.is_empty() {
+                wake = wake.min(self.next_contact_retry);
+            }
+            let wake = tokio::time::Instant::from_std(wake);
             tokio::select! {
                 input = inputs.recv() => match input {
                     Some(input) => self.on_input(input),
                     None => break,
                 },
-                () = tokio::time::sleep_until(wake) => self.handle(Event::Timer),
+                () = tokio::time::sleep_until(wake) => self.on_timer(),
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
             }
+            self.publish_views();
         }
         for (_, link) in self.links.drain() {
             link.conn
@@ -177,12 +260,27 @@ impl OverlayDriver {
     fn on_input(&mut self, input: OverlayInput) {
         match input {
             OverlayInput::Accepted(link) => self.linked(link),
-            OverlayInput::Contact(info) => self.handle(Event::Contact(info)),
+            OverlayInput::ContactAddr { addr, peer } => self.contact_addr(addr, peer),
+            OverlayInput::ContactDialed { addr, link } => {
+                self.contact_dials.remove(&addr);
+                if let Some(link) = link {
+                    let info = PeerInfo::new(link.peer, addr, super::wall_clock_ms());
+                    // The link first, so the overlay's own dial finds it open.
+                    self.linked(link);
+                    if info.id != self.me {
+                        self.handle(Event::Contact(info));
+                    }
+                }
+            }
+            OverlayInput::Publish(advert) => self.publish(advert),
+            #[cfg(test)]
             OverlayInput::Views(reply) => {
-                let _ = reply.send(Views {
-                    active: self.overlay.active().collect(),
-                    passive: self.overlay.passive().collect(),
-                });
+                let _ = reply.send(self.current_views());
+            }
+            OverlayInput::Broadcast { peer, conn, msg } => {
+                if self.links.get(&peer).is_some_and(|l| l.conn_id == conn) {
+                    self.on_broadcast(peer, msg);
+                }
             }
             OverlayInput::Dialed { peer, link } => {
                 self.pending_dials.remove(&peer);
@@ -260,6 +358,7 @@ impl OverlayDriver {
                 inbound: link.inbound,
                 conn: link.conn,
                 outbox,
+                gossip_budget: (GOSSIP_BURST, Instant::now()),
             },
         );
         self.handle(Event::ConnectionUp { peer, addr });
@@ -321,13 +420,205 @@ impl OverlayDriver {
                     link.outbox.finish();
                 }
             }
-            Command::NeighborUp(peer) => {
-                let _ = self.neighbours.try_send(NeighbourChange::Up(peer));
-            }
+            Command::NeighborUp(peer) => self.step_broadcast(BroadcastEvent::NeighborUp(peer)),
             Command::NeighborDown(peer) => {
-                let _ = self.neighbours.try_send(NeighbourChange::Down(peer));
+                self.step_broadcast(BroadcastEvent::NeighborDown(peer));
             }
         }
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        self.handle(Event::Timer);
+        self.step_broadcast(BroadcastEvent::Timer);
+        self.book.expire(super::wall_clock_ms());
+        if self.overlay.active_len() == 0 && now >= self.next_contact_retry {
+            self.next_contact_retry = now + CONTACT_RETRY;
+            for addr in self.contact_addrs.clone() {
+                self.dial_contact(addr);
+            }
+        }
+    }
+
+    /// A bootstrap or discovered address: a contact at once when its peer is known, else
+    /// dialed to learn who is there (and again while this peer has no neighbour).
+    fn contact_addr(&mut self, addr: SocketAddr, peer: Option<PeerId>) {
+        if let Some(peer) = peer {
+            if peer != self.me {
+                let info = PeerInfo::new(peer, addr, super::wall_clock_ms());
+                self.handle(Event::Contact(info));
+            }
+            return;
+        }
+        if !self.contact_addrs.contains(&addr) {
+            if self.contact_addrs.len() == MAX_CONTACT_ADDRS {
+                self.contact_addrs.remove(0);
+            }
+            self.contact_addrs.push(addr);
+        }
+        self.dial_contact(addr);
+    }
+
+    fn dial_contact(&mut self, addr: SocketAddr) {
+        if self.links.values().any(|l| l.conn.remote_address() == addr)
+            || !self.contact_dials.insert(addr)
+        {
+            return;
+        }
+        let Some(inputs) = self.inputs_tx.upgrade() else {
+            return;
+        };
+        let dialing = self.dialing.clone();
+        self.tasks.spawn(async move {
+            let link = net::dial_for(
+                &dialing.endpoint,
+                &dialing.identity,
+                dialing.allow.clone(),
+                addr,
+                None,
+                &dialing.net,
+                LinkKind::Overlay,
+            )
+            .await
+            .map_err(|err| tracing::debug!(%addr, %err, "contact dial failed"))
+            .ok();
+            let _ = inputs
+                .send(OverlayInput::ContactDialed { addr, link })
+                .await;
+        });
+    }
+
+    /// Broadcasts this peer's own advert.
+    fn publish(&mut self, advert: JobAdvert) {
+        let now_ms = super::wall_clock_ms();
+        if advert.submitter != self.me || self.book.admit(advert.clone(), now_ms).is_err() {
+            return;
+        }
+        let payload = advert.encode();
+        self.step_broadcast(BroadcastEvent::Publish {
+            id: JobAdvert::id_of(&payload),
+            expires: advert.expires,
+            payload,
+        });
+    }
+
+    /// A broadcast message from a neighbour. Adverts not seen before are checked first and
+    /// count against the link's budget; copies already seen go straight in, since telling
+    /// redundant links apart is how the broadcast tree forms.
+    fn on_broadcast(&mut self, peer: PeerId, msg: BroadcastMessage) {
+        if let BroadcastMessage::Gossip {
+            id,
+            expires,
+            payload,
+            ..
+        } = &msg
+            && !self.broadcast.has_seen(id)
+        {
+            let now = Instant::now();
+            if !self
+                .links
+                .get_mut(&peer)
+                .is_some_and(|l| l.take_gossip(now))
+            {
+                self.refused += 1;
+                tracing::debug!(%peer, "advert over the link's rate; dropped");
+                return;
+            }
+            match JobAdvert::decode(payload) {
+                Ok(advert) if JobAdvert::id_of(payload) == *id && advert.expires == *expires => {
+                    match self.book.admit(advert, super::wall_clock_ms()) {
+                        Ok(()) => self.relayed += 1,
+                        Err(err) => {
+                            // Out of time or older than what is known: an honest relay may
+                            // hold such a copy (clocks, reordering); not passed on.
+                            self.refused += 1;
+                            tracing::debug!(%peer, %err, "advert not relayed");
+                            return;
+                        }
+                    }
+                }
+                Ok(_) | Err(AdvertError::BadSignature | AdvertError::Malformed) => {
+                    // Honest peers check before forwarding: this neighbour forged or mangled
+                    // it.
+                    self.refused += 1;
+                    tracing::warn!(%peer, "neighbour forwarded a forged advert; link closed");
+                    if let Some(link) = self.links.get(&peer) {
+                        link.conn
+                            .close(VarInt::from_u32(close::PROTOCOL), b"forged advert");
+                    }
+                    return;
+                }
+                Err(err) => {
+                    self.refused += 1;
+                    tracing::debug!(%peer, %err, "advert refused");
+                    return;
+                }
+            }
+        }
+        self.step_broadcast(BroadcastEvent::Message { from: peer, msg });
+    }
+
+    /// Runs an event through the broadcast and carries out what it asks.
+    fn step_broadcast(&mut self, event: BroadcastEvent) {
+        let mut commands = std::mem::take(&mut self.broadcast_commands);
+        self.broadcast
+            .handle(event, Instant::now(), super::wall_clock_ms(), &mut commands);
+        for command in commands.drain(..) {
+            match command {
+                BroadcastCommand::Send { to, msg } => {
+                    if let Some(link) = self.links.get(&to)
+                        && link.outbox.try_send(&Frame::Broadcast(msg)).is_err()
+                    {
+                        tracing::debug!(peer = %to, "overlay link full; broadcast dropped");
+                    }
+                }
+                BroadcastCommand::Deliver { payload, .. } => {
+                    // Checked on arrival; only its own adverts skip that, and those are not
+                    // delivered.
+                    if let Ok(advert) = JobAdvert::decode(&payload)
+                        && advert.submitter != self.me
+                        && self.delivered.try_send(advert).is_err()
+                    {
+                        tracing::debug!("node lags behind adverts; one dropped");
+                    }
+                }
+            }
+        }
+        self.broadcast_commands = commands;
+    }
+
+    fn current_views(&self) -> Views {
+        let mut addrs: Vec<(PeerId, SocketAddr)> = self
+            .overlay
+            .active_infos()
+            .map(|(info, _)| (info.id, info.addr))
+            .chain(
+                self.overlay
+                    .passive_infos()
+                    .map(|info| (info.id, info.addr)),
+            )
+            .collect();
+        addrs.sort_unstable();
+        Views {
+            active: self.overlay.active().collect(),
+            passive: self.overlay.passive().collect(),
+            addrs,
+            adverts_relayed: self.relayed,
+            adverts_refused: self.refused,
+        }
+    }
+
+    /// Tells the node of the views when they changed.
+    fn publish_views(&mut self) {
+        let views = self.current_views();
+        self.views.send_if_modified(|old| {
+            if *old == views {
+                false
+            } else {
+                *old = views;
+                true
+            }
+        });
     }
 }
 
@@ -366,6 +657,16 @@ async fn read_loop(
                     return;
                 }
             }
+            Ok(Some(Frame::Broadcast(msg))) => {
+                let frame = OverlayInput::Broadcast {
+                    peer,
+                    conn: conn_id,
+                    msg,
+                };
+                if inputs.send(frame).await.is_err() {
+                    return;
+                }
+            }
             Ok(Some(_)) => {
                 tracing::warn!("peer sent a frame that has no place on an overlay link");
                 conn.close(VarInt::from_u32(close::PROTOCOL), b"unexpected frame");
@@ -394,42 +695,6 @@ async fn read_loop(
         .await;
 }
 
-/// Where a peer's overlay links are accepted: hands every overlay link the endpoint accepts to
-/// the driver and closes links of other kinds (the node's accept loop does this routing once
-/// the overlay runs in it).
-pub(crate) async fn accept_overlay_links(
-    endpoint: quinn::Endpoint,
-    net: NetConfig,
-    driver: mpsc::WeakSender<OverlayInput>,
-) {
-    let mut handshakes = JoinSet::new();
-    loop {
-        tokio::select! {
-            incoming = endpoint.accept() => {
-                let Some(incoming) = incoming else { return };
-                if handshakes.len() >= net.max_handshakes {
-                    incoming.refuse();
-                    continue;
-                }
-                let net = net.clone();
-                let driver = driver.clone();
-                handshakes.spawn(async move {
-                    match net::accept(incoming, &net).await {
-                        Ok(link) if link.kind == LinkKind::Overlay => {
-                            if let Some(driver) = driver.upgrade() {
-                                let _ = driver.send(OverlayInput::Accepted(link)).await;
-                            }
-                        }
-                        Ok(link) => link.conn.close(VarInt::from_u32(close::NORMAL), b"overlay only"),
-                        Err(err) => tracing::debug!(%err, "overlay accept failed"),
-                    }
-                });
-            }
-            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
-        }
-    }
-}
-
 /// This peer's info as the overlay is started with: its address, issued now (the overlay
 /// counts wall time from it and signs it with the seal it is given).
 pub(crate) fn info(identity: &Identity, addr: SocketAddr) -> PeerInfo {
@@ -439,10 +704,48 @@ pub(crate) fn info(identity: &Identity, addr: SocketAddr) -> PeerInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::oneshot;
+
+    /// Where a peer's overlay links are accepted: hands every overlay link the endpoint accepts to
+    /// the driver and closes links of other kinds (the node's accept loop does this routing once
+    /// the overlay runs in it).
+    async fn accept_overlay_links(
+        endpoint: quinn::Endpoint,
+        net: NetConfig,
+        driver: mpsc::WeakSender<OverlayInput>,
+    ) {
+        let mut handshakes = JoinSet::new();
+        loop {
+            tokio::select! {
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { return };
+                    if handshakes.len() >= net.max_handshakes {
+                        incoming.refuse();
+                        continue;
+                    }
+                    let net = net.clone();
+                    let driver = driver.clone();
+                    handshakes.spawn(async move {
+                        match net::accept(incoming, &net).await {
+                            Ok(link) if link.kind == LinkKind::Overlay => {
+                                if let Some(driver) = driver.upgrade() {
+                                    let _ = driver.send(OverlayInput::Accepted(link)).await;
+                                }
+                            }
+                            Ok(link) => link.conn.close(VarInt::from_u32(close::NORMAL), b"overlay only"),
+                            Err(err) => tracing::debug!(%err, "overlay accept failed"),
+                        }
+                    });
+                }
+                Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
+            }
+        }
+    }
 
     struct Peer {
         info: PeerInfo,
         inputs: mpsc::Sender<OverlayInput>,
+        adverts: mpsc::Receiver<JobAdvert>,
         driver: tokio::task::JoinHandle<()>,
         accept: tokio::task::JoinHandle<()>,
         endpoint: quinn::Endpoint,
@@ -484,7 +787,12 @@ mod tests {
             allow: None,
             net: net.clone(),
         };
-        let (inputs, _neighbours, driver) = spawn(me, Config::default(), u64::from(i), dialing);
+        let OverlayHandle {
+            inputs,
+            task: driver,
+            adverts,
+            ..
+        } = spawn(me, Config::default(), u64::from(i), dialing);
         let accept = tokio::spawn(accept_overlay_links(
             endpoint.clone(),
             net,
@@ -493,6 +801,7 @@ mod tests {
         Peer {
             info: me,
             inputs,
+            adverts,
             driver,
             accept,
             endpoint,
@@ -508,7 +817,10 @@ mod tests {
         let peers: Vec<Peer> = (1..=PEERS).map(start).collect();
         for p in &peers[1..] {
             p.inputs
-                .send(OverlayInput::Contact(peers[0].info))
+                .send(OverlayInput::ContactAddr {
+                    addr: peers[0].info.addr,
+                    peer: Some(peers[0].info.id),
+                })
                 .await
                 .expect("contact");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -600,5 +912,125 @@ mod tests {
             }
         }
         seen.iter().all(|s| *s)
+    }
+
+    /// A job advert of a fresh submitter, signed by `signer` (its own key when honest).
+    fn advert(
+        submitter: &Identity,
+        signer: &Identity,
+        issued: u64,
+    ) -> (JobAdvert, BroadcastMessage) {
+        let mut a = JobAdvert {
+            submitter: submitter.id(),
+            addrs: vec![SocketAddr::from(([127, 0, 51, 99], 7401))],
+            job: crate::digest::Digest::of(b"job"),
+            profile: crate::sandbox::PROFILE_VERSION,
+            memory_bytes: 1 << 20,
+            wanted: 1,
+            network_size: 0,
+            issued,
+            expires: issued + 60_000,
+            signature: crate::overlay::Signature::default(),
+        };
+        a.sign(|bytes| signer.sign(bytes));
+        let payload = a.encode();
+        let msg = BroadcastMessage::Gossip {
+            id: JobAdvert::id_of(&payload),
+            expires: a.expires,
+            round: 0,
+            payload,
+        };
+        (a, msg)
+    }
+
+    /// A hostile neighbour: it joins properly, then floods adverts of a hundred fresh keys and
+    /// finally forwards a forged one. The flood is cut to the link's budget, only checked
+    /// adverts reach the node, and the forgery costs the neighbour its link.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_neighbour_that_floods_or_forges_adverts_is_cut_off() {
+        use crate::overlay::Seal;
+        let mut target = start(60);
+        let hostile = Identity::generate().expect("identity");
+        let net = NetConfig::default();
+        let endpoint = net::endpoint(
+            &hostile,
+            None,
+            SocketAddr::from(([127, 0, 51, 61], 0)),
+            &net,
+        )
+        .expect("endpoint");
+        let mut link = net::dial_for(
+            &endpoint,
+            &hostile,
+            None,
+            target.info.addr,
+            Some(target.info.id),
+            &net,
+            LinkKind::Overlay,
+        )
+        .await
+        .expect("overlay link");
+        let mut me = info(&hostile, endpoint.local_addr().expect("addr"));
+        me.signature = Seal::sign(&hostile.advert_auth(), &me);
+        wire::write(
+            &mut link.send,
+            &Frame::Overlay(OverlayMessage::Join { info: me }),
+        )
+        .await
+        .expect("join");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !target.views().await.active.contains(&hostile.id()) {
+            assert!(Instant::now() < deadline, "the join is accepted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        const FLOOD: u64 = 100;
+        let now = super::super::wall_clock_ms();
+        for _ in 0..FLOOD {
+            let key = Identity::generate().expect("identity");
+            let (_, msg) = advert(&key, &key, now);
+            wire::write(&mut link.send, &Frame::Broadcast(msg))
+                .await
+                .expect("gossip");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let views = loop {
+            let v = target.views().await;
+            if v.adverts_relayed + v.adverts_refused >= FLOOD {
+                break v;
+            }
+            assert!(Instant::now() < deadline, "the flood is taken in: {v:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // The burst, and what the rate refilled while the flood arrived.
+        assert!(
+            (GOSSIP_BURST as u64..=GOSSIP_BURST as u64 + 20).contains(&views.adverts_relayed),
+            "{views:?}"
+        );
+        let mut delivered = 0;
+        while let Ok(a) = target.adverts.try_recv() {
+            assert!(a.verify());
+            delivered += 1;
+        }
+        assert_eq!(delivered, views.adverts_relayed);
+
+        // A forgery once the budget has refilled a little: the link is closed for it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let victim = Identity::generate().expect("identity");
+        let (_, forged) = advert(&victim, &hostile, now);
+        wire::write(&mut link.send, &Frame::Broadcast(forged))
+            .await
+            .expect("forged gossip");
+        let closed = tokio::time::timeout(Duration::from_secs(5), link.conn.closed())
+            .await
+            .expect("the link is closed");
+        assert!(
+            matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(close::PROTOCOL)),
+            "{closed:?}"
+        );
+        assert!(
+            target.adverts.try_recv().is_err(),
+            "the forgery is not delivered"
+        );
     }
 }

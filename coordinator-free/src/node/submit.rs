@@ -242,9 +242,10 @@ impl JobDialer {
         .await
     }
 
-    /// Advertises `job` as the job this peer submits now, so workers it cannot reach ask it for
-    /// work (`None` withdraws it). Best effort: a full request queue drops it.
-    fn announce(&self, job: Option<Digest>) {
+    /// Advertises `job` as the job this peer submits now, so workers it cannot reach (or, on
+    /// the overlay, does not know) ask it for work (`None` withdraws it). Best effort: a full
+    /// request queue drops it.
+    fn announce(&self, job: Option<super::JobNotice>) {
         let _ = self.requests.try_send(Request::Announce(job));
     }
 
@@ -565,7 +566,11 @@ impl NetWorkers {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let (pull_tx, pulls) = mpsc::channel(PULL_QUEUE);
         dialer.pulls.set(Some(pull_tx));
-        dialer.announce(Some(job.id));
+        dialer.announce(Some(super::JobNotice {
+            job: job.id,
+            memory_bytes: spec.memory_bytes,
+            wanted: MAX_LINKS as u32,
+        }));
         let traffic = dialer.traffic().clone();
         Self {
             pulls,

@@ -255,6 +255,8 @@ pub(super) enum WorkInput {
     },
     /// The membership table, for pulling work from submitters that have not reached us.
     Peers(Vec<crate::control::PeerStatus>),
+    /// A submitter's advert, heard through the overlay.
+    Advert(crate::job_advert::JobAdvert),
     /// Asks what the donated cores are doing.
     Status(tokio::sync::oneshot::Sender<crate::control::WorkStatus>),
     /// The peer donates this from now on.
@@ -479,6 +481,10 @@ struct Work {
     /// When each submitter was last dialed for work.
     pull_tried: HashMap<PeerId, Instant>,
     next_pull: Instant,
+    /// Submitters' adverts heard through the overlay, pulled from while slots are idle.
+    adverts: crate::job_advert::AdvertBook,
+    /// Draws whether to pull from an advert that wants fewer workers than the network has.
+    rng: crate::rng::Rng,
     tamper: bool,
     tamper_switch: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// How unit hosts are started, kept to start more of them when the slots change.
@@ -585,6 +591,8 @@ pub(super) fn spawn(
         pull_seen: HashMap::new(),
         pull_tried: HashMap::new(),
         next_pull: Instant::now() + PULL_EVERY,
+        adverts: crate::job_advert::AdvertBook::default(),
+        rng: crate::rng::Rng::seed_from_u64(super::random_seed()),
         tamper: config.tamper,
         tamper_switch: config.tamper_switch.clone(),
         unit_host: match &config.runner {
@@ -722,6 +730,7 @@ impl Work {
             }
             WorkInput::Done(done) => self.on_done(done, now),
             WorkInput::Peers(peers) => self.pull(peers, now),
+            WorkInput::Advert(advert) => self.on_advert(advert, now),
             WorkInput::BlobLink(link) => self.serve_blobs(link),
             WorkInput::BlobWanted { digest, reply } => {
                 let _ = reply.send(self.blobs.get(&digest).cloned());
@@ -967,16 +976,21 @@ impl Work {
         }
     }
 
-    /// When slots are idle, reads the membership table (on a task of its own: the node's
-    /// actor may be waiting for this task at the same moment).
+    /// Whether some slot has nothing to run and the work is not suspended.
+    fn idle(&self) -> bool {
+        self.intake.running() < self.at_once as usize
+            && self.intake.queued() == 0
+            && !self.suspension.is_suspended()
+    }
+
+    /// When slots are idle, pulls from the adverts heard and reads the membership table (on a
+    /// task of its own: the node's actor may be waiting for this task at the same moment).
     fn look_for_submitters(&mut self, now: Instant) {
         self.next_pull = now + PULL_EVERY;
-        let idle = self.intake.running() < self.at_once as usize
-            && self.intake.queued() == 0
-            && !self.suspension.is_suspended();
-        if !idle {
+        if !self.idle() {
             return;
         }
+        self.pull_from_adverts(now);
         let dialer = self.dialer.clone();
         let inputs = self.inputs_tx.clone();
         self.tasks.spawn(async move {
@@ -984,6 +998,45 @@ impl Work {
                 let _ = inputs.send(WorkInput::Peers(status.peers)).await;
             }
         });
+    }
+
+    /// An advert heard through the overlay: kept when this peer could run its units, and pulled
+    /// from at once when slots are idle.
+    fn on_advert(&mut self, advert: crate::job_advert::JobAdvert, now: Instant) {
+        if advert.profile != crate::sandbox::PROFILE_VERSION
+            || advert.memory_bytes > self.memory_per_slot
+            || advert.addrs.is_empty()
+            || self.adverts.admit(advert, super::wall_clock_ms()).is_err()
+        {
+            return;
+        }
+        if self.idle() {
+            self.pull_from_adverts(now);
+        }
+    }
+
+    /// Dials submitters whose adverts were heard and that are not linked to us, each with the
+    /// probability its advert asks for (drawn again after [`PULL_RETRY`]).
+    fn pull_from_adverts(&mut self, now: Instant) {
+        let now_ms = super::wall_clock_ms();
+        self.adverts.expire(now_ms);
+        self.pull_tried
+            .retain(|_, at| now.duration_since(*at) < PULL_RETRY);
+        let candidates: Vec<(PeerId, std::net::SocketAddr, f64)> = self
+            .adverts
+            .current(now_ms)
+            .into_iter()
+            .filter(|a| !self.links.contains_key(&a.submitter))
+            .filter(|a| !self.pull_tried.contains_key(&a.submitter))
+            .filter_map(|a| Some((a.submitter, *a.addrs.first()?, a.pull_probability())))
+            .take(PULLS_PER_PASS)
+            .collect();
+        for (peer, addr, chance) in candidates {
+            self.pull_tried.insert(peer, now);
+            if self.rng.chance(chance) {
+                self.dial_submitter(peer, addr);
+            }
+        }
     }
 
     /// Dials submitters that have advertised a job for a while without reaching us: we may not
@@ -1012,21 +1065,25 @@ impl Work {
             };
             self.pull_tried.insert(p.id, now);
             dialed += 1;
-            let d = self.dialer.clone();
-            let inputs = self.inputs_tx.clone();
-            let peer = p.id;
-            tracing::info!(%peer, %addr, "asking a submitter for work");
-            self.tasks.spawn(async move {
-                match d.dial(addr, peer, crate::net::LinkKind::Pull).await {
-                    Ok(link) => {
-                        let _ = inputs.send(WorkInput::Link(link)).await;
-                    }
-                    Err(err) => {
-                        tracing::debug!(%peer, err = %super::error_chain(&err), "pull dial failed");
-                    }
-                }
-            });
+            self.dial_submitter(p.id, addr);
         }
+    }
+
+    /// Opens a pull link to a submitter; the link joins the others once up.
+    fn dial_submitter(&mut self, peer: PeerId, addr: std::net::SocketAddr) {
+        let d = self.dialer.clone();
+        let inputs = self.inputs_tx.clone();
+        tracing::info!(%peer, %addr, "asking a submitter for work");
+        self.tasks.spawn(async move {
+            match d.dial(addr, peer, crate::net::LinkKind::Pull).await {
+                Ok(link) => {
+                    let _ = inputs.send(WorkInput::Link(link)).await;
+                }
+                Err(err) => {
+                    tracing::debug!(%peer, err = %super::error_chain(&err), "pull dial failed");
+                }
+            }
+        });
     }
 
     fn on_link(&mut self, link: PeerLink) {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::{MAX_MESSAGE_BYTES, MessageError};
 use crate::peer_id::PeerId;
 
 /// Largest advert payload carried.
@@ -58,6 +59,36 @@ impl BroadcastMessage {
     /// The length of the encoding (what the simulator charges a sender).
     pub fn encoded_len(&self) -> usize {
         postcard::to_allocvec(self).map_or(MAX_ADVERT_BYTES * 2, |b| b.len())
+    }
+
+    /// Encodes a message within the caps (what the state machine builds always is).
+    pub fn encode(&self) -> Result<Vec<u8>, MessageError> {
+        if !self.valid() {
+            return Err(MessageError::OverCap);
+        }
+        let bytes = postcard::to_allocvec(self).map_err(MessageError::Encode)?;
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(MessageError::TooLarge { len: bytes.len() });
+        }
+        Ok(bytes)
+    }
+
+    /// Decodes one message from untrusted bytes and checks its caps.
+    pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(MessageError::TooLarge { len: bytes.len() });
+        }
+        let (msg, rest): (Self, _) =
+            postcard::take_from_bytes(bytes).map_err(MessageError::Malformed)?;
+        if !rest.is_empty() {
+            return Err(MessageError::Trailing {
+                trailing: rest.len(),
+            });
+        }
+        if !msg.valid() {
+            return Err(MessageError::OverCap);
+        }
+        Ok(msg)
     }
 }
 
@@ -143,6 +174,11 @@ impl Broadcast {
 
     pub fn lazy(&self) -> &[PeerId] {
         &self.lazy
+    }
+
+    /// Whether the advert `id` was seen (and is still remembered).
+    pub fn has_seen(&self, id: &AdvertId) -> bool {
+        self.seen.contains_key(id)
     }
 
     /// When to deliver the next [`BroadcastEvent::Timer`], if anything waits.

@@ -226,6 +226,8 @@ pub enum MessageError {
     WalkTooLong { ttl: u8 },
     #[error("encoding an overlay message failed")]
     Encode(#[source] postcard::Error),
+    #[error("broadcast message holds more than its caps allow")]
+    OverCap,
 }
 
 impl OverlayMessage {

@@ -417,6 +417,16 @@ impl Overlay {
         self.passive.len()
     }
 
+    /// The neighbours' infos, each with whether this peer chose it.
+    pub fn active_infos(&self) -> impl Iterator<Item = (PeerInfo, bool)> + '_ {
+        self.active.entries.iter().map(|e| (e.info, e.outbound))
+    }
+
+    /// The passive peers' infos.
+    pub fn passive_infos(&self) -> impl Iterator<Item = PeerInfo> + '_ {
+        self.passive.entries.iter().map(|e| e.info)
+    }
+
     /// Connections the state machine holds open or is opening (neighbours, its own requests and
     /// strays), for the driver to check against its own.
     pub fn connection_count(&self) -> usize {

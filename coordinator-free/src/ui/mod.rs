@@ -675,6 +675,7 @@ mod tests {
             seq: 1,
             connected,
             job: None,
+            known_by: crate::control::KnownBy::Table,
         };
         let peers: Vec<PeerStatus> = (0..=255u8).chain(0..10).map(|i| peer(i, i == 9)).collect();
         let listed = take_listed(peers);

@@ -1,0 +1,122 @@
+//! Real nodes that find each other through the partial-view overlay instead of full tables:
+//! each holds a few neighbours, the submitter knows none of the workers' capacity, and its job
+//! still runs on peers it never met, which heard its advert through the broadcast and pulled.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coordinator_free::control::{KnownBy, StatusReport};
+use coordinator_free::identity::Identity;
+use coordinator_free::node::{Bootstrap, Discovery, Node};
+use coordinator_free::store::JobStore;
+
+const PEERS: usize = 10;
+
+async fn start(bootstrap: Option<Bootstrap>) -> Node {
+    let mut config = common::worker_config(None, false);
+    config.discovery = Discovery::Overlay;
+    config.bootstrap = bootstrap.into_iter().collect();
+    Node::start(Identity::generate().expect("identity"), config)
+        .await
+        .expect("node starts")
+}
+
+async fn statuses(nodes: &[Node]) -> Vec<StatusReport> {
+    let mut out = Vec::new();
+    for n in nodes {
+        out.push(n.status().await.expect("status"));
+    }
+    out
+}
+
+/// Waits (bounded) until `check` holds for every node's status.
+async fn wait_all(nodes: &[Node], limit: Duration, check: impl Fn(&StatusReport) -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if statuses(nodes).await.iter().all(&check) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_on_peers_that_heard_its_advert_through_the_overlay() {
+    let first = start(None).await;
+    let mut nodes = vec![first];
+    for i in 1..PEERS {
+        // Most bootstrap with the first peer's id; one knows only its address, as an operator
+        // who typed `--bootstrap IP:PORT` would.
+        let via = Bootstrap {
+            addr: nodes[0].local_addr(),
+            peer: (i != PEERS - 1).then(|| nodes[0].id()),
+        };
+        nodes.push(start(Some(via)).await);
+    }
+    assert!(
+        wait_all(&nodes, Duration::from_secs(20), |s| {
+            s.overlay.as_ref().is_some_and(|o| o.active >= 1)
+        })
+        .await,
+        "every peer finds a neighbour"
+    );
+    for s in statuses(&nodes).await {
+        let o = s.overlay.expect("overlay status");
+        // A handful of neighbours, not the whole network; links are only the neighbours'.
+        assert!((1..=5).contains(&o.active), "{o:?}");
+        assert_eq!(s.connections, o.active);
+        assert!(s.peers.iter().all(|p| p.known_by != KnownBy::Table));
+        // Nobody's capacity travels without full tables.
+        assert!(s.peers.iter().all(|p| p.cores_donated == 0));
+    }
+
+    // The submitter is a peer that is not the bootstrap; it can dial only itself from what it
+    // knows, so every other worker it links to pulled after hearing the advert.
+    let submitter = &nodes[1];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let units = 400;
+    let manifest = common::job_files(dir.path(), units, 2);
+    let store = Arc::new(JobStore::open(&dir.path().join("store")).expect("store"));
+    let summary = common::submit(submitter, dir.path(), manifest, store).await;
+    assert_eq!(summary.accepted, units, "{summary:?}");
+    common::check_reversed(&common::results(dir.path()), units as usize, 2);
+    eprintln!(
+        "units ran on {} peers: {:?}",
+        summary.peers.len(),
+        summary.peers
+    );
+    // Idle workers pull as soon as the advert reaches them: most of the ten take part in a
+    // job that lasts about a second.
+    assert!(
+        summary.peers.len() >= PEERS / 2,
+        "units ran on other peers: {:?}",
+        summary.peers
+    );
+    assert!(
+        summary.peers.keys().any(|p| *p != submitter.id()),
+        "{:?}",
+        summary.peers
+    );
+
+    // The advert reached every other peer through the broadcast tree.
+    let job = {
+        let s = submitter.status().await.expect("status");
+        assert!(s.overlay.as_ref().is_some_and(|o| o.adverts_heard == 0));
+        s.id
+    };
+    let others: Vec<Node> = nodes.drain(..).filter(|n| n.id() != job).collect();
+    assert!(
+        wait_all(&others, Duration::from_secs(10), |s| {
+            s.peers.iter().any(|p| p.id == job && p.job.is_some())
+        })
+        .await,
+        "every peer heard the advert"
+    );
+    for s in statuses(&others).await {
+        let o = s.overlay.expect("overlay status");
+        assert_eq!(o.adverts_refused, 0, "{o:?}");
+    }
+}
