@@ -140,7 +140,7 @@ async fn statuses(peers: &[Peer]) -> Vec<Option<control::StatusReport>> {
 
 /// Whether the network has converged: every table holds the other `n - 1`, or on the overlay,
 /// every peer has a neighbour and the neighbours link all `n` together.
-fn converged(reports: &[Option<control::StatusReport>], n: usize) -> bool {
+fn has_converged(reports: &[Option<control::StatusReport>], n: usize) -> bool {
     let Some(reports) = reports
         .iter()
         .map(Option::as_ref)
@@ -203,7 +203,7 @@ async fn converge(n: usize) -> (Run, Vec<Peer>, tempfile::TempDir) {
         if all_up.is_none() && reports.iter().all(Option::is_some) {
             all_up = Some(start.elapsed());
         }
-        if converged(&reports, n) {
+        if has_converged(&reports, n) {
             converged = Some(start.elapsed());
             break;
         }
