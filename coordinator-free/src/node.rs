@@ -465,7 +465,10 @@ impl Node {
         let overlay = match config.discovery {
             Discovery::Table => None,
             Discovery::Overlay => {
-                let me = overlay::info(&identity, addrs.first().copied().unwrap_or(local_addr));
+                let me = overlay::info(
+                    &identity,
+                    overlay_addr(&addrs, &config.bootstrap).unwrap_or(local_addr),
+                );
                 let handle = overlay::spawn(
                     me,
                     crate::overlay::Config::default(),
@@ -1434,6 +1437,18 @@ fn advertised_addrs(local: SocketAddr) -> Vec<SocketAddr> {
         .take(MAX_ADVERT_ADDRS)
         .map(|ip| SocketAddr::new(ip, local.port()))
         .collect()
+}
+
+/// The one address the overlay names this peer by, among those it advertises: peers check that
+/// a joiner's address is on the host its connection comes from, so a peer that joins through a
+/// loopback bootstrap names its loopback address, and otherwise its first other one.
+fn overlay_addr(addrs: &[SocketAddr], bootstrap: &[Bootstrap]) -> Option<SocketAddr> {
+    let loopback = bootstrap.first().is_some_and(|b| b.addr.ip().is_loopback());
+    addrs
+        .iter()
+        .find(|a| a.ip().is_loopback() == loopback)
+        .or(addrs.first())
+        .copied()
 }
 
 fn wall_clock_ms() -> u64 {

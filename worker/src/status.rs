@@ -240,32 +240,65 @@ fn table(report: &StatusReport) -> String {
             );
         }
     }
-    let _ = writeln!(
-        out,
-        "network    {} peers known, {} connected",
-        report.peers.len(),
-        report.connections
-    );
+    match &report.overlay {
+        Some(o) => {
+            let _ = writeln!(
+                out,
+                "network    overlay: {} neighbours, {} passive peers; adverts of {} submitters heard, {} relayed, {} refused",
+                o.active, o.passive, o.adverts_heard, o.adverts_relayed, o.adverts_refused
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "network    {} peers known, {} connected",
+                report.peers.len(),
+                report.connections
+            );
+        }
+    }
     out.push_str(&traffic_lines(&report.traffic));
-    if !report.peers.is_empty() {
-        let _ = writeln!(out);
+    if report.peers.is_empty() {
+        return out;
+    }
+    let _ = writeln!(out);
+    if report.overlay.is_some() {
+        // Without full tables, a peer's capacity is not known; what is known is how it was
+        // met and, for submitters, their job.
         let _ = writeln!(
             out,
-            "{:<52}  {:>9}  {:>8}  {:>7}  {:<4}  address",
-            "peer", "free/cores", "MiB", "profile", "link"
+            "{:<52}  {:<9}  {:<12}  address",
+            "peer", "known as", "job"
         );
         for peer in &report.peers {
             let _ = writeln!(
                 out,
-                "{:<52}  {:>10}  {:>8}  {:>7}  {:<4}  {}",
+                "{:<52}  {:<9}  {:<12}  {}",
                 peer.id.to_string(),
-                format!("{}/{}", peer.cores_free, peer.cores_donated),
-                peer.memory_mb,
-                peer.profile,
-                if peer.connected { "yes" } else { "-" },
+                peer.known_by.as_str(),
+                peer.job
+                    .map_or("-".to_owned(), |j| j.to_hex()[..12].to_owned()),
                 addrs(&peer.addrs),
             );
         }
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<52}  {:>9}  {:>8}  {:>7}  {:<4}  address",
+        "peer", "free/cores", "MiB", "profile", "link"
+    );
+    for peer in &report.peers {
+        let _ = writeln!(
+            out,
+            "{:<52}  {:>10}  {:>8}  {:>7}  {:<4}  {}",
+            peer.id.to_string(),
+            format!("{}/{}", peer.cores_free, peer.cores_donated),
+            peer.memory_mb,
+            peer.profile,
+            if peer.connected { "yes" } else { "-" },
+            addrs(&peer.addrs),
+        );
     }
     out
 }
@@ -355,5 +388,68 @@ mod tests {
         assert!(text.lines().any(|l| l.trim_start().starts_with("blobs")));
         let fresh = traffic_lines(&TrafficReport::default());
         assert!(fresh.contains("not measured yet"), "{fresh}");
+    }
+
+    #[test]
+    fn an_overlay_peer_lists_its_views_and_the_submitters_it_heard() {
+        use coordinator_free::control::{KnownBy, OverlayStatus, PeerStatus};
+        let peer = |n: u8, known_by, job| PeerStatus {
+            id: PeerId::from_bytes([n; 32]),
+            addrs: vec![std::net::SocketAddr::from(([127, 0, 0, n], 7401))],
+            cores_donated: 0,
+            cores_free: 0,
+            memory_mb: 0,
+            profile: 0,
+            seq: 0,
+            connected: known_by == KnownBy::Neighbour,
+            job,
+            known_by,
+        };
+        let job = coordinator_free::digest::Digest::of(b"job");
+        let report = StatusReport {
+            id: PeerId::from_bytes([9; 32]),
+            listen: "127.0.0.9:7401".parse().unwrap(),
+            addrs: Vec::new(),
+            cores_donated: 1,
+            cores_free: 1,
+            memory_mb: 512,
+            profile: 1,
+            seq: 1,
+            connections: 1,
+            peers: vec![
+                peer(1, KnownBy::Neighbour, None),
+                peer(2, KnownBy::Passive, None),
+                peer(3, KnownBy::Advert, Some(job)),
+            ],
+            work: None,
+            traffic: TrafficReport::default(),
+            overlay: Some(OverlayStatus {
+                active: 1,
+                passive: 1,
+                adverts_heard: 1,
+                adverts_relayed: 4,
+                adverts_refused: 2,
+            }),
+        };
+        let text = table(&report);
+        assert!(
+            text.contains("overlay: 1 neighbours, 1 passive peers; adverts of 1 submitters heard, 4 relayed, 2 refused"),
+            "{text}"
+        );
+        let row = |n: u8| {
+            let id = PeerId::from_bytes([n; 32]).to_string();
+            text.lines()
+                .find(|l| l.starts_with(&id))
+                .unwrap()
+                .to_owned()
+        };
+        assert!(row(1).contains("neighbour"), "{text}");
+        assert!(row(2).contains("passive"), "{text}");
+        assert!(
+            row(3).contains("advert") && row(3).contains(&job.to_hex()[..12]),
+            "{text}"
+        );
+        // No capacity column: it is not known without full tables.
+        assert!(!text.contains("free/cores"), "{text}");
     }
 }
