@@ -3,6 +3,7 @@
 //! A Unix socket inside the data directory, mode 0600 in a 0700 directory, so only the user
 //! who runs the peer (and root) can reach it; nothing is exposed on the network. The protocol
 //! is one request line answered by one JSON document, then the server closes: `status`;
+//! `status all` (the status with every peer a survey of the overlay finds);
 //! `pause` (until `resume`) or `pause SECS`; `resume`. Each answers with the status report as
 //! it is after the request, or `{"error": "..."}`.
 
@@ -28,8 +29,9 @@ pub(crate) const MAX_REQUEST: usize = 256;
 const MAX_REPLY: u64 = 16 * 1024 * 1024;
 /// Clients served at once; more wait in the listen backlog.
 const MAX_CLIENTS: usize = 8;
-/// A client that has not finished in this time is dropped, so it cannot hold a slot.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client that has not finished in this time is dropped, so it cannot hold a slot: a survey
+/// of the overlay takes up to `survey::SURVEY_TIME`.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What a running peer says about itself and its view of the network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +169,8 @@ pub enum KnownBy {
     Passive,
     /// A job advert it broadcast.
     Advert,
+    /// A survey of the overlay (`worker status --all`): it answered.
+    Survey,
 }
 
 impl KnownBy {
@@ -176,6 +180,7 @@ impl KnownBy {
             Self::Neighbour => "neighbour",
             Self::Passive => "passive",
             Self::Advert => "advert",
+            Self::Survey => "survey",
         }
     }
 }
@@ -191,6 +196,21 @@ pub struct OverlayStatus {
     /// Adverts passed on, and refused (forged, out of time, stale, or over a link's rate).
     pub adverts_relayed: u64,
     pub adverts_refused: u64,
+    /// The survey this report's peers come from, when it was asked for (`status all`).
+    #[serde(default)]
+    pub survey: Option<SurveyCount>,
+}
+
+/// What a survey of the overlay found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SurveyCount {
+    /// Peers named by the views it walked, and of them those that answered.
+    pub named: usize,
+    pub answered: usize,
+    /// Whether it asked everyone it heard of, within its limits: then `named` is the size of
+    /// the network this peer reaches.
+    pub complete: bool,
+    pub millis: u64,
 }
 
 /// Why the control endpoint could not be served or asked.
@@ -234,6 +254,8 @@ pub enum PauseChange {
 #[derive(Debug)]
 pub(crate) enum ControlRequest {
     Status(oneshot::Sender<StatusReport>),
+    /// The status with every peer a survey of the overlay finds (`status all`).
+    Survey(oneshot::Sender<StatusReport>),
     /// Pause or resume; answered with the status after the change, or why it failed.
     Pause {
         change: PauseChange,
@@ -307,10 +329,15 @@ async fn answer(
     requests: mpsc::Sender<ControlRequest>,
 ) -> Result<(), ControlError> {
     let (read, mut write) = stream.into_split();
-    let reply = match read_request(read).await? {
-        ClientRequest::Status => {
+    let request = read_request(read).await?;
+    let reply = match request {
+        ClientRequest::Status | ClientRequest::StatusAll => {
             let (tx, rx) = oneshot::channel();
-            let report = match requests.send(ControlRequest::Status(tx)).await {
+            let request = match request {
+                ClientRequest::StatusAll => ControlRequest::Survey(tx),
+                _ => ControlRequest::Status(tx),
+            };
+            let report = match requests.send(request).await {
                 Ok(()) => rx.await.ok(),
                 Err(_) => None,
             };
@@ -365,6 +392,8 @@ pub(crate) const MAX_PAUSE_SECS: u64 = crate::suspend::MAX_PAUSE.as_secs();
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ClientRequest {
     Status,
+    /// The status with a survey of the overlay.
+    StatusAll,
     /// Pause for this many seconds, or until resumed.
     Pause(Option<u64>),
     Resume,
@@ -391,6 +420,7 @@ pub(crate) async fn read_request(
     let mut words = line.split_whitespace();
     Ok(match (words.next(), words.next(), words.next()) {
         (Some("status"), None, None) => ClientRequest::Status,
+        (Some("status"), Some("all"), None) => ClientRequest::StatusAll,
         (Some("resume"), None, None) => ClientRequest::Resume,
         (Some("pause"), None, None) => ClientRequest::Pause(None),
         (Some("pause"), Some(secs), None) => match secs.parse::<u64>() {
@@ -415,6 +445,12 @@ pub(crate) fn parse_reply(reply: &[u8]) -> Result<StatusReport, ControlError> {
 /// Asks the peer running with data directory `dir` for its status.
 pub async fn status(dir: &Path) -> Result<StatusReport, ControlError> {
     ask(dir, "status").await
+}
+
+/// Asks the peer running with data directory `dir` for its status with every peer a survey of
+/// the overlay finds (a peer on full tables answers with its table).
+pub async fn status_all(dir: &Path) -> Result<StatusReport, ControlError> {
+    ask(dir, "status all").await
 }
 
 /// Pauses the peer running with data directory `dir` for `length`, or until resumed when

@@ -255,6 +255,15 @@ pub fn control_request(data: &[u8]) {
             let line = read.split(|&b| b == b'\n').next().unwrap_or_default();
             assert_eq!(std::str::from_utf8(line).map(str::trim), Ok("status"));
         }
+        Ok(ClientRequest::StatusAll) => {
+            let read = &data[..data.len().min(MAX_REQUEST)];
+            let line = read.split(|&b| b == b'\n').next().unwrap_or_default();
+            let line = std::str::from_utf8(line).expect("a request read is text");
+            assert_eq!(
+                line.split_whitespace().collect::<Vec<_>>(),
+                ["status", "all"]
+            );
+        }
         Ok(ClientRequest::Pause(secs)) => {
             assert!(secs.is_none_or(|s| (1..=crate::control::MAX_PAUSE_SECS).contains(&s)));
         }
@@ -755,6 +764,12 @@ fn control_seeds() -> Vec<Vec<u8>> {
             adverts_heard: 2,
             adverts_relayed: 9,
             adverts_refused: 1,
+            survey: Some(crate::control::SurveyCount {
+                named: 30,
+                answered: 28,
+                complete: true,
+                millis: 412,
+            }),
         }),
     };
     vec![

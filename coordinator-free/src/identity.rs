@@ -44,6 +44,9 @@ pub const PULL_ALPN: &[u8] = b"cf-pull/4";
 pub const BLOB_ALPN: &[u8] = b"cf-blob/2";
 /// ALPN protocol id of an overlay link: the partial-view overlay's messages (`overlay`).
 pub const OVERLAY_ALPN: &[u8] = b"cf-overlay/1";
+/// ALPN protocol id of a survey link: one question about a peer's views and capacity
+/// (`survey`).
+pub const SURVEY_ALPN: &[u8] = b"cf-survey/1";
 /// The name every dial presents as SNI. Identity comes from the certificate key, never from a
 /// name, so this is a constant.
 pub const SERVER_NAME: &str = "coordinator-free";
@@ -242,10 +245,17 @@ impl Identity {
             .with_client_cert_verifier(verifier)
             .with_single_cert(vec![self.cert.clone()], self.private_key())
             .map_err(IdentityError::Tls)?;
-        config.alpn_protocols = [ALPN, JOB_ALPN, PULL_ALPN, BLOB_ALPN, OVERLAY_ALPN]
-            .iter()
-            .map(|p| p.to_vec())
-            .collect();
+        config.alpn_protocols = [
+            ALPN,
+            JOB_ALPN,
+            PULL_ALPN,
+            BLOB_ALPN,
+            OVERLAY_ALPN,
+            SURVEY_ALPN,
+        ]
+        .iter()
+        .map(|p| p.to_vec())
+        .collect();
         Ok(config)
     }
 

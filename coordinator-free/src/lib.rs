@@ -30,6 +30,7 @@ pub mod sandbox;
 pub mod schedule;
 mod sim_queue;
 pub mod store;
+pub mod survey;
 pub mod suspend;
 pub mod text;
 pub mod toml_text;

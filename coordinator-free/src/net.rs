@@ -14,7 +14,7 @@ use quinn::{Connection, RecvStream, SendStream, TransportConfig, VarInt};
 
 use crate::identity::{
     ALPN, AllowList, BLOB_ALPN, Identity, IdentityError, JOB_ALPN, OVERLAY_ALPN, PULL_ALPN,
-    SERVER_NAME, connection_peer_id,
+    SERVER_NAME, SURVEY_ALPN, connection_peer_id,
 };
 use crate::membership::MAX_MESSAGE_BYTES;
 use crate::peer_id::PeerId;
@@ -128,6 +128,8 @@ pub enum LinkKind {
     Blob,
     /// The partial-view overlay: neighbours, and short-lived links for shuffle replies.
     Overlay,
+    /// One survey question and its answer (`worker status --all`).
+    Survey,
 }
 
 impl LinkKind {
@@ -138,6 +140,7 @@ impl LinkKind {
             LinkKind::Pull => PULL_ALPN,
             LinkKind::Blob => BLOB_ALPN,
             LinkKind::Overlay => OVERLAY_ALPN,
+            LinkKind::Survey => SURVEY_ALPN,
         }
     }
 }
@@ -372,6 +375,7 @@ async fn greet(conn: Connection, inbound: bool, traffic: &Traffic) -> Result<Pee
             Some(p) if p == PULL_ALPN => LinkKind::Pull,
             Some(p) if p == BLOB_ALPN => LinkKind::Blob,
             Some(p) if p == OVERLAY_ALPN => LinkKind::Overlay,
+            Some(p) if p == SURVEY_ALPN => LinkKind::Survey,
             _ => LinkKind::Membership,
         };
         traffic.track(kind, &conn);

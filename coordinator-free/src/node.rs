@@ -14,6 +14,7 @@ mod modules;
 mod outbox;
 mod overlay;
 mod submit;
+mod survey;
 mod work;
 
 use std::collections::HashMap;
@@ -496,6 +497,7 @@ impl Node {
         };
         let actor = Actor {
             overlay,
+            survey_budget: (survey::ANSWER_BURST, Instant::now()),
             dialer: dialer.clone(),
             bootstrap: config.bootstrap.iter().map(|b| b.addr).collect(),
             resolved: vec![Vec::new(); config.bootstrap_names.len()],
@@ -552,6 +554,11 @@ impl Node {
         self.dialer.status().await
     }
 
+    /// The status with every peer a survey of the overlay finds.
+    pub async fn status_all(&self) -> Result<StatusReport, NodeError> {
+        self.control().status_all().await
+    }
+
     /// A handle that asks this node for its status and steers the user's pause from inside the
     /// process, as the control socket does from outside (the web page uses it).
     pub fn control(&self) -> NodeControl {
@@ -598,6 +605,17 @@ impl NodeControl {
         let (tx, rx) = oneshot::channel();
         self.requests
             .send(Request::Control(ControlRequest::Status(tx)))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// The status with every peer a survey of the overlay finds (`worker status --all`); on
+    /// full tables, the table.
+    pub async fn status_all(&self) -> Result<StatusReport, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Control(ControlRequest::Survey(tx)))
             .await
             .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)
@@ -689,6 +707,8 @@ async fn next_advert(overlay: &mut Option<OverlayPart>) -> Option<crate::job_adv
 struct Actor {
     /// The partial-view overlay, when the node finds peers through one instead of full tables.
     overlay: Option<OverlayPart>,
+    /// Survey answers this peer may still give now, and when that was last counted.
+    survey_budget: (f64, Instant),
     /// Dials through the node's [`crate::reach::Reach`] book, like every other dial here.
     dialer: JobDialer,
     /// The operator's bootstrap addresses: dialed without being confirmed first.
@@ -765,6 +785,7 @@ impl Actor {
                             }
                         }
                     }
+                    Some(Request::Control(ControlRequest::Survey(reply))) => self.survey(reply),
                     Some(Request::Control(ControlRequest::Pause { change, reply })) => {
                         self.pause(change, reply);
                     }
@@ -936,6 +957,10 @@ impl Actor {
             }
             return;
         }
+        if link.kind == LinkKind::Survey {
+            self.answer_survey(link);
+            return;
+        }
         if link.kind == LinkKind::Membership && self.overlay.is_some() {
             link.conn
                 .close(VarInt::from_u32(close::NORMAL), b"overlay only");
@@ -1104,6 +1129,86 @@ impl Actor {
         }
     }
 
+    /// Answers a survey link with this peer's capacity, job and views, within the answer rate;
+    /// a peer on full tables has no views to tell.
+    fn answer_survey(&mut self, link: PeerLink) {
+        let now = Instant::now();
+        let Some(o) = &self.overlay else {
+            link.conn
+                .close(VarInt::from_u32(close::NORMAL), b"no overlay here");
+            return;
+        };
+        let (tokens, at) = &mut self.survey_budget;
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * survey::ANSWER_RATE)
+            .min(survey::ANSWER_BURST);
+        *at = now;
+        if *tokens < 1.0 {
+            link.conn.close(VarInt::from_u32(close::NORMAL), b"busy");
+            return;
+        }
+        *tokens -= 1.0;
+        let views = o.handle.views.borrow();
+        let info = |id: &PeerId| {
+            views
+                .addrs
+                .iter()
+                .find(|(p, _)| p == id)
+                .map(|&(p, addr)| crate::overlay::PeerInfo::new(p, addr, 0))
+        };
+        let local = &self.membership.local_advert().advert;
+        let reply = crate::survey::SurveyReply {
+            cores_donated: local.cores_donated,
+            cores_free: local.cores_free,
+            memory_mb: local.memory_mb,
+            profile: local.profile,
+            job: o.announced.map(|n| n.job),
+            active: crate::overlay::PeerList(
+                views
+                    .active
+                    .iter()
+                    .filter_map(info)
+                    .take(crate::survey::MAX_REPLY_ACTIVE)
+                    .collect(),
+            ),
+            passive: crate::overlay::PeerList(
+                views
+                    .passive
+                    .iter()
+                    .filter_map(info)
+                    .take(crate::survey::MAX_REPLY_PASSIVE)
+                    .collect(),
+            ),
+        };
+        drop(views);
+        self.tasks.spawn(survey::answer(link, reply));
+    }
+
+    /// Answers `status all`: on the overlay, the status with every peer a walk of the overlay
+    /// finds; on full tables, the table itself.
+    fn survey(&mut self, reply: oneshot::Sender<StatusReport>) {
+        let Some(o) = &self.overlay else {
+            let _ = reply.send(self.status());
+            return;
+        };
+        let (seeds, active) = {
+            let views = o.handle.views.borrow();
+            (views.addrs.clone(), views.active.clone())
+        };
+        let dialer = self.dialer.clone();
+        let me = self.me;
+        self.tasks.spawn(async move {
+            let (peers, count) = survey::walk(dialer.clone(), me, seeds, active).await;
+            let Ok(mut report) = dialer.status().await else {
+                return;
+            };
+            report.peers = peers;
+            if let Some(o) = &mut report.overlay {
+                o.survey = Some(count);
+            }
+            let _ = reply.send(report);
+        });
+    }
+
     /// Carries out every command the state machine has queued.
     fn flush(&mut self) {
         while let Some(command) = self.membership.poll_command() {
@@ -1213,6 +1318,7 @@ impl Actor {
                     adverts_heard: o.heard.len(),
                     adverts_relayed: views.adverts_relayed,
                     adverts_refused: views.adverts_refused,
+                    survey: None,
                 }
             }),
         }
@@ -1359,7 +1465,7 @@ async fn read_loop(
                 conn.close(VarInt::from_u32(close::PROTOCOL), b"unexpected hello");
                 break;
             }
-            Ok(Some(Frame::Overlay(_) | Frame::Broadcast(_))) => {
+            Ok(Some(Frame::Overlay(_) | Frame::Broadcast(_) | Frame::Survey(_))) => {
                 tracing::warn!("peer sent an overlay message on a membership link; closing");
                 conn.close(VarInt::from_u32(close::PROTOCOL), b"unexpected frame");
                 break;

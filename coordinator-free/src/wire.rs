@@ -205,6 +205,8 @@ pub enum Frame {
     Overlay(crate::overlay::OverlayMessage),
     /// A job advert's broadcast (PlumTree) message, on an overlay link.
     Broadcast(crate::overlay::broadcast::BroadcastMessage),
+    /// A survey question or answer, on a survey link.
+    Survey(crate::survey::SurveyMessage),
 }
 
 impl Frame {
@@ -212,6 +214,7 @@ impl Frame {
     pub const KIND_MEMBERSHIP: u8 = 2;
     pub const KIND_OVERLAY: u8 = 3;
     pub const KIND_BROADCAST: u8 = 4;
+    pub const KIND_SURVEY: u8 = 5;
 }
 
 impl Message for Frame {
@@ -219,7 +222,9 @@ impl Message for Frame {
         match kind {
             Self::KIND_HELLO => Some(MAX_HELLO_BYTES),
             Self::KIND_MEMBERSHIP => Some(MAX_MESSAGE_BYTES),
-            Self::KIND_OVERLAY | Self::KIND_BROADCAST => Some(crate::overlay::MAX_MESSAGE_BYTES),
+            Self::KIND_OVERLAY | Self::KIND_BROADCAST | Self::KIND_SURVEY => {
+                Some(crate::overlay::MAX_MESSAGE_BYTES)
+            }
             _ => None,
         }
     }
@@ -242,6 +247,9 @@ impl Message for Frame {
                 Self::KIND_BROADCAST,
                 msg.encode().map_err(WireError::Overlay)?,
             )),
+            Frame::Survey(msg) => {
+                Ok((Self::KIND_SURVEY, msg.encode().map_err(WireError::Overlay)?))
+            }
         }
     }
 
@@ -256,6 +264,9 @@ impl Message for Frame {
                 .map_err(WireError::Overlay),
             Self::KIND_BROADCAST => crate::overlay::broadcast::BroadcastMessage::decode(payload)
                 .map(Frame::Broadcast)
+                .map_err(WireError::Overlay),
+            Self::KIND_SURVEY => crate::survey::SurveyMessage::decode(payload)
+                .map(Frame::Survey)
                 .map_err(WireError::Overlay),
             _ => Err(WireError::UnknownKind { kind }),
         }

@@ -63,6 +63,23 @@ async fn a_job_runs_on_peers_that_heard_its_advert_through_the_overlay() {
         .await,
         "every peer finds a neighbour"
     );
+    // A lab still sees every peer: a survey walks the views and every other peer answers with
+    // its capacity.
+    let all = nodes[PEERS - 1].status_all().await.expect("survey");
+    let survey = all
+        .overlay
+        .as_ref()
+        .and_then(|o| o.survey.clone())
+        .expect("survey count");
+    assert!(survey.complete, "{survey:?}");
+    assert_eq!(survey.answered, PEERS - 1, "{survey:?}");
+    assert_eq!(all.peers.len(), PEERS - 1);
+    for p in &all.peers {
+        assert_eq!(p.known_by, KnownBy::Survey);
+        assert_eq!((p.cores_donated, p.cores_free), (1, 1), "{p:?}");
+        assert!(nodes.iter().any(|n| n.id() == p.id));
+    }
+
     for s in statuses(&nodes).await {
         let o = s.overlay.expect("overlay status");
         // A handful of neighbours, not the whole network; links are only the neighbours'.

@@ -24,6 +24,10 @@ pub struct StatusArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// On the overlay, list every peer a walk of the overlay finds (up to 1,000, within 10 s),
+    /// with its capacity, instead of only this peer's views.
+    #[arg(long)]
+    all: bool,
 }
 
 pub fn run(args: StatusArgs) -> Result<ExitCode, Failure> {
@@ -34,7 +38,13 @@ pub fn run(args: StatusArgs) -> Result<ExitCode, Failure> {
         .build()
         .context("cannot start the async runtime")
         .map_err(Failure::usage)?;
-    let report = runtime.block_on(control::status(&dir));
+    let report = runtime.block_on(async {
+        if args.all {
+            control::status_all(&dir).await
+        } else {
+            control::status(&dir).await
+        }
+    });
     let record = submitter_record(&dir);
     if args.json {
         let mut value = match &report {
@@ -247,6 +257,23 @@ fn table(report: &StatusReport) -> String {
                 "network    overlay: {} neighbours, {} passive peers; adverts of {} submitters heard, {} relayed, {} refused",
                 o.active, o.passive, o.adverts_heard, o.adverts_relayed, o.adverts_refused
             );
+            if let Some(s) = &o.survey {
+                let _ = writeln!(
+                    out,
+                    "survey     {} peers answered of {} named, in {:.1} s; {}",
+                    s.answered,
+                    s.named,
+                    s.millis as f64 / 1000.0,
+                    if s.complete {
+                        format!(
+                            "every peer this one reaches was asked: {} others answer",
+                            s.answered
+                        )
+                    } else {
+                        "stopped at its limits: the network is larger".to_owned()
+                    }
+                );
+            }
         }
         None => {
             let _ = writeln!(
@@ -262,7 +289,7 @@ fn table(report: &StatusReport) -> String {
         return out;
     }
     let _ = writeln!(out);
-    if report.overlay.is_some() {
+    if report.overlay.as_ref().is_some_and(|o| o.survey.is_none()) {
         // Without full tables, a peer's capacity is not known; what is known is how it was
         // met and, for submitters, their job.
         let _ = writeln!(
@@ -429,6 +456,7 @@ mod tests {
                 adverts_heard: 1,
                 adverts_relayed: 4,
                 adverts_refused: 2,
+                survey: None,
             }),
         };
         let text = table(&report);
@@ -451,5 +479,30 @@ mod tests {
         );
         // No capacity column: it is not known without full tables.
         assert!(!text.contains("free/cores"), "{text}");
+
+        // With a survey, every peer that answered is listed with its capacity.
+        let mut surveyed = report.clone();
+        surveyed.peers = vec![PeerStatus {
+            cores_donated: 4,
+            cores_free: 3,
+            ..peer(4, KnownBy::Survey, None)
+        }];
+        if let Some(o) = &mut surveyed.overlay {
+            o.survey = Some(coordinator_free::control::SurveyCount {
+                named: 3,
+                answered: 1,
+                complete: true,
+                millis: 1_250,
+            });
+        }
+        let text = table(&surveyed);
+        assert!(
+            text.contains("1 peers answered of 3 named, in 1.2 s; every peer this one reaches was asked: 1 others answer"),
+            "{text}"
+        );
+        assert!(
+            text.contains("free/cores") && text.contains("3/4"),
+            "{text}"
+        );
     }
 }
