@@ -199,6 +199,15 @@ pub struct OverlayStatus {
     /// The survey this report's peers come from, when it was asked for (`status all`).
     #[serde(default)]
     pub survey: Option<SurveyCount>,
+    /// The network's size as estimated from the peers shuffles named (`census`): about this
+    /// many, or at least this many while no peer was named twice; `None` until enough were.
+    #[serde(default)]
+    pub estimated_peers: Option<u64>,
+    #[serde(default)]
+    pub estimate_is_lower_bound: bool,
+    /// Peers named by shuffles the estimate rests on.
+    #[serde(default)]
+    pub census_samples: usize,
 }
 
 /// What a survey of the overlay found.

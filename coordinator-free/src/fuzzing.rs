@@ -770,6 +770,9 @@ fn control_seeds() -> Vec<Vec<u8>> {
                 complete: true,
                 millis: 412,
             }),
+            estimated_peers: Some(212),
+            estimate_is_lower_bound: false,
+            census_samples: 340,
         }),
     };
     vec![

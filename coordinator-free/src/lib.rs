@@ -4,6 +4,7 @@
 
 pub mod bitset;
 mod bytes;
+pub mod census;
 #[cfg(unix)]
 pub mod conditions;
 #[cfg(unix)]

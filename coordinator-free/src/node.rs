@@ -1105,7 +1105,12 @@ impl Actor {
             profile: crate::sandbox::PROFILE_VERSION,
             memory_bytes: notice.memory_bytes,
             wanted: notice.wanted,
-            network_size: 0,
+            network_size: o
+                .handle
+                .views
+                .borrow()
+                .estimate
+                .map_or(0, |e| u32::try_from(e.peers()).unwrap_or(u32::MAX)),
             issued,
             expires: issued + ADVERT_LIFETIME.as_millis() as u64,
             signature: crate::overlay::Signature::default(),
@@ -1319,6 +1324,12 @@ impl Actor {
                     adverts_relayed: views.adverts_relayed,
                     adverts_refused: views.adverts_refused,
                     survey: None,
+                    estimated_peers: views.estimate.map(crate::census::Estimate::peers),
+                    estimate_is_lower_bound: matches!(
+                        views.estimate,
+                        Some(crate::census::Estimate::AtLeast(_))
+                    ),
+                    census_samples: views.census_samples,
                 }
             }),
         }

@@ -257,6 +257,23 @@ fn table(report: &StatusReport) -> String {
                 "network    overlay: {} neighbours, {} passive peers; adverts of {} submitters heard, {} relayed, {} refused",
                 o.active, o.passive, o.adverts_heard, o.adverts_relayed, o.adverts_refused
             );
+            let _ = match o.estimated_peers {
+                Some(n) => writeln!(
+                    out,
+                    "size       {} {n} peers, estimated from {} peers named by shuffles",
+                    if o.estimate_is_lower_bound {
+                        "at least"
+                    } else {
+                        "about"
+                    },
+                    o.census_samples
+                ),
+                None => writeln!(
+                    out,
+                    "size       not estimated yet ({} peers named by shuffles so far)",
+                    o.census_samples
+                ),
+            };
             if let Some(s) = &o.survey {
                 let _ = writeln!(
                     out,
@@ -457,6 +474,9 @@ mod tests {
                 adverts_relayed: 4,
                 adverts_refused: 2,
                 survey: None,
+                estimated_peers: Some(480),
+                estimate_is_lower_bound: false,
+                census_samples: 900,
             }),
         };
         let text = table(&report);
@@ -471,6 +491,10 @@ mod tests {
                 .unwrap()
                 .to_owned()
         };
+        assert!(
+            text.contains("about 480 peers, estimated from 900 peers named by shuffles"),
+            "{text}"
+        );
         assert!(row(1).contains("neighbour"), "{text}");
         assert!(row(2).contains("passive"), "{text}");
         assert!(

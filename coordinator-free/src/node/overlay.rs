@@ -105,6 +105,9 @@ pub(crate) struct Views {
     /// Adverts relayed, and refused (forged, out of time, stale or over a link's rate).
     pub adverts_relayed: u64,
     pub adverts_refused: u64,
+    /// The network's size as the census of shuffled peers estimates it, and its draws.
+    pub estimate: Option<crate::census::Estimate>,
+    pub census_samples: usize,
 }
 
 /// What the node holds of a running driver.
@@ -188,6 +191,8 @@ pub(crate) struct OverlayDriver {
     views: tokio::sync::watch::Sender<Views>,
     relayed: u64,
     refused: u64,
+    /// Peers named by the shuffles that reach this peer, for the size estimate.
+    census: crate::census::Census,
     tasks: JoinSet<()>,
     commands: Vec<Command>,
     broadcast_commands: Vec<BroadcastCommand>,
@@ -216,6 +221,7 @@ pub(crate) fn spawn(me: PeerInfo, config: Config, seed: u64, dialing: Dialing) -
         views,
         relayed: 0,
         refused: 0,
+        census: crate::census::Census::default(),
         tasks: JoinSet::new(),
         commands: Vec::new(),
         broadcast_commands: Vec::new(),
@@ -296,6 +302,7 @@ impl OverlayDriver {
             }
             OverlayInput::Frame { peer, conn, msg } => {
                 if self.links.get(&peer).is_some_and(|l| l.conn_id == conn) {
+                    self.count(&msg);
                     self.handle(Event::Message { from: peer, msg });
                 }
             }
@@ -587,6 +594,24 @@ impl OverlayDriver {
         self.broadcast_commands = commands;
     }
 
+    /// Shuffles name peers drawn from the views of a peer a random walk ended at: draws for the
+    /// census (this peer itself excluded).
+    fn count(&mut self, msg: &OverlayMessage) {
+        let named = match msg {
+            OverlayMessage::Shuffle { origin, peers, .. } => {
+                self.census.sample(origin.id);
+                &peers.0
+            }
+            OverlayMessage::ShuffleReply { peers, .. } => &peers.0,
+            _ => return,
+        };
+        for info in named {
+            if info.id != self.me {
+                self.census.sample(info.id);
+            }
+        }
+    }
+
     fn current_views(&self) -> Views {
         let mut addrs: Vec<(PeerId, SocketAddr)> = self
             .overlay
@@ -605,6 +630,8 @@ impl OverlayDriver {
             addrs,
             adverts_relayed: self.relayed,
             adverts_refused: self.refused,
+            estimate: self.census.estimate(),
+            census_samples: self.census.samples(),
         }
     }
 
