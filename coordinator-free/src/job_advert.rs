@@ -25,6 +25,10 @@ pub const MAX_LIFETIME_MS: u64 = 5 * 60 * 1000;
 pub const MAX_CLOCK_AHEAD_MS: u64 = 10_000;
 /// Most submitters whose adverts a book keeps.
 pub const MAX_BOOK: usize = 1024;
+/// Most workers an advert may ask for, whatever it says: a submitter links to no more (its cap
+/// on links), and an advert naming someone else's address must not send the whole network
+/// there.
+pub const MAX_WANTED: u32 = 1024;
 
 /// A submitter's signed offer of work.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,14 +140,17 @@ impl JobAdvert {
             && self.expires - self.issued <= MAX_LIFETIME_MS
     }
 
-    /// The probability with which an idle worker that hears this advert pulls: one when the
-    /// network is no larger than what the submitter wants (or it does not know), else the
-    /// share that makes about `wanted` workers (twice that, for those that are busy) pull.
-    pub fn pull_probability(&self) -> f64 {
-        if self.network_size == 0 {
+    /// The probability with which an idle worker that hears this advert pulls: the share
+    /// that makes about `wanted` workers (at most [`MAX_WANTED`]; twice that, for those that
+    /// are busy) pull, in a network of the larger of the advert's size and the worker's own
+    /// estimate (`local_size`, 0 when it has none), so an advert cannot claim a tiny network to
+    /// draw everyone; one when neither knows.
+    pub fn pull_probability(&self, local_size: u64) -> f64 {
+        let size = u64::from(self.network_size).max(local_size);
+        if size == 0 {
             return 1.0;
         }
-        (2.0 * f64::from(self.wanted) / f64::from(self.network_size)).min(1.0)
+        (2.0 * f64::from(self.wanted.min(MAX_WANTED)) / size as f64).min(1.0)
     }
 }
 
@@ -343,11 +350,17 @@ mod tests {
     fn workers_pull_with_the_probability_that_meets_the_want() {
         let id = Identity::generate().expect("identity");
         let mut a = advert(&id, NOW);
-        assert_eq!(a.pull_probability(), 1.0);
+        assert_eq!(a.pull_probability(0), 1.0);
         a.network_size = 10;
-        assert_eq!(a.pull_probability(), 1.0);
+        assert_eq!(a.pull_probability(0), 1.0);
         a.network_size = 100_000;
         a.wanted = 50;
-        assert!((a.pull_probability() - 0.001).abs() < 1e-12);
+        assert!((a.pull_probability(0) - 0.001).abs() < 1e-12);
+        // An advert that claims a tiny network and a huge want draws no more than the cap out
+        // of the network the worker itself estimates.
+        a.network_size = 1;
+        a.wanted = u32::MAX;
+        let p = a.pull_probability(1_000_000);
+        assert!((p - 2.0 * f64::from(MAX_WANTED) / 1e6).abs() < 1e-12, "{p}");
     }
 }

@@ -1126,11 +1126,18 @@ impl Actor {
     /// An advert the overlay delivered: kept for status, handed to the work task, which pulls
     /// when it has room.
     fn on_advert(&mut self, advert: crate::job_advert::JobAdvert) {
+        let mut size = 0;
         if let Some(o) = &mut self.overlay {
             let _ = o.heard.admit(advert.clone(), wall_clock_ms());
+            size = o
+                .handle
+                .views
+                .borrow()
+                .estimate
+                .map_or(0, crate::census::Estimate::peers);
         }
         if let Some(work) = &self.work {
-            let _ = work.try_send(work::WorkInput::Advert(advert));
+            let _ = work.try_send(work::WorkInput::Advert(advert, size));
         }
     }
 

@@ -25,7 +25,7 @@ use coordinator_free::job::driver::{JobData, JobProgress, JobSummary, run_job};
 use coordinator_free::job::local::{LocalJob, default_out_dir};
 use coordinator_free::job::{JobManifest, UnitSource};
 use coordinator_free::node::{
-    Bootstrap, BootstrapArg, NetWorkers, Node, NodeConfig, WorkConfig, WorkRunner,
+    Bootstrap, BootstrapArg, Discovery, NetWorkers, Node, NodeConfig, WorkConfig, WorkRunner,
     net_schedule_config,
 };
 use coordinator_free::sandbox::{self, Executor, HostedModule, Metering};
@@ -169,10 +169,15 @@ fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Fa
     } else {
         Metering::Off
     };
-    let bootstrap = if args.bootstrap.is_empty() {
-        running_peer(&data_dir)
+    // Joining through the peer running on the data directory, the submitter finds peers as
+    // that peer does.
+    let (bootstrap, discovery) = if args.bootstrap.is_empty() {
+        match running_peer(&data_dir) {
+            Some((bootstrap, discovery)) => (vec![bootstrap], discovery),
+            None => (Vec::new(), args.discovery),
+        }
     } else {
-        args.bootstrap.clone()
+        (args.bootstrap.clone(), args.discovery)
     };
     let (summary, simulated) = if bootstrap.is_empty() {
         if cpus == 0 {
@@ -229,7 +234,7 @@ fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Fa
             bootstrap,
             listen: args.listen,
             mdns: !args.no_mdns,
-            discovery: args.discovery,
+            discovery,
             cpus,
             data_dir: &data_dir,
             ui: args.ui,
@@ -349,26 +354,31 @@ struct Network<'a> {
     ui: Option<SocketAddr>,
 }
 
-/// The peer running on `data_dir`, as a bootstrap address, if one answers.
-fn running_peer(data_dir: &Path) -> Vec<BootstrapArg> {
-    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+/// The peer running on `data_dir`, if one answers: as a bootstrap address, and how it finds
+/// peers.
+fn running_peer(data_dir: &Path) -> Option<(BootstrapArg, Discovery)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    else {
-        return Vec::new();
-    };
-    let Ok(report) = runtime.block_on(coordinator_free::control::status(data_dir)) else {
-        return Vec::new();
+        .ok()?;
+    let report = runtime
+        .block_on(coordinator_free::control::status(data_dir))
+        .ok()?;
+    let discovery = if report.overlay.is_some() {
+        Discovery::Overlay
+    } else {
+        Discovery::Table
     };
     let ip = match report.listen.ip() {
         IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         ip => ip,
     };
-    vec![BootstrapArg::Addr(Bootstrap {
+    let bootstrap = BootstrapArg::Addr(Bootstrap {
         addr: SocketAddr::new(ip, report.listen.port()),
         peer: Some(report.id),
-    })]
+    });
+    Some((bootstrap, discovery))
 }
 
 /// Starts a peer of the submitter's own, joins the network and runs the job over it.

@@ -64,8 +64,33 @@ fn peers_on_the_overlay_run_a_job_and_answer_a_survey() {
         common::check_pi_line(line, 1_000);
     }
 
-    // A survey from the first peer finds the three others and their capacity; the submitter's
-    // peer has gone, and is at most named.
+    // Submitted through the peer running on a data directory (no --bootstrap), the submitter
+    // finds peers as that peer does: on the overlay.
+    let second = manifest(root, "pi-local", (31, 40), 1_000, false);
+    let child = Command::new(WORKER)
+        .arg("submit")
+        .arg(&second)
+        .arg("--out")
+        .arg(root.join("out-pi-local"))
+        .arg("--data-dir")
+        .arg(root.join("p2"))
+        .args(["--cpus", "0", "--no-mdns"])
+        .env_remove("WORKER_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(root.join("local.stdout")).unwrap())
+        .stderr(std::fs::File::create(root.join("local.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let run = finish(child, root, "local", Duration::from_secs(60));
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("10 accepted, 0 failed, of 10"),
+        "{}",
+        run.stdout
+    );
+
+    // A survey from the first peer finds the three others and their capacity; the submitters'
+    // peers have gone, and are at most named.
     let out = Command::new(WORKER)
         .args(["status", "--all", "--data-dir"])
         .arg(root.join("p1"))

@@ -255,8 +255,9 @@ pub(super) enum WorkInput {
     },
     /// The membership table, for pulling work from submitters that have not reached us.
     Peers(Vec<crate::control::PeerStatus>),
-    /// A submitter's advert, heard through the overlay.
-    Advert(crate::job_advert::JobAdvert),
+    /// A submitter's advert, heard through the overlay, with this peer's own estimate of the
+    /// network's size (0 without one).
+    Advert(crate::job_advert::JobAdvert, u64),
     /// Asks what the donated cores are doing.
     Status(tokio::sync::oneshot::Sender<crate::control::WorkStatus>),
     /// The peer donates this from now on.
@@ -485,6 +486,8 @@ struct Work {
     adverts: crate::job_advert::AdvertBook,
     /// Draws whether to pull from an advert that wants fewer workers than the network has.
     rng: crate::rng::Rng,
+    /// This peer's own estimate of the network's size, from the last advert handed over.
+    network_size: u64,
     tamper: bool,
     tamper_switch: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// How unit hosts are started, kept to start more of them when the slots change.
@@ -593,6 +596,7 @@ pub(super) fn spawn(
         next_pull: Instant::now() + PULL_EVERY,
         adverts: crate::job_advert::AdvertBook::default(),
         rng: crate::rng::Rng::seed_from_u64(super::random_seed()),
+        network_size: 0,
         tamper: config.tamper,
         tamper_switch: config.tamper_switch.clone(),
         unit_host: match &config.runner {
@@ -730,7 +734,10 @@ impl Work {
             }
             WorkInput::Done(done) => self.on_done(done, now),
             WorkInput::Peers(peers) => self.pull(peers, now),
-            WorkInput::Advert(advert) => self.on_advert(advert, now),
+            WorkInput::Advert(advert, size) => {
+                self.network_size = size;
+                self.on_advert(advert, now);
+            }
             WorkInput::BlobLink(link) => self.serve_blobs(link),
             WorkInput::BlobWanted { digest, reply } => {
                 let _ = reply.send(self.blobs.get(&digest).cloned());
@@ -1028,7 +1035,10 @@ impl Work {
             .into_iter()
             .filter(|a| !self.links.contains_key(&a.submitter))
             .filter(|a| !self.pull_tried.contains_key(&a.submitter))
-            .filter_map(|a| Some((a.submitter, *a.addrs.first()?, a.pull_probability())))
+            .filter_map(|a| {
+                let chance = a.pull_probability(self.network_size);
+                Some((a.submitter, *a.addrs.first()?, chance))
+            })
             .take(PULLS_PER_PASS)
             .collect();
         for (peer, addr, chance) in candidates {
