@@ -506,7 +506,70 @@ fn wire_seeds() -> Vec<Vec<u8>> {
     .concat();
     frames.extend(overlay);
     frames.push(stream);
+    // The overlay's other frames: job adverts' broadcast, and survey questions and answers.
+    let more: Vec<Vec<u8>> = broadcast_messages()
+        .into_iter()
+        .map(Frame::Broadcast)
+        .chain(survey_messages().into_iter().map(Frame::Survey))
+        .map(|frame| frame.encode_frame().expect("seed frame encodes"))
+        .collect();
+    frames.push(more.concat());
+    frames.extend(more);
     frames
+}
+
+fn broadcast_messages() -> Vec<crate::overlay::broadcast::BroadcastMessage> {
+    use crate::job_advert::JobAdvert;
+    use crate::overlay::broadcast::BroadcastMessage;
+
+    let identity = crate::identity::Identity::generate().expect("an identity can be generated");
+    let mut advert = JobAdvert {
+        submitter: identity.id(),
+        addrs: vec![SocketAddr::from(([192, 0, 2, 10], 7401))],
+        job: crate::digest::Digest::of(b"a job"),
+        profile: crate::sandbox::PROFILE_VERSION,
+        memory_bytes: 64 << 20,
+        wanted: 64,
+        network_size: 5_000,
+        issued: 1_765_000_000_000,
+        expires: 1_765_000_060_000,
+        signature: crate::overlay::Signature::default(),
+    };
+    advert.sign(|bytes| identity.sign(bytes));
+    let payload = advert.encode();
+    let id = JobAdvert::id_of(&payload);
+    vec![
+        BroadcastMessage::Gossip {
+            id,
+            expires: advert.expires,
+            round: 2,
+            payload,
+        },
+        BroadcastMessage::IHave {
+            ids: vec![(id, 3), ([7; 32], 1)],
+        },
+        BroadcastMessage::Graft { id },
+        BroadcastMessage::Prune,
+    ]
+}
+
+fn survey_messages() -> Vec<crate::survey::SurveyMessage> {
+    use crate::overlay::{PeerInfo, PeerList};
+    use crate::survey::{SurveyMessage, SurveyReply};
+
+    let info = |n: u8| PeerInfo::new(sample_peer(n), SocketAddr::from(([192, 0, 2, n], 7401)), 0);
+    vec![
+        SurveyMessage::Request,
+        SurveyMessage::Reply(SurveyReply {
+            cores_donated: 4,
+            cores_free: 2,
+            memory_mb: 2048,
+            profile: 1,
+            job: Some(crate::digest::Digest::of(b"a job")),
+            active: PeerList((1..=5).map(info).collect()),
+            passive: PeerList((10..=29).map(info).collect()),
+        }),
+    ]
 }
 
 fn overlay_messages() -> Vec<crate::overlay::OverlayMessage> {
@@ -781,6 +844,7 @@ fn control_seeds() -> Vec<Vec<u8>> {
         b"peers\n".to_vec(),
         serde_json::to_vec(&report).expect("seed report serialises"),
         br#"{"error":"the peer is shutting down"}"#.to_vec(),
+        b"status all\n".to_vec(),
     ]
 }
 
@@ -933,6 +997,21 @@ mod tests {
             .count();
         // One per kind; the stream of them starts with a hello.
         assert_eq!(overlay, overlay_messages().len());
+        let decoded: Vec<Frame> = seeds("wire_frame")
+            .iter()
+            .filter_map(|seed| Frame::decode_frame(seed).ok().map(|(frame, _)| frame))
+            .collect();
+        let broadcast = decoded
+            .iter()
+            .filter(|f| matches!(f, Frame::Broadcast(_)))
+            .count();
+        let survey = decoded
+            .iter()
+            .filter(|f| matches!(f, Frame::Survey(_)))
+            .count();
+        // Each alone, and the first of the stream of them.
+        assert_eq!(broadcast, broadcast_messages().len() + 1);
+        assert_eq!(survey, survey_messages().len());
     }
 
     #[test]
