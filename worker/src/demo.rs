@@ -31,6 +31,10 @@ pub struct DemoArgs {
     /// Add a peer that alters every output it returns, to watch validation catch it.
     #[arg(long)]
     liar: bool,
+    /// How the peers find each other: "table" (every peer holds every other) or "overlay" (a
+    /// few neighbours each; the job reaches the workers as a broadcast advert, and they pull).
+    #[arg(long, value_name = "table|overlay", default_value = "table")]
+    discovery: coordinator_free::node::Discovery,
 }
 
 /// The example sweep: an SIR epidemic over 4 infection rates × 4 recovery rates.
@@ -95,6 +99,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, Failure> {
                 let ip = std::net::Ipv4Addr::new(127, 0, 0, u8::try_from(i + 1)?);
                 let mut config = NodeConfig::new(std::net::SocketAddr::new(ip.into(), 0));
                 config.mdns = false;
+                config.discovery = args.discovery;
                 if let Some(first) = nodes.first() {
                     config.bootstrap = vec![Bootstrap {
                         addr: first.local_addr(),
@@ -111,11 +116,20 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, Failure> {
             }
             let started = Instant::now();
             loop {
-                let mut known = 0;
+                // Every table holds every other peer; on the overlay, every peer has a
+                // neighbour and a survey from the first finds all the others.
+                let mut found = true;
                 for node in &nodes {
-                    known += node.status().await?.peers.len();
+                    let status = node.status().await?;
+                    found &= match &status.overlay {
+                        Some(o) => o.active > 0,
+                        None => status.peers.len() == nodes.len() - 1,
+                    };
                 }
-                if known == nodes.len() * (nodes.len() - 1) {
+                if found && args.discovery == coordinator_free::node::Discovery::Overlay {
+                    found = nodes[0].status_all().await?.peers.len() == nodes.len() - 1;
+                }
+                if found {
                     break;
                 }
                 if started.elapsed() > CONVERGE_LIMIT {

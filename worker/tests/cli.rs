@@ -222,6 +222,20 @@ fn demo_accepts_every_unit() {
 }
 
 #[test]
+fn demo_on_the_overlay_accepts_every_unit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["demo", "--discovery", "overlay", "--peers", "4"])
+        .current_dir(dir.path())
+        .output()
+        .expect("demo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("16/16 units accepted"), "{stdout}");
+    assert!(stdout.contains("on 4 peers"), "{stdout}");
+}
+
+#[test]
 fn demo_outvotes_and_names_a_lying_peer() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_worker"))
