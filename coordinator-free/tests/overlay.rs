@@ -137,3 +137,60 @@ async fn a_job_runs_on_peers_that_heard_its_advert_through_the_overlay() {
         assert_eq!(o.adverts_refused, 0, "{o:?}");
     }
 }
+
+/// Survey questions are answered at most 20 a second (a burst of 20): whoever asks a peer over
+/// and over, with one key or many, gets no more answers than that, and each answer names no
+/// more than the caps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_answers_surveys_within_its_rate() {
+    use coordinator_free::net::{self, LinkKind, NetConfig};
+    use coordinator_free::survey::{MAX_REPLY_ACTIVE, MAX_REPLY_PASSIVE, SurveyMessage};
+    use coordinator_free::wire::{self, Frame};
+
+    let target = start(None).await;
+    let net_config = NetConfig::default();
+    let asker = Arc::new(Identity::generate().expect("identity"));
+    let endpoint = net::endpoint(&asker, None, common::next_host(), &net_config).expect("endpoint");
+    const ASKS: usize = 60;
+    let mut asks = tokio::task::JoinSet::new();
+    for _ in 0..ASKS {
+        let (endpoint, asker, net_config) = (endpoint.clone(), Arc::clone(&asker), net_config.clone());
+        let (addr, id) = (target.local_addr(), target.id());
+        asks.spawn(async move {
+            let mut link = net::dial_for(
+                &endpoint,
+                &asker,
+                None,
+                addr,
+                Some(id),
+                &net_config,
+                LinkKind::Survey,
+            )
+            .await
+            .ok()?;
+            wire::write(&mut link.send, &Frame::Survey(SurveyMessage::Request))
+                .await
+                .ok()?;
+            match wire::read::<Frame, _>(&mut link.recv).await {
+                Ok(Some(Frame::Survey(SurveyMessage::Reply(reply)))) => Some(reply),
+                _ => None,
+            }
+        });
+    }
+    let started = Instant::now();
+    let mut answered = 0;
+    while let Some(joined) = asks.join_next().await {
+        if let Some(reply) = joined.expect("ask task") {
+            answered += 1;
+            assert_eq!((reply.cores_donated, reply.cores_free), (1, 1));
+            assert!(reply.active.0.len() <= MAX_REPLY_ACTIVE);
+            assert!(reply.passive.0.len() <= MAX_REPLY_PASSIVE);
+        }
+    }
+    eprintln!("{answered} of {ASKS} answered in {:?}", started.elapsed());
+    // The burst, and what the rate refilled while the questions arrived.
+    let refilled = (started.elapsed().as_secs_f64() * 20.0).ceil() as usize;
+    assert!(answered >= 1, "the peer answers at all");
+    assert!(answered <= 20 + refilled, "{answered} answers in {:?}", started.elapsed());
+    assert!(answered < ASKS, "{answered} of {ASKS}");
+}
