@@ -1511,11 +1511,34 @@ async fn read_loop(
 /// peer that sends garbage once is not worth resynchronising with.
 fn end_of_reading(err: WireError, conn: &quinn::Connection) {
     match err {
-        WireError::Io(err) => tracing::debug!(%err, "connection lost"),
+        WireError::Io(err) => {
+            tracing::debug!(%err, "connection lost");
+            discovery_mismatch(conn);
+        }
         err => {
             tracing::warn!(err = %error_chain(&err), "malformed input from peer; closing");
             conn.close(VarInt::from_u32(close::PROTOCOL), b"malformed frame");
         }
+    }
+}
+
+/// Says once, when a peer closed a link because it finds peers the other way (full tables
+/// against the overlay), why the two will never talk: a network's peers must all run one.
+fn discovery_mismatch(conn: &quinn::Connection) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Some(quinn::ConnectionError::ApplicationClosed(close)) = conn.close_reason() else {
+        return;
+    };
+    let (theirs, ours) = match &close.reason[..] {
+        b"overlay only" => ("the overlay", "full tables"),
+        b"no overlay here" => ("full tables", "the overlay"),
+        _ => return,
+    };
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            remote = %conn.remote_address(),
+            "the peer at this address finds peers with {theirs} and this one with {ours}: they cannot talk; give every peer of the network the same --discovery"
+        );
     }
 }
 

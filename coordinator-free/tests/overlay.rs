@@ -154,7 +154,8 @@ async fn a_peer_answers_surveys_within_its_rate() {
     const ASKS: usize = 60;
     let mut asks = tokio::task::JoinSet::new();
     for _ in 0..ASKS {
-        let (endpoint, asker, net_config) = (endpoint.clone(), Arc::clone(&asker), net_config.clone());
+        let (endpoint, asker, net_config) =
+            (endpoint.clone(), Arc::clone(&asker), net_config.clone());
         let (addr, id) = (target.local_addr(), target.id());
         asks.spawn(async move {
             let mut link = net::dial_for(
@@ -191,6 +192,10 @@ async fn a_peer_answers_surveys_within_its_rate() {
     // The burst, and what the rate refilled while the questions arrived.
     let refilled = (started.elapsed().as_secs_f64() * 20.0).ceil() as usize;
     assert!(answered >= 1, "the peer answers at all");
-    assert!(answered <= 20 + refilled, "{answered} answers in {:?}", started.elapsed());
+    assert!(
+        answered <= 20 + refilled,
+        "{answered} answers in {:?}",
+        started.elapsed()
+    );
     assert!(answered < ASKS, "{answered} of {ASKS}");
 }
