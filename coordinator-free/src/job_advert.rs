@@ -154,47 +154,83 @@ impl JobAdvert {
     }
 }
 
-/// The latest current advert of each submitter heard of, bounded in count.
+/// The latest current advert of each submitter heard of, bounded in count, each with the
+/// neighbour it came through (`None`: this peer's own, or a book with one source).
 #[derive(Debug, Default)]
 pub struct AdvertBook {
-    adverts: HashMap<PeerId, JobAdvert>,
+    adverts: HashMap<PeerId, (JobAdvert, Option<PeerId>)>,
 }
 
+/// Why the book had no room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NoRoom;
+
 impl AdvertBook {
-    /// Takes `advert` if it is current and newer than what is known of its submitter. When the
-    /// book is full, the advert that expires first makes room (expired ones go first).
-    pub fn admit(&mut self, advert: JobAdvert, now_ms: u64) -> Result<(), AdvertError> {
+    /// Takes `advert`, which came through `via`, if it is current and newer than what is known
+    /// of its submitter. When the book is full (expired adverts gone first), the source that
+    /// holds the most entries gives way: its advert that expires first is dropped, or, when the
+    /// new advert comes from that source, the new one is refused unless it outlives that
+    /// entry. One neighbour relaying the adverts of a thousand keys thus fills at most its
+    /// share of the book and cannot push out what others relay.
+    pub fn admit_via(
+        &mut self,
+        advert: JobAdvert,
+        via: Option<PeerId>,
+        now_ms: u64,
+    ) -> Result<(), AdvertError> {
         if !advert.current(now_ms) {
             return Err(AdvertError::OutOfTime);
         }
-        if let Some(known) = self.adverts.get(&advert.submitter)
+        if let Some((known, _)) = self.adverts.get(&advert.submitter)
             && known.issued >= advert.issued
         {
             return Err(AdvertError::Stale);
         }
         if !self.adverts.contains_key(&advert.submitter) && self.adverts.len() >= MAX_BOOK {
             self.expire(now_ms);
-            if self.adverts.len() >= MAX_BOOK {
-                let first = self
-                    .adverts
-                    .values()
-                    .min_by_key(|a| (a.expires, a.submitter))
-                    .map(|a| a.submitter);
-                match first {
-                    Some(first) if self.adverts[&first].expires < advert.expires => {
-                        self.adverts.remove(&first);
-                    }
-                    _ => return Err(AdvertError::Stale),
-                }
+            if self.adverts.len() >= MAX_BOOK && self.make_room(&advert, via) == Err(NoRoom) {
+                return Err(AdvertError::Stale);
             }
         }
-        self.adverts.insert(advert.submitter, advert);
+        self.adverts.insert(advert.submitter, (advert, via));
+        Ok(())
+    }
+
+    /// [`AdvertBook::admit_via`] for a book with one source.
+    pub fn admit(&mut self, advert: JobAdvert, now_ms: u64) -> Result<(), AdvertError> {
+        self.admit_via(advert, None, now_ms)
+    }
+
+    fn make_room(&mut self, advert: &JobAdvert, via: Option<PeerId>) -> Result<(), NoRoom> {
+        let mut held: HashMap<Option<PeerId>, usize> = HashMap::new();
+        for (_, source) in self.adverts.values() {
+            *held.entry(*source).or_default() += 1;
+        }
+        let (top, most) = held
+            .iter()
+            .max_by_key(|(source, n)| (**n, **source))
+            .map(|(source, n)| (*source, *n))
+            .ok_or(NoRoom)?;
+        if via != top && held.get(&via).copied().unwrap_or(0) >= most {
+            return Err(NoRoom);
+        }
+        let (first, expires) = self
+            .adverts
+            .iter()
+            .filter(|(_, (_, source))| *source == top)
+            .map(|(submitter, (a, _))| (*submitter, a.expires))
+            .min_by_key(|(submitter, expires)| (*expires, *submitter))
+            .ok_or(NoRoom)?;
+        if via == top && expires >= advert.expires {
+            return Err(NoRoom);
+        }
+        self.adverts.remove(&first);
         Ok(())
     }
 
     /// Drops every advert past its expiry.
     pub fn expire(&mut self, now_ms: u64) {
-        self.adverts.retain(|_, a| a.expires > now_ms);
+        self.adverts.retain(|_, (a, _)| a.expires > now_ms);
     }
 
     /// Forgets a submitter's advert (it said it has no work for us).
@@ -203,7 +239,7 @@ impl AdvertBook {
     }
 
     pub fn get(&self, submitter: &PeerId) -> Option<&JobAdvert> {
-        self.adverts.get(submitter)
+        self.adverts.get(submitter).map(|(a, _)| a)
     }
 
     /// Current adverts, ordered by submitter.
@@ -211,6 +247,7 @@ impl AdvertBook {
         let mut out: Vec<_> = self
             .adverts
             .values()
+            .map(|(a, _)| a)
             .filter(|a| a.expires > now_ms)
             .collect();
         out.sort_by_key(|a| a.submitter);
@@ -344,6 +381,44 @@ mod tests {
             book.admit(advert(&early, NOW - 10_000), NOW),
             Err(AdvertError::Stale)
         );
+    }
+
+    /// A neighbour relaying the adverts of more keys than the book holds fills only what the
+    /// others leave: adverts relayed by another neighbour still get in, and push out the
+    /// flooder's, not each other.
+    #[test]
+    fn one_flooding_neighbour_cannot_push_out_what_others_relay() {
+        let flooder = PeerId::from_bytes([1; 32]);
+        let honest = PeerId::from_bytes([2; 32]);
+        let mut book = AdvertBook::default();
+        // Keys are cheap to make; their adverts are made once and reused for speed.
+        let keys: Vec<Identity> = (0..MAX_BOOK + 50)
+            .map(|_| Identity::generate().expect("identity"))
+            .collect();
+        for (i, key) in keys.iter().enumerate() {
+            // Long-lived copies: they would outlive every honest one.
+            let mut a = advert(key, NOW + i as u64 % 1_000);
+            a.expires = a.issued + MAX_LIFETIME_MS;
+            a.sign(|bytes| key.sign(bytes));
+            let _ = book.admit_via(a, Some(flooder), NOW);
+        }
+        assert_eq!(book.len(), MAX_BOOK);
+        // Ten honest submitters' adverts, short-lived, arrive through another neighbour.
+        let submitters: Vec<Identity> = (0..10)
+            .map(|_| Identity::generate().expect("identity"))
+            .collect();
+        for s in &submitters {
+            assert_eq!(book.admit_via(advert(s, NOW), Some(honest), NOW), Ok(()));
+        }
+        assert_eq!(book.len(), MAX_BOOK);
+        assert!(submitters.iter().all(|s| book.get(&s.id()).is_some()));
+        // The flooder's next key is refused rather than displacing anyone.
+        let more = Identity::generate().expect("identity");
+        assert_eq!(
+            book.admit_via(advert(&more, NOW + 5), Some(flooder), NOW),
+            Err(AdvertError::Stale)
+        );
+        assert!(submitters.iter().all(|s| book.get(&s.id()).is_some()));
     }
 
     #[test]

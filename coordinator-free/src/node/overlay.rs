@@ -533,7 +533,10 @@ impl OverlayDriver {
             }
             match JobAdvert::decode(payload) {
                 Ok(advert) if JobAdvert::id_of(payload) == *id && advert.expires == *expires => {
-                    match self.book.admit(advert, super::wall_clock_ms()) {
+                    match self
+                        .book
+                        .admit_via(advert, Some(peer), super::wall_clock_ms())
+                    {
                         Ok(()) => self.relayed += 1,
                         Err(err) => {
                             // Out of time or older than what is known: an honest relay may
