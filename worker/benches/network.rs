@@ -4,6 +4,7 @@
 //! cargo bench -p worker --bench network                 # N = 10 and 50
 //! cargo bench -p worker --bench network -- 10 20 100    # other sizes
 //! cargo bench -p worker --bench network -- overlay 50 200   # peers on the overlay
+//! cargo bench -p worker --bench network -- overlay settle=60 200   # idle 60 s before measuring
 //! ```
 //!
 //! Prints, for each N: the time from spawning N peers (all bootstrapping through the first) until
@@ -42,6 +43,15 @@ struct Peer {
 /// Whether peers run the overlay (`overlay` among the arguments) rather than full tables.
 fn overlay() -> bool {
     std::env::args().any(|a| a == "overlay")
+}
+
+/// How long the peers idle after converging before memory and traffic are measured:
+/// `settle=SECS` among the arguments, 3 s by default.
+fn settle() -> Duration {
+    let secs = std::env::args()
+        .find_map(|a| a.strip_prefix("settle=").and_then(|s| s.parse().ok()))
+        .unwrap_or(3);
+    Duration::from_secs(secs)
 }
 
 fn discovery() -> &'static str {
@@ -210,7 +220,7 @@ async fn converge(n: usize) -> (Run, Vec<Peer>, tempfile::TempDir) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Let the peers settle into their idle state before measuring memory.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(settle()).await;
     let rss_kib = peers
         .iter()
         .filter_map(|p| rss_kib(p.child.id()))
@@ -360,7 +370,7 @@ fn main() {
     runtime.block_on(async {
         println!("worker binary: {WORKER}");
         println!();
-        println!("discovery: {}", discovery());
+        println!("discovery: {}, settling {} s after convergence", discovery(), settle().as_secs());
         println!("| peers | all control sockets up | converged ({}) | idle RSS median | idle RSS max | idle B/s sent per peer: median / max | of it membership: median / max | {JOB_UNITS} no-op units: wall, peers that ran some |", if overlay() { "one connected overlay" } else { "every table N-1" });
         println!("|---|---|---|---|---|---|---|---|");
         let mut last = None;
