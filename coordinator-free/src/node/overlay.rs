@@ -1,7 +1,9 @@
 //! The overlay's driver: one actor that owns an [`Overlay`] and does its IO over QUIC.
 //!
 //! It carries out the state machine's commands — dialing overlay links (ALPN `cf-overlay/1`),
-//! sending frames on them, short-lived links for shuffle replies, closing links — and turns
+//! sending frames on them, closing links; a message for a peer with no link (`SendOnce`) goes on
+//! a new link the overlay soon closes as a stray, and an answer to a peer whose link is open
+//! (a shuffle's, through a contact) goes back on it, not on a new connection — and turns
 //! what happens on the links into the state machine's events. One link per peer: when both
 //! ends dial at once, both keep the link dialed by the smaller id, as membership links do. A
 //! link's liveness is QUIC's (keep-alives under the idle timeout): a link that timed out is a
@@ -43,8 +45,6 @@ const INPUTS: usize = 256;
 /// Adverts delivered to the node and not yet taken; later ones are dropped when it lags (the
 /// submitter re-issues its advert).
 const DELIVERED: usize = 64;
-/// Longest a short-lived link waits for its one message to be acknowledged.
-const SEND_ONCE_LINGER: Duration = Duration::from_secs(5);
 /// New adverts a link may bring per second, and in a burst: far above what honest submitters
 /// re-issue, far below what would let one neighbour flood the network.
 pub(crate) const GOSSIP_RATE: f64 = 10.0;
@@ -64,6 +64,8 @@ pub(crate) enum OverlayInput {
         addr: SocketAddr,
         peer: Option<PeerId>,
     },
+    /// A link dialed to carry one message (`SendOnce`) is up.
+    SentOnce { link: PeerLink, msg: OverlayMessage },
     /// A dial to a contact address ended.
     ContactDialed {
         addr: SocketAddr,
@@ -265,14 +267,15 @@ impl OverlayDriver {
 
     fn on_input(&mut self, input: OverlayInput) {
         match input {
-            OverlayInput::Accepted(link) => self.linked(link),
+            OverlayInput::Accepted(link) => self.linked(link, None),
+            OverlayInput::SentOnce { link, msg } => self.linked(link, Some(msg)),
             OverlayInput::ContactAddr { addr, peer } => self.contact_addr(addr, peer),
             OverlayInput::ContactDialed { addr, link } => {
                 self.contact_dials.remove(&addr);
                 if let Some(link) = link {
                     let info = PeerInfo::new(link.peer, addr, super::wall_clock_ms());
                     // The link first, so the overlay's own dial finds it open.
-                    self.linked(link);
+                    self.linked(link, None);
                     if info.id != self.me {
                         self.handle(Event::Contact(info));
                     }
@@ -291,7 +294,7 @@ impl OverlayDriver {
             OverlayInput::Dialed { peer, link } => {
                 self.pending_dials.remove(&peer);
                 match link {
-                    Some(link) => self.linked(link),
+                    Some(link) => self.linked(link, None),
                     None if self.links.contains_key(&peer) => {
                         // The peer dialed us meanwhile.
                         let addr = self.links[&peer].conn.remote_address();
@@ -320,7 +323,9 @@ impl OverlayDriver {
     }
 
     /// A link is up: kept (one per peer), its reader and writer started, the overlay told.
-    fn linked(&mut self, link: PeerLink) {
+    /// `first` goes out on the link before the overlay hears of it: a message for a short-lived
+    /// link, which the overlay may close at once as a stray it has no room for.
+    fn linked(&mut self, link: PeerLink, first: Option<OverlayMessage>) {
         let peer = link.peer;
         if peer == self.me {
             link.conn
@@ -337,6 +342,9 @@ impl OverlayDriver {
             if !keep_new || existing.inbound == link.inbound {
                 link.conn
                     .close(VarInt::from_u32(close::DUPLICATE), b"duplicate");
+                if let Some(msg) = first {
+                    let _ = existing.outbox.try_send(&Frame::Overlay(msg));
+                }
                 let addr = existing.conn.remote_address();
                 self.handle(Event::ConnectionUp { peer, addr });
                 return;
@@ -368,6 +376,12 @@ impl OverlayDriver {
                 gossip_budget: (GOSSIP_BURST, Instant::now()),
             },
         );
+        if let Some(msg) = first
+            && let Some(link) = self.links.get(&peer)
+            && link.outbox.try_send(&Frame::Overlay(msg)).is_err()
+        {
+            tracing::debug!(%peer, "overlay link full; message dropped");
+        }
         self.handle(Event::ConnectionUp { peer, addr });
     }
 
@@ -418,8 +432,24 @@ impl OverlayDriver {
                 }
             }
             Command::SendOnce { to, msg } => {
+                // On a link that is open already (the one a shuffle came in on, say), or on a
+                // new one the driver holds like any other: the answer to what it carries may
+                // come back on it, and the overlay closes it as a stray soon after.
+                if let Some(link) = self.links.get(&to.id) {
+                    if link.outbox.try_send(&Frame::Overlay(msg)).is_err() {
+                        tracing::debug!(peer = %to.id, "overlay link full; message dropped");
+                    }
+                    return;
+                }
+                let Some(inputs) = self.inputs_tx.upgrade() else {
+                    return;
+                };
                 let dialing = self.dialing.clone();
-                self.tasks.spawn(send_once(dialing, to, msg));
+                self.tasks.spawn(async move {
+                    if let Some(link) = dialing.dial(to).await {
+                        let _ = inputs.send(OverlayInput::SentOnce { link, msg }).await;
+                    }
+                });
             }
             Command::Disconnect(peer) => {
                 if let Some(link) = self.links.remove(&peer) {
@@ -650,21 +680,6 @@ impl OverlayDriver {
             }
         });
     }
-}
-
-/// Dials `to`, sends one message, waits for it to be acknowledged and closes.
-async fn send_once(dialing: Dialing, to: PeerInfo, msg: OverlayMessage) {
-    let Some(mut link) = dialing.dial(to).await else {
-        return;
-    };
-    if wire::write(&mut link.send, &Frame::Overlay(msg))
-        .await
-        .is_ok()
-    {
-        let _ = link.send.finish();
-        let _ = tokio::time::timeout(SEND_ONCE_LINGER, link.send.stopped()).await;
-    }
-    link.conn.close(VarInt::from_u32(close::NORMAL), b"sent");
 }
 
 /// Reads a link's frames into the actor until it closes, then says how it closed.
