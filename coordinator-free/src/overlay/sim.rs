@@ -1248,7 +1248,8 @@ mod tests {
             assert!(r.adverts_short <= 1, "{r:?}");
             assert!(r.advert_reach.count >= 3, "{:?}", r.advert_reach);
             assert!(r.advert_reach.max <= 10.0, "{:?}", r.advert_reach);
-            // Short of the 1 %: see BENCHMARKS.md.
+            // Under 1 % at 10,000 (BENCHMARKS.md); here each Sybil host names only 3
+            // identities and the flood lasts a minute, so fewer honest peers notice it.
             assert!(r.after_flood.sybil_majority < 0.07, "{:?}", r.after_flood);
         }
     }
