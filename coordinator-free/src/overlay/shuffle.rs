@@ -109,6 +109,7 @@ impl Overlay {
         if info.id == self.me.id || self.active.contains(&info.id) || !self.acceptable(&info, now) {
             return;
         }
+        self.hear(host, &info);
         self.passive.insert(
             PassiveEntry {
                 info,
@@ -116,6 +117,7 @@ impl Overlay {
                 first_seen: now,
                 verified,
                 asked: None,
+                crowded: self.crowd.is_crowded(&host),
             },
             self.config.passive_view,
             self.config.passive_per_host,

@@ -11,7 +11,8 @@
 //! and is replaced by fresh joiners every minute; then, with churn going on, a flood of Sybil
 //! identities from a few hosts joins at once. Every peer is given three bootstrap contacts, and
 //! from 15 s into the churn a random live peer publishes a job advert every 30 s. Sybils run
-//! the same overlay without caps and lie where it helps them: every neighbour request they
+//! the same overlay without caps (nor crowded hosts: they link to each other as freely as to
+//! anyone) and lie where it helps them: every neighbour request they
 //! send claims high priority, every shuffle, refresh and refusal they send or answer lists only
 //! Sybils (fresh copies), and they forward no advert.
 //!
@@ -411,6 +412,7 @@ impl Sim {
                 active_per_host: usize::MAX,
                 passive_per_host: usize::MAX,
                 young_inbound_max: usize::MAX,
+                crowded_ids: 0,
                 repair_max: Duration::from_secs(2),
                 ..self.cfg.overlay.clone()
             }
@@ -1246,7 +1248,8 @@ mod tests {
             assert!(r.adverts_short <= 1, "{r:?}");
             assert!(r.advert_reach.count >= 3, "{:?}", r.advert_reach);
             assert!(r.advert_reach.max <= 10.0, "{:?}", r.advert_reach);
-            // Short of the 1 %: see BENCHMARKS.md.
+            // Under 1 % at 10,000 (BENCHMARKS.md); here each Sybil host names only 3
+            // identities and the flood lasts a minute, so fewer honest peers notice it.
             assert!(r.after_flood.sybil_majority < 0.07, "{:?}", r.after_flood);
         }
     }

@@ -43,6 +43,8 @@ pub struct PassiveEntry {
     pub verified: bool,
     /// When this peer last asked it to be a neighbour.
     pub asked: Option<Instant>,
+    /// Whether its host is crowded (`crowd.rs`): such entries rank last.
+    pub crowded: bool,
 }
 
 impl PassiveEntry {
@@ -50,10 +52,11 @@ impl PassiveEntry {
     /// first, and among them those that were neighbours. Having been a neighbour counts only
     /// for a settled identity: a flood's identities get inbound slots and are sent back to
     /// the passive view all the time. Within a rank all are alike, so picks spread over the
-    /// view instead of all peers asking the same longest-known few.
-    fn history(&self, settled: Instant) -> (bool, bool) {
+    /// view instead of all peers asking the same longest-known few. An entry from a crowded
+    /// host ranks below all others, whatever its history.
+    fn history(&self, settled: Instant) -> (bool, bool, bool) {
         let old = self.first_seen <= settled;
-        (old, old && self.verified)
+        (!self.crowded, old, old && self.verified)
     }
 }
 
@@ -314,6 +317,7 @@ mod tests {
             first_seen: base + Duration::from_secs(1000 - age_s),
             verified,
             asked: None,
+            crowded: false,
         }
     }
 
