@@ -472,7 +472,12 @@ impl Node {
                 );
                 let handle = overlay::spawn(
                     me,
-                    crate::overlay::Config::default(),
+                    // Lab mode: identities are vetted, the caps against Sybils go.
+                    if allow.is_some() {
+                        crate::overlay::Config::lab()
+                    } else {
+                        crate::overlay::Config::default()
+                    },
                     random_seed(),
                     overlay::Dialing {
                         endpoint: endpoint.clone(),

@@ -222,6 +222,21 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// For a lab, whose identities an allow-list vets: the caps that stand against Sybils (one
+    /// neighbour and two passive entries per host, crowded blocks sharing one slot) are off,
+    /// since a lab's machines may share a public /24 and its overlay could not form under them.
+    pub fn lab() -> Self {
+        let default = Self::default();
+        Self {
+            active_per_host: default.active_view,
+            passive_per_host: default.passive_view,
+            crowded_ids: 0,
+            ..default
+        }
+    }
+}
+
 /// What the driver tells the state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -812,6 +827,46 @@ mod tests {
                 }
             }
             seen.len()
+        }
+    }
+
+    /// Ten peers on one public /24, as a lab's machines may be: with the caps against Sybils
+    /// each holds at most one neighbour from it and the overlay falls apart; with the caps off
+    /// (what a node in lab mode, with an allow-list, runs) it forms whole.
+    #[test]
+    fn peers_of_one_public_block_need_the_host_caps_off() {
+        for (config, whole) in [(Config::default(), false), (Config::lab(), true)] {
+            let mut net = Net::new(0);
+            for i in 0..10 {
+                let info = on_block(i, 7);
+                net.infos.insert(id(i), info);
+                net.nodes.insert(
+                    id(i),
+                    Overlay::new(config.clone(), info, u64::from(i), net.now),
+                );
+            }
+            for i in 1..10 {
+                net.queue.push_back((id(i), Event::Contact(on_block(0, 7))));
+                net.pump();
+                net.tick(Duration::from_millis(100));
+            }
+            for _ in 0..60 {
+                net.tick(Duration::from_secs(1));
+            }
+            let most = net
+                .nodes
+                .values()
+                .map(Overlay::active_len)
+                .max()
+                .unwrap_or(0);
+            if whole {
+                net.check_symmetric();
+                assert_eq!(net.component(), 10);
+                assert!(net.nodes.values().all(|n| n.active_len() >= 2));
+            } else {
+                assert!(most <= 1, "one neighbour per host at most: {most}");
+                assert!(net.component() < 10);
+            }
         }
     }
 
