@@ -5,8 +5,8 @@
 //! expected number of distinct ones is `N (1 − (1 − 1/N)^k)`; the census keeps the last
 //! [`MAX_SAMPLES`] draws, counts the distinct ones and solves that for `N` (the birthday
 //! estimator: repeats come sooner in a small network). Until some peer has been named twice
-//! it only knows a lower bound. No messages are spent on it, so it sharpens slowly: a minute
-//! or two in a network of a few hundred peers, much longer at a hundred thousand.
+//! it only knows a lower bound. No messages are spent on it, so it sharpens only as fast as
+//! shuffles arrive; how fast that is in a large network has not been measured.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -39,6 +39,9 @@ impl Estimate {
 pub struct Census {
     samples: VecDeque<PeerId>,
     counts: HashMap<PeerId, u32>,
+    /// Worked out when a draw arrives (a few a minute), not each time it is asked for (after
+    /// every input of the overlay's driver).
+    estimate: Option<Estimate>,
 }
 
 impl Census {
@@ -55,6 +58,7 @@ impl Census {
         }
         self.samples.push_back(peer);
         *self.counts.entry(peer).or_insert(0) += 1;
+        self.estimate = self.work_out();
     }
 
     pub fn samples(&self) -> usize {
@@ -62,6 +66,10 @@ impl Census {
     }
 
     pub fn estimate(&self) -> Option<Estimate> {
+        self.estimate
+    }
+
+    fn work_out(&self) -> Option<Estimate> {
         let k = self.samples.len();
         if k < MIN_SAMPLES {
             return None;

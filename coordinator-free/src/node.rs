@@ -8,6 +8,7 @@
 //! accept loop, the mDNS browser. All of them live in the actor's `JoinSet`, so stopping the
 //! actor stops them, and every channel between them is bounded.
 
+mod budget;
 mod donate;
 mod mdns;
 mod modules;
@@ -502,7 +503,11 @@ impl Node {
         };
         let actor = Actor {
             overlay,
-            survey_budget: (survey::ANSWER_BURST, Instant::now()),
+            survey_budget: budget::Budget::new(
+                survey::ANSWER_RATE,
+                survey::ANSWER_BURST,
+                Instant::now(),
+            ),
             dialer: dialer.clone(),
             bootstrap: config.bootstrap.iter().map(|b| b.addr).collect(),
             resolved: vec![Vec::new(); config.bootstrap_names.len()],
@@ -712,8 +717,8 @@ async fn next_advert(overlay: &mut Option<OverlayPart>) -> Option<crate::job_adv
 struct Actor {
     /// The partial-view overlay, when the node finds peers through one instead of full tables.
     overlay: Option<OverlayPart>,
-    /// Survey answers this peer may still give now, and when that was last counted.
-    survey_budget: (f64, Instant),
+    /// Survey answers this peer may still give.
+    survey_budget: budget::Budget,
     /// Dials through the node's [`crate::reach::Reach`] book, like every other dial here.
     dialer: JobDialer,
     /// The operator's bootstrap addresses: dialed without being confirmed first.
@@ -1155,15 +1160,10 @@ impl Actor {
                 .close(VarInt::from_u32(close::NORMAL), b"no overlay here");
             return;
         };
-        let (tokens, at) = &mut self.survey_budget;
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * survey::ANSWER_RATE)
-            .min(survey::ANSWER_BURST);
-        *at = now;
-        if *tokens < 1.0 {
+        if !self.survey_budget.take(now) {
             link.conn.close(VarInt::from_u32(close::NORMAL), b"busy");
             return;
         }
-        *tokens -= 1.0;
         let views = o.handle.views.borrow();
         let info = |id: &PeerId| {
             views

@@ -16,7 +16,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
-use crate::overlay::{MAX_MESSAGE_BYTES, MessageError, PeerInfo, PeerList};
+use crate::overlay::message::{decode_capped, encode_capped};
+use crate::overlay::{MessageError, PeerInfo, PeerList};
 use crate::peer_id::PeerId;
 
 /// Most peers one walk finds.
@@ -57,25 +58,12 @@ impl SurveyMessage {
         if !self.valid() {
             return Err(MessageError::OverCap);
         }
-        let bytes = postcard::to_allocvec(self).map_err(MessageError::Encode)?;
-        if bytes.len() > MAX_MESSAGE_BYTES {
-            return Err(MessageError::TooLarge { len: bytes.len() });
-        }
-        Ok(bytes)
+        encode_capped(self)
     }
 
     /// Decodes one message from untrusted bytes and checks its caps.
     pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
-        if bytes.len() > MAX_MESSAGE_BYTES {
-            return Err(MessageError::TooLarge { len: bytes.len() });
-        }
-        let (msg, rest): (Self, _) =
-            postcard::take_from_bytes(bytes).map_err(MessageError::Malformed)?;
-        if !rest.is_empty() {
-            return Err(MessageError::Trailing {
-                trailing: rest.len(),
-            });
-        }
+        let msg: Self = decode_capped(bytes)?;
         if !msg.valid() {
             return Err(MessageError::OverCap);
         }

@@ -207,44 +207,37 @@ fn checkpoint_file_lets_an_interrupted_unit_resume() {
     assert_eq!(resumed.stdout, straight.stdout);
 }
 
-#[test]
-fn demo_accepts_every_unit() {
+/// Runs `worker demo ARGS` in a directory of its own; its stdout, once it succeeded.
+fn demo(args: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_worker"))
         .arg("demo")
+        .args(args)
         .current_dir(dir.path())
         .output()
         .expect("demo runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{stdout}");
+    stdout
+}
+
+#[test]
+fn demo_accepts_every_unit() {
+    let stdout = demo(&[]);
     assert!(stdout.contains("16/16 units accepted"), "{stdout}");
     assert!(stdout.contains("on 3 peers"), "{stdout}");
 }
 
 #[test]
 fn demo_on_the_overlay_accepts_every_unit() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args(["demo", "--discovery", "overlay", "--peers", "4"])
-        .current_dir(dir.path())
-        .output()
-        .expect("demo runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    let stdout = demo(&["--discovery", "overlay", "--peers", "4"]);
     assert!(stdout.contains("16/16 units accepted"), "{stdout}");
     assert!(stdout.contains("on 4 peers"), "{stdout}");
 }
 
 #[test]
 fn demo_outvotes_and_names_a_lying_peer() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args(["demo", "--liar"])
-        .current_dir(dir.path())
-        .output()
-        .expect("demo runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    let stdout = demo(&["--liar"]);
     assert!(stdout.contains("16/16 units accepted"), "{stdout}");
     assert!(
         stdout.contains("dissent: peer 4 (alters its outputs)"),

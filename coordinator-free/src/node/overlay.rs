@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use super::budget::Budget;
 use super::outbox::{Outbox, write_loop};
 use crate::identity::{AllowList, Identity};
 use crate::job_advert::{AdvertBook, AdvertError, JobAdvert};
@@ -153,23 +154,8 @@ struct Link {
     inbound: bool,
     conn: quinn::Connection,
     outbox: Outbox,
-    /// New adverts this link may still bring now, and when that was last counted.
-    gossip_budget: (f64, Instant),
-}
-
-impl Link {
-    /// Takes one new advert from the link's budget, if any is left.
-    fn take_gossip(&mut self, now: Instant) -> bool {
-        let (tokens, at) = &mut self.gossip_budget;
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * GOSSIP_RATE).min(GOSSIP_BURST);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
+    /// New adverts this link may still bring.
+    gossip_budget: Budget,
 }
 
 /// The actor.
@@ -373,7 +359,7 @@ impl OverlayDriver {
                 inbound: link.inbound,
                 conn: link.conn,
                 outbox,
-                gossip_budget: (GOSSIP_BURST, Instant::now()),
+                gossip_budget: Budget::new(GOSSIP_RATE, GOSSIP_BURST, Instant::now()),
             },
         );
         if let Some(msg) = first
@@ -555,7 +541,7 @@ impl OverlayDriver {
             if !self
                 .links
                 .get_mut(&peer)
-                .is_some_and(|l| l.take_gossip(now))
+                .is_some_and(|l| l.gossip_budget.take(now))
             {
                 self.refused += 1;
                 tracing::debug!(%peer, "advert over the link's rate; dropped");

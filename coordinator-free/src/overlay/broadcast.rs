@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{MAX_MESSAGE_BYTES, MessageError};
+use super::MessageError;
+use super::message::{decode_capped, encode_capped};
 use crate::peer_id::PeerId;
 
 /// Largest advert payload carried.
@@ -66,25 +67,12 @@ impl BroadcastMessage {
         if !self.valid() {
             return Err(MessageError::OverCap);
         }
-        let bytes = postcard::to_allocvec(self).map_err(MessageError::Encode)?;
-        if bytes.len() > MAX_MESSAGE_BYTES {
-            return Err(MessageError::TooLarge { len: bytes.len() });
-        }
-        Ok(bytes)
+        encode_capped(self)
     }
 
     /// Decodes one message from untrusted bytes and checks its caps.
     pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
-        if bytes.len() > MAX_MESSAGE_BYTES {
-            return Err(MessageError::TooLarge { len: bytes.len() });
-        }
-        let (msg, rest): (Self, _) =
-            postcard::take_from_bytes(bytes).map_err(MessageError::Malformed)?;
-        if !rest.is_empty() {
-            return Err(MessageError::Trailing {
-                trailing: rest.len(),
-            });
-        }
+        let msg: Self = decode_capped(bytes)?;
         if !msg.valid() {
             return Err(MessageError::OverCap);
         }

@@ -213,6 +213,33 @@ pub enum OverlayMessage {
     Refresh { info: PeerInfo, peers: PeerList },
 }
 
+/// Encodes a message of the overlay's links (overlay, broadcast or survey), refusing one over
+/// [`MAX_MESSAGE_BYTES`].
+pub(crate) fn encode_capped<T: Serialize>(msg: &T) -> Result<Vec<u8>, MessageError> {
+    let bytes = postcard::to_allocvec(msg).map_err(MessageError::Encode)?;
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(MessageError::TooLarge { len: bytes.len() });
+    }
+    Ok(bytes)
+}
+
+/// Decodes one message of the overlay's links from untrusted bytes: at most
+/// [`MAX_MESSAGE_BYTES`], no trailing bytes. What the kind checks beyond that is the caller's.
+pub(crate) fn decode_capped<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, MessageError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(MessageError::TooLarge { len: bytes.len() });
+    }
+    let (msg, rest): (T, _) = postcard::take_from_bytes(bytes).map_err(MessageError::Malformed)?;
+    if !rest.is_empty() {
+        return Err(MessageError::Trailing {
+            trailing: rest.len(),
+        });
+    }
+    Ok(msg)
+}
+
 /// Why an overlay message was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum MessageError {
@@ -243,11 +270,7 @@ impl OverlayMessage {
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, MessageError> {
-        let bytes = postcard::to_allocvec(self).map_err(MessageError::Encode)?;
-        if bytes.len() > MAX_MESSAGE_BYTES {
-            return Err(MessageError::TooLarge { len: bytes.len() });
-        }
-        Ok(bytes)
+        encode_capped(self)
     }
 
     /// The length of the encoding, without allocating (what the simulator charges a sender).
@@ -260,16 +283,7 @@ impl OverlayMessage {
 
     /// Decodes and validates one message from untrusted bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
-        if bytes.len() > MAX_MESSAGE_BYTES {
-            return Err(MessageError::TooLarge { len: bytes.len() });
-        }
-        let (msg, rest): (Self, _) =
-            postcard::take_from_bytes(bytes).map_err(MessageError::Malformed)?;
-        if !rest.is_empty() {
-            return Err(MessageError::Trailing {
-                trailing: rest.len(),
-            });
-        }
+        let msg: Self = decode_capped(bytes)?;
         msg.validate()?;
         Ok(msg)
     }

@@ -70,7 +70,7 @@
 pub mod broadcast;
 mod crowd;
 mod fresh;
-mod message;
+pub(crate) mod message;
 mod neighbor;
 mod repair;
 mod shuffle;
