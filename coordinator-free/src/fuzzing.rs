@@ -511,6 +511,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
         .into_iter()
         .map(Frame::Broadcast)
         .chain(survey_messages().into_iter().map(Frame::Survey))
+        .chain(relay_messages().into_iter().map(Frame::Relay))
         .map(|frame| frame.encode_frame().expect("seed frame encodes"))
         .collect();
     frames.push(more.concat());
@@ -533,6 +534,10 @@ fn broadcast_messages() -> Vec<crate::overlay::broadcast::BroadcastMessage> {
         network_size: 5_000,
         issued: 1_765_000_000_000,
         expires: 1_765_000_060_000,
+        relay: Some(crate::relay::RelayRef {
+            peer: crate::peer_id::PeerId::from_bytes([9; 32]),
+            addr: SocketAddr::from(([198, 51, 100, 1], 7401)),
+        }),
         signature: crate::overlay::Signature::default(),
     };
     advert.sign(|bytes| identity.sign(bytes));
@@ -550,6 +555,23 @@ fn broadcast_messages() -> Vec<crate::overlay::broadcast::BroadcastMessage> {
         },
         BroadcastMessage::Graft { id },
         BroadcastMessage::Prune,
+    ]
+}
+
+fn relay_messages() -> Vec<crate::relay::RelayMessage> {
+    use crate::relay::{Refusal, RelayMessage};
+    let addr = SocketAddr::from(([203, 0, 113, 5], 40_001));
+    let peer = crate::peer_id::PeerId::from_bytes([3; 32]);
+    vec![
+        RelayMessage::Reserve,
+        RelayMessage::Reserved {
+            observed: addr,
+            secs: 3600,
+        },
+        RelayMessage::Connect { target: peer },
+        RelayMessage::Meet { target: peer, addr },
+        RelayMessage::Introduce { from: peer, addr },
+        RelayMessage::Refused(Refusal::NoReservation),
     ]
 }
 

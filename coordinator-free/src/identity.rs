@@ -47,6 +47,9 @@ pub const OVERLAY_ALPN: &[u8] = b"cf-overlay/1";
 /// ALPN protocol id of a survey link: one question about a peer's views and capacity
 /// (`survey`).
 pub const SURVEY_ALPN: &[u8] = b"cf-survey/1";
+/// ALPN protocol id of a relay link: a reservation on a relay, or a request to be introduced
+/// to a peer that holds one (`relay`).
+pub const RELAY_ALPN: &[u8] = b"cf-relay/1";
 /// The name every dial presents as SNI. Identity comes from the certificate key, never from a
 /// name, so this is a constant.
 pub const SERVER_NAME: &str = "coordinator-free";
@@ -252,6 +255,7 @@ impl Identity {
             BLOB_ALPN,
             OVERLAY_ALPN,
             SURVEY_ALPN,
+            RELAY_ALPN,
         ]
         .iter()
         .map(|p| p.to_vec())

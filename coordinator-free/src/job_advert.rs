@@ -47,6 +47,9 @@ pub struct JobAdvert {
     /// Wall-clock milliseconds since the Unix epoch, by the submitter's clock.
     pub issued: u64,
     pub expires: u64,
+    /// The relay the submitter holds a reservation on, when it is behind NAT: a worker asks it
+    /// for an introduction and then dials `addrs` directly.
+    pub relay: Option<crate::relay::RelayRef>,
     pub signature: Signature,
 }
 
@@ -82,6 +85,7 @@ impl JobAdvert {
             self.network_size,
             self.issued,
             self.expires,
+            self.relay,
         );
         // Encoding plain fields into a vector cannot fail.
         if let Ok(encoded) = postcard::to_allocvec(&body) {
@@ -281,6 +285,7 @@ mod tests {
             network_size: 0,
             issued,
             expires: issued + 90_000,
+            relay: None,
             signature: Signature::default(),
         };
         a.sign(|bytes| identity.sign(bytes));
@@ -304,6 +309,16 @@ mod tests {
         later.expires += 1;
         assert_eq!(
             JobAdvert::decode(&later.encode()),
+            Err(AdvertError::BadSignature)
+        );
+        // A relayer cannot send workers to a relay of its choosing.
+        let mut rerouted = a.clone();
+        rerouted.relay = Some(crate::relay::RelayRef {
+            peer: crate::peer_id::PeerId::from_bytes([7; 32]),
+            addr: "198.51.100.1:7401".parse().expect("addr"),
+        });
+        assert_eq!(
+            JobAdvert::decode(&rerouted.encode()),
             Err(AdvertError::BadSignature)
         );
         // Someone else's key over the same content is not the submitter's.

@@ -3,6 +3,7 @@
 //! execution.
 
 pub mod bitset;
+mod budget;
 mod bytes;
 pub mod census;
 #[cfg(unix)]
@@ -26,6 +27,7 @@ pub mod node;
 pub mod overlay;
 pub mod peer_id;
 pub mod reach;
+pub mod relay;
 pub mod rng;
 pub mod sandbox;
 pub mod schedule;

@@ -14,7 +14,7 @@ use quinn::{Connection, RecvStream, SendStream, TransportConfig, VarInt};
 
 use crate::identity::{
     ALPN, AllowList, BLOB_ALPN, Identity, IdentityError, JOB_ALPN, OVERLAY_ALPN, PULL_ALPN,
-    SERVER_NAME, SURVEY_ALPN, connection_peer_id,
+    RELAY_ALPN, SERVER_NAME, SURVEY_ALPN, connection_peer_id,
 };
 use crate::membership::MAX_MESSAGE_BYTES;
 use crate::peer_id::PeerId;
@@ -130,6 +130,8 @@ pub enum LinkKind {
     Overlay,
     /// One survey question and its answer (`worker status --all`).
     Survey,
+    /// A reservation on a relay, or a request to be introduced to a peer that holds one.
+    Relay,
 }
 
 impl LinkKind {
@@ -141,6 +143,7 @@ impl LinkKind {
             LinkKind::Blob => BLOB_ALPN,
             LinkKind::Overlay => OVERLAY_ALPN,
             LinkKind::Survey => SURVEY_ALPN,
+            LinkKind::Relay => RELAY_ALPN,
         }
     }
 }
@@ -231,6 +234,16 @@ pub fn endpoint(
     listen: SocketAddr,
     config: &NetConfig,
 ) -> Result<quinn::Endpoint, NetError> {
+    endpoint_and_puncher(identity, allow, listen, config).map(|(endpoint, _)| endpoint)
+}
+
+/// [`endpoint`], with a [`Puncher`] that sends from the endpoint's own socket.
+pub fn endpoint_and_puncher(
+    identity: &Identity,
+    allow: Option<Arc<AllowList>>,
+    listen: SocketAddr,
+    config: &NetConfig,
+) -> Result<(quinn::Endpoint, Puncher), NetError> {
     let server = server_config(identity, allow, config)?;
     let bind = |source| NetError::Bind {
         addr: listen,
@@ -238,6 +251,9 @@ pub fn endpoint(
     };
     let socket = std::net::UdpSocket::bind(listen).map_err(bind)?;
     widen_socket_buffers(&socket);
+    let puncher = Puncher {
+        socket: Arc::new(socket.try_clone().map_err(bind)?),
+    };
     // What the endpoint accepts is not what it sends: its own datagrams grow past 1,452 bytes
     // only on a loopback path (`transport`).
     let mut endpoint = quinn::EndpointConfig::default();
@@ -247,13 +263,140 @@ pub fn endpoint(
             addr: listen,
             source: std::io::Error::other("payload size out of range"),
         })?;
-    quinn::Endpoint::new(
+    let endpoint = quinn::Endpoint::new(
         endpoint,
         Some(server),
         socket,
         Arc::new(quinn::TokioRuntime),
     )
-    .map_err(bind)
+    .map_err(bind)?;
+    Ok((endpoint, puncher))
+}
+
+/// Hop limit of the datagrams that open a NAT: enough to leave this peer's own NAT (the first
+/// hop or two), too few to reach the other side. A punch that arrived there would make the
+/// other NAT remember an unanswered flow from us, and a Linux NAT then gives the other peer's
+/// own outgoing packets towards us a different port, which closes the hole being made.
+pub const PUNCH_TTL: u8 = 2;
+/// Datagrams sent per punch, and the pause between them.
+pub const PUNCHES: u32 = 3;
+pub const PUNCH_GAP: Duration = Duration::from_millis(20);
+
+/// Sends the datagrams that open this peer's NAT towards a peer about to dial it, from the
+/// QUIC endpoint's own socket (the NAT maps that socket's port, so the hole is the one the
+/// dial arrives at). The payload is four zero bytes: not a QUIC packet, dropped unread by any
+/// endpoint it reaches.
+#[derive(Debug, Clone)]
+pub struct Puncher {
+    socket: Arc<std::net::UdpSocket>,
+}
+
+impl Puncher {
+    /// Sends [`PUNCHES`] datagrams to `to` with a hop limit of [`PUNCH_TTL`].
+    pub async fn punch(&self, to: SocketAddr) {
+        for n in 0..PUNCHES {
+            if n > 0 {
+                tokio::time::sleep(PUNCH_GAP).await;
+            }
+            if let Err(err) = self.send_short(to) {
+                tracing::debug!(%to, %err, "punch not sent");
+                return;
+            }
+        }
+    }
+
+    /// One datagram with the short hop limit, set on that datagram alone (a control message),
+    /// so the endpoint's own packets sent meanwhile keep the default.
+    #[cfg(target_os = "linux")]
+    fn send_short(&self, to: SocketAddr) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let local_v6 = self.socket.local_addr()?.is_ipv6();
+        let to = match (to, local_v6) {
+            (SocketAddr::V4(v4), true) => {
+                SocketAddr::new(std::net::IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+            }
+            (SocketAddr::V6(v6), false) => match v6.ip().to_ipv4_mapped() {
+                Some(v4) => SocketAddr::new(std::net::IpAddr::V4(v4), v6.port()),
+                None => return Err(std::io::Error::other("an IPv6 address on an IPv4 socket")),
+            },
+            (to, _) => to,
+        };
+        let payload = [0u8; 4];
+        let mut iov = libc::iovec {
+            iov_base: payload.as_ptr().cast_mut().cast(),
+            iov_len: payload.len(),
+        };
+        // SAFETY: sockaddr_storage is plain data, valid when zeroed.
+        let mut name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let name_len = match to {
+            SocketAddr::V4(v4) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: v4.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+                unsafe { std::ptr::write((&raw mut name).cast(), sin) };
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(v6) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: v6.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: v6.ip().octets(),
+                    },
+                    sin6_scope_id: v6.scope_id(),
+                };
+                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+                unsafe { std::ptr::write((&raw mut name).cast(), sin6) };
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        let (level, kind) = if to.is_ipv4() {
+            (libc::IPPROTO_IP, libc::IP_TTL)
+        } else {
+            (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT)
+        };
+        let hops = libc::c_int::from(PUNCH_TTL);
+        // Room for one control message carrying a c_int, aligned as cmsghdr wants.
+        let mut control = [0u64; 4];
+        // SAFETY: CMSG_SPACE is pure arithmetic.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) };
+        // SAFETY: msghdr is plain data, valid when zeroed.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = (&raw mut name).cast();
+        msg.msg_namelen = name_len as libc::socklen_t;
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: msg_control points at `control`, 32 bytes, more than CMSG_SPACE(4); the
+        // header CMSG_FIRSTHDR returns lies inside it, and so does CMSG_DATA's c_int.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+            (*cmsg).cmsg_level = level;
+            (*cmsg).cmsg_type = kind;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), hops);
+        }
+        // SAFETY: every pointer in `msg` refers to a live local of the right size.
+        let sent = unsafe { libc::sendmsg(self.socket.as_raw_fd(), &raw const msg, 0) };
+        if sent < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Elsewhere the punch goes with the socket's usual hop limit.
+    #[cfg(not(target_os = "linux"))]
+    fn send_short(&self, to: SocketAddr) -> std::io::Result<()> {
+        self.socket.send_to(&[0u8; 4], to).map(|_| ())
+    }
 }
 
 /// The accepting side's configuration.
@@ -376,6 +519,7 @@ async fn greet(conn: Connection, inbound: bool, traffic: &Traffic) -> Result<Pee
             Some(p) if p == BLOB_ALPN => LinkKind::Blob,
             Some(p) if p == OVERLAY_ALPN => LinkKind::Overlay,
             Some(p) if p == SURVEY_ALPN => LinkKind::Survey,
+            Some(p) if p == RELAY_ALPN => LinkKind::Relay,
             _ => LinkKind::Membership,
         };
         traffic.track(kind, &conn);
@@ -431,6 +575,88 @@ mod tests {
         ] {
             assert_eq!(is_loopback(addr.parse().unwrap()), loopback, "{addr}");
         }
+    }
+
+    /// A punch leaves from the endpoint's own port, with the short hop limit on the datagram
+    /// (read back with IP_RECVTTL), and the socket's default hop limit is left as it was.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn punches_leave_from_the_endpoint_port_with_a_short_hop_limit() {
+        use std::os::fd::AsRawFd;
+        let identity = Identity::generate().unwrap();
+        let (endpoint, puncher) = endpoint_and_puncher(
+            &identity,
+            None,
+            "127.0.0.1:0".parse().unwrap(),
+            &NetConfig::default(),
+        )
+        .unwrap();
+        let target = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        target
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let on: libc::c_int = 1;
+        // SAFETY: a c_int option on the socket we own, its size passed alongside.
+        let set = unsafe {
+            libc::setsockopt(
+                target.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_RECVTTL,
+                (&raw const on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0);
+        puncher.punch(target.local_addr().unwrap()).await;
+        let mut hops = Vec::new();
+        for _ in 0..PUNCHES {
+            let mut buf = [0u8; 16];
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            let mut control = [0u64; 8];
+            let mut from: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+            // SAFETY: msghdr is plain data, valid when zeroed.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_name = (&raw mut from).cast();
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            msg.msg_iov = &raw mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&control) as _;
+            // SAFETY: every pointer in `msg` refers to a live local of the size given.
+            let got = unsafe { libc::recvmsg(target.as_raw_fd(), &raw mut msg, 0) };
+            assert_eq!(got, 4, "a punch of four bytes arrives");
+            assert_eq!(
+                u16::from_be(from.sin_port),
+                endpoint.local_addr().unwrap().port(),
+                "from the endpoint's own port"
+            );
+            // SAFETY: the kernel filled `control` with `msg_controllen` bytes of messages.
+            unsafe {
+                let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+                assert!(!cmsg.is_null(), "the hop limit came with the datagram");
+                hops.push(std::ptr::read_unaligned(
+                    libc::CMSG_DATA(cmsg).cast::<libc::c_int>(),
+                ));
+            }
+        }
+        assert_eq!(hops, vec![libc::c_int::from(PUNCH_TTL); PUNCHES as usize]);
+        let mut ttl: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: reads a c_int option into a c_int of the size given.
+        let got = unsafe {
+            libc::getsockopt(
+                puncher.socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_TTL,
+                (&raw mut ttl).cast(),
+                &raw mut len,
+            )
+        };
+        assert_eq!(got, 0);
+        assert!(ttl > 2, "the socket's own hop limit is untouched: {ttl}");
     }
 
     /// Sends on `send` (while the other side drains) until the path's datagrams have grown

@@ -8,12 +8,12 @@
 //! accept loop, the mDNS browser. All of them live in the actor's `JoinSet`, so stopping the
 //! actor stops them, and every channel between them is bounded.
 
-mod budget;
 mod donate;
 mod mdns;
 mod modules;
 mod outbox;
 mod overlay;
+mod relay;
 mod submit;
 mod survey;
 mod work;
@@ -258,6 +258,11 @@ pub struct NodeConfig {
     pub advertise: Option<Vec<SocketAddr>>,
     /// Full tables or the overlay.
     pub discovery: Discovery,
+    /// Offer to introduce peers behind NAT to each other (`crate::relay`), within these limits.
+    pub offer_relay: Option<crate::relay::Limits>,
+    /// Hold a reservation on this relay: this peer is behind NAT, reached through introductions
+    /// there, and advertises the address the relay sees it at.
+    pub via_relay: Option<Bootstrap>,
 }
 
 impl NodeConfig {
@@ -291,6 +296,8 @@ impl NodeConfig {
             work: None,
             advertise: None,
             discovery: Discovery::default(),
+            offer_relay: None,
+            via_relay: None,
         }
     }
 }
@@ -346,20 +353,37 @@ impl Node {
             Some(path) => Some((control::bind(path).await?, path.clone())),
             None => None,
         };
-        let endpoint = match net::endpoint(&identity, allow.clone(), config.listen, &config.net) {
-            Ok(endpoint) => endpoint,
-            Err(err) => {
-                if let Some((_, path)) = &control {
-                    let _ = std::fs::remove_file(path);
+        let endpoint =
+            match net::endpoint_and_puncher(&identity, allow.clone(), config.listen, &config.net) {
+                Ok(endpoint) => endpoint,
+                Err(err) => {
+                    if let Some((_, path)) = &control {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Err(err.into());
                 }
-                return Err(err.into());
-            }
-        };
+            };
+        let (endpoint, puncher) = endpoint;
         let local_addr = endpoint.local_addr().map_err(NodeError::LocalAddr)?;
-        let addrs = config
-            .advertise
-            .clone()
-            .unwrap_or_else(|| advertised_addrs(local_addr));
+        let reservation = match config.via_relay {
+            Some(relay) => Some(
+                relay::first_reservation(&endpoint, &identity, allow.clone(), &config.net, relay)
+                    .await,
+            ),
+            None => None,
+        };
+        let observed = reservation
+            .as_ref()
+            .and_then(|r| r.as_ref().ok().map(|(_, observed)| *observed));
+        let addrs = config.advertise.clone().unwrap_or_else(|| match observed {
+            // Behind NAT: the host the relay sees this peer on, with port 0, which no peer
+            // dials. A packet from a peer this one has not punched towards would make its NAT
+            // remember an unanswered flow from that peer and later map this peer's own punch
+            // to another port; peers reach it only through an introduction (whose answer
+            // carries the real port), and the overlay still sees on which host it is.
+            Some(observed) => vec![SocketAddr::new(observed.ip(), 0)],
+            None => advertised_addrs(local_addr),
+        });
 
         let now = Instant::now();
         let bootstrap_retry = config.membership.bootstrap_retry;
@@ -501,9 +525,38 @@ impl Node {
                 })
             }
         };
+        let relay_ref = match (reservation, config.via_relay) {
+            (Some(first), Some(relay)) => {
+                let first = match first {
+                    Ok(held) => Some(held),
+                    Err(err) => {
+                        tracing::warn!(
+                            relay = %relay.addr, err = %error_chain(&err),
+                            "no reservation on the relay yet: peers behind other NATs cannot reach this one until there is"
+                        );
+                        None
+                    }
+                };
+                let relay_ref = first.as_ref().map(|(link, _)| crate::relay::RelayRef {
+                    peer: link.peer,
+                    addr: relay.addr,
+                });
+                tasks.spawn(
+                    relay::keep_reservation(first, relay, dialer.clone(), puncher.clone())
+                        .instrument(tracing::info_span!("reservation", relay = %relay.addr)),
+                );
+                relay_ref
+            }
+            _ => None,
+        };
+        let relay_service = config
+            .offer_relay
+            .map(|limits| relay::RelayService::spawn(limits, &mut tasks));
         let actor = Actor {
+            relay_ref,
+            relay_service,
             overlay,
-            survey_budget: budget::Budget::new(
+            survey_budget: crate::budget::Budget::new(
                 survey::ANSWER_RATE,
                 survey::ANSWER_BURST,
                 Instant::now(),
@@ -715,10 +768,14 @@ async fn next_advert(overlay: &mut Option<OverlayPart>) -> Option<crate::job_adv
 }
 
 struct Actor {
+    /// The relay this peer holds a reservation on (it is behind NAT), named in its job adverts.
+    relay_ref: Option<crate::relay::RelayRef>,
+    /// The relay service this peer offers, if it does.
+    relay_service: Option<relay::RelayService>,
     /// The partial-view overlay, when the node finds peers through one instead of full tables.
     overlay: Option<OverlayPart>,
     /// Survey answers this peer may still give.
-    survey_budget: budget::Budget,
+    survey_budget: crate::budget::Budget,
     /// Dials through the node's [`crate::reach::Reach`] book, like every other dial here.
     dialer: JobDialer,
     /// The operator's bootstrap addresses: dialed without being confirmed first.
@@ -971,6 +1028,15 @@ impl Actor {
             self.answer_survey(link);
             return;
         }
+        if link.kind == LinkKind::Relay {
+            match &self.relay_service {
+                Some(service) if link.inbound => service.offer(link),
+                _ => link
+                    .conn
+                    .close(VarInt::from_u32(close::NORMAL), b"not a relay"),
+            }
+            return;
+        }
         if link.kind == LinkKind::Membership && self.overlay.is_some() {
             link.conn
                 .close(VarInt::from_u32(close::NORMAL), b"overlay only");
@@ -1123,6 +1189,7 @@ impl Actor {
                 .map_or(0, |e| u32::try_from(e.peers()).unwrap_or(u32::MAX)),
             issued,
             expires: issued + ADVERT_LIFETIME.as_millis() as u64,
+            relay: self.relay_ref,
             signature: crate::overlay::Signature::default(),
         };
         advert.sign(|bytes| identity.sign(bytes));
@@ -1488,7 +1555,9 @@ async fn read_loop(
                 conn.close(VarInt::from_u32(close::PROTOCOL), b"unexpected hello");
                 break;
             }
-            Ok(Some(Frame::Overlay(_) | Frame::Broadcast(_) | Frame::Survey(_))) => {
+            Ok(Some(
+                Frame::Overlay(_) | Frame::Broadcast(_) | Frame::Survey(_) | Frame::Relay(_),
+            )) => {
                 tracing::warn!("peer sent an overlay message on a membership link; closing");
                 conn.close(VarInt::from_u32(close::PROTOCOL), b"unexpected frame");
                 break;

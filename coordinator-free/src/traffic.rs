@@ -33,7 +33,9 @@ pub enum TrafficKind {
 impl TrafficKind {
     fn of(link: LinkKind) -> Self {
         match link {
-            LinkKind::Membership | LinkKind::Overlay | LinkKind::Survey => Self::Membership,
+            LinkKind::Membership | LinkKind::Overlay | LinkKind::Survey | LinkKind::Relay => {
+                Self::Membership
+            }
             LinkKind::Job | LinkKind::Pull => Self::Jobs,
             LinkKind::Blob => Self::Blobs,
         }

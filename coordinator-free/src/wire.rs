@@ -207,6 +207,8 @@ pub enum Frame {
     Broadcast(crate::overlay::broadcast::BroadcastMessage),
     /// A survey question or answer, on a survey link.
     Survey(crate::survey::SurveyMessage),
+    /// A reservation or introduction, on a relay link.
+    Relay(crate::relay::RelayMessage),
 }
 
 impl Frame {
@@ -215,6 +217,7 @@ impl Frame {
     pub const KIND_OVERLAY: u8 = 3;
     pub const KIND_BROADCAST: u8 = 4;
     pub const KIND_SURVEY: u8 = 5;
+    pub const KIND_RELAY: u8 = 6;
 }
 
 impl Message for Frame {
@@ -222,7 +225,7 @@ impl Message for Frame {
         match kind {
             Self::KIND_HELLO => Some(MAX_HELLO_BYTES),
             Self::KIND_MEMBERSHIP => Some(MAX_MESSAGE_BYTES),
-            Self::KIND_OVERLAY | Self::KIND_BROADCAST | Self::KIND_SURVEY => {
+            Self::KIND_OVERLAY | Self::KIND_BROADCAST | Self::KIND_SURVEY | Self::KIND_RELAY => {
                 Some(crate::overlay::MAX_MESSAGE_BYTES)
             }
             _ => None,
@@ -250,6 +253,7 @@ impl Message for Frame {
             Frame::Survey(msg) => {
                 Ok((Self::KIND_SURVEY, msg.encode().map_err(WireError::Overlay)?))
             }
+            Frame::Relay(msg) => Ok((Self::KIND_RELAY, msg.encode().map_err(WireError::Overlay)?)),
         }
     }
 
@@ -267,6 +271,9 @@ impl Message for Frame {
                 .map_err(WireError::Overlay),
             Self::KIND_SURVEY => crate::survey::SurveyMessage::decode(payload)
                 .map(Frame::Survey)
+                .map_err(WireError::Overlay),
+            Self::KIND_RELAY => crate::relay::RelayMessage::decode(payload)
+                .map(Frame::Relay)
                 .map_err(WireError::Overlay),
             _ => Err(WireError::UnknownKind { kind }),
         }

@@ -42,6 +42,8 @@ pub struct FileKeys {
     dial_out_only: Option<bool>,
     allow: Option<PathBuf>,
     discovery: Option<String>,
+    relay: Option<bool>,
+    via_relay: Option<String>,
     only_when_idle: Option<bool>,
     idle_after: Option<u32>,
     suspend_above_cpu_percent: Option<u8>,
@@ -461,6 +463,17 @@ pub fn as_texts<T: std::fmt::Display, S: serde::Serializer>(
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.collect_seq(items.iter().map(ToString::to_string))
+}
+
+/// Serializes an optional value that has a text form as that text.
+pub fn as_text_option<T: std::fmt::Display, S: serde::Serializer>(
+    item: &Option<T>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match item {
+        Some(item) => serializer.serialize_some(&item.to_string()),
+        None => serializer.serialize_none(),
+    }
 }
 
 #[cfg(test)]

@@ -86,6 +86,16 @@ pub struct RunArgs {
     /// few neighbours each, job adverts broadcast, for networks of any size).
     #[arg(long, value_name = "table|overlay", default_value = "table")]
     discovery: coordinator_free::node::Discovery,
+    /// Offer to introduce peers behind NAT to each other: they keep a reservation here and are
+    /// reached through it (at most 128 reservations, 4 per host, an hour each). Only useful on
+    /// a peer others can dial.
+    #[arg(long)]
+    relay: bool,
+    /// This peer is behind NAT: keep a reservation on the relay peer at `[ID@]IP:PORT`,
+    /// advertise the address it sees this peer at, and let peers it introduces dial in.
+    #[arg(long, value_name = "[ID@]IP:PORT", conflicts_with_all = ["dial_out_only", "advertise"])]
+    #[serde(serialize_with = "crate::config::as_text_option")]
+    via_relay: Option<coordinator_free::node::Bootstrap>,
     /// Work only while nobody uses this machine: no keyboard or mouse input for --idle-after.
     #[arg(long)]
     only_when_idle: bool,
@@ -196,6 +206,11 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
         );
     }
 
+    if args.via_relay.is_some() && args.discovery != coordinator_free::node::Discovery::Overlay {
+        return Err(Failure::usage(anyhow!(
+            "--via-relay needs --discovery overlay: a peer behind NAT is introduced to the peers that ask, which the full tables do not do"
+        )));
+    }
     let mut config = NodeConfig::new(args.listen);
     for arg in args.bootstrap.iter().cloned() {
         config.add_bootstrap(arg);
@@ -203,6 +218,8 @@ pub fn run(command_line: &ArgMatches) -> Result<ExitCode, Failure> {
     config.mdns = !args.no_mdns;
     config.allow = allow;
     config.discovery = args.discovery;
+    config.offer_relay = args.relay.then(Default::default);
+    config.via_relay = args.via_relay;
     config.control_socket = Some(dir.join(SOCKET_FILE));
     if args.dial_out_only {
         config.advertise = Some(Vec::new());

@@ -77,6 +77,10 @@ pub struct SubmitArgs {
     /// How peers are found (network jobs): "table" or "overlay", as the network's peers do.
     #[arg(long, value_name = "table|overlay", default_value = "table")]
     discovery: coordinator_free::node::Discovery,
+    /// This submitter is behind NAT (network jobs): hold a reservation on the relay peer at
+    /// `[ID@]IP:PORT`, so workers behind other NATs are introduced there and dial in.
+    #[arg(long, value_name = "[ID@]IP:PORT")]
+    via_relay: Option<Bootstrap>,
     /// Serve a web page of the job's progress and the peers at this loopback address
     /// (`127.0.0.1:PORT`; network jobs); it needs the token printed at start.
     #[arg(long, value_name = "IP:PORT")]
@@ -235,6 +239,7 @@ fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Fa
             listen: args.listen,
             mdns: !args.no_mdns,
             discovery,
+            via_relay: args.via_relay,
             cpus,
             data_dir: &data_dir,
             ui: args.ui,
@@ -281,6 +286,7 @@ fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Fa
                 listen: args.listen,
                 no_mdns: args.no_mdns,
                 discovery: args.discovery,
+                via_relay: args.via_relay,
                 ui: args.ui,
             };
             match submit(again, Some(id)) {
@@ -349,6 +355,7 @@ struct Network<'a> {
     listen: SocketAddr,
     mdns: bool,
     discovery: coordinator_free::node::Discovery,
+    via_relay: Option<Bootstrap>,
     cpus: u32,
     data_dir: &'a Path,
     ui: Option<SocketAddr>,
@@ -394,12 +401,18 @@ fn run_on_network(
     // Its own identity: a `worker run` peer may be using the data directory's.
     let identity = Identity::load_or_create(&network.data_dir.join("submitter"))
         .map_err(|e| internal(anyhow!(e)))?;
+    if network.via_relay.is_some() && network.discovery != Discovery::Overlay {
+        return Err(Failure::usage(anyhow!(
+            "--via-relay needs --discovery overlay: a submitter behind NAT is found through its job's advert, which the full tables do not carry"
+        )));
+    }
     let mut config = NodeConfig::new(network.listen);
     for arg in &network.bootstrap {
         config.add_bootstrap(arg.clone());
     }
     config.mdns = network.mdns;
     config.discovery = network.discovery;
+    config.via_relay = network.via_relay;
     let cores = u16::try_from(network.cpus).unwrap_or(u16::MAX);
     config.capacity.cores_donated = cores;
     config.capacity.cores_free = cores;

@@ -26,8 +26,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::budget::Budget;
 use super::outbox::{Outbox, write_loop};
+use crate::budget::Budget;
 use crate::identity::{AllowList, Identity};
 use crate::job_advert::{AdvertBook, AdvertError, JobAdvert};
 use crate::net::{self, LinkKind, NetConfig, PeerLink, close};
@@ -961,6 +961,7 @@ mod tests {
             network_size: 0,
             issued,
             expires: issued + 60_000,
+            relay: None,
             signature: crate::overlay::Signature::default(),
         };
         a.sign(|bytes| signer.sign(bytes));

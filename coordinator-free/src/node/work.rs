@@ -40,6 +40,7 @@ use crate::job::proto::{InputRef, JobFrame, JobSpec, Offer, SEND_CHUNK, WireLeas
 use crate::ledger::{Ledger, today};
 use crate::net::{PeerLink, close};
 use crate::peer_id::PeerId;
+use crate::relay::RelayRef;
 use crate::sandbox::{
     Abort, Executor, HostSwitch, HostedModule, Metering, OutcomeClass, PROFILE, PreparedModule,
     Sandbox, SandboxConfig, SandboxError, UnitError, UnitHost, UnitHostCommand, UnitRequest,
@@ -1012,7 +1013,7 @@ impl Work {
     fn on_advert(&mut self, advert: crate::job_advert::JobAdvert, now: Instant) {
         if advert.profile != crate::sandbox::PROFILE_VERSION
             || advert.memory_bytes > self.memory_per_slot
-            || advert.addrs.is_empty()
+            || (advert.addrs.is_empty() && advert.relay.is_none())
             || self.adverts.admit(advert, super::wall_clock_ms()).is_err()
         {
             return;
@@ -1029,22 +1030,24 @@ impl Work {
         self.adverts.expire(now_ms);
         self.pull_tried
             .retain(|_, at| now.duration_since(*at) < PULL_RETRY);
-        let candidates: Vec<(PeerId, std::net::SocketAddr, f64)> = self
+        type Candidate = (PeerId, Option<std::net::SocketAddr>, Option<RelayRef>, f64);
+        let candidates: Vec<Candidate> = self
             .adverts
             .current(now_ms)
             .into_iter()
             .filter(|a| !self.links.contains_key(&a.submitter))
             .filter(|a| !self.pull_tried.contains_key(&a.submitter))
-            .filter_map(|a| {
+            .filter(|a| !a.addrs.is_empty() || a.relay.is_some())
+            .map(|a| {
                 let chance = a.pull_probability(self.network_size);
-                Some((a.submitter, *a.addrs.first()?, chance))
+                (a.submitter, a.addrs.first().copied(), a.relay, chance)
             })
             .take(PULLS_PER_PASS)
             .collect();
-        for (peer, addr, chance) in candidates {
+        for (peer, addr, relay, chance) in candidates {
             self.pull_tried.insert(peer, now);
             if self.rng.chance(chance) {
-                self.dial_submitter(peer, addr);
+                self.dial_submitter(peer, addr, relay);
             }
         }
     }
@@ -1070,24 +1073,52 @@ impl Work {
             {
                 continue;
             }
-            let Some(addr) = p.addrs.first().copied() else {
+            // Port 0 names a submitter behind NAT, reached only through its advert's relay.
+            let Some(addr) = p.addrs.iter().find(|a| a.port() != 0).copied() else {
                 continue;
             };
             self.pull_tried.insert(p.id, now);
             dialed += 1;
-            self.dial_submitter(p.id, addr);
+            self.dial_submitter(p.id, Some(addr), None);
         }
     }
 
-    /// Opens a pull link to a submitter; the link joins the others once up.
-    fn dial_submitter(&mut self, peer: PeerId, addr: std::net::SocketAddr) {
+    /// Opens a pull link to a submitter; the link joins the others once up. A submitter behind
+    /// NAT (`relay` named) is first asked, through its relay, to open its NAT to us; the link
+    /// is then dialed directly to the address the relay sees it at, and never without an
+    /// introduction (an unasked packet spoils the NAT's next hole, see `Node::start`).
+    fn dial_submitter(
+        &mut self,
+        peer: PeerId,
+        addr: Option<std::net::SocketAddr>,
+        relay: Option<RelayRef>,
+    ) {
         let d = self.dialer.clone();
         let inputs = self.inputs_tx.clone();
-        tracing::info!(%peer, %addr, "asking a submitter for work");
+        tracing::info!(%peer, ?addr, "asking a submitter for work");
         self.tasks.spawn(async move {
+            let (addr, introduced) = match (relay, addr) {
+                (Some(relay), _) => {
+                    match super::relay::rendezvous(&d, relay.addr, relay.peer, peer).await {
+                        Ok(met) => (met, true),
+                        Err(err) => {
+                            tracing::info!(%peer, relay = %relay.addr, err = %super::error_chain(&err), "the submitter's relay made no introduction");
+                            return;
+                        }
+                    }
+                }
+                (None, Some(addr)) if addr.port() != 0 => (addr, false),
+                (None, _) => return,
+            };
             match d.dial(addr, peer, crate::net::LinkKind::Pull).await {
                 Ok(link) => {
+                    if introduced {
+                        tracing::info!(%peer, %addr, "direct path through NAT to the submitter opened");
+                    }
                     let _ = inputs.send(WorkInput::Link(link)).await;
+                }
+                Err(err) if introduced => {
+                    tracing::info!(%peer, %addr, err = %super::error_chain(&err), "no direct path through NAT to the submitter");
                 }
                 Err(err) => {
                     tracing::debug!(%peer, err = %super::error_chain(&err), "pull dial failed");

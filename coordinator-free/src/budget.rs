@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Budget {
+pub(crate) struct Budget {
     tokens: f64,
     at: Instant,
     rate: f64,
@@ -13,7 +13,7 @@ pub(super) struct Budget {
 
 impl Budget {
     /// A full bucket of `burst`, refilled at `rate` a second.
-    pub(super) fn new(rate: f64, burst: f64, now: Instant) -> Self {
+    pub(crate) fn new(rate: f64, burst: f64, now: Instant) -> Self {
         Self {
             tokens: burst,
             at: now,
@@ -23,7 +23,7 @@ impl Budget {
     }
 
     /// Takes one, if one is left at `now`.
-    pub(super) fn take(&mut self, now: Instant) -> bool {
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.at = now;

@@ -1,0 +1,396 @@
+//! Relay links over real connections (`crate::relay`): the relay service a public peer offers
+//! (`worker run --relay`), the reservation a peer behind NAT keeps on its relay, and asking a
+//! relay for an introduction before dialing a peer behind NAT.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use quinn::VarInt;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::{Bootstrap, JobDialer};
+use crate::budget::Budget;
+use crate::host::Host;
+use crate::net::{self, LinkKind, PeerLink, Puncher, close};
+use crate::peer_id::PeerId;
+use crate::reach::Vouch;
+use crate::relay::{Limits, Refusal, RelayBook, RelayMessage};
+use crate::wire::{self, Frame};
+
+/// Relay links one host may hold open at a relay at once (reservations and askers together).
+const LINKS_PER_HOST: usize = 8;
+/// Messages queued towards one relay link; a link that does not read them loses its messages.
+const OUTBOX: usize = 8;
+/// How long a relay answers within, and a new link has to say what it wants.
+const ANSWER_WAIT: Duration = Duration::from_secs(3);
+/// How long after the relay's answer an asker dials, so the reserved peer's punch (sent as the
+/// relay tells it, a moment before the asker hears back) has left its NAT first.
+const PUNCH_LEAD: Duration = Duration::from_millis(150);
+/// Introductions a reserved peer acts on per second, and in a burst: each makes it send
+/// datagrams, and a relay it chose may still be hostile.
+const PUNCH_RATE: f64 = 2.0;
+const PUNCH_BURST: f64 = 4.0;
+/// Back-off between attempts to get a reservation back, first and longest.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(60);
+
+/// Why a relay could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("cannot reach the relay")]
+    Net(#[from] net::NetError),
+    #[error("the relay refused: {0}")]
+    Refused(Refusal),
+    #[error("the relay did not answer in time")]
+    Timeout,
+    #[error("the relay closed the link or answered out of turn")]
+    Unexpected,
+}
+
+/// Where the relay service takes its new links.
+#[derive(Debug, Clone)]
+pub(super) struct RelayService {
+    links: mpsc::Sender<PeerLink>,
+}
+
+impl RelayService {
+    /// Starts the service on `tasks`.
+    pub(super) fn spawn(limits: Limits, tasks: &mut JoinSet<()>) -> Self {
+        let (links, rx) = mpsc::channel(32);
+        tasks.spawn(serve(limits, rx).instrument(tracing::debug_span!("relay")));
+        Self { links }
+    }
+
+    /// Hands an accepted relay link to the service; a busy service closes it.
+    pub(super) fn offer(&self, link: PeerLink) {
+        if let Err(err) = self.links.try_send(link) {
+            let link = err.into_inner();
+            link.conn.close(VarInt::from_u32(close::NORMAL), b"busy");
+        }
+    }
+}
+
+/// A relay link the service holds.
+struct Held {
+    peer: PeerId,
+    addr: SocketAddr,
+    host: Host,
+    conn: quinn::Connection,
+    out: mpsc::Sender<RelayMessage>,
+    connects: Budget,
+}
+
+/// The relay service: one owner for the reservations and the links they live on.
+async fn serve(limits: Limits, mut new_links: mpsc::Receiver<PeerLink>) {
+    let mut book = RelayBook::new(limits);
+    let mut held: HashMap<u64, Held> = HashMap::new();
+    let mut next = 0u64;
+    let (events_tx, mut events) = mpsc::channel::<(u64, Option<RelayMessage>)>(64);
+    let mut tasks = JoinSet::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            link = new_links.recv() => {
+                let Some(link) = link else { return };
+                let host = Host::of(link.addr.ip());
+                let same_host = held.values().filter(|h| h.host == host).count();
+                if held.len() >= limits.max_links || same_host >= LINKS_PER_HOST {
+                    link.conn.close(VarInt::from_u32(close::NORMAL), b"relay busy");
+                    continue;
+                }
+                let id = next;
+                next += 1;
+                let (out, rx) = mpsc::channel(OUTBOX);
+                tasks.spawn(write_loop(link.send, rx));
+                tasks.spawn(read_loop(id, link.recv, link.conn.clone(), events_tx.clone()));
+                tracing::debug!(peer = %link.peer, addr = %link.addr, "relay link");
+                held.insert(id, Held {
+                    peer: link.peer,
+                    addr: link.addr,
+                    host,
+                    conn: link.conn,
+                    out,
+                    connects: Budget::new(limits.connect_rate, limits.connect_burst, Instant::now()),
+                });
+            }
+            Some((id, msg)) = events.recv() => {
+                on_message(&mut book, &mut held, id, msg, Instant::now());
+            }
+            _ = tick.tick() => {
+                for id in book.expire(Instant::now()) {
+                    if let Some(h) = held.remove(&id) {
+                        h.conn.close(VarInt::from_u32(close::NORMAL), b"reservation over");
+                    }
+                }
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+}
+
+/// One message from relay link `id`, or its end (`None`).
+fn on_message(
+    book: &mut RelayBook,
+    held: &mut HashMap<u64, Held>,
+    id: u64,
+    msg: Option<RelayMessage>,
+    now: Instant,
+) {
+    let Some(msg) = msg else {
+        book.closed(id);
+        held.remove(&id);
+        return;
+    };
+    let Some(link) = held.get_mut(&id) else {
+        return;
+    };
+    let (peer, addr) = (link.peer, link.addr);
+    let answer = match msg {
+        RelayMessage::Reserve => match book.reserve(id, peer, addr, now) {
+            Ok(time) => {
+                tracing::info!(%peer, %addr, "reservation held");
+                RelayMessage::Reserved {
+                    observed: addr,
+                    secs: u32::try_from(time.as_secs()).unwrap_or(u32::MAX),
+                }
+            }
+            Err(refusal) => RelayMessage::Refused(refusal),
+        },
+        RelayMessage::Connect { target } => {
+            if !link.connects.take(now) {
+                RelayMessage::Refused(Refusal::RateLimited)
+            } else {
+                match book.connect(peer, target, now) {
+                    Ok(intro) => {
+                        // The reserved peer first, so its punch leaves before the asker dials.
+                        if let Some(t) = held.get(&intro.target_link) {
+                            let _ = t.out.try_send(RelayMessage::Introduce { from: peer, addr });
+                        }
+                        tracing::debug!(from = %peer, to = %target, "introduced");
+                        RelayMessage::Meet {
+                            target,
+                            addr: intro.target_addr,
+                        }
+                    }
+                    Err(refusal) => RelayMessage::Refused(refusal),
+                }
+            }
+        }
+        // Only a relay says these.
+        RelayMessage::Reserved { .. }
+        | RelayMessage::Meet { .. }
+        | RelayMessage::Introduce { .. }
+        | RelayMessage::Refused(_) => {
+            if let Some(h) = held.remove(&id) {
+                h.conn
+                    .close(VarInt::from_u32(close::PROTOCOL), b"unexpected frame");
+            }
+            book.closed(id);
+            return;
+        }
+    };
+    if let Some(h) = held.get(&id) {
+        let _ = h.out.try_send(answer);
+    }
+}
+
+async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::Receiver<RelayMessage>) {
+    while let Some(msg) = rx.recv().await {
+        if wire::write(&mut send, &Frame::Relay(msg)).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_loop(
+    id: u64,
+    mut recv: quinn::RecvStream,
+    conn: quinn::Connection,
+    events: mpsc::Sender<(u64, Option<RelayMessage>)>,
+) {
+    loop {
+        match wire::read::<Frame, _>(&mut recv).await {
+            Ok(Some(Frame::Relay(msg))) => {
+                if events.send((id, Some(msg))).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Some(_)) => {
+                conn.close(VarInt::from_u32(close::PROTOCOL), b"unexpected frame");
+                break;
+            }
+            Ok(None) => break,
+            Err(err) => {
+                super::end_of_reading(err, &conn);
+                break;
+            }
+        }
+    }
+    let _ = events.send((id, None)).await;
+}
+
+/// Reads the next relay message, within [`ANSWER_WAIT`].
+async fn next_message(link: &mut PeerLink) -> Result<RelayMessage, RelayError> {
+    match tokio::time::timeout(ANSWER_WAIT, wire::read::<Frame, _>(&mut link.recv)).await {
+        Ok(Ok(Some(Frame::Relay(msg)))) => Ok(msg),
+        Ok(_) => Err(RelayError::Unexpected),
+        Err(_) => Err(RelayError::Timeout),
+    }
+}
+
+/// Asks for a reservation on `link`, a relay link just dialed; the address the relay sees this
+/// peer at.
+pub(super) async fn reserve(link: &mut PeerLink) -> Result<SocketAddr, RelayError> {
+    wire::write(&mut link.send, &Frame::Relay(RelayMessage::Reserve))
+        .await
+        .map_err(|e| RelayError::Net(e.into()))?;
+    match next_message(link).await? {
+        RelayMessage::Reserved { observed, .. } => Ok(observed),
+        RelayMessage::Refused(refusal) => Err(RelayError::Refused(refusal)),
+        _ => Err(RelayError::Unexpected),
+    }
+}
+
+/// Keeps a reservation: punches towards whoever the relay introduces, and when the link ends
+/// reserves again (with back-off) on a new one.
+pub(super) async fn keep_reservation(
+    first: Option<(PeerLink, SocketAddr)>,
+    relay: Bootstrap,
+    dialer: JobDialer,
+    puncher: Puncher,
+) {
+    let mut relay_id = relay.peer;
+    let mut observed = first.as_ref().map(|(_, observed)| *observed);
+    let mut held = first.map(|(link, _)| link);
+    let mut punches = Budget::new(PUNCH_RATE, PUNCH_BURST, Instant::now());
+    let mut retry = FIRST_RETRY;
+    loop {
+        let mut link = match held.take() {
+            Some(link) => link,
+            None => {
+                let (link, now_at) = reserve_again(&dialer, relay, relay_id, &mut retry).await;
+                if observed.is_some_and(|was| was != now_at) {
+                    tracing::warn!(
+                        now = %now_at,
+                        "the relay sees this peer at a new address; peers are told the old one until it restarts"
+                    );
+                }
+                observed = Some(now_at);
+                link
+            }
+        };
+        relay_id = Some(link.peer);
+        // Refusals of nothing asked, and anything else, end the link.
+        while let Ok(Some(Frame::Relay(RelayMessage::Introduce { from, addr }))) =
+            wire::read::<Frame, _>(&mut link.recv).await
+        {
+            if punches.take(Instant::now()) {
+                tracing::debug!(%from, %addr, "opening the NAT to an introduced peer");
+                puncher.punch(addr).await;
+            }
+        }
+        link.conn
+            .close(VarInt::from_u32(close::NORMAL), b"reservation ended");
+        tracing::info!("reservation on the relay ended; reserving again");
+    }
+}
+
+/// Dials the relay and reserves, with back-off between attempts, until it holds.
+async fn reserve_again(
+    dialer: &JobDialer,
+    relay: Bootstrap,
+    relay_id: Option<PeerId>,
+    retry: &mut Duration,
+) -> (PeerLink, SocketAddr) {
+    loop {
+        tokio::time::sleep(*retry).await;
+        *retry = (*retry * 2).min(MAX_RETRY);
+        let mut link = match dialer
+            .dial_vouched(relay.addr, relay_id, LinkKind::Relay, Vouch::Bootstrap)
+            .await
+        {
+            Ok(link) => link,
+            Err(err) => {
+                tracing::debug!(err = %super::error_chain(&err), "relay unreachable");
+                continue;
+            }
+        };
+        match reserve(&mut link).await {
+            Ok(observed) => {
+                *retry = FIRST_RETRY;
+                tracing::info!(%observed, "reservation held again");
+                return (link, observed);
+            }
+            Err(err) => {
+                tracing::debug!(%err, "reservation refused");
+                link.conn.close(VarInt::from_u32(close::NORMAL), b"refused");
+            }
+        }
+    }
+}
+
+/// The reservation a peer behind NAT takes at start, before it knows what address to
+/// advertise: a link dialed straight from the endpoint, and the address the relay sees.
+pub(super) async fn first_reservation(
+    endpoint: &quinn::Endpoint,
+    identity: &crate::identity::Identity,
+    allow: Option<std::sync::Arc<crate::identity::AllowList>>,
+    config: &net::NetConfig,
+    relay: Bootstrap,
+) -> Result<(PeerLink, SocketAddr), RelayError> {
+    let mut link = net::dial_for(
+        endpoint,
+        identity,
+        allow,
+        relay.addr,
+        relay.peer,
+        config,
+        LinkKind::Relay,
+    )
+    .await?;
+    match reserve(&mut link).await {
+        Ok(observed) => {
+            tracing::info!(relay = %relay.addr, %observed, "reservation held; advertising the address the relay sees");
+            Ok((link, observed))
+        }
+        Err(err) => {
+            link.conn.close(VarInt::from_u32(close::NORMAL), b"refused");
+            Err(err)
+        }
+    }
+}
+
+/// Asks the relay at `relay` to introduce this peer to `target`; the address to dial the target
+/// at, once [`PUNCH_LEAD`] has passed.
+pub(super) async fn rendezvous(
+    dialer: &JobDialer,
+    relay: SocketAddr,
+    relay_id: PeerId,
+    target: PeerId,
+) -> Result<SocketAddr, RelayError> {
+    let mut link = dialer
+        .dial(relay, relay_id, LinkKind::Relay)
+        .await
+        .map_err(RelayError::Net)?;
+    let asked = async {
+        wire::write(
+            &mut link.send,
+            &Frame::Relay(RelayMessage::Connect { target }),
+        )
+        .await
+        .map_err(|e| RelayError::Net(e.into()))?;
+        match next_message(&mut link).await? {
+            RelayMessage::Meet { target: t, addr } if t == target => Ok(addr),
+            RelayMessage::Refused(refusal) => Err(RelayError::Refused(refusal)),
+            _ => Err(RelayError::Unexpected),
+        }
+    }
+    .await;
+    link.conn.close(VarInt::from_u32(close::NORMAL), b"thanks");
+    let addr = asked?;
+    tokio::time::sleep(PUNCH_LEAD).await;
+    Ok(addr)
+}
