@@ -322,12 +322,14 @@ fn a_job_from_behind_one_nat_runs_behind_another_through_a_punched_hole() {
         .stderr(std::fs::File::create(root.path().join("submit.stderr")).unwrap())
         .spawn()
         .expect("worker submit starts");
+    let submitted = Instant::now();
     let run = finish(submitter, root.path(), "submit", Duration::from_secs(120));
     let worker_log = std::fs::read_to_string(worker_dir.with_extension("stderr")).unwrap();
     let direct = worker_log.contains("direct path through NAT to the submitter opened");
     println!(
-        "direct path between the two NATed peers established: {}",
-        if direct { "yes" } else { "no" }
+        "direct path between the two NATed peers established: {}; the whole submit took {:.2} s",
+        if direct { "yes" } else { "no" },
+        submitted.elapsed().as_secs_f64()
     );
     assert_eq!(
         run.code,
