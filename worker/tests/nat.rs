@@ -133,7 +133,10 @@ impl Topology {
         address("hostb", "eth", "10.2.0.2/24");
         route("hostb", "10.2.0.1");
         for router in ["inet", "nata", "natb"] {
-            assert!(topology.exec_ok(router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]));
+            assert!(topology.exec_ok(
+                router,
+                &["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]
+            ));
         }
         for nat in ["nata", "natb"] {
             assert!(
