@@ -399,6 +399,33 @@ impl Puncher {
     }
 }
 
+/// An endpoint over a socket of the caller's making (a relay's circuit), accepting
+/// connections when `serve`. Its datagrams keep QUIC's initial size: the socket says it may
+/// fragment, so no larger path is probed.
+pub fn endpoint_on(
+    identity: &Identity,
+    allow: Option<Arc<AllowList>>,
+    socket: Arc<dyn quinn::AsyncUdpSocket>,
+    config: &NetConfig,
+    serve: bool,
+) -> Result<quinn::Endpoint, NetError> {
+    let server = if serve {
+        Some(server_config(identity, allow, config)?)
+    } else {
+        None
+    };
+    let addr = socket
+        .local_addr()
+        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| NetError::Bind { addr, source })
+}
+
 /// The accepting side's configuration.
 fn server_config(
     identity: &Identity,

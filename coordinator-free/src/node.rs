@@ -8,6 +8,7 @@
 //! accept loop, the mDNS browser. All of them live in the actor's `JoinSet`, so stopping the
 //! actor stops them, and every channel between them is bounded.
 
+mod circuit;
 mod donate;
 mod mdns;
 mod modules;
@@ -542,8 +543,14 @@ impl Node {
                     addr: relay.addr,
                 });
                 tasks.spawn(
-                    relay::keep_reservation(first, relay, dialer.clone(), puncher.clone())
-                        .instrument(tracing::info_span!("reservation", relay = %relay.addr)),
+                    relay::keep_reservation(
+                        first,
+                        relay,
+                        dialer.clone(),
+                        puncher.clone(),
+                        inputs_tx.clone(),
+                    )
+                    .instrument(tracing::info_span!("reservation", relay = %relay.addr)),
                 );
                 relay_ref
             }

@@ -58,6 +58,22 @@ pub enum RelayMessage {
     Introduce { from: PeerId, addr: SocketAddr },
     /// Relay → peer: what it asked for was refused.
     Refused(Refusal),
+    /// Peer → relay: carry a circuit to `target`, which holds a reservation here (the path
+    /// when a punch did not get through).
+    Circuit { target: PeerId },
+    /// Relay → reserved peer: `from`, seen at `addr`, wants a circuit; join it on a new link
+    /// with `token`.
+    CircuitFrom {
+        from: PeerId,
+        addr: SocketAddr,
+        token: u64,
+    },
+    /// Reserved peer → relay, on a new link: this link is my end of circuit `token`.
+    JoinCircuit { token: u64 },
+    /// Relay → both ends: the circuit is up; what follows is [`RelayMessage::Data`].
+    CircuitOpen,
+    /// One datagram of the QUIC connection the two ends run through the circuit.
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 impl RelayMessage {
@@ -67,9 +83,19 @@ impl RelayMessage {
 
     /// Decodes one message from untrusted bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
-        decode_capped(bytes)
+        let msg: Self = decode_capped(bytes)?;
+        if let Self::Data(datagram) = &msg
+            && datagram.len() > MAX_CIRCUIT_DATAGRAM
+        {
+            return Err(MessageError::OverCap);
+        }
+        Ok(msg)
     }
 }
+
+/// Largest datagram a circuit carries: QUIC's own packets through a circuit stay at its
+/// initial 1,200 bytes (the circuit reports that it may fragment, so no path MTU is probed).
+pub const MAX_CIRCUIT_DATAGRAM: usize = 1500;
 
 /// Why a relay refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -84,6 +110,10 @@ pub enum Refusal {
     RateLimited,
     #[error("this peer does not relay")]
     NotRelay,
+    #[error("the relay carries as many circuits as it allows")]
+    CircuitsFull,
+    #[error("no circuit of that token awaits this peer")]
+    NoCircuit,
 }
 
 /// What a relay allows.
@@ -103,6 +133,15 @@ pub struct Limits {
     pub connect_burst: f64,
     /// Relay links open at once (reservations and askers together).
     pub max_links: usize,
+    /// Circuits carried at once, and at once for askers of one host.
+    pub max_circuits: usize,
+    pub circuits_per_host: usize,
+    /// Bytes one circuit carries (both directions together) before it is closed.
+    pub circuit_bytes: u64,
+    /// Longest one circuit lasts.
+    pub circuit_time: Duration,
+    /// How long a circuit waits for the reserved peer to join it.
+    pub join_wait: Duration,
 }
 
 impl Default for Limits {
@@ -116,6 +155,11 @@ impl Default for Limits {
             connect_rate: 1.0,
             connect_burst: 4.0,
             max_links: 256,
+            max_circuits: 16,
+            circuits_per_host: 4,
+            circuit_bytes: 256 << 20,
+            circuit_time: Duration::from_secs(30 * 60),
+            join_wait: Duration::from_secs(10),
         }
     }
 }
@@ -139,11 +183,37 @@ pub struct Introduction {
     pub target_addr: SocketAddr,
 }
 
-/// The relay's reservations.
+/// A circuit asked for, or carried.
+#[derive(Debug)]
+struct Circuit {
+    asker: u64,
+    asker_host: Host,
+    target: PeerId,
+    /// The reserved peer's link, once it joined.
+    joined: Option<u64>,
+    bytes: u64,
+    /// When it must be joined by, then when it ends.
+    until: Instant,
+}
+
+/// Where a datagram arriving on a circuit link goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forward {
+    /// To this link.
+    To(u64),
+    /// Nowhere: the circuit is over its bytes; these links are to be closed.
+    Over(Vec<u64>),
+    /// Nowhere: the link carries no open circuit.
+    Stray,
+}
+
+/// The relay's reservations and circuits.
 #[derive(Debug)]
 pub struct RelayBook {
     limits: Limits,
     reservations: HashMap<PeerId, Reservation>,
+    circuits: HashMap<u64, Circuit>,
+    next_token: u64,
 }
 
 impl RelayBook {
@@ -151,6 +221,8 @@ impl RelayBook {
         Self {
             limits,
             reservations: HashMap::new(),
+            circuits: HashMap::new(),
+            next_token: 0,
         }
     }
 
@@ -208,9 +280,107 @@ impl RelayBook {
         Ok(self.limits.reservation_time)
     }
 
-    /// `link` closed: the reservations it held end.
-    pub fn closed(&mut self, link: u64) {
+    /// `link` closed: the reservations it held end, and the circuits it was an end of; the
+    /// links of their other ends, to be closed.
+    pub fn closed(&mut self, link: u64) -> Vec<u64> {
         self.reservations.retain(|_, r| r.link != link);
+        let mut others = Vec::new();
+        self.circuits.retain(|_, c| {
+            if c.asker == link {
+                others.extend(c.joined);
+                false
+            } else if c.joined == Some(link) {
+                others.push(c.asker);
+                false
+            } else {
+                true
+            }
+        });
+        others
+    }
+
+    /// `from`, on `link` from `from_addr`, asks for a circuit to `target`: the reserved peer's
+    /// link, and the token it is to join with.
+    pub fn open_circuit(
+        &mut self,
+        link: u64,
+        from: PeerId,
+        from_addr: SocketAddr,
+        target: PeerId,
+        now: Instant,
+    ) -> Result<(u64, u64), Refusal> {
+        self.expire(now);
+        let asker_host = Host::of(from_addr.ip());
+        if self.circuits.len() >= self.limits.max_circuits
+            || self
+                .circuits
+                .values()
+                .filter(|c| c.asker_host == asker_host)
+                .count()
+                >= self.limits.circuits_per_host
+            || self.circuits.values().any(|c| c.asker == link)
+        {
+            return Err(Refusal::CircuitsFull);
+        }
+        let target_link = self.connect(from, target, now)?.target_link;
+        let token = self.next_token;
+        self.next_token += 1;
+        self.circuits.insert(
+            token,
+            Circuit {
+                asker: link,
+                asker_host,
+                target,
+                joined: None,
+                bytes: 0,
+                until: now + self.limits.join_wait,
+            },
+        );
+        Ok((target_link, token))
+    }
+
+    /// `peer` joins circuit `token` on `link`: the asker's link, to tell it the circuit is up.
+    pub fn join_circuit(
+        &mut self,
+        link: u64,
+        peer: PeerId,
+        token: u64,
+        now: Instant,
+    ) -> Result<u64, Refusal> {
+        self.expire(now);
+        let limits = self.limits;
+        let circuit = self
+            .circuits
+            .get_mut(&token)
+            .filter(|c| c.target == peer && c.joined.is_none() && c.asker != link)
+            .ok_or(Refusal::NoCircuit)?;
+        circuit.joined = Some(link);
+        circuit.until = now + limits.circuit_time;
+        Ok(circuit.asker)
+    }
+
+    /// A datagram of `len` bytes arrived on `link`: where it goes.
+    pub fn forward(&mut self, link: u64, len: usize) -> Forward {
+        let cap = self.limits.circuit_bytes;
+        let Some((&token, circuit)) = self
+            .circuits
+            .iter_mut()
+            .find(|(_, c)| c.joined.is_some() && (c.asker == link || c.joined == Some(link)))
+        else {
+            return Forward::Stray;
+        };
+        circuit.bytes += len as u64;
+        let (asker, joined) = (circuit.asker, circuit.joined.unwrap_or(circuit.asker));
+        if circuit.bytes > cap {
+            self.circuits.remove(&token);
+            return Forward::Over(vec![asker, joined]);
+        }
+        Forward::To(if link == asker { joined } else { asker })
+    }
+
+    /// Circuits carried now (joined or not).
+    pub fn circuits(&self) -> usize {
+        self.circuits.len()
     }
 
     /// `from` asks to be introduced to `target`: where the reserved peer is, if it holds a live
@@ -238,13 +408,21 @@ impl RelayBook {
         })
     }
 
-    /// Reservations past their time end; their links, to be closed.
+    /// Reservations and circuits past their time end; their links, to be closed.
     pub fn expire(&mut self, now: Instant) -> Vec<u64> {
         let mut ended = Vec::new();
         self.reservations.retain(|_, r| {
             let live = r.until > now;
             if !live {
                 ended.push(r.link);
+            }
+            live
+        });
+        self.circuits.retain(|_, c| {
+            let live = c.until > now;
+            if !live {
+                ended.push(c.asker);
+                ended.extend(c.joined);
             }
             live
         });
@@ -375,6 +553,85 @@ mod tests {
             book.connect(peer(2), peer(1), now + Duration::from_secs(2))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn a_circuit_joins_its_two_links_counts_their_bytes_and_ends_with_either() {
+        let now = Instant::now();
+        let limits = Limits {
+            circuit_bytes: 3000,
+            ..Limits::default()
+        };
+        let mut book = RelayBook::new(limits);
+        book.reserve(1, peer(1), addr("198.51.100.2:4000"), now)
+            .unwrap();
+        let asker_addr = addr("203.0.113.9:5000");
+        assert_eq!(
+            book.open_circuit(2, peer(2), asker_addr, peer(9), now),
+            Err(Refusal::NoReservation)
+        );
+        let (target_link, token) = book
+            .open_circuit(2, peer(2), asker_addr, peer(1), now)
+            .unwrap();
+        assert_eq!(target_link, 1);
+        // Nothing flows before the reserved peer joins, and only it may join.
+        assert_eq!(book.forward(2, 100), Forward::Stray);
+        assert_eq!(
+            book.join_circuit(3, peer(7), token, now),
+            Err(Refusal::NoCircuit)
+        );
+        assert_eq!(book.join_circuit(3, peer(1), token, now), Ok(2));
+        assert_eq!(
+            book.join_circuit(4, peer(1), token, now),
+            Err(Refusal::NoCircuit),
+            "a circuit is joined once"
+        );
+        assert_eq!(book.forward(2, 1200), Forward::To(3));
+        assert_eq!(book.forward(3, 1200), Forward::To(2));
+        assert_eq!(book.forward(5, 1200), Forward::Stray);
+        assert_eq!(book.forward(2, 1200), Forward::Over(vec![2, 3]));
+        assert_eq!(book.circuits(), 0);
+
+        let (_, token) = book
+            .open_circuit(6, peer(2), asker_addr, peer(1), now)
+            .unwrap();
+        book.join_circuit(7, peer(1), token, now).unwrap();
+        assert_eq!(book.closed(7), vec![6]);
+        assert_eq!(book.circuits(), 0);
+    }
+
+    #[test]
+    fn circuits_are_capped_per_asking_host_and_wait_a_while_for_their_join() {
+        let now = Instant::now();
+        let mut book = RelayBook::new(Limits {
+            introduce_burst: 100.0,
+            connect_burst: 100.0,
+            ..Limits::default()
+        });
+        book.reserve(1, peer(1), addr("198.51.100.2:4000"), now)
+            .unwrap();
+        let mut opened = 0;
+        for n in 0..10u8 {
+            let from = addr(&format!("203.0.113.{n}:5000"));
+            match book.open_circuit(10 + u64::from(n), peer(20 + n), from, peer(1), now) {
+                Ok(_) => opened += 1,
+                Err(refusal) => assert_eq!(refusal, Refusal::CircuitsFull),
+            }
+        }
+        assert_eq!(opened, Limits::default().circuits_per_host);
+        let later = now + Limits::default().join_wait + Duration::from_secs(1);
+        let ended = book.expire(later);
+        assert_eq!(ended.len(), opened, "unjoined circuits end: {ended:?}");
+        assert_eq!(book.circuits(), 0);
+    }
+
+    #[test]
+    fn an_oversized_datagram_does_not_decode() {
+        let big = RelayMessage::Data(vec![0; MAX_CIRCUIT_DATAGRAM + 1]);
+        let bytes = big.encode().unwrap();
+        assert!(RelayMessage::decode(&bytes).is_err());
+        let fits = RelayMessage::Data(vec![0; MAX_CIRCUIT_DATAGRAM]);
+        assert_eq!(RelayMessage::decode(&fits.encode().unwrap()).unwrap(), fits);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Peers behind NAT: two `worker` processes behind separate NATs and a public relay, in network
 //! namespaces the test makes. The NATs are real: nftables masquerade, and a forward filter that
 //! lets in only what answers a flow from inside. One NATed peer submits a job; it must run on
-//! the other, which can only reach the submitter through the relay's introduction and a hole
-//! punched in both NATs (no unit goes through the relay, which declines the job).
+//! the other (the relay declines the job). With NATs that keep a flow's source port the worker
+//! reaches the submitter directly, through a hole punched after the relay's introduction; when
+//! the worker's NAT picks a random port per flow (as symmetric NATs do) the punch cannot work,
+//! and the units travel through a circuit the relay carries.
 //!
 //! ```text
 //!   hosta 10.1.0.2 ─ nata [10.1.0.1 | 203.0.113.2] ─┐
@@ -50,12 +52,14 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> bool {
     child.wait().is_ok_and(|s| s.success())
 }
 
-/// A NAT: masquerade out of `wan`, and forward only from the LAN or what answers it.
+/// A NAT: masquerade out of `wan` (`MAPPING` is replaced by nothing, or by `random` for a
+/// NAT that maps every flow to a port of its own), and forward only from the LAN or what
+/// answers it.
 const NAT_RULES: &str = r#"
 table ip nat {
   chain post {
     type nat hook postrouting priority 100; policy accept;
-    oifname "wan" masquerade
+    oifname "wan" masquerade MAPPING
   }
 }
 table ip filter {
@@ -68,13 +72,14 @@ table ip filter {
 "#;
 
 impl Topology {
-    fn create() -> Option<Self> {
+    /// The topology; with `symmetric`, the worker's NAT (natb) maps each flow to a random port.
+    fn create(tag: &str, symmetric: bool) -> Option<Self> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 || !run("nft", &["--version"], None) {
             return None;
         }
         let topology = Self {
-            suffix: format!("-nat{}", std::process::id()),
+            suffix: format!("-{tag}{}", std::process::id()),
         };
         for ns in NAMESPACES {
             if !run("ip", &["netns", "add", &topology.name(ns)], None) {
@@ -139,11 +144,16 @@ impl Topology {
             ));
         }
         for nat in ["nata", "natb"] {
+            let mapping = if symmetric && nat == "natb" {
+                "random"
+            } else {
+                ""
+            };
             assert!(
                 run(
                     "ip",
                     &["netns", "exec", &topology.name(nat), "nft", "-f", "-"],
-                    Some(NAT_RULES),
+                    Some(&NAT_RULES.replace("MAPPING", mapping)),
                 ),
                 "nftables rules of {nat}"
             );
@@ -243,15 +253,22 @@ fn wait_for_log(dir: &Path, line: &str) {
     panic!("{} never logged {line:?}:\n{log}", dir.display());
 }
 
-#[test]
-fn a_job_from_behind_one_nat_runs_behind_another_through_a_punched_hole() {
-    let Some(topology) = Topology::create() else {
+/// The paths the worker behind NAT reported: (direct, relayed).
+struct Paths {
+    direct: bool,
+    relayed: bool,
+}
+
+/// Runs a 20-unit job from behind one NAT on a worker behind the other; `None` when the
+/// topology cannot be made here.
+fn job_across_nats(tag: &str, symmetric: bool) -> Option<Paths> {
+    let Some(topology) = Topology::create(tag, symmetric) else {
         assert!(
             std::env::var_os("CF_REQUIRE_NETNS").is_none(),
             "CF_REQUIRE_NETNS is set, but network namespaces with nftables cannot be made here"
         );
         eprintln!("skipped: the NAT topology needs root, iproute2 and nftables");
-        return;
+        return None;
     };
     let root = tempfile::tempdir().unwrap();
     let relay_dir = root.path().join("relay");
@@ -329,9 +346,12 @@ fn a_job_from_behind_one_nat_runs_behind_another_through_a_punched_hole() {
     let run = finish(submitter, root.path(), "submit", Duration::from_secs(120));
     let worker_log = std::fs::read_to_string(worker_dir.with_extension("stderr")).unwrap();
     let direct = worker_log.contains("direct path through NAT to the submitter opened");
+    let relayed = worker_log.contains("relayed path to the submitter opened");
+    let yes = |b: bool| if b { "yes" } else { "no" };
     println!(
-        "direct path between the two NATed peers established: {}; the whole submit took {:.2} s",
-        if direct { "yes" } else { "no" },
+        "{tag}: direct path between the two NATed peers established: {}; relayed path: {}; the whole submit took {:.2} s",
+        yes(direct),
+        yes(relayed),
         submitted.elapsed().as_secs_f64()
     );
     assert_eq!(
@@ -362,8 +382,29 @@ fn a_job_from_behind_one_nat_runs_behind_another_through_a_punched_hole() {
         "the relay ran units:\n{}",
         run.stdout
     );
+    Some(Paths { direct, relayed })
+}
+
+#[test]
+fn a_job_from_behind_one_nat_runs_behind_another_through_a_punched_hole() {
+    let Some(paths) = job_across_nats("punch", false) else {
+        return;
+    };
+    assert!(paths.direct, "the units ran, but not over a direct path");
     assert!(
-        direct,
-        "the units ran, but not over a direct path:\n{worker_log}"
+        !paths.relayed,
+        "a circuit was opened though the punch worked"
     );
+}
+
+#[test]
+fn behind_a_nat_that_maps_each_flow_anew_the_units_go_through_the_relay() {
+    let Some(paths) = job_across_nats("sym", true) else {
+        return;
+    };
+    assert!(
+        !paths.direct,
+        "a direct path through a port-randomising NAT: the test's NAT is not what it claims"
+    );
+    assert!(paths.relayed, "the units ran, but not through a circuit");
 }

@@ -17,13 +17,14 @@ use crate::host::Host;
 use crate::net::{self, LinkKind, PeerLink, Puncher, close};
 use crate::peer_id::PeerId;
 use crate::reach::Vouch;
-use crate::relay::{Limits, Refusal, RelayBook, RelayMessage};
+use crate::relay::{Forward, Limits, Refusal, RelayBook, RelayMessage};
 use crate::wire::{self, Frame};
 
 /// Relay links one host may hold open at a relay at once (reservations and askers together).
 const LINKS_PER_HOST: usize = 8;
-/// Messages queued towards one relay link; a link that does not read them loses its messages.
-const OUTBOX: usize = 8;
+/// Messages queued towards one relay link (a circuit's datagrams among them); a link that does
+/// not read them loses its messages.
+const OUTBOX: usize = 64;
 /// How long a relay answers within, and a new link has to say what it wants.
 const ANSWER_WAIT: Duration = Duration::from_secs(3);
 /// How long after the relay's answer an asker dials, so the reserved peer's punch (sent as the
@@ -90,7 +91,7 @@ async fn serve(limits: Limits, mut new_links: mpsc::Receiver<PeerLink>) {
     let mut next = 0u64;
     let (events_tx, mut events) = mpsc::channel::<(u64, Option<RelayMessage>)>(64);
     let mut tasks = JoinSet::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             link = new_links.recv() => {
@@ -120,11 +121,8 @@ async fn serve(limits: Limits, mut new_links: mpsc::Receiver<PeerLink>) {
                 on_message(&mut book, &mut held, id, msg, Instant::now());
             }
             _ = tick.tick() => {
-                for id in book.expire(Instant::now()) {
-                    if let Some(h) = held.remove(&id) {
-                        h.conn.close(VarInt::from_u32(close::NORMAL), b"reservation over");
-                    }
-                }
+                let ended = book.expire(Instant::now());
+                close_links(&mut held, &mut book, ended, b"time is up");
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
@@ -140,10 +138,25 @@ fn on_message(
     now: Instant,
 ) {
     let Some(msg) = msg else {
-        book.closed(id);
         held.remove(&id);
+        let others = book.closed(id);
+        close_links(held, book, others, b"circuit over");
         return;
     };
+    // Datagrams first: they are most of what a circuit carries.
+    if let RelayMessage::Data(datagram) = msg {
+        match book.forward(id, datagram.len()) {
+            // A full outbox drops the datagram, as a full router queue would; QUIC resends.
+            Forward::To(other) => {
+                if let Some(h) = held.get(&other) {
+                    let _ = h.out.try_send(RelayMessage::Data(datagram));
+                }
+            }
+            Forward::Over(links) => close_links(held, book, links, b"circuit used up"),
+            Forward::Stray => close_links(held, book, vec![id], b"no circuit here"),
+        }
+        return;
+    }
     let Some(link) = held.get_mut(&id) else {
         return;
     };
@@ -179,21 +192,62 @@ fn on_message(
                 }
             }
         }
+        RelayMessage::Circuit { target } => {
+            if !link.connects.take(now) {
+                RelayMessage::Refused(Refusal::RateLimited)
+            } else {
+                match book.open_circuit(id, peer, addr, target, now) {
+                    Ok((target_link, token)) => {
+                        if let Some(t) = held.get(&target_link) {
+                            let _ = t.out.try_send(RelayMessage::CircuitFrom {
+                                from: peer,
+                                addr,
+                                token,
+                            });
+                        }
+                        tracing::debug!(from = %peer, to = %target, "circuit asked for");
+                        // The asker hears `CircuitOpen` once the reserved peer joins.
+                        return;
+                    }
+                    Err(refusal) => RelayMessage::Refused(refusal),
+                }
+            }
+        }
+        RelayMessage::JoinCircuit { token } => match book.join_circuit(id, peer, token, now) {
+            Ok(asker) => {
+                if let Some(a) = held.get(&asker) {
+                    let _ = a.out.try_send(RelayMessage::CircuitOpen);
+                }
+                tracing::info!(%peer, "circuit carried");
+                RelayMessage::CircuitOpen
+            }
+            Err(refusal) => RelayMessage::Refused(refusal),
+        },
         // Only a relay says these.
         RelayMessage::Reserved { .. }
         | RelayMessage::Meet { .. }
         | RelayMessage::Introduce { .. }
-        | RelayMessage::Refused(_) => {
-            if let Some(h) = held.remove(&id) {
-                h.conn
-                    .close(VarInt::from_u32(close::PROTOCOL), b"unexpected frame");
-            }
-            book.closed(id);
+        | RelayMessage::Refused(_)
+        | RelayMessage::CircuitFrom { .. }
+        | RelayMessage::CircuitOpen
+        | RelayMessage::Data(_) => {
+            close_links(held, book, vec![id], b"unexpected frame");
             return;
         }
     };
     if let Some(h) = held.get(&id) {
         let _ = h.out.try_send(answer);
+    }
+}
+
+/// Closes `links`, and whatever circuits they carried.
+fn close_links(held: &mut HashMap<u64, Held>, book: &mut RelayBook, links: Vec<u64>, why: &[u8]) {
+    let mut pending = links;
+    while let Some(id) = pending.pop() {
+        if let Some(h) = held.remove(&id) {
+            h.conn.close(VarInt::from_u32(close::NORMAL), why);
+        }
+        pending.extend(book.closed(id));
     }
 }
 
@@ -254,13 +308,15 @@ pub(super) async fn reserve(link: &mut PeerLink) -> Result<SocketAddr, RelayErro
     }
 }
 
-/// Keeps a reservation: punches towards whoever the relay introduces, and when the link ends
-/// reserves again (with back-off) on a new one.
+/// Keeps a reservation: punches towards whoever the relay introduces, joins the circuits asked
+/// of it (their links go to the node through `inputs`, as accepted ones do), and when the link
+/// ends reserves again (with back-off) on a new one.
 pub(super) async fn keep_reservation(
     first: Option<(PeerLink, SocketAddr)>,
     relay: Bootstrap,
     dialer: JobDialer,
     puncher: Puncher,
+    inputs: mpsc::Sender<super::Input>,
 ) {
     let mut relay_id = relay.peer;
     let mut observed = first.as_ref().map(|(_, observed)| *observed);
@@ -283,13 +339,29 @@ pub(super) async fn keep_reservation(
             }
         };
         relay_id = Some(link.peer);
-        // Refusals of nothing asked, and anything else, end the link.
-        while let Ok(Some(Frame::Relay(RelayMessage::Introduce { from, addr }))) =
-            wire::read::<Frame, _>(&mut link.recv).await
-        {
-            if punches.take(Instant::now()) {
-                tracing::debug!(%from, %addr, "opening the NAT to an introduced peer");
-                puncher.punch(addr).await;
+        loop {
+            match wire::read::<Frame, _>(&mut link.recv).await {
+                Ok(Some(Frame::Relay(RelayMessage::Introduce { from, addr }))) => {
+                    if punches.take(Instant::now()) {
+                        tracing::debug!(%from, %addr, "opening the NAT to an introduced peer");
+                        puncher.punch(addr).await;
+                    }
+                }
+                Ok(Some(Frame::Relay(RelayMessage::CircuitFrom { from, addr, token }))) => {
+                    if punches.take(Instant::now()) {
+                        let (dialer, inputs) = (dialer.clone(), inputs.clone());
+                        let relay_at = (relay.addr, link.peer);
+                        tokio::spawn(async move {
+                            if let Err(err) =
+                                join_circuit(&dialer, relay_at, token, from, addr, inputs).await
+                            {
+                                tracing::info!(%from, err = %super::error_chain(&err), "circuit through the relay not joined");
+                            }
+                        });
+                    }
+                }
+                // Refusals of nothing asked, and anything else, end the link.
+                _ => break,
             }
         }
         link.conn
@@ -393,4 +465,116 @@ pub(super) async fn rendezvous(
     let addr = asked?;
     tokio::time::sleep(PUNCH_LEAD).await;
     Ok(addr)
+}
+
+/// How long a circuit takes to open (the reserved peer dials the relay and joins it), and then
+/// to carry a QUIC handshake.
+const CIRCUIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits on `link` for the relay to say the circuit is open.
+async fn circuit_opened(link: &mut PeerLink) -> Result<(), RelayError> {
+    match tokio::time::timeout(CIRCUIT_WAIT, wire::read::<Frame, _>(&mut link.recv)).await {
+        Ok(Ok(Some(Frame::Relay(RelayMessage::CircuitOpen)))) => Ok(()),
+        Ok(Ok(Some(Frame::Relay(RelayMessage::Refused(refusal))))) => {
+            Err(RelayError::Refused(refusal))
+        }
+        Ok(_) => Err(RelayError::Unexpected),
+        Err(_) => Err(RelayError::Timeout),
+    }
+}
+
+/// Opens a link of `kind` to `target` (seen by the relay at `target_addr`) through a circuit
+/// the relay carries: the path when a punch did not get through. The connection inside is a
+/// QUIC connection of its own, end to end between the two peers.
+pub(super) async fn dial_through(
+    dialer: &JobDialer,
+    relay: crate::relay::RelayRef,
+    target: PeerId,
+    target_addr: SocketAddr,
+    kind: LinkKind,
+) -> Result<PeerLink, RelayError> {
+    let mut link = dialer.dial(relay.addr, relay.peer, LinkKind::Relay).await?;
+    let opened = async {
+        wire::write(
+            &mut link.send,
+            &Frame::Relay(RelayMessage::Circuit { target }),
+        )
+        .await
+        .map_err(|e| RelayError::Net(e.into()))?;
+        circuit_opened(&mut link).await
+    }
+    .await;
+    if let Err(err) = opened {
+        link.conn
+            .close(VarInt::from_u32(close::NORMAL), b"no circuit");
+        return Err(err);
+    }
+    let socket = super::circuit::carry(link, target_addr);
+    let endpoint = net::endpoint_on(
+        &dialer.identity,
+        dialer.allow.clone(),
+        socket,
+        &dialer.net,
+        false,
+    )?;
+    let link = net::dial_for(
+        &endpoint,
+        &dialer.identity,
+        dialer.allow.clone(),
+        target_addr,
+        Some(target),
+        &dialer.net,
+        kind,
+    )
+    .await?;
+    Ok(link)
+}
+
+/// Joins circuit `token` the relay at `relay` asked for on behalf of `from` (seen at
+/// `from_addr`), and accepts the one connection `from` opens through it.
+async fn join_circuit(
+    dialer: &JobDialer,
+    relay: (SocketAddr, PeerId),
+    token: u64,
+    from: PeerId,
+    from_addr: SocketAddr,
+    inputs: mpsc::Sender<super::Input>,
+) -> Result<(), RelayError> {
+    let mut link = dialer.dial(relay.0, relay.1, LinkKind::Relay).await?;
+    let joined = async {
+        wire::write(
+            &mut link.send,
+            &Frame::Relay(RelayMessage::JoinCircuit { token }),
+        )
+        .await
+        .map_err(|e| RelayError::Net(e.into()))?;
+        circuit_opened(&mut link).await
+    }
+    .await;
+    if let Err(err) = joined {
+        link.conn
+            .close(VarInt::from_u32(close::NORMAL), b"no circuit");
+        return Err(err);
+    }
+    let socket = super::circuit::carry(link, from_addr);
+    let endpoint = net::endpoint_on(
+        &dialer.identity,
+        dialer.allow.clone(),
+        socket,
+        &dialer.net,
+        true,
+    )?;
+    let incoming = tokio::time::timeout(CIRCUIT_WAIT, endpoint.accept())
+        .await
+        .map_err(|_| RelayError::Timeout)?
+        .ok_or(RelayError::Unexpected)?;
+    let link = net::accept(incoming, &dialer.net).await?;
+    if link.peer != from {
+        link.conn
+            .close(VarInt::from_u32(close::PROTOCOL), b"not who asked");
+        return Err(RelayError::Unexpected);
+    }
+    tracing::info!(peer = %from, "relayed path opened through a circuit");
+    let _ = inputs.send(super::Input::Established(link)).await;
+    Ok(())
 }

@@ -1118,7 +1118,17 @@ impl Work {
                     let _ = inputs.send(WorkInput::Link(link)).await;
                 }
                 Err(err) if introduced => {
-                    tracing::info!(%peer, %addr, err = %super::error_chain(&err), "no direct path through NAT to the submitter");
+                    tracing::info!(%peer, %addr, err = %super::error_chain(&err), "no direct path through NAT to the submitter; asking its relay for a circuit");
+                    let Some(relay) = relay else { return };
+                    match super::relay::dial_through(&d, relay, peer, addr, crate::net::LinkKind::Pull).await {
+                        Ok(link) => {
+                            tracing::info!(%peer, relay = %relay.addr, "relayed path to the submitter opened");
+                            let _ = inputs.send(WorkInput::Link(link)).await;
+                        }
+                        Err(err) => {
+                            tracing::info!(%peer, err = %super::error_chain(&err), "no relayed path to the submitter");
+                        }
+                    }
                 }
                 Err(err) => {
                     tracing::debug!(%peer, err = %super::error_chain(&err), "pull dial failed");
