@@ -629,6 +629,9 @@ impl OverlayDriver {
                 self.census.sample(info.id);
             }
         }
+        if let Some(estimate) = self.census.estimate() {
+            self.overlay.set_network_size(estimate.peers());
+        }
     }
 
     fn current_views(&self) -> Views {

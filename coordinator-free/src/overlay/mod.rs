@@ -159,8 +159,15 @@ pub struct Config {
     pub rewire_interval: Duration,
     /// How often a shuffle goes through a bootstrap contact instead of a neighbour (jittered
     /// ±25 %), so a group cut off from the rest learns of it again. Zero turns it off.
-    /// Default 300 s.
+    /// Default 300 s. In a network larger than `contact_load_per_hour` allows at that pace, the pace
+    /// slows with the network's size (see [`Overlay::set_network_size`]).
     pub contact_shuffle_interval: Duration,
+    /// Contact shuffles an hour one contact should get from the whole network, taking every
+    /// peer to share this peer's contacts: a peer shuffles through a contact at most every
+    /// `network size / (contacts × contact_load_per_hour)` hours, so the peers everyone
+    /// bootstraps from pay a constant cost whatever the network's size (each such shuffle is a
+    /// fresh connection, about 6 KB). Default 360 (one every 10 s).
+    pub contact_load_per_hour: u32,
     /// An identity this peer first heard of less than this long ago is *young*: it may take a
     /// free slot, but displaces only young neighbours, holds at most `young_inbound_max`
     /// inbound slots, and loses to settled entries in passive picks and evictions. Default
@@ -211,6 +218,7 @@ impl Default for Config {
             ask_again_after: Duration::from_secs(60),
             rewire_interval: Duration::from_secs(60),
             contact_shuffle_interval: Duration::from_secs(300),
+            contact_load_per_hour: 360,
             young_for: Duration::from_secs(120),
             young_inbound_max: usize::MAX,
             max_age: Duration::from_secs(120),
@@ -344,6 +352,11 @@ pub struct Overlay {
     joining: bool,
     next_rewire: Instant,
     next_contact_shuffle: Instant,
+    /// When the last contact shuffle went (at first, one made up a whole interval before the
+    /// first is due, so peers started together spread theirs).
+    last_contact_shuffle: Instant,
+    /// The network's size as the driver estimates it; 0 while unknown.
+    network_size: u64,
     /// Shuffles from non-neighbours taken in the second that began at the instant.
     stranger_shuffles: (Instant, u32),
     /// When this peer started: identities heard of since are young until `young_for` later.
@@ -378,6 +391,9 @@ impl Overlay {
         let first_refresh = rng.duration_between(Duration::ZERO, config.refresh_interval);
         let first_contact_shuffle =
             rng.duration_between(Duration::ZERO, config.contact_shuffle_interval);
+        let last_contact_shuffle = (now + first_contact_shuffle)
+            .checked_sub(config.contact_shuffle_interval)
+            .unwrap_or(now);
         let crowd = Crowd::new(config.crowded_ids);
         Self {
             repair_delay: config.repair_min,
@@ -397,6 +413,8 @@ impl Overlay {
             joining: false,
             next_rewire: now + first_rewire,
             next_contact_shuffle: now + first_contact_shuffle,
+            last_contact_shuffle,
+            network_size: 0,
             stranger_shuffles: (now, 0),
             born: now,
             unix_at_birth: me.issued,
@@ -501,6 +519,26 @@ impl Overlay {
     }
 
     /// Processes one event; the commands it produces are appended to `out`.
+    /// The network's size as estimated now (0: unknown), which paces contact shuffles.
+    pub fn set_network_size(&mut self, peers: u64) {
+        self.network_size = peers;
+    }
+
+    /// How long until the next contact shuffle, before jitter: the configured interval, or
+    /// longer in a network so large that its peers together would ask each contact more than
+    /// `contact_load_per_hour` times an hour.
+    pub(super) fn contact_pace(&self) -> Duration {
+        let base = self.config.contact_shuffle_interval;
+        let per_second = f64::from(self.config.contact_load_per_hour) / 3600.0;
+        let share = self.contacts.len().max(1) as f64 * per_second;
+        if share <= 0.0 {
+            return base;
+        }
+        // At most a week: a group cut off from the rest still hears of it now and then.
+        let paced = (self.network_size as f64 / share).min(7.0 * 86_400.0);
+        base.max(Duration::from_secs_f64(paced))
+    }
+
     pub fn handle(&mut self, event: Event, now: Instant, out: &mut Vec<Command>) {
         match event {
             Event::Contact(info) => self.on_contact(info, now),

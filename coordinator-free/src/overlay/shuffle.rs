@@ -181,7 +181,15 @@ impl Overlay {
     /// walks its neighbours: the only way a group that split off from the rest, whose own
     /// shuffles walk inside it, learns of the rest again.
     pub(super) fn contact_shuffle(&mut self, now: Instant, out: &mut Vec<Command>) {
-        self.next_contact_shuffle = now + self.jittered(self.config.contact_shuffle_interval);
+        // The pace as the network's size is known now: a peer that learned since its last
+        // contact shuffle that the network is large waits longer for the next.
+        let pace = self.contact_pace();
+        if now < self.last_contact_shuffle + pace.mul_f64(0.75) {
+            self.next_contact_shuffle = self.last_contact_shuffle + self.jittered(pace);
+            return;
+        }
+        self.last_contact_shuffle = now;
+        self.next_contact_shuffle = now + self.jittered(pace);
         if self.contacts.is_empty() || self.shuffle.is_some() {
             return;
         }
@@ -216,6 +224,53 @@ mod tests {
 
     use super::super::tests::*;
     use super::*;
+
+    /// Contact shuffles keep their pace in a small network and slow with the network's size
+    /// in a large one, so a contact's load from all peers stays about `contact_load_per_hour`.
+    #[test]
+    fn contact_shuffles_slow_down_as_the_network_grows() {
+        let now = Instant::now();
+        let mut node = Overlay::new(Config::default(), info(0), 1, now);
+        node.handle(Event::Contact(info(1)), now, &mut Vec::new());
+        assert_eq!(node.contacts.len(), 1);
+        let base = Config::default().contact_shuffle_interval;
+        assert_eq!(node.contact_pace(), base, "size unknown");
+        node.set_network_size(20);
+        assert_eq!(node.contact_pace(), base, "a lab: the configured pace");
+        for peers in [200u64, 10_000, 50_000] {
+            node.set_network_size(peers);
+            let load = peers as f64 / node.contact_pace().as_secs_f64() * 3600.0;
+            assert!(
+                (load - f64::from(Config::default().contact_load_per_hour)).abs() < 1e-6,
+                "{peers} peers ask one contact {load} times an hour"
+            );
+        }
+        node.set_network_size(u64::MAX);
+        assert_eq!(node.contact_pace(), Duration::from_secs(7 * 86_400));
+
+        // A peer that learns the network is large before its contact shuffle is due waits
+        // for the slower pace instead of shuffling.
+        node.set_network_size(10_000);
+        let due = node.next_contact_shuffle;
+        let mut out = Vec::new();
+        node.handle(Event::Timer, due, &mut out);
+        let contact = info(1).id;
+        let shuffled = |out: &[Command]| {
+            out.iter().any(|c| {
+                matches!(c, Command::SendOnce { to, .. } if to.id == contact)
+                    || matches!(c, Command::Send { to, msg: OverlayMessage::Shuffle { .. } } if *to == contact)
+            })
+        };
+        assert!(!shuffled(&out), "{out:?}");
+        let pace = node.contact_pace();
+        assert!(node.next_contact_shuffle >= node.last_contact_shuffle + pace.mul_f64(0.75));
+        assert!(node.next_contact_shuffle > due + Duration::from_secs(3600));
+        // Once that is due, it shuffles.
+        let later = node.next_contact_shuffle;
+        out.clear();
+        node.handle(Event::Timer, later, &mut out);
+        assert!(shuffled(&out), "{out:?}");
+    }
 
     #[test]
     fn a_shuffle_swaps_samples_between_both_ends() {
