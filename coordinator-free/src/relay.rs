@@ -378,6 +378,15 @@ impl RelayBook {
         Forward::To(if link == asker { joined } else { asker })
     }
 
+    /// Whether `link` holds a reservation or is an end of a circuit.
+    pub fn holds(&self, link: u64) -> bool {
+        self.reservations.values().any(|r| r.link == link)
+            || self
+                .circuits
+                .values()
+                .any(|c| c.asker == link || c.joined == Some(link))
+    }
+
     /// Circuits carried now (joined or not).
     pub fn circuits(&self) -> usize {
         self.circuits.len()
@@ -596,6 +605,7 @@ mod tests {
             .open_circuit(6, peer(2), asker_addr, peer(1), now)
             .unwrap();
         book.join_circuit(7, peer(1), token, now).unwrap();
+        assert!(book.holds(6) && book.holds(7) && book.holds(1) && !book.holds(2));
         assert_eq!(book.closed(7), vec![6]);
         assert_eq!(book.circuits(), 0);
     }

@@ -74,8 +74,13 @@ impl RelayService {
     }
 }
 
+/// How long a relay link may stay open holding neither a reservation nor a circuit (an asker
+/// hears back within a moment and closes): idle links would otherwise use up the relay's.
+const IDLE_LINK: Duration = Duration::from_secs(30);
+
 /// A relay link the service holds.
 struct Held {
+    since: Instant,
     peer: PeerId,
     addr: SocketAddr,
     host: Host,
@@ -109,6 +114,7 @@ async fn serve(limits: Limits, mut new_links: mpsc::Receiver<PeerLink>) {
                 tasks.spawn(read_loop(id, link.recv, link.conn.clone(), events_tx.clone()));
                 tracing::debug!(peer = %link.peer, addr = %link.addr, "relay link");
                 held.insert(id, Held {
+                    since: Instant::now(),
                     peer: link.peer,
                     addr: link.addr,
                     host,
@@ -121,7 +127,13 @@ async fn serve(limits: Limits, mut new_links: mpsc::Receiver<PeerLink>) {
                 on_message(&mut book, &mut held, id, msg, Instant::now());
             }
             _ = tick.tick() => {
-                let ended = book.expire(Instant::now());
+                let now = Instant::now();
+                let mut ended = book.expire(now);
+                ended.extend(
+                    held.iter()
+                        .filter(|(id, h)| h.since + IDLE_LINK < now && !book.holds(**id))
+                        .map(|(id, _)| *id),
+                );
                 close_links(&mut held, &mut book, ended, b"time is up");
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
