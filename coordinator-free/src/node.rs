@@ -510,6 +510,7 @@ impl Node {
                         identity: Arc::clone(&identity),
                         allow: allow.clone(),
                         net: config.net.clone(),
+                        reach: Some(Arc::clone(&dialer.reach)),
                     },
                 );
                 for b in &config.bootstrap {

@@ -130,22 +130,53 @@ pub(crate) struct Dialing {
     pub identity: Arc<Identity>,
     pub allow: Option<Arc<AllowList>>,
     pub net: NetConfig,
+    /// The node's book of what may be dialed and how often (`None` in tests of the driver
+    /// alone). A peer's info names any address its signer likes, so a thousand keys could
+    /// otherwise have every peer that hears their infos dial one victim.
+    pub reach: Option<Arc<std::sync::Mutex<crate::reach::Reach>>>,
 }
 
 impl Dialing {
+    /// Dials `addr` (for `peer`, when known) for an overlay link.
+    async fn link(
+        &self,
+        addr: SocketAddr,
+        peer: Option<PeerId>,
+        vouch: crate::reach::Vouch,
+    ) -> Result<PeerLink, net::NetError> {
+        match &self.reach {
+            Some(reach) => {
+                super::submit::dial_with_leave(
+                    reach,
+                    &self.endpoint,
+                    &self.identity,
+                    self.allow.clone(),
+                    &self.net,
+                    (addr, peer, LinkKind::Overlay),
+                    vouch,
+                )
+                .await
+            }
+            None => {
+                net::dial_for(
+                    &self.endpoint,
+                    &self.identity,
+                    self.allow.clone(),
+                    addr,
+                    peer,
+                    &self.net,
+                    LinkKind::Overlay,
+                )
+                .await
+            }
+        }
+    }
+
     async fn dial(&self, to: PeerInfo) -> Option<PeerLink> {
-        net::dial_for(
-            &self.endpoint,
-            &self.identity,
-            self.allow.clone(),
-            to.addr,
-            Some(to.id),
-            &self.net,
-            LinkKind::Overlay,
-        )
-        .await
-        .map_err(|err| tracing::debug!(peer = %to.id, %err, "overlay dial failed"))
-        .ok()
+        self.link(to.addr, Some(to.id), crate::reach::Vouch::Claimed)
+            .await
+            .map_err(|err| tracing::debug!(peer = %to.id, %err, "overlay dial failed"))
+            .ok()
     }
 }
 
@@ -493,18 +524,12 @@ impl OverlayDriver {
         };
         let dialing = self.dialing.clone();
         self.tasks.spawn(async move {
-            let link = net::dial_for(
-                &dialing.endpoint,
-                &dialing.identity,
-                dialing.allow.clone(),
-                addr,
-                None,
-                &dialing.net,
-                LinkKind::Overlay,
-            )
-            .await
-            .map_err(|err| tracing::debug!(%addr, %err, "contact dial failed"))
-            .ok();
+            // The operator's bootstrap addresses, names they resolved to, and mDNS answers.
+            let link = dialing
+                .link(addr, None, crate::reach::Vouch::Bootstrap)
+                .await
+                .map_err(|err| tracing::debug!(%addr, %err, "contact dial failed"))
+                .ok();
             let _ = inputs
                 .send(OverlayInput::ContactDialed { addr, link })
                 .await;
@@ -820,6 +845,7 @@ mod tests {
             identity,
             allow: None,
             net: net.clone(),
+            reach: None,
         };
         let OverlayHandle {
             inputs,

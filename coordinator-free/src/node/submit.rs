@@ -151,6 +151,53 @@ impl Drop for Pending<'_> {
     }
 }
 
+/// Dials `addr` (for `peer`, a link of `kind`) from `endpoint` with leave from the [`Reach`]
+/// book `reach`: a probe of an unconfirmed address waits briefly for another probe of the same
+/// IP to end, and is refused when probes to it are rationed. Every dial of a node goes through
+/// here, the overlay's too.
+pub(super) async fn dial_with_leave(
+    reach: &Mutex<Reach>,
+    endpoint: &quinn::Endpoint,
+    identity: &Identity,
+    allow: Option<Arc<AllowList>>,
+    config: &NetConfig,
+    (addr, peer, kind): (SocketAddr, Option<PeerId>, LinkKind),
+    vouch: Vouch,
+) -> Result<PeerLink, net::NetError> {
+    // Port 0 names a peer behind NAT, reached only by introduction: no packet goes there, and
+    // no probe allowance is spent on it.
+    if addr.port() == 0 || addr.ip().is_unspecified() {
+        return Err(net::NetError::Connect {
+            addr,
+            source: quinn::ConnectError::InvalidRemoteAddress(addr),
+        });
+    }
+    let give_up = tokio::time::Instant::now() + config.handshake_timeout;
+    let ticket = loop {
+        let asked = lock(reach).ask(addr, peer, vouch, Instant::now());
+        match asked {
+            Ok(ticket) => break ticket,
+            Err(reason)
+                if reason.is_transient() && tokio::time::Instant::now() + PROBE_WAIT < give_up =>
+            {
+                tokio::time::sleep(PROBE_WAIT).await;
+            }
+            Err(reason) => return Err(net::NetError::Refused { addr, reason }),
+        }
+    };
+    let mut net = config.clone();
+    if ticket.is_probe() {
+        net.handshake_timeout = net.handshake_timeout.min(PROBE_TIMEOUT);
+    }
+    let pending = Pending {
+        reach,
+        ticket: Some(ticket),
+    };
+    let result = net::dial_for(endpoint, identity, allow, addr, peer, &net, kind).await;
+    pending.finish(result.as_ref().ok().map(|link| link.peer));
+    result
+}
+
 fn lock(reach: &Mutex<Reach>) -> std::sync::MutexGuard<'_, Reach> {
     reach.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -188,40 +235,16 @@ impl JobDialer {
         kind: LinkKind,
         vouch: Vouch,
     ) -> Result<PeerLink, net::NetError> {
-        let give_up = tokio::time::Instant::now() + self.net.handshake_timeout;
-        let ticket = loop {
-            let asked = lock(&self.reach).ask(addr, peer, vouch, Instant::now());
-            match asked {
-                Ok(ticket) => break ticket,
-                Err(reason)
-                    if reason.is_transient()
-                        && tokio::time::Instant::now() + PROBE_WAIT < give_up =>
-                {
-                    tokio::time::sleep(PROBE_WAIT).await;
-                }
-                Err(reason) => return Err(net::NetError::Refused { addr, reason }),
-            }
-        };
-        let mut net = self.net.clone();
-        if ticket.is_probe() {
-            net.handshake_timeout = net.handshake_timeout.min(PROBE_TIMEOUT);
-        }
-        let pending = Pending {
-            reach: &self.reach,
-            ticket: Some(ticket),
-        };
-        let result = net::dial_for(
+        dial_with_leave(
+            &self.reach,
             &self.endpoint,
             &self.identity,
             self.allow.clone(),
-            addr,
-            peer,
-            &net,
-            kind,
+            &self.net,
+            (addr, peer, kind),
+            vouch,
         )
-        .await;
-        pending.finish(result.as_ref().ok().map(|link| link.peer));
-        result
+        .await
     }
 
     /// The address `peer` was last seen at on an authenticated connection, if any.
