@@ -172,8 +172,12 @@ impl Dialing {
         }
     }
 
-    async fn dial(&self, to: PeerInfo) -> Option<PeerLink> {
-        self.link(to.addr, Some(to.id), crate::reach::Vouch::Claimed)
+    /// Dials the peer of `to`. A neighbour the state machine chose (at its own pace, at most
+    /// a few of one host in its views) goes with the back-off of a known address; a stranger's
+    /// shuffle answered on a new connection goes as a rationed probe, since strangers decide
+    /// how often that happens and their infos may name anyone's address.
+    async fn dial(&self, to: PeerInfo, vouch: crate::reach::Vouch) -> Option<PeerLink> {
+        self.link(to.addr, Some(to.id), vouch)
             .await
             .map_err(|err| tracing::debug!(peer = %to.id, %err, "overlay dial failed"))
             .ok()
@@ -432,7 +436,7 @@ impl OverlayDriver {
                 }
                 let dialing = self.dialing.clone();
                 self.tasks.spawn(async move {
-                    let link = dialing.dial(info).await;
+                    let link = dialing.dial(info, crate::reach::Vouch::Chosen).await;
                     let _ = inputs
                         .send(OverlayInput::Dialed {
                             peer: info.id,
@@ -463,7 +467,7 @@ impl OverlayDriver {
                 };
                 let dialing = self.dialing.clone();
                 self.tasks.spawn(async move {
-                    if let Some(link) = dialing.dial(to).await {
+                    if let Some(link) = dialing.dial(to, crate::reach::Vouch::Claimed).await {
                         let _ = inputs.send(OverlayInput::SentOnce { link, msg }).await;
                     }
                 });
