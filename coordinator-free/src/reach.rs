@@ -449,6 +449,36 @@ mod tests {
         }
     }
 
+    /// A neighbour the overlay chose is not a probe: a failed probe of its IP does not close it,
+    /// only its own failures back it off.
+    #[test]
+    fn a_chosen_neighbour_backs_off_on_its_own_failures_only() {
+        let t0 = Instant::now();
+        let mut reach = Reach::new(t0);
+        let probed = addr("203.0.113.8", 7000);
+        let t = reach
+            .ask(probed, Some(id(3)), Vouch::Claimed, t0)
+            .expect("probe");
+        assert!(t.is_probe());
+        reach.finished(t, None, t0);
+        let chosen = addr("203.0.113.8", 7001);
+        let t = reach
+            .ask(chosen, Some(id(4)), Vouch::Chosen, t0)
+            .expect("a chosen neighbour on that IP");
+        assert!(!t.is_probe());
+        reach.finished(t, None, t0);
+        assert_eq!(
+            reach.ask(chosen, Some(id(4)), Vouch::Chosen, t0),
+            Err(Refusal::Rationed),
+            "its own failure backs it off"
+        );
+        assert!(
+            reach
+                .ask(chosen, Some(id(4)), Vouch::Chosen, t0 + FIRST_BACKOFF)
+                .is_ok()
+        );
+    }
+
     #[test]
     fn a_claim_of_another_peers_confirmed_address_is_a_probe() {
         let t0 = Instant::now();
