@@ -58,6 +58,39 @@ pub struct StatusReport {
     /// The overlay's views and adverts, when the peer finds others through one.
     #[serde(default)]
     pub overlay: Option<OverlayStatus>,
+    /// What this peer does as a relay, or keeps on one (peers behind NAT).
+    #[serde(default)]
+    pub relay: RelayStatus,
+}
+
+/// A peer's part in relaying: the service it offers, and the reservation it keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayStatus {
+    /// When this peer relays (`--relay`): what it holds now.
+    #[serde(default)]
+    pub serving: Option<RelayServing>,
+    /// When this peer is behind NAT (`--via-relay`): its relay and reservation.
+    #[serde(default)]
+    pub via: Option<RelayVia>,
+}
+
+/// What a relay holds now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayServing {
+    pub reservations: usize,
+    /// Circuits carried, and asked for but not joined yet.
+    pub circuits: usize,
+    /// Relay links open.
+    pub links: usize,
+}
+
+/// The reservation a peer behind NAT keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayVia {
+    pub relay: SocketAddr,
+    /// Where the relay sees this peer while the reservation holds; `None` while it is being
+    /// taken again.
+    pub observed: Option<SocketAddr>,
 }
 
 /// Most running units a status lists.

@@ -859,6 +859,17 @@ fn control_seeds() -> Vec<Vec<u8>> {
             estimate_is_lower_bound: false,
             census_samples: 340,
         }),
+        relay: crate::control::RelayStatus {
+            serving: Some(crate::control::RelayServing {
+                reservations: 12,
+                circuits: 1,
+                links: 14,
+            }),
+            via: Some(crate::control::RelayVia {
+                relay: SocketAddr::from(([198, 51, 100, 10], 7401)),
+                observed: Some(SocketAddr::from(([203, 0, 113, 2], 40_012))),
+            }),
+        },
     };
     vec![
         b"status\n".to_vec(),

@@ -527,6 +527,7 @@ impl Node {
                 })
             }
         };
+        let mut reservation_seen = None;
         let relay_ref = match (reservation, config.via_relay) {
             (Some(first), Some(relay)) => {
                 let first = match first {
@@ -543,6 +544,8 @@ impl Node {
                     peer: link.peer,
                     addr: relay.addr,
                 });
+                let (shown, seen) = tokio::sync::watch::channel(None);
+                reservation_seen = Some((relay.addr, seen));
                 tasks.spawn(
                     relay::keep_reservation(
                         first,
@@ -550,6 +553,7 @@ impl Node {
                         dialer.clone(),
                         puncher.clone(),
                         inputs_tx.clone(),
+                        shown,
                     )
                     .instrument(tracing::info_span!("reservation", relay = %relay.addr)),
                 );
@@ -561,6 +565,7 @@ impl Node {
             .offer_relay
             .map(|limits| relay::RelayService::spawn(limits, &mut tasks));
         let actor = Actor {
+            reservation_seen,
             relay_ref,
             relay_service,
             overlay,
@@ -776,6 +781,8 @@ async fn next_advert(overlay: &mut Option<OverlayPart>) -> Option<crate::job_adv
 }
 
 struct Actor {
+    /// The relay this peer keeps a reservation on, and where it sees this peer while it holds.
+    reservation_seen: Option<(SocketAddr, tokio::sync::watch::Receiver<Option<SocketAddr>>)>,
     /// The relay this peer holds a reservation on (it is behind NAT), named in its job adverts.
     relay_ref: Option<crate::relay::RelayRef>,
     /// The relay service this peer offers, if it does.
@@ -1419,6 +1426,16 @@ impl Actor {
                     census_samples: views.census_samples,
                 }
             }),
+            relay: control::RelayStatus {
+                serving: self.relay_service.as_ref().map(|r| *r.serving.borrow()),
+                via: self
+                    .reservation_seen
+                    .as_ref()
+                    .map(|(relay, seen)| control::RelayVia {
+                        relay: *relay,
+                        observed: *seen.borrow(),
+                    }),
+            },
         }
     }
 

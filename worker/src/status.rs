@@ -250,6 +250,27 @@ fn table(report: &StatusReport) -> String {
             );
         }
     }
+    if let Some(r) = &report.relay.serving {
+        let _ = writeln!(
+            out,
+            "relay      serving: {} reservations, {} circuits, {} relay links open",
+            r.reservations, r.circuits, r.links
+        );
+    }
+    if let Some(v) = &report.relay.via {
+        let _ = match v.observed {
+            Some(seen) => writeln!(
+                out,
+                "relay      reservation on {}, which sees this peer at {seen}",
+                v.relay
+            ),
+            None => writeln!(
+                out,
+                "relay      no reservation on {} now (taking it again): peers behind other NATs cannot reach this one meanwhile",
+                v.relay
+            ),
+        };
+    }
     match &report.overlay {
         Some(o) => {
             let _ = writeln!(
@@ -478,8 +499,29 @@ mod tests {
                 estimate_is_lower_bound: false,
                 census_samples: 900,
             }),
+            relay: coordinator_free::control::RelayStatus {
+                serving: Some(coordinator_free::control::RelayServing {
+                    reservations: 3,
+                    circuits: 1,
+                    links: 5,
+                }),
+                via: Some(coordinator_free::control::RelayVia {
+                    relay: "198.51.100.10:7401".parse().unwrap(),
+                    observed: Some("203.0.113.2:40012".parse().unwrap()),
+                }),
+            },
         };
         let text = table(&report);
+        assert!(
+            text.contains("relay      serving: 3 reservations, 1 circuits, 5 relay links open"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "relay      reservation on 198.51.100.10:7401, which sees this peer at 203.0.113.2:40012"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("overlay: 1 neighbours, 1 passive peers; adverts of 1 submitters heard, 4 relayed, 2 refused"),
             "{text}"

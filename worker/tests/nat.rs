@@ -307,6 +307,29 @@ fn job_across_nats(tag: &str, symmetric: bool) -> Option<Paths> {
     );
     let worker_id = peer_id(&worker_dir);
     wait_for_log(&worker_dir, "reservation held");
+    // Both say what they are to each other: the worker its reservation and the address its NAT
+    // gave it, the relay what it holds.
+    let status = |ns: &str, dir: &Path| {
+        let out = topology
+            .command(ns, WORKER)
+            .args(["status", "--data-dir"])
+            .arg(dir)
+            .output()
+            .expect("worker status runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let worker_status = status("hostb", &worker_dir);
+    assert!(
+        worker_status.contains(&format!(
+            "reservation on {RELAY}, which sees this peer at 192.0.2.2:"
+        )),
+        "{worker_status}"
+    );
+    let relay_status = status("relay", &relay_dir);
+    assert!(
+        relay_status.contains("serving: 1 reservations, 0 circuits"),
+        "{relay_status}"
+    );
 
     let manifest = root.path().join("nat.toml");
     std::fs::write(

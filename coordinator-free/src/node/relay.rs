@@ -7,12 +7,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use quinn::VarInt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::{Bootstrap, JobDialer};
 use crate::budget::Budget;
+use crate::control::RelayServing;
 use crate::host::Host;
 use crate::net::{self, LinkKind, PeerLink, Puncher, close};
 use crate::peer_id::PeerId;
@@ -55,14 +56,17 @@ pub enum RelayError {
 #[derive(Debug, Clone)]
 pub(super) struct RelayService {
     links: mpsc::Sender<PeerLink>,
+    /// What the service holds, for status.
+    pub(super) serving: watch::Receiver<RelayServing>,
 }
 
 impl RelayService {
     /// Starts the service on `tasks`.
     pub(super) fn spawn(limits: Limits, tasks: &mut JoinSet<()>) -> Self {
         let (links, rx) = mpsc::channel(32);
-        tasks.spawn(serve(limits, rx).instrument(tracing::debug_span!("relay")));
-        Self { links }
+        let (counts, serving) = watch::channel(RelayServing::default());
+        tasks.spawn(serve(limits, rx, counts).instrument(tracing::debug_span!("relay")));
+        Self { links, serving }
     }
 
     /// Hands an accepted relay link to the service; a busy service closes it.
@@ -90,7 +94,11 @@ struct Held {
 }
 
 /// The relay service: one owner for the reservations and the links they live on.
-async fn serve(limits: Limits, mut new_links: mpsc::Receiver<PeerLink>) {
+async fn serve(
+    limits: Limits,
+    mut new_links: mpsc::Receiver<PeerLink>,
+    counts: watch::Sender<RelayServing>,
+) {
     let mut book = RelayBook::new(limits);
     let mut held: HashMap<u64, Held> = HashMap::new();
     let mut next = 0u64;
@@ -138,6 +146,12 @@ async fn serve(limits: Limits, mut new_links: mpsc::Receiver<PeerLink>) {
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
+        let now = RelayServing {
+            reservations: book.len(),
+            circuits: book.circuits(),
+            links: held.len(),
+        };
+        counts.send_if_modified(|c| std::mem::replace(c, now) != now);
     }
 }
 
@@ -329,10 +343,12 @@ pub(super) async fn keep_reservation(
     dialer: JobDialer,
     puncher: Puncher,
     inputs: mpsc::Sender<super::Input>,
+    shown: watch::Sender<Option<SocketAddr>>,
 ) {
     let mut relay_id = relay.peer;
     let mut observed = first.as_ref().map(|(_, observed)| *observed);
     let mut held = first.map(|(link, _)| link);
+    shown.send_replace(observed);
     let mut punches = Budget::new(PUNCH_RATE, PUNCH_BURST, Instant::now());
     let mut retry = FIRST_RETRY;
     loop {
@@ -347,6 +363,7 @@ pub(super) async fn keep_reservation(
                     );
                 }
                 observed = Some(now_at);
+                shown.send_replace(observed);
                 link
             }
         };
@@ -378,6 +395,7 @@ pub(super) async fn keep_reservation(
         }
         link.conn
             .close(VarInt::from_u32(close::NORMAL), b"reservation ended");
+        shown.send_replace(None);
         tracing::info!("reservation on the relay ended; reserving again");
     }
 }
