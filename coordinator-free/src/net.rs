@@ -643,6 +643,7 @@ mod tests {
                 iov_len: buf.len(),
             };
             let mut control = [0u64; 8];
+            // SAFETY: sockaddr_in is plain data, valid when zeroed.
             let mut from: libc::sockaddr_in = unsafe { std::mem::zeroed() };
             // SAFETY: msghdr is plain data, valid when zeroed.
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };

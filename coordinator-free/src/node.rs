@@ -527,25 +527,17 @@ impl Node {
                 })
             }
         };
-        let mut reservation_seen = None;
-        let relay_ref = match (reservation, config.via_relay) {
+        let reservation = match (reservation, config.via_relay) {
             (Some(first), Some(relay)) => {
-                let first = match first {
-                    Ok(held) => Some(held),
-                    Err(err) => {
+                let first = first
+                    .map_err(|err| {
                         tracing::warn!(
                             relay = %relay.addr, err = %error_chain(&err),
                             "no reservation on the relay yet: peers behind other NATs cannot reach this one until there is"
                         );
-                        None
-                    }
-                };
-                let relay_ref = first.as_ref().map(|(link, _)| crate::relay::RelayRef {
-                    peer: link.peer,
-                    addr: relay.addr,
-                });
-                let (shown, seen) = tokio::sync::watch::channel(None);
-                reservation_seen = Some((relay.addr, seen));
+                    })
+                    .ok();
+                let (held, seen) = tokio::sync::watch::channel(None);
                 tasks.spawn(
                     relay::keep_reservation(
                         first,
@@ -553,11 +545,11 @@ impl Node {
                         dialer.clone(),
                         puncher.clone(),
                         inputs_tx.clone(),
-                        shown,
+                        held,
                     )
                     .instrument(tracing::info_span!("reservation", relay = %relay.addr)),
                 );
-                relay_ref
+                Some((relay.addr, seen))
             }
             _ => None,
         };
@@ -565,8 +557,7 @@ impl Node {
             .offer_relay
             .map(|limits| relay::RelayService::spawn(limits, &mut tasks));
         let actor = Actor {
-            reservation_seen,
-            relay_ref,
+            reservation,
             relay_service,
             overlay,
             survey_budget: crate::budget::Budget::new(
@@ -780,11 +771,13 @@ async fn next_advert(overlay: &mut Option<OverlayPart>) -> Option<crate::job_adv
     }
 }
 
+/// While a reservation holds: the relay's id, and where it sees this peer.
+type Reservation = tokio::sync::watch::Receiver<Option<(PeerId, SocketAddr)>>;
+
 struct Actor {
-    /// The relay this peer keeps a reservation on, and where it sees this peer while it holds.
-    reservation_seen: Option<(SocketAddr, tokio::sync::watch::Receiver<Option<SocketAddr>>)>,
-    /// The relay this peer holds a reservation on (it is behind NAT), named in its job adverts.
-    relay_ref: Option<crate::relay::RelayRef>,
+    /// The relay this peer keeps a reservation on (it is behind NAT), and while it holds, the
+    /// relay's id and where it sees this peer: named in its job adverts, shown by status.
+    reservation: Option<(SocketAddr, Reservation)>,
     /// The relay service this peer offers, if it does.
     relay_service: Option<relay::RelayService>,
     /// The partial-view overlay, when the node finds peers through one instead of full tables.
@@ -1168,6 +1161,13 @@ impl Actor {
         }
     }
 
+    /// The relay to name in this peer's job adverts: the one it holds a reservation on now.
+    fn relay_ref(&self) -> Option<crate::relay::RelayRef> {
+        let (addr, held) = self.reservation.as_ref()?;
+        let (peer, _) = (*held.borrow())?;
+        Some(crate::relay::RelayRef { peer, addr: *addr })
+    }
+
     /// Broadcasts a fresh advert of the job this peer submits, and sets when to do it again.
     fn publish_advert(&mut self, now: Instant) {
         let addrs: Vec<SocketAddr> = self
@@ -1180,6 +1180,7 @@ impl Actor {
             .copied()
             .collect();
         let identity = Arc::clone(&self.dialer.identity);
+        let relay = self.relay_ref();
         let Some(o) = &mut self.overlay else {
             return;
         };
@@ -1204,7 +1205,7 @@ impl Actor {
                 .map_or(0, |e| u32::try_from(e.peers()).unwrap_or(u32::MAX)),
             issued,
             expires: issued + ADVERT_LIFETIME.as_millis() as u64,
-            relay: self.relay_ref,
+            relay,
             signature: crate::overlay::Signature::default(),
         };
         advert.sign(|bytes| identity.sign(bytes));
@@ -1429,11 +1430,11 @@ impl Actor {
             relay: control::RelayStatus {
                 serving: self.relay_service.as_ref().map(|r| *r.serving.borrow()),
                 via: self
-                    .reservation_seen
+                    .reservation
                     .as_ref()
-                    .map(|(relay, seen)| control::RelayVia {
+                    .map(|(relay, held)| control::RelayVia {
                         relay: *relay,
-                        observed: *seen.borrow(),
+                        observed: held.borrow().map(|(_, observed)| observed),
                     }),
             },
         }

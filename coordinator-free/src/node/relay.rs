@@ -18,7 +18,7 @@ use crate::host::Host;
 use crate::net::{self, LinkKind, PeerLink, Puncher, close};
 use crate::peer_id::PeerId;
 use crate::reach::Vouch;
-use crate::relay::{Forward, Limits, Refusal, RelayBook, RelayMessage};
+use crate::relay::{Forward, Limits, Refusal, RelayBook, RelayMessage, RelayRef};
 use crate::wire::{self, Frame};
 
 /// Relay links one host may hold open at a relay at once (reservations and askers together).
@@ -312,62 +312,80 @@ async fn read_loop(
     let _ = events.send((id, None)).await;
 }
 
-/// Reads the next relay message, within [`ANSWER_WAIT`].
-async fn next_message(link: &mut PeerLink) -> Result<RelayMessage, RelayError> {
-    match tokio::time::timeout(ANSWER_WAIT, wire::read::<Frame, _>(&mut link.recv)).await {
-        Ok(Ok(Some(Frame::Relay(msg)))) => Ok(msg),
-        Ok(_) => Err(RelayError::Unexpected),
-        Err(_) => Err(RelayError::Timeout),
+/// Sends `question` on `link` and reads the relay's answer within `wait`. A refusal is an
+/// error; whatever goes wrong, the link is closed.
+async fn ask(
+    mut link: PeerLink,
+    question: RelayMessage,
+    wait: Duration,
+) -> Result<(PeerLink, RelayMessage), RelayError> {
+    let answer = async {
+        wire::write(&mut link.send, &Frame::Relay(question))
+            .await
+            .map_err(|e| RelayError::Net(e.into()))?;
+        match tokio::time::timeout(wait, wire::read::<Frame, _>(&mut link.recv)).await {
+            Ok(Ok(Some(Frame::Relay(RelayMessage::Refused(refusal))))) => {
+                Err(RelayError::Refused(refusal))
+            }
+            Ok(Ok(Some(Frame::Relay(msg)))) => Ok(msg),
+            Ok(_) => Err(RelayError::Unexpected),
+            Err(_) => Err(RelayError::Timeout),
+        }
+    }
+    .await;
+    match answer {
+        Ok(msg) => Ok((link, msg)),
+        Err(err) => {
+            link.conn
+                .close(VarInt::from_u32(close::NORMAL), b"no answer");
+            Err(err)
+        }
     }
 }
 
-/// Asks for a reservation on `link`, a relay link just dialed; the address the relay sees this
-/// peer at.
-pub(super) async fn reserve(link: &mut PeerLink) -> Result<SocketAddr, RelayError> {
-    wire::write(&mut link.send, &Frame::Relay(RelayMessage::Reserve))
-        .await
-        .map_err(|e| RelayError::Net(e.into()))?;
-    match next_message(link).await? {
-        RelayMessage::Reserved { observed, .. } => Ok(observed),
-        RelayMessage::Refused(refusal) => Err(RelayError::Refused(refusal)),
-        _ => Err(RelayError::Unexpected),
+/// Asks for a reservation on `link`, a relay link just dialed: the link, held, and the address
+/// the relay sees this peer at.
+async fn reserve(link: PeerLink) -> Result<(PeerLink, SocketAddr), RelayError> {
+    match ask(link, RelayMessage::Reserve, ANSWER_WAIT).await? {
+        (link, RelayMessage::Reserved { observed, .. }) => Ok((link, observed)),
+        (link, _) => {
+            link.conn
+                .close(VarInt::from_u32(close::PROTOCOL), b"out of turn");
+            Err(RelayError::Unexpected)
+        }
     }
 }
 
 /// Keeps a reservation: punches towards whoever the relay introduces, joins the circuits asked
 /// of it (their links go to the node through `inputs`, as accepted ones do), and when the link
-/// ends reserves again (with back-off) on a new one.
+/// ends reserves again (with back-off) on a new one. `held` says, while a reservation holds,
+/// the relay's id and where it sees this peer.
 pub(super) async fn keep_reservation(
     first: Option<(PeerLink, SocketAddr)>,
     relay: Bootstrap,
     dialer: JobDialer,
     puncher: Puncher,
     inputs: mpsc::Sender<super::Input>,
-    shown: watch::Sender<Option<SocketAddr>>,
+    held: watch::Sender<Option<(PeerId, SocketAddr)>>,
 ) {
     let mut relay_id = relay.peer;
-    let mut observed = first.as_ref().map(|(_, observed)| *observed);
-    let mut held = first.map(|(link, _)| link);
-    shown.send_replace(observed);
+    let first_seen = first.as_ref().map(|(_, observed)| *observed);
+    let mut first = first;
     let mut punches = Budget::new(PUNCH_RATE, PUNCH_BURST, Instant::now());
     let mut retry = FIRST_RETRY;
     loop {
-        let mut link = match held.take() {
-            Some(link) => link,
-            None => {
-                let (link, now_at) = reserve_again(&dialer, relay, relay_id, &mut retry).await;
-                if observed.is_some_and(|was| was != now_at) {
-                    tracing::warn!(
-                        now = %now_at,
-                        "the relay sees this peer at a new address; peers are told the old one until it restarts"
-                    );
-                }
-                observed = Some(now_at);
-                shown.send_replace(observed);
-                link
-            }
+        let (mut link, observed) = match first.take() {
+            Some(first) => first,
+            None => reserve_again(&dialer, relay, relay_id, &mut retry).await,
         };
+        if first_seen.is_some_and(|was| was != observed) {
+            tracing::warn!(
+                now = %observed,
+                "the relay sees this peer at a new address; peers are told the old one until it restarts"
+            );
+        }
         relay_id = Some(link.peer);
+        held.send_replace(Some((link.peer, observed)));
         loop {
             match wire::read::<Frame, _>(&mut link.recv).await {
                 Ok(Some(Frame::Relay(RelayMessage::Introduce { from, addr }))) => {
@@ -395,7 +413,7 @@ pub(super) async fn keep_reservation(
         }
         link.conn
             .close(VarInt::from_u32(close::NORMAL), b"reservation ended");
-        shown.send_replace(None);
+        held.send_replace(None);
         tracing::info!("reservation on the relay ended; reserving again");
     }
 }
@@ -410,7 +428,7 @@ async fn reserve_again(
     loop {
         tokio::time::sleep(*retry).await;
         *retry = (*retry * 2).min(MAX_RETRY);
-        let mut link = match dialer
+        let link = match dialer
             .dial_vouched(relay.addr, relay_id, LinkKind::Relay, Vouch::Bootstrap)
             .await
         {
@@ -420,16 +438,13 @@ async fn reserve_again(
                 continue;
             }
         };
-        match reserve(&mut link).await {
-            Ok(observed) => {
+        match reserve(link).await {
+            Ok((link, observed)) => {
                 *retry = FIRST_RETRY;
                 tracing::info!(%observed, "reservation held again");
                 return (link, observed);
             }
-            Err(err) => {
-                tracing::debug!(%err, "reservation refused");
-                link.conn.close(VarInt::from_u32(close::NORMAL), b"refused");
-            }
+            Err(err) => tracing::debug!(%err, "reservation refused"),
         }
     }
 }
@@ -443,7 +458,7 @@ pub(super) async fn first_reservation(
     config: &net::NetConfig,
     relay: Bootstrap,
 ) -> Result<(PeerLink, SocketAddr), RelayError> {
-    let mut link = net::dial_for(
+    let link = net::dial_for(
         endpoint,
         identity,
         allow,
@@ -453,111 +468,97 @@ pub(super) async fn first_reservation(
         LinkKind::Relay,
     )
     .await?;
-    match reserve(&mut link).await {
-        Ok(observed) => {
-            tracing::info!(relay = %relay.addr, %observed, "reservation held; advertising the address the relay sees");
-            Ok((link, observed))
-        }
-        Err(err) => {
-            link.conn.close(VarInt::from_u32(close::NORMAL), b"refused");
-            Err(err)
-        }
-    }
+    let (link, observed) = reserve(link).await?;
+    tracing::info!(relay = %relay.addr, %observed, "reservation held; advertising the address the relay sees");
+    Ok((link, observed))
 }
 
-/// Asks the relay at `relay` to introduce this peer to `target`; the address to dial the target
-/// at, once [`PUNCH_LEAD`] has passed.
-pub(super) async fn rendezvous(
+/// Which path a link to a peer behind NAT took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Path {
+    /// Dialed directly, through the hole the peer punched after the relay's introduction.
+    Direct,
+    /// Through a circuit the relay carries (the punch did not get through).
+    Relayed,
+}
+
+/// Opens a link of `kind` to `target`, a peer behind NAT that holds a reservation on `relay`:
+/// asks the relay for an introduction, dials the target directly once its punch has left, and
+/// when that fails asks the relay for a circuit and dials through it. Never dials the target
+/// without an introduction (an unasked packet spoils its NAT's next hole, see `Node::start`).
+pub(super) async fn dial_behind_nat(
     dialer: &JobDialer,
-    relay: SocketAddr,
-    relay_id: PeerId,
+    relay: RelayRef,
     target: PeerId,
-) -> Result<SocketAddr, RelayError> {
-    let mut link = dialer
-        .dial(relay, relay_id, LinkKind::Relay)
-        .await
-        .map_err(RelayError::Net)?;
-    let asked = async {
-        wire::write(
-            &mut link.send,
-            &Frame::Relay(RelayMessage::Connect { target }),
-        )
-        .await
-        .map_err(|e| RelayError::Net(e.into()))?;
-        match next_message(&mut link).await? {
-            RelayMessage::Meet { target: t, addr } if t == target => Ok(addr),
-            RelayMessage::Refused(refusal) => Err(RelayError::Refused(refusal)),
-            _ => Err(RelayError::Unexpected),
-        }
-    }
-    .await;
-    link.conn.close(VarInt::from_u32(close::NORMAL), b"thanks");
-    let addr = asked?;
-    tokio::time::sleep(PUNCH_LEAD).await;
-    Ok(addr)
-}
-
-/// How long a circuit takes to open (the reserved peer dials the relay and joins it), and then
-/// to carry a QUIC handshake.
-const CIRCUIT_WAIT: Duration = Duration::from_secs(10);
-
-/// Waits on `link` for the relay to say the circuit is open.
-async fn circuit_opened(link: &mut PeerLink) -> Result<(), RelayError> {
-    match tokio::time::timeout(CIRCUIT_WAIT, wire::read::<Frame, _>(&mut link.recv)).await {
-        Ok(Ok(Some(Frame::Relay(RelayMessage::CircuitOpen)))) => Ok(()),
-        Ok(Ok(Some(Frame::Relay(RelayMessage::Refused(refusal))))) => {
-            Err(RelayError::Refused(refusal))
-        }
-        Ok(_) => Err(RelayError::Unexpected),
-        Err(_) => Err(RelayError::Timeout),
-    }
-}
-
-/// Opens a link of `kind` to `target` (seen by the relay at `target_addr`) through a circuit
-/// the relay carries: the path when a punch did not get through. The connection inside is a
-/// QUIC connection of its own, end to end between the two peers.
-pub(super) async fn dial_through(
-    dialer: &JobDialer,
-    relay: crate::relay::RelayRef,
-    target: PeerId,
-    target_addr: SocketAddr,
     kind: LinkKind,
-) -> Result<PeerLink, RelayError> {
-    let mut link = dialer.dial(relay.addr, relay.peer, LinkKind::Relay).await?;
-    let opened = async {
-        wire::write(
-            &mut link.send,
-            &Frame::Relay(RelayMessage::Circuit { target }),
-        )
-        .await
-        .map_err(|e| RelayError::Net(e.into()))?;
-        circuit_opened(&mut link).await
-    }
-    .await;
-    if let Err(err) = opened {
-        link.conn
-            .close(VarInt::from_u32(close::NORMAL), b"no circuit");
-        return Err(err);
-    }
-    let socket = super::circuit::carry(link, target_addr);
-    let endpoint = net::endpoint_on(
-        &dialer.identity,
-        dialer.allow.clone(),
-        socket,
-        &dialer.net,
-        false,
-    )?;
+) -> Result<(PeerLink, Path), RelayError> {
+    let link = dialer.dial(relay.addr, relay.peer, LinkKind::Relay).await?;
+    let addr = match ask(link, RelayMessage::Connect { target }, ANSWER_WAIT).await? {
+        (link, RelayMessage::Meet { target: t, addr }) if t == target => {
+            link.conn.close(VarInt::from_u32(close::NORMAL), b"thanks");
+            addr
+        }
+        (link, _) => {
+            link.conn
+                .close(VarInt::from_u32(close::PROTOCOL), b"out of turn");
+            return Err(RelayError::Unexpected);
+        }
+    };
+    tokio::time::sleep(PUNCH_LEAD).await;
+    let direct = match dialer.dial(addr, target, kind).await {
+        Ok(link) => return Ok((link, Path::Direct)),
+        Err(err) => err,
+    };
+    tracing::info!(peer = %target, %addr, err = %super::error_chain(&direct), "no direct path through NAT; asking the relay for a circuit");
+    let link = dialer.dial(relay.addr, relay.peer, LinkKind::Relay).await?;
+    let link = circuit(link, RelayMessage::Circuit { target }).await?;
+    let endpoint = endpoint_through(dialer, link, addr, false)?;
     let link = net::dial_for(
         &endpoint,
         &dialer.identity,
         dialer.allow.clone(),
-        target_addr,
+        addr,
         Some(target),
         &dialer.net,
         kind,
     )
     .await?;
-    Ok(link)
+    Ok((link, Path::Relayed))
+}
+
+/// How long a circuit takes to open: the reserved peer dials the relay and joins it.
+const CIRCUIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Asks with `question` (`Circuit` or `JoinCircuit`) on a relay link just dialed, and waits
+/// for the relay to say the circuit is open; the link, now one end of the circuit.
+async fn circuit(link: PeerLink, question: RelayMessage) -> Result<PeerLink, RelayError> {
+    match ask(link, question, CIRCUIT_WAIT).await? {
+        (link, RelayMessage::CircuitOpen) => Ok(link),
+        (link, _) => {
+            link.conn
+                .close(VarInt::from_u32(close::PROTOCOL), b"out of turn");
+            Err(RelayError::Unexpected)
+        }
+    }
+}
+
+/// A QUIC endpoint of this peer's own over the circuit `link` is an end of, reaching `remote`
+/// (the other end, named by the address the relay saw it at); it accepts when `serve`. The
+/// connection inside is end to end between the two peers.
+fn endpoint_through(
+    dialer: &JobDialer,
+    link: PeerLink,
+    remote: SocketAddr,
+    serve: bool,
+) -> Result<quinn::Endpoint, RelayError> {
+    let socket = super::circuit::carry(link, remote);
+    Ok(net::endpoint_on(
+        &dialer.identity,
+        dialer.allow.clone(),
+        socket,
+        &dialer.net,
+        serve,
+    )?)
 }
 
 /// Joins circuit `token` the relay at `relay` asked for on behalf of `from` (seen at
@@ -570,30 +571,9 @@ async fn join_circuit(
     from_addr: SocketAddr,
     inputs: mpsc::Sender<super::Input>,
 ) -> Result<(), RelayError> {
-    let mut link = dialer.dial(relay.0, relay.1, LinkKind::Relay).await?;
-    let joined = async {
-        wire::write(
-            &mut link.send,
-            &Frame::Relay(RelayMessage::JoinCircuit { token }),
-        )
-        .await
-        .map_err(|e| RelayError::Net(e.into()))?;
-        circuit_opened(&mut link).await
-    }
-    .await;
-    if let Err(err) = joined {
-        link.conn
-            .close(VarInt::from_u32(close::NORMAL), b"no circuit");
-        return Err(err);
-    }
-    let socket = super::circuit::carry(link, from_addr);
-    let endpoint = net::endpoint_on(
-        &dialer.identity,
-        dialer.allow.clone(),
-        socket,
-        &dialer.net,
-        true,
-    )?;
+    let link = dialer.dial(relay.0, relay.1, LinkKind::Relay).await?;
+    let link = circuit(link, RelayMessage::JoinCircuit { token }).await?;
+    let endpoint = endpoint_through(dialer, link, from_addr, true)?;
     let incoming = tokio::time::timeout(CIRCUIT_WAIT, endpoint.accept())
         .await
         .map_err(|_| RelayError::Timeout)?

@@ -38,7 +38,7 @@ use crate::digest::Digest;
 use crate::host::Host;
 use crate::job::proto::{InputRef, JobFrame, JobSpec, Offer, SEND_CHUNK, WireLease, WireResult};
 use crate::ledger::{Ledger, today};
-use crate::net::{PeerLink, close};
+use crate::net::{LinkKind, PeerLink, close};
 use crate::peer_id::PeerId;
 use crate::relay::RelayRef;
 use crate::sandbox::{
@@ -1097,43 +1097,35 @@ impl Work {
         let inputs = self.inputs_tx.clone();
         tracing::info!(%peer, ?addr, "asking a submitter for work");
         self.tasks.spawn(async move {
-            let (addr, introduced) = match (relay, addr) {
+            let link = match (relay, addr) {
                 (Some(relay), _) => {
-                    match super::relay::rendezvous(&d, relay.addr, relay.peer, peer).await {
-                        Ok(met) => (met, true),
+                    match super::relay::dial_behind_nat(&d, relay, peer, LinkKind::Pull).await {
+                        Ok((link, super::relay::Path::Direct)) => {
+                            tracing::info!(%peer, addr = %link.addr, "direct path through NAT to the submitter opened");
+                            link
+                        }
+                        Ok((link, super::relay::Path::Relayed)) => {
+                            tracing::info!(%peer, relay = %relay.addr, "relayed path to the submitter opened");
+                            link
+                        }
                         Err(err) => {
-                            tracing::info!(%peer, relay = %relay.addr, err = %super::error_chain(&err), "the submitter's relay made no introduction");
+                            tracing::info!(%peer, relay = %relay.addr, err = %super::error_chain(&err), "no path to the submitter behind NAT");
                             return;
                         }
                     }
                 }
-                (None, Some(addr)) if addr.port() != 0 => (addr, false),
+                (None, Some(addr)) if addr.port() != 0 => {
+                    match d.dial(addr, peer, LinkKind::Pull).await {
+                        Ok(link) => link,
+                        Err(err) => {
+                            tracing::debug!(%peer, err = %super::error_chain(&err), "pull dial failed");
+                            return;
+                        }
+                    }
+                }
                 (None, _) => return,
             };
-            match d.dial(addr, peer, crate::net::LinkKind::Pull).await {
-                Ok(link) => {
-                    if introduced {
-                        tracing::info!(%peer, %addr, "direct path through NAT to the submitter opened");
-                    }
-                    let _ = inputs.send(WorkInput::Link(link)).await;
-                }
-                Err(err) if introduced => {
-                    tracing::info!(%peer, %addr, err = %super::error_chain(&err), "no direct path through NAT to the submitter; asking its relay for a circuit");
-                    let Some(relay) = relay else { return };
-                    match super::relay::dial_through(&d, relay, peer, addr, crate::net::LinkKind::Pull).await {
-                        Ok(link) => {
-                            tracing::info!(%peer, relay = %relay.addr, "relayed path to the submitter opened");
-                            let _ = inputs.send(WorkInput::Link(link)).await;
-                        }
-                        Err(err) => {
-                            tracing::info!(%peer, err = %super::error_chain(&err), "no relayed path to the submitter");
-                        }
-                    }
-                }
-                Err(err) => {
-                    tracing::debug!(%peer, err = %super::error_chain(&err), "pull dial failed");
-                }
-            }
+            let _ = inputs.send(WorkInput::Link(link)).await;
         });
     }
 
