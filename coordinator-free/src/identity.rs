@@ -42,8 +42,9 @@ pub const JOB_ALPN: &[u8] = b"cf-job/4";
 pub const PULL_ALPN: &[u8] = b"cf-pull/4";
 /// ALPN protocol id of a blob link: a worker fetching a blob from another worker that holds it.
 pub const BLOB_ALPN: &[u8] = b"cf-blob/2";
-/// ALPN protocol id of an overlay link: the partial-view overlay's messages (`overlay`).
-pub const OVERLAY_ALPN: &[u8] = b"cf-overlay/1";
+/// ALPN protocol id of an overlay link: the partial-view overlay's messages (`overlay`). Version
+/// 2: job adverts name a relay, and an advert wanting no workers withdraws its job.
+pub const OVERLAY_ALPN: &[u8] = b"cf-overlay/2";
 /// ALPN protocol id of a survey link: one question about a peer's views and capacity
 /// (`survey`).
 pub const SURVEY_ALPN: &[u8] = b"cf-survey/1";

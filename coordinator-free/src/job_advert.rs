@@ -40,7 +40,9 @@ pub struct JobAdvert {
     pub profile: u32,
     /// Memory one unit may use, in bytes.
     pub memory_bytes: u64,
-    /// How many more workers the submitter would link to now.
+    /// How many more workers the submitter would link to now; 0 withdraws the job (it ended):
+    /// such an advert shadows the older ones of its submitter until it expires, and no worker
+    /// pulls on it.
     pub wanted: u32,
     /// The submitter's estimate of the network's size; 0 when it has none.
     pub network_size: u32,
@@ -144,12 +146,20 @@ impl JobAdvert {
             && self.expires - self.issued <= MAX_LIFETIME_MS
     }
 
+    /// Whether this advert says its job ended.
+    pub fn withdrawn(&self) -> bool {
+        self.wanted == 0
+    }
+
     /// The probability with which an idle worker that hears this advert pulls: the share
     /// that makes about `wanted` workers (at most [`MAX_WANTED`]; twice that, for those that
     /// are busy) pull, in a network of the larger of the advert's size and the worker's own
     /// estimate (`local_size`, 0 when it has none), so an advert cannot claim a tiny network to
     /// draw everyone; one when neither knows.
     pub fn pull_probability(&self, local_size: u64) -> f64 {
+        if self.withdrawn() {
+            return 0.0;
+        }
         let size = u64::from(self.network_size).max(local_size);
         if size == 0 {
             return 1.0;
@@ -246,13 +256,13 @@ impl AdvertBook {
         self.adverts.get(submitter).map(|(a, _)| a)
     }
 
-    /// Current adverts, ordered by submitter.
+    /// Current offers of work, ordered by submitter (withdrawals left out).
     pub fn current(&self, now_ms: u64) -> Vec<&JobAdvert> {
         let mut out: Vec<_> = self
             .adverts
             .values()
             .map(|(a, _)| a)
-            .filter(|a| a.expires > now_ms)
+            .filter(|a| a.expires > now_ms && !a.withdrawn())
             .collect();
         out.sort_by_key(|a| a.submitter);
         out
@@ -374,6 +384,26 @@ mod tests {
         assert_eq!(book.admit(long, NOW), Err(AdvertError::OutOfTime));
         book.expire(NOW + 90_002);
         assert!(book.is_empty());
+    }
+
+    /// A submitter whose job ended broadcasts a withdrawal: workers stop pulling from it at
+    /// once, and a replay of its last offer is stale.
+    #[test]
+    fn a_withdrawal_shadows_the_offer_and_is_not_current() {
+        let id = Identity::generate().expect("identity");
+        let mut book = AdvertBook::default();
+        let offer = advert(&id, NOW);
+        assert_eq!(book.admit(offer.clone(), NOW), Ok(()));
+        assert_eq!(book.current(NOW).len(), 1);
+        assert!(offer.pull_probability(0) > 0.0);
+        let mut ended = advert(&id, NOW + 1);
+        ended.wanted = 0;
+        ended.sign(|bytes| id.sign(bytes));
+        assert!(ended.withdrawn());
+        assert_eq!(ended.pull_probability(0), 0.0);
+        assert_eq!(book.admit(ended, NOW + 1), Ok(()));
+        assert!(book.current(NOW + 1).is_empty());
+        assert_eq!(book.admit(offer, NOW + 2), Err(AdvertError::Stale));
     }
 
     #[test]

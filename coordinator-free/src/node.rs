@@ -201,11 +201,12 @@ const ISOLATED_AFTER: Duration = Duration::from_secs(10);
 #[serde(rename_all = "lowercase")]
 pub enum Discovery {
     /// Every peer holds every other peer's signed advert (capacity and job), gossiped in full:
-    /// a lab-sized network, where each peer sees all the others at once.
-    #[default]
+    /// a lab-sized network, where each peer sees all the others at once. Its cost per peer
+    /// grows with the network, and it stops at `max_peers`.
     Table,
     /// A partial-view overlay (a few neighbours, a few dozen addresses), whatever the network's
     /// size; jobs are found through adverts broadcast over it, and idle workers pull.
+    #[default]
     Overlay,
 }
 
@@ -340,6 +341,8 @@ enum Request {
     /// Advertise this capacity from now on.
     Donate(Capacity),
     Shutdown(oneshot::Sender<()>),
+    /// Leave the overlay, its links flushed: the first step of a shutdown.
+    Leave(oneshot::Sender<()>),
 }
 
 impl Node {
@@ -523,6 +526,7 @@ impl Node {
                     handle,
                     heard: crate::job_advert::AdvertBook::default(),
                     announced: None,
+                    last_issued: 0,
                     next_publish: None,
                 })
             }
@@ -642,6 +646,15 @@ impl Node {
     }
 
     /// Closes every connection with a goodbye and stops all tasks.
+    /// Leaves the overlay: what its links hold is delivered (the withdrawal of a job that
+    /// ended) and each says goodbye. Then [`Node::shutdown`] has only QUIC's drain to wait for.
+    pub async fn leave(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.requests.send(Request::Leave(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     pub async fn shutdown(mut self) {
         let (tx, rx) = oneshot::channel();
         if self.requests.send(Request::Shutdown(tx)).await.is_ok() {
@@ -752,6 +765,9 @@ struct OverlayPart {
     heard: crate::job_advert::AdvertBook,
     /// The job this peer submits, while it does.
     announced: Option<JobNotice>,
+    /// When this peer's last advert was issued: each is issued later than the one before, so
+    /// a withdrawal right after an offer still supersedes it.
+    last_issued: u64,
     /// When its advert is issued again.
     next_publish: Option<Instant>,
 }
@@ -764,9 +780,21 @@ impl Drop for OverlayPart {
 }
 
 /// The next advert the overlay delivered; never, without an overlay.
-async fn next_advert(overlay: &mut Option<OverlayPart>) -> Option<crate::job_advert::JobAdvert> {
+/// What the overlay driver delivered to the node.
+enum FromOverlay {
+    Advert(Box<crate::job_advert::JobAdvert>),
+    /// Its views changed.
+    Views,
+}
+
+/// The next advert, or change of views, from the overlay; never, without one. `None` once its
+/// driver has stopped.
+async fn next_from_overlay(overlay: &mut Option<OverlayPart>) -> Option<FromOverlay> {
     match overlay {
-        Some(part) => part.handle.adverts.recv().await,
+        Some(part) => tokio::select! {
+            advert = part.handle.adverts.recv() => advert.map(|a| FromOverlay::Advert(Box::new(a))),
+            changed = part.handle.views.changed() => changed.ok().map(|()| FromOverlay::Views),
+        },
         None => std::future::pending().await,
     }
 }
@@ -866,6 +894,10 @@ impl Actor {
                     }
                     Some(Request::Announce(notice)) => self.announce(notice),
                     Some(Request::Donate(capacity)) => self.donate(capacity),
+                    Some(Request::Leave(done)) => {
+                        self.leave_overlay().await;
+                        let _ = done.send(());
+                    }
                     Some(Request::Shutdown(done)) => {
                         self.shutdown().await;
                         let _ = done.send(());
@@ -894,7 +926,11 @@ impl Actor {
                         self.publish_advert(now);
                     }
                 }
-                Some(advert) = next_advert(&mut self.overlay) => self.on_advert(advert),
+                Some(heard) = next_from_overlay(&mut self.overlay) => {
+                    if let FromOverlay::Advert(advert) = heard {
+                        self.on_advert(*advert);
+                    }
+                }
                 Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     if let Err(err) = joined
                         && err.is_panic()
@@ -908,8 +944,14 @@ impl Actor {
                 Some(o) => o.handle.views.borrow().active.is_empty(),
                 None => self.conns.is_empty(),
             };
+            let was_alone = *self.isolated.borrow();
             self.isolated
                 .send_if_modified(|was| std::mem::replace(was, alone) != alone);
+            // An advert broadcast while this peer had no neighbour reached no one: the first
+            // neighbour gets a fresh one at once rather than at the next reissue.
+            if was_alone && !alone && self.overlay.as_ref().is_some_and(|o| o.announced.is_some()) {
+                self.publish_advert(Instant::now());
+            }
         }
     }
 
@@ -1151,9 +1193,16 @@ impl Actor {
         let now = Instant::now();
         match &mut self.overlay {
             Some(o) => {
+                // A job that ended is withdrawn by an advert wanting no one, so workers that
+                // heard the offer stop dialing this peer (and a later job of the same
+                // submitter, from another port, is not hidden behind a dead address).
+                let ended = o.announced.filter(|_| notice.is_none());
                 o.announced = notice;
                 o.next_publish = notice.map(|_| now);
-                self.publish_advert(now);
+                match ended {
+                    Some(ended) => self.broadcast_advert(JobNotice { wanted: 0, ..ended }),
+                    None => self.publish_advert(now),
+                }
             }
             None => self
                 .membership
@@ -1170,6 +1219,19 @@ impl Actor {
 
     /// Broadcasts a fresh advert of the job this peer submits, and sets when to do it again.
     fn publish_advert(&mut self, now: Instant) {
+        let Some(o) = &mut self.overlay else {
+            return;
+        };
+        let Some(notice) = o.announced else {
+            o.next_publish = None;
+            return;
+        };
+        o.next_publish = Some(now + ADVERT_REISSUE);
+        self.broadcast_advert(notice);
+    }
+
+    /// Signs and broadcasts an advert of `notice` issued now.
+    fn broadcast_advert(&mut self, notice: JobNotice) {
         let addrs: Vec<SocketAddr> = self
             .membership
             .local_advert()
@@ -1184,12 +1246,8 @@ impl Actor {
         let Some(o) = &mut self.overlay else {
             return;
         };
-        let Some(notice) = o.announced else {
-            o.next_publish = None;
-            return;
-        };
-        o.next_publish = Some(now + ADVERT_REISSUE);
-        let issued = wall_clock_ms();
+        let issued = wall_clock_ms().max(o.last_issued + 1);
+        o.last_issued = issued;
         let mut advert = crate::job_advert::JobAdvert {
             submitter: self.me,
             addrs,
@@ -1489,14 +1547,19 @@ impl Actor {
         (views.active.len(), peers.into_values().collect())
     }
 
-    async fn shutdown(&mut self) {
-        tracing::info!("shutting down");
+    /// Stops the overlay driver, which delivers what its links hold (a job's withdrawal) and
+    /// says goodbye on each.
+    async fn leave_overlay(&mut self) {
         if let Some(mut o) = self.overlay.take() {
-            // Its driver says goodbye on every link once its inputs are gone.
             let (closed, _) = mpsc::channel(1);
             drop(std::mem::replace(&mut o.handle.inputs, closed));
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, &mut o.handle.task).await;
         }
+    }
+
+    async fn shutdown(&mut self) {
+        tracing::info!("shutting down");
+        self.leave_overlay().await;
         for (_, conn) in self.conns.drain() {
             conn.conn
                 .close(VarInt::from_u32(close::NORMAL), b"shutdown");
@@ -1612,7 +1675,7 @@ async fn read_loop(
 fn end_of_reading(err: WireError, conn: &quinn::Connection) {
     match err {
         WireError::Io(err) => {
-            tracing::debug!(%err, "connection lost");
+            tracing::debug!(%err, reason = ?conn.close_reason(), "connection lost");
             discovery_mismatch(conn);
         }
         err => {

@@ -52,6 +52,8 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Peers whose confirmed addresses are remembered; the least recently confirmed go first.
 pub const MAX_CONFIRMED: usize = 8192;
+/// Confirmed addresses remembered per peer; the least recent goes first.
+const ADDRS_PER_PEER: usize = 4;
 /// IP and socket addresses with dial state remembered. When full of live state, probes to new
 /// addresses are refused: a flood of addresses fails closed.
 pub const MAX_TRACKED: usize = 8192;
@@ -107,9 +109,12 @@ impl Refusal {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+/// The addresses one peer was confirmed at, most recent last: a peer reached at its
+/// advertised address and heard from another (a socket bound to every interface answers from
+/// whichever the route picks) keeps both, so a later dial to either is no probe.
+#[derive(Debug, Clone)]
 struct Confirmed {
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
     at: Instant,
 }
 
@@ -167,16 +172,31 @@ impl Reach {
                 self.confirmed.remove(&oldest);
             }
         }
-        self.confirmed.insert(peer, Confirmed { addr, at: now });
+        let entry = self.confirmed.entry(peer).or_insert(Confirmed {
+            addrs: Vec::new(),
+            at: now,
+        });
+        entry.at = now;
+        entry.addrs.retain(|a| *a != addr);
+        if entry.addrs.len() >= ADDRS_PER_PEER {
+            entry.addrs.remove(0);
+        }
+        entry.addrs.push(addr);
     }
 
     /// The address `peer` was last confirmed at.
     pub fn confirmed(&self, peer: &PeerId) -> Option<SocketAddr> {
-        self.confirmed.get(peer).map(|c| c.addr)
+        self.confirmed
+            .get(peer)
+            .and_then(|c| c.addrs.last().copied())
     }
 
     fn is_confirmed(&self, peer: Option<PeerId>, addr: SocketAddr) -> bool {
-        peer.is_some_and(|p| self.confirmed(&p) == Some(addr))
+        peer.is_some_and(|p| {
+            self.confirmed
+                .get(&p)
+                .is_some_and(|c| c.addrs.contains(&addr))
+        })
     }
 
     /// Asks leave to dial `peer` (when known) at `addr`.
@@ -477,6 +497,38 @@ mod tests {
                 .ask(chosen, Some(id(4)), Vouch::Chosen, t0 + FIRST_BACKOFF)
                 .is_ok()
         );
+    }
+
+    /// A submitter restarted on the same host: its old address (reached before, then heard
+    /// from at another) is still confirmed, so the failed dial there backs off that address
+    /// only, and the probe of the new one goes ahead.
+    #[test]
+    fn a_dead_confirmed_address_does_not_ration_the_peers_new_one() {
+        let t0 = Instant::now();
+        let mut reach = Reach::new(t0);
+        let old = addr("192.0.2.2", 44870);
+        let t = reach
+            .ask(old, Some(id(1)), Vouch::Claimed, t0)
+            .expect("probe");
+        reach.finished(t, Some(id(1)), t0);
+        reach.confirm(id(1), addr("127.0.0.1", 44870), t0);
+        let t = reach
+            .ask(old, Some(id(1)), Vouch::Claimed, t0)
+            .expect("the old address");
+        assert!(!t.is_probe(), "both addresses stay confirmed");
+        reach.finished(t, None, t0);
+        let new = addr("192.0.2.2", 51203);
+        let t = reach
+            .ask(new, Some(id(1)), Vouch::Claimed, t0)
+            .expect("the new address is probed at once");
+        assert!(t.is_probe());
+        reach.finished(t, Some(id(1)), t0);
+        assert_eq!(reach.confirmed(&id(1)), Some(new));
+        // Only the last few addresses are kept.
+        for port in 1..=ADDRS_PER_PEER as u16 {
+            reach.confirm(id(1), addr("192.0.2.9", port), t0);
+        }
+        assert!(!reach.is_confirmed(Some(id(1)), new));
     }
 
     #[test]

@@ -285,9 +285,12 @@ async fn a_worker_declines_units_longer_than_it_allows_and_others_run_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_cannot_be_dialed_pulls_work_from_the_submitter() {
-    let a = start(None, false).await;
+    // On full tables, where the submitter would otherwise dial every worker it holds (on the
+    // overlay every worker pulls).
+    let a = start_table_on("127.0.0.1".parse().expect("ip"), None, false).await;
     // Advertises no address, as a peer behind NAT would: the submitter cannot dial it.
     let mut config = worker_config(Some(&a), false);
+    config.discovery = coordinator_free::node::Discovery::Table;
     config.advertise = Some(Vec::new());
     let hidden = Node::start(Identity::generate().expect("identity"), config)
         .await

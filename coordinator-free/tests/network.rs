@@ -7,15 +7,17 @@ use std::time::{Duration, Instant};
 
 use coordinator_free::identity::{AllowList, Identity, SERVER_NAME};
 use coordinator_free::net::{self, NetConfig, close};
-use coordinator_free::node::{Bootstrap, BootstrapArg, Node, NodeConfig};
+use coordinator_free::node::{Bootstrap, BootstrapArg, Discovery, Node, NodeConfig};
 use coordinator_free::peer_id::PeerId;
 use coordinator_free::wire::{Frame, Hello, Message};
 use quinn::crypto::rustls::QuicClientConfig;
 
 const LOOPBACK: &str = "127.0.0.1:0";
 
+/// Full tables: these tests check the membership tables (the overlay has `tests/overlay.rs`).
 fn config(bootstrap: &[Bootstrap]) -> NodeConfig {
     let mut config = NodeConfig::new(LOOPBACK.parse().expect("addr"));
+    config.discovery = Discovery::Table;
     config.mdns = false;
     config.bootstrap = bootstrap.to_vec();
     config.capacity.cores_donated = 2;

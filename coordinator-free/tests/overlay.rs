@@ -118,7 +118,8 @@ async fn a_job_runs_on_peers_that_heard_its_advert_through_the_overlay() {
         summary.peers
     );
 
-    // The advert reached every other peer through the broadcast tree.
+    // The job is over, and its submitter's withdrawal reached every other peer through the
+    // broadcast tree: each holds the submitter's last advert, and none lists its job any more.
     let job = {
         let s = submitter.status().await.expect("status");
         assert!(s.overlay.as_ref().is_some_and(|o| o.adverts_heard == 0));
@@ -127,10 +128,11 @@ async fn a_job_runs_on_peers_that_heard_its_advert_through_the_overlay() {
     let others: Vec<Node> = nodes.drain(..).filter(|n| n.id() != job).collect();
     assert!(
         wait_all(&others, Duration::from_secs(10), |s| {
-            s.peers.iter().any(|p| p.id == job && p.job.is_some())
+            s.overlay.as_ref().is_some_and(|o| o.adverts_heard == 1)
+                && !s.peers.iter().any(|p| p.id == job && p.job.is_some())
         })
         .await,
-        "every peer heard the advert"
+        "every peer heard the withdrawal"
     );
     for s in statuses(&others).await {
         let o = s.overlay.expect("overlay status");

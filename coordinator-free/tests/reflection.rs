@@ -71,7 +71,9 @@ async fn adverts_and_blob_at_frames_naming_a_bystander_make_a_handful_of_datagra
     let bystander = UdpSocket::bind("127.0.6.9:0").expect("bystander socket");
     let target = bystander.local_addr().expect("addr");
     let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
-    let worker = start_on(ip("127.0.6.1"), None, false).await;
+    // On full tables, whose gossip carries the forged adverts (the overlay's job adverts have
+    // tests of their own).
+    let worker = start_table_on(ip("127.0.6.1"), None, false).await;
     let attacker = Sybils::on(ip("127.0.6.2"), 2);
 
     // 1,000 validly signed identities, all claiming the bystander's address and a job.

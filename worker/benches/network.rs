@@ -270,6 +270,37 @@ async fn idle_sent(peers: &[Peer]) -> (Vec<f64>, Vec<f64>) {
     (all, membership)
 }
 
+/// The bootstrap peer's idle traffic beside the network's size as the peers estimate it:
+/// contact shuffles, which all land on the bootstrap peer, slow down only once the estimate
+/// says the network is large.
+async fn estimates(peers: &[Peer], bootstrap_sent: f64) -> String {
+    let mut sizes = Vec::new();
+    let mut unknown = 0;
+    let mut first = None;
+    for (i, status) in statuses(peers).await.into_iter().enumerate() {
+        let Some(overlay) = status.and_then(|s| s.overlay) else {
+            continue;
+        };
+        if i == 0 {
+            first = Some((overlay.estimated_peers, overlay.census_samples));
+        }
+        match overlay.estimated_peers {
+            Some(n) => sizes.push(n as f64),
+            None => unknown += 1,
+        }
+    }
+    let (low, high) = (
+        sizes.iter().copied().fold(f64::INFINITY, f64::min),
+        sizes.iter().copied().fold(0.0, f64::max),
+    );
+    format!(
+        "bootstrap peer: {bootstrap_sent:.0} B/s sent, its size estimate {:?} from {} samples; the peers' estimates: median {:.0}, range {low:.0}-{high:.0}, {unknown} with none",
+        first.and_then(|f| f.0),
+        first.map_or(0, |f| f.1),
+        median(&mut sizes),
+    )
+}
+
 /// Submits a job of no-op units through the first peer; its wall time and the number of peers
 /// that ran its units, from the summary.
 fn run_job(bootstrap: &str) -> (Duration, Option<usize>) {
@@ -382,6 +413,10 @@ fn main() {
             let rss_median = median(&mut run.rss_kib) / 1024.0;
             let rss_max = run.rss_kib.iter().copied().fold(0.0, f64::max) / 1024.0;
             let (mut all, mut membership) = idle_sent(&peers).await;
+            let bootstrap_sent = all.first().copied().unwrap_or(0.0);
+            if overlay() {
+                println!("{}", estimates(&peers, bootstrap_sent).await);
+            }
             let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
             let (all_max, membership_max) = (max(&all), max(&membership));
             let bootstrap = {

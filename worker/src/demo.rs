@@ -31,9 +31,9 @@ pub struct DemoArgs {
     /// Add a peer that alters every output it returns, to watch validation catch it.
     #[arg(long)]
     liar: bool,
-    /// How the peers find each other: "table" (every peer holds every other) or "overlay" (a
-    /// few neighbours each; the job reaches the workers as a broadcast advert, and they pull).
-    #[arg(long, value_name = "table|overlay", default_value = "table")]
+    /// How the peers find each other: "overlay" (a few neighbours each; the job reaches the
+    /// workers as a broadcast advert, and they pull) or "table" (every peer holds every other).
+    #[arg(long, value_name = "overlay|table", default_value = "overlay")]
     discovery: coordinator_free::node::Discovery,
 }
 

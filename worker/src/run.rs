@@ -82,9 +82,10 @@ pub struct RunArgs {
     /// Lab mode: a file of peer ids (one per line); only they may connect.
     #[arg(long, value_name = "FILE")]
     allow: Option<PathBuf>,
-    /// How peers are found: "table" (every peer holds every other, for labs) or "overlay" (a
-    /// few neighbours each, job adverts broadcast, for networks of any size).
-    #[arg(long, value_name = "table|overlay", default_value = "table")]
+    /// How peers are found: "overlay" (a few neighbours each, job adverts broadcast, for
+    /// networks of any size) or "table" (every peer holds every other, for a lab). Every peer
+    /// of a network must use the same.
+    #[arg(long, value_name = "overlay|table", default_value = "overlay")]
     discovery: coordinator_free::node::Discovery,
     /// Offer to introduce peers behind NAT to each other: they keep a reservation here and are
     /// reached through it (at most 128 reservations, 4 per host, an hour each). Only useful on

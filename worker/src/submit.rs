@@ -41,6 +41,10 @@ use crate::{Failure, exit};
 /// loopback), which only answers stray packets. A peer that misses the goodbye notices the
 /// silence by its idle timeout, and by then the job's results are on disk.
 const SHUTDOWN_LIMIT: Duration = Duration::from_millis(10);
+/// How long the submitting peer waits, before that, for its overlay neighbours to take the
+/// withdrawal of its job (a round trip each): workers that heard the offer then stop dialing
+/// an address nobody will answer at.
+const LEAVE_LIMIT: Duration = Duration::from_millis(300);
 /// How long the job waits for the first peers before it starts anyway (and keeps looking).
 const JOIN_WAIT: Duration = Duration::from_secs(3);
 /// How long a job may run short of the distinct hosts a unit needs before a warning says so.
@@ -74,8 +78,8 @@ pub struct SubmitArgs {
     /// Do not look for peers on the local network (network jobs).
     #[arg(long)]
     no_mdns: bool,
-    /// How peers are found (network jobs): "table" or "overlay", as the network's peers do.
-    #[arg(long, value_name = "table|overlay", default_value = "table")]
+    /// How peers are found (network jobs): "overlay" or "table", as the network's peers do.
+    #[arg(long, value_name = "overlay|table", default_value = "overlay")]
     discovery: coordinator_free::node::Discovery,
     /// This submitter is behind NAT (network jobs): hold a reservation on the relay peer at
     /// `[ID@]IP:PORT`, so workers behind other NATs are introduced there and dial in.
@@ -503,6 +507,7 @@ fn run_on_network(
     // a moment, not the full drain.
     runtime.block_on(async {
         workers.close().await;
+        let _ = tokio::time::timeout(LEAVE_LIMIT, node.leave()).await;
         let _ = tokio::time::timeout(SHUTDOWN_LIMIT, node.shutdown()).await;
     });
     summary.map_err(|e| internal(anyhow!(e)))

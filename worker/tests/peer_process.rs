@@ -78,7 +78,11 @@ fn run_status_and_id_as_processes() {
     assert!(err.contains("no peer is running"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
-    let mut a = spawn_peer(&dir_a, &["--cpus", "3", "--memory-mb", "1000"]);
+    // Full tables: each peer's capacity, and a crashed peer's removal, are what is checked.
+    let mut a = spawn_peer(
+        &dir_a,
+        &["--cpus", "3", "--memory-mb", "1000", "--discovery", "table"],
+    );
     let status_a = wait_for_status(&dir_a, |_| true);
     let listen = status_a["listen"].as_str().expect("listen").to_owned();
     let id_a = status_a["id"].as_str().expect("id").to_owned();
@@ -89,7 +93,17 @@ fn run_status_and_id_as_processes() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id_a);
 
     let pinned = format!("{id_a}@{listen}");
-    let mut b = spawn_peer(&dir_b, &["--cpus", "2", "--bootstrap", &pinned]);
+    let mut b = spawn_peer(
+        &dir_b,
+        &[
+            "--cpus",
+            "2",
+            "--bootstrap",
+            &pinned,
+            "--discovery",
+            "table",
+        ],
+    );
     let id_b = String::from_utf8(worker(&["id"], &dir_b).stdout).expect("utf-8");
     let id_b = id_b.trim().to_owned();
 

@@ -16,7 +16,7 @@ use coordinator_free::job::driver::{JobData, JobSummary, run_job};
 use coordinator_free::job::proto::{InputRef, JobFrame, JobSpec, Offer, WireLease};
 use coordinator_free::net::{self, LinkKind, NetConfig};
 use coordinator_free::node::{
-    Bootstrap, NetWorkers, Node, NodeConfig, WorkConfig, WorkRunner, net_schedule_config,
+    Bootstrap, Discovery, NetWorkers, Node, NodeConfig, WorkConfig, WorkRunner, net_schedule_config,
 };
 use coordinator_free::sandbox::{Limits, UnitHostCommand};
 use coordinator_free::schedule::LeaseId;
@@ -44,8 +44,11 @@ fn via(node: &Node) -> Bootstrap {
 
 /// A worker with one slot whose unit hosts carry `tag` on their command line, so a test finds
 /// its own among this process's children.
+/// On full tables, where the submitter sees each worker's free cores: a suspended worker
+/// advertises none.
 async fn start_worker(bootstrap: Option<&Node>, tag: &Path) -> Node {
     let mut config = NodeConfig::new(next_host());
+    config.discovery = Discovery::Table;
     config.mdns = false;
     config.bootstrap = bootstrap.map(via).into_iter().collect();
     config.capacity.cores_donated = 1;
@@ -68,6 +71,7 @@ async fn start_worker(bootstrap: Option<&Node>, tag: &Path) -> Node {
 /// A peer that only submits.
 async fn start_submitter() -> Node {
     let mut config = NodeConfig::new(next_host());
+    config.discovery = Discovery::Table;
     config.mdns = false;
     config.capacity.cores_donated = 0;
     config.capacity.cores_free = 0;

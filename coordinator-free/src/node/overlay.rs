@@ -1,6 +1,6 @@
 //! The overlay's driver: one actor that owns an [`Overlay`] and does its IO over QUIC.
 //!
-//! It carries out the state machine's commands — dialing overlay links (ALPN `cf-overlay/1`),
+//! It carries out the state machine's commands — dialing overlay links (ALPN `cf-overlay/2`),
 //! sending frames on them, closing links; a message for a peer with no link (`SendOnce`) goes on
 //! a new link the overlay soon closes as a stray, and an answer to a peer whose link is open
 //! (a shuffle's, through a contact) goes back on it, not on a new connection — and turns
@@ -55,6 +55,8 @@ const GOSSIP_BURST: f64 = 40.0;
 const CONTACT_RETRY: Duration = Duration::from_secs(5);
 /// Most bootstrap addresses remembered.
 const MAX_CONTACT_ADDRS: usize = 64;
+/// How long a leaving peer waits for its links to deliver what is queued on them.
+const FLUSH_ON_LEAVE: Duration = Duration::from_millis(200);
 
 /// What the actor hears.
 pub(crate) enum OverlayInput {
@@ -280,9 +282,16 @@ impl OverlayDriver {
             }
             self.publish_views();
         }
-        for (_, link) in self.links.drain() {
-            link.conn
-                .close(VarInt::from_u32(close::NORMAL), b"shutdown");
+        // Each writer sends what is queued (a job's withdrawal, say), finishes its stream and
+        // closes its connection once the peer has it; links still open after a moment are
+        // closed as they are.
+        let conns: Vec<quinn::Connection> = self.links.drain().map(|(_, link)| link.conn).collect();
+        let _ = tokio::time::timeout(FLUSH_ON_LEAVE, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        for conn in conns {
+            conn.close(VarInt::from_u32(close::NORMAL), b"shutdown");
         }
     }
 
@@ -354,13 +363,18 @@ impl OverlayDriver {
             return;
         }
         if let Some(existing) = self.links.get(&peer) {
-            // Both keep the link dialed by the smaller id.
-            let keep_new = if self.me < peer {
+            // Links dialed both ways at once: both ends keep the one dialed by the smaller id.
+            // A second link dialed the same way replaces the first: the dialer has given up on
+            // it (a peer restarted with its key dials in while the link to its old process
+            // still waits for the idle timeout), and the new one has just proved that key.
+            let keep_new = if existing.inbound == link.inbound {
+                true
+            } else if self.me < peer {
                 !link.inbound
             } else {
                 link.inbound
             };
-            if !keep_new || existing.inbound == link.inbound {
+            if !keep_new {
                 link.conn
                     .close(VarInt::from_u32(close::DUPLICATE), b"duplicate");
                 if let Some(msg) = first {
@@ -370,9 +384,18 @@ impl OverlayDriver {
                 self.handle(Event::ConnectionUp { peer, addr });
                 return;
             }
+            let restarted = existing.inbound == link.inbound;
             if let Some(old) = self.links.remove(&peer) {
                 old.conn
                     .close(VarInt::from_u32(close::DUPLICATE), b"duplicate");
+            }
+            if restarted {
+                // Whatever the old link stood for is gone with it: the peer's new process asks
+                // afresh (its join would be ignored from a peer still counted as a neighbour).
+                self.handle(Event::ConnectionDown {
+                    peer,
+                    graceful: true,
+                });
             }
         }
         let Some(inputs) = self.inputs_tx.upgrade() else {

@@ -1011,12 +1011,25 @@ impl Work {
     /// An advert heard through the overlay: kept when this peer could run its units, and pulled
     /// from at once when slots are idle.
     fn on_advert(&mut self, advert: crate::job_advert::JobAdvert, now: Instant) {
-        if advert.profile != crate::sandbox::PROFILE_VERSION
-            || advert.memory_bytes > self.memory_per_slot
-            || (advert.addrs.is_empty() && advert.relay.is_none())
-            || self.adverts.admit(advert, super::wall_clock_ms()).is_err()
+        let submitter = advert.submitter;
+        let offered = |a: &crate::job_advert::JobAdvert| (a.job, a.addrs.clone(), a.relay);
+        let before = self.adverts.get(&submitter).map(offered);
+        let after = offered(&advert);
+        // A withdrawal is kept (it shadows the offer it ends) whatever the worker could run.
+        if !advert.withdrawn()
+            && (advert.profile != crate::sandbox::PROFILE_VERSION
+                || advert.memory_bytes > self.memory_per_slot
+                || (advert.addrs.is_empty() && advert.relay.is_none()))
         {
             return;
+        }
+        if self.adverts.admit(advert, super::wall_clock_ms()).is_err() {
+            return;
+        }
+        // Another job, or the submitter started again elsewhere: the last try (perhaps at an
+        // address nobody answers at any more) does not hold the new offer back.
+        if before.is_some_and(|b| b != after) {
+            self.pull_tried.remove(&submitter);
         }
         if self.idle() {
             self.pull_from_adverts(now);

@@ -75,13 +75,37 @@ pub async fn start_on(ip: std::net::IpAddr, bootstrap: Option<&Node>, tamper: bo
     .expect("node starts")
 }
 
-/// Waits (bounded) until every node knows `count - 1` others.
+/// [`start_on`] on full tables, for tests of what they carry (capacity and job adverts
+/// gossiped to every peer).
+pub async fn start_table_on(ip: std::net::IpAddr, bootstrap: Option<&Node>, tamper: bool) -> Node {
+    let mut config = worker_config_at(std::net::SocketAddr::new(ip, 0), bootstrap, tamper);
+    config.discovery = coordinator_free::node::Discovery::Table;
+    Node::start(Identity::generate().expect("identity"), config)
+        .await
+        .expect("node starts")
+}
+
+/// Waits (bounded) until the nodes form one network: on full tables every node knows
+/// `count - 1` others; on the overlay every node has a neighbour and a survey from the first
+/// finds the `count - 1` others.
 pub async fn converge(nodes: &[&Node], count: usize) {
     let start = Instant::now();
     loop {
         let mut ok = true;
+        let mut overlay = false;
         for node in nodes {
-            ok &= node.status().await.expect("status").peers.len() == count - 1;
+            let status = node.status().await.expect("status");
+            ok &= match &status.overlay {
+                Some(o) => {
+                    overlay = true;
+                    o.active > 0
+                }
+                None => status.peers.len() == count - 1,
+            };
+        }
+        if ok && overlay {
+            let all = nodes[0].status_all().await.expect("survey");
+            ok = all.peers.len() == count - 1;
         }
         if ok {
             return;
