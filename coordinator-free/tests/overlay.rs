@@ -201,3 +201,88 @@ async fn a_peer_answers_surveys_within_its_rate() {
     );
     assert!(answered < ASKS, "{answered} of {ASKS}");
 }
+
+/// A submitter that vanishes without a goodbye (its process killed) and starts again with the
+/// same key on another port is joined at once, though its neighbours still hold a link to the
+/// old process, and its job runs on the workers within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submitter_restarted_with_its_key_is_joined_and_its_job_runs() {
+    let first = start(None).await;
+    let via = Bootstrap {
+        addr: first.local_addr(),
+        peer: Some(first.id()),
+    };
+    let workers = vec![first, start(Some(via)).await, start(Some(via)).await];
+    let key_dir = tempfile::tempdir().expect("tempdir");
+    let key = key_dir.path().to_owned();
+    let submitter_config = move || {
+        let mut config = common::worker_config(None, false);
+        config.bootstrap = vec![via];
+        config.work = None;
+        config
+    };
+
+    // The first process: on a runtime of its own, dropped once the submitter is a neighbour,
+    // so no close frame and no withdrawal ever leave it.
+    let (joined_tx, joined_rx) = std::sync::mpsc::channel();
+    let config = submitter_config();
+    let old_key = key.clone();
+    let old = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async {
+            let identity = Identity::load_or_create(&old_key).expect("key");
+            let node = Node::start(identity, config).await.expect("node starts");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                let s = node.status().await.expect("status");
+                if s.overlay.is_some_and(|o| o.active > 0) {
+                    let _ = joined_tx.send(node.id());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            std::mem::forget(node);
+        });
+        drop(runtime);
+    });
+    let id = tokio::task::spawn_blocking(move || joined_rx.recv_timeout(Duration::from_secs(20)))
+        .await
+        .expect("join")
+        .expect("the first process joins the overlay");
+    old.join().expect("the first process ends");
+    assert!(
+        statuses(&workers).await.iter().any(|s| s
+            .peers
+            .iter()
+            .any(|p| p.id == id && p.known_by == KnownBy::Neighbour)),
+        "a worker holds the vanished submitter as a neighbour"
+    );
+
+    // The second process, same key.
+    let identity = Identity::load_or_create(&key).expect("key");
+    let restarted = Node::start(identity, submitter_config())
+        .await
+        .expect("node starts");
+    assert_eq!(restarted.id(), id);
+    let started = Instant::now();
+    // The worker's link to the old process ends by the idle timeout only after 6 s: before
+    // that, the new process's link replaces it and its join is answered.
+    let mut neighbour = false;
+    while !neighbour && started.elapsed() < Duration::from_secs(4) {
+        let s = restarted.status().await.expect("status");
+        neighbour = s.overlay.is_some_and(|o| o.active > 0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(neighbour, "joined within {:?}", started.elapsed());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let units = 40;
+    let manifest = common::job_files(dir.path(), units, 2);
+    let store = Arc::new(JobStore::open(&dir.path().join("store")).expect("store"));
+    let summary = common::submit(&restarted, dir.path(), manifest, store).await;
+    assert_eq!(summary.accepted, units, "{summary:?}");
+    common::check_reversed(&common::results(dir.path()), units as usize, 2);
+    eprintln!(
+        "the restarted submitter's job was done {:?} after it started",
+        started.elapsed()
+    );
+}
