@@ -188,8 +188,10 @@ pub fn is_loopback(addr: SocketAddr) -> bool {
 /// cannot tell the kinds apart when its transport is chosen (before the handshake names the
 /// protocol), so it keeps the default, as every other path does: discovery up to 1,452
 /// bytes, with offload. The dialer of a job link is the side that sends its bulk (a
-/// submitter serving inputs on the links it dials); pull and blob links carry theirs to the
-/// dialer in default-sized datagrams.
+/// submitter serving inputs on the links it dials); a submitter accepts loopback connections
+/// under [`bulk_server_config`] while it serves a job, so the pull links workers dial to it
+/// carry its inputs in large datagrams too; blob links carry theirs to the dialer in
+/// default-sized datagrams.
 fn transport(
     config: &NetConfig,
     dialed: Option<(SocketAddr, LinkKind)>,
@@ -426,6 +428,22 @@ pub fn endpoint_on(
     .map_err(|source| NetError::Bind { addr, source })
 }
 
+/// The accepting side's configuration for connections from loopback while this peer serves a
+/// job: they are mostly workers' pull links, over which this peer sends the job's inputs, so
+/// they probe the path up to the loopback MTU as the links it dials for bulk do (see
+/// [`transport`]). The padding this costs on the few other links accepted meanwhile stays on
+/// the machine.
+pub fn bulk_server_config(
+    identity: &Identity,
+    allow: Option<Arc<AllowList>>,
+    config: &NetConfig,
+) -> Result<Arc<quinn::ServerConfig>, NetError> {
+    let mut server = server_config(identity, allow, config)?;
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    server.transport_config(transport(config, Some((loopback, LinkKind::Pull)))?);
+    Ok(Arc::new(server))
+}
+
 /// The accepting side's configuration.
 fn server_config(
     identity: &Identity,
@@ -521,9 +539,22 @@ pub async fn dial_for(
 
 /// Completes an incoming connection.
 pub async fn accept(incoming: quinn::Incoming, config: &NetConfig) -> Result<PeerLink, NetError> {
+    accept_with(incoming, config, None).await
+}
+
+/// [`accept`] under `server` instead of the endpoint's own configuration, when given.
+pub async fn accept_with(
+    incoming: quinn::Incoming,
+    config: &NetConfig,
+    server: Option<Arc<quinn::ServerConfig>>,
+) -> Result<PeerLink, NetError> {
     let limit = config.handshake_timeout;
     tokio::time::timeout(limit, async {
-        let conn = incoming.accept()?.await?;
+        let connecting = match server {
+            Some(server) => incoming.accept_with(server)?,
+            None => incoming.accept()?,
+        };
+        let conn = connecting.await?;
         greet(conn, true, &config.traffic).await
     })
     .await

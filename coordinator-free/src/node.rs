@@ -418,9 +418,19 @@ impl Node {
         let (inputs_tx, inputs_rx) = mpsc::channel(INPUT_QUEUE);
         let (requests_tx, requests_rx) = mpsc::channel(16);
         let mut tasks = JoinSet::new();
+        let pulls = submit::PullInbox::default();
+        let bulk = Bulk {
+            server: net::bulk_server_config(&identity, allow.clone(), &config.net)?,
+            serving: pulls.clone(),
+        };
         tasks.spawn(
-            accept_loop(endpoint.clone(), config.net.clone(), inputs_tx.clone())
-                .instrument(tracing::debug_span!("accept")),
+            accept_loop(
+                endpoint.clone(),
+                config.net.clone(),
+                inputs_tx.clone(),
+                bulk,
+            )
+            .instrument(tracing::debug_span!("accept")),
         );
 
         let mut control_path = None;
@@ -469,7 +479,6 @@ impl Node {
             );
         }
 
-        let pulls = submit::PullInbox::default();
         let dialer = JobDialer {
             pulls: pulls.clone(),
             me: id,
@@ -1551,6 +1560,11 @@ impl Actor {
     /// says goodbye on each.
     async fn leave_overlay(&mut self) {
         if let Some(mut o) = self.overlay.take() {
+            let _ = tokio::time::timeout(
+                SHUTDOWN_GRACE,
+                o.handle.inputs.send(overlay::OverlayInput::Leave),
+            )
+            .await;
             let (closed, _) = mpsc::channel(1);
             drop(std::mem::replace(&mut o.handle.inputs, closed));
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, &mut o.handle.task).await;
@@ -1588,7 +1602,18 @@ async fn suspension_changed(
     }
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, net: NetConfig, inputs: mpsc::Sender<Input>) {
+/// The configuration loopback connections are accepted under while this peer serves a job.
+struct Bulk {
+    server: Arc<quinn::ServerConfig>,
+    serving: submit::PullInbox,
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    net: NetConfig,
+    inputs: mpsc::Sender<Input>,
+    bulk: Bulk,
+) {
     let permits = Arc::new(Semaphore::new(net.max_handshakes));
     let mut handshakes = JoinSet::new();
     loop {
@@ -1602,10 +1627,13 @@ async fn accept_loop(endpoint: quinn::Endpoint, net: NetConfig, inputs: mpsc::Se
                 };
                 let net = net.clone();
                 let inputs = inputs.clone();
+                let server = (net::is_loopback(incoming.remote_address())
+                    && bulk.serving.is_open())
+                .then(|| Arc::clone(&bulk.server));
                 let span = tracing::debug_span!("accept", remote = %incoming.remote_address());
                 handshakes.spawn(async move {
                     let _permit = permit;
-                    match net::accept(incoming, &net).await {
+                    match net::accept_with(incoming, &net, server).await {
                         Ok(link) => {
                             let _ = inputs.send(Input::Established(link)).await;
                         }

@@ -28,6 +28,12 @@ use std::time::{Duration, Instant};
 use coordinator_free::sandbox::{Metering, Sandbox, SandboxConfig, UnitRequest};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_worker");
+
+/// The `worker` binary every peer and submitter runs: this build's, or the one named by
+/// `CF_BENCH_WORKER` (a build of an earlier commit, for a baseline run just before).
+fn worker() -> String {
+    std::env::var("CF_BENCH_WORKER").unwrap_or_else(|_| WORKER.to_owned())
+}
 const RUNS: usize = 3;
 const PI_UNITS: u64 = 200;
 const TINY_UNITS: u64 = 10_000;
@@ -133,7 +139,7 @@ fn network(count: usize) -> Network {
     let mut bootstrap = String::new();
     for i in 0..count {
         let dir = tempfile::tempdir().expect("data dir");
-        let mut command = Command::new(WORKER);
+        let mut command = Command::new(worker());
         // Each peer on a loopback address of its own: a host of its own to the submitter.
         let listen = format!("127.0.0.{}:0", i + 2);
         command
@@ -160,7 +166,7 @@ fn network(count: usize) -> Network {
     // Let membership settle so every job starts with the whole network known.
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        let out = Command::new(WORKER)
+        let out = Command::new(worker())
             .args(["status", "--json", "--data-dir"])
             .arg(dirs[0].path())
             .output()
@@ -198,7 +204,7 @@ fn submit_in(dir: &Path, data: &Path, name: &str, manifest: &str, extra: &[&str]
     std::fs::write(&job, manifest).expect("manifest written");
     let out = tempfile::tempdir().expect("out dir");
     let started = Instant::now();
-    let status = Command::new(WORKER)
+    let status = Command::new(worker())
         .arg("submit")
         .arg(&job)
         .arg("--data-dir")
@@ -232,6 +238,7 @@ fn main() {
         );
         return;
     }
+    println!("# worker binary: {}", worker());
     // `jobs --data-path` runs only the data path and its baselines.
     if args.iter().any(|a| a == "--data-path") {
         data_path();

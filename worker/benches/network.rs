@@ -301,6 +301,25 @@ async fn estimates(peers: &[Peer], bootstrap_sent: f64) -> String {
     )
 }
 
+/// The three peers that sent the most while idle, with what they hold: connections, the
+/// overlay's views, and the network's size as each estimates it.
+async fn top_senders(peers: &[Peer], sent: &[f64]) -> String {
+    let mut order: Vec<usize> = (0..sent.len().min(peers.len())).collect();
+    order.sort_by(|a, b| sent[*b].total_cmp(&sent[*a]));
+    let mut parts = Vec::new();
+    for &i in order.iter().take(3) {
+        let Ok(s) = control::status(&peers[i].dir).await else {
+            continue;
+        };
+        let (active, passive) = s.overlay.as_ref().map_or((0, 0), |o| (o.active, o.passive));
+        parts.push(format!(
+            "peer {i}: {:.0} B/s, {} connections, active {active}, passive {passive}",
+            sent[i], s.connections
+        ));
+    }
+    format!("most idle traffic: {}", parts.join("; "))
+}
+
 /// Submits a job of no-op units through the first peer; its wall time and the number of peers
 /// that ran its units, from the summary.
 fn run_job(bootstrap: &str) -> (Duration, Option<usize>) {
@@ -416,6 +435,7 @@ fn main() {
             let bootstrap_sent = all.first().copied().unwrap_or(0.0);
             if overlay() {
                 println!("{}", estimates(&peers, bootstrap_sent).await);
+                println!("{}", top_senders(&peers, &all).await);
             }
             let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
             let (all_max, membership_max) = (max(&all), max(&membership));

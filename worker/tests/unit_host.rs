@@ -671,3 +671,25 @@ fn a_compile_past_the_hosts_memory_limit_is_a_host_failure_and_a_fresh_host_runs
     let roomy = host_limited_to("512").run(&heavy, request(b"", Duration::from_secs(60)));
     assert_eq!(roomy.result, Ok(Vec::new()));
 }
+
+/// Large inputs reach the host intact: their pages go into the pipe by reference on Linux, so
+/// each is a fresh allocation freed right after its unit, and every byte must come back.
+#[test]
+fn large_inputs_cross_the_pipe_byte_for_byte() {
+    let mut host = host();
+    let echo = HostedModule::new(example_artifacts::ECHO_BYTES.to_vec(), Metering::Off);
+    for (round, len) in [
+        (1u8, (1 << 20) + 7),
+        (2, 9 << 20),
+        (3, 64 << 10),
+        (4, 3 << 20),
+    ] {
+        let input: Vec<u8> = (0..len)
+            .map(|i: usize| (i as u8).wrapping_mul(31).wrapping_add(round))
+            .collect();
+        let report = host.run(&echo, request(&input, Duration::from_secs(60)));
+        let output = report.result.expect("echo runs");
+        assert_eq!(output.len(), input.len(), "round {round}");
+        assert!(output == input, "round {round}: the bytes differ");
+    }
+}

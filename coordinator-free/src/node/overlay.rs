@@ -60,6 +60,9 @@ const FLUSH_ON_LEAVE: Duration = Duration::from_millis(200);
 
 /// What the actor hears.
 pub(crate) enum OverlayInput {
+    /// The peer is leaving: deliver what the links hold, say goodbye and stop. (The links'
+    /// readers hold senders of these inputs, so the driver cannot wait for every sender to go.)
+    Leave,
     /// An overlay link someone dialed to us.
     Accepted(PeerLink),
     /// A bootstrap or discovered address, with the peer expected there when known.
@@ -223,7 +226,8 @@ pub(crate) struct OverlayDriver {
     broadcast_commands: Vec<BroadcastCommand>,
 }
 
-/// Starts the driver for the peer `me`. It runs until every sender of inputs is dropped.
+/// Starts the driver for the peer `me`. It runs until told to leave, or every sender of inputs
+/// is dropped.
 pub(crate) fn spawn(me: PeerInfo, config: Config, seed: u64, dialing: Dialing) -> OverlayHandle {
     let (inputs_tx, inputs_rx) = mpsc::channel(INPUTS);
     let (delivered, adverts) = mpsc::channel(DELIVERED);
@@ -274,8 +278,8 @@ impl OverlayDriver {
             let wake = tokio::time::Instant::from_std(wake);
             tokio::select! {
                 input = inputs.recv() => match input {
+                    Some(OverlayInput::Leave) | None => break,
                     Some(input) => self.on_input(input),
-                    None => break,
                 },
                 () = tokio::time::sleep_until(wake) => self.on_timer(),
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
@@ -297,6 +301,8 @@ impl OverlayDriver {
 
     fn on_input(&mut self, input: OverlayInput) {
         match input {
+            // Handled by the loop.
+            OverlayInput::Leave => {}
             OverlayInput::Accepted(link) => self.linked(link, None),
             OverlayInput::SentOnce { link, msg } => self.linked(link, Some(msg)),
             OverlayInput::ContactAddr { addr, peer } => self.contact_addr(addr, peer),

@@ -107,6 +107,11 @@ impl PullInbox {
     fn set(&self, tx: Option<mpsc::Sender<PeerLink>>) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = tx;
     }
+
+    /// Whether a job is taking pull links now.
+    pub(super) fn is_open(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
 }
 
 /// What a submitter needs from its node to reach workers: the endpoint, identity and the

@@ -143,15 +143,69 @@ pub(crate) struct ReceivedUnit {
 /// the frame's buffer, so a batch of small units is still one write.
 const DIRECT_WRITE: usize = 64 << 10;
 
+/// Where a batch is written: the host's stdin, or a buffer in tests.
+pub(crate) trait BatchOut: Write {
+    /// Writes `bytes`, which stay unchanged and alive until the host has read the batch.
+    fn write_large(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.write_all(bytes)
+    }
+}
+
+impl BatchOut for Vec<u8> {}
+
+impl BatchOut for ChildStdin {
+    /// On Linux the pages themselves go into the pipe (`vmsplice`): the host's read is then the
+    /// only copy of a large input, where a write would copy it into the pipe first.
+    #[cfg(target_os = "linux")]
+    fn write_large(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let fd = self.as_raw_fd();
+        let mut left = bytes;
+        while !left.is_empty() {
+            let iov = libc::iovec {
+                iov_base: left.as_ptr().cast_mut().cast(),
+                iov_len: left.len(),
+            };
+            // SAFETY: `iov` names `left`, memory we borrow for the call, and vmsplice only reads
+            // it (without SPLICE_F_GIFT the pages stay ours). The pipe then holds references to
+            // those pages until the host reads them, so they must not change or be reused
+            // before: the caller's bytes are an input blob, never written once complete, and
+            // the caller keeps it alive for the whole round, while the host reads every input
+            // of a batch before it runs the first unit. If the host dies first, nobody reads
+            // what is left in the pipe.
+            let n = unsafe { libc::vmsplice(fd, &iov, 1, 0) };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                match err.kind() {
+                    std::io::ErrorKind::Interrupted => continue,
+                    // Not a pipe after all: an ordinary write.
+                    _ if left.len() == bytes.len()
+                        && matches!(err.raw_os_error(), Some(libc::EINVAL | libc::EBADF)) =>
+                    {
+                        return self.write_all(bytes);
+                    }
+                    _ => return Err(err),
+                }
+            }
+            let n = usize::try_from(n).unwrap_or(0);
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            left = left.get(n..).unwrap_or_default();
+        }
+        Ok(())
+    }
+}
+
 /// Writes a batch: its frame, then every unit's input bytes in order. A large input goes to the
 /// pipe straight from the worker's copy of it, not through a frame buffer.
-pub(crate) fn write_batch(out: &mut impl Write, batch: &Batch<'_>) -> std::io::Result<()> {
+pub(crate) fn write_batch(out: &mut impl BatchOut, batch: &Batch<'_>) -> std::io::Result<()> {
     let mut bytes = frame_bytes(batch)?;
     for unit in &batch.units {
         if unit.input.len() >= DIRECT_WRITE {
             out.write_all(&bytes)?;
             bytes.clear();
-            out.write_all(unit.input)?;
+            out.write_large(unit.input)?;
         } else {
             bytes.extend_from_slice(unit.input);
         }
