@@ -32,6 +32,15 @@ const CONVERGE_LIMIT: Duration = Duration::from_secs(120);
 const SETUP_SAMPLES: usize = 50;
 /// How long idle traffic is measured over.
 const IDLE_WINDOW: Duration = Duration::from_secs(20);
+
+/// The window idle traffic is averaged over: `window=SECS` among the arguments, else
+/// [`IDLE_WINDOW`]. A 20-s window shows bursts (one incoming handshake is a few KB); a longer
+/// one shows what a peer costs over time.
+fn idle_window() -> Duration {
+    std::env::args()
+        .find_map(|a| a.strip_prefix("window=").and_then(|s| s.parse().ok()))
+        .map_or(IDLE_WINDOW, Duration::from_secs)
+}
 /// Units of the job run on the converged network.
 const JOB_UNITS: u64 = 400;
 
@@ -238,7 +247,7 @@ async fn converge(n: usize) -> (Run, Vec<Peer>, tempfile::TempDir) {
     )
 }
 
-/// Bytes each peer sent per second over [`IDLE_WINDOW`]: all kinds, and membership alone.
+/// Bytes each peer sent per second over [`idle_window`]: all kinds, and membership alone.
 async fn idle_sent(peers: &[Peer]) -> (Vec<f64>, Vec<f64>) {
     let sent = |t: &coordinator_free::traffic::TrafficReport| {
         (
@@ -255,7 +264,7 @@ async fn idle_sent(peers: &[Peer]) -> (Vec<f64>, Vec<f64>) {
                 .map(|s| (Instant::now(), sent(&s.traffic))),
         );
     }
-    tokio::time::sleep(IDLE_WINDOW).await;
+    tokio::time::sleep(idle_window()).await;
     let (mut all, mut membership) = (Vec::new(), Vec::new());
     for (peer, before) in peers.iter().zip(before) {
         let (Some((t0, (all0, m0))), Ok(status)) = (before, control::status(&peer.dir).await)
@@ -420,7 +429,12 @@ fn main() {
     runtime.block_on(async {
         println!("worker binary: {WORKER}");
         println!();
-        println!("discovery: {}, settling {} s after convergence", discovery(), settle().as_secs());
+        println!(
+            "discovery: {}, settling {} s after convergence, idle traffic averaged over {} s",
+            discovery(),
+            settle().as_secs(),
+            idle_window().as_secs()
+        );
         println!("| peers | all control sockets up | converged ({}) | idle RSS median | idle RSS max | idle B/s sent per peer: median / max | of it membership: median / max | {JOB_UNITS} no-op units: wall, peers that ran some |", if overlay() { "one connected overlay" } else { "every table N-1" });
         println!("|---|---|---|---|---|---|---|---|");
         let mut last = None;
