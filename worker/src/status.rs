@@ -275,8 +275,12 @@ fn table(report: &StatusReport) -> String {
         Some(o) => {
             let _ = writeln!(
                 out,
-                "network    overlay: {} neighbours, {} passive peers; adverts of {} submitters heard, {} relayed, {} refused",
-                o.active, o.passive, o.adverts_heard, o.adverts_relayed, o.adverts_refused
+                "network    overlay: {}, {}; adverts of {} heard, {} relayed, {} refused",
+                counted(o.active, "neighbour"),
+                counted(o.passive, "passive peer"),
+                counted(o.adverts_heard, "submitter"),
+                o.adverts_relayed,
+                o.adverts_refused
             );
             let _ = match o.estimated_peers {
                 Some(n) => writeln!(
@@ -422,6 +426,15 @@ fn progress_text(progress: Option<(u64, u64)>) -> String {
     }
 }
 
+/// `n` and `noun`, made plural unless `n` is one.
+fn counted(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -523,7 +536,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("overlay: 1 neighbours, 1 passive peers; adverts of 1 submitters heard, 4 relayed, 2 refused"),
+            text.contains("overlay: 1 neighbour, 1 passive peer; adverts of 1 submitter heard, 4 relayed, 2 refused"),
             "{text}"
         );
         let row = |n: u8| {
