@@ -654,7 +654,6 @@ impl Node {
         self.suspend.clone()
     }
 
-    /// Closes every connection with a goodbye and stops all tasks.
     /// Leaves the overlay: what its links hold is delivered (the withdrawal of a job that
     /// ended) and each says goodbye. Then [`Node::shutdown`] has only QUIC's drain to wait for.
     pub async fn leave(&self) {
@@ -664,6 +663,7 @@ impl Node {
         }
     }
 
+    /// Closes every connection with a goodbye and stops all tasks.
     pub async fn shutdown(mut self) {
         let (tx, rx) = oneshot::channel();
         if self.requests.send(Request::Shutdown(tx)).await.is_ok() {
@@ -788,7 +788,6 @@ impl Drop for OverlayPart {
     }
 }
 
-/// The next advert the overlay delivered; never, without an overlay.
 /// What the overlay driver delivered to the node.
 enum FromOverlay {
     Advert(Box<crate::job_advert::JobAdvert>),

@@ -28,17 +28,17 @@ use std::time::{Duration, Instant};
 use coordinator_free::sandbox::{Metering, Sandbox, SandboxConfig, UnitRequest};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_worker");
+const RUNS: usize = 3;
+const PI_UNITS: u64 = 200;
+const TINY_UNITS: u64 = 10_000;
+/// Units in the native probe timed before each run of the sweep.
+const PROBE_UNITS: u64 = 20;
 
 /// The `worker` binary every peer and submitter runs: this build's, or the one named by
 /// `CF_BENCH_WORKER` (a build of an earlier commit, for a baseline run just before).
 fn worker() -> String {
     std::env::var("CF_BENCH_WORKER").unwrap_or_else(|_| WORKER.to_owned())
 }
-const RUNS: usize = 3;
-const PI_UNITS: u64 = 200;
-const TINY_UNITS: u64 = 10_000;
-/// Units in the native probe timed before each run of the sweep.
-const PROBE_UNITS: u64 = 20;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();

@@ -247,8 +247,9 @@ async fn converge(n: usize) -> (Run, Vec<Peer>, tempfile::TempDir) {
     )
 }
 
-/// Bytes each peer sent per second over [`idle_window`]: all kinds, and membership alone.
-async fn idle_sent(peers: &[Peer]) -> (Vec<f64>, Vec<f64>) {
+/// Bytes each peer sent per second over [`idle_window`], all kinds and membership alone, in
+/// the peers' order (`None` for a peer whose status did not answer).
+async fn idle_sent(peers: &[Peer]) -> Vec<Option<(f64, f64)>> {
     let sent = |t: &coordinator_free::traffic::TrafficReport| {
         (
             t.membership.total.sent + t.jobs.total.sent + t.blobs.total.sent,
@@ -265,18 +266,21 @@ async fn idle_sent(peers: &[Peer]) -> (Vec<f64>, Vec<f64>) {
         );
     }
     tokio::time::sleep(idle_window()).await;
-    let (mut all, mut membership) = (Vec::new(), Vec::new());
+    let mut out = Vec::with_capacity(peers.len());
     for (peer, before) in peers.iter().zip(before) {
         let (Some((t0, (all0, m0))), Ok(status)) = (before, control::status(&peer.dir).await)
         else {
+            out.push(None);
             continue;
         };
         let secs = t0.elapsed().as_secs_f64();
         let (all1, m1) = sent(&status.traffic);
-        all.push(all1.saturating_sub(all0) as f64 / secs);
-        membership.push(m1.saturating_sub(m0) as f64 / secs);
+        out.push(Some((
+            all1.saturating_sub(all0) as f64 / secs,
+            m1.saturating_sub(m0) as f64 / secs,
+        )));
     }
-    (all, membership)
+    out
 }
 
 /// The bootstrap peer's idle traffic beside the network's size as the peers estimate it:
@@ -310,8 +314,8 @@ async fn estimates(peers: &[Peer], bootstrap_sent: f64) -> String {
     )
 }
 
-/// The three peers that sent the most while idle, with what they hold: connections, the
-/// overlay's views, and the network's size as each estimates it.
+/// The three peers that sent the most while idle (`sent` in the peers' order), with what they
+/// hold: connections and the overlay's views.
 async fn top_senders(peers: &[Peer], sent: &[f64]) -> String {
     let mut order: Vec<usize> = (0..sent.len().min(peers.len())).collect();
     order.sort_by(|a, b| sent[*b].total_cmp(&sent[*a]));
@@ -445,12 +449,15 @@ fn main() {
                 .map_or("did not converge".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()));
             let rss_median = median(&mut run.rss_kib) / 1024.0;
             let rss_max = run.rss_kib.iter().copied().fold(0.0, f64::max) / 1024.0;
-            let (mut all, mut membership) = idle_sent(&peers).await;
-            let bootstrap_sent = all.first().copied().unwrap_or(0.0);
+            let sent = idle_sent(&peers).await;
             if overlay() {
+                let bootstrap_sent = sent.first().copied().flatten().map_or(0.0, |s| s.0);
                 println!("{}", estimates(&peers, bootstrap_sent).await);
-                println!("{}", top_senders(&peers, &all).await);
+                // Peers that did not answer rank last.
+                let by_peer: Vec<f64> = sent.iter().map(|s| s.map_or(0.0, |s| s.0)).collect();
+                println!("{}", top_senders(&peers, &by_peer).await);
             }
+            let (mut all, mut membership): (Vec<f64>, Vec<f64>) = sent.into_iter().flatten().unzip();
             let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
             let (all_max, membership_max) = (max(&all), max(&membership));
             let bootstrap = {

@@ -373,13 +373,8 @@ impl OverlayDriver {
             // A second link dialed the same way replaces the first: the dialer has given up on
             // it (a peer restarted with its key dials in while the link to its old process
             // still waits for the idle timeout), and the new one has just proved that key.
-            let keep_new = if existing.inbound == link.inbound {
-                true
-            } else if self.me < peer {
-                !link.inbound
-            } else {
-                link.inbound
-            };
+            let restarted = existing.inbound == link.inbound;
+            let keep_new = restarted || (self.me < peer) != link.inbound;
             if !keep_new {
                 link.conn
                     .close(VarInt::from_u32(close::DUPLICATE), b"duplicate");
@@ -390,7 +385,6 @@ impl OverlayDriver {
                 self.handle(Event::ConnectionUp { peer, addr });
                 return;
             }
-            let restarted = existing.inbound == link.inbound;
             if let Some(old) = self.links.remove(&peer) {
                 old.conn
                     .close(VarInt::from_u32(close::DUPLICATE), b"duplicate");

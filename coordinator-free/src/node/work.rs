@@ -1012,9 +1012,11 @@ impl Work {
     /// from at once when slots are idle.
     fn on_advert(&mut self, advert: crate::job_advert::JobAdvert, now: Instant) {
         let submitter = advert.submitter;
-        let offered = |a: &crate::job_advert::JobAdvert| (a.job, a.addrs.clone(), a.relay);
-        let before = self.adverts.get(&submitter).map(offered);
-        let after = offered(&advert);
+        // Another job, or the submitter started again elsewhere: the last try (perhaps at an
+        // address nobody answers at any more) must not hold the new offer back.
+        let changed = self.adverts.get(&submitter).is_some_and(|known| {
+            (known.job, &known.addrs, known.relay) != (advert.job, &advert.addrs, advert.relay)
+        });
         // A withdrawal is kept (it shadows the offer it ends) whatever the worker could run.
         if !advert.withdrawn()
             && (advert.profile != crate::sandbox::PROFILE_VERSION
@@ -1026,9 +1028,7 @@ impl Work {
         if self.adverts.admit(advert, super::wall_clock_ms()).is_err() {
             return;
         }
-        // Another job, or the submitter started again elsewhere: the last try (perhaps at an
-        // address nobody answers at any more) does not hold the new offer back.
-        if before.is_some_and(|b| b != after) {
+        if changed {
             self.pull_tried.remove(&submitter);
         }
         if self.idle() {
