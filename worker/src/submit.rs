@@ -100,7 +100,15 @@ pub fn run(args: SubmitArgs) -> Result<ExitCode, Failure> {
 fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Failure> {
     // Everything the user gave is checked before anything runs.
     let manifest = JobManifest::load(&args.manifest).map_err(Failure::usage)?;
-    let units = UnitSource::open(&manifest, &args.manifest).map_err(Failure::usage)?;
+    // Input files are hashed (every core, a gigabyte in a tenth of a second or more) while the
+    // module is checked and the network joined; the job is defined once both are done.
+    let hashing = {
+        let (manifest, path) = (manifest.clone(), args.manifest.clone());
+        std::thread::Builder::new()
+            .name("cf-inputs".into())
+            .spawn(move || UnitSource::open(&manifest, &path))
+            .map_err(|e| internal(e.into()))?
+    };
     let module_file = std::fs::read(&manifest.module)
         .with_context(|| format!("cannot read the module {}", manifest.module.display()))
         .map_err(Failure::usage)?;
@@ -120,6 +128,47 @@ fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Fa
         error: e.into(),
         code: exit::USAGE,
     })?;
+    // Joining through the peer running on the data directory, the submitter finds peers as
+    // that peer does.
+    let (bootstrap, discovery) = if args.bootstrap.is_empty() {
+        match running_peer(&data_dir) {
+            Some((bootstrap, discovery)) => (vec![bootstrap], discovery),
+            None => (Vec::new(), args.discovery),
+        }
+    } else {
+        (args.bootstrap.clone(), args.discovery)
+    };
+    let network = Network {
+        bootstrap,
+        listen: args.listen,
+        mdns: !args.no_mdns,
+        discovery,
+        via_relay: args.via_relay,
+        cpus,
+        data_dir: &data_dir,
+        ui: args.ui,
+    };
+    if network.bootstrap.is_empty() && cpus == 0 {
+        return Err(Failure::usage(anyhow!(
+            "--cpus 0 leaves no core to run a job on this machine; pass --bootstrap to use the network"
+        )));
+    }
+    let joined = if network.bootstrap.is_empty() {
+        None
+    } else {
+        Some(join_network(&network)?)
+    };
+    let units = match hashing.join() {
+        Ok(Ok(units)) => units,
+        Ok(Err(e)) => {
+            leave(joined);
+            return Err(Failure::usage(e));
+        }
+        Err(_) => {
+            leave(joined);
+            return Err(internal(anyhow!("hashing the inputs failed")));
+        }
+    };
     let module_digest = Digest::of(&wasm);
     let id = coordinator_free::job::local::job_id(&module_digest, &manifest, &units);
     if store
@@ -147,6 +196,7 @@ fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Fa
             "job {}: its manifest, module or inputs changed since it ran (job {expected}, now {id}); resubmit it to run its units again",
             manifest.name
         );
+        leave(joined);
         return Ok(ExitCode::SUCCESS);
     }
     // Where the job came from, so a later job that catches a peer its results rest on can run
@@ -177,22 +227,19 @@ fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Fa
     } else {
         Metering::Off
     };
-    // Joining through the peer running on the data directory, the submitter finds peers as
-    // that peer does.
-    let (bootstrap, discovery) = if args.bootstrap.is_empty() {
-        match running_peer(&data_dir) {
-            Some((bootstrap, discovery)) => (vec![bootstrap], discovery),
-            None => (Vec::new(), args.discovery),
-        }
+    let (summary, simulated) = if let Some(joined) = joined {
+        let summary = run_on_network(
+            joined,
+            &manifest,
+            units,
+            wasm.to_vec().into(),
+            module_digest,
+            &network,
+            &store,
+            &out_dir,
+        )?;
+        (summary, false)
     } else {
-        (args.bootstrap.clone(), args.discovery)
-    };
-    let (summary, simulated) = if bootstrap.is_empty() {
-        if cpus == 0 {
-            return Err(Failure::usage(anyhow!(
-                "--cpus 0 leaves no core to run a job on this machine; pass --bootstrap to use the network"
-            )));
-        }
         let module = Arc::new(HostedModule::new(wasm.to_vec(), metering));
         let command = crate::unit_host_command(
             &data_dir,
@@ -237,27 +284,6 @@ fn submit(args: SubmitArgs, revalidating: Option<Digest>) -> Result<ExitCode, Fa
             .map_err(|e| internal(anyhow!(e)))?;
         display.finish();
         (summary, true)
-    } else {
-        let network = Network {
-            bootstrap,
-            listen: args.listen,
-            mdns: !args.no_mdns,
-            discovery,
-            via_relay: args.via_relay,
-            cpus,
-            data_dir: &data_dir,
-            ui: args.ui,
-        };
-        let summary = run_on_network(
-            &manifest,
-            units,
-            wasm.to_vec().into(),
-            module_digest,
-            &network,
-            &store,
-            &out_dir,
-        )?;
-        (summary, false)
     };
     stop::done();
     print_summary(&manifest, &summary, simulated);
@@ -393,15 +419,24 @@ fn running_peer(data_dir: &Path) -> Option<(BootstrapArg, Discovery)> {
 }
 
 /// Starts a peer of the submitter's own, joins the network and runs the job over it.
-fn run_on_network(
-    manifest: &JobManifest,
-    units: UnitSource,
-    module: Arc<[u8]>,
-    module_digest: Digest,
-    network: &Network<'_>,
-    store: &JobStore,
-    out_dir: &Path,
-) -> Result<JobSummary, Failure> {
+/// The submitting peer, started and joined (or given up waiting for the first peers).
+struct Joined {
+    runtime: tokio::runtime::Runtime,
+    node: Node,
+}
+
+/// Says goodbye for a peer that joined but has no job to run after all.
+fn leave(joined: Option<Joined>) {
+    if let Some(Joined { runtime, node }) = joined {
+        runtime.block_on(async {
+            let _ = tokio::time::timeout(LEAVE_LIMIT, node.leave()).await;
+            let _ = tokio::time::timeout(SHUTDOWN_LIMIT, node.shutdown()).await;
+        });
+    }
+}
+
+/// Starts the submitting peer and waits (at most [`JOIN_WAIT`]) until it knows a peer.
+fn join_network(network: &Network<'_>) -> Result<Joined, Failure> {
     // Its own identity: a `worker run` peer may be using the data directory's.
     let identity = Identity::load_or_create(&network.data_dir.join("submitter"))
         .map_err(|e| internal(anyhow!(e)))?;
@@ -457,6 +492,21 @@ fn run_on_network(
             "no peer answered yet; the job waits for peers (Ctrl-C stops it, and the same command resumes it)"
         );
     }
+    Ok(Joined { runtime, node })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_on_network(
+    joined: Joined,
+    manifest: &JobManifest,
+    units: UnitSource,
+    module: Arc<[u8]>,
+    module_digest: Digest,
+    network: &Network<'_>,
+    store: &JobStore,
+    out_dir: &Path,
+) -> Result<JobSummary, Failure> {
+    let Joined { runtime, node } = joined;
     let job = JobData::new(manifest, units, module_digest);
     eprintln!(
         "job {} ({}) from peer {}, joining through {}",

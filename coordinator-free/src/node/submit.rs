@@ -1175,12 +1175,24 @@ impl Workers for NetWorkers {
         if out.is_empty() {
             let deadline =
                 tokio::time::Instant::from_std(until.min(self.next_scan.max(Instant::now())));
-            let rx = &mut self.events_rx;
-            if let Ok(Some(event)) = self
-                .runtime
-                .block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await })
-            {
-                events.push(event);
+            let (rx, pulls) = (&mut self.events_rx, &mut self.pulls);
+            // A worker that pulled is served at once, not at the next scan: its link is the
+            // job's start on a network that found it by its advert. (An inbox another job
+            // took over is closed, and no longer waited on.)
+            let pulls_open = !pulls.is_closed();
+            let woken = self.runtime.block_on(async {
+                tokio::time::timeout_at(deadline, async {
+                    tokio::select! {
+                        event = rx.recv() => event.map(Woken::Event),
+                        link = pulls.recv(), if pulls_open => link.map(Woken::Pull),
+                    }
+                })
+                .await
+            });
+            match woken {
+                Ok(Some(Woken::Event(event))) => events.push(event),
+                Ok(Some(Woken::Pull(link))) => self.adopt(link),
+                Ok(None) | Err(_) => {}
             }
         }
         while let Ok(event) = self.events_rx.try_recv() {
@@ -1214,6 +1226,12 @@ impl Workers for NetWorkers {
             .map(|a| a.ids().copied().collect())
             .unwrap_or_default()
     }
+}
+
+/// What ended a wait of the job loop.
+enum Woken {
+    Event(NetEvent),
+    Pull(PeerLink),
 }
 
 #[cfg(test)]
