@@ -284,22 +284,28 @@ pub fn control_request(data: &[u8]) {
 /// Frames between a worker and its unit host (`sandbox/host.rs`), both directions: batches
 /// as the host reads them and the host's answers as the worker reads them, from one stream.
 pub fn unit_host_frame(data: &[u8]) {
-    use crate::sandbox::host::{FromHost, read_batch, read_frame, write_batch, write_frame};
+    use crate::sandbox::host::{
+        FromHost, SpareInputs, read_batch, read_frame, write_batch, write_frame,
+    };
 
     let mut stream = data;
+    // Buffers of earlier batches are read into again, as in the host.
+    let mut spare = SpareInputs::default();
     // Bounded: every frame read consumes at least its four-byte length.
     for _ in 0..=data.len() / 4 {
-        let Ok(Some(batch)) = read_batch(&mut stream) else {
+        let Ok(Some(batch)) = read_batch(&mut stream, &mut spare) else {
             break;
         };
         let mut once = Vec::new();
         write_batch(&mut once, &batch.as_sent()).expect("a read batch fits a frame");
-        let again = read_batch(&mut &once[..])
+        let again = read_batch(&mut &once[..], &mut spare)
             .expect("a written batch reads")
             .expect("a written batch is a frame");
         let mut twice = Vec::new();
         write_batch(&mut twice, &again.as_sent()).expect("a read batch fits a frame");
         assert_eq!(once, twice);
+        batch.recycle(&mut spare);
+        again.recycle(&mut spare);
     }
 
     let mut stream = data;

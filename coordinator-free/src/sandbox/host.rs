@@ -124,6 +124,47 @@ struct UnitHead {
     limits: Limits,
 }
 
+/// Input buffers of units that ended, kept for later inputs of the same length: each is
+/// overwritten whole by the next input read into it, where a fresh buffer is zeroed first (or
+/// faulted in page by page), a cost as large as the copy on inputs of many MiB. Sweeps over
+/// a dataset cut into equal files reuse every one.
+#[derive(Default)]
+pub(crate) struct SpareInputs {
+    buffers: Vec<Arc<[u8]>>,
+    bytes: usize,
+}
+
+/// Most bytes of spare input buffers a unit host keeps.
+const SPARE_INPUT_BYTES: usize = 64 << 20;
+/// Inputs shorter than this are not worth keeping: their zeroing is cheap.
+const SPARE_AT_LEAST: usize = 64 << 10;
+
+impl SpareInputs {
+    /// A spare buffer of exactly `len` bytes, if one is kept.
+    fn take(&mut self, len: usize) -> Option<Arc<[u8]>> {
+        let at = self.buffers.iter().position(|b| b.len() == len)?;
+        let buffer = self.buffers.swap_remove(at);
+        self.bytes -= buffer.len();
+        Some(buffer)
+    }
+
+    /// Keeps `buffer` if nothing else holds it and it fits the cap, letting the oldest go.
+    fn keep(&mut self, buffer: Arc<[u8]>) {
+        if buffer.len() < SPARE_AT_LEAST
+            || buffer.len() > SPARE_INPUT_BYTES
+            || Arc::strong_count(&buffer) != 1
+        {
+            return;
+        }
+        while self.bytes + buffer.len() > SPARE_INPUT_BYTES && !self.buffers.is_empty() {
+            let old = self.buffers.remove(0);
+            self.bytes -= old.len();
+        }
+        self.bytes += buffer.len();
+        self.buffers.push(buffer);
+    }
+}
+
 /// A whole batch as the host reads it: its frame, and the inputs that follow it.
 pub(crate) struct ReceivedBatch {
     digest: Digest,
@@ -219,7 +260,10 @@ pub(crate) fn write_batch(out: &mut impl BatchOut, batch: &Batch<'_>) -> std::io
 /// Reads a batch [`write_batch`] wrote; `Ok(None)` at a clean end of stream. Each input is read
 /// straight into the shared buffer the unit runs from, and the inputs of one batch together are
 /// held to the frame cap.
-pub(crate) fn read_batch(input: &mut impl Read) -> std::io::Result<Option<ReceivedBatch>> {
+pub(crate) fn read_batch(
+    input: &mut impl Read,
+    spare: &mut SpareInputs,
+) -> std::io::Result<Option<ReceivedBatch>> {
     let Some(head) = read_frame::<BatchHead>(input)? else {
         return Ok(None);
     };
@@ -231,7 +275,7 @@ pub(crate) fn read_batch(input: &mut impl Read) -> std::io::Result<Option<Receiv
             .ok_or_else(|| std::io::Error::other("a batch's inputs are over the cap"))?;
         // Within the cap, so it fits a usize.
         let len = usize::try_from(unit.input_len).map_err(std::io::Error::other)?;
-        let mut bytes = crate::bytes::zeroed(len);
+        let mut bytes = spare.take(len).unwrap_or_else(|| crate::bytes::zeroed(len));
         let buffer = Arc::get_mut(&mut bytes).ok_or_else(|| std::io::Error::other("shared"))?;
         input.read_exact(buffer)?;
         units.push(ReceivedUnit {
@@ -250,6 +294,13 @@ pub(crate) fn read_batch(input: &mut impl Read) -> std::io::Result<Option<Receiv
 }
 
 impl ReceivedBatch {
+    /// Hands the batch's input buffers to `spare` for later batches.
+    pub(crate) fn recycle(self, spare: &mut SpareInputs) {
+        for unit in self.units {
+            spare.keep(unit.input);
+        }
+    }
+
     /// The batch as the parent would send it again.
     pub(crate) fn as_sent(&self) -> Batch<'_> {
         Batch {
@@ -401,8 +452,9 @@ pub fn serve_unit_host(mut config: SandboxConfig) -> Result<(), SandboxError> {
         }
     };
     let observer: Arc<dyn UnitObserver> = Arc::new(Forward { out: out.clone() });
+    let mut spare = SpareInputs::default();
     loop {
-        let batch = match read_batch(&mut input) {
+        let batch = match read_batch(&mut input, &mut spare) {
             Ok(Some(batch)) => batch,
             Ok(None) => return Ok(()),
             Err(e) if parent_gone(&e) => return Ok(()),
@@ -444,13 +496,14 @@ pub fn serve_unit_host(mut config: SandboxConfig) -> Result<(), SandboxError> {
                     let report = sandbox.run(
                         prepared,
                         UnitRequest {
-                            input: unit.input,
+                            input: Arc::clone(&unit.input),
                             checkpoint: unit.checkpoint,
                             limits: unit.limits,
                             observer: Some(observer.clone()),
                             abort: None,
                         },
                     );
+                    spare.keep(unit.input);
                     Finished {
                         result: report.result,
                         progress: report.progress,
@@ -1290,7 +1343,9 @@ mod tests {
         };
         let mut wire = Vec::new();
         write_batch(&mut wire, &batch).unwrap();
-        let read = read_batch(&mut &wire[..]).unwrap().unwrap();
+        let read = read_batch(&mut &wire[..], &mut SpareInputs::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(read.digest, batch.digest);
         assert_eq!(read.module.as_deref(), Some(&b"\0asm"[..]));
         assert_eq!(read.metering, Metering::Fuel);
@@ -1300,6 +1355,71 @@ mod tests {
         assert_eq!(read.units[0].checkpoint, None);
         assert_eq!(read.units[1].checkpoint.as_deref(), Some(&b"saved"[..]));
         assert_eq!(read.units[1].limits, limits);
+    }
+
+    #[test]
+    fn a_spare_buffer_is_reused_only_for_an_input_of_its_length_and_overwritten_whole() {
+        let limits = Limits::default();
+        let wire_of = |inputs: &[&[u8]]| {
+            let batch = Batch {
+                digest: Digest::of(b"module"),
+                module: None,
+                metering: Metering::Off,
+                report_start: false,
+                units: inputs
+                    .iter()
+                    .map(|input| BatchUnit {
+                        input,
+                        checkpoint: None,
+                        limits: &limits,
+                    })
+                    .collect(),
+            };
+            let mut wire = Vec::new();
+            write_batch(&mut wire, &batch).unwrap();
+            wire
+        };
+        let (a, b, c) = (
+            vec![1u8; SPARE_AT_LEAST],
+            vec![2u8; SPARE_AT_LEAST],
+            vec![3u8; SPARE_AT_LEAST + 1],
+        );
+        let mut spare = SpareInputs::default();
+        let first = read_batch(&mut &wire_of(&[&a])[..], &mut spare)
+            .unwrap()
+            .unwrap();
+        let at = Arc::as_ptr(&first.units[0].input).cast::<u8>();
+        // Still held elsewhere (a unit's state could outlive it): not kept.
+        let held = Arc::clone(&first.units[0].input);
+        first.recycle(&mut spare);
+        assert_eq!(spare.buffers.len(), 0);
+        spare.keep(held);
+        assert_eq!(spare.buffers.len(), 1);
+        // Another length gets a buffer of its own; the same length gets the kept one, with
+        // every byte the new input's.
+        let longer = read_batch(&mut &wire_of(&[&c])[..], &mut spare)
+            .unwrap()
+            .unwrap();
+        assert_ne!(Arc::as_ptr(&longer.units[0].input).cast::<u8>(), at);
+        assert_eq!(&longer.units[0].input[..], &c[..]);
+        let second = read_batch(&mut &wire_of(&[&b])[..], &mut spare)
+            .unwrap()
+            .unwrap();
+        assert_eq!(Arc::as_ptr(&second.units[0].input).cast::<u8>(), at);
+        assert_eq!(&second.units[0].input[..], &b[..]);
+        assert_eq!(spare.bytes, 0);
+        // Kept bytes stay under the cap, the oldest let go first.
+        for _ in 0..(SPARE_INPUT_BYTES / SPARE_AT_LEAST) + 3 {
+            spare.keep(crate::bytes::zeroed(SPARE_AT_LEAST));
+        }
+        assert!(spare.bytes <= SPARE_INPUT_BYTES);
+        assert_eq!(
+            spare.bytes,
+            spare.buffers.iter().map(|b| b.len()).sum::<usize>()
+        );
+        // Small inputs are not kept.
+        spare.keep(crate::bytes::zeroed(16));
+        assert!(spare.buffers.iter().all(|b| b.len() == SPARE_AT_LEAST));
     }
 
     #[test]

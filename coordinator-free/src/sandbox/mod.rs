@@ -381,7 +381,10 @@ pub struct SandboxConfig {
     /// measure their cost. Off, [`Limits::timeout`] is not enforced.
     pub epoch_deadlines: bool,
     /// Bytes of each instance slot's linear memory kept resident between units and reset
-    /// instead of unmapped: small units then pay no page faults for their stack and heap.
+    /// instead of unmapped: small units then pay no page faults for their stack and heap, and
+    /// a unit that reads an input of many MiB into its memory finds the pages there (only the
+    /// pages a unit dirtied are reset, where the kernel can tell). The default, 16 MiB, costs a
+    /// unit host at most that much resident memory per slot (one per core) after such a unit.
     pub keep_resident_bytes: usize,
 }
 
@@ -397,7 +400,7 @@ impl Default for SandboxConfig {
             max_table_elements: 100_000,
             canonicalize_nans: true,
             epoch_deadlines: true,
-            keep_resident_bytes: 2 << 20,
+            keep_resident_bytes: 16 << 20,
         }
     }
 }
