@@ -8,14 +8,35 @@
 //! ```
 //!
 //! Arguments: the number of honest peers (default 10,000), the seed (default 1), and how many
-//! well-known peers everyone bootstraps from (default 0: from any peer that has joined).
+//! well-known peers everyone bootstraps from (default 0: from any peer that has joined); and
+//! optionally overlay timers as `NAME=SECONDS` (`max_age`, `reissue`, `refresh`, `shuffle`).
 
 use std::process::ExitCode;
 
 use coordinator_free::overlay::sim::{self, Report, Shape, SimConfig, Spread, Traffic};
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
+    // `NAME=SECONDS` arguments set the overlay's freshness timers (`max_age`, `reissue`,
+    // `refresh`, `shuffle`), to explore what a shorter `max_age` costs; the rest are positional.
+    let (timers, positional): (Vec<String>, Vec<String>) =
+        std::env::args().skip(1).partition(|a| a.contains('='));
+    let mut timers_parsed = Vec::new();
+    for t in &timers {
+        let (key, value) = t.split_once('=').unwrap_or_default();
+        match (key, value.parse::<f64>()) {
+            ("max_age" | "reissue" | "refresh" | "shuffle", Ok(secs)) if secs > 0.0 => {
+                timers_parsed.push((key.to_owned(), secs));
+            }
+            _ => {
+                eprintln!(
+                    "unknown or bad timer {t:?}: max_age, reissue, refresh or shuffle, in seconds"
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let timers = timers_parsed;
+    let mut args = positional.into_iter();
     let parse = |arg: Option<String>, default: u64| match arg {
         None => Some(default),
         Some(text) => text.replace('_', "").parse().ok(),
@@ -25,13 +46,25 @@ fn main() -> ExitCode {
         parse(args.next(), 1),
         parse(args.next(), 0),
     ) else {
-        eprintln!("usage: overlay_sim [PEERS] [SEED] [BOOTSTRAP_PEERS]");
+        eprintln!(
+            "usage: overlay_sim [PEERS] [SEED] [BOOTSTRAP_PEERS] [max_age=S] [reissue=S] [refresh=S] [shuffle=S]"
+        );
         return ExitCode::FAILURE;
     };
-    let cfg = SimConfig {
+    let mut cfg = SimConfig {
         bootstrap: bootstrap as usize,
         ..SimConfig::issue(peers as usize, seed)
     };
+    for (key, secs) in &timers {
+        let at = std::time::Duration::from_secs_f64(*secs);
+        match key.as_str() {
+            "max_age" => cfg.overlay.max_age = at,
+            "reissue" => cfg.overlay.reissue_interval = at,
+            "refresh" => cfg.overlay.refresh_interval = at,
+            _ => cfg.overlay.shuffle_interval = at,
+        }
+        println!("{key} = {secs} s");
+    }
     println!(
         "bootstrap from {}",
         match cfg.bootstrap {

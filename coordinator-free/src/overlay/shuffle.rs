@@ -278,7 +278,7 @@ mod tests {
         // One neighbour each, so neither tries the made-up passive peers below.
         let config = Config {
             active_view: 1,
-            ..Config::default()
+            ..long_lived()
         };
         for n in 0..2 {
             let node = Overlay::new(config.clone(), info(n), u64::from(n), net.now);
