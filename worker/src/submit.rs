@@ -418,7 +418,6 @@ fn running_peer(data_dir: &Path) -> Option<(BootstrapArg, Discovery)> {
     Some((bootstrap, discovery))
 }
 
-/// Starts a peer of the submitter's own, joins the network and runs the job over it.
 /// The submitting peer, started and joined (or given up waiting for the first peers).
 struct Joined {
     runtime: tokio::runtime::Runtime,
@@ -495,6 +494,8 @@ fn join_network(network: &Network<'_>) -> Result<Joined, Failure> {
     Ok(Joined { runtime, node })
 }
 
+/// Runs the job over the submitting peer (a peer of the submitter's own, joined through the
+/// bootstrap peers), then leaves.
 #[allow(clippy::too_many_arguments)]
 fn run_on_network(
     joined: Joined,

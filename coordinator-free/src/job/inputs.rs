@@ -143,8 +143,8 @@ impl UnitSource {
         use rayon::prelude::*;
         let mut h = blake3::Hasher::new();
         h.update(b"files\0");
-        // Files are hashed on every core at once, in order of their list: while one core
-        // waits for a file's pages to be mapped in, the other hashes. One buffer per thread
+        // Files are hashed on every core at once (their digests kept in the list's order):
+        // while one core waits for a file's pages to be mapped in, the other hashes. One buffer per thread
         // for small files: a fresh allocation per file costs a page fault and a zeroed page
         // for every 4 KiB read, as much time as the hashing.
         let hashed: Vec<std::io::Result<(u64, Digest, Option<Stamp>)>> = paths
