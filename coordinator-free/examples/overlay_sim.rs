@@ -20,22 +20,6 @@ fn main() -> ExitCode {
     // `refresh`, `shuffle`), to explore what a shorter `max_age` costs; the rest are positional.
     let (timers, positional): (Vec<String>, Vec<String>) =
         std::env::args().skip(1).partition(|a| a.contains('='));
-    let mut timers_parsed = Vec::new();
-    for t in &timers {
-        let (key, value) = t.split_once('=').unwrap_or_default();
-        match (key, value.parse::<f64>()) {
-            ("max_age" | "reissue" | "refresh" | "shuffle", Ok(secs)) if secs > 0.0 => {
-                timers_parsed.push((key.to_owned(), secs));
-            }
-            _ => {
-                eprintln!(
-                    "unknown or bad timer {t:?}: max_age, reissue, refresh or shuffle, in seconds"
-                );
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    let timers = timers_parsed;
     let mut args = positional.into_iter();
     let parse = |arg: Option<String>, default: u64| match arg {
         None => Some(default),
@@ -55,15 +39,29 @@ fn main() -> ExitCode {
         bootstrap: bootstrap as usize,
         ..SimConfig::issue(peers as usize, seed)
     };
-    for (key, secs) in &timers {
-        let at = std::time::Duration::from_secs_f64(*secs);
-        match key.as_str() {
-            "max_age" => cfg.overlay.max_age = at,
-            "reissue" => cfg.overlay.reissue_interval = at,
-            "refresh" => cfg.overlay.refresh_interval = at,
-            _ => cfg.overlay.shuffle_interval = at,
-        }
-        println!("{key} = {secs} s");
+    for timer in &timers {
+        let (key, value) = timer.split_once('=').unwrap_or_default();
+        let at = value
+            .parse::<f64>()
+            .ok()
+            .filter(|secs| *secs > 0.0)
+            .and_then(|secs| std::time::Duration::try_from_secs_f64(secs).ok());
+        let field = match key {
+            "max_age" => &mut cfg.overlay.max_age,
+            "reissue" => &mut cfg.overlay.reissue_interval,
+            "refresh" => &mut cfg.overlay.refresh_interval,
+            "shuffle" => &mut cfg.overlay.shuffle_interval,
+            _ => {
+                eprintln!("unknown timer {timer:?}: max_age, reissue, refresh or shuffle");
+                return ExitCode::FAILURE;
+            }
+        };
+        let Some(at) = at else {
+            eprintln!("bad timer {timer:?}: a positive number of seconds");
+            return ExitCode::FAILURE;
+        };
+        *field = at;
+        println!("{key} = {value} s");
     }
     println!(
         "bootstrap from {}",

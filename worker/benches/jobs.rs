@@ -569,12 +569,7 @@ fn salt_inputs(inputs: &Path, run: usize) {
     std::thread::sleep(Duration::from_millis(1100));
 }
 
-fn print_rate(label: &str, mut rates: Vec<f64>) {
-    rates.sort_by(f64::total_cmp);
-    println!(
-        "{label:<62} {:>8.0} MB/s  ({:.0}–{:.0})",
-        rates[rates.len() / 2],
-        rates[0],
-        rates[rates.len() - 1]
-    );
+fn print_rate(label: &str, rates: Vec<f64>) {
+    let (median, low, high) = median_range(rates);
+    println!("{label:<62} {median:>8.0} MB/s  ({low:.0}–{high:.0})");
 }
